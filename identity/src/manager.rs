@@ -80,7 +80,7 @@ pub enum CertError {
         /// The identity.
         id: SpiffeId,
         /// What the source said.
-        source: SourceError,
+        source: Box<SourceError>,
     },
     /// The source delivered an SVID that does not validate.
     #[error("the certificate delivered for {id} is not valid: {source}")]
@@ -88,7 +88,7 @@ pub enum CertError {
         /// The identity.
         id: SpiffeId,
         /// What is wrong with it.
-        source: SvidError,
+        source: Box<SvidError>,
     },
     /// The source delivered an SVID for another identity.
     #[error("asked for the certificate of {requested}, the source delivered one for {delivered}")]
@@ -104,7 +104,7 @@ pub enum CertError {
         /// The identity.
         id: SpiffeId,
         /// What rustls said.
-        source: TlsError,
+        source: Box<TlsError>,
     },
     /// The identity was forgotten while the caller waited.
     #[error("the identity {id} was removed from the certificate manager")]
@@ -207,7 +207,7 @@ impl WorkloadCerts {
 #[derive(Clone)]
 pub struct CertHandle {
     id: SpiffeId,
-    slot: Arc<Slot<WorkloadCerts, CertError>>,
+    slot: Arc<CertSlot>,
 }
 
 impl std::fmt::Debug for CertHandle {
@@ -244,9 +244,11 @@ pub struct CertStatus {
     pub last_error: Option<String>,
 }
 
+type CertSlot = Slot<WorkloadCerts, CertError>;
+
 struct Entry {
     token: u64,
-    slot: Arc<Slot<WorkloadCerts, CertError>>,
+    slot: Arc<CertSlot>,
     queued: Option<(Priority, u64)>,
     refresh_key: Option<(Instant, u64)>,
     backoff: Option<Duration>,
@@ -355,7 +357,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
 
     /// Finds or creates the entry of `id` and asks its slot what to do, queueing a fetch at
     /// `priority` when one must start.
-    fn begin(&self, id: &SpiffeId, priority: Priority) -> Result<(Arc<Slot<WorkloadCerts, CertError>>, Begin<WorkloadCerts>), CertError> {
+    fn begin(&self, id: &SpiffeId, priority: Priority) -> Result<(Arc<CertSlot>, Begin<WorkloadCerts>), CertError> {
         if self.shared.shutdown.load(Ordering::Acquire) {
             return Err(CertError::Shutdown);
         }
@@ -471,7 +473,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         if svid.spiffe_id() != id {
             return Err(CertError::WrongIdentity { requested: id.clone(), delivered: svid.spiffe_id().clone() });
         }
-        svid.verify(&bundles, wall).map_err(|source| CertError::Invalid { id: id.clone(), source })?;
+        svid.verify(&bundles, wall).map_err(|source| CertError::Invalid { id: id.clone(), source: Box::new(source) })?;
         let accepted = self
             .shared
             .config
@@ -479,7 +481,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
             .clone()
             .unwrap_or_else(|| TrustDomains::only(id.trust_domain().clone()));
         let server_config = tls::server_config(&svid, &bundles, &accepted, self.shared.config.alpn.clone())
-            .map_err(|source| CertError::Tls { id: id.clone(), source })?;
+            .map_err(|source| CertError::Tls { id: id.clone(), source: Box::new(source) })?;
         let remaining = svid.not_after().duration_since(wall).unwrap_or_default();
         Ok(WorkloadCerts {
             expires_at: now + remaining,
@@ -501,7 +503,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         let now = self.shared.timer.now();
         let wall = self.shared.timer.system_now();
         let outcome = result
-            .map_err(|source| CertError::Source { id: id.clone(), source })
+            .map_err(|source| CertError::Source { id: id.clone(), source: Box::new(source) })
             .and_then(|creds| self.accept(id, creds, wall, now));
         let mut st = self.state();
         st.in_flight -= 1;
@@ -610,11 +612,11 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                         if sleep.as_ref().is_none_or(|(d, _)| *d != deadline) {
                             sleep = Some((deadline, Box::pin(self.shared.timer.sleep_until(deadline))));
                         }
-                        if let Some((_, s)) = sleep.as_mut() {
-                            if s.as_mut().poll(cx).is_ready() {
-                                sleep = None;
-                                continue;
-                            }
+                        if let Some((_, s)) = sleep.as_mut()
+                            && s.as_mut().poll(cx).is_ready()
+                        {
+                            sleep = None;
+                            continue;
                         }
                     }
                     None => sleep = None,

@@ -94,8 +94,8 @@ pub enum SvidError {
         /// The SPIFFE ID of the leaf.
         id: SpiffeId,
     },
-    /// The leaf's key usage lacks `digitalSignature`.
-    #[error("the leaf certificate of {id} has a key usage without digitalSignature")]
+    /// The leaf has no key usage extension, or one without `digitalSignature`.
+    #[error("the leaf certificate of {id} lacks the digitalSignature key usage")]
     NoDigitalSignature {
         /// The SPIFFE ID of the leaf.
         id: SpiffeId,
@@ -173,7 +173,8 @@ pub(crate) fn check_leaf(der: &[u8]) -> Result<(SpiffeId, x509::CertFacts), Svid
     if facts.is_ca {
         return Err(SvidError::CaLeaf { id });
     }
-    if facts.digital_signature == Some(false) {
+    // The SPIFFE X.509-SVID specification requires the key usage extension, with digitalSignature.
+    if facts.digital_signature != Some(true) {
         return Err(SvidError::NoDigitalSignature { id });
     }
     if facts.key_cert_sign {
@@ -346,9 +347,14 @@ impl X509Svid {
     pub fn verify(&self, bundles: &BundleSet, now: SystemTime) -> Result<(), SvidError> {
         self.check_validity(now)?;
         let unix = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
-        // An SVID serves both ends of mTLS; check the usage a server needs, which the local CA and
-        // Istio's CA both grant together with client auth.
-        verify_chain(&self.id, self.chain(), bundles, unix, webpki::KeyUsage::server_auth()).map_err(|e| match e {
+        // An SVID may be meant for either end of mTLS: accept a chain good for server or client use.
+        let result = match verify_chain(&self.id, self.chain(), bundles, unix, webpki::KeyUsage::server_auth()) {
+            Err(ChainError::Webpki(webpki::Error::RequiredEkuNotFoundContext(_))) => {
+                verify_chain(&self.id, self.chain(), bundles, unix, webpki::KeyUsage::client_auth())
+            }
+            other => other,
+        };
+        result.map_err(|e| match e {
             ChainError::UnknownTrustDomain => {
                 SvidError::UnknownTrustDomain { id: self.id.clone(), trust_domain: self.id.trust_domain().clone() }
             }

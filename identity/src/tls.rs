@@ -131,7 +131,7 @@ impl FromIterator<TrustDomain> for TrustDomains {
 }
 
 /// The server presented a valid SVID, but not one of the identities the client expected.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct IdentityMismatch {
     /// The identities the client would accept.
     pub expected: Vec<SpiffeId>,
@@ -157,8 +157,15 @@ impl fmt::Display for IdentityMismatch {
 
 impl StdError for IdentityMismatch {}
 
+// rustls prints certificate errors of its `Other` kind with `{:?}`: make that the readable message.
+impl fmt::Debug for IdentityMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// A client presented an SVID of a trust domain the server does not accept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ForeignTrustDomain {
     /// The client's SPIFFE ID.
     pub peer: SpiffeId,
@@ -181,8 +188,15 @@ impl fmt::Display for ForeignTrustDomain {
 
 impl StdError for ForeignTrustDomain {}
 
+// rustls prints certificate errors of its `Other` kind with `{:?}`: make that the readable message.
+impl fmt::Debug for ForeignTrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// A peer certificate that failed chain verification, with the SPIFFE ID it claimed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UntrustedPeer {
     /// The SPIFFE ID the peer's leaf names.
     pub peer: SpiffeId,
@@ -198,6 +212,13 @@ impl fmt::Display for UntrustedPeer {
 
 impl StdError for UntrustedPeer {}
 
+// rustls prints certificate errors of its `Other` kind with `{:?}`: make that the readable message.
+impl fmt::Debug for UntrustedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// Finds an error of type `E` carried anywhere in `err`'s chain of sources, including inside an
 /// `io::Error` from a TLS stream and a rustls certificate error.
 ///
@@ -212,17 +233,15 @@ pub fn find_cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) 
         if let Some(found) = e.downcast_ref::<E>() {
             return Some(found);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(found) = find_cause::<E>(inner) {
-                    return Some(found);
-                }
-            }
+        if let Some(found) =
+            e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref).and_then(|inner| find_cause::<E>(inner))
+        {
+            return Some(found);
         }
-        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = e.downcast_ref::<rustls::Error>() {
-            if let Some(found) = other.0.downcast_ref::<E>() {
-                return Some(found);
-            }
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = e.downcast_ref::<rustls::Error>()
+            && let Some(found) = other.0.downcast_ref::<E>()
+        {
+            return Some(found);
         }
         cur = e.source();
     }

@@ -143,7 +143,7 @@ impl FileSource {
             (_, Some(e)) => Err(e.clone()),
             (Some(good), None) => Err(SourceError::InvalidSvid {
                 id: good.svid.spiffe_id().clone(),
-                source: good.svid.check_validity(now).err().unwrap_or(crate::svid::SvidError::EmptyChain),
+                source: Box::new(good.svid.check_validity(now).err().unwrap_or(crate::svid::SvidError::EmptyChain)),
             }),
             (None, None) => Err(SourceError::Invalid(format!("{}: nothing loaded", self.paths.cert_chain.display()))),
         }

@@ -124,7 +124,12 @@ fn root_params(trust_domain: &TrustDomain, now: SystemTime) -> Result<Certificat
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain.as_str());
-    dn.push(DnType::CommonName, "meshwire local CA");
+    // A name of its own: chains to another root of the same trust domain then fail as
+    // "unknown issuer" rather than as a bad signature.
+    let mut tag = [0u8; 6];
+    fastrand::fill(&mut tag);
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    dn.push(DnType::CommonName, format!("meshwire local CA {tag}"));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -329,7 +334,7 @@ impl CertSource for LocalCa {
     async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
         self.issue(id).map_err(|e| match e {
             LocalCaError::ForeignIdentity { .. } => SourceError::NotServed { id: id.clone(), reason: e.to_string() },
-            LocalCaError::Issued(source) => SourceError::InvalidSvid { id: id.clone(), source },
+            LocalCaError::Issued(source) => SourceError::InvalidSvid { id: id.clone(), source: Box::new(source) },
             other => SourceError::Invalid(other.to_string()),
         })
     }

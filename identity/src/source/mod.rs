@@ -47,7 +47,7 @@ pub enum SourceError {
         /// The identity asked for.
         id: SpiffeId,
         /// What is wrong with the SVID.
-        source: SvidError,
+        source: Box<SvidError>,
     },
     /// A file could not be read or written.
     #[error("{path}: {source}")]

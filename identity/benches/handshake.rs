@@ -1,0 +1,476 @@
+//! Single-core throughput of the identity layer: mutual-TLS handshakes, local-CA issuance and
+//! per-destination client-config builds.
+//!
+//! Run it with
+//!
+//! ```text
+//! cargo bench -p meshwire-identity --bench handshake            # 2 s per round
+//! cargo bench -p meshwire-identity --bench handshake -- 5       # 5 s per round
+//! BENCH_SECONDS=0.5 cargo bench -p meshwire-identity --bench handshake
+//! taskset -c 0 cargo bench -p meshwire-identity --bench handshake   # also keep it on one CPU
+//! ```
+//!
+//! `cargo bench` builds with the `bench` profile (optimised, like `release`). This is a plain
+//! program (`harness = false`), not a timed test: it prints figures and never fails on them.
+//!
+//! What is measured, all on one thread (so on one core at a time):
+//!
+//! 1. **Full mTLS handshakes**: TLS 1.3, ECDSA P-256 SVIDs from [`LocalCa::ephemeral`], configs from
+//!    [`tls::server_config`] and [`tls::client_config`] (built once and shared, as a proxy does; no
+//!    resumption, so every handshake is a full one with both certificate chains verified). Client
+//!    and server are `rustls` connections exchanging bytes through an in-memory `Vec`, no sockets,
+//!    so the CPU of *both* sides is counted. One handshake = both sides. The client/server split is
+//!    the time spent in each side's calls (`*Connection::new`, `read_tls`, `process_new_packets`,
+//!    `write_tls`), measured with `Instant` around each call.
+//! 2. **Local-CA issuance**: [`LocalCa::issue`] (P-256 key generation, signing, SVID validation).
+//! 3. **Client-config builds**: `tls::client_config(..).map(Arc::new)`, exactly what
+//!    `WorkloadCerts::client_config` does for every destination.
+//!
+//! Method: each measurement is warmed up, then run for a fixed duration per round (default 2 s;
+//! first numeric command-line argument or `BENCH_SECONDS`), for 5 rounds; the table shows the
+//! median, min and max across rounds. Wall time comes from `std::time::Instant`; process CPU time
+//! (user + system) from fields 14 and 15 of `/proc/self/stat` in 100 Hz clock ticks (10 ms
+//! resolution, Linux only; shown as `n/a` elsewhere). Results are also written as JSON to
+//! `target/bench-identity.json` (in the workspace target directory).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use meshwire_identity::id::{SpiffeId, TrustDomain};
+use meshwire_identity::source::Credentials;
+use meshwire_identity::source::local_ca::LocalCa;
+use meshwire_identity::tls;
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+const ROUNDS: usize = 5;
+const DEFAULT_SECONDS: f64 = 2.0;
+/// Clock ticks per second of `/proc/self/stat` (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// Process CPU time (user + system), in seconds, or `None` where `/proc` is unavailable.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: split after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state): field 14 (utime) is the 12th, field 15 (stime) the 13th.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / CLOCK_TICKS)
+}
+
+/// One round of one measurement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Round {
+    ops: u64,
+    wall: f64,
+    cpu: Option<f64>,
+    /// Seconds spent in client-side calls (handshakes only).
+    client: f64,
+    /// Seconds spent in server-side calls (handshakes only).
+    server: f64,
+}
+
+impl Round {
+    fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.wall
+    }
+    fn us_per_op(&self) -> f64 {
+        self.wall * 1e6 / self.ops as f64
+    }
+    fn client_us(&self) -> f64 {
+        self.client * 1e6 / self.ops as f64
+    }
+    fn server_us(&self) -> f64 {
+        self.server * 1e6 / self.ops as f64
+    }
+    fn cpu_per_1000(&self) -> Option<f64> {
+        self.cpu.map(|c| c * 1000.0 / self.ops as f64)
+    }
+    fn cpu_util(&self) -> Option<f64> {
+        self.cpu.map(|c| c / self.wall)
+    }
+}
+
+/// Runs `op` (which returns the client and server seconds it spent, if it splits them) repeatedly
+/// for `duration`.
+fn run_for(duration: Duration, mut op: impl FnMut() -> Result<(f64, f64)>) -> Result<Round> {
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut round = Round::default();
+    loop {
+        let (c, s) = op()?;
+        round.client += c;
+        round.server += s;
+        round.ops += 1;
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            round.wall = elapsed.as_secs_f64();
+            break;
+        }
+    }
+    round.cpu = cpu0.zip(cpu_seconds()).map(|(a, b)| b - a);
+    Ok(round)
+}
+
+/// Warms up, then runs `ROUNDS` rounds.
+fn measure(
+    name: &str,
+    warmup: Duration,
+    duration: Duration,
+    mut op: impl FnMut() -> Result<(f64, f64)>,
+) -> Result<Vec<Round>> {
+    eprint!("{name}: warm-up");
+    run_for(warmup, &mut op)?;
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for i in 0..ROUNDS {
+        eprint!(", round {}", i + 1);
+        rounds.push(run_for(duration, &mut op)?);
+    }
+    eprintln!();
+    Ok(rounds)
+}
+
+/// Median, min and max of a statistic across rounds.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn summarize(values: impl IntoIterator<Item = f64>) -> Option<Summary> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    Some(Summary { median, min: v[0], max: v[n - 1] })
+}
+
+/// A row of the table / an entry of the JSON file.
+struct Stat {
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    summary: Option<Summary>,
+    per_round: Vec<Option<f64>>,
+}
+
+fn stat(key: &'static str, label: &'static str, unit: &'static str, rounds: &[Round], f: impl Fn(&Round) -> Option<f64>) -> Stat {
+    let per_round: Vec<Option<f64>> = rounds.iter().map(&f).collect();
+    let summary = if per_round.iter().all(Option::is_some) { summarize(per_round.iter().flatten().copied()) } else { None };
+    Stat { key, label, unit, summary, per_round }
+}
+
+struct Bench {
+    key: &'static str,
+    title: &'static str,
+    rounds: Vec<Round>,
+    stats: Vec<Stat>,
+}
+
+/// Four significant figures, no exponent.
+fn fmt_num(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let decimals = (3 - x.abs().log10().floor() as i32).clamp(0, 9) as usize;
+    format!("{x:.decimals$}")
+}
+
+fn json_num(x: Option<f64>) -> String {
+    match x {
+        Some(x) if x.is_finite() => format!("{x}"),
+        _ => "null".to_owned(),
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Drives one full handshake in memory; returns (client seconds, server seconds).
+fn handshake(
+    client_cfg: &Arc<ClientConfig>,
+    server_cfg: &Arc<ServerConfig>,
+    buf: &mut Vec<u8>,
+) -> Result<(f64, f64)> {
+    let mut client_t = Duration::ZERO;
+    let mut server_t = Duration::ZERO;
+
+    let t = Instant::now();
+    let mut c = ClientConnection::new(client_cfg.clone(), tls::server_name())?;
+    client_t += t.elapsed();
+    let t = Instant::now();
+    let mut s = ServerConnection::new(server_cfg.clone())?;
+    server_t += t.elapsed();
+
+    let mut flights = 0;
+    while c.is_handshaking() || s.is_handshaking() {
+        flights += 1;
+        if flights > 16 {
+            return Err("handshake does not complete".into());
+        }
+        // Client -> server.
+        buf.clear();
+        let t = Instant::now();
+        while c.wants_write() {
+            c.write_tls(buf)?;
+        }
+        client_t += t.elapsed();
+        let t = Instant::now();
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd)?;
+            s.process_new_packets()?;
+        }
+        // Server -> client.
+        buf.clear();
+        while s.wants_write() {
+            s.write_tls(buf)?;
+        }
+        server_t += t.elapsed();
+        let t = Instant::now();
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd)?;
+            c.process_new_packets()?;
+        }
+        client_t += t.elapsed();
+    }
+    black_box((&c, &s));
+    Ok((client_t.as_secs_f64(), server_t.as_secs_f64()))
+}
+
+fn bench_seconds() -> Result<f64> {
+    // `cargo bench` passes `--bench` to the program: take the first argument that is a number.
+    let arg = std::env::args().skip(1).find_map(|a| a.parse::<f64>().ok());
+    let secs = match arg {
+        Some(s) => s,
+        None => match std::env::var("BENCH_SECONDS") {
+            Ok(v) => v.trim().parse::<f64>().map_err(|e| format!("BENCH_SECONDS={v:?}: {e}"))?,
+            Err(_) => DEFAULT_SECONDS,
+        },
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("the duration per round must be a positive number of seconds, not {secs}").into());
+    }
+    Ok(secs)
+}
+
+/// `target/bench-identity.json` in the workspace target directory.
+fn json_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir).join("bench-identity.json");
+    }
+    // The program runs as <target>/<profile>/deps/handshake-<hash> (or <target>/<triple>/...).
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(target) = exe.ancestors().find(|p| p.file_name().is_some_and(|n| n == "target"))
+    {
+        return target.join("bench-identity.json");
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-identity.json")
+}
+
+fn main() -> Result<()> {
+    let secs = bench_seconds()?;
+    let duration = Duration::from_secs_f64(secs);
+    let warmup = Duration::from_secs_f64((secs / 4.0).clamp(0.05, 0.5));
+
+    // Setup: one CA, a server and a client SVID, configs built once.
+    let td = TrustDomain::new("cluster.local")?;
+    let ca = LocalCa::ephemeral(td.clone())?;
+    let server_id = SpiffeId::new("spiffe://cluster.local/ns/bench/sa/server")?;
+    let client_id = SpiffeId::new("spiffe://cluster.local/ns/bench/sa/client")?;
+    let server: Credentials = ca.issue(&server_id)?;
+    let client: Credentials = ca.issue(&client_id)?;
+    let alpn = vec![b"h2".to_vec()];
+    let domains = tls::TrustDomains::only(td);
+    let server_cfg = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, alpn.clone())?);
+    let client_cfg =
+        Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id.clone()], alpn.clone())?);
+
+    // Check once that the handshake is the one we mean to measure.
+    let (version, suite, kx) = {
+        let mut c = ClientConnection::new(client_cfg.clone(), tls::server_name())?;
+        let mut s = ServerConnection::new(server_cfg.clone())?;
+        let mut buf = Vec::new();
+        while c.is_handshaking() || s.is_handshaking() {
+            buf.clear();
+            c.write_tls(&mut buf)?;
+            s.read_tls(&mut &buf[..])?;
+            s.process_new_packets()?;
+            buf.clear();
+            s.write_tls(&mut buf)?;
+            c.read_tls(&mut &buf[..])?;
+            c.process_new_packets()?;
+        }
+        assert_eq!(tls::peer_identity(&s)?, client_id);
+        assert_eq!(tls::peer_identity(&c)?, server_id);
+        assert_eq!(s.alpn_protocol(), Some(&b"h2"[..]));
+        let version = format!("{:?}", c.protocol_version().ok_or("no protocol version")?);
+        let suite = format!("{:?}", c.negotiated_cipher_suite().ok_or("no cipher suite")?.suite());
+        let kx = format!("{:?}", c.negotiated_key_exchange_group().ok_or("no key exchange group")?.name());
+        (version, suite, kx)
+    };
+
+    println!("meshwire-identity single-core benchmark");
+    println!(
+        "  {ROUNDS} rounds x {secs} s per measurement, warm-up {:.2} s; one thread; CPU from /proc/self/stat ({} Hz ticks)",
+        warmup.as_secs_f64(),
+        CLOCK_TICKS
+    );
+    println!("  handshake: {version}, {suite}, key exchange {kx}, ECDSA P-256 SVIDs, mutual auth, no resumption, in-memory");
+    println!();
+
+    let mut buf = Vec::with_capacity(8192);
+    let hs = measure("handshake", warmup, duration, || handshake(&client_cfg, &server_cfg, &mut buf))?;
+
+    let issue_id = SpiffeId::new("spiffe://cluster.local/ns/bench/sa/issued")?;
+    let issue = measure("issue", warmup, duration, || {
+        black_box(ca.issue(black_box(&issue_id))?);
+        Ok((0.0, 0.0))
+    })?;
+
+    let config = measure("client_config", warmup, duration, || {
+        let cfg = tls::client_config(&client.svid, &client.bundles, vec![server_id.clone()], alpn.clone()).map(Arc::new)?;
+        black_box(cfg);
+        Ok((0.0, 0.0))
+    })?;
+    eprintln!();
+
+    let benches = vec![
+        Bench {
+            key: "handshake",
+            title: "mTLS handshake (client+server)",
+            stats: vec![
+                stat("ops_per_sec", "handshakes/s", "1/s", &hs, |r| Some(r.ops_per_sec())),
+                stat("us_per_op", "wall per handshake", "us", &hs, |r| Some(r.us_per_op())),
+                stat("client_us_per_op", "  client side", "us", &hs, |r| Some(r.client_us())),
+                stat("server_us_per_op", "  server side", "us", &hs, |r| Some(r.server_us())),
+                stat("cpu_s_per_1000", "CPU per 1000 handshakes", "CPU-s", &hs, Round::cpu_per_1000),
+                stat("cpu_utilization", "CPU / wall", "ratio", &hs, Round::cpu_util),
+            ],
+            rounds: hs,
+        },
+        Bench {
+            key: "issue",
+            title: "LocalCa::issue (keygen+sign+validate)",
+            stats: vec![
+                stat("ops_per_sec", "issues/s", "1/s", &issue, |r| Some(r.ops_per_sec())),
+                stat("us_per_op", "wall per issue", "us", &issue, |r| Some(r.us_per_op())),
+                stat("cpu_s_per_1000", "CPU per 1000 issues", "CPU-s", &issue, Round::cpu_per_1000),
+                stat("cpu_utilization", "CPU / wall", "ratio", &issue, Round::cpu_util),
+            ],
+            rounds: issue,
+        },
+        Bench {
+            key: "client_config",
+            title: "tls::client_config + Arc::new (per destination)",
+            stats: vec![
+                stat("ops_per_sec", "builds/s", "1/s", &config, |r| Some(r.ops_per_sec())),
+                stat("us_per_op", "wall per build", "us", &config, |r| Some(r.us_per_op())),
+                stat("cpu_s_per_1000", "CPU per 1000 builds", "CPU-s", &config, Round::cpu_per_1000),
+                stat("cpu_utilization", "CPU / wall", "ratio", &config, Round::cpu_util),
+            ],
+            rounds: config,
+        },
+    ];
+
+    // Table.
+    let label_w = benches.iter().flat_map(|b| &b.stats).map(|s| s.label.len()).max().unwrap_or(0).max(24);
+    let header = format!("{:<label_w$}  {:>12}  {:>12}  {:>12}  {:<5}", "", "median", "min", "max", "unit");
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
+    for b in &benches {
+        let ops: u64 = b.rounds.iter().map(|r| r.ops).sum();
+        println!("{} [{} ops in {} rounds]", b.title, ops, b.rounds.len());
+        for s in &b.stats {
+            let (med, min, max) = match s.summary {
+                Some(x) => (fmt_num(x.median), fmt_num(x.min), fmt_num(x.max)),
+                None => ("n/a".to_owned(), "n/a".to_owned(), "n/a".to_owned()),
+            };
+            println!("  {:<w$}  {med:>12}  {min:>12}  {max:>12}  {:<5}", s.label, s.unit, w = label_w - 2);
+        }
+    }
+
+    // JSON.
+    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut json = String::new();
+    let _ = writeln!(json, "{{");
+    let _ = writeln!(json, "  \"benchmark\": \"meshwire-identity/handshake\",");
+    let _ = writeln!(json, "  \"unix_time\": {unix},");
+    let _ = writeln!(json, "  \"seconds_per_round\": {secs},");
+    let _ = writeln!(json, "  \"warmup_seconds\": {},", warmup.as_secs_f64());
+    let _ = writeln!(json, "  \"rounds\": {ROUNDS},");
+    let _ = writeln!(json, "  \"threads\": 1,");
+    let _ = writeln!(json, "  \"cpu_clock_ticks_per_sec\": {CLOCK_TICKS},");
+    let _ = writeln!(
+        json,
+        "  \"tls\": {{\"version\": {}, \"cipher_suite\": {}, \"key_exchange\": {}, \"certificates\": \"ECDSA P-256\", \"mutual\": true, \"resumption\": false}},",
+        json_str(&version),
+        json_str(&suite),
+        json_str(&kx)
+    );
+    let _ = writeln!(json, "  \"results\": {{");
+    for (bi, b) in benches.iter().enumerate() {
+        let _ = writeln!(json, "    {}: {{", json_str(b.key));
+        let _ = writeln!(json, "      \"description\": {},", json_str(b.title));
+        let ops: Vec<String> = b.rounds.iter().map(|r| r.ops.to_string()).collect();
+        let wall: Vec<String> = b.rounds.iter().map(|r| json_num(Some(r.wall))).collect();
+        let cpu: Vec<String> = b.rounds.iter().map(|r| json_num(r.cpu)).collect();
+        let _ = writeln!(json, "      \"ops_per_round\": [{}],", ops.join(", "));
+        let _ = writeln!(json, "      \"wall_seconds_per_round\": [{}],", wall.join(", "));
+        let _ = writeln!(json, "      \"cpu_seconds_per_round\": [{}],", cpu.join(", "));
+        for (si, s) in b.stats.iter().enumerate() {
+            let per: Vec<String> = s.per_round.iter().map(|v| json_num(*v)).collect();
+            let _ = writeln!(
+                json,
+                "      {}: {{\"unit\": {}, \"median\": {}, \"min\": {}, \"max\": {}, \"per_round\": [{}]}}{}",
+                json_str(s.key),
+                json_str(s.unit),
+                json_num(s.summary.map(|x| x.median)),
+                json_num(s.summary.map(|x| x.min)),
+                json_num(s.summary.map(|x| x.max)),
+                per.join(", "),
+                if si + 1 < b.stats.len() { "," } else { "" }
+            );
+        }
+        let _ = writeln!(json, "    }}{}", if bi + 1 < benches.len() { "," } else { "" });
+    }
+    let _ = writeln!(json, "  }}");
+    let _ = writeln!(json, "}}");
+
+    let path = json_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, json)?;
+    println!();
+    println!("results written to {}", path.display());
+    Ok(())
+}

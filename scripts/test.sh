@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The test command of meshwire: installs what the tests need on a fresh machine (idempotent), then
+# runs the whole suite. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- what the tests need ------------------------------------------------------------------------
+# Debian packages the test suite uses (none yet for the identity crate; later: iptables, nftables).
+APT_PACKAGES=()
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+
+# --- checks and tests ---------------------------------------------------------------------------
+echo "== rustls stays on ring: no aws-lc-rs in the dependency tree"
+if cargo tree --workspace --all-features -i aws-lc-rs >/dev/null 2>&1; then
+  cargo tree --workspace --all-features -i aws-lc-rs >&2
+  echo "aws-lc-rs is in the dependency tree" >&2
+  exit 1
+fi
+
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== loom model checks (identity: fetch de-duplication and certificate swap)"
+cargo test --locked -p meshwire-identity --features loom --lib loom
+
+echo "== cargo test --workspace"
+cargo test --workspace --locked
