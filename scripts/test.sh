@@ -18,7 +18,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
-rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+for component in clippy rustfmt; do
+  rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
 
 # --- checks and tests ---------------------------------------------------------------------------
 echo "== rustls stays on ring: no aws-lc-rs in the dependency tree"
@@ -27,6 +29,9 @@ if cargo tree --workspace --all-features -i aws-lc-rs >/dev/null 2>&1; then
   echo "aws-lc-rs is in the dependency tree" >&2
   exit 1
 fi
+
+echo "== rustfmt"
+cargo fmt --all --check
 
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -154,8 +154,16 @@ fn summarize(values: impl IntoIterator<Item = f64>) -> Option<Summary> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Some(Summary { median, min: v[0], max: v[n - 1] })
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Summary {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
 }
 
 /// A row of the table / an entry of the JSON file.
@@ -167,10 +175,26 @@ struct Stat {
     per_round: Vec<Option<f64>>,
 }
 
-fn stat(key: &'static str, label: &'static str, unit: &'static str, rounds: &[Round], f: impl Fn(&Round) -> Option<f64>) -> Stat {
+fn stat(
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    rounds: &[Round],
+    f: impl Fn(&Round) -> Option<f64>,
+) -> Stat {
     let per_round: Vec<Option<f64>> = rounds.iter().map(&f).collect();
-    let summary = if per_round.iter().all(Option::is_some) { summarize(per_round.iter().flatten().copied()) } else { None };
-    Stat { key, label, unit, summary, per_round }
+    let summary = if per_round.iter().all(Option::is_some) {
+        summarize(per_round.iter().flatten().copied())
+    } else {
+        None
+    };
+    Stat {
+        key,
+        label,
+        unit,
+        summary,
+        per_round,
+    }
 }
 
 struct Bench {
@@ -214,11 +238,7 @@ fn json_str(s: &str) -> String {
 }
 
 /// Drives one full handshake in memory; returns (client seconds, server seconds).
-fn handshake(
-    client_cfg: &Arc<ClientConfig>,
-    server_cfg: &Arc<ServerConfig>,
-    buf: &mut Vec<u8>,
-) -> Result<(f64, f64)> {
+fn handshake(client_cfg: &Arc<ClientConfig>, server_cfg: &Arc<ServerConfig>, buf: &mut Vec<u8>) -> Result<(f64, f64)> {
     let mut client_t = Duration::ZERO;
     let mut server_t = Duration::ZERO;
 
@@ -272,7 +292,10 @@ fn bench_seconds() -> Result<f64> {
     let secs = match arg {
         Some(s) => s,
         None => match std::env::var("BENCH_SECONDS") {
-            Ok(v) => v.trim().parse::<f64>().map_err(|e| format!("BENCH_SECONDS={v:?}: {e}"))?,
+            Ok(v) => v
+                .trim()
+                .parse::<f64>()
+                .map_err(|e| format!("BENCH_SECONDS={v:?}: {e}"))?,
             Err(_) => DEFAULT_SECONDS,
         },
     };
@@ -310,9 +333,18 @@ fn main() -> Result<()> {
     let client: Credentials = ca.issue(&client_id)?;
     let alpn = vec![b"h2".to_vec()];
     let domains = tls::TrustDomains::only(td);
-    let server_cfg = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, alpn.clone())?);
-    let client_cfg =
-        Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id.clone()], alpn.clone())?);
+    let server_cfg = Arc::new(tls::server_config(
+        &server.svid,
+        &server.bundles,
+        &domains,
+        alpn.clone(),
+    )?);
+    let client_cfg = Arc::new(tls::client_config(
+        &client.svid,
+        &client.bundles,
+        vec![server_id.clone()],
+        alpn.clone(),
+    )?);
 
     // Check once that the handshake is the one we mean to measure.
     let (version, suite, kx) = {
@@ -334,7 +366,10 @@ fn main() -> Result<()> {
         assert_eq!(s.alpn_protocol(), Some(&b"h2"[..]));
         let version = format!("{:?}", c.protocol_version().ok_or("no protocol version")?);
         let suite = format!("{:?}", c.negotiated_cipher_suite().ok_or("no cipher suite")?.suite());
-        let kx = format!("{:?}", c.negotiated_key_exchange_group().ok_or("no key exchange group")?.name());
+        let kx = format!(
+            "{:?}",
+            c.negotiated_key_exchange_group().ok_or("no key exchange group")?.name()
+        );
         (version, suite, kx)
     };
 
@@ -344,11 +379,15 @@ fn main() -> Result<()> {
         warmup.as_secs_f64(),
         CLOCK_TICKS
     );
-    println!("  handshake: {version}, {suite}, key exchange {kx}, ECDSA P-256 SVIDs, mutual auth, no resumption, in-memory");
+    println!(
+        "  handshake: {version}, {suite}, key exchange {kx}, ECDSA P-256 SVIDs, mutual auth, no resumption, in-memory"
+    );
     println!();
 
     let mut buf = Vec::with_capacity(8192);
-    let hs = measure("handshake", warmup, duration, || handshake(&client_cfg, &server_cfg, &mut buf))?;
+    let hs = measure("handshake", warmup, duration, || {
+        handshake(&client_cfg, &server_cfg, &mut buf)
+    })?;
 
     let issue_id = SpiffeId::new("spiffe://cluster.local/ns/bench/sa/issued")?;
     let issue = measure("issue", warmup, duration, || {
@@ -357,7 +396,8 @@ fn main() -> Result<()> {
     })?;
 
     let config = measure("client_config", warmup, duration, || {
-        let cfg = tls::client_config(&client.svid, &client.bundles, vec![server_id.clone()], alpn.clone()).map(Arc::new)?;
+        let cfg =
+            tls::client_config(&client.svid, &client.bundles, vec![server_id.clone()], alpn.clone()).map(Arc::new)?;
         black_box(cfg);
         Ok((0.0, 0.0))
     })?;
@@ -372,7 +412,13 @@ fn main() -> Result<()> {
                 stat("us_per_op", "wall per handshake", "us", &hs, |r| Some(r.us_per_op())),
                 stat("client_us_per_op", "  client side", "us", &hs, |r| Some(r.client_us())),
                 stat("server_us_per_op", "  server side", "us", &hs, |r| Some(r.server_us())),
-                stat("cpu_s_per_1000", "CPU per 1000 handshakes", "CPU-s", &hs, Round::cpu_per_1000),
+                stat(
+                    "cpu_s_per_1000",
+                    "CPU per 1000 handshakes",
+                    "CPU-s",
+                    &hs,
+                    Round::cpu_per_1000,
+                ),
                 stat("cpu_utilization", "CPU / wall", "ratio", &hs, Round::cpu_util),
             ],
             rounds: hs,
@@ -383,7 +429,13 @@ fn main() -> Result<()> {
             stats: vec![
                 stat("ops_per_sec", "issues/s", "1/s", &issue, |r| Some(r.ops_per_sec())),
                 stat("us_per_op", "wall per issue", "us", &issue, |r| Some(r.us_per_op())),
-                stat("cpu_s_per_1000", "CPU per 1000 issues", "CPU-s", &issue, Round::cpu_per_1000),
+                stat(
+                    "cpu_s_per_1000",
+                    "CPU per 1000 issues",
+                    "CPU-s",
+                    &issue,
+                    Round::cpu_per_1000,
+                ),
                 stat("cpu_utilization", "CPU / wall", "ratio", &issue, Round::cpu_util),
             ],
             rounds: issue,
@@ -394,7 +446,13 @@ fn main() -> Result<()> {
             stats: vec![
                 stat("ops_per_sec", "builds/s", "1/s", &config, |r| Some(r.ops_per_sec())),
                 stat("us_per_op", "wall per build", "us", &config, |r| Some(r.us_per_op())),
-                stat("cpu_s_per_1000", "CPU per 1000 builds", "CPU-s", &config, Round::cpu_per_1000),
+                stat(
+                    "cpu_s_per_1000",
+                    "CPU per 1000 builds",
+                    "CPU-s",
+                    &config,
+                    Round::cpu_per_1000,
+                ),
                 stat("cpu_utilization", "CPU / wall", "ratio", &config, Round::cpu_util),
             ],
             rounds: config,
@@ -402,8 +460,17 @@ fn main() -> Result<()> {
     ];
 
     // Table.
-    let label_w = benches.iter().flat_map(|b| &b.stats).map(|s| s.label.len()).max().unwrap_or(0).max(24);
-    let header = format!("{:<label_w$}  {:>12}  {:>12}  {:>12}  {:<5}", "", "median", "min", "max", "unit");
+    let label_w = benches
+        .iter()
+        .flat_map(|b| &b.stats)
+        .map(|s| s.label.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
+    let header = format!(
+        "{:<label_w$}  {:>12}  {:>12}  {:>12}  {:<5}",
+        "", "median", "min", "max", "unit"
+    );
     println!("{header}");
     println!("{}", "-".repeat(header.len()));
     for b in &benches {
@@ -414,12 +481,20 @@ fn main() -> Result<()> {
                 Some(x) => (fmt_num(x.median), fmt_num(x.min), fmt_num(x.max)),
                 None => ("n/a".to_owned(), "n/a".to_owned(), "n/a".to_owned()),
             };
-            println!("  {:<w$}  {med:>12}  {min:>12}  {max:>12}  {:<5}", s.label, s.unit, w = label_w - 2);
+            println!(
+                "  {:<w$}  {med:>12}  {min:>12}  {max:>12}  {:<5}",
+                s.label,
+                s.unit,
+                w = label_w - 2
+            );
         }
     }
 
     // JSON.
-    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut json = String::new();
     let _ = writeln!(json, "{{");
     let _ = writeln!(json, "  \"benchmark\": \"meshwire-identity/handshake\",");

@@ -70,7 +70,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "issued    {}  valid {}s, refresh at half-life",
             c.svid().spiffe_id(),
-            c.svid().not_after().duration_since(SystemTime::now()).unwrap_or_default().as_secs()
+            c.svid()
+                .not_after()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .as_secs()
         );
     }
 
@@ -90,11 +94,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let config = client.current().client_config(vec![server_id.clone()])?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut tls = tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(tls::server_name(), tcp)
+        .await?;
     let (version, suite, alpn) = {
         let conn = tls.get_ref().1;
         let alpn = conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
-        (conn.protocol_version(), conn.negotiated_cipher_suite().map(|s| s.suite()), alpn)
+        (
+            conn.protocol_version(),
+            conn.negotiated_cipher_suite().map(|s| s.suite()),
+            alpn,
+        )
     };
     tls.write_all(b"hello over mTLS").await?;
     let mut echoed = Vec::new();
@@ -117,9 +127,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    match tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp).await {
+    match tokio_rustls::TlsConnector::from(config)
+        .connect(tls::server_name(), tcp)
+        .await
+    {
         Ok(_) => return Err("a server with the wrong identity was accepted".into()),
-        Err(e) => println!("refused   {}", tls::find_cause::<tls::IdentityMismatch>(&e).map_or(e.to_string(), ToString::to_string)),
+        Err(e) => println!(
+            "refused   {}",
+            tls::find_cause::<tls::IdentityMismatch>(&e).map_or(e.to_string(), ToString::to_string)
+        ),
     }
     manager.shutdown();
     Ok(())

@@ -68,21 +68,30 @@ impl TrustBundle {
             .iter()
             .enumerate()
             .map(|(index, der)| {
-                webpki::anchor_from_trusted_cert(der).map(|a| a.to_owned()).map_err(|e| BundleError::BadRoot {
-                    trust_domain: trust_domain.clone(),
-                    index,
-                    reason: format!("{e:?}"),
-                })
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BundleError::BadRoot {
+                        trust_domain: trust_domain.clone(),
+                        index,
+                        reason: format!("{e:?}"),
+                    })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { trust_domain, roots, anchors })
+        Ok(Self {
+            trust_domain,
+            roots,
+            anchors,
+        })
     }
 
     /// Builds a bundle from a PEM document holding one or more certificates.
     pub fn from_pem(trust_domain: TrustDomain, pem: &[u8]) -> Result<Self, BundleError> {
         let roots = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| BundleError::Pem { trust_domain: trust_domain.clone(), reason: e.to_string() })?;
+            .map_err(|e| BundleError::Pem {
+                trust_domain: trust_domain.clone(),
+                reason: e.to_string(),
+            })?;
         Self::new(trust_domain, roots)
     }
 

@@ -68,12 +68,18 @@ pub enum IdError {
 
 /// Parses a SPIFFE ID, naming the input in the error.
 pub fn parse_spiffe_id(input: &str) -> Result<SpiffeId, IdError> {
-    SpiffeId::new(input).map_err(|source| IdError::Spiffe { input: input.to_owned(), source })
+    SpiffeId::new(input).map_err(|source| IdError::Spiffe {
+        input: input.to_owned(),
+        source,
+    })
 }
 
 /// Parses a trust domain name (`example.org`) or the SPIFFE ID of one (`spiffe://example.org`).
 pub fn parse_trust_domain(input: &str) -> Result<TrustDomain, IdError> {
-    TrustDomain::new(input).map_err(|source| IdError::TrustDomain { input: input.to_owned(), source })
+    TrustDomain::new(input).map_err(|source| IdError::TrustDomain {
+        input: input.to_owned(),
+        source,
+    })
 }
 
 /// An Istio workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
@@ -94,16 +100,24 @@ impl IstioIdentity {
         let namespace = namespace.into();
         let service_account = service_account.into();
         for (field, value) in [("namespace", &namespace), ("service account", &service_account)] {
-            SpiffeId::from_segments(trust_domain.clone(), &[value.as_str()])
-                .map_err(|source| IdError::Segment { field, value: value.clone(), source })?;
-        }
-        // The whole ID must also fit the SPIFFE length limit.
-        SpiffeId::from_segments(trust_domain.clone(), &["ns", &namespace, "sa", &service_account])
-            .map_err(|source| IdError::Spiffe {
-                input: format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+            SpiffeId::from_segments(trust_domain.clone(), &[value.as_str()]).map_err(|source| IdError::Segment {
+                field,
+                value: value.clone(),
                 source,
             })?;
-        Ok(Self { trust_domain, namespace, service_account })
+        }
+        // The whole ID must also fit the SPIFFE length limit.
+        SpiffeId::from_segments(trust_domain.clone(), &["ns", &namespace, "sa", &service_account]).map_err(
+            |source| IdError::Spiffe {
+                input: format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+                source,
+            },
+        )?;
+        Ok(Self {
+            trust_domain,
+            namespace,
+            service_account,
+        })
     }
 
     /// The trust domain.
@@ -133,7 +147,11 @@ impl IstioIdentity {
 
 impl fmt::Display for IstioIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -141,8 +159,15 @@ impl TryFrom<&SpiffeId> for IstioIdentity {
     type Error = IdError;
 
     fn try_from(id: &SpiffeId) -> Result<Self, IdError> {
-        let not_istio = |reason| IdError::NotIstio { id: id.to_string(), reason };
-        let mut segments = id.path().strip_prefix('/').ok_or_else(|| not_istio("the path is empty"))?.split('/');
+        let not_istio = |reason| IdError::NotIstio {
+            id: id.to_string(),
+            reason,
+        };
+        let mut segments = id
+            .path()
+            .strip_prefix('/')
+            .ok_or_else(|| not_istio("the path is empty"))?
+            .split('/');
         let (Some(ns_key), Some(ns), Some(sa_key), Some(sa)) =
             (segments.next(), segments.next(), segments.next(), segments.next())
         else {
@@ -205,7 +230,16 @@ mod tests {
         let err = "spiffe://td".parse::<IstioIdentity>().unwrap_err();
         assert!(err.to_string().contains("path is empty"), "{err}");
         let err = "http://td/ns/a/sa/b".parse::<IstioIdentity>().unwrap_err();
-        assert!(matches!(err, IdError::Spiffe { source: SpiffeIdError::WrongScheme, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                IdError::Spiffe {
+                    source: SpiffeIdError::WrongScheme,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = IstioIdentity::new(parse_trust_domain("td").unwrap(), "a/b", "c").unwrap_err();
         assert!(matches!(err, IdError::Segment { field: "namespace", .. }), "{err}");
     }

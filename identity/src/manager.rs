@@ -177,7 +177,9 @@ pub struct WorkloadCerts {
 
 impl std::fmt::Debug for WorkloadCerts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadCerts").field("svid", &self.svid).finish_non_exhaustive()
+        f.debug_struct("WorkloadCerts")
+            .field("svid", &self.svid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -212,7 +214,9 @@ pub struct CertHandle {
 
 impl std::fmt::Debug for CertHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertHandle").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("CertHandle")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -225,7 +229,9 @@ impl CertHandle {
     /// The current certificate and configs (a lock-free read).
     pub fn current(&self) -> Arc<WorkloadCerts> {
         // Handles are made only once a certificate was published, and a published value is never removed.
-        self.slot.current().expect("a handle exists only for a slot with a certificate")
+        self.slot
+            .current()
+            .expect("a handle exists only for a slot with a certificate")
     }
 }
 
@@ -314,7 +320,9 @@ pub struct CertManager<S, T> {
 
 impl<S, T> Clone for CertManager<S, T> {
     fn clone(&self) -> Self {
-        Self { shared: self.shared.clone() }
+        Self {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -367,7 +375,14 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
             let token = st.seq();
             st.entries.insert(
                 id.clone(),
-                Entry { token, slot: Arc::new(Slot::new()), queued: None, refresh_key: None, backoff: None, last_error: None },
+                Entry {
+                    token,
+                    slot: Arc::new(Slot::new()),
+                    queued: None,
+                    refresh_key: None,
+                    backoff: None,
+                    last_error: None,
+                },
             );
         }
         let slot = st.entries[id].slot.clone();
@@ -398,7 +413,9 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                 // A failed refresh while the old certificate is still valid is no failure for the caller.
                 let now = self.shared.timer.now();
                 match slot.current() {
-                    Some(c) if c.expires_at > now && !matches!(e, CertError::Forgotten { .. } | CertError::Shutdown) => {
+                    Some(c)
+                        if c.expires_at > now && !matches!(e, CertError::Forgotten { .. } | CertError::Shutdown) =>
+                    {
                         Ok(CertHandle { id: id.clone(), slot })
                     }
                     _ => Err(e),
@@ -417,7 +434,10 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         let st = self.state();
         let entry = st.entries.get(id)?;
         entry.slot.current()?;
-        Some(CertHandle { id: id.clone(), slot: entry.slot.clone() })
+        Some(CertHandle {
+            id: id.clone(),
+            slot: entry.slot.clone(),
+        })
     }
 
     /// Stops keeping `id`: no more refreshes; callers waiting for it get [`CertError::Forgotten`].
@@ -468,20 +488,37 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
     }
 
     /// Validates what a fetch delivered and builds the configs.
-    fn accept(&self, id: &SpiffeId, creds: Credentials, wall: SystemTime, now: Instant) -> Result<WorkloadCerts, CertError> {
+    fn accept(
+        &self,
+        id: &SpiffeId,
+        creds: Credentials,
+        wall: SystemTime,
+        now: Instant,
+    ) -> Result<WorkloadCerts, CertError> {
         let Credentials { svid, bundles } = creds;
         if svid.spiffe_id() != id {
-            return Err(CertError::WrongIdentity { requested: id.clone(), delivered: svid.spiffe_id().clone() });
+            return Err(CertError::WrongIdentity {
+                requested: id.clone(),
+                delivered: svid.spiffe_id().clone(),
+            });
         }
-        svid.verify(&bundles, wall).map_err(|source| CertError::Invalid { id: id.clone(), source: Box::new(source) })?;
+        svid.verify(&bundles, wall).map_err(|source| CertError::Invalid {
+            id: id.clone(),
+            source: Box::new(source),
+        })?;
         let accepted = self
             .shared
             .config
             .accepted_trust_domains
             .clone()
             .unwrap_or_else(|| TrustDomains::only(id.trust_domain().clone()));
-        let server_config = tls::server_config(&svid, &bundles, &accepted, self.shared.config.alpn.clone())
-            .map_err(|source| CertError::Tls { id: id.clone(), source: Box::new(source) })?;
+        let server_config =
+            tls::server_config(&svid, &bundles, &accepted, self.shared.config.alpn.clone()).map_err(|source| {
+                CertError::Tls {
+                    id: id.clone(),
+                    source: Box::new(source),
+                }
+            })?;
         let remaining = svid.not_after().duration_since(wall).unwrap_or_default();
         Ok(WorkloadCerts {
             expires_at: now + remaining,
@@ -494,7 +531,9 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
 
     fn next_backoff(&self, entry: &mut Entry, rng: &mut fastrand::Rng) -> Duration {
         let cfg = &self.shared.config;
-        let base = entry.backoff.map_or(cfg.initial_backoff, |b| (b * 2).min(cfg.max_backoff));
+        let base = entry
+            .backoff
+            .map_or(cfg.initial_backoff, |b| (b * 2).min(cfg.max_backoff));
         entry.backoff = Some(base);
         jitter(rng, base, cfg.backoff_jitter)
     }
@@ -503,7 +542,10 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         let now = self.shared.timer.now();
         let wall = self.shared.timer.system_now();
         let outcome = result
-            .map_err(|source| CertError::Source { id: id.clone(), source: Box::new(source) })
+            .map_err(|source| CertError::Source {
+                id: id.clone(),
+                source: Box::new(source),
+            })
             .and_then(|creds| self.accept(id, creds, wall, now));
         let mut st = self.state();
         st.in_flight -= 1;

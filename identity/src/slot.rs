@@ -47,7 +47,13 @@ impl<T, E: Clone> Slot<T, E> {
     pub(crate) fn new() -> Self {
         Self {
             current: Current::empty(),
-            inner: Mutex::new(Inner { completed: 0, fetching: false, last_error: None, closed: None, waiters: Vec::new() }),
+            inner: Mutex::new(Inner {
+                completed: 0,
+                fetching: false,
+                last_error: None,
+                closed: None,
+                waiters: Vec::new(),
+            }),
         }
     }
 
@@ -137,7 +143,10 @@ impl<T, E: Clone> Slot<T, E> {
             return Poll::Ready(match &inner.last_error {
                 Some(e) => Err(e.clone()),
                 // Published values never go away, so the current one is the newest published.
-                None => Ok(self.current.load().expect("a completed attempt without error published a value")),
+                None => Ok(self
+                    .current
+                    .load()
+                    .expect("a completed attempt without error published a value")),
             });
         }
         if !inner.waiters.iter().any(|w| w.will_wake(cx.waker())) {
@@ -170,8 +179,12 @@ mod tests {
     #[test]
     fn one_leader_then_waiters_get_the_published_value() {
         let slot: Slot<u32, String> = Slot::new();
-        let Begin::Lead(seen) = slot.begin(|_| true) else { panic!("first caller must lead") };
-        let Begin::Wait(seen2) = slot.begin(|_| true) else { panic!("second caller must wait") };
+        let Begin::Lead(seen) = slot.begin(|_| true) else {
+            panic!("first caller must lead")
+        };
+        let Begin::Wait(seen2) = slot.begin(|_| true) else {
+            panic!("second caller must wait")
+        };
         assert_eq!(seen, seen2);
         let mut wait = Box::pin(slot.wait(seen2));
         assert!(wait.as_mut().now_or_never().is_none());
@@ -179,7 +192,9 @@ mod tests {
         assert_eq!(*wait.now_or_never().expect("ready").expect("ok"), 7);
         assert!(matches!(slot.begin(|_| true), Begin::Ready(v) if *v == 7));
         // Not usable any more (expired): a new fetch is led, and a failure keeps the old value.
-        let Begin::Lead(seen) = slot.begin(|_| false) else { panic!("must lead a new fetch") };
+        let Begin::Lead(seen) = slot.begin(|_| false) else {
+            panic!("must lead a new fetch")
+        };
         slot.fail("down".to_owned());
         assert_eq!(slot.wait(seen).now_or_never().expect("ready").unwrap_err(), "down");
         assert_eq!(slot.current().as_deref(), Some(&7));
@@ -270,7 +285,10 @@ mod loom_tests {
             let (held, later) = reader.join().expect("reader");
             let refreshed = refresher.join().expect("refresher");
             // Whatever the interleaving, a reader sees whole published values only.
-            assert!([1, 2, 3].contains(&held) && [1, 2, 3].contains(&later), "{held} {later}");
+            assert!(
+                [1, 2, 3].contains(&held) && [1, 2, 3].contains(&later),
+                "{held} {later}"
+            );
             assert!(conn >= 2, "the connection got a usable value: {conn}");
             let last = *slot.current().expect("value");
             assert!(last == 2 || last == 3);

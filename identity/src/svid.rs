@@ -149,7 +149,9 @@ pub enum SvidError {
 /// Formats a time as RFC 3339 (UTC) for messages.
 pub(crate) fn fmt_time(t: SystemTime) -> String {
     use time::format_description::well_known::Rfc3339;
-    time::OffsetDateTime::from(t).format(&Rfc3339).unwrap_or_else(|_| format!("{t:?}"))
+    time::OffsetDateTime::from(t)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
 }
 
 /// Reads the SPIFFE ID of a leaf certificate, checking the SAN rules of an X.509-SVID.
@@ -159,7 +161,10 @@ pub(crate) fn leaf_spiffe_id(facts: &x509::CertFacts) -> Result<SpiffeId, SvidEr
         [uri] => uri,
         uris => return Err(SvidError::MultipleUriSans { uris: uris.to_vec() }),
     };
-    let id = SpiffeId::new(uri).map_err(|source| SvidError::NotSpiffe { uri: uri.clone(), source })?;
+    let id = SpiffeId::new(uri).map_err(|source| SvidError::NotSpiffe {
+        uri: uri.clone(),
+        source,
+    })?;
     if id.path().is_empty() {
         return Err(SvidError::NoPath { id });
     }
@@ -254,7 +259,9 @@ impl X509Svid {
                 return Err(SvidError::KeyMismatch { id });
             }
             Err(e) => {
-                return Err(SvidError::PrivateKey { reason: format!("cannot compare it with the leaf: {e}") });
+                return Err(SvidError::PrivateKey {
+                    reason: format!("cannot compare it with the leaf: {e}"),
+                });
             }
         }
         Ok(Self {
@@ -270,9 +277,14 @@ impl X509Svid {
     pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, SvidError> {
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| SvidError::Pem { what: "certificate chain", reason: e.to_string() })?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| SvidError::Pem { what: "private key", reason: e.to_string() })?;
+            .map_err(|e| SvidError::Pem {
+                what: "certificate chain",
+                reason: e.to_string(),
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| SvidError::Pem {
+            what: "private key",
+            reason: e.to_string(),
+        })?;
         Self::from_der(chain, key)
     }
 
@@ -334,10 +346,16 @@ impl X509Svid {
     /// Checks that `now` lies within the leaf's validity.
     pub fn check_validity(&self, now: SystemTime) -> Result<(), SvidError> {
         if now < self.not_before {
-            return Err(SvidError::NotYetValid { id: self.id.clone(), not_before: self.not_before });
+            return Err(SvidError::NotYetValid {
+                id: self.id.clone(),
+                not_before: self.not_before,
+            });
         }
         if now > self.not_after {
-            return Err(SvidError::Expired { id: self.id.clone(), not_after: self.not_after });
+            return Err(SvidError::Expired {
+                id: self.id.clone(),
+                not_after: self.not_after,
+            });
         }
         Ok(())
     }
@@ -355,10 +373,14 @@ impl X509Svid {
             other => other,
         };
         result.map_err(|e| match e {
-            ChainError::UnknownTrustDomain => {
-                SvidError::UnknownTrustDomain { id: self.id.clone(), trust_domain: self.id.trust_domain().clone() }
-            }
-            ChainError::Webpki(e) => SvidError::UntrustedChain { id: self.id.clone(), reason: format!("{e:?}") },
+            ChainError::UnknownTrustDomain => SvidError::UnknownTrustDomain {
+                id: self.id.clone(),
+                trust_domain: self.id.trust_domain().clone(),
+            },
+            ChainError::Webpki(e) => SvidError::UntrustedChain {
+                id: self.id.clone(),
+                reason: format!("{e:?}"),
+            },
         })
     }
 
@@ -369,5 +391,8 @@ impl X509Svid {
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {
-    pem::encode_config(&pem::Pem::new(label, der), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }

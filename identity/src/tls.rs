@@ -69,7 +69,10 @@ pub fn provider() -> Arc<CryptoProvider> {
         .get_or_init(|| {
             use rustls::crypto::ring::{self, cipher_suite};
             Arc::new(CryptoProvider {
-                cipher_suites: vec![cipher_suite::TLS13_AES_256_GCM_SHA384, cipher_suite::TLS13_AES_128_GCM_SHA256],
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                ],
                 ..ring::default_provider()
             })
         })
@@ -206,7 +209,13 @@ pub struct UntrustedPeer {
 
 impl fmt::Display for UntrustedPeer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "certificate of {} does not verify against the bundle of {}: {}", self.peer, self.peer.trust_domain(), self.reason)
+        write!(
+            f,
+            "certificate of {} does not verify against the bundle of {}: {}",
+            self.peer,
+            self.peer.trust_domain(),
+            self.reason
+        )
     }
 }
 
@@ -233,12 +242,15 @@ pub fn find_cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) 
         if let Some(found) = e.downcast_ref::<E>() {
             return Some(found);
         }
-        if let Some(found) =
-            e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref).and_then(|inner| find_cause::<E>(inner))
+        if let Some(found) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| find_cause::<E>(inner))
         {
             return Some(found);
         }
-        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = e.downcast_ref::<rustls::Error>()
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
+            e.downcast_ref::<rustls::Error>()
             && let Some(found) = other.0.downcast_ref::<E>()
         {
             return Some(found);
@@ -264,7 +276,10 @@ fn webpki_error(peer: &SpiffeId, e: webpki::Error) -> rustls::Error {
         W::UnknownIssuer => CertificateError::UnknownIssuer,
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         other => {
-            return other_cert_error(UntrustedPeer { peer: peer.clone(), reason: format!("{other:?}") });
+            return other_cert_error(UntrustedPeer {
+                peer: peer.clone(),
+                reason: format!("{other:?}"),
+            });
         }
     })
 }
@@ -278,7 +293,8 @@ fn verify_peer(
     usage: webpki::KeyUsage,
     accept: impl FnOnce(&SpiffeId) -> Result<(), rustls::Error>,
 ) -> Result<SpiffeId, rustls::Error> {
-    let facts = x509::facts(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let facts =
+        x509::facts(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let id = svid::leaf_spiffe_id(&facts).map_err(svid_error)?;
     accept(&id)?;
     let mut chain = Vec::with_capacity(1 + intermediates.len());
@@ -292,6 +308,41 @@ fn verify_peer(
         ChainError::Webpki(e) => webpki_error(&id, e),
     })?;
     Ok(id)
+}
+
+/// The handshake-signature half of both verifiers: TLS 1.3 signatures checked with the provider's
+/// algorithms; TLS 1.2 never negotiated (the configs allow TLS 1.3 only).
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
 }
 
 #[derive(Debug)]
@@ -312,40 +363,27 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_peer(end_entity, intermediates, &self.bundles, now, webpki::KeyUsage::client_auth(), |id| {
-            if self.accepted.contains(id.trust_domain()) {
-                Ok(())
-            } else {
-                Err(other_cert_error(ForeignTrustDomain {
-                    peer: id.clone(),
-                    accepted: self.accepted.iter().cloned().collect(),
-                }))
-            }
-        })?;
+        verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            webpki::KeyUsage::client_auth(),
+            |id| {
+                if self.accepted.contains(id.trust_domain()) {
+                    Ok(())
+                } else {
+                    Err(other_cert_error(ForeignTrustDomain {
+                        peer: id.clone(),
+                        accepted: self.accepted.iter().cloned().collect(),
+                    }))
+                }
+            },
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 #[derive(Debug)]
@@ -365,34 +403,24 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Chain first, then the identity: a mismatch is only reported for a certificate we trust.
-        let id = verify_peer(end_entity, intermediates, &self.bundles, now, webpki::KeyUsage::server_auth(), |_| Ok(()))?;
+        let id = verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            webpki::KeyUsage::server_auth(),
+            |_| Ok(()),
+        )?;
         if !self.expected.contains(&id) {
-            return Err(other_cert_error(IdentityMismatch { expected: self.expected.clone(), actual: id }));
+            return Err(other_cert_error(IdentityMismatch {
+                expected: self.expected.clone(),
+                actual: id,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// A server config presenting `svid`, requiring client SVIDs of the `accepted` trust domains that
@@ -439,7 +467,11 @@ pub fn client_config(
         return Err(TlsError::NoExpectedIdentity);
     }
     let provider = provider();
-    let verifier = Arc::new(SpiffeServerVerifier { bundles: bundles.clone(), expected, provider: provider.clone() });
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundles: bundles.clone(),
+        expected,
+        provider: provider.clone(),
+    });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -454,8 +486,11 @@ pub fn client_config(
 
 /// The SPIFFE ID of the peer of an established connection (client or server side).
 pub fn peer_identity(conn: &CommonState) -> Result<SpiffeId, TlsError> {
-    let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(TlsError::NoPeerCertificate)?;
-    let facts = x509::facts(leaf)
-        .map_err(|e| TlsError::PeerNotSvid(SvidError::Certificate { index: 0, reason: e.0 }))?;
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(TlsError::NoPeerCertificate)?;
+    let facts =
+        x509::facts(leaf).map_err(|e| TlsError::PeerNotSvid(SvidError::Certificate { index: 0, reason: e.0 }))?;
     svid::leaf_spiffe_id(&facts).map_err(TlsError::PeerNotSvid)
 }

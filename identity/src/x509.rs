@@ -30,9 +30,14 @@ fn to_system_time(seconds: i64) -> SystemTime {
 pub(crate) fn facts(der: &[u8]) -> Result<CertFacts, ParseError> {
     let (rest, cert) = X509Certificate::from_der(der).map_err(|e| ParseError(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(ParseError(format!("{} trailing bytes after the certificate", rest.len())));
+        return Err(ParseError(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        )));
     }
-    let san = cert.subject_alternative_name().map_err(|e| ParseError(format!("subjectAltName: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| ParseError(format!("subjectAltName: {e}")))?;
     let uri_sans = san
         .map(|ext| {
             ext.value
@@ -45,7 +50,9 @@ pub(crate) fn facts(der: &[u8]) -> Result<CertFacts, ParseError> {
                 .collect()
         })
         .unwrap_or_default();
-    let bc = cert.basic_constraints().map_err(|e| ParseError(format!("basicConstraints: {e}")))?;
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| ParseError(format!("basicConstraints: {e}")))?;
     let ku = cert.key_usage().map_err(|e| ParseError(format!("keyUsage: {e}")))?;
     let validity = cert.validity();
     Ok(CertFacts {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{TestTimer, id, settle};
-use meshwire_identity::id::TrustDomain;
+use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::manager::{CertManager, ManagerConfig, Priority};
 use meshwire_identity::source::files::{FilePaths, FileSource};
 use meshwire_identity::source::local_ca::LocalCa;
@@ -28,7 +28,22 @@ fn write(p: &FilePaths, creds: &Credentials) {
     std::fs::write(&p.cert_chain, creds.svid.chain_pem()).unwrap();
     std::fs::write(&p.private_key, creds.svid.private_key_pem()).unwrap();
     let root = creds.bundles.iter().next().unwrap().roots()[0].clone();
-    std::fs::write(&p.trust_bundle, pem::encode(&pem::Pem::new("CERTIFICATE", root.to_vec()))).unwrap();
+    std::fs::write(
+        &p.trust_bundle,
+        pem::encode(&pem::Pem::new("CERTIFICATE", root.to_vec())),
+    )
+    .unwrap();
+}
+
+/// A directory holding a valid SVID for `web` from a new CA.
+fn fixture() -> (tempfile::TempDir, FilePaths, LocalCa, SpiffeId, Credentials) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = paths(dir.path());
+    let ca = new_ca();
+    let web = id("web");
+    let first = ca.issue(&web).unwrap();
+    write(&p, &first);
+    (dir, p, ca, web, first)
 }
 
 fn new_ca() -> LocalCa {
@@ -37,12 +52,7 @@ fn new_ca() -> LocalCa {
 
 #[test]
 fn loads_and_picks_up_replacements_and_refuses_bad_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = paths(dir.path());
-    let ca = new_ca();
-    let web = id("web");
-    let first = ca.issue(&web).unwrap();
-    write(&p, &first);
+    let (_dir, p, ca, web, first) = fixture();
     let source = FileSource::new(p.clone());
     let now = SystemTime::now();
     assert!(source.load(now).unwrap().svid.same_chain(&first.svid));
@@ -84,10 +94,19 @@ fn bad_files_with_nothing_to_fall_back_on_are_errors_naming_the_file() {
     let p = paths(dir.path());
     let source = FileSource::new(p.clone());
     let err = source.load(SystemTime::now()).unwrap_err();
-    assert!(matches!(&err, SourceError::Io { path, .. } if path.ends_with("cert-chain.pem")), "{err}");
+    assert!(
+        matches!(&err, SourceError::Io { path, .. } if path.ends_with("cert-chain.pem")),
+        "{err}"
+    );
 
     let ca = new_ca();
-    let creds = ca.issue_at(&id("old"), SystemTime::now() - Duration::from_secs(7200), Duration::from_secs(3600)).unwrap();
+    let creds = ca
+        .issue_at(
+            &id("old"),
+            SystemTime::now() - Duration::from_secs(7200),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
     write(&p, &creds);
     let err = source.load(SystemTime::now()).unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
@@ -95,7 +114,11 @@ fn bad_files_with_nothing_to_fall_back_on_are_errors_naming_the_file() {
 
     std::fs::write(&p.trust_bundle, "not a bundle").unwrap();
     write(&p, &ca.issue(&id("old")).unwrap());
-    std::fs::write(&p.trust_bundle, "-----BEGIN CERTIFICATE-----\n@@@\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &p.trust_bundle,
+        "-----BEGIN CERTIFICATE-----\n@@@\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let err = source.load(SystemTime::now()).unwrap_err();
     assert!(err.to_string().contains("root-cert.pem"), "{err}");
 }
@@ -107,18 +130,19 @@ async fn files_of_another_identity_are_not_served() {
     write(&p, &new_ca().issue(&id("web")).unwrap());
     let source = FileSource::new(p);
     let err = source.fetch(&id("db")).await.unwrap_err();
-    assert!(matches!(&err, SourceError::NotServed { id: who, .. } if *who == id("db")), "{err}");
-    assert!(err.to_string().contains("spiffe://cluster.local/ns/default/sa/web"), "{err}");
+    assert!(
+        matches!(&err, SourceError::NotServed { id: who, .. } if *who == id("db")),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("spiffe://cluster.local/ns/default/sa/web"),
+        "{err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_manager_rotates_to_files_replaced_on_disk() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = paths(dir.path());
-    let ca = new_ca();
-    let web = id("web");
-    let first = ca.issue(&web).unwrap();
-    write(&p, &first);
+    let (_dir, p, ca, web, first) = fixture();
     let source = Arc::new(FileSource::new(p.clone()).with_poll_interval(Duration::from_secs(5)));
     let manager = CertManager::new(source, TestTimer::with_real_wall(), ManagerConfig::default());
     let driver = manager.clone();
@@ -131,7 +155,10 @@ async fn the_manager_rotates_to_files_replaced_on_disk() {
     // Unchanged files: the manager looks again but keeps the very same certificate object.
     tokio::time::sleep(Duration::from_secs(6)).await;
     settle().await;
-    assert!(Arc::ptr_eq(&unchanged, &handle.current()), "an unchanged reload does not rebuild the configs");
+    assert!(
+        Arc::ptr_eq(&unchanged, &handle.current()),
+        "an unchanged reload does not rebuild the configs"
+    );
 
     // A corrupt write is ignored.
     std::fs::write(&p.cert_chain, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();

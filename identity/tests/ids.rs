@@ -10,7 +10,11 @@ use proptest::test_runner::Config;
 
 /// No regression files: this crate keeps its test inputs in the source.
 fn config() -> Config {
-    Config { cases: 256, failure_persistence: None, ..Config::default() }
+    Config {
+        cases: 256,
+        failure_persistence: None,
+        ..Config::default()
+    }
 }
 
 /// A trust domain as a user may type it: valid characters, mixed case.
@@ -40,7 +44,11 @@ fn spiffe_error(input: &str) -> SpiffeIdError {
     match parse_spiffe_id(input) {
         Err(IdError::Spiffe { input: named, source }) => {
             assert_eq!(named, input, "the error names the rejected input");
-            let message = IdError::Spiffe { input: named, source: source.clone() }.to_string();
+            let message = IdError::Spiffe {
+                input: named,
+                source: source.clone(),
+            }
+            .to_string();
             assert!(message.contains(&format!("{input:?}")), "{message}");
             source
         }
@@ -297,7 +305,16 @@ fn istio_identity_of_an_over_long_id_is_refused_not_a_panic() {
     // ...but an Istio identity must stay convertible back to a SPIFFE ID.
     let result = std::panic::catch_unwind(|| input.parse::<IstioIdentity>().map(|i| i.to_spiffe_id()));
     let err = result.expect("no panic").unwrap_err();
-    assert!(matches!(err, IdError::Spiffe { source: SpiffeIdError::SpiffeIdTooLong { max: 2048 }, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            IdError::Spiffe {
+                source: SpiffeIdError::SpiffeIdTooLong { max: 2048 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -306,7 +323,10 @@ fn fixed_examples() {
     assert_eq!(id.trust_domain().as_str(), "cluster.local");
     assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo");
     // Keywords are case-sensitive; namespace and service account keep their case.
-    assert!(matches!("spiffe://td/NS/a/sa/b".parse::<IstioIdentity>(), Err(IdError::NotIstio { .. })));
+    assert!(matches!(
+        "spiffe://td/NS/a/sa/b".parse::<IstioIdentity>(),
+        Err(IdError::NotIstio { .. })
+    ));
     let id: IstioIdentity = "spiffe://td/ns/Default/sa/Web".parse().unwrap();
     assert_eq!((id.namespace(), id.service_account()), ("Default", "Web"));
     // Istio IDs with names equal to the keywords are fine.

@@ -21,10 +21,28 @@ type Manager = CertManager<Arc<ScriptedSource>, TestTimer>;
 
 fn start(source: ScriptedSource, config: ManagerConfig) -> (Manager, Arc<ScriptedSource>) {
     let source = Arc::new(source);
-    let manager = CertManager::new(source.clone(), source.timer.clone(), ManagerConfig { seed: Some(7), ..config });
+    let manager = CertManager::new(
+        source.clone(),
+        source.timer.clone(),
+        ManagerConfig {
+            seed: Some(7),
+            ..config
+        },
+    );
     let driver = manager.clone();
     tokio::spawn(async move { driver.run().await });
     (manager, source)
+}
+
+/// The service accounts of the fetches, in the order the source started them.
+fn started_order(source: &ScriptedSource) -> Vec<String> {
+    source
+        .started
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|i| i.path().rsplit('/').next().unwrap().to_owned())
+        .collect()
 }
 
 fn secs(d: Duration) -> f64 {
@@ -52,14 +70,24 @@ async fn refreshes_at_half_life_and_swaps_the_certificate() {
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
         settle().await;
-        assert_eq!(source.fetch_count(), 1 + cycle, "cycle {cycle}: one refresh per half-life");
+        assert_eq!(
+            source.fetch_count(),
+            1 + cycle,
+            "cycle {cycle}: one refresh per half-life"
+        );
         let rec = source.records().last().cloned().unwrap();
         let p = previous.svid();
         let at = rec.at.duration_since(p.not_before()).unwrap();
         let frac = secs(at) / secs(p.lifetime());
-        assert!((0.47..=0.53).contains(&frac), "cycle {cycle}: refreshed at {frac:.3} of the lifetime");
+        assert!(
+            (0.47..=0.53).contains(&frac),
+            "cycle {cycle}: refreshed at {frac:.3} of the lifetime"
+        );
         let now = handle.current();
-        assert!(!now.svid().same_chain(previous.svid()), "the handle yields the new certificate");
+        assert!(
+            !now.svid().same_chain(previous.svid()),
+            "the handle yields the new certificate"
+        );
         assert!(now.svid().not_after() > previous.svid().not_after());
         previous = now;
     }
@@ -86,23 +114,39 @@ async fn failed_refresh_keeps_the_valid_certificate_and_backs_off() {
     settle().await;
 
     let failures: Vec<SystemTime> = source.records().iter().filter(|r| !r.ok).map(|r| r.at).collect();
-    assert!(failures.len() >= 10, "retried with back-off: {} attempts", failures.len());
-    let gaps: Vec<f64> = failures.windows(2).map(|w| secs(w[1].duration_since(w[0]).unwrap())).collect();
+    assert!(
+        failures.len() >= 10,
+        "retried with back-off: {} attempts",
+        failures.len()
+    );
+    let gaps: Vec<f64> = failures
+        .windows(2)
+        .map(|w| secs(w[1].duration_since(w[0]).unwrap()))
+        .collect();
     // 500 ms doubling, +-20 %, capped at 150 s (+-20 %). `sleep(1 s)` steps blur the very first gaps by up to 1 s.
     let mut expected = 0.5f64;
     for (i, gap) in gaps.iter().enumerate() {
         let (lo, hi) = (expected * 0.8 - 1.0, expected * 1.2 + 1.0);
-        assert!(*gap >= lo && *gap <= hi, "gap {i} is {gap:.2}s, expected {expected}s +-20%: {gaps:?}");
+        assert!(
+            *gap >= lo && *gap <= hi,
+            "gap {i} is {gap:.2}s, expected {expected}s +-20%: {gaps:?}"
+        );
         expected = (expected * 2.0).min(150.0);
     }
-    assert!(gaps.last().copied().unwrap() >= 150.0 * 0.8 - 1.0, "back-off reaches its cap: {gaps:?}");
+    assert!(
+        gaps.last().copied().unwrap() >= 150.0 * 0.8 - 1.0,
+        "back-off reaches its cap: {gaps:?}"
+    );
 
     // Through all of it the still-valid certificate stays in service and `get` answers at once.
     assert!(handle.current().svid().same_chain(original.svid()));
     let again = manager.get(&bob, Priority::Connection).await.unwrap();
     assert!(again.current().svid().same_chain(original.svid()));
     let status = manager.status();
-    assert!(status[0].last_error.as_deref().unwrap().contains("CA unavailable"), "{status:?}");
+    assert!(
+        status[0].last_error.as_deref().unwrap().contains("CA unavailable"),
+        "{status:?}"
+    );
 
     // Recovery: the next retry succeeds, the certificate rotates, and back-off is reset.
     source.fail.store(false, Ordering::SeqCst);
@@ -132,7 +176,10 @@ async fn a_certificate_that_expires_while_the_source_fails_is_an_error() {
         matches!(&err, CertError::Source { id, source } if *id == carol && matches!(**source, SourceError::Authority { .. })),
         "{err}"
     );
-    assert!(err.to_string().contains(&carol.to_string()), "the error names the identity: {err}");
+    assert!(
+        err.to_string().contains(&carol.to_string()),
+        "the error names the identity: {err}"
+    );
     manager.shutdown();
 }
 
@@ -163,7 +210,10 @@ async fn hundred_concurrent_requests_cause_one_fetch() {
     for t in tasks {
         leaves.push(t.await.unwrap().unwrap().current().svid().leaf().clone());
     }
-    assert!(leaves.iter().all(|l| *l == leaves[0]), "every caller got the same certificate");
+    assert!(
+        leaves.iter().all(|l| *l == leaves[0]),
+        "every caller got the same certificate"
+    );
     assert_eq!(source.fetch_count(), 1);
     manager.shutdown();
 }
@@ -171,13 +221,20 @@ async fn hundred_concurrent_requests_cause_one_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_on_several_threads_cause_one_fetch_per_identity() {
     let timer = TestTimer::new();
-    let (manager, source) = start(ScriptedSource::new(timer, Duration::from_secs(3600)), ManagerConfig::default());
+    let (manager, source) = start(
+        ScriptedSource::new(timer, Duration::from_secs(3600)),
+        ManagerConfig::default(),
+    );
     let ids: Vec<_> = (0..5).map(|i| id(&format!("w{i}"))).collect();
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let m = manager.clone();
             let d = ids[i % ids.len()].clone();
-            tokio::spawn(async move { m.get(&d, Priority::Connection).await.map(|h| h.current().svid().leaf().clone()) })
+            tokio::spawn(async move {
+                m.get(&d, Priority::Connection)
+                    .await
+                    .map(|h| h.current().svid().leaf().clone())
+            })
         })
         .collect();
     for t in tasks {
@@ -191,7 +248,13 @@ async fn concurrent_requests_on_several_threads_cause_one_fetch_per_identity() {
 async fn priorities_are_honoured_under_a_fetch_budget() {
     let timer = TestTimer::new();
     let (source, gate) = ScriptedSource::new(timer.clone(), Duration::from_secs(600)).gated();
-    let (manager, source) = start(source, ManagerConfig { max_in_flight: 1, ..ManagerConfig::default() });
+    let (manager, source) = start(
+        source,
+        ManagerConfig {
+            max_in_flight: 1,
+            ..ManagerConfig::default()
+        },
+    );
 
     // `refresher` gets a certificate, which will come due for refresh.
     gate.add_permits(1);
@@ -218,8 +281,12 @@ async fn priorities_are_honoured_under_a_fetch_budget() {
     }
     blocker.await.unwrap().unwrap();
     conn.await.unwrap().unwrap();
-    let order: Vec<String> = source.started.lock().unwrap().iter().map(|i| i.path().rsplit('/').next().unwrap().to_owned()).collect();
-    assert_eq!(order, ["refresher", "blocker", "conn", "warm", "refresher"], "connection, then warm-up, then refresh");
+    let order = started_order(&source);
+    assert_eq!(
+        order,
+        ["refresher", "blocker", "conn", "warm", "refresher"],
+        "connection, then warm-up, then refresh"
+    );
     manager.shutdown();
 }
 
@@ -227,7 +294,13 @@ async fn priorities_are_honoured_under_a_fetch_budget() {
 async fn a_waiting_connection_promotes_a_queued_warm_up() {
     let timer = TestTimer::new();
     let (source, gate) = ScriptedSource::new(timer, Duration::from_secs(600)).gated();
-    let (manager, source) = start(source, ManagerConfig { max_in_flight: 1, ..ManagerConfig::default() });
+    let (manager, source) = start(
+        source,
+        ManagerConfig {
+            max_in_flight: 1,
+            ..ManagerConfig::default()
+        },
+    );
     let m = manager.clone();
     let blocker = tokio::spawn(async move { m.get(&id("blocker"), Priority::Connection).await });
     settle().await;
@@ -242,7 +315,7 @@ async fn a_waiting_connection_promotes_a_queued_warm_up() {
     }
     blocker.await.unwrap().unwrap();
     b_conn.await.unwrap().unwrap();
-    let order: Vec<String> = source.started.lock().unwrap().iter().map(|i| i.path().rsplit('/').next().unwrap().to_owned()).collect();
+    let order = started_order(&source);
     assert_eq!(order, ["blocker", "b", "a"]);
     assert_eq!(source.fetch_count(), 3, "the promoted warm-up was not fetched twice");
     manager.shutdown();
@@ -263,7 +336,10 @@ async fn forget_ends_waits_and_refreshes() {
     assert!(matches!(&err, CertError::Forgotten { id } if *id == erin), "{err}");
     gate.add_permits(1);
     settle().await;
-    assert!(manager.handle(&erin).is_none(), "a fetch that completes after forget is dropped");
+    assert!(
+        manager.handle(&erin).is_none(),
+        "a fetch that completes after forget is dropped"
+    );
 
     // A kept identity is refreshed; a forgotten one no longer is.
     gate.add_permits(100);
@@ -287,8 +363,11 @@ async fn a_certificate_for_another_identity_is_refused() {
     source.wrong_identity.store(true, Ordering::SeqCst);
     let (manager, _source) = start(source, ManagerConfig::default());
     let err = manager.get(&id("gina"), Priority::Connection).await.unwrap_err();
-    assert!(matches!(&err, CertError::WrongIdentity { requested, delivered }
-        if *requested == id("gina") && delivered.path() == "/ns/other/sa/impostor"), "{err}");
+    assert!(
+        matches!(&err, CertError::WrongIdentity { requested, delivered }
+        if *requested == id("gina") && delivered.path() == "/ns/other/sa/impostor"),
+        "{err}"
+    );
     manager.shutdown();
     let err = manager.get(&id("gina"), Priority::Connection).await.unwrap_err();
     assert!(matches!(err, CertError::Shutdown));
@@ -297,7 +376,10 @@ async fn a_certificate_for_another_identity_is_refused() {
 #[tokio::test(start_paused = true)]
 async fn connections_established_before_a_rotation_keep_working() {
     let timer = TestTimer::with_real_wall();
-    let (manager, source) = start(ScriptedSource::new(timer.clone(), Duration::from_secs(3600)), ManagerConfig::default());
+    let (manager, source) = start(
+        ScriptedSource::new(timer.clone(), Duration::from_secs(3600)),
+        ManagerConfig::default(),
+    );
     let server_id = id("server");
     let client_id = id("client");
     let server = manager.get(&server_id, Priority::Connection).await.unwrap();
@@ -312,7 +394,9 @@ async fn connections_established_before_a_rotation_keep_working() {
             let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = tokio_rustls::TlsAcceptor::from(srv.current().server_config().clone());
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = tls.read(&mut buf).await {
                     if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
@@ -325,7 +409,10 @@ async fn connections_established_before_a_rotation_keep_working() {
     let connect = |client: meshwire_identity::manager::CertHandle, expected| async move {
         let cfg = client.current().client_config(vec![expected]).unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tokio_rustls::TlsConnector::from(cfg).connect(tls::server_name(), tcp).await.unwrap()
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(tls::server_name(), tcp)
+            .await
+            .unwrap()
     };
     let mut old = connect(client.clone(), server_id.clone()).await;
     let old_leaf = old.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -361,7 +448,10 @@ async fn connections_established_before_a_rotation_keep_working() {
 #[test]
 fn manager_futures_are_send_over_send_sources() {
     fn assert_send<T: Send>(_: &T) {}
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let timer = TestTimer::new();
     let source = Arc::new(ScriptedSource::new(timer.clone(), Duration::from_secs(60)));

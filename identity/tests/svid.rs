@@ -69,7 +69,11 @@ fn ca_params(trust_domain: &str, common_name: &str, now: SystemTime) -> Certific
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.subject_alt_names = vec![uri(&format!("spiffe://{trust_domain}"))];
     params.not_before = (now - 24 * HOUR).into();
     params.not_after = (now + 24 * HOUR).into();
@@ -81,7 +85,13 @@ impl Ca {
         let key = p256();
         let params = ca_params(trust_domain, common_name, base());
         let cert = params.self_signed(&key).unwrap().der().clone();
-        Self { trust_domain: td(trust_domain), params, key, cert, intermediates: Vec::new() }
+        Self {
+            trust_domain: td(trust_domain),
+            params,
+            key,
+            cert,
+            intermediates: Vec::new(),
+        }
     }
 
     fn intermediate(&self, common_name: &str) -> Self {
@@ -91,7 +101,13 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer()).unwrap().der().clone();
         let mut intermediates = vec![cert.clone()];
         intermediates.extend(self.intermediates.iter().cloned());
-        Self { trust_domain: self.trust_domain.clone(), params, key, cert, intermediates }
+        Self {
+            trust_domain: self.trust_domain.clone(),
+            params,
+            key,
+            cert,
+            intermediates,
+        }
     }
 
     fn issuer(&self) -> Issuer<'_, &KeyPair> {
@@ -185,21 +201,41 @@ fn der_write(tag: u8, content: &[u8]) -> Vec<u8> {
 
 /// The RFC 5915 `ECPrivateKey` of a P-256 PKCS#8 key, with the named-curve parameters included.
 fn pkcs8_to_sec1(pkcs8: &[u8]) -> Vec<u8> {
-    let (0x30, body, []) = der_read(pkcs8) else { panic!("PKCS#8 is not one SEQUENCE") };
-    let (0x02, _version, rest) = der_read(body) else { panic!("no PKCS#8 version") };
-    let (0x30, _algorithm, rest) = der_read(rest) else { panic!("no PKCS#8 algorithm") };
-    let (0x04, ec_private_key, _) = der_read(rest) else { panic!("no PKCS#8 private key") };
-    let (0x30, ec, []) = der_read(ec_private_key) else { panic!("ECPrivateKey is not one SEQUENCE") };
-    let (0x02, [1], rest) = der_read(ec) else { panic!("ECPrivateKey version is not 1") };
-    let (0x04, scalar, mut rest) = der_read(rest) else { panic!("no private scalar") };
+    let (0x30, body, []) = der_read(pkcs8) else {
+        panic!("PKCS#8 is not one SEQUENCE")
+    };
+    let (0x02, _version, rest) = der_read(body) else {
+        panic!("no PKCS#8 version")
+    };
+    let (0x30, _algorithm, rest) = der_read(rest) else {
+        panic!("no PKCS#8 algorithm")
+    };
+    let (0x04, ec_private_key, _) = der_read(rest) else {
+        panic!("no PKCS#8 private key")
+    };
+    let (0x30, ec, []) = der_read(ec_private_key) else {
+        panic!("ECPrivateKey is not one SEQUENCE")
+    };
+    let (0x02, [1], rest) = der_read(ec) else {
+        panic!("ECPrivateKey version is not 1")
+    };
+    let (0x04, scalar, mut rest) = der_read(rest) else {
+        panic!("no private scalar")
+    };
     if rest.first() == Some(&0xa0) {
         rest = der_read(rest).2;
     }
-    let (0xa1, public_key, []) = der_read(rest) else { panic!("no public key") };
+    let (0xa1, public_key, []) = der_read(rest) else {
+        panic!("no public key")
+    };
     let prime256v1 = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    let content =
-        [der_write(0x02, &[1]), der_write(0x04, scalar), der_write(0xa0, &prime256v1), der_write(0xa1, public_key)]
-            .concat();
+    let content = [
+        der_write(0x02, &[1]),
+        der_write(0x04, scalar),
+        der_write(0xa0, &prime256v1),
+        der_write(0xa1, public_key),
+    ]
+    .concat();
     der_write(0x30, &content)
 }
 
@@ -224,8 +260,14 @@ fn valid_leaf_under_the_root_parses_and_verifies() {
     // Both ends of the validity window are inclusive.
     svid.verify(&ca.bundles(), svid.not_before()).unwrap();
     svid.verify(&ca.bundles(), svid.not_after()).unwrap();
-    assert!(matches!(svid.verify(&ca.bundles(), svid.not_after() + SECOND), Err(SvidError::Expired { .. })));
-    assert!(matches!(svid.verify(&ca.bundles(), svid.not_before() - SECOND), Err(SvidError::NotYetValid { .. })));
+    assert!(matches!(
+        svid.verify(&ca.bundles(), svid.not_after() + SECOND),
+        Err(SvidError::Expired { .. })
+    ));
+    assert!(matches!(
+        svid.verify(&ca.bundles(), svid.not_before() - SECOND),
+        Err(SvidError::NotYetValid { .. })
+    ));
 
     // Federation: other trust domains in the set change nothing.
     let other = Ca::root("other.org", "other root");
@@ -252,7 +294,10 @@ fn valid_leaf_under_an_intermediate_verifies_against_the_root() {
     // Without the intermediate the leaf does not lead to the root.
     let alone = X509Svid::from_der(vec![leaf.chain[0].clone()], leaf.pkcs8()).unwrap();
     let err = alone.verify(&root.bundles(), base()).unwrap_err();
-    assert!(matches!(&err, SvidError::UntrustedChain { id: i, .. } if i == &id(ID)), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::UntrustedChain { id: i, .. } if i == &id(ID)),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -281,7 +326,10 @@ fn pem_round_trip_keeps_chain_and_key() {
     assert_eq!(again.chain(), svid.chain());
     assert_eq!(again.private_key().secret_der(), svid.private_key().secret_der());
     assert_eq!(again.spiffe_id(), svid.spiffe_id());
-    assert_eq!((again.not_before(), again.not_after()), (svid.not_before(), svid.not_after()));
+    assert_eq!(
+        (again.not_before(), again.not_after()),
+        (svid.not_before(), svid.not_after())
+    );
     again.verify(&root.bundles(), base()).unwrap();
     // And once more: the printed forms are stable.
     assert_eq!(again.chain_pem(), chain_pem);
@@ -387,7 +435,10 @@ fn two_uri_sans_are_refused() {
     // A second URI that is not a SPIFFE ID still makes two.
     params.subject_alt_names = vec![uri(ID), uri("https://web.example.org/")];
     let err = leaf_err(&ca, &params);
-    assert!(matches!(&err, SvidError::MultipleUriSans { uris } if uris.len() == 2), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::MultipleUriSans { uris } if uris.len() == 2),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -421,7 +472,10 @@ fn uri_san_that_is_not_a_spiffe_id_is_refused() {
     let bad = "spiffe://cluster.local/ns//sa/web";
     params.subject_alt_names = vec![uri(bad)];
     let err = leaf_err(&ca, &params);
-    assert!(matches!(&err, SvidError::NotSpiffe { uri, source: SpiffeIdError::EmptySegment } if uri == bad), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::NotSpiffe { uri, source: SpiffeIdError::EmptySegment } if uri == bad),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -430,7 +484,10 @@ fn spiffe_id_without_path_is_refused() {
     let mut params = leaf_params(ID);
     params.subject_alt_names = vec![uri("spiffe://cluster.local")];
     let err = leaf_err(&ca, &params);
-    assert!(matches!(&err, SvidError::NoPath { id: i } if i == &id("spiffe://cluster.local")), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::NoPath { id: i } if i == &id("spiffe://cluster.local")),
+        "{err:?}"
+    );
     assert_names(&err, &["spiffe://cluster.local", "no path"]);
 }
 
@@ -461,7 +518,10 @@ fn key_usage_without_digital_signature_is_refused() {
         let mut params = leaf_params(ID);
         params.key_usages = usages;
         let err = leaf_err(&ca, &params);
-        assert!(matches!(&err, SvidError::NoDigitalSignature { id: i } if i == &id(ID)), "{err:?}");
+        assert!(
+            matches!(&err, SvidError::NoDigitalSignature { id: i } if i == &id(ID)),
+            "{err:?}"
+        );
         assert_names(&err, &[ID, "digitalSignature"]);
     }
 }
@@ -475,7 +535,10 @@ fn leaf_that_can_sign_certificates_is_refused() {
         params.is_ca = is_ca;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
         let err = leaf_err(&ca, &params);
-        assert!(matches!(&err, SvidError::LeafCanSignCertificates { id: i } if i == &id(ID)), "{err:?}");
+        assert!(
+            matches!(&err, SvidError::LeafCanSignCertificates { id: i } if i == &id(ID)),
+            "{err:?}"
+        );
         assert_names(&err, &[ID, "keyCertSign"]);
     }
 }
@@ -490,18 +553,27 @@ fn key_of_another_certificate_is_refused() {
     let leaf = ca.issue(&leaf_params(ID));
     let other = ca.issue(&leaf_params(ID));
     let err = X509Svid::from_der(leaf.chain.clone(), other.pkcs8()).unwrap_err();
-    assert!(matches!(&err, SvidError::KeyMismatch { id: i } if i == &id(ID)), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::KeyMismatch { id: i } if i == &id(ID)),
+        "{err:?}"
+    );
     assert_names(&err, &[ID, "does not match"]);
 
     // A key of another algorithm does not match either.
     let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let err =
-        X509Svid::from_der(leaf.chain.clone(), PrivatePkcs8KeyDer::from(ed25519.serialize_der()).into()).unwrap_err();
+    let err = X509Svid::from_der(
+        leaf.chain.clone(),
+        PrivatePkcs8KeyDer::from(ed25519.serialize_der()).into(),
+    )
+    .unwrap_err();
     assert!(matches!(err, SvidError::KeyMismatch { .. }), "{err:?}");
 
     // The CA's own key does not make the leaf usable.
-    let err =
-        X509Svid::from_der(leaf.chain.clone(), PrivatePkcs8KeyDer::from(ca.key.serialize_der()).into()).unwrap_err();
+    let err = X509Svid::from_der(
+        leaf.chain.clone(),
+        PrivatePkcs8KeyDer::from(ca.key.serialize_der()).into(),
+    )
+    .unwrap_err();
     assert!(matches!(err, SvidError::KeyMismatch { .. }), "{err:?}");
 }
 
@@ -524,7 +596,10 @@ fn unknown_trust_domain_is_refused() {
         "{err:?}"
     );
     assert_names(&err, &["spiffe://other.org/x", "other.org"]);
-    assert!(matches!(svid.verify(&BundleSet::new(), base()), Err(SvidError::UnknownTrustDomain { .. })));
+    assert!(matches!(
+        svid.verify(&BundleSet::new(), base()),
+        Err(SvidError::UnknownTrustDomain { .. })
+    ));
 }
 
 #[test]
@@ -551,7 +626,10 @@ fn chain_to_another_root_of_the_same_trust_domain_is_refused() {
 
     // Under an intermediate of A, verified against B.
     let svid = a.intermediate("intermediate A").issue(&leaf_params(ID)).svid().unwrap();
-    assert!(matches!(svid.verify(&b.bundles(), base()), Err(SvidError::UntrustedChain { .. })));
+    assert!(matches!(
+        svid.verify(&b.bundles(), base()),
+        Err(SvidError::UntrustedChain { .. })
+    ));
 }
 
 #[test]
@@ -563,7 +641,10 @@ fn root_of_another_trust_domain_does_not_vouch_for_this_one() {
     let svid = other.issue(&leaf_params(ID)).svid().unwrap();
     let set: BundleSet = [local.bundle(), other.bundle()].into_iter().collect();
     let err = svid.verify(&set, base()).unwrap_err();
-    assert!(matches!(&err, SvidError::UntrustedChain { id: i, .. } if i == &id(ID)), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::UntrustedChain { id: i, .. } if i == &id(ID)),
+        "{err:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,7 +659,10 @@ fn empty_chain_is_refused() {
     assert_eq!(err, SvidError::EmptyChain);
     assert_names(&err, &["empty"]);
     let key_pem = leaf.svid().unwrap().private_key_pem();
-    assert_eq!(X509Svid::from_pem(b"", key_pem.as_bytes()).unwrap_err(), SvidError::EmptyChain);
+    assert_eq!(
+        X509Svid::from_pem(b"", key_pem.as_bytes()).unwrap_err(),
+        SvidError::EmptyChain
+    );
 }
 
 #[test]
@@ -588,7 +672,10 @@ fn garbage_der_is_refused_with_its_position() {
 
     let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
     let err = X509Svid::from_der(vec![garbage.clone()], leaf.pkcs8()).unwrap_err();
-    assert!(matches!(&err, SvidError::Certificate { index: 0, reason } if !reason.is_empty()), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::Certificate { index: 0, reason } if !reason.is_empty()),
+        "{err:?}"
+    );
     assert_names(&err, &["certificate 0"]);
 
     let err = X509Svid::from_der(vec![CertificateDer::from(b"not DER".to_vec())], leaf.pkcs8()).unwrap_err();
@@ -602,7 +689,10 @@ fn garbage_der_is_refused_with_its_position() {
     let mut trailing = leaf.chain[0].to_vec();
     trailing.extend_from_slice(&[0, 0]);
     let err = X509Svid::from_der(vec![CertificateDer::from(trailing)], leaf.pkcs8()).unwrap_err();
-    assert!(matches!(&err, SvidError::Certificate { index: 0, reason } if reason.contains("trailing")), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::Certificate { index: 0, reason } if reason.contains("trailing")),
+        "{err:?}"
+    );
 
     // A truncated certificate.
     let truncated = leaf.chain[0][..leaf.chain[0].len() - 10].to_vec();
@@ -619,24 +709,63 @@ fn garbage_pem_and_keys_are_refused() {
 
     let bad_chain = "-----BEGIN CERTIFICATE-----\n%%% not base64 %%%\n-----END CERTIFICATE-----\n";
     let err = X509Svid::from_pem(bad_chain.as_bytes(), key_pem.as_bytes()).unwrap_err();
-    assert!(matches!(&err, SvidError::Pem { what: "certificate chain", .. }), "{err:?}");
+    assert!(
+        matches!(
+            &err,
+            SvidError::Pem {
+                what: "certificate chain",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_names(&err, &["certificate chain"]);
 
     // No key at all.
     let err = X509Svid::from_pem(chain_pem.as_bytes(), b"garbage").unwrap_err();
-    assert!(matches!(&err, SvidError::Pem { what: "private key", .. }), "{err:?}");
+    assert!(
+        matches!(
+            &err,
+            SvidError::Pem {
+                what: "private key",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_names(&err, &["private key"]);
     // A certificate where the key should be.
     let err = X509Svid::from_pem(chain_pem.as_bytes(), chain_pem.as_bytes()).unwrap_err();
-    assert!(matches!(err, SvidError::Pem { what: "private key", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SvidError::Pem {
+                what: "private key",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let bad_key = "-----BEGIN PRIVATE KEY-----\n%%%\n-----END PRIVATE KEY-----\n";
     let err = X509Svid::from_pem(chain_pem.as_bytes(), bad_key.as_bytes()).unwrap_err();
-    assert!(matches!(err, SvidError::Pem { what: "private key", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SvidError::Pem {
+                what: "private key",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
     // Well-formed PEM holding bytes that are no key.
     let junk_key = "-----BEGIN PRIVATE KEY-----\nAAECAwQFBgcICQ==\n-----END PRIVATE KEY-----\n";
     let err = X509Svid::from_pem(chain_pem.as_bytes(), junk_key.as_bytes()).unwrap_err();
-    assert!(matches!(&err, SvidError::PrivateKey { reason } if !reason.is_empty()), "{err:?}");
+    assert!(
+        matches!(&err, SvidError::PrivateKey { reason } if !reason.is_empty()),
+        "{err:?}"
+    );
     let err = X509Svid::from_der(svid.chain().to_vec(), PrivateSec1KeyDer::from(vec![0x30, 0x00]).into()).unwrap_err();
     assert!(matches!(err, SvidError::PrivateKey { .. }), "{err:?}");
 }
@@ -661,14 +790,23 @@ fn local_ca_issues_verifiable_svids_for_a_day() {
     svid.verify(&creds.bundles, SystemTime::now()).unwrap();
     svid.verify(ca.bundle_set(), SystemTime::now()).unwrap();
     // Valid for 24 hours from issuance (certificate times are whole seconds).
-    assert!(svid.not_after() >= before + 24 * HOUR && svid.not_after() <= after + 24 * HOUR, "{svid:?}");
+    assert!(
+        svid.not_after() >= before + 24 * HOUR && svid.not_after() <= after + 24 * HOUR,
+        "{svid:?}"
+    );
     // ... and back-dated five minutes for clock skew.
     assert_eq!(svid.lifetime(), 24 * HOUR + 5 * MINUTE);
-    assert!(matches!(svid.verify(&creds.bundles, after + 24 * HOUR + SECOND), Err(SvidError::Expired { .. })));
+    assert!(matches!(
+        svid.verify(&creds.bundles, after + 24 * HOUR + SECOND),
+        Err(SvidError::Expired { .. })
+    ));
 
     // An independent root of the same trust domain does not trust it.
     let stranger = LocalCa::ephemeral(td(TD)).unwrap();
-    assert!(matches!(svid.verify(stranger.bundle_set(), SystemTime::now()), Err(SvidError::UntrustedChain { .. })));
+    assert!(matches!(
+        svid.verify(stranger.bundle_set(), SystemTime::now()),
+        Err(SvidError::UntrustedChain { .. })
+    ));
     // Identities of other trust domains are not issued.
     let err = ca.issue(&id("spiffe://other.org/x")).unwrap_err();
     assert!(matches!(err, LocalCaError::ForeignIdentity { .. }), "{err:?}");
@@ -684,7 +822,10 @@ fn local_ca_issue_at_sets_the_requested_lifetime() {
     assert_eq!(creds.svid.not_before(), at - 5 * MINUTE);
     creds.svid.verify(&creds.bundles, at).unwrap();
     creds.svid.verify(&creds.bundles, at + 2 * HOUR).unwrap();
-    assert!(matches!(creds.svid.verify(&creds.bundles, at + 2 * HOUR + SECOND), Err(SvidError::Expired { .. })));
+    assert!(matches!(
+        creds.svid.verify(&creds.bundles, at + 2 * HOUR + SECOND),
+        Err(SvidError::Expired { .. })
+    ));
 
     // Back-dating never exceeds the lifetime.
     let short = ca.issue_at(&id(ID), at, 90 * SECOND).unwrap();
@@ -707,7 +848,10 @@ fn local_ca_persists_its_root() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(CA_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(CA_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
     let root_pem = std::fs::read(dir.path().join(ROOT_CERT_FILE)).unwrap();
@@ -716,7 +860,11 @@ fn local_ca_persists_its_root() {
 
     let second = LocalCa::load_or_create(dir.path(), td(TD)).unwrap();
     assert_eq!(second.bundle().roots(), first.bundle().roots());
-    assert_eq!(std::fs::read_to_string(dir.path().join(CA_FILE)).unwrap(), ca_pem, "loading rewrote the CA");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(CA_FILE)).unwrap(),
+        ca_pem,
+        "loading rewrote the CA"
+    );
     // SVIDs of one verify with the other, both ways: it is the same key.
     let a = first.issue(&id(ID)).unwrap();
     let b = second.issue(&id("spiffe://cluster.local/ns/default/sa/db")).unwrap();
@@ -728,7 +876,10 @@ fn local_ca_persists_its_root() {
     let elsewhere = tempfile::tempdir().unwrap();
     let third = LocalCa::load_or_create(&elsewhere.path().join("nested/dir"), td(TD)).unwrap();
     assert_ne!(third.bundle().roots(), first.bundle().roots());
-    assert!(matches!(a.svid.verify(third.bundle_set(), SystemTime::now()), Err(SvidError::UntrustedChain { .. })));
+    assert!(matches!(
+        a.svid.verify(third.bundle_set(), SystemTime::now()),
+        Err(SvidError::UntrustedChain { .. })
+    ));
 }
 
 #[test]
@@ -745,7 +896,10 @@ fn local_ca_refuses_a_root_of_another_trust_domain() {
         other => panic!("expected WrongTrustDomain, got {other:?}"),
     }
     let message = err.to_string();
-    assert!(message.contains("cluster.local") && message.contains("other.org"), "{message}");
+    assert!(
+        message.contains("cluster.local") && message.contains("other.org"),
+        "{message}"
+    );
     // The right trust domain still loads.
     LocalCa::load_or_create(dir.path(), td(TD)).unwrap();
 }
@@ -764,13 +918,18 @@ fn local_ca_refuses_a_corrupt_ca_file() {
     let leaf = Ca::root(TD, "root").issue(&leaf_params(ID));
     let leaf_pem = format!(
         "{}{}",
-        X509Svid::from_der(leaf.chain.clone(), leaf.pkcs8()).unwrap().chain_pem(),
+        X509Svid::from_der(leaf.chain.clone(), leaf.pkcs8())
+            .unwrap()
+            .chain_pem(),
         leaf.key.serialize_pem()
     );
 
     let cases = [
         ("not PEM", "this is not a CA\n".to_owned()),
-        ("bad base64", "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n".to_owned()),
+        (
+            "bad base64",
+            "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n".to_owned(),
+        ),
         ("certificate only", cert_only.clone()),
         ("key only", key_only),
         ("foreign key", format!("{cert_only}{foreign_key}")),
@@ -782,7 +941,10 @@ fn local_ca_refuses_a_corrupt_ca_file() {
         let path = dir.path().join(CA_FILE);
         std::fs::write(&path, &content).unwrap();
         let err = LocalCa::load_or_create(dir.path(), td(TD)).unwrap_err();
-        assert!(matches!(&err, LocalCaError::Corrupt { path: p, .. } if p == &path), "{what}: {err:?}");
+        assert!(
+            matches!(&err, LocalCaError::Corrupt { path: p, .. } if p == &path),
+            "{what}: {err:?}"
+        );
         assert!(err.to_string().contains(CA_FILE), "{what}: {err}");
         // The file is left for an operator to inspect, not replaced.
         assert_eq!(std::fs::read_to_string(&path).unwrap(), content, "{what}");

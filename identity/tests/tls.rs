@@ -112,7 +112,9 @@ async fn handshake_on(
         let tcp = TcpStream::connect(addr).await.unwrap();
         TlsConnector::from(client).connect(name, tcp).into_fallible().await
     };
-    timeout(GUARD, async { tokio::join!(connect, accept) }).await.expect("handshake hung")
+    timeout(GUARD, async { tokio::join!(connect, accept) })
+        .await
+        .expect("handshake hung")
 }
 
 async fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Outcome {
@@ -207,7 +209,10 @@ impl RcgenCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let root = params.self_signed(&key).unwrap().der().clone();
-        Self { issuer: rcgen::Issuer::new(params, key), root }
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            root,
+        }
     }
 
     fn bundles(&self, trust_domain: &str) -> BundleSet {
@@ -224,14 +229,20 @@ impl RcgenCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
     }
 
     /// An SVID for `spiffe_id`, with the bundle of this CA.
     fn issue(&self, spiffe_id: &str) -> Credentials {
         let (chain, key) = self.leaf(vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())]);
         let svid = X509Svid::from_der(chain, key).unwrap();
-        Credentials { bundles: self.bundles(svid.spiffe_id().trust_domain().as_str()), svid }
+        Credentials {
+            bundles: self.bundles(svid.spiffe_id().trust_domain().as_str()),
+            svid,
+        }
     }
 }
 
@@ -259,11 +270,17 @@ async fn mtls_succeeds_with_identities_alpn_tls13_and_echo() {
         assert_eq!(version, Some(ProtocolVersion::TLSv1_3), "{side}");
         let suite = suite.unwrap().suite();
         assert!(
-            matches!(suite, CipherSuite::TLS13_AES_256_GCM_SHA384 | CipherSuite::TLS13_AES_128_GCM_SHA256),
+            matches!(
+                suite,
+                CipherSuite::TLS13_AES_256_GCM_SHA384 | CipherSuite::TLS13_AES_128_GCM_SHA256
+            ),
             "{side} negotiated {suite:?}"
         );
     }
-    assert_eq!(c.negotiated_cipher_suite().unwrap().suite(), s.negotiated_cipher_suite().unwrap().suite());
+    assert_eq!(
+        c.negotiated_cipher_suite().unwrap().suite(),
+        s.negotiated_cipher_suite().unwrap().suite()
+    );
 
     echo_both_ways(&mut client, &mut server).await;
 }
@@ -303,7 +320,10 @@ async fn two_handshakes(client: Arc<ClientConfig>, server: Arc<ServerConfig>) ->
         // A resumed session still knows the peer.
         assert_eq!(tls::peer_identity(c.get_ref().1).unwrap(), id(SERVER));
         assert_eq!(tls::peer_identity(s.get_ref().1).unwrap(), id(CLIENT));
-        kinds.push((c.get_ref().1.handshake_kind().unwrap(), s.get_ref().1.handshake_kind().unwrap()));
+        kinds.push((
+            c.get_ref().1.handshake_kind().unwrap(),
+            s.get_ref().1.handshake_kind().unwrap(),
+        ));
     }
     kinds
 }
@@ -323,13 +343,24 @@ async fn sessions_are_not_resumed() {
     let resuming_server = Arc::new(resuming_server);
     assert_eq!(
         two_handshakes(resuming_client.clone(), resuming_server.clone()).await,
-        [(HandshakeKind::Full, HandshakeKind::Full), (HandshakeKind::Resumed, HandshakeKind::Resumed)]
+        [
+            (HandshakeKind::Full, HandshakeKind::Full),
+            (HandshakeKind::Resumed, HandshakeKind::Resumed)
+        ]
     );
 
     // Our configs, together and each against a peer that would resume.
     assert_eq!(two_handshakes(p.client_cfg(), p.server_cfg()).await, full);
-    assert_eq!(two_handshakes(p.client_cfg(), resuming_server).await, full, "the client resumed");
-    assert_eq!(two_handshakes(resuming_client, p.server_cfg()).await, full, "the server resumed");
+    assert_eq!(
+        two_handshakes(p.client_cfg(), resuming_server).await,
+        full,
+        "the client resumed"
+    );
+    assert_eq!(
+        two_handshakes(resuming_client, p.server_cfg()).await,
+        full,
+        "the server resumed"
+    );
 
     let server = p.server_cfg();
     assert_eq!(server.send_tls13_tickets, 0);
@@ -365,7 +396,10 @@ async fn wrong_server_identity_is_refused_with_identity_mismatch() {
 
     // The server is told why.
     let (err, _tcp) = failed("server", s);
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::CertificateUnknown));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::CertificateUnknown)
+    );
 }
 
 // 4. ------------------------------------------------------------------------------------------
@@ -405,9 +439,15 @@ async fn server_certificate_from_unrelated_root_is_unknown_issuer() {
     let (c, s) = handshake(p.client_cfg(), server).await;
 
     let (err, _tcp) = failed("client", c);
-    assert_eq!(*rustls_error(&err), rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    );
     let (err, _tcp) = failed("server", s);
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::UnknownCA));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::UnknownCA)
+    );
 }
 
 #[tokio::test]
@@ -452,7 +492,10 @@ async fn client_of_foreign_trust_domain_is_refused() {
     assert_eq!(foreign_td.peer, *foreign.svid.spiffe_id());
     assert_eq!(foreign_td.accepted, vec![td("cluster.local")]);
     let err = client_failure(c).await;
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::CertificateUnknown));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::CertificateUnknown)
+    );
 }
 
 #[tokio::test]
@@ -463,7 +506,10 @@ async fn client_of_federated_trust_domain_is_accepted() {
     let (c, s) = handshake(client, server).await;
     let (mut c, mut s) = (ok("client", c), ok("server", s));
 
-    assert_eq!(tls::peer_identity(s.get_ref().1).unwrap(), id("spiffe://other.org/ns/a/sa/c"));
+    assert_eq!(
+        tls::peer_identity(s.get_ref().1).unwrap(),
+        id("spiffe://other.org/ns/a/sa/c")
+    );
     assert_eq!(tls::peer_identity(c.get_ref().1).unwrap(), id(SERVER));
     echo_both_ways(&mut c, &mut s).await;
 }
@@ -494,7 +540,10 @@ async fn client_without_certificate_is_refused() {
     let (err, _tcp) = failed("server", s);
     assert_eq!(*rustls_error(&err), rustls::Error::NoCertificatesPresented);
     let err = client_failure(c).await;
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::CertificateRequired));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired)
+    );
 }
 
 // 7. ------------------------------------------------------------------------------------------
@@ -503,7 +552,12 @@ async fn client_without_certificate_is_refused() {
 async fn tls12_only_client_is_refused() {
     let p = Pair::new();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    assert!(provider.cipher_suites.iter().any(|s| s.version() == &rustls::version::TLS12));
+    assert!(
+        provider
+            .cipher_suites
+            .iter()
+            .any(|s| s.version() == &rustls::version::TLS12)
+    );
     let mut roots = rustls::RootCertStore::empty();
     roots.add(p.ca.bundle().roots()[0].clone()).unwrap();
     let mut client = ClientConfig::builder_with_provider(provider)
@@ -515,9 +569,15 @@ async fn tls12_only_client_is_refused() {
     let (c, s) = handshake(Arc::new(client), p.server_cfg()).await;
 
     let (err, _tcp) = failed("server", s);
-    assert!(matches!(rustls_error(&err), rustls::Error::PeerIncompatible(_)), "{err:?}");
+    assert!(
+        matches!(rustls_error(&err), rustls::Error::PeerIncompatible(_)),
+        "{err:?}"
+    );
     let (err, _tcp) = failed("client", c);
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::ProtocolVersion));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::ProtocolVersion)
+    );
 }
 
 // 8. ------------------------------------------------------------------------------------------
@@ -525,13 +585,21 @@ async fn tls12_only_client_is_refused() {
 #[tokio::test]
 async fn client_without_common_alpn_is_refused() {
     let p = Pair::new();
-    let client = tls::client_config(&p.client.svid, &p.client.bundles, vec![id(SERVER)], vec![b"http/1.1".to_vec()]);
+    let client = tls::client_config(
+        &p.client.svid,
+        &p.client.bundles,
+        vec![id(SERVER)],
+        vec![b"http/1.1".to_vec()],
+    );
     let (c, s) = handshake(Arc::new(client.unwrap()), p.server_cfg()).await;
 
     let (err, _tcp) = failed("server", s);
     assert_eq!(*rustls_error(&err), rustls::Error::NoApplicationProtocol);
     let (err, _tcp) = failed("client", c);
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol)
+    );
 }
 
 #[tokio::test]
@@ -610,7 +678,11 @@ async fn server_certificate_without_spiffe_id_is_refused() {
     let (c, _s) = handshake(client, Arc::new(server)).await;
 
     let (err, _tcp) = failed("client", c);
-    assert_eq!(tls::find_cause::<SvidError>(&err), Some(&SvidError::NoUriSan), "{err:?}");
+    assert_eq!(
+        tls::find_cause::<SvidError>(&err),
+        Some(&SvidError::NoUriSan),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -622,7 +694,16 @@ async fn expired_server_certificate_is_refused() {
     let (c, s) = handshake(p.client_cfg(), server).await;
 
     let (err, _tcp) = failed("client", c);
-    assert!(matches!(rustls_error(&err), rustls::Error::InvalidCertificate(CertificateError::Expired)), "{err:?}");
+    assert!(
+        matches!(
+            rustls_error(&err),
+            rustls::Error::InvalidCertificate(CertificateError::Expired)
+        ),
+        "{err:?}"
+    );
     let (err, _tcp) = failed("server", s);
-    assert_eq!(*rustls_error(&err), rustls::Error::AlertReceived(AlertDescription::CertificateExpired));
+    assert_eq!(
+        *rustls_error(&err),
+        rustls::Error::AlertReceived(AlertDescription::CertificateExpired)
+    );
 }

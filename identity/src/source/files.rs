@@ -58,14 +58,21 @@ pub struct FileSource {
 
 impl std::fmt::Debug for FileSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileSource").field("paths", &self.paths).field("poll_interval", &self.poll_interval).finish()
+        f.debug_struct("FileSource")
+            .field("paths", &self.paths)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
     }
 }
 
 impl FileSource {
     /// A source over `paths`, looked at every [`DEFAULT_POLL_INTERVAL`].
     pub fn new(paths: FilePaths) -> Self {
-        Self { paths, poll_interval: DEFAULT_POLL_INTERVAL, state: Mutex::default() }
+        Self {
+            paths,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            state: Mutex::default(),
+        }
     }
 
     /// Sets how often the files are looked at.
@@ -81,9 +88,16 @@ impl FileSource {
 
     fn read_all(&self) -> Result<[Vec<u8>; 3], SourceError> {
         let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| SourceError::Io { path: p.display().to_string(), source: Arc::new(e) })
+            std::fs::read(p).map_err(|e| SourceError::Io {
+                path: p.display().to_string(),
+                source: Arc::new(e),
+            })
         };
-        Ok([read(&self.paths.cert_chain)?, read(&self.paths.private_key)?, read(&self.paths.trust_bundle)?])
+        Ok([
+            read(&self.paths.cert_chain)?,
+            read(&self.paths.private_key)?,
+            read(&self.paths.trust_bundle)?,
+        ])
     }
 
     fn parse(&self, bytes: &[Vec<u8>; 3], now: SystemTime) -> Result<Credentials, SourceError> {
@@ -96,9 +110,8 @@ impl FileSource {
             ))
         };
         let svid = X509Svid::from_pem(chain, key).map_err(|e| at("invalid SVID", &e))?;
-        let bundle = TrustBundle::from_pem(svid.spiffe_id().trust_domain().clone(), bundle).map_err(|e| {
-            SourceError::Invalid(format!("{}: {e}", self.paths.trust_bundle.display()))
-        })?;
+        let bundle = TrustBundle::from_pem(svid.spiffe_id().trust_domain().clone(), bundle)
+            .map_err(|e| SourceError::Invalid(format!("{}: {e}", self.paths.trust_bundle.display())))?;
         let bundles = BundleSet::from(bundle);
         svid.verify(&bundles, now).map_err(|e| at("SVID rejected", &e))?;
         Ok(Credentials { svid, bundles })
@@ -143,9 +156,17 @@ impl FileSource {
             (_, Some(e)) => Err(e.clone()),
             (Some(good), None) => Err(SourceError::InvalidSvid {
                 id: good.svid.spiffe_id().clone(),
-                source: Box::new(good.svid.check_validity(now).err().unwrap_or(crate::svid::SvidError::EmptyChain)),
+                source: Box::new(
+                    good.svid
+                        .check_validity(now)
+                        .err()
+                        .unwrap_or(crate::svid::SvidError::EmptyChain),
+                ),
             }),
-            (None, None) => Err(SourceError::Invalid(format!("{}: nothing loaded", self.paths.cert_chain.display()))),
+            (None, None) => Err(SourceError::Invalid(format!(
+                "{}: nothing loaded",
+                self.paths.cert_chain.display()
+            ))),
         }
     }
 }

@@ -117,7 +117,10 @@ fn generate(e: rcgen::Error) -> LocalCaError {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> LocalCaError {
-    LocalCaError::Io { path: path.to_owned(), source: Arc::new(source) }
+    LocalCaError::Io {
+        path: path.to_owned(),
+        source: Arc::new(source),
+    }
 }
 
 fn root_params(trust_domain: &TrustDomain, now: SystemTime) -> Result<CertificateParams, LocalCaError> {
@@ -132,9 +135,12 @@ fn root_params(trust_domain: &TrustDomain, now: SystemTime) -> Result<Certificat
     dn.push(DnType::CommonName, format!("meshwire local CA {tag}"));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.subject_alt_names =
-        vec![SanType::URI(trust_domain.id_string().try_into().map_err(generate)?)];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into().map_err(generate)?)];
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + ROOT_LIFETIME).into();
     params.serial_number = Some(random_serial());
@@ -196,7 +202,10 @@ impl LocalCa {
     }
 
     fn load(path: &Path, pem: &str, trust_domain: TrustDomain) -> Result<Self, LocalCaError> {
-        let corrupt = |reason: String| LocalCaError::Corrupt { path: path.to_owned(), reason };
+        let corrupt = |reason: String| LocalCaError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
         let blocks = pem::parse_many(pem).map_err(|e| corrupt(format!("invalid PEM: {e}")))?;
         let mut cert = None;
         let mut key = None;
@@ -222,14 +231,22 @@ impl LocalCa {
         key: KeyPair,
         path: &Path,
     ) -> Result<Self, LocalCaError> {
-        let corrupt = |reason: String| LocalCaError::Corrupt { path: path.to_owned(), reason };
+        let corrupt = |reason: String| LocalCaError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
         let facts = crate::x509::facts(&cert).map_err(|e| corrupt(format!("invalid certificate: {}", e.0)))?;
         if !facts.is_ca || !facts.key_cert_sign {
-            return Err(corrupt("the certificate is not a CA (basicConstraints CA:true, keyCertSign)".into()));
+            return Err(corrupt(
+                "the certificate is not a CA (basicConstraints CA:true, keyCertSign)".into(),
+            ));
         }
         let now = SystemTime::now();
         if now > facts.not_after {
-            return Err(corrupt(format!("the root expired at {}", crate::svid::fmt_time(facts.not_after))));
+            return Err(corrupt(format!(
+                "the root expired at {}",
+                crate::svid::fmt_time(facts.not_after)
+            )));
         }
         match facts.uri_sans.as_slice() {
             [uri] if SpiffeId::new(uri).is_ok_and(|id| id.trust_domain() == &trust_domain) => {}
@@ -243,10 +260,8 @@ impl LocalCa {
             _ => return Err(corrupt("the root has no single URI SAN naming its trust domain".into())),
         }
         // The key must be the root's own.
-        let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
-            key.serialize_der().into(),
-        ))
-        .map_err(|e| corrupt(format!("unusable private key: {e}")))?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .map_err(|e| corrupt(format!("unusable private key: {e}")))?;
         rustls::sign::CertifiedKey::new(vec![cert.clone()], signing)
             .keys_match()
             .map_err(|_| corrupt("the private key does not belong to the root certificate".into()))?;
@@ -268,7 +283,11 @@ impl LocalCa {
         if std::fs::read_to_string(&path).is_ok_and(|old| old == pem) {
             return Ok(());
         }
-        let tmp = dir.join(format!(".{ROOT_CERT_FILE}.{}.{}", std::process::id(), fastrand::u64(..)));
+        let tmp = dir.join(format!(
+            ".{ROOT_CERT_FILE}.{}.{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::write(&tmp, pem).map_err(|e| io_err(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
     }
@@ -307,7 +326,10 @@ impl LocalCa {
     /// Issues an SVID for `id` valid from `now` (back-dated a few minutes for clock skew) for `lifetime`.
     pub fn issue_at(&self, id: &SpiffeId, now: SystemTime, lifetime: Duration) -> Result<Credentials, LocalCaError> {
         if id.trust_domain() != &self.trust_domain {
-            return Err(LocalCaError::ForeignIdentity { id: id.clone(), trust_domain: self.trust_domain.clone() });
+            return Err(LocalCaError::ForeignIdentity {
+                id: id.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let mut params = CertificateParams::default();
@@ -326,15 +348,24 @@ impl LocalCa {
             PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
         .map_err(LocalCaError::Issued)?;
-        Ok(Credentials { svid, bundles: self.bundle_set.clone() })
+        Ok(Credentials {
+            svid,
+            bundles: self.bundle_set.clone(),
+        })
     }
 }
 
 impl CertSource for LocalCa {
     async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
         self.issue(id).map_err(|e| match e {
-            LocalCaError::ForeignIdentity { .. } => SourceError::NotServed { id: id.clone(), reason: e.to_string() },
-            LocalCaError::Issued(source) => SourceError::InvalidSvid { id: id.clone(), source: Box::new(source) },
+            LocalCaError::ForeignIdentity { .. } => SourceError::NotServed {
+                id: id.clone(),
+                reason: e.to_string(),
+            },
+            LocalCaError::Issued(source) => SourceError::InvalidSvid {
+                id: id.clone(),
+                source: Box::new(source),
+            },
             other => SourceError::Invalid(other.to_string()),
         })
     }
@@ -349,11 +380,19 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), LocalCaError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| io_err(path, e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io_err(path, e))
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io_err(path, e))
 }
 
 #[cfg(not(unix))]
 fn write_private(path: &Path, data: &[u8]) -> Result<(), LocalCaError> {
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io_err(path, e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io_err(path, e))
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io_err(path, e))
 }

@@ -23,13 +23,20 @@ pub struct TestTimer {
 
 impl TestTimer {
     pub fn new() -> Self {
-        Self { base_instant: tokio::time::Instant::now(), base_wall: SystemTime::now(), real_wall: false }
+        Self {
+            base_instant: tokio::time::Instant::now(),
+            base_wall: SystemTime::now(),
+            real_wall: false,
+        }
     }
 
     /// Virtual monotonic time but the real wall clock: for tests whose certificates are checked
     /// by rustls, which reads the real clock.
     pub fn with_real_wall() -> Self {
-        Self { real_wall: true, ..Self::new() }
+        Self {
+            real_wall: true,
+            ..Self::new()
+        }
     }
 }
 
@@ -115,7 +122,10 @@ impl CertSource for ScriptedSource {
         let ok = !self.fail.load(Ordering::SeqCst);
         self.log.lock().unwrap().push(FetchRecord { id: id.clone(), at, ok });
         if !ok {
-            return Err(SourceError::Authority { id: id.clone(), message: "CA unavailable (scripted)".into() });
+            return Err(SourceError::Authority {
+                id: id.clone(),
+                message: "CA unavailable (scripted)".into(),
+            });
         }
         let issue_for = if self.wrong_identity.load(Ordering::SeqCst) {
             SpiffeId::new("spiffe://cluster.local/ns/other/sa/impostor").unwrap()
