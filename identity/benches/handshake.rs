@@ -36,7 +36,6 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::error::Error;
-use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -211,30 +210,6 @@ fn fmt_num(x: f64) -> String {
     }
     let decimals = (3 - x.abs().log10().floor() as i32).clamp(0, 9) as usize;
     format!("{x:.decimals$}")
-}
-
-fn json_num(x: Option<f64>) -> String {
-    match x {
-        Some(x) if x.is_finite() => format!("{x}"),
-        _ => "null".to_owned(),
-    }
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Drives one full handshake in memory; returns (client seconds, server seconds).
@@ -495,50 +470,43 @@ fn main() -> Result<()> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut json = String::new();
-    let _ = writeln!(json, "{{");
-    let _ = writeln!(json, "  \"benchmark\": \"meshwire-identity/handshake\",");
-    let _ = writeln!(json, "  \"unix_time\": {unix},");
-    let _ = writeln!(json, "  \"seconds_per_round\": {secs},");
-    let _ = writeln!(json, "  \"warmup_seconds\": {},", warmup.as_secs_f64());
-    let _ = writeln!(json, "  \"rounds\": {ROUNDS},");
-    let _ = writeln!(json, "  \"threads\": 1,");
-    let _ = writeln!(json, "  \"cpu_clock_ticks_per_sec\": {CLOCK_TICKS},");
-    let _ = writeln!(
-        json,
-        "  \"tls\": {{\"version\": {}, \"cipher_suite\": {}, \"key_exchange\": {}, \"certificates\": \"ECDSA P-256\", \"mutual\": true, \"resumption\": false}},",
-        json_str(&version),
-        json_str(&suite),
-        json_str(&kx)
-    );
-    let _ = writeln!(json, "  \"results\": {{");
-    for (bi, b) in benches.iter().enumerate() {
-        let _ = writeln!(json, "    {}: {{", json_str(b.key));
-        let _ = writeln!(json, "      \"description\": {},", json_str(b.title));
-        let ops: Vec<String> = b.rounds.iter().map(|r| r.ops.to_string()).collect();
-        let wall: Vec<String> = b.rounds.iter().map(|r| json_num(Some(r.wall))).collect();
-        let cpu: Vec<String> = b.rounds.iter().map(|r| json_num(r.cpu)).collect();
-        let _ = writeln!(json, "      \"ops_per_round\": [{}],", ops.join(", "));
-        let _ = writeln!(json, "      \"wall_seconds_per_round\": [{}],", wall.join(", "));
-        let _ = writeln!(json, "      \"cpu_seconds_per_round\": [{}],", cpu.join(", "));
-        for (si, s) in b.stats.iter().enumerate() {
-            let per: Vec<String> = s.per_round.iter().map(|v| json_num(*v)).collect();
-            let _ = writeln!(
-                json,
-                "      {}: {{\"unit\": {}, \"median\": {}, \"min\": {}, \"max\": {}, \"per_round\": [{}]}}{}",
-                json_str(s.key),
-                json_str(s.unit),
-                json_num(s.summary.map(|x| x.median)),
-                json_num(s.summary.map(|x| x.min)),
-                json_num(s.summary.map(|x| x.max)),
-                per.join(", "),
-                if si + 1 < b.stats.len() { "," } else { "" }
-            );
-        }
-        let _ = writeln!(json, "    }}{}", if bi + 1 < benches.len() { "," } else { "" });
-    }
-    let _ = writeln!(json, "  }}");
-    let _ = writeln!(json, "}}");
+    let finite = |x: Option<f64>| x.filter(|x| x.is_finite());
+    let results: serde_json::Map<String, serde_json::Value> = benches
+        .iter()
+        .map(|b| {
+            let mut entry = serde_json::json!({
+                "description": b.title,
+                "ops_per_round": b.rounds.iter().map(|r| r.ops).collect::<Vec<_>>(),
+                "wall_seconds_per_round": b.rounds.iter().map(|r| r.wall).collect::<Vec<_>>(),
+                "cpu_seconds_per_round": b.rounds.iter().map(|r| finite(r.cpu)).collect::<Vec<_>>(),
+            });
+            for s in &b.stats {
+                entry[s.key] = serde_json::json!({
+                    "unit": s.unit,
+                    "median": finite(s.summary.map(|x| x.median)),
+                    "min": finite(s.summary.map(|x| x.min)),
+                    "max": finite(s.summary.map(|x| x.max)),
+                    "per_round": s.per_round.iter().map(|v| finite(*v)).collect::<Vec<_>>(),
+                });
+            }
+            (b.key.to_owned(), entry)
+        })
+        .collect();
+    let json = serde_json::json!({
+        "benchmark": "meshwire-identity/handshake",
+        "unix_time": unix,
+        "seconds_per_round": secs,
+        "warmup_seconds": warmup.as_secs_f64(),
+        "rounds": ROUNDS,
+        "threads": 1,
+        "cpu_clock_ticks_per_sec": CLOCK_TICKS,
+        "tls": {
+            "version": version, "cipher_suite": suite, "key_exchange": kx,
+            "certificates": "ECDSA P-256", "mutual": true, "resumption": false,
+        },
+        "results": results,
+    });
+    let json = serde_json::to_string_pretty(&json)? + "\n";
 
     let path = json_path();
     if let Some(dir) = path.parent() {
