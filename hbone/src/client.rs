@@ -1,0 +1,386 @@
+//! The client side of HBONE: one mTLS + HTTP/2 connection to a peer's HBONE port, and CONNECT
+//! streams over it.
+//!
+//! [`handshake`] takes a connected byte stream (the caller makes the TCP connection, so it can set
+//! marks, bind addresses or use any runtime), performs the TLS and HTTP/2 handshakes within the
+//! configured timeout, and returns a [`ClientConnection`] to open tunnels with, plus the
+//! connection's driver future, which the caller must run (spawn it) for as long as the connection
+//! is used. The driver also sends keep-alive PINGs and ends the connection when they go unanswered.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{Either, select};
+
+use http::{HeaderMap, Method, Request, StatusCode};
+use meshwire_identity::id::SpiffeId;
+use meshwire_identity::tls;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::client::TlsStream;
+
+use crate::headers::{Authority, Metadata};
+use crate::rt::Timer;
+use crate::settings::Settings;
+use crate::stream::H2Io;
+
+/// What the peer answered to a CONNECT it refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// 400: not a valid CONNECT, or an authority the peer does not serve.
+    BadRequest,
+    /// 401: the peer's authorization policy denied the connection.
+    Unauthorized,
+    /// 503: the peer could not connect to the destination.
+    Unavailable,
+    /// Any other status.
+    Other,
+}
+
+impl Refusal {
+    fn of(status: StatusCode) -> Self {
+        match status {
+            StatusCode::BAD_REQUEST => Self::BadRequest,
+            StatusCode::UNAUTHORIZED => Self::Unauthorized,
+            StatusCode::SERVICE_UNAVAILABLE => Self::Unavailable,
+            _ => Self::Other,
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            Self::BadRequest => "the peer found the request malformed or the destination not its own",
+            Self::Unauthorized => "the peer's authorization policy denied the connection",
+            Self::Unavailable => "the peer could not reach the destination",
+            Self::Other => "unexpected status",
+        }
+    }
+}
+
+/// Why a tunnel could not be opened. `Clone`, so one failed handshake can be reported to every
+/// request that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The TCP connection could not be made (from the caller's connector).
+    #[error("TCP connect to {peer}: {source}")]
+    Tcp {
+        /// The address.
+        peer: String,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// The TLS handshake failed; the cause includes the peer's alert when one was received, and an
+    /// [`meshwire_identity::tls::IdentityMismatch`] when the peer was not who we expected.
+    #[error("TLS handshake failed: {source}")]
+    Tls {
+        /// The error (find typed causes with [`meshwire_identity::tls::find_cause`]).
+        source: Arc<io::Error>,
+    },
+    /// The handshakes did not finish in time.
+    #[error("TLS and HTTP/2 handshakes did not finish within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    /// The HTTP/2 layer failed (handshake, protocol error, connection gone).
+    #[error("HTTP/2: {source}")]
+    Http2 {
+        /// The error.
+        source: Arc<h2::Error>,
+    },
+    /// The connection stopped answering keep-alive PINGs.
+    #[error("no PING answer within {0:?}: connection dropped")]
+    PingTimeout(std::time::Duration),
+    /// The peer answered the CONNECT with a status other than 200.
+    #[error("CONNECT {authority} refused with {status}: {}", kind.explain())]
+    Refused {
+        /// The status code.
+        status: StatusCode,
+        /// What it means.
+        kind: Refusal,
+        /// The authority asked for.
+        authority: String,
+    },
+    /// The request could not be built (an authority or header that is not valid HTTP).
+    #[error("invalid CONNECT request: {0}")]
+    InvalidRequest(String),
+}
+
+impl ConnectError {
+    fn h2(e: h2::Error) -> Self {
+        Self::Http2 { source: Arc::new(e) }
+    }
+
+    /// The status of a refused CONNECT.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A CONNECT request: where to, and the metadata headers that go with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The `:authority`: final destination `ip:port`, or `hostname:port`.
+    pub authority: Authority,
+    /// `forwarded`, `baggage`, `traceparent`, `x-forwarded-network`.
+    pub metadata: Metadata,
+}
+
+impl ConnectRequest {
+    /// A request for `authority` with no metadata.
+    pub fn new(authority: Authority) -> Self {
+        Self {
+            authority,
+            metadata: Metadata::default(),
+        }
+    }
+
+    pub(crate) fn to_http(&self) -> Result<Request<()>, ConnectError> {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(self.authority.to_string())
+            .body(())
+            .map_err(|e| ConnectError::InvalidRequest(e.to_string()))?;
+        self.metadata.to_headers(req.headers_mut());
+        Ok(req)
+    }
+}
+
+/// An open CONNECT stream: bytes both ways; `shutdown` sends END_STREAM (a half close); dropping it
+/// before both directions ended resets the stream.
+pub struct Tunnel {
+    io: H2Io,
+    peer: Arc<SpiffeId>,
+    response_headers: HeaderMap,
+    /// For a pooled tunnel: its place in the connection's stream count, given back on drop.
+    pub(crate) lease: Option<crate::pool::StreamLease>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tunnel {
+    /// The verified SPIFFE ID of the peer that terminated the tunnel.
+    pub fn peer_identity(&self) -> &SpiffeId {
+        &self.peer
+    }
+
+    /// Headers of the peer's 200 response (for example `baggage` describing the destination).
+    pub fn response_headers(&self) -> &HeaderMap {
+        &self.response_headers
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An established HBONE connection. Cheap to clone; clones open streams on the same connection.
+#[derive(Clone)]
+pub struct ClientConnection {
+    send: h2::client::SendRequest<Bytes>,
+    peer: Arc<SpiffeId>,
+}
+
+impl std::fmt::Debug for ClientConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConnection")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConnection {
+    /// The verified SPIFFE ID of the peer.
+    pub fn peer_identity(&self) -> &SpiffeId {
+        &self.peer
+    }
+
+    /// Opens a CONNECT stream; returns once the peer answered 200.
+    pub async fn open(&self, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
+        let http = request.to_http()?;
+        let mut send = self.send.clone().ready().await.map_err(ConnectError::h2)?;
+        let (response, stream) = send.send_request(http, false).map_err(ConnectError::h2)?;
+        let response = response.await.map_err(ConnectError::h2)?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(ConnectError::Refused {
+                status,
+                kind: Refusal::of(status),
+                authority: request.authority.to_string(),
+            });
+        }
+        let (parts, body) = response.into_parts();
+        Ok(Tunnel {
+            io: H2Io::new(stream, body),
+            peer: self.peer.clone(),
+            response_headers: parts.headers,
+            lease: None,
+        })
+    }
+
+    /// The most streams the peer lets this client open at once (its SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub fn max_send_streams(&self) -> usize {
+        self.send.current_max_send_streams()
+    }
+
+    /// Polls whether the connection can take one more stream now (not at its stream limit, not going away).
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        self.send.poll_ready(cx).map_err(ConnectError::h2)
+    }
+}
+
+/// Runs `fut` with a deadline.
+pub(crate) async fn with_timeout<T: Timer, F: Future>(
+    timer: &T,
+    limit: std::time::Duration,
+    fut: F,
+) -> Option<F::Output> {
+    let sleep = timer.sleep_until(timer.now() + limit);
+    match select(std::pin::pin!(fut), std::pin::pin!(sleep)).await {
+        Either::Left((out, _)) => Some(out),
+        Either::Right(_) => None,
+    }
+}
+
+/// Performs the TLS and HTTP/2 handshakes over `io`.
+///
+/// Returns the connection and its [`ConnectionDriver`], which must be run until it completes (it
+/// completes when the connection closes, with the reason): spawn it.
+pub async fn handshake<IO, T>(
+    io: IO,
+    tls_config: Arc<ClientConfig>,
+    settings: &Settings,
+    timer: T,
+) -> Result<(ClientConnection, ConnectionDriver<IO, T>), ConnectError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    T: Timer,
+{
+    let limit = settings.handshake_timeout;
+    let hs = async {
+        let tls_stream = tokio_rustls::TlsConnector::from(tls_config)
+            .connect(tls::server_name(), io)
+            .await
+            .map_err(|e| ConnectError::Tls { source: Arc::new(e) })?;
+        let peer = tls::peer_identity(tls_stream.get_ref().1).map_err(|e| ConnectError::Tls {
+            source: Arc::new(io::Error::other(e)),
+        })?;
+        let (send, connection) = settings
+            .client_builder()
+            .handshake(tls_stream)
+            .await
+            .map_err(ConnectError::h2)?;
+        Ok::<_, ConnectError>((send, connection, peer))
+    };
+    let (send, mut connection, peer) = with_timeout(&timer, limit, hs)
+        .await
+        .ok_or(ConnectError::HandshakeTimeout(limit))??;
+    let ping = connection.ping_pong();
+    let first = Box::pin(timer.sleep_until(timer.now() + settings.ping_interval));
+    let driver = ConnectionDriver {
+        connection,
+        ping,
+        keepalive: KeepAlive::Idle(first),
+        timer,
+        interval: settings.ping_interval,
+        timeout: settings.ping_timeout,
+    };
+    Ok((
+        ClientConnection {
+            send,
+            peer: Arc::new(peer),
+        },
+        driver,
+    ))
+}
+
+enum KeepAlive<S> {
+    /// Waiting to send the next PING.
+    Idle(Pin<Box<S>>),
+    /// A PING is out; the sleep is its deadline.
+    AwaitingPong(Pin<Box<S>>),
+}
+
+/// Drives one client connection: reads and writes its frames, and sends a keep-alive PING every
+/// [`Settings::ping_interval`], ending the connection with [`ConnectError::PingTimeout`] when one
+/// is not answered within [`Settings::ping_timeout`]. Completes when the connection closes.
+pub struct ConnectionDriver<IO, T: Timer> {
+    connection: h2::client::Connection<TlsStream<IO>, Bytes>,
+    ping: Option<h2::PingPong>,
+    keepalive: KeepAlive<T::Sleep>,
+    timer: T,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+}
+
+// No field is structurally pinned: the sleeps are boxed and the timer is only borrowed.
+impl<IO: Unpin, T: Timer> Unpin for ConnectionDriver<IO, T> {}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, T: Timer> Future for ConnectionDriver<IO, T> {
+    type Output = Result<(), ConnectError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(result) = Pin::new(&mut this.connection).poll(cx) {
+            return Poll::Ready(result.map_err(ConnectError::h2));
+        }
+        let Some(ping) = this.ping.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            match &mut this.keepalive {
+                KeepAlive::Idle(sleep) => {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if let Err(e) = ping.send_ping(h2::Ping::opaque()) {
+                        return Poll::Ready(Err(ConnectError::h2(e)));
+                    }
+                    let deadline = this.timer.now() + this.timeout;
+                    this.keepalive = KeepAlive::AwaitingPong(Box::pin(this.timer.sleep_until(deadline)));
+                }
+                KeepAlive::AwaitingPong(deadline) => match ping.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        let next = this.timer.now() + this.interval;
+                        this.keepalive = KeepAlive::Idle(Box::pin(this.timer.sleep_until(next)));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(ConnectError::h2(e))),
+                    Poll::Pending => {
+                        if deadline.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(ConnectError::PingTimeout(this.timeout)));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! A pool of HBONE connections, shared by the streams of one key.
+//!
+//! A [`PoolKey`] is what makes two streams able to share a connection: the source identity, the
+//! expected destination identities, the destination `ip:15008` and the source IP. For each key the
+//! pool keeps connections carrying up to [`PoolConfig::max_streams_per_connection`] streams each
+//! (never more than the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`) and opens another one when all are
+//! full. Exactly one handshake per key is in flight: concurrent requests wait for it instead of
+//! opening a storm of duplicate connections, and a failed handshake is reported to all of them.
+//! Connections are retired when they close (GOAWAY, error, unanswered PINGs) and released after
+//! [`PoolConfig::idle_timeout`] without streams, by [`Pool::maintain`].
+//!
+//! The pool never spawns by itself: connection drivers go to the caller's [`Executor`]. A
+//! thread-per-core caller creates one pool per core (one connection per key per core, no shared
+//! state between cores).
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use meshwire_identity::id::SpiffeId;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::client::{self, ClientConnection, ConnectError, ConnectRequest, ConnectionDriver, Tunnel};
+use crate::rt::{Executor, Timer};
+use crate::settings::Settings;
+
+/// What streams must have in common to share a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity the client presents.
+    pub source: SpiffeId,
+    /// The identities the server may present (sorted, without duplicates).
+    expected: Vec<SpiffeId>,
+    /// The peer's HBONE address, `ip:15008`.
+    pub destination: SocketAddr,
+    /// The local address to connect from, if one is chosen.
+    pub source_ip: Option<IpAddr>,
+}
+
+impl PoolKey {
+    /// A key; the expected identities are normalised so that their order does not matter.
+    pub fn new(
+        source: SpiffeId,
+        mut expected: Vec<SpiffeId>,
+        destination: SocketAddr,
+        source_ip: Option<IpAddr>,
+    ) -> Self {
+        expected.sort();
+        expected.dedup();
+        Self {
+            source,
+            expected,
+            destination,
+            source_ip,
+        }
+    }
+
+    /// The identities the server may present.
+    pub fn expected(&self) -> &[SpiffeId] {
+        &self.expected
+    }
+}
+
+/// Makes the TCP connection and the TLS config for a key. Implemented by the proxy, which knows
+/// about socket marks, source addresses, network namespaces and certificates.
+pub trait Connector {
+    /// The connected byte stream.
+    type Io: AsyncRead + AsyncWrite + Unpin;
+
+    /// Connects to `key.destination` (from `key.source_ip`) and returns the stream and a client
+    /// config presenting `key.source` and expecting one of `key.expected()`.
+    fn connect(&self, key: &PoolKey) -> impl Future<Output = Result<(Self::Io, Arc<ClientConfig>), ConnectError>>;
+}
+
+/// Settings of a [`Pool`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Streams per connection before another connection is opened (default 100).
+    pub max_streams_per_connection: usize,
+    /// How long a connection without streams is kept (default 5 minutes).
+    pub idle_timeout: Duration,
+    /// HTTP/2 settings of the connections.
+    pub settings: Settings,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(300),
+            settings: Settings::default(),
+        }
+    }
+}
+
+/// A stream's place in its connection's count; given back when the tunnel is dropped.
+pub(crate) struct StreamLease {
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One handshake in flight for a key, and the callers waiting for it.
+#[derive(Default)]
+struct Handshake {
+    state: Mutex<HandshakeState>,
+}
+
+/// The outcome once known, and the wakers of the waiting callers.
+type HandshakeState = (Option<Result<(), ConnectError>>, Vec<Waker>);
+
+impl Handshake {
+    fn complete(&self, result: Result<(), ConnectError>) {
+        let wakers = {
+            let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if st.0.is_some() {
+                return;
+            }
+            st.0 = Some(result);
+            std::mem::take(&mut st.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn poll_done(&self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = &st.0 {
+            return Poll::Ready(r.clone());
+        }
+        if !st.1.iter().any(|w| w.will_wake(cx.waker())) {
+            st.1.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+struct Conn {
+    client: ClientConnection,
+    active: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+    /// When the pool last saw it without streams.
+    idle_since: Option<Instant>,
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    conns: Vec<Conn>,
+    connecting: Option<Arc<Handshake>>,
+}
+
+struct Inner<C, E, T> {
+    connector: C,
+    executor: E,
+    timer: T,
+    config: PoolConfig,
+    keys: Mutex<HashMap<PoolKey, KeyEntry>>,
+    handshakes: AtomicUsize,
+}
+
+/// A pool of HBONE connections. Cheap to clone; clones share the pool.
+pub struct Pool<C, E, T> {
+    inner: Arc<Inner<C, E, T>>,
+}
+
+impl<C, E, T> Clone for Pool<C, E, T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C, E, T> Pool<C, E, T> {
+    fn keys(&self) -> MutexGuard<'_, HashMap<PoolKey, KeyEntry>> {
+        self.inner.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The future a pool hands to its executor for each connection: drives the connection and marks it
+/// retired when it ends.
+pub struct PooledDriver<IO, T: Timer> {
+    driver: ConnectionDriver<IO, T>,
+    closed: Arc<AtomicBool>,
+    destination: SocketAddr,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, T: Timer> Future for PooledDriver<IO, T> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let result = std::task::ready!(Pin::new(&mut this.driver).poll(cx));
+        this.closed.store(true, Ordering::Release);
+        match result {
+            Ok(()) => tracing::debug!(destination = %this.destination, "HBONE connection closed"),
+            Err(e) => tracing::debug!(destination = %this.destination, error = %e, "HBONE connection ended"),
+        }
+        Poll::Ready(())
+    }
+}
+
+/// Ends a handshake as abandoned if its leader is dropped before finishing, so waiters retry.
+struct LeadGuard<'a, C, E, T> {
+    pool: &'a Pool<C, E, T>,
+    key: &'a PoolKey,
+    handshake: Arc<Handshake>,
+    done: bool,
+}
+
+impl<C, E, T> Drop for LeadGuard<'_, C, E, T> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut keys = self.pool.keys();
+            if let Some(entry) = keys.get_mut(self.key) {
+                entry.connecting = None;
+            }
+            drop(keys);
+            self.handshake
+                .complete(Err(ConnectError::InvalidRequest("handshake abandoned".into())));
+        }
+    }
+}
+
+enum Step {
+    Use(ClientConnection, StreamLease, Arc<AtomicBool>),
+    Wait(Arc<Handshake>),
+    Lead(Arc<Handshake>),
+}
+
+impl<C, E, T> Pool<C, E, T>
+where
+    C: Connector,
+    E: Executor<PooledDriver<C::Io, T>>,
+    T: Timer + Clone,
+{
+    /// A pool connecting through `connector`, running connections on `executor`.
+    pub fn new(connector: C, executor: E, timer: T, config: PoolConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connector,
+                executor,
+                timer,
+                config,
+                keys: Mutex::new(HashMap::new()),
+                handshakes: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Opens a tunnel to `request.authority` through a connection of `key`, making one if needed.
+    pub async fn connect(&self, key: &PoolKey, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
+        // A connection that closed between our look and our use is retried once. A stream the peer
+        // refused unprocessed (REFUSED_STREAM: more streams than it allows, sent before its SETTINGS
+        // arrived) is retried a few times: by then its limit is known.
+        let mut retried_closed = false;
+        let mut refused = 0;
+        loop {
+            match self.step(key) {
+                Step::Use(client, lease, closed) => match client.open(request).await {
+                    Ok(mut tunnel) => {
+                        tunnel.lease = Some(lease);
+                        return Ok(tunnel);
+                    }
+                    Err(ConnectError::Http2 { source })
+                        if source.reason() == Some(h2::Reason::REFUSED_STREAM) && refused < 3 =>
+                    {
+                        refused += 1;
+                        tracing::debug!(error = %source, "stream refused unprocessed by the peer; retrying");
+                    }
+                    Err(e @ ConnectError::Http2 { .. }) if !retried_closed => {
+                        tracing::debug!(error = %e, "pooled HBONE connection unusable; retrying on another");
+                        closed.store(true, Ordering::Release);
+                        retried_closed = true;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Step::Wait(handshake) => poll_fn(|cx| handshake.poll_done(cx)).await?,
+                Step::Lead(handshake) => {
+                    let mut guard = LeadGuard {
+                        pool: self,
+                        key,
+                        handshake: handshake.clone(),
+                        done: false,
+                    };
+                    let result = self.handshake(key).await;
+                    guard.done = true;
+                    let mut keys = self.keys();
+                    let entry = keys.entry(key.clone()).or_default();
+                    entry.connecting = None;
+                    let outcome = result.map(|conn| entry.conns.push(conn));
+                    drop(keys);
+                    handshake.complete(outcome.clone());
+                    outcome?;
+                }
+            }
+        }
+    }
+
+    /// Decides, under the lock, whether to use a connection, wait for a handshake, or lead one.
+    fn step(&self, key: &PoolKey) -> Step {
+        let max = self.inner.config.max_streams_per_connection.max(1);
+        let mut keys = self.keys();
+        let entry = keys.entry(key.clone()).or_default();
+        entry.conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        for c in &mut entry.conns {
+            let limit = max.min(c.client.max_send_streams().max(1));
+            if c.active.load(Ordering::Acquire) < limit {
+                c.active.fetch_add(1, Ordering::AcqRel);
+                c.idle_since = None;
+                return Step::Use(
+                    c.client.clone(),
+                    StreamLease {
+                        active: c.active.clone(),
+                    },
+                    c.closed.clone(),
+                );
+            }
+        }
+        if let Some(h) = &entry.connecting {
+            return Step::Wait(h.clone());
+        }
+        let h = Arc::new(Handshake::default());
+        entry.connecting = Some(h.clone());
+        Step::Lead(h)
+    }
+
+    async fn handshake(&self, key: &PoolKey) -> Result<Conn, ConnectError> {
+        self.inner.handshakes.fetch_add(1, Ordering::Relaxed);
+        let (io, tls) = self.inner.connector.connect(key).await?;
+        let (client, driver) =
+            client::handshake(io, tls, &self.inner.config.settings, self.inner.timer.clone()).await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        self.inner.executor.execute(PooledDriver {
+            driver,
+            closed: closed.clone(),
+            destination: key.destination,
+        });
+        tracing::debug!(destination = %key.destination, source = %key.source, "opened HBONE connection");
+        Ok(Conn {
+            client,
+            active: Arc::new(AtomicUsize::new(0)),
+            closed,
+            idle_since: None,
+        })
+    }
+
+    /// Releases connections idle for longer than the idle timeout and forgets closed ones; returns
+    /// how many connections remain.
+    pub fn release_idle(&self) -> usize {
+        let now = self.inner.timer.now();
+        let idle = self.inner.config.idle_timeout;
+        let mut keys = self.keys();
+        keys.retain(|_, entry| {
+            entry.conns.retain_mut(|c| {
+                if c.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                if c.active.load(Ordering::Acquire) > 0 {
+                    c.idle_since = None;
+                    return true;
+                }
+                let since = *c.idle_since.get_or_insert(now);
+                now.duration_since(since) < idle
+            });
+            !entry.conns.is_empty() || entry.connecting.is_some()
+        });
+        keys.values().map(|e| e.conns.len()).sum()
+    }
+
+    /// Runs [`Pool::release_idle`] periodically (every quarter of the idle timeout), forever. Spawn it.
+    pub async fn maintain(&self) {
+        let period = (self.inner.config.idle_timeout / 4).max(Duration::from_millis(10));
+        loop {
+            self.inner.timer.sleep_until(self.inner.timer.now() + period).await;
+            self.release_idle();
+        }
+    }
+
+    /// Open connections per key.
+    pub fn connections(&self, key: &PoolKey) -> usize {
+        let mut keys = self.keys();
+        keys.get_mut(key).map_or(0, |e| {
+            e.conns.retain(|c| !c.closed.load(Ordering::Acquire));
+            e.conns.len()
+        })
+    }
+
+    /// Handshakes started since the pool was made.
+    pub fn handshakes(&self) -> usize {
+        self.inner.handshakes.load(Ordering::Relaxed)
+    }
+}

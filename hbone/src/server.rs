@@ -1,0 +1,347 @@
+//! The server side of HBONE: serves one accepted connection.
+//!
+//! [`serve`] performs the TLS handshake (the client must present an SVID the server config
+//! accepts) and the HTTP/2 handshake, then, for every stream: checks that it is a CONNECT with a
+//! valid authority (else 400), asks the [`Handler`] for the upstream (the handler refuses with a
+//! status, such as 401 for a denied policy or 503 for a failed connect), answers 200 only once the
+//! upstream exists, and copies both ways with half-close semantics until both sides are done.
+//!
+//! All streams of a connection are driven inside the one future `serve` returns: a misbehaving
+//! stream ends on its own without affecting its siblings, dropping the future closes everything,
+//! and no `Send` bound or spawning is needed. When `shutdown` completes the server sends GOAWAY,
+//! accepts no new stream, lets the open ones finish, and then closes; a caller enforces a drain
+//! deadline by dropping the future.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::{Either, select};
+use futures_util::stream::FuturesUnordered;
+use h2::server::SendResponse;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use meshwire_identity::id::SpiffeId;
+use meshwire_identity::tls;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::client::with_timeout;
+use crate::copy::{self, CopyConfig};
+use crate::headers::{Authority, Metadata};
+use crate::rt::Timer;
+use crate::settings::Settings;
+use crate::stream::H2Io;
+
+/// A CONNECT the server accepted at the HTTP level, for the handler to decide on.
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// The verified SPIFFE ID of the client.
+    pub peer: SpiffeId,
+    /// The destination asked for.
+    pub authority: Authority,
+    /// The metadata headers that parsed; malformed ones are dropped (and logged).
+    pub metadata: Metadata,
+    /// All request headers.
+    pub headers: HeaderMap,
+}
+
+/// A handler's refusal: the status to answer and why (logged, not sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The status of the response.
+    pub status: StatusCode,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// 400 Bad Request.
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+
+    /// 401 Unauthorized: authorization denied.
+    pub fn unauthorized(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            reason: reason.into(),
+        }
+    }
+
+    /// 503 Service Unavailable: the upstream could not be reached.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What happened to one stream, reported to [`Handler::finished`].
+#[derive(Debug)]
+pub struct StreamReport {
+    /// The client's identity.
+    pub peer: SpiffeId,
+    /// The destination, if the request had a valid one.
+    pub authority: Option<Authority>,
+    /// The status answered.
+    pub status: StatusCode,
+    /// Why the stream was refused, if it was.
+    pub refusal: Option<String>,
+    /// Bytes from the client to the upstream.
+    pub to_upstream: u64,
+    /// Bytes from the upstream to the client.
+    pub from_upstream: u64,
+    /// How the copy failed, if it did.
+    pub error: Option<io::Error>,
+}
+
+/// Decides what to do with each CONNECT.
+pub trait Handler {
+    /// The upstream connection the tunnel is spliced to.
+    type Upstream: AsyncRead + AsyncWrite + Unpin;
+
+    /// Authorizes the request and connects the upstream, or refuses with a status.
+    fn connect(&self, request: &InboundRequest) -> impl Future<Output = Result<Self::Upstream, Refusal>>;
+
+    /// Called once per stream when it ends (metrics, access log). The default does nothing.
+    fn finished(&self, report: StreamReport) {
+        let _ = report;
+    }
+}
+
+/// Why serving a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The TLS handshake failed (plaintext on the TLS port, untrusted or missing client certificate, ...).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] io::Error),
+    /// The handshakes did not finish in time.
+    #[error("TLS and HTTP/2 handshakes did not finish within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    /// The HTTP/2 connection failed.
+    #[error("HTTP/2 connection with {peer} failed: {source}")]
+    Http2 {
+        /// The client.
+        peer: SpiffeId,
+        /// The error.
+        source: h2::Error,
+    },
+}
+
+/// How a connection that was served ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeSummary {
+    /// The client's identity.
+    pub peer: SpiffeId,
+    /// Streams handled.
+    pub streams: u64,
+}
+
+/// Settings of the server side.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// HTTP/2 settings and the handshake timeout.
+    pub settings: Settings,
+    /// Copy buffer sizes.
+    pub copy: CopyConfig,
+}
+
+/// Serves one accepted connection until it closes, fails, or drains after `shutdown`.
+pub async fn serve<IO, H, T, S>(
+    io: IO,
+    tls_config: Arc<ServerConfig>,
+    options: &ServeOptions,
+    handler: &H,
+    timer: &T,
+    shutdown: S,
+) -> Result<ServeSummary, ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Handler,
+    T: Timer,
+    S: Future<Output = ()>,
+{
+    let limit = options.settings.handshake_timeout;
+    let hs = async {
+        let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)
+            .accept(io)
+            .await
+            .map_err(ServeError::Tls)?;
+        let peer = tls::peer_identity(tls_stream.get_ref().1).map_err(|e| ServeError::Tls(io::Error::other(e)))?;
+        let conn = options
+            .settings
+            .server_builder()
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|source| ServeError::Http2 {
+                peer: peer.clone(),
+                source,
+            })?;
+        Ok::<_, ServeError>((conn, peer))
+    };
+    let (mut conn, peer) = with_timeout(timer, limit, hs)
+        .await
+        .ok_or(ServeError::HandshakeTimeout(limit))??;
+
+    let mut streams = FuturesUnordered::new();
+    let mut shutdown = pin!(shutdown);
+    let mut draining = false;
+    let mut accepting = true;
+    let mut count = 0u64;
+    let copy_config = options.copy;
+    let peer_ref = &peer;
+    poll_fn(|cx| {
+        loop {
+            if !draining && shutdown.as_mut().poll(cx).is_ready() {
+                tracing::debug!(peer = %peer_ref, open_streams = streams.len(), "draining HBONE connection");
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            let mut progressed = false;
+            if accepting {
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((request, respond)))) => {
+                        count += 1;
+                        streams.push(handle_stream(handler, peer_ref, request, respond, copy_config));
+                        progressed = true;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        if e.is_go_away() || e.is_io() && streams.is_empty() {
+                            tracing::debug!(peer = %peer_ref, error = %e, "HBONE connection ended");
+                            accepting = false;
+                        } else {
+                            return Poll::Ready(Err(ServeError::Http2 {
+                                peer: peer_ref.clone(),
+                                source: e,
+                            }));
+                        }
+                    }
+                    Poll::Ready(None) => accepting = false,
+                    Poll::Pending => {}
+                }
+            }
+            while let Poll::Ready(Some(report)) = streams.poll_next_unpin(cx) {
+                handler.finished(report);
+            }
+            if !accepting && streams.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await?;
+    Ok(ServeSummary {
+        peer: peer.clone(),
+        streams: count,
+    })
+}
+
+fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    // The stream may already be reset by the client; nothing more to do then.
+    let _ = respond.send_response(response, true);
+}
+
+async fn handle_stream<H: Handler>(
+    handler: &H,
+    peer: &SpiffeId,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    copy_config: CopyConfig,
+) -> StreamReport {
+    let (parts, body) = request.into_parts();
+    let mut report = StreamReport {
+        peer: peer.clone(),
+        authority: None,
+        status: StatusCode::OK,
+        refusal: None,
+        to_upstream: 0,
+        from_upstream: 0,
+        error: None,
+    };
+    let refuse = |report: &mut StreamReport, respond: &mut SendResponse<Bytes>, refusal: Refusal| {
+        tracing::info!(%peer, status = %refusal.status, reason = %refusal.reason, "refused HBONE stream");
+        respond_status(respond, refusal.status);
+        report.status = refusal.status;
+        report.refusal = Some(refusal.reason);
+    };
+    if parts.method != Method::CONNECT {
+        refuse(
+            &mut report,
+            &mut respond,
+            Refusal::bad_request(format!("method {} is not CONNECT", parts.method)),
+        );
+        return report;
+    }
+    let authority = match parts.uri.authority().map(|a| Authority::parse(a.as_str())) {
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            refuse(&mut report, &mut respond, Refusal::bad_request(e.to_string()));
+            return report;
+        }
+        None => {
+            refuse(
+                &mut report,
+                &mut respond,
+                Refusal::bad_request("CONNECT without :authority"),
+            );
+            return report;
+        }
+    };
+    report.authority = Some(authority.clone());
+    let (metadata, header_errors) = Metadata::from_headers(&parts.headers);
+    for e in header_errors {
+        tracing::debug!(%peer, error = %e, "ignored a malformed metadata header");
+    }
+    let request = InboundRequest {
+        peer: peer.clone(),
+        authority,
+        metadata,
+        headers: parts.headers,
+    };
+
+    // Connect the upstream, unless the client gives up first.
+    let gave_up = poll_fn(|cx| respond.poll_reset(cx));
+    let decided = match select(pin!(handler.connect(&request)), pin!(gave_up)).await {
+        Either::Left((decided, _)) => decided,
+        Either::Right((reason, _)) => {
+            report.error = Some(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("client reset the stream while connecting: {reason:?}"),
+            ));
+            return report;
+        }
+    };
+    let mut upstream = match decided {
+        Ok(upstream) => upstream,
+        Err(refusal) => {
+            refuse(&mut report, &mut respond, refusal);
+            return report;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            report.error = Some(crate::stream::h2_to_io(e));
+            return report;
+        }
+    };
+    let mut tunnel = H2Io::new(send, body);
+    let outcome = copy::bidirectional(&mut tunnel, &mut upstream, copy_config).await;
+    report.to_upstream = outcome.a_to_b;
+    report.from_upstream = outcome.b_to_a;
+    report.error = outcome.error;
+    report
+}

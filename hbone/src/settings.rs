@@ -1,0 +1,152 @@
+//! HTTP/2 and tunnel settings. The defaults are ztunnel's, so both ends agree on the wire.
+
+use std::time::Duration;
+
+/// Why a [`Settings`] value cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// The connection window is too small for the stream window.
+    #[error(
+        "connection window ({connection} bytes) must be at least 4 times the stream window ({stream} bytes): \
+         with equal windows one stalled stream stalls the whole connection"
+    )]
+    ConnectionWindowTooSmall {
+        /// Connection window.
+        connection: u32,
+        /// Stream window.
+        stream: u32,
+    },
+    /// A value outside what HTTP/2 allows.
+    #[error("{field} = {value} is outside the range HTTP/2 allows ({min}..={max})")]
+    OutOfRange {
+        /// The setting.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+}
+
+/// Settings of HBONE connections, client and server side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Initial flow-control window of each stream (default 4 MiB).
+    pub stream_window: u32,
+    /// Flow-control window of each connection (default 16 MiB).
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame accepted (default 1 MiB).
+    pub max_frame_size: u32,
+    /// Streams a server accepts at once on one connection (default 200).
+    pub max_concurrent_streams: u32,
+    /// Largest request header list a server accepts (default 64 KiB).
+    pub server_max_header_list_size: u32,
+    /// Largest response header list a client accepts (default 16 KiB).
+    pub client_max_header_list_size: u32,
+    /// Time allowed for the TLS and HTTP/2 handshakes (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Interval between keep-alive PINGs of an idle client connection (default 10 s).
+    pub ping_interval: Duration,
+    /// Time without a PING answer after which a connection is dropped (default 20 s).
+    pub ping_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_concurrent_streams: 200,
+            server_max_header_list_size: 64 * 1024,
+            client_max_header_list_size: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+impl Settings {
+    /// Checks the settings against HTTP/2's limits and each other.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let range = |field, value: u32, min: u64, max: u64| {
+            if (min..=max).contains(&u64::from(value)) {
+                Ok(())
+            } else {
+                Err(SettingsError::OutOfRange {
+                    field,
+                    value: value.into(),
+                    min,
+                    max,
+                })
+            }
+        };
+        range("stream_window", self.stream_window, 1, MAX_WINDOW)?;
+        range("connection_window", self.connection_window, 1, MAX_WINDOW)?;
+        range("max_frame_size", self.max_frame_size, 16_384, 16_777_215)?;
+        range(
+            "max_concurrent_streams",
+            self.max_concurrent_streams,
+            1,
+            u32::MAX.into(),
+        )?;
+        if u64::from(self.connection_window) < 4 * u64::from(self.stream_window) {
+            return Err(SettingsError::ConnectionWindowTooSmall {
+                connection: self.connection_window,
+                stream: self.stream_window,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn client_builder(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.client_max_header_list_size)
+            .enable_push(false);
+        b
+    }
+
+    pub(crate) fn server_builder(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.server_max_header_list_size);
+        b
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert_eq!(Settings::default().validate(), Ok(()));
+        let equal = Settings {
+            connection_window: 4 << 20,
+            ..Settings::default()
+        };
+        assert!(matches!(
+            equal.validate(),
+            Err(SettingsError::ConnectionWindowTooSmall { .. })
+        ));
+        let frame = Settings {
+            max_frame_size: 1000,
+            ..Settings::default()
+        };
+        let err = frame.validate().unwrap_err();
+        assert!(err.to_string().contains("max_frame_size"), "{err}");
+    }
+}
