@@ -147,7 +147,9 @@ impl ConnectRequest {
             .uri(self.authority.to_string())
             .body(())
             .map_err(|e| ConnectError::InvalidRequest(e.to_string()))?;
-        self.metadata.to_headers(req.headers_mut());
+        for skipped in self.metadata.to_headers(req.headers_mut()) {
+            tracing::warn!(authority = %self.authority, error = %skipped, "CONNECT sent without a metadata header");
+        }
         Ok(req)
     }
 }
