@@ -104,6 +104,9 @@ pub enum ConnectError {
         /// The authority asked for.
         authority: String,
     },
+    /// The settings are not usable.
+    #[error("invalid HBONE settings: {0}")]
+    Settings(#[from] crate::settings::SettingsError),
     /// The request could not be built (an authority or header that is not valid HTTP).
     #[error("invalid CONNECT request: {0}")]
     InvalidRequest(String),
@@ -286,6 +289,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     T: Timer,
 {
+    settings.validate()?;
     let limit = settings.handshake_timeout;
     let hs = async {
         let tls_stream = tokio_rustls::TlsConnector::from(tls_config)

@@ -11,11 +11,14 @@
 //!   [`server::Handler`] decision, then a bidirectional copy.
 //! - [`pool`]: tunnels shared by key (identities, destination, source IP), one handshake per key at a
 //!   time, at most N streams per connection, idle connections released.
+//! - [`double`]: double HBONE, an inner mTLS + HTTP/2 CONNECT to the final workload inside an outer
+//!   tunnel to an east-west gateway.
 //! - [`headers`]: the CONNECT authority and metadata headers (`forwarded`, `baggage`, `traceparent`).
 //! - [`settings`]: HTTP/2 windows, frame size, stream and header limits, timeouts (ztunnel's values by default).
 
 pub mod client;
 pub mod copy;
+pub mod double;
 pub mod headers;
 pub mod pool;
 pub mod rt;

@@ -127,6 +127,9 @@ pub enum ServeError {
     /// The handshakes did not finish in time.
     #[error("TLS and HTTP/2 handshakes did not finish within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// The settings are not usable.
+    #[error("invalid HBONE settings: {0}")]
+    Settings(#[from] crate::settings::SettingsError),
     /// The HTTP/2 connection failed.
     #[error("HTTP/2 connection with {peer} failed: {source}")]
     Http2 {
@@ -170,6 +173,7 @@ where
     T: Timer,
     S: Future<Output = ()>,
 {
+    options.settings.validate()?;
     let limit = options.settings.handshake_timeout;
     let hs = async {
         let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)

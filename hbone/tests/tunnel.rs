@@ -432,3 +432,41 @@ async fn one_gibibyte_through_one_tunnel_arrives_intact() {
     assert_eq!(far_sum, sent.0, "checksum at the far end");
     assert_eq!(u64::from_be_bytes(reply), sent.0);
 }
+
+#[tokio::test]
+async fn invalid_settings_are_an_error_not_a_panic() {
+    let pki = Pki::new();
+    let server = hbone_server(&pki, ServeOptions::default()).await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let settings = Settings {
+        max_frame_size: 100,
+        ..Settings::default()
+    };
+    let err = client::handshake(tcp, pki.client_tls.clone(), &settings, TokioTimer)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ConnectError::Settings(_)), "{err}");
+    assert!(err.to_string().contains("max_frame_size"), "{err}");
+
+    let (a, _b) = tokio::io::duplex(64);
+    let options = ServeOptions {
+        settings: Settings {
+            connection_window: 1,
+            ..Settings::default()
+        },
+        ..Default::default()
+    };
+    let handler = LoopbackHandler::default();
+    let err = meshwire_hbone::server::serve(
+        a,
+        pki.server_tls.clone(),
+        &options,
+        &handler,
+        &TokioTimer,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("connection window"), "{err}");
+}

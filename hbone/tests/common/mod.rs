@@ -69,6 +69,20 @@ impl Pki {
         }
     }
 
+    /// A server config presenting `identity`.
+    pub fn server_as(&self, identity: &str) -> Arc<rustls::ServerConfig> {
+        let svid = self.ca.issue(&id(identity)).unwrap();
+        Arc::new(
+            tls::server_config(
+                &svid.svid,
+                &svid.bundles,
+                &TrustDomains::only(self.ca.trust_domain().clone()),
+                vec![b"h2".to_vec()],
+            )
+            .unwrap(),
+        )
+    }
+
     /// A client config expecting `expected` as the server.
     pub fn client_expecting(&self, expected: &str) -> Arc<rustls::ClientConfig> {
         let client = self.ca.issue(&id(CLIENT)).unwrap();
@@ -99,6 +113,7 @@ pub async fn echo_server() -> SocketAddr {
 #[derive(Default)]
 pub struct LoopbackHandler {
     pub reports: Mutex<Vec<StreamReport>>,
+    pub requests: std::sync::Mutex<Vec<InboundRequest>>,
     pub finished: AtomicU64,
 }
 
@@ -106,6 +121,7 @@ impl Handler for LoopbackHandler {
     type Upstream = TcpStream;
 
     async fn connect(&self, request: &InboundRequest) -> Result<TcpStream, Refusal> {
+        self.requests.lock().unwrap().push(request.clone());
         let addr = request
             .authority
             .as_socket_addr()
@@ -135,12 +151,16 @@ pub struct HboneServer {
 }
 
 pub async fn hbone_server(pki: &Pki, options: ServeOptions) -> HboneServer {
+    hbone_server_with(pki.server_tls.clone(), options).await
+}
+
+/// An HBONE server presenting the identity of `tls_config`.
+pub async fn hbone_server_with(tls_config: Arc<rustls::ServerConfig>, options: ServeOptions) -> HboneServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handler = Arc::new(LoopbackHandler::default());
     let (shutdown, rx) = watch::channel(false);
     let errors = Arc::new(Mutex::new(Vec::new()));
-    let tls_config = pki.server_tls.clone();
     let (h, errs) = (handler.clone(), errors.clone());
     tokio::spawn(async move {
         loop {
