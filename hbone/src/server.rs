@@ -6,11 +6,19 @@
 //! status, such as 401 for a denied policy or 503 for a failed connect), answers 200 only once the
 //! upstream exists, and copies both ways with half-close semantics until both sides are done.
 //!
-//! All streams of a connection are driven inside the one future `serve` returns: a misbehaving
-//! stream ends on its own without affecting its siblings, dropping the future closes everything,
+//! All streams of a connection are driven inside the one future `serve` returns: a failing stream
+//! (refused, reset, its upstream gone) ends on its own without affecting its siblings, dropping the
+//! future closes everything,
 //! and no `Send` bound or spawning is needed. When `shutdown` completes the server sends GOAWAY,
 //! accepts no new stream, lets the open ones finish, and then closes; a caller enforces a drain
 //! deadline by dropping the future.
+//!
+//! What HTTP/2 itself rejects never reaches the handler: a CONNECT with `:scheme`/`:path` or an
+//! authority that is not valid URI syntax is reset with PROTOCOL_ERROR, a header list over the limit
+//! gets 431, streams over the concurrency limit get REFUSED_STREAM. Some protocol violations (a
+//! zero WINDOW_UPDATE, DATA after END_STREAM, a header block in more than a few CONTINUATION frames)
+//! are connection errors in h2 and end the whole connection with GOAWAY; `serve` then returns
+//! [`ServeError::Http2`].
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -201,6 +209,7 @@ where
     let mut draining = false;
     let mut accepting = true;
     let mut count = 0u64;
+    let mut failure: Option<h2::Error> = None;
     let copy_config = options.copy;
     let peer_ref = &peer;
     poll_fn(|cx| {
@@ -219,14 +228,12 @@ where
                         progressed = true;
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        if e.is_go_away() || e.is_io() && streams.is_empty() {
+                        // The connection is over; streams still open finish (or fail) on their own.
+                        accepting = false;
+                        if is_clean_end(&e, streams.is_empty()) {
                             tracing::debug!(peer = %peer_ref, error = %e, "HBONE connection ended");
-                            accepting = false;
                         } else {
-                            return Poll::Ready(Err(ServeError::Http2 {
-                                peer: peer_ref.clone(),
-                                source: e,
-                            }));
+                            failure = Some(e);
                         }
                     }
                     Poll::Ready(None) => accepting = false,
@@ -237,7 +244,13 @@ where
                 handler.finished(report);
             }
             if !accepting && streams.is_empty() {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(match failure.take() {
+                    Some(source) => Err(ServeError::Http2 {
+                        peer: peer_ref.clone(),
+                        source,
+                    }),
+                    None => Ok(()),
+                });
             }
             if !progressed {
                 return Poll::Pending;
@@ -248,6 +261,20 @@ where
     Ok(ServeSummary {
         peer: peer.clone(),
         streams: count,
+    })
+}
+
+/// Whether a connection error is an ordinary end: a GOAWAY without error, or a client that hung up
+/// with no stream open.
+fn is_clean_end(e: &h2::Error, idle: bool) -> bool {
+    if e.is_go_away() {
+        return e.reason() == Some(h2::Reason::NO_ERROR);
+    }
+    idle && e.get_io().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
     })
 }
 
