@@ -185,6 +185,17 @@ impl Tunnel {
     pub fn response_headers(&self) -> &HeaderMap {
         &self.response_headers
     }
+
+    /// Copies between this tunnel and `downstream` (the connection of the workload that opened it)
+    /// until both directions ended, with half-close semantics, handing bytes to HTTP/2 and to
+    /// `downstream` without an intermediate copy. In the outcome, `a_to_b` counts bytes from the
+    /// tunnel to `downstream`, `b_to_a` the other way; both are exact even when the copy fails.
+    pub async fn splice<D>(&mut self, downstream: &mut D, config: crate::copy::CopyConfig) -> crate::copy::CopyOutcome
+    where
+        D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        self.io.splice(downstream, config).await
+    }
 }
 
 impl AsyncRead for Tunnel {
@@ -292,6 +303,7 @@ where
     settings.validate()?;
     let limit = settings.handshake_timeout;
     let hs = async {
+        let io = crate::readahead::ReadAhead::new(io, settings.read_ahead);
         let tls_stream = tokio_rustls::TlsConnector::from(tls_config)
             .connect(tls::server_name(), io)
             .await
@@ -339,7 +351,7 @@ enum KeepAlive<S> {
 /// [`Settings::ping_interval`], ending the connection with [`ConnectError::PingTimeout`] when one
 /// is not answered within [`Settings::ping_timeout`]. Completes when the connection closes.
 pub struct ConnectionDriver<IO, T: Timer> {
-    connection: h2::client::Connection<TlsStream<IO>, Bytes>,
+    connection: h2::client::Connection<TlsStream<crate::readahead::ReadAhead<IO>>, Bytes>,
     ping: Option<h2::PingPong>,
     keepalive: KeepAlive<T::Sleep>,
     timer: T,

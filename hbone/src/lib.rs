@@ -21,6 +21,7 @@ pub mod copy;
 pub mod double;
 pub mod headers;
 pub mod pool;
+mod readahead;
 pub mod rt;
 pub mod server;
 pub mod settings;

@@ -38,7 +38,7 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::client::with_timeout;
-use crate::copy::{self, CopyConfig};
+use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
 use crate::rt::Timer;
 use crate::settings::Settings;
@@ -184,6 +184,7 @@ where
     options.settings.validate()?;
     let limit = options.settings.handshake_timeout;
     let hs = async {
+        let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead);
         let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)
             .accept(io)
             .await
@@ -370,7 +371,7 @@ async fn handle_stream<H: Handler>(
         }
     };
     let mut tunnel = H2Io::new(send, body);
-    let outcome = copy::bidirectional(&mut tunnel, &mut upstream, copy_config).await;
+    let outcome = tunnel.splice(&mut upstream, copy_config).await;
     report.to_upstream = outcome.a_to_b;
     report.from_upstream = outcome.b_to_a;
     report.error = outcome.error;

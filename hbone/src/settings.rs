@@ -48,6 +48,9 @@ pub struct Settings {
     pub client_max_header_list_size: u32,
     /// Time allowed for the TLS and HTTP/2 handshakes (default 10 s).
     pub handshake_timeout: Duration,
+    /// Bytes read from the socket at once under TLS, serving several TLS records per read
+    /// (default 256 KiB; 0 reads record by record). The buffer exists only while data is waiting.
+    pub read_ahead: usize,
     /// Interval between keep-alive PINGs of an idle client connection (default 10 s).
     pub ping_interval: Duration,
     /// Time without a PING answer after which a connection is dropped (default 20 s).
@@ -64,6 +67,7 @@ impl Default for Settings {
             server_max_header_list_size: 64 * 1024,
             client_max_header_list_size: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            read_ahead: 256 * 1024,
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(20),
         }

@@ -1,13 +1,17 @@
 //! `AsyncRead` + `AsyncWrite` over one HTTP/2 stream: DATA frames carry the bytes, END_STREAM is a
 //! half close, and dropping the stream before both directions ended resets it (RST_STREAM CANCEL).
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
+
+use crate::copy::{CopyConfig, CopyOutcome};
 
 /// Maps an HTTP/2 error to the `io::Error` a byte stream reports.
 pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
@@ -81,7 +85,12 @@ impl AsyncWrite for H2Io {
         }
         this.send.reserve_capacity(buf.len());
         loop {
-            match ready!(this.send.poll_capacity(cx)) {
+            // Capacity already assigned is used at once; `poll_capacity` only reports increases.
+            let available = match this.send.capacity() {
+                0 => ready!(this.send.poll_capacity(cx)),
+                n => Some(Ok(n)),
+            };
+            match available {
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => {
                     let n = n.min(buf.len());
@@ -119,5 +128,167 @@ impl AsyncWrite for H2Io {
             this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// One direction of a splice: upstream bytes handed to h2 without a copy.
+struct ToH2 {
+    /// Read buffer; filled bytes are split off and given to h2 as they are.
+    buf: BytesMut,
+    /// Bytes read and not yet accepted by h2 (waiting for flow-control capacity).
+    pending: Bytes,
+    size: usize,
+    read_done: bool,
+    shut_down: bool,
+    count: u64,
+}
+
+/// The other direction: DATA received from h2 written to the upstream straight from h2's buffers.
+struct FromH2 {
+    chunk: Bytes,
+    recv_done: bool,
+    shut_down: bool,
+    count: u64,
+}
+
+impl H2Io {
+    /// Copies between this stream and `upstream` until both directions ended, like
+    /// [`crate::copy::bidirectional`] but without copying through an intermediate buffer: bytes read
+    /// from the upstream are handed to HTTP/2 as they are, and received DATA is written to the
+    /// upstream from HTTP/2's own buffers. Flow-control capacity is given back only once the
+    /// upstream took the bytes, so a slow upstream slows the peer.
+    pub(crate) async fn splice<U>(&mut self, upstream: &mut U, config: CopyConfig) -> CopyOutcome
+    where
+        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let max = config.max_buffer.max(config.initial_buffer).max(1);
+        let mut out = ToH2 {
+            buf: BytesMut::new(),
+            pending: Bytes::new(),
+            size: config.initial_buffer.max(1),
+            read_done: false,
+            shut_down: self.send_done,
+            count: 0,
+        };
+        let mut inc = FromH2 {
+            chunk: std::mem::take(&mut self.pending),
+            recv_done: self.recv_done,
+            shut_down: false,
+            count: 0,
+        };
+        let result = poll_fn(|cx| {
+            if !out.shut_down
+                && let Poll::Ready(Err(e)) = self.poll_to_h2(&mut out, cx, Pin::new(&mut *upstream), max)
+            {
+                return Poll::Ready(Err(e));
+            }
+            if !inc.shut_down
+                && let Poll::Ready(Err(e)) = self.poll_from_h2(&mut inc, cx, Pin::new(&mut *upstream))
+            {
+                return Poll::Ready(Err(e));
+            }
+            if out.shut_down && inc.shut_down {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        self.send_done = out.shut_down;
+        self.recv_done = inc.recv_done;
+        CopyOutcome {
+            a_to_b: inc.count,
+            b_to_a: out.count,
+            error: result.err(),
+        }
+    }
+
+    fn poll_to_h2<U: AsyncRead + ?Sized>(
+        &mut self,
+        st: &mut ToH2,
+        cx: &mut Context<'_>,
+        mut upstream: Pin<&mut U>,
+        max: usize,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !st.pending.is_empty() {
+                self.send.reserve_capacity(st.pending.len());
+                let available = match self.send.capacity() {
+                    0 => ready!(self.send.poll_capacity(cx)),
+                    n => Some(Ok(n)),
+                };
+                match available {
+                    Some(Ok(0)) => continue,
+                    Some(Ok(n)) => {
+                        let chunk = st.pending.split_to(n.min(st.pending.len()));
+                        st.count += chunk.len() as u64;
+                        self.send.send_data(chunk, false).map_err(h2_to_io)?;
+                        continue;
+                    }
+                    Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                    None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))),
+                }
+            }
+            if st.read_done {
+                self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                st.shut_down = true;
+                return Poll::Ready(Ok(()));
+            }
+            st.buf.reserve(st.size);
+            let mut window = (&mut st.buf).limit(st.size);
+            match poll_read_buf(upstream.as_mut(), cx, &mut window) {
+                Poll::Ready(Ok(0)) => st.read_done = true,
+                Poll::Ready(Ok(n)) => {
+                    // Grow the reads while they fill the buffer.
+                    if n == st.size && st.size < max {
+                        st.size = (st.size * 2).min(max);
+                    }
+                    st.pending = st.buf.split().freeze();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Idle: give the buffer back.
+                    st.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn poll_from_h2<U: AsyncWrite + ?Sized>(
+        &mut self,
+        st: &mut FromH2,
+        cx: &mut Context<'_>,
+        mut upstream: Pin<&mut U>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !st.chunk.is_empty() {
+                let n = ready!(upstream.as_mut().poll_write(cx, &st.chunk))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "upstream accepted no bytes",
+                    )));
+                }
+                st.chunk.advance(n);
+                st.count += n as u64;
+                self.recv.flow_control().release_capacity(n).map_err(h2_to_io)?;
+                continue;
+            }
+            if st.recv_done {
+                ready!(upstream.as_mut().poll_shutdown(cx))?;
+                st.shut_down = true;
+                return Poll::Ready(Ok(()));
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => st.chunk = data,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(None) => st.recv_done = true,
+                Poll::Pending => {
+                    ready!(upstream.as_mut().poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+            }
+        }
     }
 }

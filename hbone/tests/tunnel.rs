@@ -470,3 +470,37 @@ async fn invalid_settings_are_an_error_not_a_panic() {
     .unwrap_err();
     assert!(err.to_string().contains("connection window"), "{err}");
 }
+
+#[tokio::test]
+async fn a_workload_connection_spliced_into_a_tunnel_round_trips_with_exact_counts() {
+    let pki = Pki::new();
+    let server = hbone_server(&pki, ServeOptions::default()).await;
+    let echo = echo_server().await;
+    let conn = connect(&pki, &server).await;
+    // An outbound proxy in miniature: accept the workload's connection, splice it into a tunnel.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let spliced = tokio::spawn(async move {
+        let (mut downstream, _) = listener.accept().await.unwrap();
+        let mut tunnel = conn.open(&to(echo)).await.unwrap();
+        tunnel
+            .splice(&mut downstream, meshwire_hbone::copy::CopyConfig::default())
+            .await
+    });
+    let mut workload = TcpStream::connect(proxy).await.unwrap();
+    let data = pattern(3_000_000, 5);
+    let (mut r, mut w) = workload.split();
+    let (sent, got) = tokio::join!(
+        async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        },
+        read_all(&mut r)
+    );
+    let () = sent;
+    assert!(got.unwrap() == data, "echoed intact through the splice");
+    let outcome = timeout(LIMIT, spliced).await.unwrap().unwrap();
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    assert_eq!(outcome.b_to_a, data.len() as u64, "workload to tunnel");
+    assert_eq!(outcome.a_to_b, data.len() as u64, "tunnel to workload");
+}
