@@ -288,6 +288,10 @@ pub(crate) async fn with_timeout<T: Timer, F: Future>(
 
 /// Performs the TLS and HTTP/2 handshakes over `io`.
 ///
+/// Set `TCP_NODELAY` on a TCP `io` first: HTTP/2 sends small control frames (WINDOW_UPDATE, PING
+/// answers) that Nagle's algorithm would hold back, and one bulk tunnel then stalls at a fraction
+/// of its speed.
+///
 /// Returns the connection and its [`ConnectionDriver`], which must be run until it completes (it
 /// completes when the connection closes, with the reason): spawn it.
 pub async fn handshake<IO, T>(

@@ -16,6 +16,10 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
+/// Bytes one direction moves in one poll before it yields to the executor. tokio budgets its own
+/// IO; glommio and other executors do not, and a busy flow must not starve its neighbours.
+pub(crate) const POLL_BUDGET: usize = 1024 * 1024;
+
 /// Buffer sizes of a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyConfig {
@@ -83,7 +87,12 @@ impl Half {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        let mut budget = POLL_BUDGET;
         loop {
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if self.written < self.buf.len() {
                 let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.written..]))?;
                 if n == 0 {
@@ -91,6 +100,7 @@ impl Half {
                 }
                 self.written += n;
                 self.count += n as u64;
+                budget = budget.saturating_sub(n);
                 continue;
             }
             if self.read_done {
@@ -201,6 +211,57 @@ mod tests {
         assert!(outcome.error.is_none(), "{:?}", outcome.error);
         assert_eq!(outcome.a_to_b, data.len() as u64);
         assert_eq!(outcome.b_to_a, 22);
+    }
+
+    /// Always ready: endless bytes to read, endless room to write.
+    struct Endless;
+
+    impl AsyncRead for Endless {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = buf.remaining();
+            buf.put_slice(&vec![7u8; n]);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Endless {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_busy_copy_yields_to_other_tasks_on_an_executor_without_budgets() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On its own thread, so that a copy that never yields fails the test instead of hanging it.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                // `unconstrained` turns tokio's own cooperative budget off, as on glommio.
+                tokio::task::spawn_local(tokio::task::unconstrained(async {
+                    let (mut a, mut b) = (Endless, Endless);
+                    bidirectional(&mut a, &mut b, CopyConfig::default()).await
+                }));
+                tokio::task::spawn_local(async move {
+                    tx.send(()).unwrap();
+                })
+                .await
+                .unwrap();
+            });
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the other task ran beside the busy copy");
     }
 
     #[tokio::test]

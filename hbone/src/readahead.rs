@@ -87,3 +87,46 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ReadAhead<IO> {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn serves_small_reads_from_one_large_read_and_holds_nothing_when_idle() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut ra = ReadAhead::new(rx, 64 * 1024);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        tx.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        for chunk in got.chunks_mut(4096) {
+            ra.read_exact(chunk).await.unwrap();
+        }
+        assert_eq!(got, data);
+        // Drained; the next read waits: the buffer is released.
+        let mut one = [0u8; 1];
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), ra.read(&mut one))
+                .await
+                .is_err()
+        );
+        assert_eq!(ra.buf.capacity(), 0, "no buffer held while idle");
+        tx.write_all(b"z").await.unwrap();
+        drop(tx);
+        assert_eq!(ra.read(&mut one).await.unwrap(), 1);
+        assert_eq!(ra.read(&mut one).await.unwrap(), 0, "end of stream passes through");
+    }
+
+    #[tokio::test]
+    async fn zero_size_reads_straight_through() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut ra = ReadAhead::new(rx, 0);
+        tx.write_all(b"abc").await.unwrap();
+        let mut buf = [0u8; 2];
+        ra.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ab");
+        assert_eq!(ra.buf.capacity(), 0);
+    }
+}

@@ -167,6 +167,9 @@ pub struct ServeOptions {
 }
 
 /// Serves one accepted connection until it closes, fails, or drains after `shutdown`.
+///
+/// Set `TCP_NODELAY` on the accepted socket first (see [`crate::client::handshake`]): without it the
+/// server's WINDOW_UPDATE frames wait behind Nagle's algorithm and a bulk upload crawls.
 pub async fn serve<IO, H, T, S>(
     io: IO,
     tls_config: Arc<ServerConfig>,

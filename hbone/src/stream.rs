@@ -11,7 +11,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
-use crate::copy::{CopyConfig, CopyOutcome};
+use crate::copy::{CopyConfig, CopyOutcome, POLL_BUDGET};
 
 /// Maps an HTTP/2 error to the `io::Error` a byte stream reports.
 pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
@@ -210,7 +210,12 @@ impl H2Io {
         mut upstream: Pin<&mut U>,
         max: usize,
     ) -> Poll<io::Result<()>> {
+        let mut budget = POLL_BUDGET;
         loop {
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if !st.pending.is_empty() {
                 self.send.reserve_capacity(st.pending.len());
                 let available = match self.send.capacity() {
@@ -222,6 +227,7 @@ impl H2Io {
                     Some(Ok(n)) => {
                         let chunk = st.pending.split_to(n.min(st.pending.len()));
                         st.count += chunk.len() as u64;
+                        budget = budget.saturating_sub(chunk.len());
                         self.send.send_data(chunk, false).map_err(h2_to_io)?;
                         continue;
                     }
@@ -261,7 +267,12 @@ impl H2Io {
         cx: &mut Context<'_>,
         mut upstream: Pin<&mut U>,
     ) -> Poll<io::Result<()>> {
+        let mut budget = POLL_BUDGET;
         loop {
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if !st.chunk.is_empty() {
                 let n = ready!(upstream.as_mut().poll_write(cx, &st.chunk))?;
                 if n == 0 {
@@ -272,6 +283,7 @@ impl H2Io {
                 }
                 st.chunk.advance(n);
                 st.count += n as u64;
+                budget = budget.saturating_sub(n);
                 self.recv.flow_control().release_capacity(n).map_err(h2_to_io)?;
                 continue;
             }
