@@ -593,3 +593,44 @@ fn two_glommio_executors_pinned_to_different_cores() {
     });
     drop(server);
 }
+
+/// A peer that stops answering (its executor stopped: glommio leaves the sockets of its dropped tasks
+/// open, so no FIN or RST arrives, as with a host that vanished) is found out by the keep-alive
+/// PINGs: the connection fails within the ping timeout, and its streams with it. Nothing hangs.
+#[test]
+fn a_peer_that_vanishes_mid_transfer_is_reported_not_hung() {
+    let pki = Pki::new();
+    let server = server_thread(
+        "doomed",
+        Placement::Unbound,
+        pki.server_tls.clone(),
+        ServeOptions::default(),
+    );
+    let (hbone, echo, tls) = (server.hbone, server.echo, pki.client_tls.clone());
+    run("survivor", Placement::Unbound, move || async move {
+        let settings = Settings {
+            ping_interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_millis(500),
+            ..Settings::default()
+        };
+        let tcp = tcp_connect(hbone).await.unwrap();
+        let (conn, driver) = within(LIMIT, "handshake", client::handshake(tcp, tls, &settings, GlommioTimer))
+            .await
+            .unwrap();
+        let driver = glommio::spawn_local(driver);
+        let mut tunnel = within(LIMIT, "open", conn.open(&to(echo))).await.unwrap();
+        echo_once(&mut tunnel, &pattern(200_000, 7)).await;
+        tunnel.write_all(&pattern(50_000, 8)).await.unwrap();
+        drop(server);
+        let err = read_all(&mut tunnel)
+            .await
+            .expect_err("reported as an error, not a clean end");
+        assert!(!err.to_string().is_empty());
+        let ended = within(LIMIT, "the connection driver ends", driver).await;
+        assert!(matches!(ended, Err(ConnectError::PingTimeout(_))), "{ended:?}");
+        let err = within(LIMIT, "open after the peer vanished", conn.open(&to(echo)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Http2 { .. }), "{err}");
+    });
+}
