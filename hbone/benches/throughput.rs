@@ -101,7 +101,7 @@ use meshwire_hbone::client::{self, ClientConnection, ConnectRequest};
 use meshwire_hbone::copy::{self, CopyConfig};
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::rt::Timer;
-use meshwire_hbone::server::{self, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
+use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
 use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::source::local_ca::LocalCa;
 use meshwire_identity::tls::{self, TrustDomains};
@@ -535,13 +535,14 @@ struct TokioHandler {
 impl Handler for TokioHandler {
     type Upstream = tokio::net::TcpStream;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<Self::Upstream, Refusal> {
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
         let addr = request
             .authority
             .as_socket_addr()
             .ok_or_else(|| Refusal::bad_request("not an address"))?;
         tokio_connect(addr, true)
             .await
+            .map(Connected::from)
             .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))
     }
 
@@ -762,13 +763,14 @@ struct GlommioHandler {
 impl Handler for GlommioHandler {
     type Upstream = GlommioTcp;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<Self::Upstream, Refusal> {
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
         let addr = request
             .authority
             .as_socket_addr()
             .ok_or_else(|| Refusal::bad_request("not an address"))?;
         glommio_connect(addr, true)
             .await
+            .map(Connected::from)
             .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))
     }
 

@@ -92,6 +92,25 @@ impl Refusal {
     }
 }
 
+/// An accepted CONNECT: the upstream, and headers for the 200 response (such as `baggage`
+/// describing the destination). A bare upstream converts into one with no extra headers.
+#[derive(Debug)]
+pub struct Connected<U> {
+    /// The upstream connection the tunnel is spliced to.
+    pub upstream: U,
+    /// Headers added to the 200 response.
+    pub response_headers: HeaderMap,
+}
+
+impl<U> From<U> for Connected<U> {
+    fn from(upstream: U) -> Self {
+        Self {
+            upstream,
+            response_headers: HeaderMap::new(),
+        }
+    }
+}
+
 /// What happened to one stream, reported to [`Handler::finished`].
 #[derive(Debug)]
 pub struct StreamReport {
@@ -117,7 +136,7 @@ pub trait Handler {
     type Upstream: AsyncRead + AsyncWrite + Unpin;
 
     /// Authorizes the request and connects the upstream, or refuses with a status.
-    fn connect(&self, request: &InboundRequest) -> impl Future<Output = Result<Self::Upstream, Refusal>>;
+    fn connect(&self, request: &InboundRequest) -> impl Future<Output = Result<Connected<Self::Upstream>, Refusal>>;
 
     /// Called once per stream when it ends (metrics, access log). The default does nothing.
     fn finished(&self, report: StreamReport) {
@@ -359,14 +378,19 @@ async fn handle_stream<H: Handler>(
             return report;
         }
     };
-    let mut upstream = match decided {
-        Ok(upstream) => upstream,
+    let Connected {
+        mut upstream,
+        response_headers,
+    } = match decided {
+        Ok(connected) => connected,
         Err(refusal) => {
             refuse(&mut report, &mut respond, refusal);
             return report;
         }
     };
-    let send = match respond.send_response(Response::new(()), false) {
+    let mut ok = Response::new(());
+    *ok.headers_mut() = response_headers;
+    let send = match respond.send_response(ok, false) {
         Ok(send) => send,
         Err(e) => {
             report.error = Some(crate::stream::h2_to_io(e));

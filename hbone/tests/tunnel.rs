@@ -46,6 +46,11 @@ async fn open_echo_and_half_close_from_the_client() {
 
     let mut tunnel = conn.open(&to(echo)).await.unwrap();
     assert_eq!(tunnel.peer_identity(), &id(SERVER));
+    assert_eq!(
+        tunnel.response_headers().get("baggage").unwrap(),
+        "k8s.namespace.name=default,service.name=echo",
+        "the handler's response headers reach the client"
+    );
     tunnel.write_all(b"hello through hbone").await.unwrap();
     let mut buf = [0u8; 19];
     tunnel.read_exact(&mut buf).await.unwrap();

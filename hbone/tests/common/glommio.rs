@@ -22,7 +22,9 @@ use glommio::{BuilderErrorKind, ExecutorJoinHandle, GlommioError, LocalExecutorB
 use meshwire_hbone::client::{self, ClientConnection};
 use meshwire_hbone::pool::{Connector, PoolKey};
 use meshwire_hbone::rt::{Executor, Timer};
-use meshwire_hbone::server::{self, Handler, InboundRequest, Refusal, ServeOptions, ServeSummary, StreamReport};
+use meshwire_hbone::server::{
+    self, Connected, Handler, InboundRequest, Refusal, ServeOptions, ServeSummary, StreamReport,
+};
 use meshwire_hbone::{ConnectError, Settings};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -322,7 +324,7 @@ pub struct GlommioHandler {
 impl Handler for GlommioHandler {
     type Upstream = GlommioTcp;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<GlommioTcp, Refusal> {
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<GlommioTcp>, Refusal> {
         let addr = request
             .authority
             .as_socket_addr()
@@ -332,6 +334,7 @@ impl Handler for GlommioHandler {
         }
         tcp_connect(addr)
             .await
+            .map(Connected::from)
             .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))
     }
 

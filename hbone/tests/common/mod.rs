@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use meshwire_hbone::rt::Timer;
-use meshwire_hbone::server::{self, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
+use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
 use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::source::local_ca::LocalCa;
 use meshwire_identity::tls::{self, TrustDomains};
@@ -120,7 +120,7 @@ pub struct LoopbackHandler {
 impl Handler for LoopbackHandler {
     type Upstream = TcpStream;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<TcpStream, Refusal> {
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<TcpStream>, Refusal> {
         self.requests.lock().unwrap().push(request.clone());
         let addr = request
             .authority
@@ -129,9 +129,15 @@ impl Handler for LoopbackHandler {
         if addr.port() == 1 {
             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
         }
-        TcpStream::connect(addr)
+        let upstream = TcpStream::connect(addr)
             .await
-            .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))
+            .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))?;
+        let mut connected = Connected::from(upstream);
+        connected.response_headers.insert(
+            "baggage",
+            http::HeaderValue::from_static("k8s.namespace.name=default,service.name=echo"),
+        );
+        Ok(connected)
     }
 
     fn finished(&self, report: StreamReport) {
