@@ -306,6 +306,7 @@ where
 {
     settings.validate()?;
     let limit = settings.handshake_timeout;
+    // Boxed: the handshake state is large and short-lived; callers' futures stay small.
     let hs = async {
         let io = crate::readahead::ReadAhead::new(io, settings.read_ahead);
         let tls_stream = tokio_rustls::TlsConnector::from(tls_config)
@@ -322,7 +323,7 @@ where
             .map_err(ConnectError::h2)?;
         Ok::<_, ConnectError>((send, connection, peer))
     };
-    let (send, mut connection, peer) = with_timeout(&timer, limit, hs)
+    let (send, mut connection, peer) = with_timeout(&timer, limit, Box::pin(hs))
         .await
         .ok_or(ConnectError::HandshakeTimeout(limit))??;
     let ping = connection.ping_pong();

@@ -205,6 +205,7 @@ where
 {
     options.settings.validate()?;
     let limit = options.settings.handshake_timeout;
+    // Boxed: the handshake state is large and needed once; the connection's future stays small.
     let hs = async {
         let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead);
         let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)
@@ -223,7 +224,7 @@ where
             })?;
         Ok::<_, ServeError>((conn, peer))
     };
-    let (mut conn, peer) = with_timeout(timer, limit, hs)
+    let (mut conn, peer) = with_timeout(timer, limit, Box::pin(hs))
         .await
         .ok_or(ServeError::HandshakeTimeout(limit))??;
 

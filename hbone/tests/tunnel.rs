@@ -509,3 +509,37 @@ async fn a_workload_connection_spliced_into_a_tunnel_round_trips_with_exact_coun
     assert_eq!(outcome.b_to_a, data.len() as u64, "workload to tunnel");
     assert_eq!(outcome.a_to_b, data.len() as u64, "tunnel to workload");
 }
+
+/// A node proxy holds tens of thousands of connections: keep what each one costs in sight.
+#[tokio::test]
+async fn per_connection_futures_stay_small() {
+    let pki = Pki::new();
+    let handler = LoopbackHandler::default();
+    let (a, _b) = tokio::io::duplex(64);
+    let (options, settings) = (ServeOptions::default(), Settings::default());
+    let serve = meshwire_hbone::server::serve(
+        a,
+        pki.server_tls.clone(),
+        &options,
+        &handler,
+        &TokioTimer,
+        std::future::pending(),
+    );
+    let serve_size = std::mem::size_of_val(&serve);
+    let (c, _d) = tokio::io::duplex(64);
+    let handshake = client::handshake(c, pki.client_tls.clone(), &settings, TokioTimer);
+    let handshake_size = std::mem::size_of_val(&handshake);
+    let tunnel_size = std::mem::size_of::<meshwire_hbone::Tunnel>();
+    let driver_size = std::mem::size_of::<client::ConnectionDriver<TcpStream, TokioTimer>>();
+    eprintln!(
+        "serve future {serve_size} B, client handshake future {handshake_size} B, connection driver {driver_size} B, \
+         tunnel {tunnel_size} B"
+    );
+    assert!(serve_size <= 3072, "serve future is {serve_size} bytes");
+    assert!(
+        handshake_size <= 1024,
+        "client handshake future is {handshake_size} bytes"
+    );
+    assert!(tunnel_size <= 256, "a tunnel is {tunnel_size} bytes");
+    assert!(driver_size <= 3072, "a connection driver is {driver_size} bytes");
+}
