@@ -1,0 +1,177 @@
+//! Finds the line and column of a field path in a YAML document.
+//!
+//! serde_yaml_ng records where a value starts only in the errors it returns, so the document is
+//! walked again along the path and a marker error is raised at the value: the parser stamps it with
+//! the value's position. Used only to place validation errors, after the document parsed once.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::error::{Location, Seg};
+
+const FOUND: &str = "meshwire-locate: found the value";
+
+/// The location of the value at `path`, if the document has it.
+pub(super) fn locate(yaml: &str, path: &[Seg]) -> Option<Location> {
+    let deserializer = serde_yaml_ng::Deserializer::from_str(yaml);
+    let seek = Seek { path };
+    match seek.deserialize(deserializer) {
+        Err(err) if err.to_string().contains(FOUND) => err.location().map(|location| Location::from_yaml(&location)),
+        _ => None,
+    }
+}
+
+/// Walks to the value at `path` and fails there.
+struct Seek<'p> {
+    path: &'p [Seg],
+}
+
+impl Seek<'_> {
+    fn scalar<E: de::Error>(self) -> Result<(), E> {
+        if self.path.is_empty() {
+            Err(E::custom(FOUND))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Seek<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Seek<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        // A tagged value: found if it is the target, else not searched further.
+        self.scalar()
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((first, rest)) = self.path.split_first() else {
+            return Err(de::Error::custom(FOUND));
+        };
+        let Seg::Key(want) = first else {
+            return Ok(());
+        };
+        while let Some(KeyText(key)) = map.next_key()? {
+            if key.as_deref() == Some(want.as_str()) {
+                return map.next_value_seed(Seek { path: rest });
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((first, rest)) = self.path.split_first() else {
+            return Err(de::Error::custom(FOUND));
+        };
+        let Seg::Index(want) = first else {
+            return Ok(());
+        };
+        for _ in 0..*want {
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Ok(());
+            }
+        }
+        seq.next_element_seed(Seek { path: rest }).map(|_| ())
+    }
+}
+
+/// A mapping key as text (`80` for an integer key), or `None` for a key that is a collection.
+struct KeyText(Option<String>);
+
+impl<'de> de::Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(KeyTextVisitor)
+    }
+}
+
+struct KeyTextVisitor;
+
+impl<'de> Visitor<'de> for KeyTextVisitor {
+    type Value = KeyText;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<KeyText, E> {
+        Ok(KeyText(Some(value.to_string())))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<KeyText, E> {
+        Ok(KeyText(Some(value.to_string())))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<KeyText, E> {
+        Ok(KeyText(Some(value.to_string())))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<KeyText, E> {
+        Ok(KeyText(Some(value.to_string())))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<KeyText, E> {
+        Ok(KeyText(Some(value.to_owned())))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<KeyText, E> {
+        Ok(KeyText(None))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<KeyText, E> {
+        Ok(KeyText(None))
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<KeyText, A::Error> {
+        IgnoredAny.visit_enum(data).map(|_| KeyText(None))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<KeyText, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| KeyText(None))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<KeyText, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| KeyText(None))
+    }
+}

@@ -1,0 +1,665 @@
+//! The local configuration file: the YAML that ztunnel reads from `LOCAL_XDS_PATH`.
+//!
+//! A document has three lists, each optional: `workloads:`, `services:` and `policies:`. Every file
+//! ztunnel accepts is accepted here with the same meaning; meshwire is more forgiving about what may
+//! be left out:
+//!
+//! | field | ztunnel | meshwire |
+//! |---|---|---|
+//! | `workloads[].namespace` | required | `default` |
+//! | `workloads[].serviceAccount` | `""` | `default` |
+//! | `workloads[].trustDomain` | `""` | `cluster.local` |
+//! | `workloads[].services` | required | empty |
+//! | `workloads[].uid` | `""` | `<clusterId>//v1/Pod/<namespace>/<name>` |
+//! | `workloads[].protocol` | `HBONE` or `TCP` | the same, any case; `TCP` when left out |
+//! | `services[].namespace` | required | `default` |
+//! | `services[].hostname` | required | `<name>.<namespace>.svc.cluster.local` |
+//! | `services[].ports`, `vips` | required | empty |
+//! | a field written `null` or left empty | often an error | the field's default |
+//!
+//! Fields are named as ztunnel names them (camelCase). A field neither knows is an error, so that a
+//! misspelt `serviceAcount` does not silently give the workload the `default` identity. ztunnel's
+//! `services[].endpoints`, `loadBalancer` and `ipFamilies` are accepted and not used: endpoints come
+//! from the workloads' `services`, and the choice among them is weighted by `capacity`. A port map
+//! entry without a target (`443:`) keeps its number.
+//!
+//! Errors name the field and, where the document has it, the line:
+//!
+//! ```
+//! use meshwire_dataplane::xds::LocalConfig;
+//!
+//! let yaml = "workloads:\n- name: a\n  workloadIps: [10.0.0.x]\n";
+//! let err = LocalConfig::parse(yaml).unwrap_err();
+//! assert_eq!(
+//!     err.to_string(),
+//!     r#"workloads[0].workloadIps[0]: "10.0.0.x" is not an IP address (line 3, column 17)"#
+//! );
+//! ```
+//!
+//! After parsing, the configuration is checked as a whole: identities that are not valid SPIFFE IDs
+//! are errors, and so are a workload IP used twice in one network, a VIP used by two services, a
+//! service defined twice and a `uid` used twice (these name both places).
+//!
+//! ```
+//! use meshwire_dataplane::xds::{LocalConfig, Protocol};
+//!
+//! let config = LocalConfig::parse(
+//!     r#"
+//! workloads:
+//! - name: local
+//!   workloadIps: ["127.0.0.1"]
+//!   protocol: HBONE
+//!   services:
+//!     "default/example.com": {80: 8080}
+//! services:
+//! - name: example
+//!   hostname: example.com
+//!   vips: ["/127.10.0.1"]
+//!   ports: {80: 8080}
+//! "#,
+//! )?;
+//! let local = &config.workloads[0];
+//! assert_eq!(local.protocol, Protocol::Hbone);
+//! assert_eq!(local.spiffe_id().to_string(), "spiffe://cluster.local/ns/default/sa/default");
+//! assert_eq!(local.uid, "Kubernetes//v1/Pod/default/local");
+//! assert_eq!(config.services[0].key().to_string(), "default/example.com");
+//! # Ok::<(), meshwire_dataplane::xds::ConfigError>(())
+//! ```
+
+mod error;
+mod locate;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+use meshwire_identity::id::{IstioIdentity, SpiffeId, TrustDomain};
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::rbac::Authorization;
+
+pub use error::{ConfigError, Location};
+
+/// The namespace of a workload or service that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// The service account of a workload that names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The trust domain of a workload that names none.
+pub const DEFAULT_TRUST_DOMAIN: &str = meshwire_identity::id::DEFAULT_TRUST_DOMAIN;
+/// The cluster of a workload that names none (ztunnel's default too).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+/// The DNS suffix of a service hostname derived from its name: `<name>.<namespace>.svc.<domain>`.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// The HBONE port of a waypoint or gateway address that names none.
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+
+/// The whole local configuration: workloads, services and authorization policies.
+///
+/// Built by [`LocalConfig::parse`] or [`LocalConfig::load`], which validate it; see the [module
+/// documentation](self) for the format.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct LocalConfig {
+    /// The workloads (pods, VMs), in file order.
+    pub workloads: Vec<Workload>,
+    /// The services, in file order.
+    pub services: Vec<Service>,
+    /// The authorization policies, in file order.
+    pub policies: Vec<Authorization>,
+}
+
+impl LocalConfig {
+    /// Parses and validates a local configuration document.
+    ///
+    /// Never panics; every error names the field (`workloads[2].workloadIps[0]`) and, when the
+    /// document has it, the line and column.
+    pub fn parse(yaml: &str) -> Result<LocalConfig, ConfigError> {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(yaml);
+        // An empty document (or `null`) is an empty configuration.
+        let raw: Option<raw::RawConfig> =
+            serde_path_to_error::deserialize(deserializer).map_err(|err| error::from_serde(&err))?;
+        raw.unwrap_or_default()
+            .validate()
+            .map_err(|invalid| invalid.locate(yaml))
+    }
+
+    /// Reads and parses a local configuration file.
+    ///
+    /// Parse errors are those of [`LocalConfig::parse`]; a file that cannot be read gives
+    /// [`ConfigError::Read`] naming it.
+    pub fn load(path: &Path) -> Result<LocalConfig, ConfigError> {
+        let yaml = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            file: path.to_owned(),
+            kind: err.kind(),
+            message: err.to_string(),
+        })?;
+        Self::parse(&yaml)
+    }
+}
+
+/// How a workload receives mesh traffic (ztunnel's `protocol`, written `HBONE` or `TCP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// Plain TCP: the workload is not in the mesh; traffic to it is sent as is.
+    #[default]
+    Tcp,
+    /// HBONE: mTLS and HTTP/2 CONNECT to the workload's node proxy on port 15008.
+    Hbone,
+}
+
+impl Protocol {
+    /// The name used in configuration files: `TCP` or `HBONE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Hbone => "HBONE",
+        }
+    }
+}
+
+/// Whether a workload has its own network namespace (ztunnel's `networkMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum NetworkMode {
+    /// The workload has its own IPs.
+    #[default]
+    Standard,
+    /// The workload shares its node's network: its IPs are the node's, so they do not identify it
+    /// and are not indexed.
+    HostNetwork,
+}
+
+impl NetworkMode {
+    /// The name used in configuration files: `Standard` or `HostNetwork`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Standard => "Standard",
+            NetworkMode::HostNetwork => "HostNetwork",
+        }
+    }
+}
+
+/// Whether a workload may receive traffic through services (ztunnel's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum HealthStatus {
+    /// Ready: chosen as a service endpoint.
+    #[default]
+    Healthy,
+    /// Not ready: never chosen as a service endpoint (direct traffic still reaches it).
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// The name used in configuration files: `Healthy` or `Unhealthy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Healthy => "Healthy",
+            HealthStatus::Unhealthy => "Unhealthy",
+        }
+    }
+}
+
+/// The protocol of a workload's application tunnel (ztunnel's `applicationTunnel.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum TunnelProtocol {
+    /// No tunnel: traffic is delivered as plain TCP.
+    #[default]
+    None,
+    /// PROXY protocol v2 in front of the delivered bytes.
+    Proxy,
+}
+
+impl TunnelProtocol {
+    /// The name used in configuration files: `NONE` or `PROXY`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelProtocol::None => "NONE",
+            TunnelProtocol::Proxy => "PROXY",
+        }
+    }
+}
+
+macro_rules! keyword_serde {
+    ($ty:ident, $what:literal, [$($variant:ident),+ $(,)?]) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        /// Accepts the configuration name in any case.
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                const TABLE: &[$ty] = &[$($ty::$variant),+];
+                deserializer.deserialize_str(raw::KeywordVisitor {
+                    what: $what,
+                    table: TABLE,
+                    name: |value: &$ty| value.as_str(),
+                })
+            }
+        }
+    };
+}
+
+keyword_serde!(Protocol, "protocol", [Hbone, Tcp]);
+keyword_serde!(NetworkMode, "network mode", [Standard, HostNetwork]);
+keyword_serde!(HealthStatus, "health status", [Healthy, Unhealthy]);
+keyword_serde!(TunnelProtocol, "tunnel protocol", [None, Proxy]);
+
+/// A service's key: its namespace and hostname, written `<namespace>/<hostname>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamespacedHostname {
+    /// The namespace.
+    pub namespace: String,
+    /// The hostname, such as `reviews.default.svc.cluster.local`.
+    pub hostname: String,
+}
+
+impl NamespacedHostname {
+    /// A key from its parts.
+    pub fn new(namespace: impl Into<String>, hostname: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            hostname: hostname.into(),
+        }
+    }
+}
+
+impl fmt::Display for NamespacedHostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Why a string is not `<namespace>/<hostname>` or `<network>/<ip>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not {expected}")]
+pub struct AddressParseError {
+    /// The rejected input.
+    pub input: String,
+    /// What was expected, such as `"<namespace>/<hostname>"`.
+    pub expected: &'static str,
+}
+
+impl FromStr for NamespacedHostname {
+    type Err = AddressParseError;
+
+    /// Parses `<namespace>/<hostname>`; both parts must be non-empty and the hostname has no `/`.
+    fn from_str(s: &str) -> Result<Self, AddressParseError> {
+        match s.split_once('/') {
+            Some((namespace, hostname)) if !namespace.is_empty() && !hostname.is_empty() && !hostname.contains('/') => {
+                Ok(Self::new(namespace, hostname))
+            }
+            _ => Err(AddressParseError {
+                input: s.to_owned(),
+                expected: "<namespace>/<hostname>",
+            }),
+        }
+    }
+}
+
+/// An IP address in a network, written `<network>/<ip>` (`/10.0.0.1` in the default network `""`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetworkAddress {
+    /// The network; `""` is the default network.
+    pub network: String,
+    /// The address.
+    pub address: IpAddr,
+}
+
+impl NetworkAddress {
+    /// An address from its parts.
+    pub fn new(network: impl Into<String>, address: IpAddr) -> Self {
+        Self {
+            network: network.into(),
+            address,
+        }
+    }
+}
+
+impl fmt::Display for NetworkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.address)
+    }
+}
+
+impl FromStr for NetworkAddress {
+    type Err = AddressParseError;
+
+    /// Parses `<network>/<ip>`; the network may be empty and contains no `/`.
+    fn from_str(s: &str) -> Result<Self, AddressParseError> {
+        let err = || AddressParseError {
+            input: s.to_owned(),
+            expected: if s.parse::<IpAddr>().is_ok() {
+                "<network>/<ip> (write \"/<ip>\" for the default network)"
+            } else {
+                "<network>/<ip>"
+            },
+        };
+        let (network, address) = s.split_once('/').ok_or_else(err)?;
+        let address = address.parse().map_err(|_| err())?;
+        Ok(Self::new(network, address))
+    }
+}
+
+/// Where a waypoint or network gateway is: an address or a service hostname.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GatewayDestination {
+    /// `<network>/<ip>`: a workload IP or a service VIP.
+    Address(NetworkAddress),
+    /// `<namespace>/<hostname>`: a service.
+    Hostname(NamespacedHostname),
+}
+
+impl fmt::Display for GatewayDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GatewayDestination::Address(address) => address.fmt(f),
+            GatewayDestination::Hostname(hostname) => hostname.fmt(f),
+        }
+    }
+}
+
+impl FromStr for GatewayDestination {
+    type Err = AddressParseError;
+
+    /// `<network>/<ip>` when the part after the last `/` is an IP, else `<namespace>/<hostname>`
+    /// (ztunnel's order).
+    fn from_str(s: &str) -> Result<Self, AddressParseError> {
+        if let Ok(address) = s.parse() {
+            return Ok(GatewayDestination::Address(address));
+        }
+        s.parse()
+            .map(GatewayDestination::Hostname)
+            .map_err(|_| AddressParseError {
+                input: s.to_owned(),
+                expected: "<network>/<ip> or <namespace>/<hostname>",
+            })
+    }
+}
+
+/// A waypoint or network gateway: where it is and its HBONE port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct GatewayAddress {
+    /// Where it is.
+    pub destination: GatewayDestination,
+    /// Its HBONE (mTLS) port, `hboneMtlsPort`; 15008 when left out.
+    pub hbone_mtls_port: u16,
+}
+
+impl GatewayAddress {
+    /// A gateway address from its parts.
+    pub fn new(destination: GatewayDestination, hbone_mtls_port: u16) -> Self {
+        Self {
+            destination,
+            hbone_mtls_port,
+        }
+    }
+}
+
+impl fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} port {}", self.destination, self.hbone_mtls_port)
+    }
+}
+
+macro_rules! string_serde {
+    ($ty:ident, $expecting:literal) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: de::Error>(self, value: &str) -> Result<$ty, E> {
+                        value.parse().map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(V)
+            }
+        }
+    };
+}
+
+string_serde!(NamespacedHostname, "a string <namespace>/<hostname>");
+string_serde!(NetworkAddress, "a string <network>/<ip>");
+string_serde!(GatewayDestination, "a string <network>/<ip> or <namespace>/<hostname>");
+
+/// A workload's locality, used for locality-aware load balancing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Locality {
+    /// The region.
+    pub region: String,
+    /// The zone.
+    pub zone: String,
+    /// The subzone.
+    pub subzone: String,
+}
+
+/// A workload's application tunnel: how its node proxy delivers traffic to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct ApplicationTunnel {
+    /// The tunnel protocol.
+    pub protocol: TunnelProtocol,
+    /// The port the workload accepts the tunnel on, if not the destination port.
+    pub port: Option<u16>,
+}
+
+impl ApplicationTunnel {
+    /// A tunnel from its parts.
+    pub fn new(protocol: TunnelProtocol, port: Option<u16>) -> Self {
+        Self { protocol, port }
+    }
+}
+
+/// A workload: a pod or VM the mesh knows, with its identity, addresses and services.
+///
+/// The identity fields (`namespace`, `serviceAccount`, `trustDomain`) were validated together when the
+/// configuration was parsed; they are read through [`Workload::identity`] and its shorthands, so that
+/// they cannot disagree with the SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Workload {
+    /// A unique key, such as `cluster1//v1/Pod/default/productpage-1`.
+    pub uid: String,
+    /// The workload's own name (the pod name).
+    pub name: String,
+    identity: IstioIdentity,
+    spiffe_id: SpiffeId,
+    /// Its addresses (one per IP family), unique within `network` unless host-networked.
+    pub workload_ips: Vec<IpAddr>,
+    /// How it receives mesh traffic.
+    pub protocol: Protocol,
+    /// The node it runs on: a node proxy serves the workloads of its node.
+    pub node: String,
+    /// Its network; `""` is the default network.
+    pub network: String,
+    /// Its services, each with the ports of this workload that serve them (service port to target
+    /// port). A port left out here takes the target port of the service.
+    pub services: BTreeMap<NamespacedHostname, BTreeMap<u16, u16>>,
+    /// Its waypoint, if traffic addressed to it must go through one.
+    pub waypoint: Option<GatewayAddress>,
+    /// The gateway of its network, to reach it from another network.
+    pub network_gateway: Option<GatewayAddress>,
+    /// Whether it shares its node's network.
+    pub network_mode: NetworkMode,
+    /// A DNS name to resolve when it has no IP (`hostname`).
+    pub hostname: String,
+    /// The name of the owning controller, such as the deployment (`workloadName`; defaults to `name`).
+    pub workload_name: String,
+    /// The kind of the owner, such as `deployment` or `pod` (`workloadType`; defaults to `pod`).
+    pub workload_type: String,
+    /// Istio's canonical service name (`canonicalName`; defaults to `workloadName`).
+    pub canonical_name: String,
+    /// Istio's canonical revision (`canonicalRevision`; defaults to `latest`).
+    pub canonical_revision: String,
+    /// Its cluster (`clusterId`; defaults to `Kubernetes`).
+    pub cluster_id: String,
+    /// Its locality.
+    pub locality: Locality,
+    /// Whether it is chosen as a service endpoint.
+    pub status: HealthStatus,
+    /// Whether it terminates HBONE itself (`nativeTunnel`).
+    pub native_tunnel: bool,
+    /// How its node proxy delivers traffic to it.
+    pub application_tunnel: Option<ApplicationTunnel>,
+    /// Names (`<namespace>/<name>`) of the authorization policies that select it.
+    pub authorization_policies: Vec<String>,
+    /// Its weight when a service endpoint is chosen (`capacity`; defaults to 1).
+    pub capacity: u32,
+}
+
+impl Workload {
+    /// A workload with this uid and identity and every other field at the default it takes when left
+    /// out of the file (no IPs, `TCP`, default network, no services, capacity 1, ...).
+    ///
+    /// ```
+    /// use meshwire_dataplane::xds::{Protocol, Workload};
+    ///
+    /// let mut workload = Workload::new("pod-1", "spiffe://cluster.local/ns/shop/sa/cart".parse()?);
+    /// workload.workload_ips.push("10.0.0.1".parse()?);
+    /// workload.protocol = Protocol::Hbone;
+    /// assert_eq!(workload.namespace(), "shop");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(uid: impl Into<String>, identity: IstioIdentity) -> Self {
+        Self {
+            uid: uid.into(),
+            name: String::new(),
+            spiffe_id: identity.to_spiffe_id(),
+            identity,
+            workload_ips: Vec::new(),
+            protocol: Protocol::default(),
+            node: String::new(),
+            network: String::new(),
+            services: BTreeMap::new(),
+            waypoint: None,
+            network_gateway: None,
+            network_mode: NetworkMode::default(),
+            hostname: String::new(),
+            workload_name: String::new(),
+            workload_type: "pod".to_owned(),
+            canonical_name: String::new(),
+            canonical_revision: "latest".to_owned(),
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            locality: Locality::default(),
+            status: HealthStatus::default(),
+            native_tunnel: false,
+            application_tunnel: None,
+            authorization_policies: Vec::new(),
+            capacity: 1,
+        }
+    }
+
+    /// Changes its identity, and with it its SPIFFE ID.
+    pub fn set_identity(&mut self, identity: IstioIdentity) {
+        self.spiffe_id = identity.to_spiffe_id();
+        self.identity = identity;
+    }
+
+    /// Its identity: trust domain, namespace and service account.
+    pub fn identity(&self) -> &IstioIdentity {
+        &self.identity
+    }
+
+    /// Its SPIFFE ID: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.spiffe_id
+    }
+
+    /// Its namespace.
+    pub fn namespace(&self) -> &str {
+        self.identity.namespace()
+    }
+
+    /// Its service account.
+    pub fn service_account(&self) -> &str {
+        self.identity.service_account()
+    }
+
+    /// Its trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.identity.trust_domain()
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "workload {} ({})", self.uid, self.spiffe_id)
+    }
+}
+
+/// A service: a hostname and VIPs that load-balance over the workloads that name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Service {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its hostname, such as `reviews.default.svc.cluster.local`.
+    pub hostname: String,
+    /// Its virtual IPs, each in a network.
+    pub vips: Vec<NetworkAddress>,
+    /// Its ports: service port to target port. A target port of 0 means "named port": only a
+    /// workload's own port map gives it.
+    pub ports: BTreeMap<u16, u16>,
+    /// Identities its endpoints may present besides their own (`subjectAltNames`).
+    pub subject_alt_names: Vec<SpiffeId>,
+    /// Its waypoint, if traffic addressed to it must go through one.
+    pub waypoint: Option<GatewayAddress>,
+}
+
+impl Service {
+    /// A service with this namespace and hostname, named after the hostname's first label, with no
+    /// VIPs, ports, extra SANs or waypoint.
+    pub fn new(namespace: impl Into<String>, hostname: impl Into<String>) -> Self {
+        let hostname = hostname.into();
+        Self {
+            name: hostname.split('.').next().unwrap_or_default().to_owned(),
+            namespace: namespace.into(),
+            hostname,
+            vips: Vec::new(),
+            ports: BTreeMap::new(),
+            subject_alt_names: Vec::new(),
+            waypoint: None,
+        }
+    }
+
+    /// Its key, `<namespace>/<hostname>`.
+    pub fn key(&self) -> NamespacedHostname {
+        NamespacedHostname::new(&self.namespace, &self.hostname)
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "service {}/{}", self.namespace, self.hostname)
+    }
+}
