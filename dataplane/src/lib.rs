@@ -1,14 +1,24 @@
 //! The library part of meshwire's ztunnel-compatible node proxy: everything a ztunnel is, written
 //! so that the tokio binary and the io_uring binary share it and replace only the data path.
 //!
+//! - [`config`]: the proxy's validated configuration, from flags and ztunnel's environment variables.
 //! - [`xds`]: the local configuration file (ztunnel's `LOCAL_XDS_PATH` YAML: workloads, services,
 //!   policies), parsed forgivingly with errors naming the field and line.
 //! - [`state`]: an immutable snapshot of workloads, services and policies with the lookups routing
 //!   needs, as pure functions.
 //! - [`rbac`]: Istio L4 authorization policies and their evaluation, as pure functions.
+//! - [`rt`]: the runtime seam: sockets made through one factory (marks, transparent binds,
+//!   reuse-port, `SO_ORIGINAL_DST`) and tokio's timer, executor and HBONE connector.
 //! - [`socks5`]: the SOCKS5 handshake of the outbound SOCKS listener (CONNECT, no authentication).
+//! - [`telemetry`]: Istio's TCP metrics (ztunnel's names and labels) and the per-connection access log.
+//! - [`watch`]: published snapshots read without locks, the configuration file watcher, and the
+//!   registry that closes established connections a new policy denies.
 
+pub mod config;
 pub mod rbac;
+pub mod rt;
 pub mod socks5;
 pub mod state;
+pub mod telemetry;
+pub mod watch;
 pub mod xds;

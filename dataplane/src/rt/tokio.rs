@@ -1,0 +1,224 @@
+//! The tokio side of the runtime seam: timer, executor, listeners and streams made from the
+//! [`SocketFactory`]'s sockets, and the HBONE pool's TCP connector.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use meshwire_hbone::ConnectError;
+use meshwire_hbone::pool::{Connector, PoolKey};
+use meshwire_hbone::rt::{Executor, Timer};
+use rustls::ClientConfig;
+use socket2::Socket;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
+
+use super::socket::{
+    DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget, SourceTransparency,
+};
+
+/// [`Timer`] over `tokio::time`: monotonic time and sleeps follow tokio's clock, so they run in
+/// virtual time under a paused runtime (`#[tokio::test(start_paused = true)]`). The wall clock
+/// ([`Timer::system_now`]) is the system's, paused or not.
+///
+/// Sleeps must be created and polled inside a tokio runtime with time enabled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioTimer;
+
+impl Timer for TokioTimer {
+    type Sleep = tokio::time::Sleep;
+
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn system_now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
+        tokio::time::sleep_until(deadline.into())
+    }
+}
+
+/// [`Executor`] over `tokio::spawn`: runs `Send + 'static` futures as detached tasks, on the
+/// runtime of the calling thread or on a runtime chosen by handle.
+#[derive(Debug, Clone, Default)]
+pub struct TokioExecutor {
+    handle: Option<Handle>,
+}
+
+impl TokioExecutor {
+    /// Spawns on the runtime of the thread calling [`Executor::execute`] (which panics outside
+    /// a runtime, like `tokio::spawn`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Spawns on the runtime of `handle`, from any thread.
+    pub fn with_handle(handle: Handle) -> Self {
+        Self { handle: Some(handle) }
+    }
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Executor<F> for TokioExecutor {
+    fn execute(&self, future: F) {
+        match &self.handle {
+            Some(handle) => drop(handle.spawn(future)),
+            None => drop(tokio::spawn(future)),
+        }
+    }
+}
+
+/// A tokio listener from a listening socket (as made by [`SocketFactory::listener`]). Must be
+/// called inside a runtime with IO enabled.
+pub fn into_listener(socket: Socket) -> io::Result<TcpListener> {
+    let addr = socket.local_addr().ok().and_then(|a| a.as_socket());
+    let target = SocketTarget::Listener(addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))));
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| SocketError::io(SocketOp::Register, target.clone(), e))?;
+    TcpListener::from_std(socket.into()).map_err(|e| SocketError::io(SocketOp::Register, target, e))
+}
+
+/// A listener on `addr` made by `factory` with `opts`.
+pub fn bind_listener<F: SocketFactory + ?Sized>(
+    factory: &F,
+    addr: SocketAddr,
+    opts: &SocketOptions,
+) -> io::Result<TcpListener> {
+    into_listener(factory.listener(addr, opts)?)
+}
+
+/// Connects an unconnected socket (as made by [`SocketFactory::stream`]) to `peer`, keeping its
+/// options and bind, failing with [`io::ErrorKind::TimedOut`] after `timeout`. The error names
+/// the peer and the local address.
+pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .filter(|a| !a.ip().is_unspecified());
+    let target = SocketTarget::Outbound { peer, local };
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| SocketError::io(SocketOp::Register, target.clone(), e))?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(timeout, socket.connect(peer)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(SocketError::io(SocketOp::Connect, target, e)),
+        Err(_) => {
+            let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
+            Err(SocketError::io(SocketOp::Connect, target, e))
+        }
+    }
+}
+
+/// Settings of a [`TokioConnector`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorConfig {
+    /// Options of the outbound sockets (`TCP_NODELAY` is set whatever they say).
+    pub socket: SocketOptions,
+    /// How long a TCP connect may take.
+    pub connect_timeout: Duration,
+    /// Whether binding a key's source IP sets `IP_TRANSPARENT`.
+    pub transparency: SourceTransparency,
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        Self {
+            socket: SocketOptions::default(),
+            connect_timeout: Duration::from_secs(10),
+            transparency: SourceTransparency::IfNotLocal,
+        }
+    }
+}
+
+/// The HBONE pool's connector on tokio: the TCP connection to a [`PoolKey`]'s destination, from
+/// its source IP if set (transparently when that IP is not local, per
+/// [`ConnectorConfig::transparency`]), with `TCP_NODELAY` on, through a [`SocketFactory`]; and the
+/// client TLS config for the key from `tls`, the piece the certificate manager provides.
+#[derive(Debug, Clone)]
+pub struct TokioConnector<S, F = DefaultSocketFactory> {
+    tls: S,
+    factory: F,
+    config: ConnectorConfig,
+}
+
+impl<S> TokioConnector<S> {
+    /// A connector making sockets with the [`DefaultSocketFactory`].
+    pub fn new(tls: S, config: ConnectorConfig) -> Self {
+        Self::with_factory(tls, DefaultSocketFactory, config)
+    }
+}
+
+impl<S, F: SocketFactory> TokioConnector<S, F> {
+    /// A connector making sockets with `factory`.
+    pub fn with_factory(tls: S, factory: F, config: ConnectorConfig) -> Self {
+        let mut config = config;
+        config.socket.nodelay = true;
+        Self { tls, factory, config }
+    }
+
+    /// The source of client TLS configs.
+    pub fn tls(&self) -> &S {
+        &self.tls
+    }
+
+    /// The settings (with `TCP_NODELAY` on).
+    pub fn config(&self) -> &ConnectorConfig {
+        &self.config
+    }
+
+    /// The TCP half of [`meshwire_hbone::pool::Connector::connect`]: a connection to
+    /// `key.destination` from `key.source_ip`, with `TCP_NODELAY` on. Failures are
+    /// [`ConnectError::Tcp`] naming the destination, with the [`SocketError`] inside.
+    pub async fn connect_tcp(&self, key: &PoolKey) -> Result<TcpStream, ConnectError> {
+        let peer = key.destination;
+        let tcp_error = |source: io::Error| ConnectError::Tcp {
+            peer: peer.to_string(),
+            source: Arc::new(source),
+        };
+        let socket = self
+            .factory
+            .stream_from(peer, key.source_ip, &self.config.socket, self.config.transparency)
+            .map_err(tcp_error)?;
+        connect(socket, peer, self.config.connect_timeout)
+            .await
+            .map_err(tcp_error)
+    }
+}
+
+/// Where a [`TokioConnector`] gets the client TLS config of a [`PoolKey`]: presenting
+/// `key.source` and accepting only `key.expected()`. The certificate manager implements it;
+/// so does any `Fn(&PoolKey) -> impl Future<Output = Result<Arc<ClientConfig>, ConnectError>>`.
+pub trait ClientTlsSource {
+    /// The config for `key`, or why there is none (for example [`ConnectError::Tls`] when no
+    /// certificate could be had for `key.source`).
+    fn client_config(&self, key: &PoolKey) -> impl Future<Output = Result<Arc<ClientConfig>, ConnectError>>;
+}
+
+impl<F, Fut> ClientTlsSource for F
+where
+    F: Fn(&PoolKey) -> Fut,
+    Fut: Future<Output = Result<Arc<ClientConfig>, ConnectError>>,
+{
+    fn client_config(&self, key: &PoolKey) -> impl Future<Output = Result<Arc<ClientConfig>, ConnectError>> {
+        self(key)
+    }
+}
+
+impl<S: ClientTlsSource, F: SocketFactory> Connector for TokioConnector<S, F> {
+    type Io = TcpStream;
+
+    /// The TLS config first (no connection is held open while a certificate is fetched), then
+    /// [`TokioConnector::connect_tcp`].
+    async fn connect(&self, key: &PoolKey) -> Result<(TcpStream, Arc<ClientConfig>), ConnectError> {
+        let tls = self.tls.client_config(key).await?;
+        let tcp = self.connect_tcp(key).await?;
+        Ok((tcp, tls))
+    }
+}

@@ -1,0 +1,594 @@
+//! Istio's standard TCP metrics, with ztunnel's names, labels and label values.
+//!
+//! Four counter families, all with the label set [`ConnectionLabels`]:
+//!
+//! | family | counts |
+//! |---|---|
+//! | `istio_tcp_connections_opened_total` | connections opened (at [`Metrics::open`]) |
+//! | `istio_tcp_connections_closed_total` | connections closed (at [`ConnectionMetrics::finish`] or on drop) |
+//! | `istio_tcp_received_bytes_total` | bytes from the client toward the server: the request direction |
+//! | `istio_tcp_sent_bytes_total` | bytes from the server toward the client: the response direction |
+//!
+//! **Byte directions.** Istio defines `received` as the bytes "received during request" and `sent` as
+//! the bytes "sent during response", and ztunnel counts them that way for both reporters: whatever
+//! the proxy reads from its downstream side (the client, or the client's tunnel) and writes upstream
+//! is *received*; whatever it writes back downstream is *sent*. So for a client that uploads 10 bytes
+//! and downloads 100, both the outbound (`reporter="source"`) and the inbound
+//! (`reporter="destination"`) proxy count 10 received and 100 sent. The access log takes the local
+//! workload's point of view instead (see [`crate::telemetry::accesslog`]).
+//!
+//! **Hot path.** [`Metrics::open`] looks the byte counters up once per connection; after that
+//! [`ConnectionMetrics::record_sent`] and [`ConnectionMetrics::record_received`] are two relaxed
+//! atomic adds each, with no lock and no hashing. Bytes are recorded as they flow, so the totals are
+//! exact even for connections that last for days. The closed counter is looked up when the connection
+//! ends, because its `response_flags` label is only known then (ztunnel does the same: a connection
+//! that fails to connect upstream is opened with `response_flags="-"` and closed with `"CONNECT"`).
+//!
+//! ```
+//! use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
+//!
+//! let metrics = Metrics::new();
+//! let connection = metrics.open(ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls));
+//! connection.record_received(10); // request bytes, from the client
+//! connection.record_sent(100); // response bytes, to the client
+//! let summary = connection.finish(ResponseFlags::None);
+//! assert_eq!((summary.received, summary.sent), (10, 100));
+//!
+//! let text = metrics.render();
+//! assert!(text.contains("# TYPE istio_tcp_sent_bytes counter"));
+//! assert!(text.lines().any(|line| line.starts_with("istio_tcp_sent_bytes_total{reporter=\"destination\",")
+//!     && line.ends_with("} 100")));
+//! ```
+
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meshwire_identity::id::SpiffeId;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::xds::{Service, Workload};
+
+/// The value of a label whose value is not known (ztunnel's, and Istio's, convention).
+pub const UNKNOWN: &str = "unknown";
+
+/// The prefix of every metric name registered by [`Metrics`].
+pub const METRIC_PREFIX: &str = "istio";
+
+/// The `Content-Type` of [`Metrics::render`]'s output for a client that accepts OpenMetrics.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text;charset=utf-8;version=1.0.0";
+
+/// The `Content-Type` of [`Metrics::render`]'s output for any other client (ztunnel's default).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+/// The `Content-Type` to answer a metrics request with, given its `Accept` header values.
+///
+/// [`OPENMETRICS_CONTENT_TYPE`] when any accepted type is `application/openmetrics-text`, else
+/// [`TEXT_CONTENT_TYPE`], as ztunnel's `/metrics` and `/stats/prometheus` answer. The body is the same
+/// either way.
+///
+/// ```
+/// use meshwire_dataplane::telemetry::metrics::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, content_type};
+///
+/// assert_eq!(content_type(["application/openmetrics-text;version=1.0.0;q=0.5,text/plain"]), OPENMETRICS_CONTENT_TYPE);
+/// assert_eq!(content_type(["application/json"]), TEXT_CONTENT_TYPE);
+/// assert_eq!(content_type([]), TEXT_CONTENT_TYPE);
+/// ```
+pub fn content_type<'a>(accept: impl IntoIterator<Item = &'a str>) -> &'static str {
+    let openmetrics = accept.into_iter().flat_map(|value| value.split(',')).any(|media| {
+        media
+            .split(';')
+            .next()
+            .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("application/openmetrics-text"))
+    });
+    if openmetrics {
+        OPENMETRICS_CONTENT_TYPE
+    } else {
+        TEXT_CONTENT_TYPE
+    }
+}
+
+/// Which proxy reports a connection (the `reporter` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Reporter {
+    /// The client's proxy: an outbound connection. Written `source`.
+    #[default]
+    Source,
+    /// The server's proxy: an inbound connection. Written `destination`.
+    Destination,
+}
+
+impl Reporter {
+    /// The label value: `source` or `destination`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// The application protocol of a connection (the `request_protocol` label). ztunnel only ever
+/// reports `tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum RequestProtocol {
+    /// Opaque TCP. Written `tcp`.
+    #[default]
+    Tcp,
+}
+
+impl RequestProtocol {
+    /// The label value: `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Why a connection ended abnormally (the `response_flags` label), as ztunnel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum ResponseFlags {
+    /// Nothing to report. Written `-`.
+    #[default]
+    None,
+    /// An authorization policy denied the connection. Written `DENY`.
+    AuthorizationPolicyDenied,
+    /// No upstream connection could be established. Written `CONNECT`.
+    ConnectionFailure,
+}
+
+impl ResponseFlags {
+    /// The label value: `-`, `DENY` or `CONNECT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::AuthorizationPolicyDenied => "DENY",
+            ResponseFlags::ConnectionFailure => "CONNECT",
+        }
+    }
+}
+
+/// Whether a connection is protected by mutual TLS (the `connection_security_policy` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum SecurityPolicy {
+    /// Not known to be mTLS (plain TCP passthrough). Written `unknown`.
+    #[default]
+    Unknown,
+    /// HBONE: mutual TLS. Written `mutual_tls`.
+    MutualTls,
+}
+
+impl SecurityPolicy {
+    /// The label value: `unknown` or `mutual_tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityPolicy::Unknown => UNKNOWN,
+            SecurityPolicy::MutualTls => "mutual_tls",
+        }
+    }
+}
+
+macro_rules! encode_as_str {
+    ($($ty:ty),+) => {$(
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+                encoder.write_str(self.as_str())
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )+};
+}
+
+encode_as_str!(Reporter, RequestProtocol, ResponseFlags, SecurityPolicy);
+
+/// A string label value that may be unknown; an unknown value is written `unknown` (ztunnel's
+/// `DefaultedUnknown`). An empty string is unknown.
+///
+/// ```
+/// use meshwire_dataplane::telemetry::metrics::LabelValue;
+///
+/// assert_eq!(LabelValue::from("reviews").as_str(), "reviews");
+/// assert_eq!(LabelValue::from("").as_str(), "unknown");
+/// assert_eq!(LabelValue::from("").known(), None);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct LabelValue(Option<String>);
+
+impl LabelValue {
+    /// An unknown value.
+    pub const fn unknown() -> Self {
+        Self(None)
+    }
+
+    /// The value, or `None` when it is unknown.
+    pub fn known(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// The value as written in a label: the value, or `unknown`.
+    pub fn as_str(&self) -> &str {
+        self.known().unwrap_or(UNKNOWN)
+    }
+}
+
+impl From<String> for LabelValue {
+    fn from(value: String) -> Self {
+        if value.is_empty() {
+            Self(None)
+        } else {
+            Self(Some(value))
+        }
+    }
+}
+
+impl From<&str> for LabelValue {
+    fn from(value: &str) -> Self {
+        Self::from(value.to_owned())
+    }
+}
+
+impl From<Option<String>> for LabelValue {
+    fn from(value: Option<String>) -> Self {
+        value.map(Self::from).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for LabelValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// The labels of Istio's TCP metrics, in ztunnel's order.
+///
+/// Built from pure data: start from [`ConnectionLabels::new`] and add what is known about the
+/// connection; everything not added is `unknown`. The fields are public so that a caller can fill
+/// them from other sources (the baggage header of an inbound tunnel, for example).
+///
+/// ```
+/// use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Reporter, SecurityPolicy};
+/// use meshwire_dataplane::xds::{Service, Workload};
+///
+/// let mut client = Workload::new("Kubernetes//v1/Pod/shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart".parse()?);
+/// client.workload_name = "cart".into();
+/// let server = Workload::new("Kubernetes//v1/Pod/shop/db-0", "spiffe://cluster.local/ns/shop/sa/db".parse()?);
+/// let service = Service::new("shop", "db.shop.svc.cluster.local");
+///
+/// let labels = ConnectionLabels::new(Reporter::Source, SecurityPolicy::MutualTls)
+///     .with_source(Some(&client))
+///     .with_source_principal(Some(client.spiffe_id()))
+///     .with_destination(Some(&server))
+///     .with_destination_service(Some(&service));
+/// assert_eq!(labels.source_workload.as_str(), "cart");
+/// assert_eq!(labels.source_principal.as_str(), "spiffe://cluster.local/ns/shop/sa/cart");
+/// assert_eq!(labels.destination_workload.as_str(), "unknown"); // no workloadName
+/// assert_eq!(labels.destination_service_name.as_str(), "db");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, EncodeLabelSet)]
+#[non_exhaustive]
+pub struct ConnectionLabels {
+    /// `reporter`: which proxy reports.
+    pub reporter: Reporter,
+
+    /// `source_workload`: the client's owning workload (its `workloadName`, such as the deployment).
+    pub source_workload: LabelValue,
+    /// `source_canonical_service`: the client's canonical service.
+    pub source_canonical_service: LabelValue,
+    /// `source_canonical_revision`: the client's canonical revision.
+    pub source_canonical_revision: LabelValue,
+    /// `source_workload_namespace`: the client's namespace.
+    pub source_workload_namespace: LabelValue,
+    /// `source_principal`: the SPIFFE ID the client proved over mTLS.
+    pub source_principal: LabelValue,
+    /// `source_app`: the client's canonical service (ztunnel writes the same value).
+    pub source_app: LabelValue,
+    /// `source_version`: the client's canonical revision (ztunnel writes the same value).
+    pub source_version: LabelValue,
+    /// `source_cluster`: the client's cluster.
+    pub source_cluster: LabelValue,
+
+    /// `destination_service`: the hostname of the service the client addressed.
+    pub destination_service: LabelValue,
+    /// `destination_service_namespace`: that service's namespace.
+    pub destination_service_namespace: LabelValue,
+    /// `destination_service_name`: that service's name.
+    pub destination_service_name: LabelValue,
+
+    /// `destination_workload`: the server's owning workload.
+    pub destination_workload: LabelValue,
+    /// `destination_canonical_service`: the server's canonical service.
+    pub destination_canonical_service: LabelValue,
+    /// `destination_canonical_revision`: the server's canonical revision.
+    pub destination_canonical_revision: LabelValue,
+    /// `destination_workload_namespace`: the server's namespace.
+    pub destination_workload_namespace: LabelValue,
+    /// `destination_principal`: the server's SPIFFE ID.
+    pub destination_principal: LabelValue,
+    /// `destination_app`: the server's canonical service.
+    pub destination_app: LabelValue,
+    /// `destination_version`: the server's canonical revision.
+    pub destination_version: LabelValue,
+    /// `destination_cluster`: the server's cluster.
+    pub destination_cluster: LabelValue,
+
+    /// `request_protocol`: always `tcp`.
+    pub request_protocol: RequestProtocol,
+    /// `response_flags`: `-`, or why the connection failed.
+    pub response_flags: ResponseFlags,
+    /// `connection_security_policy`: `mutual_tls` on HBONE, else `unknown`.
+    pub connection_security_policy: SecurityPolicy,
+}
+
+impl ConnectionLabels {
+    /// Labels for a connection reported by `reporter` with this security policy; every workload and
+    /// service label `unknown`, `request_protocol="tcp"`, `response_flags="-"`.
+    pub fn new(reporter: Reporter, security: SecurityPolicy) -> Self {
+        Self {
+            reporter,
+            connection_security_policy: security,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the `source_*` labels from the client's workload, except `source_principal`: like
+    /// ztunnel, only an identity proven over mTLS is reported as the principal (see
+    /// [`with_source_principal`](Self::with_source_principal)). `None` leaves them as they are.
+    pub fn with_source(mut self, source: Option<&Workload>) -> Self {
+        if let Some(w) = source {
+            self.source_workload = w.workload_name.as_str().into();
+            self.source_canonical_service = w.canonical_name.as_str().into();
+            self.source_canonical_revision = w.canonical_revision.as_str().into();
+            self.source_workload_namespace = w.namespace().into();
+            self.source_app = w.canonical_name.as_str().into();
+            self.source_version = w.canonical_revision.as_str().into();
+            self.source_cluster = w.cluster_id.as_str().into();
+        }
+        self
+    }
+
+    /// Sets `source_principal`: the identity the client proved over mTLS (inbound: the peer
+    /// certificate's; outbound over HBONE: the local workload's own). `None` leaves it as it is.
+    pub fn with_source_principal(mut self, principal: Option<&SpiffeId>) -> Self {
+        if let Some(id) = principal {
+            self.source_principal = id.to_string().into();
+        }
+        self
+    }
+
+    /// Sets the `destination_*` workload labels, `destination_principal` included, from the server's
+    /// workload. `None` leaves them as they are.
+    pub fn with_destination(mut self, destination: Option<&Workload>) -> Self {
+        if let Some(w) = destination {
+            self.destination_workload = w.workload_name.as_str().into();
+            self.destination_canonical_service = w.canonical_name.as_str().into();
+            self.destination_canonical_revision = w.canonical_revision.as_str().into();
+            self.destination_workload_namespace = w.namespace().into();
+            self.destination_principal = w.spiffe_id().to_string().into();
+            self.destination_app = w.canonical_name.as_str().into();
+            self.destination_version = w.canonical_revision.as_str().into();
+            self.destination_cluster = w.cluster_id.as_str().into();
+        }
+        self
+    }
+
+    /// Sets `destination_service` (the hostname), `destination_service_namespace` and
+    /// `destination_service_name` from the service the client addressed. `None` leaves them as
+    /// they are.
+    pub fn with_destination_service(mut self, service: Option<&Service>) -> Self {
+        if let Some(s) = service {
+            self.destination_service = s.hostname.as_str().into();
+            self.destination_service_namespace = s.namespace.as_str().into();
+            self.destination_service_name = s.name.as_str().into();
+        }
+        self
+    }
+
+    /// Sets `response_flags`.
+    pub fn with_response_flags(mut self, flags: ResponseFlags) -> Self {
+        self.response_flags = flags;
+        self
+    }
+}
+
+/// The four TCP counter families, registered in a registry of their own.
+///
+/// No global state: create one per proxy, share it as `Arc<Metrics>`, and serve [`Metrics::render`]
+/// on `/metrics` and `/stats/prometheus`. Other components may register their metrics in the same
+/// registry through [`Metrics::registry_mut`] before it is shared.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    sent: Family<ConnectionLabels, Counter>,
+    received: Family<ConnectionLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry holding the four families, empty.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::default();
+        let closed = Family::default();
+        let sent = Family::default();
+        let received = Family::default();
+        let istio = registry.sub_registry_with_prefix(METRIC_PREFIX);
+        // Names and help texts are ztunnel's; the registry appends `_total` and a full stop.
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            Family::clone(&opened),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            Family::clone(&closed),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            Family::clone(&received),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            Family::clone(&sent),
+        );
+        Self {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+        }
+    }
+
+    /// The registry, to encode it another way.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry, to register further metrics in it (do it before sharing `Metrics`).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Counts a connection as opened and returns its recorder, which counts it as closed when it
+    /// is finished or dropped.
+    ///
+    /// This is the only place, besides the close, where a counter is looked up by its labels.
+    pub fn open(&self, labels: ConnectionLabels) -> ConnectionMetrics {
+        self.opened.get_or_create(&labels).inc();
+        ConnectionMetrics {
+            sent_counter: self.sent.get_or_create_owned(&labels),
+            received_counter: self.received.get_or_create_owned(&labels),
+            closed: Family::clone(&self.closed),
+            labels,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            finished: false,
+        }
+    }
+
+    /// Every registered metric in the OpenMetrics text format (which Prometheus also reads), ending
+    /// with `# EOF`.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail, and none of the label encoders here fails.
+        let encoded = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
+        text
+    }
+}
+
+/// The metrics of one connection: created by [`Metrics::open`], fed the bytes as they flow, and
+/// counted as closed exactly once, by [`finish`](Self::finish) or, failing that, on drop.
+///
+/// Recording takes `&self`, so that both copy directions of a connection can record through one
+/// shared reference; each call is two relaxed atomic additions.
+#[derive(Debug)]
+#[must_use = "dropping the recorder counts the connection as closed at once"]
+pub struct ConnectionMetrics {
+    labels: ConnectionLabels,
+    closed: Family<ConnectionLabels, Counter>,
+    sent_counter: Counter,
+    received_counter: Counter,
+    sent: AtomicU64,
+    received: AtomicU64,
+    finished: bool,
+}
+
+impl ConnectionMetrics {
+    /// Records `bytes` written toward the client (the response direction): `istio_tcp_sent_bytes_total`.
+    #[inline]
+    pub fn record_sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+        self.sent_counter.inc_by(bytes);
+    }
+
+    /// Records `bytes` read from the client and forwarded toward the server (the request direction):
+    /// `istio_tcp_received_bytes_total`.
+    #[inline]
+    pub fn record_received(&self, bytes: u64) {
+        self.received.fetch_add(bytes, Ordering::Relaxed);
+        self.received_counter.inc_by(bytes);
+    }
+
+    /// The bytes recorded by [`record_sent`](Self::record_sent) so far on this connection.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The bytes recorded by [`record_received`](Self::record_received) so far on this connection.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// The connection's labels.
+    pub fn labels(&self) -> &ConnectionLabels {
+        &self.labels
+    }
+
+    /// Counts the connection as closed, with `flags` as its `response_flags` (the opened and byte
+    /// counters keep the flags the connection was opened with), and returns its totals.
+    pub fn finish(mut self, flags: ResponseFlags) -> ConnectionSummary {
+        self.labels.response_flags = flags;
+        self.close();
+        ConnectionSummary {
+            labels: std::mem::take(&mut self.labels),
+            sent: self.sent(),
+            received: self.received(),
+        }
+    }
+
+    fn close(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.closed.get_or_create(&self.labels).inc();
+        }
+    }
+}
+
+impl Drop for ConnectionMetrics {
+    /// Counts the connection as closed, with the flags it was opened with, unless it was finished.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// What a finished connection recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionSummary {
+    /// Its labels, with the final `response_flags`.
+    pub labels: ConnectionLabels,
+    /// The bytes written toward the client (the response direction).
+    pub sent: u64,
+    /// The bytes read from the client (the request direction).
+    pub received: u64,
+}

@@ -1,0 +1,737 @@
+//! Published configuration snapshots, the configuration file watcher, and the registry that closes
+//! established connections a new policy denies.
+//!
+//! The control plane builds an immutable [`Snapshot`] (the [`State`] and the [`PolicySet`] of one
+//! valid configuration) and publishes it through [`Published`], an `ArcSwap` cell: data-path threads
+//! read the current snapshot without locks and without waiting on the control thread.
+//!
+//! [`ConfigWatcher`] keeps [`Published`] in step with the configuration file. It polls the file on an
+//! interval given by a caller-provided [`Timer`] (no notify thread, the same code on every runtime),
+//! publishes each valid change as a new generation and keeps the current snapshot when a change is
+//! invalid or the file is briefly missing:
+//!
+//! ```
+//! use meshwire_dataplane::watch::{ConfigWatcher, PollOutcome};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("config.yaml");
+//! std::fs::write(&path, "workloads:\n- name: a\n  workloadIps: [\"10.0.0.1\"]\n")?;
+//! let (watcher, published) = ConfigWatcher::start(&path)?;
+//! assert_eq!(published.load().generation, 1);
+//!
+//! std::fs::write(&path, "workloads:\n- name: a\n  workloadIps: [\"10.0.0.x\"]\n")?;
+//! assert!(matches!(watcher.poll_once(), PollOutcome::Rejected(_)));
+//! assert_eq!(published.load().state.workloads()[0].workload_ips[0].to_string(), "10.0.0.1");
+//!
+//! std::fs::write(&path, "workloads:\n- name: a\n  workloadIps: [\"10.0.0.2\"]\n")?;
+//! assert!(matches!(watcher.poll_once(), PollOutcome::Applied(2)));
+//! assert_eq!(published.load().state.workloads()[0].workload_ips[0].to_string(), "10.0.0.2");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`ConnectionRegistry`] holds the authorization attributes of established connections; after a
+//! new snapshot, [`ConnectionRegistry::reevaluate`] judges each against the new policies and fires
+//! the [`CloseSignal`] of those now denied, which the connection's copy loop selects on.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use meshwire_identity::id::SpiffeId;
+use meshwire_identity::time::Timer;
+use tokio::sync::watch;
+
+use crate::rbac::{Connection, PolicySet, WorkloadRef};
+use crate::state::State;
+use crate::xds::{ConfigError, LocalConfig, Workload};
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves its data consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+/// One valid configuration, indexed and immutable: what the data path reads.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Workloads, services and policies, indexed for routing.
+    pub state: Arc<State>,
+    /// The configuration's authorization policies, indexed for evaluation.
+    pub policies: Arc<PolicySet>,
+    /// Which publication this is: 1 for the first configuration, one more for each change applied.
+    /// 0 is the empty snapshot of [`Snapshot::empty`].
+    pub generation: u64,
+    /// The file the configuration was read from, if it was read from one.
+    pub source: Option<PathBuf>,
+    /// When the configuration was loaded (wall-clock time, for the admin page).
+    pub loaded_at: SystemTime,
+}
+
+impl Snapshot {
+    /// Indexes `config`: its [`State`], and a [`PolicySet`] of its policies.
+    pub fn new(config: LocalConfig, generation: u64, source: Option<PathBuf>, loaded_at: SystemTime) -> Self {
+        let policies = PolicySet::new(config.policies.iter().cloned());
+        Self {
+            state: Arc::new(State::new(config)),
+            policies: Arc::new(policies),
+            generation,
+            source,
+            loaded_at,
+        }
+    }
+
+    /// Generation 0: no workloads, services or policies, no source, loaded at the Unix epoch.
+    pub fn empty() -> Self {
+        Self::new(LocalConfig::default(), 0, None, SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+struct PublishedInner {
+    current: ArcSwap<Snapshot>,
+    /// Serialises writers, so that generations assigned by [`Published::publish`] increase. Readers
+    /// never take it.
+    writer: Mutex<()>,
+    /// Carries the generation of each store to subscribers.
+    changes: watch::Sender<u64>,
+}
+
+/// The current [`Snapshot`], shared between the control plane (one writer) and the data path (many
+/// readers). Cloning is cheap (one reference count) and every clone sees the same snapshot.
+///
+/// Reads are lock-free and never wait on writers ([`arc_swap::ArcSwap`]). Changes are announced on a
+/// [`tokio::sync::watch`] channel carrying the new generation: tokio's `sync` primitives need no tokio
+/// runtime, so a glommio executor or a plain thread (`Receiver::has_changed`) can use it as well. A
+/// watch channel only keeps the latest value: a slow subscriber skips intermediate generations,
+/// which is right for snapshots, where only the latest matters.
+#[derive(Clone)]
+pub struct Published {
+    inner: Arc<PublishedInner>,
+}
+
+impl Published {
+    /// A cell holding `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Self {
+        let (changes, _) = watch::channel(snapshot.generation);
+        Self {
+            inner: Arc::new(PublishedInner {
+                current: ArcSwap::from_pointee(snapshot),
+                writer: Mutex::new(()),
+                changes,
+            }),
+        }
+    }
+
+    /// The current snapshot, as an `Arc` the caller may keep as long as it likes (a connection keeps
+    /// the snapshot it started with). Lock-free.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.inner.current.load_full()
+    }
+
+    /// The current snapshot, borrowed without touching its reference count: the cheapest read, for a
+    /// short look on a hot path. Keep the guard briefly (a thread holding many guards makes later
+    /// loads slower); use [`Published::load`] to keep the snapshot.
+    pub fn load_guard(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.inner.current.load()
+    }
+
+    /// The generation of the current snapshot.
+    pub fn generation(&self) -> u64 {
+        self.inner.current.load().generation
+    }
+
+    /// Replaces the current snapshot with `snapshot` as it is, and tells subscribers its generation.
+    ///
+    /// The caller chooses the generation; it should be greater than the current one.
+    /// [`Published::publish`] chooses it.
+    pub fn store(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        let _writer = lock(&self.inner.writer);
+        self.store_locked(Arc::new(snapshot))
+    }
+
+    /// Indexes `config` as the next generation (one more than the current one), publishes it and
+    /// returns it.
+    pub fn publish(&self, config: LocalConfig, source: Option<PathBuf>, loaded_at: SystemTime) -> Arc<Snapshot> {
+        let _writer = lock(&self.inner.writer);
+        let generation = self.inner.current.load().generation + 1;
+        self.store_locked(Arc::new(Snapshot::new(config, generation, source, loaded_at)))
+    }
+
+    fn store_locked(&self, snapshot: Arc<Snapshot>) -> Arc<Snapshot> {
+        self.inner.current.store(Arc::clone(&snapshot));
+        // `send_replace` stores the value even when nobody subscribes.
+        self.inner.changes.send_replace(snapshot.generation);
+        snapshot
+    }
+
+    /// A receiver of the generation of each new snapshot: `changed().await` completes after the next
+    /// store, then [`Published::load`] reads it. Works on any executor, or none (`has_changed`).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+}
+
+impl Default for Published {
+    /// A cell holding [`Snapshot::empty`].
+    fn default() -> Self {
+        Self::new(Snapshot::empty())
+    }
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.load_guard();
+        f.debug_struct("Published")
+            .field("generation", &current.generation)
+            .field("source", &current.source)
+            .finish_non_exhaustive()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The configuration file watcher
+
+/// What one look at the configuration file found.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PollOutcome {
+    /// The file holds the configuration already published (or the change already rejected).
+    Unchanged,
+    /// The file changed and is valid: a snapshot of this generation was published.
+    Applied(u64),
+    /// The file changed and is invalid (or not UTF-8): the current snapshot stays. Reported once per
+    /// distinct content; [`ConfigWatcher::last_error`] keeps it.
+    Rejected(ConfigError),
+    /// The file could not be read (most often: it is missing while being replaced): the current
+    /// snapshot stays. Reported on every poll until the file is back.
+    Missing(io::Error),
+}
+
+/// What the watcher has seen of the file.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The content of the published configuration; `None` before the first one (see
+    /// [`ConfigWatcher::new`]).
+    applied: Option<Vec<u8>>,
+    /// The content last rejected, so that the same invalid file is judged (and logged) once.
+    rejected: Option<Vec<u8>>,
+    /// Why the file last failed, until it holds a valid configuration again.
+    last_error: Option<ConfigError>,
+    /// Whether the last poll could not read the file (to log the transitions only).
+    unreadable: bool,
+}
+
+/// Keeps a [`Published`] in step with a configuration file.
+///
+/// Change detection polls: each poll reads the file and compares its bytes with those of the last
+/// configuration seen. Local configuration files are small (kilobytes), so a read per interval costs
+/// little, and comparing content (rather than modification time and length) sees every change,
+/// including two writes within one timestamp tick and an atomic replacement by `rename` (the path is
+/// opened afresh each time). The file is parsed only when its bytes changed.
+///
+/// An invalid change is logged (`tracing::warn!`, with the [`ConfigError`] naming the field and
+/// line), kept for [`ConfigWatcher::last_error`], and changes nothing: the current snapshot stays. A
+/// file that cannot be read (missing while it is being replaced) also keeps the current snapshot.
+///
+/// With [`ConfigWatcher::with_registry`], every applied snapshot is also handed to
+/// [`ConnectionRegistry::reevaluate`], closing established connections the new policies deny.
+pub struct ConfigWatcher {
+    path: PathBuf,
+    published: Published,
+    registry: Option<ConnectionRegistry>,
+    seen: Mutex<Seen>,
+}
+
+impl ConfigWatcher {
+    /// Loads the configuration file at `path` and publishes it as generation 1.
+    ///
+    /// Fails when the file cannot be read or is invalid: a proxy must not start on a configuration
+    /// it cannot apply. The error names the file, or the field and line.
+    pub fn start(path: impl Into<PathBuf>) -> Result<(ConfigWatcher, Published), ConfigError> {
+        let path = path.into();
+        let bytes = std::fs::read(&path).map_err(|err| read_error(&path, &err))?;
+        let config = parse(&path, &bytes)?;
+        let published = Published::new(Snapshot::new(config, 1, Some(path.clone()), SystemTime::now()));
+        tracing::info!(path = %path.display(), generation = 1, "loaded the local configuration");
+        let watcher = ConfigWatcher {
+            path,
+            published: published.clone(),
+            registry: None,
+            seen: Mutex::new(Seen {
+                applied: Some(bytes),
+                ..Seen::default()
+            }),
+        };
+        Ok((watcher, published))
+    }
+
+    /// A watcher of `path` that publishes to `published`, without reading the file yet: the first
+    /// poll that finds a valid file publishes it (as one more than the current generation), even if
+    /// `published` already holds the same configuration.
+    pub fn new(path: impl Into<PathBuf>, published: Published) -> Self {
+        Self {
+            path: path.into(),
+            published,
+            registry: None,
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// Re-evaluates the connections of `registry` after each applied change.
+    pub fn with_registry(mut self, registry: ConnectionRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The watched file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cell the watcher publishes to.
+    pub fn published(&self) -> &Published {
+        &self.published
+    }
+
+    /// Why the file last failed to load (an invalid change, or a read error), while it does not hold
+    /// a valid configuration; `None` once it does again. For the admin page.
+    pub fn last_error(&self) -> Option<ConfigError> {
+        lock(&self.seen).last_error.clone()
+    }
+
+    /// Reads the file once and publishes it if it changed and is valid; see [`PollOutcome`]. The
+    /// snapshot's `loaded_at` is [`SystemTime::now`]; [`ConfigWatcher::poll_once_at`] takes it.
+    pub fn poll_once(&self) -> PollOutcome {
+        self.poll_once_at(SystemTime::now())
+    }
+
+    /// [`ConfigWatcher::poll_once`], with the wall-clock time to record as the snapshot's `loaded_at`.
+    pub fn poll_once_at(&self, now: SystemTime) -> PollOutcome {
+        let mut seen = lock(&self.seen);
+        let path = self.path.display();
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                if !seen.unreadable {
+                    tracing::warn!(
+                        path = %path,
+                        error = %err,
+                        generation = self.published.generation(),
+                        "cannot read the local configuration; keeping the current one"
+                    );
+                }
+                seen.unreadable = true;
+                seen.last_error = Some(read_error(&self.path, &err));
+                return PollOutcome::Missing(err);
+            }
+        };
+        if std::mem::take(&mut seen.unreadable) {
+            tracing::info!(path = %path, "the local configuration is readable again");
+        }
+        if seen.applied.as_deref() == Some(&bytes[..]) {
+            // Back to (or still at) the published configuration.
+            seen.rejected = None;
+            seen.last_error = None;
+            return PollOutcome::Unchanged;
+        }
+        if seen.rejected.as_deref() == Some(&bytes[..]) {
+            return PollOutcome::Unchanged;
+        }
+        match parse(&self.path, &bytes) {
+            Ok(config) => {
+                let snapshot = self.published.publish(config, Some(self.path.clone()), now);
+                tracing::info!(
+                    path = %path,
+                    generation = snapshot.generation,
+                    "applied a change of the local configuration"
+                );
+                *seen = Seen {
+                    applied: Some(bytes),
+                    ..Seen::default()
+                };
+                drop(seen);
+                if let Some(registry) = &self.registry {
+                    let closed = registry.reevaluate(&snapshot);
+                    if closed > 0 {
+                        tracing::info!(
+                            generation = snapshot.generation,
+                            closed,
+                            "closed established connections the new policies deny"
+                        );
+                    }
+                }
+                PollOutcome::Applied(snapshot.generation)
+            }
+            Err(err) => {
+                tracing::warn!(
+                    path = %path,
+                    error = %err,
+                    generation = self.published.generation(),
+                    "rejected an invalid change of the local configuration; keeping the current one"
+                );
+                seen.rejected = Some(bytes);
+                seen.last_error = Some(err.clone());
+                PollOutcome::Rejected(err)
+            }
+        }
+    }
+
+    /// Polls the file now and then every `interval` (measured by `timer`), forever. Drop the future
+    /// to stop watching.
+    ///
+    /// The file is read on the calling thread (a few kilobytes, once per interval): run it on the
+    /// control-plane thread, not on a data-path core.
+    pub async fn run<T: Timer>(&self, timer: T, interval: Duration) -> Infallible {
+        loop {
+            self.poll_once_at(timer.system_now());
+            let deadline = timer.now() + interval;
+            timer.sleep_until(deadline).await;
+        }
+    }
+}
+
+impl fmt::Debug for ConfigWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigWatcher")
+            .field("path", &self.path)
+            .field("published", &self.published)
+            .field("registry", &self.registry)
+            .field("last_error", &self.last_error())
+            .finish()
+    }
+}
+
+fn read_error(path: &Path, err: &io::Error) -> ConfigError {
+    ConfigError::Read {
+        file: path.to_owned(),
+        kind: err.kind(),
+        message: err.to_string(),
+    }
+}
+
+/// Parses file content as [`LocalConfig::load`] does: content that is not UTF-8 is a read error.
+fn parse(path: &Path, bytes: &[u8]) -> Result<LocalConfig, ConfigError> {
+    let yaml =
+        std::str::from_utf8(bytes).map_err(|err| read_error(path, &io::Error::new(io::ErrorKind::InvalidData, err)))?;
+    LocalConfig::parse(yaml)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Established connections and their close signals
+
+/// Why a connection was told to close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The policies of a new snapshot deny the connection.
+    PolicyDenied {
+        /// The snapshot's generation.
+        generation: u64,
+        /// The DENY policy that matched (`namespace/name`); `None` when ALLOW policies apply and
+        /// none matches.
+        policy: Option<String>,
+        /// The decision, as ztunnel words it: `denied: explicitly denied by: ns/name`.
+        message: String,
+    },
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PolicyDenied {
+                generation, message, ..
+            } => write!(f, "configuration generation {generation}: {message}"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SignalInner {
+    /// Set once, when the connection must close.
+    reason: OnceLock<CloseReason>,
+    /// The task waiting on the [`CloseSignal`].
+    waker: Mutex<Option<Waker>>,
+}
+
+impl SignalInner {
+    /// Records `reason` and wakes the waiter; `false` if the signal had fired already.
+    fn fire(&self, reason: CloseReason) -> bool {
+        if self.reason.set(reason).is_err() {
+            return false;
+        }
+        // Taken under the lock that `poll` registers under, after the reason is set: either `poll`
+        // sees the reason, or its waker is here.
+        if let Some(waker) = lock(&self.waker).take() {
+            waker.wake();
+        }
+        true
+    }
+}
+
+/// A future that completes, with the reason, once the connection must close: select on it next to
+/// the connection's copy loop.
+///
+/// Runtime-agnostic (a reference-counted flag and a waker; no timer, no runtime) and one pointer in
+/// size. Meant for one waiting task; it is not `Clone` (one task drives a connection).
+#[derive(Debug)]
+#[must_use = "a close signal does nothing unless polled or checked"]
+pub struct CloseSignal {
+    inner: Arc<SignalInner>,
+}
+
+impl CloseSignal {
+    /// Why the connection must close, if it must; never waits.
+    pub fn reason(&self) -> Option<&CloseReason> {
+        self.inner.reason.get()
+    }
+
+    /// Whether the connection must close.
+    pub fn is_closed(&self) -> bool {
+        self.reason().is_some()
+    }
+}
+
+impl Future for CloseSignal {
+    type Output = CloseReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if let Some(reason) = self.inner.reason.get() {
+            return Poll::Ready(reason.clone());
+        }
+        let mut waker = lock(&self.inner.waker);
+        // Checked again under the lock: `fire` sets the reason before taking the waker.
+        if let Some(reason) = self.inner.reason.get() {
+            return Poll::Ready(reason.clone());
+        }
+        match &mut *waker {
+            Some(stored) if stored.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// The authorization attributes of an established connection: what [`PolicySet::evaluate`] needs to
+/// judge it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionAttrs {
+    /// The destination workload's uid. When set and the new snapshot still has the workload, its
+    /// namespace and policy keys are taken from there (a change may select new policies for it);
+    /// otherwise `namespace` and `policies` are used.
+    pub workload_uid: Option<String>,
+    /// The destination workload's namespace.
+    pub namespace: String,
+    /// The keys (`namespace/name`) of the policies that select the destination workload.
+    pub policies: Vec<String>,
+    /// The peer's verified identity; `None` for plaintext.
+    pub src_identity: Option<SpiffeId>,
+    /// The source address.
+    pub src: SocketAddr,
+    /// The destination address (workload address and port).
+    pub dst: SocketAddr,
+}
+
+impl ConnectionAttrs {
+    /// A connection to `workload` (its uid, namespace and policy keys).
+    pub fn for_workload(workload: &Workload, src_identity: Option<SpiffeId>, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self {
+            workload_uid: Some(workload.uid.clone()),
+            namespace: workload.namespace().to_owned(),
+            policies: workload.authorization_policies.clone(),
+            src_identity,
+            src,
+            dst,
+        }
+    }
+
+    /// A connection to a workload of `namespace` selecting `policies`, not tied to a workload uid.
+    pub fn new(
+        namespace: impl Into<String>,
+        policies: Vec<String>,
+        src_identity: Option<SpiffeId>,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Self {
+        Self {
+            workload_uid: None,
+            namespace: namespace.into(),
+            policies,
+            src_identity,
+            src,
+            dst,
+        }
+    }
+
+    /// Judges the connection against `snapshot`'s policies; `Some` with the reason if denied.
+    fn denied_by(&self, snapshot: &Snapshot) -> Option<CloseReason> {
+        let workload = self
+            .workload_uid
+            .as_deref()
+            .and_then(|uid| snapshot.state.workload_by_uid(uid));
+        let workload = match workload {
+            Some(workload) => WorkloadRef::new(workload.namespace(), &workload.authorization_policies),
+            None => WorkloadRef::new(&self.namespace, &self.policies),
+        };
+        let conn = Connection {
+            src_identity: self.src_identity.as_ref(),
+            src: self.src,
+            dst: self.dst,
+        };
+        let verdict = snapshot.policies.evaluate(&workload, &conn);
+        let reason = verdict.decision.deny_reason()?;
+        Some(CloseReason::PolicyDenied {
+            generation: snapshot.generation,
+            policy: reason.policy().map(str::to_owned),
+            message: verdict.decision.to_string(),
+        })
+    }
+}
+
+struct Registered {
+    attrs: ConnectionAttrs,
+    signal: Arc<SignalInner>,
+}
+
+/// Shards of the registry, so that registrations on many cores rarely meet on one lock.
+const SHARDS: usize = 16;
+
+struct RegistryInner {
+    next_id: AtomicU64,
+    shards: [Mutex<HashMap<u64, Registered>>; SHARDS],
+}
+
+impl RegistryInner {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Registered>> {
+        // The remainder is below SHARDS, so the cast cannot truncate.
+        &self.shards[(id % SHARDS as u64) as usize]
+    }
+}
+
+/// The established connections whose authorization a new snapshot must re-check (ztunnel's
+/// connection manager and policy watcher).
+///
+/// Thread-safe and cheap to clone (one reference count). Registration is one short lock of one of
+/// 16 shards; the [`ConnectionGuard`] it returns unregisters on drop. [`ConnectionRegistry::reevaluate`]
+/// runs on the control thread and locks one shard at a time.
+#[derive(Clone)]
+pub struct ConnectionRegistry {
+    inner: Arc<RegistryInner>,
+}
+
+impl ConnectionRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(RegistryInner {
+                next_id: AtomicU64::new(0),
+                shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            }),
+        }
+    }
+
+    /// Registers an established connection: the guard keeps it registered until dropped, the signal
+    /// completes when a new snapshot denies it.
+    pub fn register(&self, attrs: ConnectionAttrs) -> (ConnectionGuard, CloseSignal) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let signal = Arc::new(SignalInner::default());
+        lock(self.inner.shard(id)).insert(
+            id,
+            Registered {
+                attrs,
+                signal: Arc::clone(&signal),
+            },
+        );
+        let guard = ConnectionGuard {
+            registry: Arc::clone(&self.inner),
+            id,
+        };
+        (guard, CloseSignal { inner: signal })
+    }
+
+    /// The number of registered connections.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|shard| lock(shard).len()).sum()
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Judges every registered connection against `snapshot`'s policies and fires the close signal
+    /// of each one now denied; returns how many were newly told to close (connections told before
+    /// are not judged again). Dry-run policies are not enforced, as for new connections.
+    pub fn reevaluate(&self, snapshot: &Snapshot) -> usize {
+        let mut closed = 0;
+        for shard in &self.inner.shards {
+            for (id, registered) in lock(shard).iter() {
+                if registered.signal.reason.get().is_some() {
+                    continue;
+                }
+                if let Some(reason) = registered.attrs.denied_by(snapshot) {
+                    let attrs = &registered.attrs;
+                    tracing::debug!(
+                        connection = id,
+                        src = %attrs.src,
+                        dst = %attrs.dst,
+                        %reason,
+                        "closing a connection"
+                    );
+                    closed += usize::from(registered.signal.fire(reason));
+                }
+            }
+        }
+        closed
+    }
+}
+
+impl Default for ConnectionRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ConnectionRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionRegistry")
+            .field("connections", &self.len())
+            .finish()
+    }
+}
+
+/// Keeps a connection registered in its [`ConnectionRegistry`]; dropping it unregisters the
+/// connection. Hold it for the connection's lifetime.
+#[must_use = "dropping the guard unregisters the connection at once"]
+pub struct ConnectionGuard {
+    registry: Arc<RegistryInner>,
+    id: u64,
+}
+
+impl fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionGuard").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        lock(self.registry.shard(self.id)).remove(&self.id);
+    }
+}
