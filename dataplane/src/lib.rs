@@ -7,6 +7,7 @@
 //! - [`state`]: an immutable snapshot of workloads, services and policies with the lookups routing
 //!   needs, as pure functions.
 //! - [`rbac`]: Istio L4 authorization policies and their evaluation, as pure functions.
+//! - [`proxy`]: the data path: the inbound HBONE handler and the outbound proxy.
 //! - [`rt`]: the runtime seam: sockets made through one factory (marks, transparent binds,
 //!   reuse-port, `SO_ORIGINAL_DST`) and tokio's timer, executor and HBONE connector.
 //! - [`socks5`]: the SOCKS5 handshake of the outbound SOCKS listener (CONNECT, no authentication).
@@ -15,6 +16,7 @@
 //!   registry that closes established connections a new policy denies.
 
 pub mod config;
+pub mod proxy;
 pub mod rbac;
 pub mod rt;
 pub mod socks5;

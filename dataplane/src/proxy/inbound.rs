@@ -1,0 +1,361 @@
+//! The inbound proxy: the HBONE server side on the tokio data path.
+//!
+//! An [`InboundHandler`] is made for every accepted HBONE connection and decides on each CONNECT
+//! stream of it, in this order (the statuses of `HBONE.md`):
+//!
+//! 1. the authority must be `ip:port`: a hostname gets 400;
+//! 2. its IP must be the address the connection arrived on: another one gets 400;
+//! 3. its port must not be one of the proxy's own ports (nor the port the connection arrived on):
+//!    such a request would loop back into the proxy and gets 503;
+//! 4. the IP must belong to a workload this proxy serves ([`State::inbound_workload`]): else 400;
+//! 5. the policies of the current snapshot must allow the peer: a denial gets 401 (dry-run outcomes
+//!    are logged, not enforced);
+//! 6. a TCP connection to the authority (`TCP_NODELAY` on) must succeed: else 503.
+//!
+//! The accepted connection is registered in the [`ConnectionRegistry`], so that a later snapshot
+//! whose policies deny it closes it, and the upstream is returned as an [`InboundUpstream`].
+//!
+//! **Telemetry design.** The per-connection state (metrics recorder, start time, access log entry)
+//! lives in the [`InboundUpstream`] itself, not in a map keyed by stream: the upstream counts bytes
+//! as they pass, and when the HBONE server drops it at the end of the stream, its `Drop` closes the
+//! metrics and writes the access log line with the duration measured from the connect. This needs
+//! no lookup in [`Handler::finished`] and cannot leak an entry for a stream whose report never
+//! comes. Requests refused after the destination workload is known (401, failed connect) are
+//! counted and logged in `connect`; earlier refusals (400, loops) are only logged by the server.
+//!
+//! [`State::inbound_workload`]: crate::state::State::inbound_workload
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use meshwire_hbone::headers::Authority;
+use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal, StreamReport};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::rbac::{Connection, WorkloadRef};
+use crate::state::LocalProxy;
+use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
+use crate::telemetry::metrics::{
+    ConnectionLabels, ConnectionMetrics, Metrics, Reporter, ResponseFlags, SecurityPolicy,
+};
+use crate::watch::{CloseReason, CloseSignal, ConnectionAttrs, ConnectionGuard, ConnectionRegistry, Published};
+
+/// Decides on the CONNECT streams of one accepted HBONE connection and connects their upstreams.
+#[derive(Debug, Clone)]
+pub struct InboundHandler {
+    published: Published,
+    proxy: LocalProxy,
+    arrived_on: SocketAddr,
+    peer_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    registry: ConnectionRegistry,
+    log_format: LogFormat,
+}
+
+impl InboundHandler {
+    /// A handler for a connection that arrived on `arrived_on` (the accepted socket's local address).
+    ///
+    /// The client's address is unknown (`0.0.0.0:0`) until [`with_peer_addr`](Self::with_peer_addr)
+    /// sets it; it is the source address authorization and the access log see.
+    pub fn new(
+        published: Published,
+        proxy: LocalProxy,
+        arrived_on: SocketAddr,
+        metrics: Arc<Metrics>,
+        registry: ConnectionRegistry,
+        log_format: LogFormat,
+    ) -> Self {
+        Self {
+            published,
+            proxy,
+            arrived_on,
+            peer_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            metrics,
+            registry,
+            log_format,
+        }
+    }
+
+    /// Sets the client's address (the accepted socket's peer address).
+    pub fn with_peer_addr(mut self, peer_addr: SocketAddr) -> Self {
+        self.peer_addr = peer_addr;
+        self
+    }
+
+    /// The address the connection arrived on.
+    pub fn arrived_on(&self) -> SocketAddr {
+        self.arrived_on
+    }
+
+    /// Counts and logs a request refused after its destination was known, and returns the refusal.
+    fn refuse(
+        &self,
+        recorder: ConnectionMetrics,
+        entry: AccessLogEntry,
+        flags: ResponseFlags,
+        refusal: Refusal,
+    ) -> Refusal {
+        let summary = recorder.finish(flags);
+        let entry = entry
+            .with_transfer(summary.sent, summary.received)
+            .with_error(refusal.reason.clone());
+        accesslog::emit(&entry, self.log_format);
+        refusal
+    }
+}
+
+impl Handler for InboundHandler {
+    type Upstream = InboundUpstream;
+
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<InboundUpstream>, Refusal> {
+        let dst = match &request.authority {
+            Authority::SocketAddr(addr) => *addr,
+            other => {
+                return Err(Refusal::bad_request(format!(
+                    "hostname authorities are not served yet: {other}"
+                )));
+            }
+        };
+        if dst.ip() != self.arrived_on.ip() {
+            return Err(Refusal::bad_request(format!(
+                "authority IP {} is not the address the connection arrived on, {}",
+                dst.ip(),
+                self.arrived_on.ip()
+            )));
+        }
+        if self.proxy.ports.contains(&dst.port()) || dst.port() == self.arrived_on.port() {
+            return Err(Refusal::unavailable(format!(
+                "{dst} is one of the proxy's own ports: the connection would loop"
+            )));
+        }
+
+        let snapshot = self.published.load();
+        let Some(workload) = snapshot.state.inbound_workload(&self.proxy, dst.ip()) else {
+            return Err(Refusal::bad_request(format!(
+                "no workload served by this proxy has the IP {}",
+                dst.ip()
+            )));
+        };
+        let source = snapshot
+            .state
+            .workload_by_ip(&self.proxy.network, self.peer_addr.ip())
+            .filter(|w| w.spiffe_id() == &request.peer);
+
+        let labels = ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
+            .with_source(source)
+            .with_source_principal(Some(&request.peer))
+            .with_destination(Some(workload));
+        let entry = AccessLogEntry::from_labels(&labels, self.peer_addr, dst)
+            .with_source_workload(source)
+            .with_destination_workload(Some(workload))
+            .with_hbone_addr(dst);
+        let recorder = self.metrics.open(labels);
+        let start = Instant::now();
+
+        // Authorization.
+        let conn = Connection {
+            src_identity: Some(&request.peer),
+            src: self.peer_addr,
+            dst,
+        };
+        let verdict = snapshot.policies.evaluate(
+            &WorkloadRef::new(workload.namespace(), &workload.authorization_policies),
+            &conn,
+        );
+        for outcome in &verdict.dry_run {
+            tracing::info!(
+                policy = outcome.policy,
+                action = %outcome.action,
+                matched = outcome.matched,
+                would_deny = outcome.would_deny(),
+                connection = %conn,
+                "dry-run authorization policy"
+            );
+        }
+        if let Some(decision) = &verdict.dry_run_decision {
+            tracing::info!(connection = %conn, decision = %decision, "dry-run authorization decision");
+        }
+        if !verdict.decision.is_allowed() {
+            let reason = format!("{}: {}", conn, verdict.decision);
+            return Err(self.refuse(
+                recorder,
+                entry,
+                ResponseFlags::AuthorizationPolicyDenied,
+                Refusal::unauthorized(reason),
+            ));
+        }
+
+        // Upstream.
+        let tcp = match TcpStream::connect(dst).await {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                return Err(self.refuse(
+                    recorder,
+                    entry,
+                    ResponseFlags::ConnectionFailure,
+                    Refusal::unavailable(format!("connecting to {dst} failed: {e}")),
+                ));
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%dst, error = %e, "could not set TCP_NODELAY on the upstream");
+        }
+
+        let attrs = ConnectionAttrs::for_workload(workload, Some(request.peer.clone()), self.peer_addr, dst);
+        let (guard, close) = self.registry.register(attrs);
+        Ok(Connected::from(InboundUpstream {
+            tcp,
+            close,
+            closed: None,
+            recorder: Some(recorder),
+            _guard: guard,
+            start,
+            entry: Some(entry),
+            log_format: self.log_format,
+        }))
+    }
+
+    /// Accepted streams are counted and logged when their [`InboundUpstream`] drops; this only
+    /// traces the report.
+    fn finished(&self, report: StreamReport) {
+        tracing::debug!(
+            peer = %report.peer,
+            authority = ?report.authority.as_ref().map(ToString::to_string),
+            status = %report.status,
+            refusal = ?report.refusal,
+            to_upstream = report.to_upstream,
+            from_upstream = report.from_upstream,
+            error = ?report.error.as_ref().map(ToString::to_string),
+            "inbound HBONE stream finished"
+        );
+    }
+}
+
+/// The upstream of an accepted inbound stream: a TCP connection to the destination workload that
+/// counts its bytes into the connection's metrics, fails every read and write once a new policy
+/// denies the connection, keeps the connection registered while it lives, and on drop closes the
+/// metrics and writes the access log line.
+#[derive(Debug)]
+pub struct InboundUpstream {
+    tcp: TcpStream,
+    close: CloseSignal,
+    /// Set once the close signal fired.
+    closed: Option<CloseReason>,
+    /// `Some` until dropped.
+    recorder: Option<ConnectionMetrics>,
+    _guard: ConnectionGuard,
+    start: Instant,
+    /// `Some` until dropped.
+    entry: Option<AccessLogEntry>,
+    log_format: LogFormat,
+}
+
+impl InboundUpstream {
+    /// The error every read and write returns once the connection was told to close.
+    fn check_closed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.closed.is_none()
+            && let Poll::Ready(reason) = Pin::new(&mut self.close).poll(cx)
+        {
+            self.closed = Some(reason);
+        }
+        match &self.closed {
+            Some(reason) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("connection closed by policy: {reason}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes read from the upstream so far (toward the client).
+    pub fn sent(&self) -> u64 {
+        self.recorder.as_ref().map_or(0, ConnectionMetrics::sent)
+    }
+
+    /// Bytes written to the upstream so far (from the client).
+    pub fn received(&self) -> u64 {
+        self.recorder.as_ref().map_or(0, ConnectionMetrics::received)
+    }
+}
+
+impl AsyncRead for InboundUpstream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.check_closed(cx)?;
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0
+            && let Some(recorder) = &self.recorder
+        {
+            recorder.record_sent(n as u64);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for InboundUpstream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.check_closed(cx)?;
+        let result = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result
+            && let Some(recorder) = &self.recorder
+        {
+            recorder.record_received(*n as u64);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check_closed(cx)?;
+        let result = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &result
+            && let Some(recorder) = &self.recorder
+        {
+            recorder.record_received(*n as u64);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl Drop for InboundUpstream {
+    fn drop(&mut self) {
+        let (Some(recorder), Some(entry)) = (self.recorder.take(), self.entry.take()) else {
+            return;
+        };
+        let closed = self.closed.take().or_else(|| self.close.reason().cloned());
+        let flags = if closed.is_some() {
+            ResponseFlags::AuthorizationPolicyDenied
+        } else {
+            ResponseFlags::None
+        };
+        let summary = recorder.finish(flags);
+        let mut entry = entry
+            .with_transfer(summary.sent, summary.received)
+            .with_duration(self.start.elapsed());
+        if let Some(reason) = closed {
+            entry = entry.with_error(format!("connection closed by policy: {reason}"));
+        }
+        accesslog::emit(&entry, self.log_format);
+    }
+}

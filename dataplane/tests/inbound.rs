@@ -1,0 +1,307 @@
+//! The inbound HBONE handler over real loopback sockets and real mutual TLS.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshwire_dataplane::proxy::inbound::InboundHandler;
+use meshwire_dataplane::rt::tokio::TokioTimer;
+use meshwire_dataplane::state::LocalProxy;
+use meshwire_dataplane::telemetry::accesslog::LogFormat;
+use meshwire_dataplane::telemetry::metrics::Metrics;
+use meshwire_dataplane::watch::{ConnectionRegistry, Published, Snapshot};
+use meshwire_dataplane::xds::LocalConfig;
+use meshwire_hbone::client::{self, ClientConnection, ConnectRequest, Tunnel};
+use meshwire_hbone::headers::Authority;
+use meshwire_hbone::server::{self, ServeOptions};
+use meshwire_hbone::settings::Settings;
+use meshwire_identity::id::{SpiffeId, TrustDomain};
+use meshwire_identity::source::local_ca::LocalCa;
+use meshwire_identity::tls::{self, TrustDomains};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+/// The server workload on 127.0.0.1, no policies.
+const OPEN: &str = r#"
+workloads:
+- name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+"#;
+
+/// OPEN with a namespace DENY policy for the client's principal.
+const DENY_CLIENT: &str = r#"
+workloads:
+- name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+policies:
+- name: deny-client
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: [!Exact cluster.local/ns/default/sa/client]
+"#;
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+struct Pki {
+    server_tls: Arc<rustls::ServerConfig>,
+    client_tls: Arc<rustls::ClientConfig>,
+}
+
+fn pki() -> Pki {
+    let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap();
+    let server = ca.issue(&id(SERVER)).unwrap();
+    let client = ca.issue(&id(CLIENT)).unwrap();
+    let server_tls = Arc::new(
+        tls::server_config(
+            &server.svid,
+            &server.bundles,
+            &TrustDomains::only(ca.trust_domain().clone()),
+            vec![b"h2".to_vec()],
+        )
+        .unwrap(),
+    );
+    let client_tls =
+        Arc::new(tls::client_config(&client.svid, &client.bundles, vec![id(SERVER)], vec![b"h2".to_vec()]).unwrap());
+    Pki { server_tls, client_tls }
+}
+
+/// An inbound proxy on `ip` serving the configuration `yaml`.
+struct Proxy {
+    addr: SocketAddr,
+    published: Published,
+    metrics: Arc<Metrics>,
+    registry: ConnectionRegistry,
+    client_tls: Arc<rustls::ClientConfig>,
+}
+
+async fn proxy(ip: &str, yaml: &str) -> Proxy {
+    let pki = pki();
+    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = LocalConfig::parse(yaml).unwrap();
+    let published = Published::new(Snapshot::new(config, 1, None, SystemTime::now()));
+    let metrics = Arc::new(Metrics::new());
+    let registry = ConnectionRegistry::new();
+    let local = LocalProxy::new().with_addresses([addr.ip()]);
+    let (p, m, r, tls_config) = (
+        published.clone(),
+        metrics.clone(),
+        registry.clone(),
+        pki.server_tls.clone(),
+    );
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                return;
+            };
+            tcp.set_nodelay(true).unwrap();
+            let handler = InboundHandler::new(
+                p.clone(),
+                local.clone(),
+                tcp.local_addr().unwrap(),
+                m.clone(),
+                r.clone(),
+                LogFormat::Text,
+            )
+            .with_peer_addr(peer);
+            let tls_config = tls_config.clone();
+            tokio::spawn(async move {
+                let options = ServeOptions::default();
+                let _ = server::serve(tcp, tls_config, &options, &handler, &TokioTimer, std::future::pending()).await;
+            });
+        }
+    });
+    Proxy {
+        addr,
+        published,
+        metrics,
+        registry,
+        client_tls: pki.client_tls,
+    }
+}
+
+impl Proxy {
+    async fn connect(&self) -> ClientConnection {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (conn, driver) = client::handshake(tcp, self.client_tls.clone(), &Settings::default(), TokioTimer)
+            .await
+            .unwrap();
+        tokio::spawn(driver);
+        conn
+    }
+
+    async fn open(&self, authority: SocketAddr) -> Result<Tunnel, u16> {
+        let conn = self.connect().await;
+        conn.open(&ConnectRequest::new(Authority::SocketAddr(authority)))
+            .await
+            .map_err(|e| e.status().map_or(0, |s| s.as_u16()))
+    }
+}
+
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The value of the series of `family` in `text`, if there is one.
+fn series(text: &str, family: &str) -> Option<u64> {
+    text.lines()
+        .find(|line| line.starts_with(&format!("{family}{{")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn roundtrip(tunnel: &mut Tunnel, data: &[u8]) {
+    tunnel.write_all(data).await.unwrap();
+    tunnel.flush().await.unwrap();
+    let mut back = vec![0; data.len()];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, data);
+}
+
+#[tokio::test]
+async fn an_allowed_stream_echoes_and_is_counted() {
+    let echo = echo_server().await;
+    let proxy = proxy("127.0.0.1", OPEN).await;
+    let mut tunnel = proxy.open(echo).await.unwrap();
+    roundtrip(&mut tunnel, b"hello").await;
+    roundtrip(&mut tunnel, b" inbound world").await;
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+
+    // The upstream is dropped when the server's stream ends, shortly after the client saw EOF.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = proxy.metrics.render();
+        if series(&text, "istio_tcp_connections_closed_total") == Some(1) {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never closed:\n{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(series(&text, "istio_tcp_connections_opened_total"), Some(1), "{text}");
+    assert_eq!(series(&text, "istio_tcp_received_bytes_total"), Some(19), "{text}");
+    assert_eq!(series(&text, "istio_tcp_sent_bytes_total"), Some(19), "{text}");
+    let opened = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .unwrap();
+    assert!(opened.contains("reporter=\"destination\""), "{opened}");
+    assert!(
+        opened.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""),
+        "{opened}"
+    );
+    assert!(proxy.registry.is_empty());
+}
+
+#[tokio::test]
+async fn an_authority_ip_other_than_the_arrival_address_gets_400() {
+    let echo = echo_server().await;
+    let proxy = proxy("127.0.0.1", OPEN).await;
+    let other = SocketAddr::new("127.0.0.2".parse().unwrap(), echo.port());
+    assert_eq!(proxy.open(other).await.unwrap_err(), 400);
+}
+
+#[tokio::test]
+async fn the_proxys_own_port_gets_503() {
+    let proxy = proxy("127.0.0.1", OPEN).await;
+    assert_eq!(proxy.open(proxy.addr).await.unwrap_err(), 503);
+    let own = SocketAddr::new(proxy.addr.ip(), 15008);
+    assert_eq!(proxy.open(own).await.unwrap_err(), 503);
+}
+
+#[tokio::test]
+async fn an_unknown_workload_gets_400() {
+    // The proxy listens on 127.0.0.3, where no workload is.
+    let proxy = proxy("127.0.0.3", OPEN).await;
+    let target = SocketAddr::new(proxy.addr.ip(), 9);
+    assert_eq!(proxy.open(target).await.unwrap_err(), 400);
+}
+
+#[tokio::test]
+async fn a_denied_client_gets_401() {
+    let echo = echo_server().await;
+    let proxy = proxy("127.0.0.1", DENY_CLIENT).await;
+    assert_eq!(proxy.open(echo).await.unwrap_err(), 401);
+    let text = proxy.metrics.render();
+    let closed = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+        .unwrap();
+    assert!(closed.contains("response_flags=\"DENY\""), "{closed}");
+}
+
+#[tokio::test]
+async fn a_closed_upstream_port_gets_503() {
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let proxy = proxy("127.0.0.1", OPEN).await;
+    assert_eq!(proxy.open(closed).await.unwrap_err(), 503);
+}
+
+#[tokio::test]
+async fn a_new_deny_policy_resets_an_established_stream() {
+    let echo = echo_server().await;
+    let proxy = proxy("127.0.0.1", OPEN).await;
+    let mut tunnel = proxy.open(echo).await.unwrap();
+    roundtrip(&mut tunnel, b"before").await;
+    assert_eq!(proxy.registry.len(), 1);
+
+    let snapshot = proxy
+        .published
+        .publish(LocalConfig::parse(DENY_CLIENT).unwrap(), None, SystemTime::now());
+    assert_eq!(proxy.registry.reevaluate(&snapshot), 1);
+
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf))
+        .await
+        .expect("the tunnel was not closed in time");
+    assert!(read.is_err(), "expected a reset, got {read:?}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !proxy.registry.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection stayed registered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,383 @@
+//! The outbound SOCKS5 path end to end, in process: a hand-written SOCKS5 client, the proxy's
+//! [`Outbound`] with a real HBONE pool and certificate manager over a local CA, an HBONE server with
+//! mTLS on loopback, and TCP echo servers.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use meshwire_dataplane::proxy::outbound::{
+    CertManagerTls, HbonePool, Outbound, OutboundSummary, RouteKind, SourceWorkload,
+};
+use meshwire_dataplane::rt::tokio::{ConnectorConfig, TokioConnector, TokioExecutor, TokioTimer};
+use meshwire_dataplane::socks5::Reply;
+use meshwire_dataplane::state::LocalProxy;
+use meshwire_dataplane::watch::{Published, Snapshot};
+use meshwire_dataplane::xds::LocalConfig;
+use meshwire_hbone::copy::CopyConfig;
+use meshwire_hbone::pool::{Pool, PoolConfig};
+use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+use meshwire_identity::id::{SpiffeId, TrustDomain};
+use meshwire_identity::manager::{CertManager, ManagerConfig};
+use meshwire_identity::source::local_ca::LocalCa;
+use meshwire_identity::tls::{self, TrustDomains};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+/// What the HBONE server's handler saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    peer: SpiffeId,
+    authority: String,
+    forwarded: Option<String>,
+}
+
+/// Connects to the authority on loopback; 401 for port 1.
+#[derive(Default)]
+struct TestHandler {
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Handler for TestHandler {
+    type Upstream = TcpStream;
+
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<TcpStream>, Refusal> {
+        self.seen.lock().unwrap().push(Seen {
+            peer: request.peer.clone(),
+            authority: request.authority.to_string(),
+            forwarded: request.metadata.forwarded.as_ref().map(|f| format!("{f:?}")),
+        });
+        let addr = request
+            .authority
+            .as_socket_addr()
+            .ok_or_else(|| Refusal::bad_request("not an address"))?;
+        if addr.port() == 1 {
+            return Err(Refusal::unauthorized("port 1 is forbidden"));
+        }
+        let upstream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))?;
+        Ok(Connected::from(upstream))
+    }
+}
+
+async fn echo_server(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn hbone_server(ca: &LocalCa) -> (SocketAddr, Arc<TestHandler>) {
+    let creds = ca.issue(&id(SERVER)).unwrap();
+    let tls_config = Arc::new(
+        tls::server_config(
+            &creds.svid,
+            &creds.bundles,
+            &TrustDomains::only(ca.trust_domain().clone()),
+            vec![b"h2".to_vec()],
+        )
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(TestHandler::default());
+    let h = handler.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tcp.set_nodelay(true).unwrap();
+            let (tls_config, h) = (tls_config.clone(), h.clone());
+            tokio::spawn(async move {
+                let _ = server::serve(
+                    tcp,
+                    tls_config,
+                    &ServeOptions::default(),
+                    &*h,
+                    &TokioTimer,
+                    std::future::pending::<()>(),
+                )
+                .await;
+            });
+        }
+    });
+    (addr, handler)
+}
+
+struct Fixture {
+    socks: SocketAddr,
+    echo: SocketAddr,
+    plain_echo: SocketAddr,
+    handler: Arc<TestHandler>,
+    summaries: mpsc::UnboundedReceiver<OutboundSummary>,
+}
+
+async fn fixture() -> Fixture {
+    let ca = Arc::new(LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap());
+    let manager = CertManager::new(ca.clone(), TokioTimer, ManagerConfig::default());
+    let driver = manager.clone();
+    tokio::spawn(async move { driver.run().await });
+
+    let (hbone, handler) = hbone_server(&ca).await;
+    let echo = echo_server("127.0.0.1").await;
+    let plain_echo = echo_server("127.0.0.2").await;
+    let port = echo.port();
+    let yaml = format!(
+        r#"
+workloads:
+- uid: client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["127.0.0.3"]
+  protocol: HBONE
+- uid: server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+  services: {{"default/echo.example": {{80: {port}}}}}
+- uid: plain
+  name: plain
+  namespace: default
+  workloadIps: ["127.0.0.2"]
+  protocol: TCP
+services:
+- name: echo
+  namespace: default
+  hostname: echo.example
+  vips: ["/127.10.0.1"]
+  ports: {{80: {port}}}
+"#
+    );
+    let config = LocalConfig::parse(&yaml).unwrap();
+    let published = Published::new(Snapshot::new(config, 1, None, SystemTime::now()));
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let socks = listener.local_addr().unwrap();
+    let proxy = LocalProxy::new()
+        .with_addresses([socks.ip()])
+        .with_ports([socks.port()])
+        .with_hbone_port(hbone.port());
+    let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
+    let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default());
+    let outbound = Arc::new(Outbound::new(
+        published,
+        proxy,
+        SourceWorkload::Dedicated("client".into()),
+        pool,
+        CopyConfig::default(),
+    ));
+    let (tx, summaries) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                return;
+            };
+            let (outbound, tx) = (outbound.clone(), tx.clone());
+            tokio::spawn(async move {
+                let summary = outbound.serve_socks5(tcp, peer).await;
+                let _ = tx.send(summary);
+            });
+        }
+    });
+    Fixture {
+        socks,
+        echo,
+        plain_echo,
+        handler,
+        summaries,
+    }
+}
+
+enum Dest<'a> {
+    Addr(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// A SOCKS5 CONNECT by hand: the reply code and the stream.
+async fn socks_connect(proxy: SocketAddr, dest: Dest<'_>) -> (u8, TcpStream) {
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(&[5, 1, 0]).await.unwrap();
+    let mut method = [0u8; 2];
+    tcp.read_exact(&mut method).await.unwrap();
+    assert_eq!(method, [5, 0]);
+    let mut request = vec![5, 1, 0];
+    let port = match dest {
+        Dest::Addr(SocketAddr::V4(addr)) => {
+            request.push(1);
+            request.extend_from_slice(&addr.ip().octets());
+            addr.port()
+        }
+        Dest::Addr(SocketAddr::V6(addr)) => {
+            request.push(4);
+            request.extend_from_slice(&addr.ip().octets());
+            addr.port()
+        }
+        Dest::Name(name, port) => {
+            request.push(3);
+            request.push(u8::try_from(name.len()).unwrap());
+            request.extend_from_slice(name.as_bytes());
+            port
+        }
+    };
+    request.extend_from_slice(&port.to_be_bytes());
+    tcp.write_all(&request).await.unwrap();
+    let mut head = [0u8; 4];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 5);
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        other => panic!("unexpected ATYP {other} in the reply"),
+    };
+    let mut bound = vec![0u8; rest];
+    tcp.read_exact(&mut bound).await.unwrap();
+    (head[1], tcp)
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Sends `len` bytes through `tcp`, half-closes, and checks the echo matches.
+async fn echo_through(tcp: TcpStream, len: usize) {
+    let data = pattern(len, 7);
+    let expected = fnv(&data);
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), len);
+    assert_eq!(fnv(&back), expected);
+}
+
+async fn next_summary(f: &mut Fixture) -> OutboundSummary {
+    tokio::time::timeout(Duration::from_secs(10), f.summaries.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_mesh_workload_goes_through_hbone() {
+    let mut f = fixture().await;
+    let (code, tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
+    assert_eq!(code, 0);
+    echo_through(tcp, 1 << 20).await;
+
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Hbone));
+    assert!(summary.error.is_none(), "{:?}", summary.error);
+    assert_eq!(summary.sent, 1 << 20);
+    assert_eq!(summary.received, 1 << 20);
+    assert!(matches!(summary.reply, Some(Reply::Succeeded { .. })));
+
+    let seen = f.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer, id(CLIENT));
+    assert_eq!(seen[0].authority, f.echo.to_string());
+    assert!(seen[0].forwarded.is_some(), "no forwarded header");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_non_mesh_workload_passes_through() {
+    let mut f = fixture().await;
+    let (code, tcp) = socks_connect(f.socks, Dest::Addr(f.plain_echo)).await;
+    assert_eq!(code, 0);
+    echo_through(tcp, 64 * 1024).await;
+
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Passthrough));
+    assert!(summary.error.is_none(), "{:?}", summary.error);
+    assert_eq!(summary.sent, 64 * 1024);
+    assert!(f.handler.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_hostname_resolves_through_its_vip() {
+    let mut f = fixture().await;
+    let (code, tcp) = socks_connect(f.socks, Dest::Name("echo.example", 80)).await;
+    assert_eq!(code, 0);
+    echo_through(tcp, 4096).await;
+
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Hbone));
+    assert_eq!(summary.dst, Some("127.10.0.1:80".parse().unwrap()));
+    let seen = f.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].authority, f.echo.to_string());
+    assert!(seen[0].forwarded.as_deref().unwrap().contains("echo.example"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_hostname_is_host_unreachable() {
+    let mut f = fixture().await;
+    let (code, _tcp) = socks_connect(f.socks, Dest::Name("nowhere.example", 80)).await;
+    assert_eq!(code, 0x04);
+    let summary = next_summary(&mut f).await;
+    assert!(summary.error.is_some());
+    assert_eq!(summary.route, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_refused_by_the_hbone_server_is_not_allowed() {
+    let mut f = fixture().await;
+    let (code, _tcp) = socks_connect(f.socks, Dest::Addr("127.0.0.1:1".parse().unwrap())).await;
+    assert_eq!(code, 0x02);
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Hbone));
+    assert_eq!(summary.reply, Some(Reply::NotAllowed));
+    assert_eq!(f.handler.seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_looping_into_the_proxy_fails() {
+    let mut f = fixture().await;
+    let (code, _tcp) = socks_connect(f.socks, Dest::Addr(f.socks)).await;
+    assert_ne!(code, 0);
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Refused));
+    assert!(f.handler.seen.lock().unwrap().is_empty());
+}
