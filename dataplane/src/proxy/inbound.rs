@@ -257,11 +257,10 @@ pub struct InboundUpstream {
 
 impl InboundUpstream {
     /// The error every read and write returns once the connection was told to close.
-    fn check_closed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.closed.is_none()
-            && let Poll::Ready(reason) = Pin::new(&mut self.close).poll(cx)
-        {
-            self.closed = Some(reason);
+    /// Fails once the close signal fired. A set-once read: no lock on the data path.
+    fn check_closed(&mut self) -> io::Result<()> {
+        if self.closed.is_none() {
+            self.closed = self.close.reason().cloned();
         }
         match &self.closed {
             Some(reason) => Err(io::Error::new(
@@ -270,6 +269,21 @@ impl InboundUpstream {
             )),
             None => Ok(()),
         }
+    }
+
+    /// When the socket is about to park the task, the close signal must be able to wake it too:
+    /// register with it then (and only then, so busy streams never touch its lock).
+    fn or_close<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if result.is_pending()
+            && self.closed.is_none()
+            && let Poll::Ready(reason) = Pin::new(&mut self.close).poll(cx)
+        {
+            self.closed = Some(reason);
+            if let Err(e) = self.check_closed() {
+                return Poll::Ready(Err(e));
+            }
+        }
+        result
     }
 
     /// Bytes read from the upstream so far (toward the client).
@@ -285,7 +299,7 @@ impl InboundUpstream {
 
 impl AsyncRead for InboundUpstream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        self.check_closed(cx)?;
+        self.check_closed()?;
         let before = buf.filled().len();
         let result = Pin::new(&mut self.tcp).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
@@ -294,20 +308,20 @@ impl AsyncRead for InboundUpstream {
         {
             recorder.record_sent(n as u64);
         }
-        result
+        self.or_close(cx, result)
     }
 }
 
 impl AsyncWrite for InboundUpstream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.check_closed(cx)?;
+        self.check_closed()?;
         let result = Pin::new(&mut self.tcp).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &result
             && let Some(recorder) = &self.recorder
         {
             recorder.record_received(*n as u64);
         }
-        result
+        self.or_close(cx, result)
     }
 
     fn poll_write_vectored(
@@ -315,14 +329,14 @@ impl AsyncWrite for InboundUpstream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.check_closed(cx)?;
+        self.check_closed()?;
         let result = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &result
             && let Some(recorder) = &self.recorder
         {
             recorder.record_received(*n as u64);
         }
-        result
+        self.or_close(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
