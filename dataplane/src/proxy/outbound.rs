@@ -309,36 +309,28 @@ impl<S: ClientTlsSource> Outbound<S> {
         summary.dst = Some(dst);
 
         let pick = self.pick.fetch_add(1, Ordering::Relaxed);
-        match state.route_outbound(&self.proxy, source, dst, pick) {
+        let route = state.route_outbound(&self.proxy, source, dst, pick);
+        let via_waypoint = matches!(route, OutboundRoute::Waypoint { .. });
+        match route {
             OutboundRoute::Hbone {
                 endpoint,
                 authority,
                 expected_identities,
                 service,
                 ..
-            } => {
-                summary.route = Some(RouteKind::Hbone);
-                let host = service.map(|s| s.hostname);
-                self.hbone(
-                    stream,
-                    peer,
-                    source,
-                    endpoint,
-                    authority,
-                    expected_identities,
-                    host,
-                    summary,
-                )
-                .await
             }
-            OutboundRoute::Waypoint {
+            | OutboundRoute::Waypoint {
                 endpoint,
                 authority,
                 expected_identities,
                 service,
                 ..
             } => {
-                summary.route = Some(RouteKind::Waypoint);
+                summary.route = Some(if via_waypoint {
+                    RouteKind::Waypoint
+                } else {
+                    RouteKind::Hbone
+                });
                 let host = service.map(|s| s.hostname);
                 self.hbone(
                     stream,
