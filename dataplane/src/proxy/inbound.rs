@@ -38,12 +38,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::rbac::{Connection, WorkloadRef};
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions};
+use crate::rt::tokio::connect_with;
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, Metrics, Reporter, ResponseFlags, SecurityPolicy,
 };
 use crate::watch::{CloseReason, CloseSignal, ConnectionAttrs, ConnectionGuard, ConnectionRegistry, Published};
+
+/// How long connecting to the destination workload may take before the stream is refused with 503.
+const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Decides on the CONNECT streams of one accepted HBONE connection and connects their upstreams.
 #[derive(Debug, Clone)]
@@ -191,20 +196,24 @@ impl Handler for InboundHandler {
         }
 
         // Upstream.
-        let tcp = match TcpStream::connect(dst).await {
+        let tcp = match connect_with(
+            &DefaultSocketFactory,
+            dst,
+            &SocketOptions::default(),
+            UPSTREAM_CONNECT_TIMEOUT,
+        )
+        .await
+        {
             Ok(tcp) => tcp,
             Err(e) => {
                 return Err(self.refuse(
                     recorder,
                     entry,
                     ResponseFlags::ConnectionFailure,
-                    Refusal::unavailable(format!("connecting to {dst} failed: {e}")),
+                    Refusal::unavailable(e.to_string()),
                 ));
             }
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(%dst, error = %e, "could not set TCP_NODELAY on the upstream");
-        }
 
         let attrs = ConnectionAttrs::for_workload(workload, Some(request.peer.clone()), self.peer_addr, dst);
         let (guard, close) = self.registry.register(attrs);

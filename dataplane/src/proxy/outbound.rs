@@ -23,6 +23,9 @@ use meshwire_identity::time::Timer;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions};
+use crate::rt::tokio::connect_with;
+
 use crate::rt::tokio::{ClientTlsSource, TokioConnector, TokioExecutor, TokioTimer};
 use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
@@ -408,13 +411,13 @@ impl<S: ClientTlsSource> Outbound<S> {
         dst: SocketAddr,
         summary: &mut OutboundSummary,
     ) -> Result<(), OutboundError> {
-        let connected = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.connect_timeout),
-            )),
-        };
+        let connected = connect_with(
+            &DefaultSocketFactory,
+            dst,
+            &SocketOptions::default(),
+            self.connect_timeout,
+        )
+        .await;
         let mut upstream = match connected {
             Ok(upstream) => upstream,
             Err(source) => {
@@ -422,8 +425,6 @@ impl<S: ClientTlsSource> Outbound<S> {
                 return Err(OutboundError::Connect { dst, source });
             }
         };
-        // Latency matters more than packet count for proxied traffic; failing to set it is harmless.
-        let _ = upstream.set_nodelay(true);
         let bound = local_addr(stream);
         reply(stream, summary, Reply::Succeeded { bound }).await?;
         let outcome = copy::bidirectional(stream, &mut upstream, self.copy).await;

@@ -116,6 +116,17 @@ pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io:
     }
 }
 
+/// Connects to `peer` through `factory` (so the socket gets the marks and options every socket of
+/// the proxy gets), failing with [`io::ErrorKind::TimedOut`] after `timeout`.
+pub async fn connect_with<F: SocketFactory + ?Sized>(
+    factory: &F,
+    peer: SocketAddr,
+    opts: &SocketOptions,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    connect(factory.stream(peer, None, opts)?, peer, timeout).await
+}
+
 /// Settings of a [`TokioConnector`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectorConfig {
