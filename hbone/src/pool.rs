@@ -231,6 +231,14 @@ impl<C, E, T> Drop for LeadGuard<'_, C, E, T> {
     }
 }
 
+/// The entry of `key`, made if missing. The key is cloned only then, not on every stream.
+fn entry_of<'a>(keys: &'a mut HashMap<PoolKey, KeyEntry>, key: &PoolKey) -> &'a mut KeyEntry {
+    if !keys.contains_key(key) {
+        keys.insert(key.clone(), KeyEntry::default());
+    }
+    keys.get_mut(key).expect("inserted above when missing")
+}
+
 enum Step {
     Use(ClientConnection, StreamLease, Arc<AtomicBool>),
     Wait(Arc<Handshake>),
@@ -295,7 +303,7 @@ where
                     let result = self.handshake(key).await;
                     guard.done = true;
                     let mut keys = self.keys();
-                    let entry = keys.entry(key.clone()).or_default();
+                    let entry = entry_of(&mut keys, key);
                     entry.connecting = None;
                     let outcome = result.map(|conn| entry.conns.push(conn));
                     drop(keys);
@@ -310,7 +318,7 @@ where
     fn step(&self, key: &PoolKey) -> Step {
         let max = self.inner.config.max_streams_per_connection.max(1);
         let mut keys = self.keys();
-        let entry = keys.entry(key.clone()).or_default();
+        let entry = entry_of(&mut keys, key);
         entry.conns.retain(|c| !c.closed.load(Ordering::Acquire));
         for c in &mut entry.conns {
             let limit = max.min(c.client.max_send_streams().max(1));
