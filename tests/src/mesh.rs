@@ -1,0 +1,495 @@
+//! A mesh on loopback: one state directory (so every proxy and the tests share one local CA), one
+//! local configuration file that tests rewrite to change policies live, and proxy processes.
+//!
+//! Every proxy of a mesh listens for HBONE on the same port (routing assumes one HBONE port on every
+//! node) on its own loopback address, and on free ports for everything else.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshwire_identity::id::TrustDomain;
+use meshwire_identity::source::local_ca::LocalCa;
+
+use crate::binary::Binary;
+use crate::net;
+
+/// How long a proxy may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The environment variables the proxies read that a developer's shell might set: removed so that
+/// only what a test passes applies.
+const CLEARED_ENV: &[&str] = &[
+    "RUST_LOG",
+    "LOCAL_XDS_PATH",
+    "LOCAL_XDS",
+    "PROXY_MODE",
+    "PROXY_WORKLOAD_INFO",
+    "MESHWIRE_STATE_DIR",
+    "STATE_DIRECTORY",
+    "LOG_FORMAT",
+    "NODE_NAME",
+    "INSTANCE_IP",
+];
+
+/// A state directory, a configuration file and an HBONE port shared by the proxies of a test.
+#[derive(Debug)]
+pub struct Mesh {
+    dir: tempfile::TempDir,
+    hbone_port: u16,
+    ca: Arc<LocalCa>,
+}
+
+impl Mesh {
+    /// A mesh whose configuration is `yaml` (ztunnel's `LOCAL_XDS_PATH` format). The local CA is
+    /// created here, before any proxy starts, so that every proxy loads the same one.
+    pub fn new(yaml: &str) -> Mesh {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = LocalCa::load_or_create(
+            &dir.path().join("state").join("ca"),
+            TrustDomain::new("cluster.local").expect("trust domain"),
+        )
+        .expect("local CA");
+        let mesh = Mesh {
+            dir,
+            hbone_port: net::free_ports(1)[0],
+            ca: Arc::new(ca),
+        };
+        mesh.write_config(yaml);
+        mesh
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
+    }
+
+    /// Replaces the configuration file (atomically: written aside, then renamed), as an operator or
+    /// a control plane would; running proxies pick it up within their poll interval.
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, self.config_path()).expect("rename config");
+    }
+
+    /// The state directory the proxies share (its `ca/` holds the CA).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The mesh's CA.
+    pub fn ca(&self) -> &Arc<LocalCa> {
+        &self.ca
+    }
+
+    /// The HBONE port of every proxy.
+    pub fn hbone_port(&self) -> u16 {
+        self.hbone_port
+    }
+
+    /// A proxy of `binary` listening on `ip` (its inbound HBONE, outbound, plaintext, readiness and
+    /// metrics listeners; SOCKS5 and admin stay on 127.0.0.1).
+    pub fn proxy(&self, binary: &Binary, ip: IpAddr) -> ProxyBuilder {
+        ProxyBuilder {
+            binary: binary.clone(),
+            ip,
+            config: self.config_path(),
+            state_dir: self.state_dir(),
+            hbone_port: self.hbone_port,
+            mode: Mode::Shared,
+            args: Vec::new(),
+            env: Vec::new(),
+            drain_deadline: Duration::from_secs(2),
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Mode {
+    Shared,
+    Dedicated(String),
+}
+
+/// How to start one proxy process.
+#[derive(Debug, Clone)]
+pub struct ProxyBuilder {
+    binary: Binary,
+    ip: IpAddr,
+    config: PathBuf,
+    state_dir: PathBuf,
+    hbone_port: u16,
+    mode: Mode,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    drain_deadline: Duration,
+    log_level: String,
+}
+
+impl ProxyBuilder {
+    /// Dedicated mode for the workload `namespace/name/service-account`.
+    pub fn dedicated(mut self, workload: &str) -> Self {
+        self.mode = Mode::Dedicated(workload.to_owned());
+        self
+    }
+
+    /// Shared (node) mode, serving every workload of the configuration (the default).
+    pub fn shared(mut self) -> Self {
+        self.mode = Mode::Shared;
+        self
+    }
+
+    /// The drain deadline (default 2 s).
+    pub fn drain_deadline(mut self, deadline: Duration) -> Self {
+        self.drain_deadline = deadline;
+        self
+    }
+
+    /// The log filter (default `info`, which includes the access log).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.to_owned();
+        self
+    }
+
+    /// An extra command-line argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// An environment variable.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the process and waits until it listens; panics with its log if it exits or does not
+    /// listen within [`START_TIMEOUT`].
+    pub fn spawn(self) -> Proxy {
+        let ports = Ports::allocate(self.ip, self.hbone_port);
+        let mut cmd = Command::new(self.binary.path());
+        for name in CLEARED_ENV {
+            cmd.env_remove(name);
+        }
+        cmd.arg("--config").arg(&self.config);
+        cmd.arg("--state-dir").arg(&self.state_dir);
+        match &self.mode {
+            Mode::Shared => cmd.args(["--mode", "shared"]),
+            Mode::Dedicated(workload) => cmd.args(["--mode", "dedicated", "--workload", workload]),
+        };
+        let port = |p: u16| p.to_string();
+        cmd.args(["--bind-address", &self.ip.to_string()])
+            .args(["--socks5-address", "127.0.0.1", "--admin-address", "127.0.0.1"])
+            .args(["--inbound-port", &port(ports.inbound.port())])
+            .args(["--inbound-plaintext-port", &port(ports.inbound_plaintext.port())])
+            .args(["--outbound-port", &port(ports.outbound.port())])
+            .args(["--socks5-port", &port(ports.socks5.port())])
+            .args(["--readiness-port", &port(ports.readiness.port())])
+            .args(["--admin-port", &port(ports.admin.port())])
+            .args(["--metrics-port", &port(ports.metrics.port())])
+            .args(["--dns-proxy", "false"])
+            .args(["--drain-deadline", &format!("{}ms", self.drain_deadline.as_millis())])
+            .args(["--worker-threads", "2", "--log-level", &self.log_level])
+            .args(&self.args);
+        for (name, value) in &self.env {
+            cmd.env(name, value);
+        }
+        let command_line = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.path().display()));
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut log) = sink.lock() {
+                    log.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let mut proxy = Proxy {
+            name: self.binary.name(),
+            child: Some(child),
+            log,
+            ports,
+            command_line,
+        };
+        proxy.wait_listening();
+        proxy
+    }
+}
+
+/// The listener addresses of a proxy.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// Inbound HBONE.
+    pub inbound: SocketAddr,
+    /// Inbound plaintext capture.
+    pub inbound_plaintext: SocketAddr,
+    /// Outbound capture.
+    pub outbound: SocketAddr,
+    /// SOCKS5 (on 127.0.0.1).
+    pub socks5: SocketAddr,
+    /// Readiness.
+    pub readiness: SocketAddr,
+    /// Admin (on 127.0.0.1).
+    pub admin: SocketAddr,
+    /// Metrics.
+    pub metrics: SocketAddr,
+}
+
+impl Ports {
+    fn allocate(ip: IpAddr, hbone_port: u16) -> Ports {
+        let mut free = net::free_ports(6);
+        while free.contains(&hbone_port) {
+            free = net::free_ports(6);
+        }
+        let lo1 = net::lo(1);
+        Ports {
+            inbound: SocketAddr::new(ip, hbone_port),
+            inbound_plaintext: SocketAddr::new(ip, free[0]),
+            outbound: SocketAddr::new(ip, free[1]),
+            socks5: SocketAddr::new(lo1, free[2]),
+            readiness: SocketAddr::new(ip, free[3]),
+            admin: SocketAddr::new(lo1, free[4]),
+            metrics: SocketAddr::new(ip, free[5]),
+        }
+    }
+}
+
+/// A running proxy process; killed when dropped (unless it exited).
+#[derive(Debug)]
+pub struct Proxy {
+    name: &'static str,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    ports: Ports,
+    command_line: String,
+}
+
+impl Proxy {
+    /// Its listeners.
+    pub fn ports(&self) -> &Ports {
+        &self.ports
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Everything it wrote to stderr so far (logs and access logs).
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// A description for failure messages: binary, command line and log.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "--- {} ({})", self.name, self.command_line);
+        out.push_str(&self.log());
+        out
+    }
+
+    /// The log lines containing every one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns it, or `None` after `within`.
+    pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self.log_lines(needles).into_iter().next() {
+                return Some(line);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits up to `within` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                // Let the stderr thread collect the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The resident memory of the process in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        for addr in [self.ports.inbound, self.ports.socks5] {
+            loop {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    break;
+                }
+                if !self.is_running() {
+                    panic!("the proxy exited before listening on {addr}:\n{}", self.describe());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the proxy does not listen on {addr} after {START_TIMEOUT:?}:\n{}",
+                    self.describe()
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A path relative to the repository root (for example `dataplane/scripts/redirect.sh`).
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from(relative), |root| root.join(relative))
+}
+
+/// The fields of a text access-log line (`key=value` pairs, strings quoted as Rust's `Debug`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessLine {
+    fields: Vec<(String, String)>,
+}
+
+impl AccessLine {
+    /// Parses the `key=value` pairs of `line` from its first `src.addr=`; `None` when there is none.
+    pub fn parse(line: &str) -> Option<AccessLine> {
+        let start = line.find("src.addr=")?;
+        let mut rest = &line[start..];
+        let mut fields = Vec::new();
+        while let Some((key, after)) = rest.split_once('=') {
+            let key = key.trim().to_owned();
+            let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+                let mut value = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = quoted.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            if let Some((_, escaped)) = chars.next() {
+                                value.push(match escaped {
+                                    'n' => '\n',
+                                    't' => '\t',
+                                    other => other,
+                                });
+                            }
+                        }
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        other => value.push(other),
+                    }
+                }
+                (value, &quoted[end.min(quoted.len())..])
+            } else {
+                let end = after.find(' ').unwrap_or(after.len());
+                (after[..end].to_owned(), &after[end..])
+            };
+            fields.push((key, value));
+            rest = next.trim_start();
+            if rest.is_empty() {
+                break;
+            }
+        }
+        Some(AccessLine { fields })
+    }
+
+    /// The value of `key` (`src.identity`, `bytes_sent`).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The value of `key` as a number.
+    pub fn number(&self, key: &str) -> Option<u64> {
+        self.get(key)?.parse().ok()
+    }
+}
+
+impl Proxy {
+    /// The access-log lines with `direction` (`inbound`/`outbound`) logged so far.
+    pub fn access_lines(&self, direction: &str) -> Vec<AccessLine> {
+        let needle = format!("direction=\"{direction}\"");
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .filter_map(AccessLine::parse)
+            .collect()
+    }
+
+    /// Waits until at least `count` access-log lines with `direction` were logged; returns them all.
+    pub fn wait_access_lines(&self, direction: &str, count: usize, within: Duration) -> Vec<AccessLine> {
+        let deadline = Instant::now() + within;
+        loop {
+            let lines = self.access_lines(direction);
+            if lines.len() >= count || Instant::now() >= deadline {
+                return lines;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

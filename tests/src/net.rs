@@ -1,0 +1,308 @@
+//! Blocking network helpers: servers on loopback, a SOCKS5 client, an HTTP/1.1 client, payloads and
+//! checksums. Every blocking read has a timeout so a broken proxy fails a test instead of hanging it.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+/// How long a blocking read may wait before the helpers give up.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `127.0.0.<n>`.
+pub fn lo(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// `count` distinct free TCP ports, free on every address (bound on `0.0.0.0:0`, then released).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("0.0.0.0:0").expect("bind 0.0.0.0:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
+/// A TCP echo server: every connection gets its bytes back, then a half close after the client's.
+#[derive(Debug)]
+pub struct EchoServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+}
+
+impl EchoServer {
+    /// Listens on `ip` (any free port).
+    pub fn start(ip: IpAddr) -> EchoServer {
+        Self::start_on(SocketAddr::new(ip, 0))
+    }
+
+    /// Listens on `addr`.
+    pub fn start_on(addr: SocketAddr) -> EchoServer {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("echo server on {addr}: {e}"));
+        let addr = listener.local_addr().expect("local address");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    let Ok(mut reader) = stream.try_clone() else { return };
+                    let _ = io::copy(&mut reader, &mut stream);
+                    let _ = stream.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        EchoServer { addr, accepted }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A server that answers each connection with the client's address as text (`ip:port\n`), then
+/// echoes: it shows from which address a proxy connected.
+pub fn whoami_server(ip: IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).expect("bind whoami server");
+    let addr = listener.local_addr().expect("local address");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                if stream.write_all(format!("{peer}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let Ok(mut reader) = stream.try_clone() else { return };
+                let _ = io::copy(&mut reader, &mut stream);
+                let _ = stream.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A deterministic pseudo-random payload of `len` bytes.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut bytes = vec![0u8; len];
+    rng.fill(&mut bytes);
+    bytes
+}
+
+/// CRC-32 of `bytes`.
+pub fn checksum(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// What an echo exchange gave back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Echoed {
+    /// Bytes written.
+    pub sent: u64,
+    /// Bytes read back before the end of stream.
+    pub received: u64,
+    /// CRC-32 of what was written.
+    pub sent_crc: u32,
+    /// CRC-32 of what was read back.
+    pub received_crc: u32,
+}
+
+impl Echoed {
+    /// Whether everything came back unchanged.
+    pub fn intact(&self) -> bool {
+        self.sent == self.received && self.sent_crc == self.received_crc
+    }
+}
+
+/// Writes `len` pseudo-random bytes to `stream` (then half-closes it) while reading everything that
+/// comes back until end of stream; checksums both streams of bytes without keeping them.
+pub fn echo_exchange(stream: TcpStream, len: usize) -> io::Result<Echoed> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let sender = thread::spawn(move || -> io::Result<(u64, u32)> {
+        let mut rng = fastrand::Rng::with_seed(len as u64);
+        let mut hasher = crc32fast::Hasher::new();
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            rng.fill(&mut chunk[..n]);
+            hasher.update(&chunk[..n]);
+            writer.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        writer.shutdown(Shutdown::Write)?;
+        Ok((len as u64, hasher.finalize()))
+    });
+    let mut reader = stream;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let read_result = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                received += n as u64;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let (sent, sent_crc) = sender
+        .join()
+        .map_err(|_| io::Error::other("the sending thread panicked"))??;
+    read_result?;
+    Ok(Echoed {
+        sent,
+        received,
+        sent_crc,
+        received_crc: hasher.finalize(),
+    })
+}
+
+/// A SOCKS5 destination.
+#[derive(Debug, Clone)]
+pub enum Socks5Target {
+    /// An address.
+    Addr(SocketAddr),
+    /// A host name and port.
+    Domain(String, u16),
+}
+
+/// A SOCKS5 CONNECT through the proxy's SOCKS5 listener at `proxy`. `Ok` with the connected stream
+/// on reply 0; `Err` with the reply code otherwise (or an IO error as code 255 with its message).
+pub fn socks5_connect(proxy: SocketAddr, target: &Socks5Target) -> Result<TcpStream, Socks5Failure> {
+    let io = |e: io::Error| Socks5Failure::Io(e.to_string());
+    let mut tcp = TcpStream::connect(proxy).map_err(io)?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    tcp.write_all(&[5, 1, 0]).map_err(io)?;
+    let mut choice = [0u8; 2];
+    tcp.read_exact(&mut choice).map_err(io)?;
+    if choice != [5, 0] {
+        return Err(Socks5Failure::Io(format!("method selection answered {choice:?}")));
+    }
+    let mut request = vec![5, 1, 0];
+    match target {
+        Socks5Target::Addr(SocketAddr::V4(v4)) => {
+            request.push(1);
+            request.extend_from_slice(&v4.ip().octets());
+            request.extend_from_slice(&v4.port().to_be_bytes());
+        }
+        Socks5Target::Addr(SocketAddr::V6(v6)) => {
+            request.push(4);
+            request.extend_from_slice(&v6.ip().octets());
+            request.extend_from_slice(&v6.port().to_be_bytes());
+        }
+        Socks5Target::Domain(name, port) => {
+            request.push(3);
+            request.push(u8::try_from(name.len()).map_err(|_| Socks5Failure::Io("name too long".into()))?);
+            request.extend_from_slice(name.as_bytes());
+            request.extend_from_slice(&port.to_be_bytes());
+        }
+    }
+    tcp.write_all(&request).map_err(io)?;
+    let mut head = [0u8; 4];
+    tcp.read_exact(&mut head).map_err(io)?;
+    if head[1] != 0 {
+        return Err(Socks5Failure::Reply(head[1]));
+    }
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut len = [0u8; 1];
+            tcp.read_exact(&mut len).map_err(io)?;
+            usize::from(len[0]) + 2
+        }
+        other => return Err(Socks5Failure::Io(format!("bad address type {other} in the reply"))),
+    };
+    let mut bound = vec![0u8; rest];
+    tcp.read_exact(&mut bound).map_err(io)?;
+    Ok(tcp)
+}
+
+/// Why a SOCKS5 CONNECT did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Socks5Failure {
+    /// The proxy answered with this reply code.
+    Reply(u8),
+    /// The exchange failed (the message says how).
+    Io(String),
+}
+
+/// An HTTP/1.1 response: status and body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The headers, as `name: value` lines (names lower-cased).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`) and reads the whole response.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> io::Result<HttpResponse> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other(format!("no end of headers in {text:?}")))?;
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    Ok(HttpResponse { status, headers, body })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}

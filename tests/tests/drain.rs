@@ -1,0 +1,168 @@
+//! Drain on SIGTERM (and SIGINT): a proxy stops accepting, lets in-flight connections finish until
+//! the drain deadline, closes what is left at the deadline, and exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshwire_tests::binary::{self, Binary};
+use meshwire_tests::mesh::{Mesh, Proxy};
+use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
+
+fn config(echo_port: u16) -> String {
+    format!(
+        r#"
+workloads:
+  - uid: cluster1//v1/Pod/default/client
+    name: client
+    serviceAccount: client
+    workloadIps: ["127.0.0.1"]
+    protocol: HBONE
+  - uid: cluster1//v1/Pod/default/server
+    name: server
+    serviceAccount: server
+    workloadIps: ["127.0.0.2"]
+    protocol: HBONE
+    services:
+      "default/echo.default.svc.cluster.local":
+        80: {echo_port}
+"#
+    )
+}
+
+fn pair(client: &Binary, server: &Binary, deadline: Duration) -> (Mesh, Proxy, Proxy, EchoServer) {
+    let echo = EchoServer::start(lo(2));
+    let mesh = Mesh::new(&config(echo.addr().port()));
+    let server = mesh
+        .proxy(server, lo(2))
+        .dedicated("default/server/server")
+        .drain_deadline(deadline)
+        .spawn();
+    let client = mesh
+        .proxy(client, lo(1))
+        .dedicated("default/client/client")
+        .drain_deadline(deadline)
+        .spawn();
+    (mesh, client, server, echo)
+}
+
+/// Sends `chunks` chunks of 64 KiB, one every `pause`, then half-closes; returns the sender thread.
+fn slow_sender(stream: &TcpStream, chunks: usize, pause: Duration) -> thread::JoinHandle<(u64, u32)> {
+    let mut writer = stream.try_clone().unwrap();
+    thread::spawn(move || {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut sent = 0u64;
+        for i in 0..chunks {
+            let chunk = net::payload(64 * 1024, i as u64);
+            hasher.update(&chunk);
+            writer.write_all(&chunk).unwrap();
+            sent += chunk.len() as u64;
+            thread::sleep(pause);
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+        (sent, hasher.finalize())
+    })
+}
+
+fn read_all(mut stream: TcpStream) -> (u64, u32, Option<std::io::Error>) {
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut hasher = crc32fast::Hasher::new();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (received, hasher.finalize(), None),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                received += n as u64;
+            }
+            Err(e) => return (received, hasher.finalize(), Some(e)),
+        }
+    }
+}
+
+#[test]
+fn in_flight_transfers_finish_during_the_drain_and_lose_nothing() {
+    for (a, b) in binary::pairs() {
+        for signal in ["TERM", "INT"] {
+            let (_mesh, mut client, mut server, echo) = pair(&a, &b, Duration::from_secs(5));
+            let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
+            // About 1.5 s of traffic; both proxies are told to drain 300 ms in.
+            let sender = slow_sender(&stream, 30, Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(300));
+            server.signal(signal);
+            client.signal(signal);
+
+            // New connections are no longer accepted.
+            thread::sleep(Duration::from_millis(200));
+            assert!(
+                TcpStream::connect(client.ports().socks5).is_err(),
+                "{a}: SOCKS5 still accepting while draining"
+            );
+            assert!(
+                TcpStream::connect(server.ports().inbound).is_err(),
+                "{b}: inbound still accepting while draining"
+            );
+
+            let (received, received_crc, error) = read_all(stream);
+            let (sent, sent_crc) = sender.join().unwrap();
+            assert!(
+                error.is_none(),
+                "{a} -> {b} (SIG{signal}): {error:?}\n{}",
+                server.describe()
+            );
+            assert_eq!(
+                (received, received_crc),
+                (sent, sent_crc),
+                "{a} -> {b} (SIG{signal}): the echo is intact"
+            );
+
+            for proxy in [&mut client, &mut server] {
+                let status = proxy
+                    .wait_exit(Duration::from_secs(5))
+                    .unwrap_or_else(|| panic!("still running after the drain\n{}", proxy.describe()));
+                assert_eq!(status.code(), Some(0), "{}", proxy.describe());
+                assert!(proxy.log().contains("drained"), "{}", proxy.describe());
+            }
+        }
+    }
+}
+
+#[test]
+fn connections_left_at_the_deadline_are_closed_and_the_proxy_exits() {
+    for (a, b) in binary::pairs() {
+        let deadline = Duration::from_secs(1);
+        let (_mesh, mut client, mut server, echo) = pair(&a, &b, deadline);
+        let mut stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
+        stream.write_all(b"hello").unwrap();
+        let mut hello = [0u8; 5];
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream.read_exact(&mut hello).unwrap();
+
+        // An idle connection that never ends by itself.
+        let started = Instant::now();
+        server.signal("TERM");
+        let status = server
+            .wait_exit(deadline + Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{b}: still running after the deadline\n{}", server.describe()));
+        assert_eq!(status.code(), Some(0), "{}", server.describe());
+        assert!(
+            started.elapsed() >= deadline,
+            "{b}: exited before the deadline with a connection open"
+        );
+        assert!(server.log().contains("drain deadline reached"), "{}", server.describe());
+        // The client sees its connection end.
+        let mut rest = Vec::new();
+        let outcome = stream.read_to_end(&mut rest);
+        if let Err(e) = &outcome {
+            assert!(
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                "{a} -> {b}: the connection was left open after the server's proxy exited"
+            );
+        }
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(client.is_running(), "{a}: the client's proxy keeps running");
+    }
+}

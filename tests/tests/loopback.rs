@@ -1,0 +1,181 @@
+//! Dedicated mode on loopback, two proxies: a client workload on 127.0.0.1 (proxy A) reaches a server
+//! workload on 127.0.0.2 (proxy B) through SOCKS5 -> HBONE -> inbound; by workload IP, service VIP and
+//! service hostname; a non-mesh workload on 127.0.0.3 is reached by plain TCP passthrough; 100 MB
+//! cross with a checksum. Every scenario runs for every pair of proxy binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshwire_tests::binary::{self, Binary};
+use meshwire_tests::mesh::{Mesh, Proxy};
+use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
+
+const VIP: &str = "127.10.0.9";
+
+fn config(echo_port: u16) -> String {
+    format!(
+        r#"
+workloads:
+  - uid: cluster1//v1/Pod/default/client
+    name: client
+    namespace: default
+    serviceAccount: client
+    workloadIps: ["127.0.0.1"]
+    protocol: HBONE
+    node: node-a
+  - uid: cluster1//v1/Pod/default/server
+    name: server
+    namespace: default
+    serviceAccount: server
+    workloadIps: ["127.0.0.2"]
+    protocol: HBONE
+    node: node-b
+    services:
+      "default/echo.default.svc.cluster.local":
+        80: {echo_port}
+  - uid: cluster1//v1/Pod/default/legacy
+    name: legacy
+    namespace: default
+    serviceAccount: legacy
+    workloadIps: ["127.0.0.3"]
+    protocol: TCP
+    node: node-c
+services:
+  - name: echo
+    namespace: default
+    hostname: echo.default.svc.cluster.local
+    vips: ["/{VIP}"]
+    ports:
+      80: {echo_port}
+"#
+    )
+}
+
+struct Pair {
+    _mesh: Mesh,
+    client: Proxy,
+    server: Proxy,
+    echo: EchoServer,
+}
+
+fn pair(client: &Binary, server: &Binary) -> Pair {
+    let echo = EchoServer::start(lo(2));
+    let mesh = Mesh::new(&config(echo.addr().port()));
+    let server = mesh.proxy(server, lo(2)).dedicated("default/server/server").spawn();
+    let client = mesh.proxy(client, lo(1)).dedicated("default/client/client").spawn();
+    Pair {
+        _mesh: mesh,
+        client,
+        server,
+        echo,
+    }
+}
+
+impl Pair {
+    fn logs(&self) -> String {
+        format!("{}\n{}", self.client.describe(), self.server.describe())
+    }
+
+    fn socks5(&self, target: Socks5Target) -> std::net::TcpStream {
+        net::socks5_connect(self.client.ports().socks5, &target)
+            .unwrap_or_else(|e| panic!("SOCKS5 CONNECT to {target:?}: {e:?}\n{}", self.logs()))
+    }
+}
+
+#[test]
+fn socks5_to_a_workload_ip_crosses_hbone_with_both_identities() {
+    for (a, b) in binary::pairs() {
+        let pair = pair(&a, &b);
+        let stream = pair.socks5(Socks5Target::Addr(pair.echo.addr()));
+        let echoed = net::echo_exchange(stream, 256 * 1024).unwrap();
+        assert!(echoed.intact(), "{a} -> {b}: {echoed:?}\n{}", pair.logs());
+
+        let inbound = pair.server.wait_access_lines("inbound", 1, Duration::from_secs(10));
+        assert_eq!(inbound.len(), 1, "{a} -> {b}: one inbound connection\n{}", pair.logs());
+        let line = &inbound[0];
+        assert_eq!(
+            line.get("src.identity"),
+            Some("spiffe://cluster.local/ns/default/sa/client")
+        );
+        assert_eq!(
+            line.get("dst.identity"),
+            Some("spiffe://cluster.local/ns/default/sa/server")
+        );
+        assert_eq!(line.get("src.workload"), Some("client"));
+        assert_eq!(line.get("dst.workload"), Some("server"));
+        assert_eq!(line.get("dst.hbone_addr"), Some(pair.echo.addr().to_string().as_str()));
+        assert_eq!(line.number("bytes_recv"), Some(256 * 1024), "{line:?}");
+        assert_eq!(line.number("bytes_sent"), Some(256 * 1024), "{line:?}");
+        assert_eq!(pair.echo.accepted(), 1);
+    }
+}
+
+#[test]
+fn service_vip_and_hostname_resolve_to_the_endpoint() {
+    for (a, b) in binary::pairs() {
+        let pair = pair(&a, &b);
+        let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        for target in [
+            Socks5Target::Addr(vip),
+            Socks5Target::Domain("echo.default.svc.cluster.local".into(), 80),
+        ] {
+            let stream = pair.socks5(target.clone());
+            let echoed = net::echo_exchange(stream, 64 * 1024).unwrap();
+            assert!(
+                echoed.intact(),
+                "{a} -> {b} via {target:?}: {echoed:?}\n{}",
+                pair.logs()
+            );
+        }
+        let inbound = pair.server.wait_access_lines("inbound", 2, Duration::from_secs(10));
+        assert_eq!(inbound.len(), 2, "{}", pair.logs());
+        for line in &inbound {
+            // The VIP was resolved to the endpoint's address and target port before the CONNECT.
+            assert_eq!(line.get("dst.hbone_addr"), Some(pair.echo.addr().to_string().as_str()));
+        }
+        assert_eq!(pair.echo.accepted(), 2);
+    }
+}
+
+#[test]
+fn a_non_mesh_workload_is_reached_by_plain_passthrough() {
+    for (a, b) in binary::pairs() {
+        let pair = pair(&a, &b);
+        let whoami = net::whoami_server(lo(3));
+        let stream = pair.socks5(Socks5Target::Addr(whoami));
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut peer = String::new();
+        reader.read_line(&mut peer).unwrap();
+        let peer: SocketAddr = peer.trim().parse().unwrap();
+        // Passthrough: the client's proxy itself connected, not the server's proxy over HBONE.
+        assert_eq!(peer.ip(), lo(1), "{a}: connected from {peer}");
+        let mut writer = stream;
+        writer.write_all(b"plain\n").unwrap();
+        let mut echoed = String::new();
+        reader.read_line(&mut echoed).unwrap();
+        assert_eq!(echoed, "plain\n");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            pair.server.access_lines("inbound").is_empty(),
+            "{a}: nothing went through the server's proxy\n{}",
+            pair.logs()
+        );
+    }
+}
+
+#[test]
+fn one_hundred_megabytes_cross_intact() {
+    for (a, b) in binary::pairs() {
+        let pair = pair(&a, &b);
+        let stream = pair.socks5(Socks5Target::Addr(pair.echo.addr()));
+        let len = 100 * 1000 * 1000;
+        let echoed = net::echo_exchange(stream, len).unwrap();
+        assert!(echoed.intact(), "{a} -> {b}: {echoed:?}\n{}", pair.logs());
+        assert_eq!(echoed.received, len as u64);
+        let inbound = pair.server.wait_access_lines("inbound", 1, Duration::from_secs(10));
+        assert_eq!(inbound[0].number("bytes_recv"), Some(len as u64));
+        assert_eq!(inbound[0].number("bytes_sent"), Some(len as u64));
+    }
+}
