@@ -251,7 +251,12 @@ impl Proxy {
         let (conn_tx, connections) = mpsc::channel::<()>(1);
         let mut listeners = Vec::new();
         let mut accept_loops = Vec::new();
-        let opts = SocketOptions::default();
+        // SO_REUSEPORT: a new instance binds the same ports while this one drains, so a restart
+        // refuses no connection.
+        let opts = SocketOptions {
+            reuse_port: true,
+            ..SocketOptions::default()
+        };
 
         let bind = |listener: Listener, addr: SocketAddr| {
             bind_listener(&DefaultSocketFactory, addr, &opts).map_err(|source| StartError::Bind {

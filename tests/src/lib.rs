@@ -6,6 +6,7 @@
 //! - [`mesh`]: a mesh on loopback: a shared state directory (one local CA), a live local
 //!   configuration file, and proxy processes with free ports;
 //! - [`net`]: blocking clients and servers (echo, SOCKS5, HTTP/1.1) and checksums;
+//! - [`netns`]: network namespaces joined by veth pairs, for capture and multi-host scenarios;
 //! - [`hbone`]: an HBONE client with certificates from the mesh's CA, to talk to a proxy's inbound
 //!   listener directly as any identity and from any loopback address.
 //!
@@ -16,3 +17,4 @@ pub mod binary;
 pub mod hbone;
 pub mod mesh;
 pub mod net;
+pub mod netns;

@@ -106,6 +106,8 @@ impl Mesh {
             env: Vec::new(),
             drain_deadline: Duration::from_secs(2),
             log_level: "info".to_owned(),
+            netns: None,
+            ports: None,
         }
     }
 }
@@ -129,9 +131,31 @@ pub struct ProxyBuilder {
     env: Vec<(String, String)>,
     drain_deadline: Duration,
     log_level: String,
+    netns: Option<String>,
+    ports: Option<Ports>,
 }
 
 impl ProxyBuilder {
+    /// Runs the proxy inside the network namespace `netns` (`ip netns exec`).
+    pub fn in_netns(mut self, netns: &crate::netns::Netns) -> Self {
+        self.netns = Some(netns.name().to_owned());
+        self
+    }
+
+    /// Listens on `ports` instead of fresh free ports (for example [`Ports::ztunnel_defaults`] inside
+    /// a namespace, where the redirect rules expect them).
+    pub fn with_ports(mut self, ports: Ports) -> Self {
+        self.ports = Some(ports);
+        self
+    }
+
+    /// Listens on these addresses instead of fresh ones (a second instance on the ports of a first,
+    /// through `SO_REUSEPORT`).
+    pub fn same_ports_as(mut self, other: &Proxy) -> Self {
+        self.ports = Some(*other.ports());
+        self
+    }
+
     /// Dedicated mode for the workload `namespace/name/service-account`.
     pub fn dedicated(mut self, workload: &str) -> Self {
         self.mode = Mode::Dedicated(workload.to_owned());
@@ -171,8 +195,15 @@ impl ProxyBuilder {
     /// Starts the process and waits until it listens; panics with its log if it exits or does not
     /// listen within [`START_TIMEOUT`].
     pub fn spawn(self) -> Proxy {
-        let ports = Ports::allocate(self.ip, self.hbone_port);
-        let mut cmd = Command::new(self.binary.path());
+        let ports = self.ports.unwrap_or_else(|| Ports::allocate(self.ip, self.hbone_port));
+        let mut cmd = match &self.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(self.binary.path());
+                cmd
+            }
+            None => Command::new(self.binary.path()),
+        };
         for name in CLEARED_ENV {
             cmd.env_remove(name);
         }
@@ -226,6 +257,7 @@ impl ProxyBuilder {
             log,
             ports,
             command_line,
+            in_netns: self.netns.is_some(),
         };
         proxy.wait_listening();
         proxy
@@ -252,6 +284,20 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// ztunnel's ports on `ip` (SOCKS5 and admin on 127.0.0.1).
+    pub fn ztunnel_defaults(ip: IpAddr) -> Ports {
+        let lo1 = net::lo(1);
+        Ports {
+            inbound: SocketAddr::new(ip, 15008),
+            inbound_plaintext: SocketAddr::new(ip, 15006),
+            outbound: SocketAddr::new(ip, 15001),
+            socks5: SocketAddr::new(lo1, 15080),
+            readiness: SocketAddr::new(ip, 15021),
+            admin: SocketAddr::new(lo1, 15000),
+            metrics: SocketAddr::new(ip, 15020),
+        }
+    }
+
     fn allocate(ip: IpAddr, hbone_port: u16) -> Ports {
         let mut free = net::free_ports(6);
         while free.contains(&hbone_port) {
@@ -278,6 +324,7 @@ pub struct Proxy {
     log: Arc<Mutex<String>>,
     ports: Ports,
     command_line: String,
+    in_netns: bool,
 }
 
 impl Proxy {
@@ -374,6 +421,23 @@ impl Proxy {
 
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
+        if self.in_netns {
+            // Its addresses are not reachable from here: the proxy logs `listening` once every
+            // listener is bound.
+            let inbound = self.ports.inbound.to_string();
+            while self.log_lines(&["listening", &inbound]).is_empty() {
+                if !self.is_running() {
+                    panic!("the proxy exited before listening:\n{}", self.describe());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the proxy does not listen after {START_TIMEOUT:?}:\n{}",
+                    self.describe()
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
         for addr in [self.ports.inbound, self.ports.socks5] {
             loop {
                 if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

@@ -166,3 +166,56 @@ fn connections_left_at_the_deadline_are_closed_and_the_proxy_exits() {
         assert!(client.is_running(), "{a}: the client's proxy keeps running");
     }
 }
+
+#[test]
+fn a_second_instance_on_the_same_ports_takes_over_without_refusing_connections() {
+    for (a, b) in binary::pairs() {
+        let (mesh, client, mut old, echo) = pair(&a, &b, Duration::from_secs(2));
+        // The new instance binds the same ports while the old one still runs (SO_REUSEPORT).
+        let new = mesh
+            .proxy(&b, lo(2))
+            .dedicated("default/server/server")
+            .same_ports_as(&old)
+            .spawn();
+
+        let socks = client.ports().socks5;
+        let target = Socks5Target::Addr(echo.addr());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let traffic = thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match net::socks5_connect(socks, &target) {
+                    Ok(stream) => match net::echo_exchange(stream, 1024) {
+                        Ok(e) if e.intact() => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    },
+                    Err(e) => failed.push(format!("{e:?}")),
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        });
+        thread::sleep(Duration::from_millis(300));
+        old.signal("TERM");
+        let status = old.wait_exit(Duration::from_secs(8)).expect("the old instance exits");
+        assert_eq!(status.code(), Some(0), "{}", old.describe());
+        thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (ok, failed) = traffic.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{a} -> {b}: {} of {} connections failed during the restart: {failed:?}\n{}\n{}",
+            failed.len(),
+            ok as usize + failed.len(),
+            old.describe(),
+            new.describe()
+        );
+        assert!(ok > 10, "{ok} connections");
+        assert!(
+            !new.access_lines("inbound").is_empty(),
+            "the new instance served connections\n{}",
+            new.describe()
+        );
+    }
+}
