@@ -179,3 +179,65 @@ fn one_hundred_megabytes_cross_intact() {
         assert_eq!(inbound[0].number("bytes_sent"), Some(len as u64));
     }
 }
+
+#[test]
+fn a_proxy_with_certificates_from_files_joins_the_mesh() {
+    for (a, b) in binary::pairs() {
+        let echo = EchoServer::start(lo(2));
+        let mesh = Mesh::new(&config(echo.addr().port()));
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = mesh
+            .ca()
+            .issue(&meshwire_tests::hbone::spiffe("default", "server"))
+            .unwrap();
+        let chain = dir.path().join("cert-chain.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&chain, credentials.svid.chain_pem()).unwrap();
+        std::fs::write(&key, credentials.svid.private_key_pem()).unwrap();
+        let bundle = mesh.state_dir().join("ca").join("root-cert.pem");
+        assert!(bundle.is_file(), "the local CA writes its root for others to trust");
+
+        let server = mesh
+            .proxy(&b, lo(2))
+            .dedicated("default/server/server")
+            .arg("--cert-chain")
+            .arg(chain.to_str().unwrap())
+            .arg("--cert-key")
+            .arg(key.to_str().unwrap())
+            .arg("--trust-bundle")
+            .arg(bundle.to_str().unwrap())
+            .spawn();
+        let client = mesh.proxy(&a, lo(1)).dedicated("default/client/client").spawn();
+        let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr()))
+            .unwrap_or_else(|e| panic!("{e:?}\n{}\n{}", client.describe(), server.describe()));
+        assert!(net::echo_exchange(stream, 64 * 1024).unwrap().intact());
+        let inbound = server.wait_access_lines("inbound", 1, Duration::from_secs(10));
+        assert_eq!(
+            inbound[0].get("src.identity"),
+            Some("spiffe://cluster.local/ns/default/sa/client"),
+            "{}",
+            server.describe()
+        );
+
+        // Files for another identity than the dedicated workload's: its connections fail, clearly.
+        let wrong = mesh
+            .proxy(&b, lo(4))
+            .dedicated("default/other/other")
+            .arg("--cert-chain")
+            .arg(chain.to_str().unwrap())
+            .arg("--cert-key")
+            .arg(key.to_str().unwrap())
+            .arg("--trust-bundle")
+            .arg(bundle.to_str().unwrap())
+            .spawn();
+        let complaint = wrong.wait_for_log(
+            &[
+                "does not serve spiffe://cluster.local/ns/default/sa/other",
+                "cert-chain.pem holds",
+                "sa/server",
+            ],
+            Duration::from_secs(10),
+        );
+        assert!(complaint.is_some(), "the mismatch is named\n{}", wrong.describe());
+    }
+}
