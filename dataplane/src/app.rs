@@ -450,7 +450,7 @@ impl Control {
                 Listener::Metrics,
                 metrics_tcp,
                 addrs.metrics,
-                MetricsHandler::new(shared.metrics.clone()),
+                MetricsHandler::new(shared.metrics.clone()).with_config(shared.published.clone()),
                 &stop,
             ),
         ];

@@ -543,9 +543,47 @@ async fn metrics_render_the_counters_with_the_negotiated_content_type() {
 
     assert_eq!(get(server.addr, "/").await.status, 404);
     assert_eq!(get(server.addr, "/metricsx").await.status, 404);
+    assert!(
+        !get(server.addr, "/metrics").await.body.contains("istio_build"),
+        "gauges only with_config"
+    );
     let reply = post(server.addr, "/metrics").await;
     assert_eq!(reply.status, 405);
     assert_eq!(reply.header("allow"), Some("GET, HEAD"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_with_config_add_the_build_and_config_generation_gauges() {
+    let metrics = Arc::new(Metrics::new());
+    let _open = metrics.open(ConnectionLabels::new(Reporter::Source, SecurityPolicy::MutualTls));
+    let published = Published::new(Snapshot::new(
+        LocalConfig::parse(SHOP).unwrap(),
+        1,
+        None,
+        SystemTime::now(),
+    ));
+    let server = Server::start("metrics", MetricsHandler::new(metrics).with_config(published.clone())).await;
+
+    let body = get(server.addr, "/metrics").await.body;
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        body.lines()
+            .any(|l| l == format!("istio_build{{component=\"ztunnel\",tag=\"{version}\"}} 1")),
+        "{body}"
+    );
+    assert!(body.lines().any(|l| l == "meshwire_config_generation 1"), "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\",") && l.ends_with(" 1")),
+        "{body}"
+    );
+    assert_eq!(body.matches("# EOF").count(), 1, "{body}");
+    assert!(body.ends_with("# EOF\n"));
+
+    published.publish(LocalConfig::default(), None, SystemTime::now());
+    let body = get(server.addr, "/stats/prometheus").await.body;
+    assert!(body.lines().any(|l| l == "meshwire_config_generation 2"), "{body}");
     server.stop().await;
 }
 

@@ -4,7 +4,7 @@
 //! | listener | path | answers |
 //! |---|---|---|
 //! | readiness | `GET /healthz/ready` | `200 ready`, or `503` naming what is pending or that the proxy drains |
-//! | metrics | `GET /metrics`, `GET /stats/prometheus` | [`Metrics::render`], as OpenMetrics or Prometheus text by `Accept` |
+//! | metrics | `GET /metrics`, `GET /stats/prometheus` | the TCP [`Metrics`], `istio_build` and `meshwire_config_generation`, as OpenMetrics or Prometheus text by `Accept` |
 //! | admin | `GET /` | the list of admin endpoints |
 //! | admin | `GET /config_dump` | the current workloads, services, policies, configuration generation and certificates, as JSON |
 //! | admin | `GET /logging` | the current log filter |
@@ -192,18 +192,79 @@ pub async fn config_loaded(published: &Published) {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// The metrics listener (15020): `GET /metrics` and `GET /stats/prometheus` answer
-/// [`Metrics::render`], with the content type [`metrics::content_type`] chooses from the `Accept`
-/// headers. Other paths are 404, other methods 405.
+/// The metrics listener (15020): `GET /metrics` and `GET /stats/prometheus` answer the metrics of
+/// [`Metrics`] (the text of [`Metrics::render`]), with the content type [`metrics::content_type`]
+/// chooses from the `Accept` headers. Other paths are 404, other methods 405.
+///
+/// With [`MetricsHandler::with_config`], two gauges are added: `istio_build{component="ztunnel",tag=<version>} 1`
+/// (as ztunnel reports its build) and `meshwire_config_generation`, the generation of the
+/// configuration in force.
 #[derive(Debug, Clone)]
 pub struct MetricsHandler {
     metrics: Arc<Metrics>,
+    proxy: Option<Arc<ProxyGauges>>,
+}
+
+#[derive(Debug)]
+struct ProxyGauges {
+    registry: prometheus_client::registry::Registry,
+    generation: prometheus_client::metrics::gauge::Gauge,
+    published: Published,
 }
 
 impl MetricsHandler {
     /// The endpoint of `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        Self { metrics, proxy: None }
+    }
+
+    /// Adds the build and configuration generation gauges, reading the generation from `published`
+    /// at each request.
+    pub fn with_config(mut self, published: Published) -> Self {
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let build: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.sub_registry_with_prefix(metrics::METRIC_PREFIX).register(
+            "build",
+            "Istio component build info",
+            build,
+        );
+        let generation = Gauge::default();
+        registry.register(
+            "meshwire_config_generation",
+            "The generation of the local configuration in force (0: none loaded)",
+            generation.clone(),
+        );
+        self.proxy = Some(Arc::new(ProxyGauges {
+            registry,
+            generation,
+            published,
+        }));
+        self
+    }
+
+    /// The body `/metrics` answers: every metric in the OpenMetrics text format, ending with `# EOF`.
+    pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+
+        let Some(proxy) = &self.proxy else {
+            return self.metrics.render();
+        };
+        proxy
+            .generation
+            .set(i64::try_from(proxy.published.generation()).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Writing into a String cannot fail, and none of the label encoders here fails.
+        let encoded = encode_registry(&mut text, self.metrics.registry())
+            .and_then(|()| encode_registry(&mut text, &proxy.registry))
+            .and_then(|()| encode_eof(&mut text));
+        debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
+        text
     }
 }
 
@@ -216,7 +277,7 @@ impl Handler for MetricsHandler {
             return server::method_not_allowed(request, &[Method::GET, Method::HEAD]);
         }
         let accept = request.headers().get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok());
-        server::response(StatusCode::OK, metrics::content_type(accept), self.metrics.render())
+        server::response(StatusCode::OK, metrics::content_type(accept), self.render())
     }
 }
 
