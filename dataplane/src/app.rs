@@ -6,8 +6,9 @@
 //! be called inside a tokio runtime with IO and time enabled. [`Proxy::drain`] stops accepting,
 //! tells the HBONE connections to drain, and waits up to the drain deadline for the connections to end.
 //!
-//! Listeners served now: inbound HBONE and the outbound SOCKS5 listener. The outbound capture
-//! (15001), inbound plaintext (15006), readiness, admin, metrics and DNS listeners are not bound yet.
+//! Listeners served now: inbound HBONE, the outbound SOCKS5 listener, and the control listeners
+//! (readiness, admin, metrics: see [`crate::admin`]). The outbound capture (15001), inbound plaintext
+//! (15006) and DNS listeners are not bound yet.
 //!
 //! Known limits: in dedicated mode the SOCKS5 source workload is looked up (by namespace and name) in
 //! the configuration loaded at startup; a later change to that workload's uid is not followed.
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin::{self, AdminHandler, LogControl, MetricsHandler, Readiness, ReadinessHandler, ReadyBlocker};
 use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, ProxyMode};
 use crate::proxy::inbound::InboundHandler;
 use crate::proxy::outbound::{CertManagerTls, HbonePool, Outbound, SourceWorkload};
@@ -143,6 +145,7 @@ pub struct Proxy {
     connections: mpsc::Receiver<()>,
     manager: Manager,
     drain_deadline: Duration,
+    control: Control,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -165,8 +168,15 @@ pub enum Drained {
 
 impl Proxy {
     /// Starts the proxy of `config`: loads the local configuration, opens certificates, binds the
-    /// inbound HBONE and SOCKS5 listeners and starts serving. Call inside a tokio runtime.
+    /// inbound HBONE, SOCKS5, readiness, admin and metrics listeners and starts serving. Call inside
+    /// a tokio runtime. The admin `/logging` endpoint answers 501: see [`Proxy::start_with_logging`].
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        Self::start_with_logging(config, None).await
+    }
+
+    /// [`Proxy::start`], with the handle through which the admin `/logging` endpoint reads and
+    /// changes the process's log filter.
+    pub async fn start_with_logging(config: Config, logging: Option<LogControl>) -> Result<Proxy, StartError> {
         let config = Arc::new(config);
         let registry = ConnectionRegistry::new();
         let mut background = Vec::new();
@@ -299,19 +309,23 @@ impl Proxy {
         }
         drop(conn_tx);
 
+        // Readiness, admin and metrics; the proxy is ready once this function returns.
+        let (control, listeners_bound) = Control::start(&config, &shared, logging, &bind, &mut listeners)?;
+
         for (listener, addr) in &listeners {
             tracing::info!(%listener, %addr, "listening");
         }
         let skipped: Vec<String> = config
             .listeners
             .iter()
-            .filter(|(l, _)| !matches!(l, Listener::Inbound | Listener::Socks5))
+            .filter(|(l, _)| !listeners.iter().any(|(bound, _)| bound == l))
             .map(|(l, a)| format!("{l} ({a})"))
             .collect();
         if !skipped.is_empty() {
             tracing::info!(not_served = %skipped.join(", "), "listeners not implemented yet, not bound");
         }
 
+        listeners_bound.ready();
         Ok(Proxy {
             listeners,
             shutdown,
@@ -320,6 +334,7 @@ impl Proxy {
             connections,
             manager,
             drain_deadline: config.drain_deadline,
+            control,
         })
     }
 
@@ -328,10 +343,23 @@ impl Proxy {
         &self.listeners
     }
 
+    /// The trigger `POST /quitquitquit` pulls: resolves [`admin::ShutdownTrigger::triggered`] when
+    /// the process should drain and exit. Signal handlers may pull it too.
+    pub fn shutdown_trigger(&self) -> admin::ShutdownTrigger {
+        self.control.trigger.clone()
+    }
+
+    /// Whether the proxy is ready (what the readiness endpoint answers).
+    pub fn readiness(&self) -> &Readiness {
+        &self.control.readiness
+    }
+
     /// Stops accepting, asks the HBONE connections to drain, and waits up to the drain deadline
-    /// for every connection to end; then stops the background tasks.
+    /// for every connection to end; then stops the background tasks and the control listeners
+    /// (readiness answers 503 from the start of the drain).
     pub async fn drain(mut self) -> Drained {
         tracing::info!(deadline = ?self.drain_deadline, "draining");
+        self.control.readiness.set_draining();
         let _ = self.shutdown.send(true);
         for accept in self.accept_loops.drain(..) {
             let _ = accept.await;
@@ -344,7 +372,131 @@ impl Proxy {
         for task in &self.background {
             task.abort();
         }
+        self.control.stop().await;
         outcome
+    }
+}
+
+/// The control listeners (readiness, admin, metrics) and the tasks that make the proxy ready.
+struct Control {
+    readiness: Readiness,
+    trigger: admin::ShutdownTrigger,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    waiters: Vec<JoinHandle<()>>,
+}
+
+impl Control {
+    /// How often a failed first fetch of the dedicated workload's certificate is retried.
+    const CERTIFICATE_RETRY: Duration = Duration::from_secs(1);
+
+    /// Binds and serves readiness, admin and metrics, adding them to `listeners`; readiness waits
+    /// for the local configuration, the dedicated workload's first certificate, and the returned
+    /// blocker (to drop once every listener is bound).
+    fn start(
+        config: &Config,
+        shared: &Shared,
+        logging: Option<LogControl>,
+        bind: &dyn Fn(Listener, SocketAddr) -> Result<TcpListener, StartError>,
+        listeners: &mut Vec<(Listener, SocketAddr)>,
+    ) -> Result<(Control, ReadyBlocker), StartError> {
+        // Bind all three before serving any, so that a failed bind leaves nothing running.
+        let addrs = &config.listeners;
+        let readiness_tcp = bind(Listener::Readiness, addrs.readiness)?;
+        let admin_tcp = bind(Listener::Admin, addrs.admin)?;
+        let metrics_tcp = bind(Listener::Metrics, addrs.metrics)?;
+
+        let readiness = Readiness::new();
+        let listeners_bound = readiness.block("listeners");
+        let mut waiters = Vec::new();
+        if config.local_config.is_some() {
+            let blocker = readiness.block("local configuration");
+            let published = shared.published.clone();
+            waiters.push(tokio::spawn(async move {
+                admin::config_loaded(&published).await;
+                blocker.ready();
+            }));
+        }
+        if let Some(id) = shared.dedicated.clone() {
+            let blocker = readiness.block("workload certificate");
+            let manager = shared.manager.clone();
+            waiters.push(tokio::spawn(async move {
+                if admin::certificate_obtained(&manager, &id, Self::CERTIFICATE_RETRY)
+                    .await
+                    .is_ok()
+                {
+                    blocker.ready();
+                }
+            }));
+        }
+
+        let trigger = admin::ShutdownTrigger::new();
+        let mut admin = AdminHandler::new(
+            shared.published.clone(),
+            Arc::new(shared.manager.clone()),
+            trigger.clone(),
+        );
+        if let Some(logging) = logging {
+            admin = admin.with_logging(logging);
+        }
+        let (stop, _) = watch::channel(false);
+        let servers = vec![
+            Self::serve(
+                listeners,
+                Listener::Readiness,
+                readiness_tcp,
+                addrs.readiness,
+                ReadinessHandler::new(readiness.clone()),
+                &stop,
+            ),
+            Self::serve(listeners, Listener::Admin, admin_tcp, addrs.admin, admin, &stop),
+            Self::serve(
+                listeners,
+                Listener::Metrics,
+                metrics_tcp,
+                addrs.metrics,
+                MetricsHandler::new(shared.metrics.clone()).with_config(shared.published.clone()),
+                &stop,
+            ),
+        ];
+        let control = Control {
+            readiness,
+            trigger,
+            stop,
+            servers,
+            waiters,
+        };
+        Ok((control, listeners_bound))
+    }
+
+    /// Spawns the server of `handler` on `tcp`, stopping with `stop`, and records the listener.
+    fn serve(
+        listeners: &mut Vec<(Listener, SocketAddr)>,
+        listener: Listener,
+        tcp: TcpListener,
+        configured: SocketAddr,
+        handler: impl admin::Handler,
+        stop: &watch::Sender<bool>,
+    ) -> JoinHandle<()> {
+        listeners.push((listener, local_addr(&tcp, configured)));
+        let name = match listener {
+            Listener::Readiness => "readiness",
+            Listener::Admin => "admin",
+            Listener::Metrics => "metrics",
+            _ => "control",
+        };
+        tokio::spawn(admin::serve(name, tcp, handler, shutdown_signal(stop.subscribe())))
+    }
+
+    /// Stops the servers (letting requests in progress finish) and the readiness tasks.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for server in self.servers {
+            let _ = server.await;
+        }
+        for waiter in &self.waiters {
+            waiter.abort();
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! The library part of meshwire's ztunnel-compatible node proxy: everything a ztunnel is, written
 //! so that the tokio binary and the io_uring binary share it and replace only the data path.
 //!
+//! - [`admin`]: the control plane's HTTP listeners: readiness, admin (`/config_dump`, `/logging`,
+//!   `/quitquitquit`) and metrics, as handles any runtime's binary can serve.
 //! - [`app`]: the tokio binary's wiring: listeners, certificates, configuration watching, drain.
 //! - [`config`]: the proxy's validated configuration, from flags and ztunnel's environment variables.
 //! - [`xds`]: the local configuration file (ztunnel's `LOCAL_XDS_PATH` YAML: workloads, services,
@@ -16,6 +18,7 @@
 //! - [`watch`]: published snapshots read without locks, the configuration file watcher, and the
 //!   registry that closes established connections a new policy denies.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod proxy;

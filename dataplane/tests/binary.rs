@@ -1,7 +1,8 @@
-//! The `ztunnel` binary end to end: started on the example configuration with free ports, it carries
-//! 1 MiB through SOCKS5 -> HBONE (mTLS, to its own inbound listener) -> a TCP echo server, keeps its
-//! local CA in the state directory, and exits 0 on SIGTERM within the drain deadline. An invalid local
-//! configuration makes it exit non-zero, naming the field and line.
+//! The `ztunnel` binary end to end: started on the example configuration with free ports, it answers
+//! ready on the readiness listener, carries 1 MiB through SOCKS5 -> HBONE (mTLS, to its own inbound
+//! listener) -> a TCP echo server, counts the bytes in its metrics, keeps its local CA in the state
+//! directory, and exits 0 on SIGTERM or `POST /quitquitquit` within the drain deadline. An invalid
+//! local configuration makes it exit non-zero, naming the field and line.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{Read, Write};
@@ -149,6 +150,51 @@ fn socks5_connect(proxy: u16, target: SocketAddr) -> TcpStream {
     tcp
 }
 
+/// One HTTP/1.1 request (`Connection: close`) to 127.0.0.1:`port`, by hand: the status and body.
+fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut tcp = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// Polls the readiness endpoint until it answers 200.
+fn wait_ready(port: u16, deadline: Instant, child: &mut Child, log: &Mutex<String>) {
+    loop {
+        let answer = http(port, "GET", "/healthz/ready");
+        if let Ok((200, body)) = &answer {
+            assert_eq!(body, "ready\n");
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("ztunnel exited with {status} before ready:\n{}", log.lock().unwrap());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready in time (last answer {answer:?}):\n{}",
+            log.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of the sample of `family` reported by the destination (the inbound side).
+fn destination_sample(metrics: &str, family: &str) -> Option<u64> {
+    let prefix = format!("{family}{{reporter=\"destination\",");
+    metrics
+        .lines()
+        .find(|line| line.starts_with(&prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// FNV-1a, as a checksum.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -159,7 +205,7 @@ fn checksum(bytes: &[u8]) -> u64 {
 #[test]
 fn socks5_through_hbone_to_echo_then_sigterm_drains() {
     let state = tempfile::tempdir().unwrap();
-    let [inbound, socks] = free_ports::<2>();
+    let [inbound, socks, readiness, admin, metrics] = free_ports::<5>();
     let mut child = ztunnel()
         .args(["--config", EXAMPLE, "--state-dir"])
         .arg(state.path())
@@ -171,6 +217,7 @@ fn socks5_through_hbone_to_echo_then_sigterm_drains() {
             "--socks5-port",
             &socks.to_string(),
         ])
+        .args(control_ports(readiness, admin, metrics))
         .args(["--drain-deadline", "2s", "--worker-threads", "2", "--log-level", "info"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -184,6 +231,7 @@ fn socks5_through_hbone_to_echo_then_sigterm_drains() {
     let ready_by = Instant::now() + Duration::from_secs(30);
     wait_for_port(socks, ready_by, child, &log);
     wait_for_port(inbound, ready_by, child, &log);
+    wait_ready(readiness, ready_by, child, &log);
 
     // 1 MiB through SOCKS5 -> HBONE -> inbound -> echo.
     let echo = echo_server();
@@ -204,6 +252,28 @@ fn socks5_through_hbone_to_echo_then_sigterm_drains() {
     assert_eq!(received.len(), PAYLOAD, "echo length\n{}", log.lock().unwrap());
     assert_eq!(checksum(&received), expected, "echo checksum");
 
+    // The inbound side counted the connection and every byte, both ways (recorded as they flow, so
+    // poll until the last write is counted).
+    let counted_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, text) = http(metrics, "GET", "/metrics").unwrap();
+        assert_eq!(status, 200, "{text}");
+        let samples = [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_received_bytes_total",
+            "istio_tcp_sent_bytes_total",
+        ]
+        .map(|family| destination_sample(&text, family));
+        if samples == [Some(1), Some(PAYLOAD as u64), Some(PAYLOAD as u64)] {
+            break;
+        }
+        assert!(
+            Instant::now() < counted_by,
+            "metrics {samples:?}, expected 1 connection and {PAYLOAD} bytes each way:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
     assert!(
         state.path().join("ca").join("ca.pem").is_file(),
         "the local CA is kept in the state directory"
@@ -221,6 +291,92 @@ fn socks5_through_hbone_to_echo_then_sigterm_drains() {
     assert!(log.contains("listening"), "{log}");
     // The connection went through the inbound HBONE listener, which logs it.
     assert!(log.contains("direction=\"inbound\""), "{log}");
+}
+
+/// The flags that move the readiness, admin and metrics listeners.
+fn control_ports(readiness: u16, admin: u16, metrics: u16) -> Vec<String> {
+    [
+        ("--readiness-port", readiness),
+        ("--admin-port", admin),
+        ("--metrics-port", metrics),
+    ]
+    .into_iter()
+    .flat_map(|(flag, port)| [flag.to_owned(), port.to_string()])
+    .collect()
+}
+
+#[test]
+fn quitquitquit_drains_and_exits_0() {
+    let state = tempfile::tempdir().unwrap();
+    let [inbound, socks, readiness, admin, metrics] = free_ports::<5>();
+    let mut child = ztunnel()
+        .args(["--config", EXAMPLE, "--state-dir"])
+        .arg(state.path())
+        .args(["--mode", "dedicated", "--workload", "default/local/default"])
+        .args(["--bind-address", "127.0.0.1"])
+        .args([
+            "--inbound-port",
+            &inbound.to_string(),
+            "--socks5-port",
+            &socks.to_string(),
+        ])
+        .args(control_ports(readiness, admin, metrics))
+        .args(["--drain-deadline", "2s", "--log-level", "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = capture_stderr(&mut child);
+    let mut guard = Guard(Some(child));
+    let child = guard.0.as_mut().unwrap();
+    wait_ready(readiness, Instant::now() + Duration::from_secs(30), child, &log);
+
+    // The admin listener is on loopback and answers; GET does not shut down.
+    let (status, dump) = http(admin, "GET", "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        dump.contains("\"spiffe://cluster.local/ns/default/sa/default\""),
+        "{dump}"
+    );
+    assert_eq!(http(admin, "GET", "/quitquitquit").unwrap().0, 405);
+    assert!(child.try_wait().unwrap().is_none());
+
+    let (status, _) = http(admin, "POST", "/quitquitquit").unwrap();
+    assert_eq!(status, 200);
+    let status = wait_exit(child, DRAIN_DEADLINE + Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("ztunnel still running after /quitquitquit:\n{}", log.lock().unwrap()));
+    guard.0 = None;
+    assert_eq!(status.code(), Some(0), "exit status\n{}", log.lock().unwrap());
+    assert!(log.lock().unwrap().contains("/quitquitquit"), "{}", log.lock().unwrap());
+}
+
+#[test]
+fn an_occupied_admin_port_exits_1_naming_the_listener_and_address() {
+    let state = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = taken.local_addr().unwrap().port();
+    let [inbound, socks, readiness, metrics] = free_ports::<4>();
+    let output = ztunnel()
+        .args(["--config", EXAMPLE, "--state-dir"])
+        .arg(state.path())
+        .args(["--bind-address", "127.0.0.1"])
+        .args([
+            "--inbound-port",
+            &inbound.to_string(),
+            "--socks5-port",
+            &socks.to_string(),
+        ])
+        .args(control_ports(readiness, admin, metrics))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen for admin on 127.0.0.1:{admin}")),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -1,0 +1,134 @@
+//! `/config_dump`: the current snapshot and the certificates, as JSON.
+
+use std::time::{Instant, SystemTime};
+
+use meshwire_identity::manager::CertStatus;
+use serde_json::{Map, Value, json};
+
+use crate::watch::Snapshot;
+use crate::xds::{GatewayAddress, Service, Workload};
+
+/// A point in wall-clock time as RFC 3339 (UTC, `2025-01-31T12:00:00Z`).
+pub fn rfc3339(time: SystemTime) -> String {
+    let time = time::OffsetDateTime::from(time)
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| format!("<unprintable time: {e}>"))
+}
+
+/// The configuration dump of `snapshot` and `certificates`, as [`super::AdminHandler`] serves it on
+/// `/config_dump`:
+///
+/// ```json
+/// { "config": { "generation": 3, "source": "/etc/ztunnel/local.yaml", "loadedAt": "2025-01-31T12:00:00Z" },
+///   "workloads": [ { "uid": "...", "name": "...", "namespace": "...", "spiffeId": "...", ... } ],
+///   "services": [ { "name": "...", "namespace": "...", "hostname": "...", "vips": ["/10.0.0.1"], ... } ],
+///   "policies": [ { "name": "...", "namespace": "...", "scope": "...", "action": "...", "rules": [...] } ],
+///   "certificates": [ { "identity": "spiffe://...", "state": "Available", "expirationTime": "...", ... } ] }
+/// ```
+///
+/// `now` and `wall_now` (the same instant, monotonic and wall-clock) turn the certificates' next
+/// refresh into a wall-clock time.
+pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instant, wall_now: SystemTime) -> Value {
+    let state = &snapshot.state;
+    json!({
+        "config": {
+            "generation": snapshot.generation,
+            "source": snapshot.source.as_ref().map(|p| p.display().to_string()),
+            "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
+        },
+        "workloads": state.workloads().iter().map(workload).collect::<Vec<_>>(),
+        "services": state.services().iter().map(service).collect::<Vec<_>>(),
+        "policies": state.policies(),
+        "certificates": certificates.iter().map(|c| certificate(c, now, wall_now)).collect::<Vec<_>>(),
+    })
+}
+
+fn gateway(gateway: Option<&GatewayAddress>) -> Value {
+    match gateway {
+        Some(g) => json!({ "destination": g.destination.to_string(), "hboneMtlsPort": g.hbone_mtls_port }),
+        None => Value::Null,
+    }
+}
+
+fn port_map(ports: &std::collections::BTreeMap<u16, u16>) -> Value {
+    Value::Object(
+        ports
+            .iter()
+            .map(|(port, target)| (port.to_string(), Value::from(*target)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+fn workload(w: &Workload) -> Value {
+    json!({
+        "uid": w.uid,
+        "name": w.name,
+        "namespace": w.namespace(),
+        "serviceAccount": w.service_account(),
+        "trustDomain": w.trust_domain().to_string(),
+        "spiffeId": w.spiffe_id().to_string(),
+        "workloadIps": w.workload_ips,
+        "protocol": w.protocol,
+        "node": w.node,
+        "network": w.network,
+        "services": w.services.iter().map(|(key, ports)| (key.to_string(), port_map(ports))).collect::<Map<_, _>>(),
+        "waypoint": gateway(w.waypoint.as_ref()),
+        "networkGateway": gateway(w.network_gateway.as_ref()),
+        "networkMode": w.network_mode,
+        "hostname": w.hostname,
+        "workloadName": w.workload_name,
+        "workloadType": w.workload_type,
+        "canonicalName": w.canonical_name,
+        "canonicalRevision": w.canonical_revision,
+        "clusterId": w.cluster_id,
+        "locality": w.locality,
+        "status": w.status,
+        "nativeTunnel": w.native_tunnel,
+        "applicationTunnel": w.application_tunnel.as_ref().map(|t| json!({ "protocol": t.protocol, "port": t.port })),
+        "authorizationPolicies": w.authorization_policies,
+        "capacity": w.capacity,
+    })
+}
+
+fn service(s: &Service) -> Value {
+    json!({
+        "name": s.name,
+        "namespace": s.namespace,
+        "hostname": s.hostname,
+        "vips": s.vips,
+        "ports": port_map(&s.ports),
+        "subjectAltNames": s.subject_alt_names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "waypoint": gateway(s.waypoint.as_ref()),
+    })
+}
+
+/// ztunnel's certificate states: `Available` (a certificate is in service), `Initializing` (the
+/// first fetch is under way), `Unavailable: <error>` (the last fetch failed and none is in service).
+fn certificate(status: &CertStatus, now: Instant, wall_now: SystemTime) -> Value {
+    let state = match (&status.not_after, &status.last_error) {
+        (Some(_), _) => "Available".to_owned(),
+        (None, Some(error)) => format!("Unavailable: {error}"),
+        (None, None) => "Initializing".to_owned(),
+    };
+    let next_refresh = status.next_refresh.map(|at| {
+        let wall = match at.checked_duration_since(now) {
+            Some(ahead) => wall_now + ahead,
+            None => wall_now - now.saturating_duration_since(at),
+        };
+        rfc3339(wall)
+    });
+    json!({
+        "identity": status.id.to_string(),
+        "state": state,
+        "expirationTime": status.not_after.map(rfc3339),
+        "secondsToExpiry": status.not_after.map(|t| match t.duration_since(wall_now) {
+            Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+        }),
+        "nextRefresh": next_refresh,
+        "pending": status.pending,
+        "lastError": status.last_error,
+    })
+}

@@ -1,0 +1,428 @@
+//! The control plane's HTTP listeners: readiness (15021), admin (15000, loopback) and metrics (15020),
+//! as ztunnel serves them.
+//!
+//! | listener | path | answers |
+//! |---|---|---|
+//! | readiness | `GET /healthz/ready` | `200 ready`, or `503` naming what is pending or that the proxy drains |
+//! | metrics | `GET /metrics`, `GET /stats/prometheus` | the TCP [`Metrics`], `istio_build` and `meshwire_config_generation`, as OpenMetrics or Prometheus text by `Accept` |
+//! | admin | `GET /` | the list of admin endpoints |
+//! | admin | `GET /config_dump` | the current workloads, services, policies, configuration generation and certificates, as JSON |
+//! | admin | `GET /logging` | the current log filter |
+//! | admin | `POST /logging?level=<filter>` | replaces the log filter (`EnvFilter` syntax); `?reset` restores the initial one |
+//! | admin | `POST /quitquitquit` | starts the drain, as SIGTERM does |
+//!
+//! Unknown paths are 404, wrong methods 405 with an `Allow` header.
+//!
+//! The endpoints are pure [`Handler`]s (request head in, response out) over small handles: a
+//! [`Readiness`], a [`Published`] snapshot cell, the certificate manager seen through
+//! [`CertificateStatus`], a [`LogControl`], a [`ShutdownTrigger`] and the [`Metrics`] registry. No data
+//! path type appears, so the io_uring binary, which runs the control plane on a tokio thread as well,
+//! serves the same endpoints. [`serve`] drives a handler on a tokio listener with hyper (HTTP/1.1)
+//! until a shutdown future resolves.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use meshwire_dataplane::admin::{self, Readiness, ReadinessHandler};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let readiness = Readiness::new();
+//! let starting = readiness.block("listeners");
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(admin::serve("readiness", listener, ReadinessHandler::new(readiness.clone()), async {
+//!     let _ = stopped.await;
+//! }));
+//! // ... bind the other listeners, then:
+//! starting.ready();
+//! assert!(readiness.is_ready());
+//! let _ = stop.send(());
+//! server.await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod dump;
+mod logging;
+mod readiness;
+mod server;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::{Method, Request, Response, StatusCode};
+use meshwire_identity::id::SpiffeId;
+use meshwire_identity::manager::{CertError, CertManager, CertStatus, Priority};
+use meshwire_identity::source::CertSource;
+use meshwire_identity::time::Timer;
+use tokio::sync::watch;
+
+use crate::telemetry::metrics::{self, Metrics};
+use crate::watch::Published;
+
+pub use dump::{config_dump, rfc3339};
+pub use logging::{LogControl, LogControlError};
+pub use readiness::{READY_PATH, Readiness, ReadinessHandler, ReadyBlocker};
+pub use server::{
+    HEADER_READ_TIMEOUT, Handler, SHUTDOWN_GRACE, method_not_allowed, not_found, query_param, response, serve, text,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+/// A request to shut the process down (drain and exit), shared by whoever may ask (`/quitquitquit`,
+/// a signal handler) and whoever acts on it. Cloning is cheap; every clone sees the same request.
+///
+/// ```
+/// use meshwire_dataplane::admin::ShutdownTrigger;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let trigger = ShutdownTrigger::new();
+/// let waiter = trigger.clone();
+/// assert!(!trigger.is_triggered());
+/// trigger.trigger("/quitquitquit");
+/// assert_eq!(waiter.triggered().await, "/quitquitquit");
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ShutdownTrigger {
+    tx: Arc<watch::Sender<Option<String>>>,
+}
+
+impl ShutdownTrigger {
+    /// Not triggered.
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    /// Asks for the shutdown; `reason` says who asked. Only the first request's reason is kept.
+    pub fn trigger(&self, reason: &str) {
+        self.tx.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason.to_owned());
+            true
+        });
+    }
+
+    /// Whether the shutdown was asked for.
+    pub fn is_triggered(&self) -> bool {
+        self.tx.borrow().is_some()
+    }
+
+    /// Resolves, with the reason, once the shutdown is asked for.
+    pub async fn triggered(&self) -> String {
+        let mut rx = self.tx.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The sender lives in `self`: it cannot be gone while `self` is borrowed.
+            Err(_) => String::new(),
+        }
+    }
+}
+
+impl Default for ShutdownTrigger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ShutdownTrigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownTrigger")
+            .field("triggered", &*self.tx.borrow())
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// What the admin page shows of the certificates: implemented by [`CertManager`] (any source, any
+/// timer), so the page needs neither type.
+pub trait CertificateStatus: Send + Sync + 'static {
+    /// Each identity the manager holds, ordered by identity.
+    fn certificates(&self) -> Vec<CertStatus>;
+}
+
+impl<S, T> CertificateStatus for CertManager<S, T>
+where
+    S: CertSource + Send + Sync + 'static,
+    T: Timer + Send + Sync + 'static,
+{
+    fn certificates(&self) -> Vec<CertStatus> {
+        self.status()
+    }
+}
+
+/// Resolves once `manager` has a certificate for `id`, fetching it (at warm-up priority) and, after
+/// a failure, fetching again every `retry`. Fails only when the manager shuts down or forgets `id`.
+///
+/// For readiness in dedicated mode: hold a [`ReadyBlocker`] across it.
+pub async fn certificate_obtained<S: CertSource, T: Timer>(
+    manager: &CertManager<S, T>,
+    id: &SpiffeId,
+    retry: Duration,
+) -> Result<(), CertError> {
+    loop {
+        match manager.get(id, Priority::Warmup).await {
+            Ok(_) => return Ok(()),
+            Err(error @ (CertError::Shutdown | CertError::Forgotten { .. })) => return Err(error),
+            Err(error) => {
+                tracing::warn!(%id, %error, retry_in = ?retry, "no workload certificate yet");
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+}
+
+/// Resolves once `published` holds a loaded configuration (generation 1 or later).
+pub async fn config_loaded(published: &Published) {
+    let mut changes = published.subscribe();
+    let _ = changes.wait_for(|_| published.generation() >= 1).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+/// The metrics listener (15020): `GET /metrics` and `GET /stats/prometheus` answer the metrics of
+/// [`Metrics`] (the text of [`Metrics::render`]), with the content type [`metrics::content_type`]
+/// chooses from the `Accept` headers. Other paths are 404, other methods 405.
+///
+/// With [`MetricsHandler::with_config`], two gauges are added: `istio_build{component="ztunnel",tag=<version>} 1`
+/// (as ztunnel reports its build) and `meshwire_config_generation`, the generation of the
+/// configuration in force.
+#[derive(Debug, Clone)]
+pub struct MetricsHandler {
+    metrics: Arc<Metrics>,
+    proxy: Option<Arc<ProxyGauges>>,
+}
+
+#[derive(Debug)]
+struct ProxyGauges {
+    registry: prometheus_client::registry::Registry,
+    generation: prometheus_client::metrics::gauge::Gauge,
+    published: Published,
+}
+
+impl MetricsHandler {
+    /// The endpoint of `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics, proxy: None }
+    }
+
+    /// Adds the build and configuration generation gauges, reading the generation from `published`
+    /// at each request.
+    pub fn with_config(mut self, published: Published) -> Self {
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let build: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.sub_registry_with_prefix(metrics::METRIC_PREFIX).register(
+            "build",
+            "Istio component build info",
+            build,
+        );
+        let generation = Gauge::default();
+        registry.register(
+            "meshwire_config_generation",
+            "The generation of the local configuration in force (0: none loaded)",
+            generation.clone(),
+        );
+        self.proxy = Some(Arc::new(ProxyGauges {
+            registry,
+            generation,
+            published,
+        }));
+        self
+    }
+
+    /// The body `/metrics` answers: every metric in the OpenMetrics text format, ending with `# EOF`.
+    pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+
+        let Some(proxy) = &self.proxy else {
+            return self.metrics.render();
+        };
+        proxy
+            .generation
+            .set(i64::try_from(proxy.published.generation()).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Writing into a String cannot fail, and none of the label encoders here fails.
+        let encoded = encode_registry(&mut text, self.metrics.registry())
+            .and_then(|()| encode_registry(&mut text, &proxy.registry))
+            .and_then(|()| encode_eof(&mut text));
+        debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
+        text
+    }
+}
+
+impl Handler for MetricsHandler {
+    fn handle(&self, request: &Request<()>) -> Response<Bytes> {
+        if !matches!(request.uri().path(), "/metrics" | "/stats/prometheus") {
+            return server::not_found(request);
+        }
+        if !server::is_read(request) {
+            return server::method_not_allowed(request, &[Method::GET, Method::HEAD]);
+        }
+        let accept = request.headers().get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok());
+        server::response(StatusCode::OK, metrics::content_type(accept), self.render())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin
+
+/// The admin endpoints, with what `/` says of each.
+pub const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
+    ("/", "this list"),
+    (
+        "/config_dump",
+        "GET: the current workloads, services, policies and certificates, as JSON",
+    ),
+    (
+        "/logging",
+        "GET: the current log filter; POST ?level=<filter>: change it (EnvFilter syntax, e.g. debug or meshwire=debug,h2=warn); POST ?reset: restore the initial one",
+    ),
+    ("/quitquitquit", "POST: drain and exit, as on SIGTERM"),
+];
+
+const LOGGING_USAGE: &str = "usage: GET /logging (the current filter)\n\
+    usage: POST /logging?level=<filter> (EnvFilter syntax: debug, meshwire=debug,h2=warn)\n\
+    usage: POST /logging?reset (the filter the process started with)\n";
+
+/// The admin listener (15000, loopback): `/`, `/config_dump`, `/logging`, `/quitquitquit` (see the
+/// [module](self) table).
+#[derive(Clone)]
+pub struct AdminHandler {
+    published: Published,
+    certificates: Arc<dyn CertificateStatus>,
+    shutdown: ShutdownTrigger,
+    logging: Option<LogControl>,
+}
+
+impl AdminHandler {
+    /// The admin endpoints over the configuration in `published`, the certificates of
+    /// `certificates`, and `shutdown` for `/quitquitquit`. Without [`AdminHandler::with_logging`],
+    /// `/logging` answers 501.
+    pub fn new(published: Published, certificates: Arc<dyn CertificateStatus>, shutdown: ShutdownTrigger) -> Self {
+        Self {
+            published,
+            certificates,
+            shutdown,
+            logging: None,
+        }
+    }
+
+    /// Serves `/logging` through `logging`.
+    pub fn with_logging(mut self, logging: LogControl) -> Self {
+        self.logging = Some(logging);
+        self
+    }
+
+    fn index(&self) -> Response<Bytes> {
+        let mut body = String::from("meshwire ztunnel admin\n\n");
+        for (path, what) in ADMIN_ENDPOINTS {
+            body.push_str(&format!("{path:<15} {what}\n"));
+        }
+        server::text(StatusCode::OK, body)
+    }
+
+    fn config_dump(&self) -> Response<Bytes> {
+        let snapshot = self.published.load();
+        let certificates = self.certificates.certificates();
+        let dump = config_dump(&snapshot, &certificates, Instant::now(), SystemTime::now());
+        match serde_json::to_vec_pretty(&dump) {
+            Ok(body) => server::response(StatusCode::OK, "application/json", body),
+            Err(error) => server::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the configuration dump: {error}\n"),
+            ),
+        }
+    }
+
+    fn logging(&self, request: &Request<()>) -> Response<Bytes> {
+        let Some(logging) = &self.logging else {
+            return server::text(
+                StatusCode::NOT_IMPLEMENTED,
+                "this process does not let its log filter be changed\n",
+            );
+        };
+        let current = |logging: &LogControl| {
+            server::text(StatusCode::OK, format!("current log level is {}\n", logging.current()))
+        };
+        match *request.method() {
+            Method::GET | Method::HEAD => current(logging),
+            Method::POST => {
+                let result = if server::query_param(request, "reset").is_some() {
+                    logging.reset()
+                } else {
+                    match server::query_param(request, "level") {
+                        Some(level) => logging.set(&level),
+                        // ztunnel's POST without parameters lists the level.
+                        None => return current(logging),
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::info!(filter = %logging.current(), "log filter changed");
+                        current(logging)
+                    }
+                    Err(error @ LogControlError::Reload(_)) => {
+                        server::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"))
+                    }
+                    Err(error) => server::text(
+                        StatusCode::BAD_REQUEST,
+                        format!("{error}\nthe log level stays {}\n\n{LOGGING_USAGE}", logging.current()),
+                    ),
+                }
+            }
+            _ => server::method_not_allowed(request, &[Method::GET, Method::HEAD, Method::POST]),
+        }
+    }
+
+    fn quit(&self, request: &Request<()>) -> Response<Bytes> {
+        if request.method() != Method::POST {
+            return server::method_not_allowed(request, &[Method::POST]);
+        }
+        tracing::info!("shutdown asked for on /quitquitquit");
+        self.shutdown.trigger("/quitquitquit");
+        server::text(StatusCode::OK, "draining, then exiting\n")
+    }
+}
+
+impl Handler for AdminHandler {
+    fn handle(&self, request: &Request<()>) -> Response<Bytes> {
+        match request.uri().path() {
+            "/" | "/config_dump" if !server::is_read(request) => {
+                server::method_not_allowed(request, &[Method::GET, Method::HEAD])
+            }
+            "/" => self.index(),
+            "/config_dump" => self.config_dump(),
+            "/logging" => self.logging(request),
+            "/quitquitquit" => self.quit(request),
+            _ => server::not_found(request),
+        }
+    }
+}
+
+impl fmt::Debug for AdminHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminHandler")
+            .field("published", &self.published)
+            .field("shutdown", &self.shutdown)
+            .field("logging", &self.logging)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,174 @@
+//! Readiness: the proxy is ready once every task that blocks readiness has finished, and stops
+//! being ready when it drains.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+
+use super::server::{self, Handler};
+
+/// The path of the readiness probe.
+pub const READY_PATH: &str = "/healthz/ready";
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    pending: BTreeMap<u64, String>,
+    draining: bool,
+}
+
+/// Whether the proxy is ready to serve: shared by whoever blocks readiness and the readiness
+/// endpoint. Cloning is cheap; every clone sees the same state.
+///
+/// Each task that must finish before the proxy is ready takes a [`ReadyBlocker`] with
+/// [`Readiness::block`] and drops it (or calls [`ReadyBlocker::ready`]) when done. The proxy is ready
+/// when no blocker is left and it is not draining.
+///
+/// ```
+/// use meshwire_dataplane::admin::Readiness;
+///
+/// let readiness = Readiness::new();
+/// let config = readiness.block("local configuration");
+/// let cert = readiness.block("workload certificate");
+/// assert_eq!(readiness.pending(), ["local configuration", "workload certificate"]);
+/// config.ready();
+/// drop(cert);
+/// assert!(readiness.is_ready());
+/// readiness.set_draining();
+/// assert!(!readiness.is_ready());
+/// ```
+#[derive(Clone, Default)]
+pub struct Readiness {
+    state: Arc<Mutex<State>>,
+}
+
+impl Readiness {
+    /// Ready, with nothing pending.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a task that blocks readiness until the returned blocker is dropped. `task` names it
+    /// in the probe's answer.
+    pub fn block(&self, task: impl Into<String>) -> ReadyBlocker {
+        let mut state = self.state();
+        state.next += 1;
+        let id = state.next;
+        state.pending.insert(id, task.into());
+        ReadyBlocker {
+            readiness: self.clone(),
+            id,
+        }
+    }
+
+    /// The tasks still blocking readiness, sorted by name.
+    pub fn pending(&self) -> Vec<String> {
+        let mut pending: Vec<String> = self.state().pending.values().cloned().collect();
+        pending.sort();
+        pending
+    }
+
+    /// Marks the proxy as draining: never ready again.
+    pub fn set_draining(&self) {
+        self.state().draining = true;
+    }
+
+    /// Whether the proxy is draining.
+    pub fn is_draining(&self) -> bool {
+        self.state().draining
+    }
+
+    /// Whether nothing is pending and the proxy is not draining.
+    pub fn is_ready(&self) -> bool {
+        let state = self.state();
+        state.pending.is_empty() && !state.draining
+    }
+}
+
+impl fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Readiness")
+            .field("pending", &self.pending())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+/// One task blocking readiness; dropping it unblocks.
+#[must_use = "dropping the blocker marks its task as done at once"]
+pub struct ReadyBlocker {
+    readiness: Readiness,
+    id: u64,
+}
+
+impl ReadyBlocker {
+    /// Marks the task as done (the same as dropping the blocker).
+    pub fn ready(self) {}
+
+    /// The task's name.
+    pub fn task(&self) -> String {
+        self.readiness
+            .state()
+            .pending
+            .get(&self.id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ReadyBlocker {
+    fn drop(&mut self) {
+        self.readiness.state().pending.remove(&self.id);
+    }
+}
+
+impl fmt::Debug for ReadyBlocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadyBlocker").field("task", &self.task()).finish()
+    }
+}
+
+/// The readiness listener (15021): `GET /healthz/ready` answers `200 ready` when the proxy is
+/// ready, else `503` naming what is pending (`not ready, pending: local configuration, workload
+/// certificate`) or that it is draining. Other paths are 404, other methods 405.
+#[derive(Debug, Clone)]
+pub struct ReadinessHandler {
+    readiness: Readiness,
+}
+
+impl ReadinessHandler {
+    /// The endpoint of `readiness`.
+    pub fn new(readiness: Readiness) -> Self {
+        Self { readiness }
+    }
+}
+
+impl Handler for ReadinessHandler {
+    fn handle(&self, request: &Request<()>) -> Response<Bytes> {
+        if request.uri().path() != READY_PATH {
+            return server::not_found(request);
+        }
+        if !server::is_read(request) {
+            return server::method_not_allowed(request, &[Method::GET, Method::HEAD]);
+        }
+        if self.readiness.is_draining() {
+            return server::text(StatusCode::SERVICE_UNAVAILABLE, "not ready, draining\n");
+        }
+        let pending = self.readiness.pending();
+        if pending.is_empty() {
+            server::text(StatusCode::OK, "ready\n")
+        } else {
+            server::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready, pending: {}\n", pending.join(", ")),
+            )
+        }
+    }
+}
