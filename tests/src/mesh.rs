@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -192,9 +192,24 @@ impl ProxyBuilder {
         self
     }
 
-    /// Starts the process and waits until it listens; panics with its log if it exits or does not
-    /// listen within [`START_TIMEOUT`].
+    /// Starts the process and waits until it is ready (`/healthz/ready` answers 200; inside a
+    /// namespace: until it logs that it listens); panics with its log if it exits or is not ready
+    /// within [`START_TIMEOUT`].
     pub fn spawn(self) -> Proxy {
+        let mut proxy = self.start();
+        proxy.wait_ready();
+        proxy
+    }
+
+    /// Starts the process and waits only until it logs that its listeners are bound (it may not be
+    /// ready: a certificate it cannot obtain, say).
+    pub fn spawn_listening(self) -> Proxy {
+        let mut proxy = self.start();
+        proxy.wait_logged_listening();
+        proxy
+    }
+
+    fn start(self) -> Proxy {
         let ports = self.ports.unwrap_or_else(|| Ports::allocate(self.ip, self.hbone_port));
         let mut cmd = match &self.netns {
             Some(netns) => {
@@ -251,16 +266,14 @@ impl ProxyBuilder {
                 }
             }
         });
-        let mut proxy = Proxy {
+        Proxy {
             name: self.binary.name(),
             child: Some(child),
             log,
             ports,
             command_line,
             in_netns: self.netns.is_some(),
-        };
-        proxy.wait_listening();
-        proxy
+        }
     }
 }
 
@@ -419,11 +432,10 @@ impl Proxy {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
-    fn wait_listening(&mut self) {
+    /// Waits until the proxy logs that it listens (once every listener is bound).
+    fn wait_logged_listening(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
-        if self.in_netns {
-            // Its addresses are not reachable from here: the proxy logs `listening` once every
-            // listener is bound.
+        {
             let inbound = self.ports.inbound.to_string();
             while self.log_lines(&["listening", &inbound]).is_empty() {
                 if !self.is_running() {
@@ -436,23 +448,30 @@ impl Proxy {
                 );
                 thread::sleep(Duration::from_millis(20));
             }
-            return;
         }
-        for addr in [self.ports.inbound, self.ports.socks5] {
-            loop {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    break;
-                }
-                if !self.is_running() {
-                    panic!("the proxy exited before listening on {addr}:\n{}", self.describe());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the proxy does not listen on {addr} after {START_TIMEOUT:?}:\n{}",
-                    self.describe()
-                );
-                thread::sleep(Duration::from_millis(20));
+    }
+
+    fn wait_ready(&mut self) {
+        if self.in_netns {
+            // Its addresses are not reachable from here.
+            return self.wait_logged_listening();
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        // Ready: listeners bound, configuration loaded, the workload's certificate obtained.
+        loop {
+            let answer = net::http(self.ports.readiness, "GET", "/healthz/ready");
+            if answer.as_ref().is_ok_and(|r| r.status == 200) {
+                return;
             }
+            if !self.is_running() {
+                panic!("the proxy exited before it was ready:\n{}", self.describe());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy is not ready after {START_TIMEOUT:?} (last answer {answer:?}):\n{}",
+                self.describe()
+            );
+            thread::sleep(Duration::from_millis(20));
         }
     }
 }

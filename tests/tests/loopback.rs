@@ -229,7 +229,7 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
             .arg(key.to_str().unwrap())
             .arg("--trust-bundle")
             .arg(bundle.to_str().unwrap())
-            .spawn();
+            .spawn_listening();
         let complaint = wrong.wait_for_log(
             &[
                 "does not serve spiffe://cluster.local/ns/default/sa/other",
@@ -239,5 +239,8 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
             Duration::from_secs(10),
         );
         assert!(complaint.is_some(), "the mismatch is named\n{}", wrong.describe());
+        let ready = net::http(wrong.ports().readiness, "GET", "/healthz/ready").unwrap();
+        assert_eq!(ready.status, 503, "not ready without its certificate: {}", ready.body);
+        assert!(ready.body.contains("certificate"), "{}", ready.body);
     }
 }
