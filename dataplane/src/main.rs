@@ -1,12 +1,13 @@
 //! `ztunnel`: meshwire's node proxy on tokio.
 //!
 //! Reads its configuration from flags and ztunnel's environment variables (see `--help`), serves the
-//! inbound HBONE and outbound SOCKS5 listeners, and drains on SIGTERM or SIGINT: it stops accepting,
-//! asks HBONE connections to finish, waits up to the drain deadline, and exits 0.
+//! inbound HBONE, inbound plaintext, outbound capture and SOCKS5 listeners (see
+//! [`meshwire_dataplane::app`]), and drains on SIGTERM or SIGINT: it stops accepting, asks HBONE
+//! connections to finish, waits up to the drain deadline, and exits 0.
 //!
 //! Exit status: 0 after a drain (or for `--help`/`--version`), 2 for an invalid command line or
 //! environment, 1 when the proxy cannot start (invalid local configuration, unusable certificate
-//! source, a listener that cannot be bound).
+//! source, an explicit packet mark that cannot be set, a listener that cannot be bound).
 
 use std::process::ExitCode;
 

@@ -159,7 +159,7 @@ fn checksum(bytes: &[u8]) -> u64 {
 #[test]
 fn socks5_through_hbone_to_echo_then_sigterm_drains() {
     let state = tempfile::tempdir().unwrap();
-    let [inbound, socks] = free_ports::<2>();
+    let [inbound, socks, outbound, plaintext] = free_ports::<4>();
     let mut child = ztunnel()
         .args(["--config", EXAMPLE, "--state-dir"])
         .arg(state.path())
@@ -170,6 +170,10 @@ fn socks5_through_hbone_to_echo_then_sigterm_drains() {
             &inbound.to_string(),
             "--socks5-port",
             &socks.to_string(),
+            "--outbound-port",
+            &outbound.to_string(),
+            "--inbound-plaintext-port",
+            &plaintext.to_string(),
         ])
         .args(["--drain-deadline", "2s", "--worker-threads", "2", "--log-level", "info"])
         .stdin(Stdio::null())

@@ -187,7 +187,10 @@ services:
     let outbound = Arc::new(Outbound::new(
         published,
         proxy,
-        SourceWorkload::Dedicated("client".into()),
+        SourceWorkload::Dedicated {
+            namespace: "default".into(),
+            name: "client".into(),
+        },
         pool,
         CopyConfig::default(),
     ));
