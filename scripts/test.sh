@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # --- what the tests need ------------------------------------------------------------------------
-# Debian packages the test suite uses (none yet for the identity crate; later: iptables, nftables).
-APT_PACKAGES=()
+# Debian packages the test suite uses: iptables and iproute2 (ip netns) for the capture tests, which
+# run the proxy in network namespaces behind dataplane/scripts/redirect.sh.
+APT_PACKAGES=(iptables iproute2)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -2,39 +2,65 @@
 //! through a bounded drain.
 //!
 //! [`Proxy::start`] loads the local configuration (and keeps watching it), opens the certificate
-//! source, starts the certificate manager, binds the listeners and spawns their accept loops; it must
-//! be called inside a tokio runtime with IO and time enabled. [`Proxy::drain`] stops accepting,
-//! tells the HBONE connections to drain, and waits up to the drain deadline for the connections to end.
+//! source, starts the certificate manager, decides the packet mark, binds the listeners and spawns
+//! their accept loops (one per listener); it must be called inside a tokio runtime with IO and time
+//! enabled. Every listener is bound before any is served: one that cannot be bound (a port in use)
+//! fails the start. [`Proxy::drain`] stops accepting, tells the HBONE connections to drain, and waits
+//! up to the drain deadline for the connections to end.
 //!
-//! Listeners served now: inbound HBONE, the outbound SOCKS5 listener, and the control listeners
-//! (readiness, admin, metrics: see [`crate::admin`]). The outbound capture (15001), inbound plaintext
-//! (15006) and DNS listeners are not bound yet.
+//! Listeners served:
 //!
-//! Known limits: in dedicated mode the SOCKS5 source workload is looked up (by namespace and name) in
-//! the configuration loaded at startup; a later change to that workload's uid is not followed.
+//! | listener | port | what it does |
+//! |---|---|---|
+//! | inbound HBONE | 15008 | mTLS with the destination workload's certificate, then [`InboundHandler`] per CONNECT |
+//! | inbound plaintext | 15006 | redirected inbound TCP: [`InboundHandler::serve_plaintext`] (policies without a peer identity) |
+//! | outbound capture | 15001 | redirected outbound TCP: [`Outbound::serve_capture`] |
+//! | SOCKS5 | 15080 | [`Outbound::serve_socks5`] (loopback only; can be turned off) |
+//!
+//! | readiness | 15021 | `/healthz/ready`: 200 once listeners, configuration and certificate are there ([`crate::admin`]) |
+//! | admin | 15000 | `/config_dump`, `/logging`, `/quitquitquit` (loopback only) |
+//! | metrics | 15020 | `/metrics`, `/stats/prometheus` |
+//!
+//! Every listener binds with `SO_REUSEPORT`, so that a new instance can take over the ports while
+//! this one drains. The DNS proxy is not served yet.
+//!
+//! **Whose connections.** In dedicated mode every connection is the configured workload's: its
+//! certificate serves inbound HBONE, and outbound connections go out with its identity; the workload
+//! is looked up by namespace and name in each configuration snapshot, so a change of it is followed.
+//! In shared mode an inbound HBONE connection is for the served workload whose IP it arrived on (and
+//! is served with that workload's certificate), and an outbound connection is from the local workload
+//! whose IP is the client's address (and its HBONE tunnel presents that workload's identity).
+//!
+//! **Packet mark.** The upstream connections (HBONE to peers, passthrough, connections to local
+//! workloads) carry the packet mark of [`config::PacketMark`], so that the redirection rules of
+//! `dataplane/scripts/redirect.sh` do not capture them again. With the default (`auto`) a proxy that
+//! may not set marks (not `CAP_NET_ADMIN`: an unprivileged run on loopback) warns once and runs
+//! without; an explicit mark it may not set fails the start ([`StartError::PacketMark`]).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshwire_hbone::copy::CopyConfig;
-use meshwire_hbone::pool::{Pool, PoolConfig};
+use meshwire_hbone::pool::Pool;
 use meshwire_hbone::server::{self, ServeOptions};
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, ManagerConfig, Priority};
 use meshwire_identity::source::files::{FilePaths, FileSource};
 use meshwire_identity::source::local_ca::{LocalCa, LocalCaError};
 use meshwire_identity::source::{CertSource, Credentials, SourceError};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminHandler, LogControl, MetricsHandler, Readiness, ReadinessHandler, ReadyBlocker};
-use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, ProxyMode};
+use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, PacketMark, ProxyMode};
+use crate::proxy::canonical;
 use crate::proxy::inbound::InboundHandler;
 use crate::proxy::outbound::{CertManagerTls, HbonePool, Outbound, SourceWorkload};
-use crate::rt::socket::{DefaultSocketFactory, SocketOptions};
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark};
 use crate::rt::tokio::{ConnectorConfig, TokioConnector, TokioExecutor, TokioTimer, bind_listener};
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog;
@@ -58,6 +84,14 @@ pub enum StartError {
     /// The dedicated workload has no valid identity.
     #[error("workload identity: {0}")]
     Identity(String),
+    /// The packet mark was given explicitly and cannot be set (it needs `CAP_NET_ADMIN`).
+    #[error("cannot set the packet mark {mark:#x} (--packet-mark, PACKET_MARK): {source}")]
+    PacketMark {
+        /// The mark.
+        mark: u32,
+        /// What failed.
+        source: io::Error,
+    },
     /// A listener cannot be bound.
     #[error("cannot listen for {listener} on {addr}: {source}")]
     Bind {
@@ -133,6 +167,24 @@ struct Shared {
     dedicated: Option<SpiffeId>,
     serve_options: ServeOptions,
     log_format: accesslog::LogFormat,
+    /// Options of the connections to local workloads (the packet mark).
+    upstream: SocketOptions,
+}
+
+impl Shared {
+    /// The inbound handler of a connection from `peer` that arrived on `arrived_on`.
+    fn inbound_handler(&self, arrived_on: SocketAddr, peer: SocketAddr) -> InboundHandler {
+        InboundHandler::new(
+            self.published.clone(),
+            self.proxy.clone(),
+            arrived_on,
+            self.metrics.clone(),
+            self.registry.clone(),
+            self.log_format,
+        )
+        .with_peer_addr(peer)
+        .with_socket_options(self.upstream.clone())
+    }
 }
 
 /// A running proxy: its listeners, background tasks and drain machinery.
@@ -167,9 +219,10 @@ pub enum Drained {
 }
 
 impl Proxy {
-    /// Starts the proxy of `config`: loads the local configuration, opens certificates, binds the
-    /// inbound HBONE, SOCKS5, readiness, admin and metrics listeners and starts serving. Call inside
-    /// a tokio runtime. The admin `/logging` endpoint answers 501: see [`Proxy::start_with_logging`].
+    /// Starts the proxy of `config`: loads the local configuration, opens certificates, decides the
+    /// packet mark, binds the inbound HBONE, inbound plaintext, outbound capture, SOCKS5, readiness,
+    /// admin and metrics listeners and starts serving. Call inside a tokio runtime. The admin
+    /// `/logging` endpoint answers 501: see [`Proxy::start_with_logging`].
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
         Self::start_with_logging(config, None).await
     }
@@ -220,42 +273,64 @@ impl Proxy {
         }
         let source = match &config.mode {
             ProxyMode::Dedicated { workload } => {
-                let snapshot = published.load();
-                let found = snapshot
+                if published
+                    .load()
                     .state
-                    .workloads()
-                    .iter()
-                    .find(|w| w.name == workload.name && w.identity().namespace() == workload.namespace);
-                match found {
-                    Some(w) => SourceWorkload::Dedicated(w.uid.clone()),
-                    None => {
-                        tracing::warn!(
-                            %workload,
-                            "the dedicated workload is not in the local configuration: SOCKS5 connections will fail"
-                        );
-                        SourceWorkload::Dedicated(format!("{}/{}", workload.namespace, workload.name))
-                    }
+                    .workload_by_name(&workload.namespace, &workload.name)
+                    .is_none()
+                {
+                    tracing::warn!(
+                        %workload,
+                        "the dedicated workload is not in the local configuration (yet): its outbound \
+                         connections fail until it is"
+                    );
+                }
+                SourceWorkload::Dedicated {
+                    namespace: workload.namespace.clone(),
+                    name: workload.name.clone(),
                 }
             }
             _ => SourceWorkload::Shared,
         };
 
+        let upstream = SocketOptions {
+            mark: packet_mark(config.packet_mark)?,
+            ..SocketOptions::default()
+        };
+        let log_format = match config.log_format {
+            config::LogFormat::Json => accesslog::LogFormat::Json,
+            _ => accesslog::LogFormat::Text,
+        };
+        let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
             proxy: config.local_proxy(),
             published: published.clone(),
             manager: manager.clone(),
-            metrics: Arc::new(Metrics::new()),
+            metrics: metrics.clone(),
             registry,
             dedicated,
             serve_options: ServeOptions {
                 settings: config.http2().clone(),
                 copy: CopyConfig::default(),
             },
-            log_format: match config.log_format {
-                config::LogFormat::Json => accesslog::LogFormat::Json,
-                _ => accesslog::LogFormat::Text,
-            },
+            log_format,
+            upstream: upstream.clone(),
         });
+
+        // The outbound path, shared by the SOCKS5 and capture listeners, with one HBONE pool.
+        let connector = TokioConnector::new(
+            CertManagerTls::new(manager.clone()),
+            ConnectorConfig {
+                socket: upstream.clone(),
+                ..ConnectorConfig::default()
+            },
+        );
+        let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, config.pool.clone());
+        let outbound = Arc::new(
+            Outbound::new(published, shared.proxy.clone(), source, pool, CopyConfig::default())
+                .with_telemetry(metrics, log_format)
+                .with_socket_options(upstream),
+        );
 
         let (shutdown, _) = watch::channel(false);
         let (conn_tx, connections) = mpsc::channel::<()>(1);
@@ -267,50 +342,44 @@ impl Proxy {
             reuse_port: true,
             ..SocketOptions::default()
         };
-
-        let bind = |listener: Listener, addr: SocketAddr| {
-            bind_listener(&DefaultSocketFactory, addr, &opts).map_err(|source| StartError::Bind {
+        let mut bind = |listener: Listener, addr: SocketAddr| -> Result<TcpListener, StartError> {
+            let bound = bind_listener(&DefaultSocketFactory, addr, &opts).map_err(|source| StartError::Bind {
                 listener,
                 addr,
                 source,
-            })
+            })?;
+            listeners.push((listener, local_addr(&bound, addr)));
+            Ok(bound)
+        };
+        // Every listener is bound before any is served, so that a port in use fails the start.
+        let inbound = bind(Listener::Inbound, config.listeners.inbound)?;
+        let plaintext = bind(Listener::InboundPlaintext, config.listeners.inbound_plaintext)?;
+        let capture = bind(Listener::Outbound, config.listeners.outbound)?;
+        let socks = config
+            .listeners
+            .socks5
+            .map(|addr| bind(Listener::Socks5, addr))
+            .transpose()?;
+        let control_listeners = ControlListeners {
+            readiness: bind(Listener::Readiness, config.listeners.readiness)?,
+            admin: bind(Listener::Admin, config.listeners.admin)?,
+            metrics: bind(Listener::Metrics, config.listeners.metrics)?,
         };
 
-        // Inbound HBONE.
-        let inbound = bind(Listener::Inbound, config.listeners.inbound)?;
-        listeners.push((Listener::Inbound, local_addr(&inbound, config.listeners.inbound)));
-        accept_loops.push(tokio::spawn(accept_inbound(
-            inbound,
-            shared.clone(),
-            shutdown.subscribe(),
-            conn_tx.clone(),
-        )));
-
-        // Outbound SOCKS5.
-        if let Some(addr) = config.listeners.socks5 {
-            let socks = bind(Listener::Socks5, addr)?;
-            listeners.push((Listener::Socks5, local_addr(&socks, addr)));
-            let pool_config: PoolConfig = config.pool.clone();
-            let connector = TokioConnector::new(CertManagerTls::new(manager.clone()), ConnectorConfig::default());
-            let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, pool_config);
-            let outbound = Arc::new(Outbound::new(
-                published,
-                shared.proxy.clone(),
-                source,
-                pool,
-                CopyConfig::default(),
-            ));
-            accept_loops.push(tokio::spawn(accept_socks5(
-                socks,
-                outbound,
-                shutdown.subscribe(),
-                conn_tx.clone(),
-            )));
+        let loops = Loops {
+            shutdown: &shutdown,
+            connections: &conn_tx,
+        };
+        accept_loops.push(loops.inbound_hbone(inbound, shared.clone()));
+        accept_loops.push(loops.inbound_plaintext(plaintext, shared.clone()));
+        accept_loops.push(loops.outbound_capture(capture, outbound.clone()));
+        if let Some(socks) = socks {
+            accept_loops.push(loops.socks5(socks, outbound));
         }
         drop(conn_tx);
 
         // Readiness, admin and metrics; the proxy is ready once this function returns.
-        let (control, listeners_bound) = Control::start(&config, &shared, logging, &bind, &mut listeners)?;
+        let (control, listeners_bound) = Control::start(&config, &shared, logging, control_listeners);
 
         for (listener, addr) in &listeners {
             tracing::info!(%listener, %addr, "listening");
@@ -377,6 +446,13 @@ impl Proxy {
     }
 }
 
+/// The bound control listeners.
+struct ControlListeners {
+    readiness: TcpListener,
+    admin: TcpListener,
+    metrics: TcpListener,
+}
+
 /// The control listeners (readiness, admin, metrics) and the tasks that make the proxy ready.
 struct Control {
     readiness: Readiness,
@@ -390,22 +466,15 @@ impl Control {
     /// How often a failed first fetch of the dedicated workload's certificate is retried.
     const CERTIFICATE_RETRY: Duration = Duration::from_secs(1);
 
-    /// Binds and serves readiness, admin and metrics, adding them to `listeners`; readiness waits
-    /// for the local configuration, the dedicated workload's first certificate, and the returned
-    /// blocker (to drop once every listener is bound).
+    /// Serves readiness, admin and metrics on their bound listeners; readiness waits for the local
+    /// configuration, the dedicated workload's first certificate, and the returned blocker (to drop
+    /// once every listener is bound).
     fn start(
         config: &Config,
         shared: &Shared,
         logging: Option<LogControl>,
-        bind: &dyn Fn(Listener, SocketAddr) -> Result<TcpListener, StartError>,
-        listeners: &mut Vec<(Listener, SocketAddr)>,
-    ) -> Result<(Control, ReadyBlocker), StartError> {
-        // Bind all three before serving any, so that a failed bind leaves nothing running.
-        let addrs = &config.listeners;
-        let readiness_tcp = bind(Listener::Readiness, addrs.readiness)?;
-        let admin_tcp = bind(Listener::Admin, addrs.admin)?;
-        let metrics_tcp = bind(Listener::Metrics, addrs.metrics)?;
-
+        bound: ControlListeners,
+    ) -> (Control, ReadyBlocker) {
         let readiness = Readiness::new();
         let listeners_bound = readiness.block("listeners");
         let mut waiters = Vec::new();
@@ -442,19 +511,15 @@ impl Control {
         let (stop, _) = watch::channel(false);
         let servers = vec![
             Self::serve(
-                listeners,
-                Listener::Readiness,
-                readiness_tcp,
-                addrs.readiness,
+                "readiness",
+                bound.readiness,
                 ReadinessHandler::new(readiness.clone()),
                 &stop,
             ),
-            Self::serve(listeners, Listener::Admin, admin_tcp, addrs.admin, admin, &stop),
+            Self::serve("admin", bound.admin, admin, &stop),
             Self::serve(
-                listeners,
-                Listener::Metrics,
-                metrics_tcp,
-                addrs.metrics,
+                "metrics",
+                bound.metrics,
                 MetricsHandler::new(shared.metrics.clone()).with_config(shared.published.clone()),
                 &stop,
             ),
@@ -466,25 +531,16 @@ impl Control {
             servers,
             waiters,
         };
-        Ok((control, listeners_bound))
+        (control, listeners_bound)
     }
 
-    /// Spawns the server of `handler` on `tcp`, stopping with `stop`, and records the listener.
+    /// Spawns the server of `handler` on `tcp`, stopping with `stop`.
     fn serve(
-        listeners: &mut Vec<(Listener, SocketAddr)>,
-        listener: Listener,
+        name: &'static str,
         tcp: TcpListener,
-        configured: SocketAddr,
         handler: impl admin::Handler,
         stop: &watch::Sender<bool>,
     ) -> JoinHandle<()> {
-        listeners.push((listener, local_addr(&tcp, configured)));
-        let name = match listener {
-            Listener::Readiness => "readiness",
-            Listener::Admin => "admin",
-            Listener::Metrics => "metrics",
-            _ => "control",
-        };
         tokio::spawn(admin::serve(name, tcp, handler, shutdown_signal(stop.subscribe())))
     }
 
@@ -509,113 +565,173 @@ async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn accept_inbound(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-    conn_tx: mpsc::Sender<()>,
-) {
-    let stop = shutdown_signal(shutdown.clone());
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "inbound HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
-        }
-        let arrived_on = match tcp.local_addr() {
-            Ok(addr) => addr,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "inbound HBONE connection has no local address");
-                continue;
+/// Spawns the accept loop of each listener; every connection task holds a clone of `connections`,
+/// and every loop stops when `shutdown` says so.
+struct Loops<'a> {
+    shutdown: &'a watch::Sender<bool>,
+    connections: &'a mpsc::Sender<()>,
+}
+
+impl Loops<'_> {
+    /// Inbound HBONE: mTLS with the certificate of the workload the connection is for (the dedicated
+    /// workload, or in shared mode the served workload whose IP it arrived on), then
+    /// [`server::serve`] with an [`InboundHandler`]. Draining sends GOAWAY.
+    fn inbound_hbone(&self, listener: TcpListener, shared: Arc<Shared>) -> JoinHandle<()> {
+        let shutdown = self.shutdown.subscribe();
+        self.spawn(Listener::Inbound, listener, move |tcp, peer| {
+            serve_inbound_hbone(tcp, peer, shared.clone(), shutdown.clone())
+        })
+    }
+
+    /// Inbound plaintext capture: [`InboundHandler::serve_plaintext`].
+    fn inbound_plaintext(&self, listener: TcpListener, shared: Arc<Shared>) -> JoinHandle<()> {
+        self.spawn(Listener::InboundPlaintext, listener, move |tcp, peer| {
+            serve_inbound_plaintext(tcp, peer, shared.clone())
+        })
+    }
+
+    /// Outbound capture: [`Outbound::serve_capture`].
+    fn outbound_capture(&self, listener: TcpListener, outbound: Arc<ProxyOutbound>) -> JoinHandle<()> {
+        self.spawn(Listener::Outbound, listener, move |tcp, peer| {
+            let outbound = outbound.clone();
+            async move {
+                let summary = outbound.serve_capture(tcp, peer).await;
+                tracing::debug!(%peer, ?summary, "outbound capture connection done");
             }
-        };
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        let guard = conn_tx.clone();
+        })
+    }
+
+    /// Outbound SOCKS5: [`Outbound::serve_socks5`].
+    fn socks5(&self, listener: TcpListener, outbound: Arc<ProxyOutbound>) -> JoinHandle<()> {
+        self.spawn(Listener::Socks5, listener, move |tcp, peer| {
+            let outbound = outbound.clone();
+            async move {
+                let summary = outbound.serve_socks5(tcp, peer).await;
+                tracing::debug!(%peer, ?summary, "SOCKS5 connection done");
+            }
+        })
+    }
+
+    /// Accepts connections on `listener` until shutdown, and spawns `serve` for each (with
+    /// `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4).
+    fn spawn<F, Fut>(&self, which: Listener, listener: TcpListener, serve: F) -> JoinHandle<()>
+    where
+        F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let shutdown = self.shutdown.subscribe();
+        let connections = self.connections.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            let id = match &shared.dedicated {
-                Some(id) => id.clone(),
-                None => {
-                    let snapshot = shared.published.load();
-                    match snapshot.state.inbound_workload(&shared.proxy, arrived_on.ip()) {
-                        Some(workload) => workload.spiffe_id().clone(),
-                        None => {
-                            tracing::warn!(%peer, %arrived_on, "inbound HBONE connection to no served workload");
-                            return;
+            let stop = shutdown_signal(shutdown);
+            tokio::pin!(stop);
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    () = &mut stop => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            tracing::warn!(listener = %which, %error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
                         }
-                    }
+                    },
+                };
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
                 }
-            };
-            let tls = match shared.manager.get(&id, Priority::Connection).await {
-                Ok(handle) => handle.current().server_config().clone(),
-                Err(error) => {
-                    tracing::warn!(%peer, %id, %error, "no certificate for inbound HBONE connection");
-                    return;
-                }
-            };
-            let handler = InboundHandler::new(
-                shared.published.clone(),
-                shared.proxy.clone(),
-                arrived_on,
-                shared.metrics.clone(),
-                shared.registry.clone(),
-                shared.log_format,
-            )
-            .with_peer_addr(peer);
-            let result = server::serve(
-                tcp,
-                tls,
-                &shared.serve_options,
-                &handler,
-                &TokioTimer,
-                shutdown_signal(shutdown),
-            )
-            .await;
-            match result {
-                Ok(summary) => tracing::debug!(%peer, client = %summary.peer, streams = summary.streams, "HBONE done"),
-                Err(error) => tracing::warn!(%peer, %error, "inbound HBONE connection failed"),
+                let guard = connections.clone();
+                let task = serve(tcp, canonical(peer));
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    task.await;
+                });
             }
-        });
+        })
     }
 }
 
-async fn accept_socks5(
-    listener: TcpListener,
-    outbound: Arc<Outbound<CertManagerTls<Certificates, TokioTimer>>>,
-    shutdown: watch::Receiver<bool>,
-    conn_tx: mpsc::Sender<()>,
-) {
-    let stop = shutdown_signal(shutdown);
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "SOCKS5 accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+/// The outbound path of the binary.
+type ProxyOutbound = Outbound<CertManagerTls<Certificates, TokioTimer>>;
+
+/// The firewall mark of the proxy's upstream connections: see [`config::PacketMark`].
+fn packet_mark(setting: PacketMark) -> Result<Option<u32>, StartError> {
+    let Some(mark) = setting.value() else {
+        return Ok(None);
+    };
+    match check_mark(mark) {
+        Ok(()) => {
+            tracing::info!(mark = %format_args!("{mark:#x}"), "upstream connections carry the packet mark");
+            Ok(Some(mark))
+        }
+        Err(error) if setting == PacketMark::Auto => {
+            tracing::warn!(
+                mark = %format_args!("{mark:#x}"),
+                %error,
+                "cannot set the packet mark (it needs CAP_NET_ADMIN): upstream connections go out unmarked; \
+                 do not redirect this proxy's traffic with firewall rules, they would capture it again \
+                 (--packet-mark none silences this)"
+            );
+            Ok(None)
+        }
+        Err(source) => Err(StartError::PacketMark { mark, source }),
+    }
+}
+
+async fn serve_inbound_hbone(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    let arrived_on = match tcp.local_addr() {
+        Ok(addr) => canonical(addr),
+        Err(error) => {
+            tracing::warn!(%peer, %error, "inbound HBONE connection has no local address");
+            return;
+        }
+    };
+    let id = match &shared.dedicated {
+        Some(id) => id.clone(),
+        None => {
+            let snapshot = shared.published.load();
+            match snapshot.state.inbound_workload(&shared.proxy, arrived_on.ip()) {
+                Some(workload) => workload.spiffe_id().clone(),
+                None => {
+                    tracing::warn!(%peer, %arrived_on, "inbound HBONE connection to no served workload");
+                    return;
                 }
-            },
-        };
-        let outbound = outbound.clone();
-        let guard = conn_tx.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let summary = outbound.serve_socks5(tcp, peer).await;
-            tracing::debug!(%peer, ?summary, "SOCKS5 connection done");
-        });
+            }
+        }
+    };
+    let tls = match shared.manager.get(&id, Priority::Connection).await {
+        Ok(handle) => handle.current().server_config().clone(),
+        Err(error) => {
+            tracing::warn!(%peer, %id, %error, "no certificate for inbound HBONE connection");
+            return;
+        }
+    };
+    let handler = shared.inbound_handler(arrived_on, peer);
+    let result = server::serve(
+        tcp,
+        tls,
+        &shared.serve_options,
+        &handler,
+        &TokioTimer,
+        shutdown_signal(shutdown),
+    )
+    .await;
+    match result {
+        Ok(summary) => tracing::debug!(%peer, client = %summary.peer, streams = summary.streams, "HBONE done"),
+        Err(error) => tracing::warn!(%peer, %error, "inbound HBONE connection failed"),
+    }
+}
+
+async fn serve_inbound_plaintext(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let arrived_on = match tcp.local_addr() {
+        Ok(addr) => canonical(addr),
+        Err(error) => {
+            tracing::warn!(%peer, %error, "inbound plaintext connection has no local address");
+            return;
+        }
+    };
+    let handler = shared.inbound_handler(arrived_on, peer);
+    match handler.serve_plaintext(tcp, shared.serve_options.copy).await {
+        Ok(copied) => tracing::debug!(%peer, ?copied, "inbound plaintext connection done"),
+        Err(error) => tracing::warn!(%peer, %error, "inbound plaintext connection failed"),
     }
 }

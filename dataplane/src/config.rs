@@ -79,6 +79,7 @@
 //! | `--drain-deadline` | `CONNECTION_TERMINATION_DEADLINE`; from `TERMINATION_GRACE_PERIOD_SECONDS` | `5s` |
 //! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
 //! | `--log-level` | `RUST_LOG` | `info` |
+//! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
 //!
 //! As in ztunnel: `PROXY_CONFIG` is Istio's ProxyConfig as YAML or JSON, of which `proxyAdminPort`,
 //! `statsPort`, `concurrency` and `proxyMetadata` (`DNS_CAPTURE`, `DNS_PROXY_ADDR`) are read;
@@ -92,8 +93,17 @@
 //! Differences from ztunnel, all where ztunnel has no setting: every port can be moved; the SOCKS5
 //! listener is on unless `UNSTABLE_ENABLE_SOCKS5=false` (it listens on loopback only); certificates come
 //! from a local CA or from files instead of istiod. ztunnel variables meshwire does not implement (xDS
-//! and CA clients, in-pod mode, socket marks, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
+//! and CA clients, in-pod mode, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
 //! that are set end up in [`Config::ignored_env`] for the binary to warn about.
+//!
+//! **Packet mark.** The proxy's own upstream connections (HBONE to peers, passthrough, connections
+//! to local workloads) carry the firewall mark of `--packet-mark` (`SO_MARK`, ztunnel's 0x539 = 1337 by
+//! default), so that the redirection rules of `scripts/redirect.sh` let them out instead of capturing
+//! them again. Setting a mark needs `CAP_NET_ADMIN`. By default ([`PacketMark::Auto`]) the proxy checks
+//! at startup whether it may set the mark, and if it may not (an unprivileged run on loopback, as in
+//! the README) it warns once and runs without marks; such a run must not be combined with redirection
+//! rules. A mark given explicitly ([`PacketMark::Set`]) that cannot be set fails the start instead.
+//! `0`, `none` or `off` turns marking off. Values are decimal or `0x` hexadecimal.
 //!
 //! The state directory defaults to `.meshwire` in the working directory, so that an unprivileged run
 //! needs no setup. Deployments should give an absolute path on persistent storage (`/var/lib/meshwire`,
@@ -130,7 +140,6 @@ pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
     "AUTH_TOKEN",
     "INPOD_UDS",
     "INPOD_PORT_REUSE",
-    "PACKET_MARK",
     "ENABLE_ORIG_SRC",
     "ENABLE_PROXY",
     "TRANSPARENT_NETWORK_POLICIES",
@@ -183,6 +192,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The log filter, in `tracing_subscriber::EnvFilter` syntax (`info`, `meshwire=debug,h2=warn`).
     pub log_level: String,
+    /// The firewall mark of the proxy's own upstream connections.
+    pub packet_mark: PacketMark,
     /// ztunnel variables that were set but that meshwire does not implement (from
     /// [`UNSUPPORTED_ZTUNNEL_ENV`]), for the binary to warn about.
     pub ignored_env: Vec<&'static str>,
@@ -266,6 +277,79 @@ impl FromStr for WorkloadInfo {
 impl fmt::Display for WorkloadInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}/{}", self.namespace, self.name, self.service_account)
+    }
+}
+
+/// The firewall mark (`SO_MARK`) of the proxy's own upstream connections, which the redirection rules
+/// skip so that the proxy's traffic is not captured again (see the [module documentation](self)).
+///
+/// ```
+/// use meshwire_dataplane::config::PacketMark;
+///
+/// assert_eq!("0x539".parse::<PacketMark>(), Ok(PacketMark::Set(1337)));
+/// assert_eq!("1337".parse::<PacketMark>(), Ok(PacketMark::Set(0x539)));
+/// assert_eq!("none".parse::<PacketMark>(), Ok(PacketMark::Off));
+/// assert_eq!("0".parse::<PacketMark>(), Ok(PacketMark::Off));
+/// assert_eq!("auto".parse::<PacketMark>(), Ok(PacketMark::Auto));
+/// assert_eq!(PacketMark::Auto.value(), Some(PacketMark::DEFAULT));
+/// assert!("0x1_0000_0000".parse::<PacketMark>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PacketMark {
+    /// [`PacketMark::DEFAULT`] if the proxy may set marks (it has `CAP_NET_ADMIN`); otherwise none,
+    /// with a warning at startup.
+    #[default]
+    Auto,
+    /// This mark; a proxy that may not set it does not start.
+    Set(u32),
+    /// No mark.
+    Off,
+}
+
+impl PacketMark {
+    /// ztunnel's mark, 0x539 (1337).
+    pub const DEFAULT: u32 = 0x539;
+
+    /// The mark to try, if any.
+    pub fn value(self) -> Option<u32> {
+        match self {
+            PacketMark::Auto => Some(Self::DEFAULT),
+            PacketMark::Set(mark) => Some(mark),
+            PacketMark::Off => None,
+        }
+    }
+}
+
+impl FromStr for PacketMark {
+    type Err = String;
+
+    /// `auto`; `none`, `off` or `0`; or a mark, decimal or `0x` hexadecimal.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let lower = s.to_ascii_lowercase();
+        let parsed = match lower.as_str() {
+            "auto" => return Ok(PacketMark::Auto),
+            "none" | "off" | "false" => return Ok(PacketMark::Off),
+            _ => match lower.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(&hex.replace('_', ""), 16),
+                None => lower.replace('_', "").parse::<u32>(),
+            },
+        };
+        match parsed {
+            Ok(0) => Ok(PacketMark::Off),
+            Ok(mark) => Ok(PacketMark::Set(mark)),
+            Err(_) => Err("expected auto, none, or a mark between 1 and 0xffffffff (decimal or 0x hex)".to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for PacketMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PacketMark::Auto => write!(f, "auto ({:#x} where permitted)", Self::DEFAULT),
+            PacketMark::Set(mark) => write!(f, "{mark:#x}"),
+            PacketMark::Off => f.write_str("none"),
+        }
     }
 }
 
@@ -1137,6 +1221,16 @@ const LOG_LEVEL: Opt = Opt {
     ..Opt::new(H_RUN)
 };
 
+const PACKET_MARK: Opt = Opt {
+    flag: "--packet-mark",
+    value_name: "MARK|none",
+    keys: &[Env("PACKET_MARK")],
+    default: Some("auto"),
+    help: "Firewall mark (SO_MARK) of the proxy's upstream connections, which redirection rules skip; \
+           auto: 0x539 if the proxy may set marks (CAP_NET_ADMIN), else none with a warning; 0 or none: off",
+    ..Opt::new(H_RUN)
+};
+
 const OPTS: &[&Opt] = &[
     &CONFIG,
     &MODE,
@@ -1176,6 +1270,7 @@ const OPTS: &[&Opt] = &[
     &DRAIN_DEADLINE,
     &LOG_FORMAT,
     &LOG_LEVEL,
+    &PACKET_MARK,
 ];
 
 fn command() -> Command {
@@ -1322,6 +1417,7 @@ impl<'a> Inputs<'a> {
             cert_ttl,
             log_format: self.required(&LOG_FORMAT, |s| s.trim().parse())?.value,
             log_level: self.required(&LOG_LEVEL, non_empty)?.value,
+            packet_mark: self.required(&PACKET_MARK, str::parse)?.value,
             ignored_env: UNSUPPORTED_ZTUNNEL_ENV
                 .iter()
                 .copied()

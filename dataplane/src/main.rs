@@ -1,14 +1,14 @@
 //! `ztunnel`: meshwire's node proxy on tokio.
 //!
 //! Reads its configuration from flags and ztunnel's environment variables (see `--help`), serves the
-//! inbound HBONE, outbound SOCKS5, readiness, admin and metrics listeners, and drains on SIGTERM,
-//! SIGINT or `POST /quitquitquit` on the admin listener: it stops accepting, asks HBONE connections to
-//! finish, waits up to the drain deadline, and exits 0. The admin `/logging` endpoint changes the log
-//! filter at runtime.
+//! inbound HBONE, inbound plaintext, outbound capture, SOCKS5, readiness, admin and metrics listeners
+//! (see [`meshwire_dataplane::app`]), and drains on SIGTERM, SIGINT or `POST /quitquitquit` on the
+//! admin listener: it stops accepting, asks HBONE connections to finish, waits up to the drain
+//! deadline, and exits 0. The admin `/logging` endpoint changes the log filter at runtime.
 //!
 //! Exit status: 0 after a drain (or for `--help`/`--version`), 2 for an invalid command line or
 //! environment, 1 when the proxy cannot start (invalid local configuration, unusable certificate
-//! source, a listener that cannot be bound).
+//! source, an explicit packet mark that cannot be set, a listener that cannot be bound).
 
 use std::process::ExitCode;
 

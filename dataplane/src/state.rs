@@ -225,6 +225,8 @@ pub struct State {
     /// network -> IP -> workload (host-networked workloads are not indexed).
     workload_by_ip: HashMap<String, HashMap<IpAddr, usize>>,
     workload_by_uid: HashMap<String, usize>,
+    /// namespace -> name -> workload.
+    workload_by_name: HashMap<String, HashMap<String, usize>>,
     /// network -> VIP -> service.
     service_by_vip: HashMap<String, HashMap<IpAddr, usize>>,
     service_by_key: HashMap<NamespacedHostname, usize>,
@@ -258,6 +260,12 @@ impl State {
         };
         for (i, workload) in state.workloads.iter().enumerate() {
             state.workload_by_uid.entry(workload.uid.clone()).or_insert(i);
+            state
+                .workload_by_name
+                .entry(workload.namespace().to_owned())
+                .or_default()
+                .entry(workload.name.clone())
+                .or_insert(i);
             if workload.network_mode != NetworkMode::HostNetwork {
                 let by_ip = state.workload_by_ip.entry(workload.network.clone()).or_default();
                 for ip in &workload.workload_ips {
@@ -309,6 +317,13 @@ impl State {
     /// The workload with this uid.
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Workload> {
         self.workloads.get(*self.workload_by_uid.get(uid)?)
+    }
+
+    /// The workload with this namespace and name (a pod's namespace and name, as ztunnel's
+    /// `PROXY_WORKLOAD_INFO` names the workload of a dedicated proxy); the first in configuration
+    /// order if several share them.
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads.get(*self.workload_by_name.get(namespace)?.get(name)?)
     }
 
     /// The service with this VIP in this network.

@@ -205,7 +205,7 @@ fn checksum(bytes: &[u8]) -> u64 {
 #[test]
 fn socks5_through_hbone_to_echo_then_sigterm_drains() {
     let state = tempfile::tempdir().unwrap();
-    let [inbound, socks, readiness, admin, metrics] = free_ports::<5>();
+    let [inbound, socks, readiness, admin, metrics, outbound, plaintext] = free_ports::<7>();
     let mut child = ztunnel()
         .args(["--config", EXAMPLE, "--state-dir"])
         .arg(state.path())
@@ -216,6 +216,10 @@ fn socks5_through_hbone_to_echo_then_sigterm_drains() {
             &inbound.to_string(),
             "--socks5-port",
             &socks.to_string(),
+            "--outbound-port",
+            &outbound.to_string(),
+            "--inbound-plaintext-port",
+            &plaintext.to_string(),
         ])
         .args(control_ports(readiness, admin, metrics))
         .args(["--drain-deadline", "2s", "--worker-threads", "2", "--log-level", "info"])
@@ -308,7 +312,7 @@ fn control_ports(readiness: u16, admin: u16, metrics: u16) -> Vec<String> {
 #[test]
 fn quitquitquit_drains_and_exits_0() {
     let state = tempfile::tempdir().unwrap();
-    let [inbound, socks, readiness, admin, metrics] = free_ports::<5>();
+    let [inbound, socks, readiness, admin, metrics, outbound, plaintext] = free_ports::<7>();
     let mut child = ztunnel()
         .args(["--config", EXAMPLE, "--state-dir"])
         .arg(state.path())
@@ -319,6 +323,10 @@ fn quitquitquit_drains_and_exits_0() {
             &inbound.to_string(),
             "--socks5-port",
             &socks.to_string(),
+            "--outbound-port",
+            &outbound.to_string(),
+            "--inbound-plaintext-port",
+            &plaintext.to_string(),
         ])
         .args(control_ports(readiness, admin, metrics))
         .args(["--drain-deadline", "2s", "--log-level", "info"])
@@ -356,7 +364,7 @@ fn an_occupied_admin_port_exits_1_naming_the_listener_and_address() {
     let state = tempfile::tempdir().unwrap();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = taken.local_addr().unwrap().port();
-    let [inbound, socks, readiness, metrics] = free_ports::<4>();
+    let [inbound, socks, readiness, metrics, outbound, plaintext] = free_ports::<6>();
     let output = ztunnel()
         .args(["--config", EXAMPLE, "--state-dir"])
         .arg(state.path())
@@ -366,6 +374,10 @@ fn an_occupied_admin_port_exits_1_naming_the_listener_and_address() {
             &inbound.to_string(),
             "--socks5-port",
             &socks.to_string(),
+            "--outbound-port",
+            &outbound.to_string(),
+            "--inbound-plaintext-port",
+            &plaintext.to_string(),
         ])
         .args(control_ports(readiness, admin, metrics))
         .stdin(Stdio::null())

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshwire_dataplane::config::{
-    CertificateSource, Config, Error, Listener, LocalConfigSource, LogFormat, Origin, ProxyMode,
+    CertificateSource, Config, Error, Listener, LocalConfigSource, LogFormat, Origin, PacketMark, ProxyMode,
     UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo,
 };
 use meshwire_dataplane::state::{DEFAULT_PROXY_PORTS, LocalProxy};
@@ -94,6 +94,8 @@ fn defaults_are_ztunnels() {
     assert_eq!(config.cert_ttl, Duration::from_secs(24 * 3600));
     assert_eq!(config.log_format, LogFormat::Text);
     assert_eq!(config.log_level, "info");
+    assert_eq!(config.packet_mark, PacketMark::Auto);
+    assert_eq!(config.packet_mark.value(), Some(0x539));
     assert!(config.ignored_env.is_empty());
     assert_eq!(config.validate(), Ok(()));
 
@@ -361,6 +363,14 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
             vec![("XDS_ADDRESS", "https://istiod:15012"), ("INPOD_UDS", "/x")],
             |c| c.ignored_env == vec!["XDS_ADDRESS", "INPOD_UDS"],
         ),
+        (vec![("PACKET_MARK", "0x10")], |c| c.packet_mark == PacketMark::Set(16)),
+        (vec![("PACKET_MARK", "1337")], |c| {
+            c.packet_mark == PacketMark::Set(0x539)
+        }),
+        (vec![("PACKET_MARK", "none")], |c| {
+            c.packet_mark == PacketMark::Off && c.packet_mark.value().is_none()
+        }),
+        (vec![("PACKET_MARK", "0")], |c| c.packet_mark == PacketMark::Off),
         // Empty counts as unset.
         (vec![("MESHWIRE_INBOUND_PORT", ""), ("PROXY_MODE", "")], |c| {
             c.listeners.inbound.port() == 15008 && matches!(c.mode, ProxyMode::Shared { .. })
@@ -604,6 +614,13 @@ fn invalid_values_name_their_flag_or_variable_and_the_value() {
             &["ISTIO_META_DNS_PROXY_ADDR", "localhost:0"],
         ),
         (&["--drain-deadline", "5x"], &[], &["--drain-deadline", "5x", "unit"]),
+        (&["--packet-mark=-1"], &[], &["--packet-mark", "\"-1\"", "0xffffffff"]),
+        (
+            &[],
+            &[("PACKET_MARK", "0x1_0000_0000")],
+            &["PACKET_MARK", "0x1_0000_0000"],
+        ),
+        (&[], &[("PACKET_MARK", "mark")], &["PACKET_MARK", "mark"]),
         (&["--drain-deadline=-1s"], &[], &["--drain-deadline", "-1s"]),
         (
             &[],

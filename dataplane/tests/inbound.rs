@@ -305,3 +305,120 @@ async fn a_new_deny_policy_resets_an_established_stream() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// OPEN with a namespace ALLOW policy that requires a principal under `cluster.local/ns/`.
+const ALLOW_MESH_ONLY: &str = r#"
+workloads:
+- name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+policies:
+- name: mesh-only
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - principals: [!Prefix cluster.local/ns/]
+"#;
+
+/// A handler as the inbound plaintext listener makes one: arrived on its port, no peer identity.
+fn plaintext_handler(yaml: &str) -> (InboundHandler, Published, Arc<Metrics>, ConnectionRegistry) {
+    let published = Published::new(Snapshot::new(
+        LocalConfig::parse(yaml).unwrap(),
+        1,
+        None,
+        SystemTime::now(),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    let registry = ConnectionRegistry::new();
+    let handler = InboundHandler::new(
+        published.clone(),
+        LocalProxy::new(),
+        "127.0.0.1:15006".parse().unwrap(),
+        metrics.clone(),
+        registry.clone(),
+        LogFormat::Text,
+    )
+    .with_peer_addr("127.0.0.9:40000".parse().unwrap());
+    (handler, published, metrics, registry)
+}
+
+#[tokio::test]
+async fn plaintext_is_counted_without_a_peer_identity_and_refused_by_a_policy_requiring_one() {
+    let echo = echo_server().await;
+    let (handler, published, metrics, registry) = plaintext_handler(OPEN);
+    let mut upstream = handler.open(echo, None).await.unwrap();
+    assert_eq!(registry.len(), 1);
+    upstream.write_all(b"plain").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), upstream.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"plain");
+    drop(upstream);
+    assert!(registry.is_empty());
+    let text = metrics.render();
+    let closed = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+        .unwrap();
+    for label in [
+        "reporter=\"destination\"",
+        "source_principal=\"unknown\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/server\"",
+        "connection_security_policy=\"unknown\"",
+        "response_flags=\"-\"",
+    ] {
+        assert!(closed.contains(label), "{label} missing: {closed}");
+    }
+    assert_eq!(series(&text, "istio_tcp_received_bytes_total"), Some(5), "{text}");
+
+    // A policy that requires a principal refuses plaintext, which has none.
+    published.publish(LocalConfig::parse(ALLOW_MESH_ONLY).unwrap(), None, SystemTime::now());
+    let refusal = handler.open(echo, None).await.unwrap_err();
+    assert_eq!(refusal.status.as_u16(), 401, "{}", refusal.reason);
+    assert!(registry.is_empty());
+    let text = metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains("response_flags=\"DENY\"")
+                && l.contains("connection_security_policy=\"unknown\"")),
+        "{text}"
+    );
+    // With the identity it requires, the same connection is allowed.
+    let upstream = handler.open(echo, Some(&id(CLIENT))).await.unwrap();
+    drop(upstream);
+}
+
+#[tokio::test]
+async fn plaintext_to_the_proxys_own_port_or_an_unserved_address_is_refused() {
+    let (handler, _published, _metrics, registry) = plaintext_handler(OPEN);
+    let own = handler
+        .open("127.0.0.1:15008".parse().unwrap(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(own.status.as_u16(), 503);
+    assert!(own.reason.contains("would loop"), "{}", own.reason);
+    let unserved = handler.open("127.0.0.77:80".parse().unwrap(), None).await.unwrap_err();
+    assert_eq!(unserved.status.as_u16(), 400);
+    assert!(registry.is_empty());
+}
+
+#[tokio::test]
+async fn a_new_policy_closes_an_established_plaintext_connection() {
+    let echo = echo_server().await;
+    let (handler, published, _metrics, registry) = plaintext_handler(OPEN);
+    let mut upstream = handler.open(echo, None).await.unwrap();
+    let snapshot = published.publish(LocalConfig::parse(ALLOW_MESH_ONLY).unwrap(), None, SystemTime::now());
+    assert_eq!(registry.reevaluate(&snapshot), 1);
+    let mut buf = [0u8; 4];
+    let error = tokio::time::timeout(Duration::from_secs(5), upstream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("connection closed by policy"), "{error}");
+}

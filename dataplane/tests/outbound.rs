@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use meshwire_dataplane::proxy::outbound::{
-    CertManagerTls, HbonePool, Outbound, OutboundSummary, RouteKind, SourceWorkload,
+    CertManagerTls, HbonePool, Outbound, OutboundError, OutboundSummary, RouteKind, SourceWorkload,
 };
 use meshwire_dataplane::rt::tokio::{ConnectorConfig, TokioConnector, TokioExecutor, TokioTimer};
 use meshwire_dataplane::socks5::Reply;
 use meshwire_dataplane::state::LocalProxy;
+use meshwire_dataplane::telemetry::accesslog::LogFormat;
+use meshwire_dataplane::telemetry::metrics::Metrics;
 use meshwire_dataplane::watch::{Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_hbone::copy::CopyConfig;
@@ -127,14 +129,50 @@ async fn hbone_server(ca: &LocalCa) -> (SocketAddr, Arc<TestHandler>) {
 }
 
 struct Fixture {
+    /// The SOCKS5 listener.
     socks: SocketAddr,
+    /// A listener whose connections are served as redirected to `redirect_to`.
+    redirected: SocketAddr,
+    redirect_to: Arc<Mutex<Option<SocketAddr>>>,
+    /// A capture listener (no redirection on loopback: `SO_ORIGINAL_DST` finds none).
+    capture: SocketAddr,
     echo: SocketAddr,
     plain_echo: SocketAddr,
     handler: Arc<TestHandler>,
     summaries: mpsc::UnboundedReceiver<OutboundSummary>,
+    published: Published,
+    yaml: String,
+    metrics: Arc<Metrics>,
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(SourceWorkload::Dedicated {
+        namespace: "default".into(),
+        name: "client".into(),
+    })
+    .await
+}
+
+/// Serves every connection of `listener` with `serve`, sending the summaries to `tx`.
+fn serve_all<F, Fut>(listener: TcpListener, tx: mpsc::UnboundedSender<OutboundSummary>, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = OutboundSummary> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                return;
+            };
+            let (task, tx) = (serve(tcp, peer), tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(task.await);
+            });
+        }
+    });
+}
+
+async fn fixture_with(source: SourceWorkload) -> Fixture {
     let ca = Arc::new(LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap());
     let manager = CertManager::new(ca.clone(), TokioTimer, ManagerConfig::default());
     let driver = manager.clone();
@@ -178,38 +216,50 @@ services:
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let socks = listener.local_addr().unwrap();
+    let redirect_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirected = redirect_listener.local_addr().unwrap();
+    let capture_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let capture = capture_listener.local_addr().unwrap();
     let proxy = LocalProxy::new()
         .with_addresses([socks.ip()])
-        .with_ports([socks.port()])
+        .with_ports([socks.port(), redirected.port(), capture.port()])
         .with_hbone_port(hbone.port());
     let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
     let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default());
-    let outbound = Arc::new(Outbound::new(
-        published,
-        proxy,
-        SourceWorkload::Dedicated("client".into()),
-        pool,
-        CopyConfig::default(),
-    ));
+    let metrics = Arc::new(Metrics::new());
+    let outbound = Arc::new(
+        Outbound::new(published.clone(), proxy, source, pool, CopyConfig::default())
+            .with_telemetry(metrics.clone(), LogFormat::Text),
+    );
     let (tx, summaries) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                return;
-            };
-            let (outbound, tx) = (outbound.clone(), tx.clone());
-            tokio::spawn(async move {
-                let summary = outbound.serve_socks5(tcp, peer).await;
-                let _ = tx.send(summary);
-            });
-        }
+    let o = outbound.clone();
+    serve_all(listener, tx.clone(), move |tcp, peer| {
+        let o = o.clone();
+        async move { o.serve_socks5(tcp, peer).await }
+    });
+    let redirect_to = Arc::new(Mutex::new(None::<SocketAddr>));
+    let (o, to) = (outbound.clone(), redirect_to.clone());
+    serve_all(redirect_listener, tx.clone(), move |tcp, peer| {
+        let (o, dst) = (o.clone(), to.lock().unwrap().expect("redirect_to set"));
+        async move { o.serve_redirected(tcp, peer, dst).await }
+    });
+    let o = outbound.clone();
+    serve_all(capture_listener, tx, move |tcp, peer| {
+        let o = o.clone();
+        async move { o.serve_capture(tcp, peer).await }
     });
     Fixture {
         socks,
+        redirected,
+        redirect_to,
+        capture,
         echo,
         plain_echo,
         handler,
         summaries,
+        published,
+        yaml,
+        metrics,
     }
 }
 
@@ -220,7 +270,19 @@ enum Dest<'a> {
 
 /// A SOCKS5 CONNECT by hand: the reply code and the stream.
 async fn socks_connect(proxy: SocketAddr, dest: Dest<'_>) -> (u8, TcpStream) {
-    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    socks_connect_from(proxy, None, dest).await
+}
+
+/// [`socks_connect`] from the source address `from`.
+async fn socks_connect_from(proxy: SocketAddr, from: Option<IpAddr>, dest: Dest<'_>) -> (u8, TcpStream) {
+    let mut tcp = match from {
+        None => TcpStream::connect(proxy).await.unwrap(),
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(proxy).await.unwrap()
+        }
+    };
     tcp.write_all(&[5, 1, 0]).await.unwrap();
     let mut method = [0u8; 2];
     tcp.read_exact(&mut method).await.unwrap();
@@ -380,4 +442,233 @@ async fn target_looping_into_the_proxy_fails() {
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.route, Some(RouteKind::Refused));
     assert!(f.handler.seen.lock().unwrap().is_empty());
+}
+
+/// A server on `ip` that reads everything the client sends, then answers `reply_len` bytes and
+/// closes: the two directions carry different byte counts.
+async fn asymmetric_server(ip: &str, reply_len: usize) -> SocketAddr {
+    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = tcp.read_to_end(&mut sink).await;
+                let _ = tcp.write_all(&vec![b'r'; reply_len]).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `len` bytes, half-closes, and returns how many bytes came back.
+async fn upload(tcp: TcpStream, len: usize) -> usize {
+    let (mut r, mut w) = tcp.into_split();
+    w.write_all(&pattern(len, 3)).await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    back.len()
+}
+
+/// The value of the sample of `family` whose labels include every one of `labels`; panics unless
+/// exactly one sample matches.
+fn sample(metrics: &Metrics, family: &str, labels: &[&str]) -> u64 {
+    let text = metrics.render();
+    let found: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")) && labels.iter().all(|l| line.contains(l)))
+        .collect();
+    assert_eq!(found.len(), 1, "{family} {labels:?} in:\n{text}");
+    found[0].rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_metrics_count_the_bytes_each_way_with_reporter_source() {
+    let mut f = fixture().await;
+    // Over HBONE: the mesh workload "server" is 127.0.0.1.
+    let mesh = asymmetric_server("127.0.0.1", 777).await;
+    let (code, tcp) = socks_connect(f.socks, Dest::Addr(mesh)).await;
+    assert_eq!(code, 0);
+    assert_eq!(upload(tcp, 10_000).await, 777);
+    let summary = next_summary(&mut f).await;
+    assert_eq!((summary.sent, summary.received), (10_000, 777));
+    let hbone = [
+        "reporter=\"source\"",
+        "source_workload_namespace=\"default\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/server\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(sample(&f.metrics, "istio_tcp_received_bytes_total", &hbone), 10_000);
+    assert_eq!(sample(&f.metrics, "istio_tcp_sent_bytes_total", &hbone), 777);
+    assert_eq!(sample(&f.metrics, "istio_tcp_connections_opened_total", &hbone), 1);
+    let closed = [&hbone[..], &["response_flags=\"-\""]].concat();
+    assert_eq!(sample(&f.metrics, "istio_tcp_connections_closed_total", &closed), 1);
+
+    // Passthrough to the TCP workload 127.0.0.2: not mutual TLS, no principals.
+    let plain = asymmetric_server("127.0.0.2", 55).await;
+    let (code, tcp) = socks_connect(f.socks, Dest::Addr(plain)).await;
+    assert_eq!(code, 0);
+    assert_eq!(upload(tcp, 3000).await, 55);
+    next_summary(&mut f).await;
+    let passthrough = [
+        "reporter=\"source\"",
+        "source_principal=\"unknown\"",
+        "destination_principal=\"unknown\"",
+        "connection_security_policy=\"unknown\"",
+    ];
+    assert_eq!(sample(&f.metrics, "istio_tcp_received_bytes_total", &passthrough), 3000);
+    assert_eq!(sample(&f.metrics, "istio_tcp_sent_bytes_total", &passthrough), 55);
+    assert_eq!(
+        sample(&f.metrics, "istio_tcp_connections_closed_total", &passthrough),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_connection_goes_through_hbone_without_a_socks_reply() {
+    let mut f = fixture().await;
+    *f.redirect_to.lock().unwrap() = Some(f.echo);
+    let tcp = TcpStream::connect(f.redirected).await.unwrap();
+    echo_through(tcp, 64 * 1024).await;
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Hbone));
+    assert!(summary.error.is_none(), "{:?}", summary.error);
+    assert_eq!(summary.reply, None);
+    assert_eq!(summary.source, Some(id(CLIENT)));
+    assert_eq!((summary.sent, summary.received), (64 * 1024, 64 * 1024));
+    let seen = f.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer, id(CLIENT));
+    let labels = ["reporter=\"source\"", "connection_security_policy=\"mutual_tls\""];
+    assert_eq!(sample(&f.metrics, "istio_tcp_received_bytes_total", &labels), 64 * 1024);
+}
+
+/// Whether a connection to `addr` is refused: reset (possibly before the connect returned) or
+/// closed without a byte.
+async fn refused_at(addr: SocketAddr) -> bool {
+    match TcpStream::connect(addr).await {
+        Ok(tcp) => closed_without_data(tcp).await,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Whether the client's connection was closed without a byte (reset or EOF).
+async fn closed_without_data(mut tcp: TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await {
+        Ok(Ok(0)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("the connection was neither served nor closed"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_connection_refused_by_routing_is_reset_and_counted() {
+    let mut f = fixture().await;
+    // The SOCKS5 listener is one of the proxy's own: routing refuses the loop.
+    *f.redirect_to.lock().unwrap() = Some(f.socks);
+    assert!(refused_at(f.redirected).await);
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Refused));
+    assert!(
+        matches!(summary.error, Some(OutboundError::Refused(_))),
+        "{:?}",
+        summary.error
+    );
+    assert!(f.handler.seen.lock().unwrap().is_empty());
+    let closed = ["reporter=\"source\"", "response_flags=\"CONNECT\""];
+    assert_eq!(sample(&f.metrics, "istio_tcp_connections_closed_total", &closed), 1);
+
+    // A passthrough destination where nothing listens: refused by the kernel, reset as well.
+    let nothing = {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    *f.redirect_to.lock().unwrap() = Some(nothing);
+    assert!(refused_at(f.redirected).await);
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.route, Some(RouteKind::Passthrough));
+    assert!(
+        matches!(summary.error, Some(OutboundError::Connect { .. })),
+        "{:?}",
+        summary.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_listener_refuses_a_connection_that_was_not_redirected() {
+    let mut f = fixture().await;
+    assert!(refused_at(f.capture).await);
+    let summary = next_summary(&mut f).await;
+    let error = summary.error.expect("refused");
+    assert!(matches!(error, OutboundError::NotRedirected(_)), "{error:?}");
+    assert!(
+        error.to_string().contains("not redirected to the outbound listener"),
+        "{error}"
+    );
+    assert_eq!(summary.route, None, "routed");
+    assert!(f.handler.seen.lock().unwrap().is_empty());
+    assert!(!f.metrics.render().contains("istio_tcp_connections_opened_total{"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_source_is_looked_up_in_each_snapshot() {
+    let mut f = fixture_with(SourceWorkload::Dedicated {
+        namespace: "default".into(),
+        name: "late".into(),
+    })
+    .await;
+    let (code, _tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
+    assert_eq!(code, 0x01, "no workload default/late yet");
+    let summary = next_summary(&mut f).await;
+    assert!(
+        matches!(summary.error, Some(OutboundError::UnknownSource { .. })),
+        "{:?}",
+        summary.error
+    );
+
+    // The new workload goes at the end of the workload list, before the top-level services.
+    let at = f.yaml.find("\nservices:\n").expect("a top-level services section");
+    let late = "\n- uid: late-1\n  name: late\n  namespace: default\n  serviceAccount: late\n  \
+                workloadIps: [\"127.0.0.4\"]\n  protocol: HBONE";
+    let yaml = format!("{}{late}{}", &f.yaml[..at], &f.yaml[at..]);
+    f.published
+        .publish(LocalConfig::parse(&yaml).unwrap(), None, SystemTime::now());
+    let (code, tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
+    assert_eq!(code, 0);
+    echo_through(tcp, 1024).await;
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.source, Some(id("spiffe://cluster.local/ns/default/sa/late")));
+    assert_eq!(
+        f.handler.seen.lock().unwrap()[0].peer,
+        id("spiffe://cluster.local/ns/default/sa/late")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_source_is_the_workload_with_the_client_address() {
+    let mut f = fixture_with(SourceWorkload::Shared).await;
+    // 127.0.0.3 is the workload "client".
+    let (code, tcp) = socks_connect_from(f.socks, Some("127.0.0.3".parse().unwrap()), Dest::Addr(f.echo)).await;
+    assert_eq!(code, 0);
+    echo_through(tcp, 4096).await;
+    let summary = next_summary(&mut f).await;
+    assert_eq!(summary.source, Some(id(CLIENT)));
+    assert_eq!(f.handler.seen.lock().unwrap()[0].peer, id(CLIENT));
+    // 127.0.0.5 is no workload.
+    let (code, _tcp) = socks_connect_from(f.socks, Some("127.0.0.5".parse().unwrap()), Dest::Addr(f.echo)).await;
+    assert_eq!(code, 0x01);
+    let summary = next_summary(&mut f).await;
+    assert!(
+        matches!(summary.error, Some(OutboundError::UnknownSource { .. })),
+        "{:?}",
+        summary.error
+    );
 }

@@ -1,4 +1,5 @@
-//! The inbound proxy: the HBONE server side on the tokio data path.
+//! The inbound proxy on the tokio data path: the HBONE server side (15008) and the inbound plaintext
+//! capture listener (15006).
 //!
 //! An [`InboundHandler`] is made for every accepted HBONE connection and decides on each CONNECT
 //! stream of it, in this order (the statuses of `HBONE.md`):
@@ -14,6 +15,15 @@
 //!
 //! The accepted connection is registered in the [`ConnectionRegistry`], so that a later snapshot
 //! whose policies deny it closes it, and the upstream is returned as an [`InboundUpstream`].
+//!
+//! **Plaintext.** A connection redirected to the inbound plaintext listener goes through steps 3 to 6
+//! the same way ([`InboundHandler::open`]), with its original destination (`SO_ORIGINAL_DST`) as the
+//! authority and no peer identity: policies that require one refuse it, and its metrics say
+//! `connection_security_policy="unknown"`. [`InboundHandler::serve_plaintext`] serves such a
+//! connection whole; a refusal closes it with a reset.
+//!
+//! Connections to the destination workload are made with the handler's [`SocketOptions`] (the
+//! proxy's packet mark, so that redirection rules let them through).
 //!
 //! **Telemetry design.** The per-connection state (metrics recorder, start time, access log entry)
 //! lives in the [`InboundUpstream`] itself, not in a map keyed by stream: the upstream counts bytes
@@ -32,13 +42,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use meshwire_hbone::copy::{self, CopyConfig};
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal, StreamReport};
+use meshwire_identity::id::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::proxy::{NotRedirected, canonical, check_redirect};
+
 use crate::rbac::{Connection, WorkloadRef};
-use crate::rt::socket::{DefaultSocketFactory, SocketOptions};
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions, original_destination, reset_on_close};
 use crate::rt::tokio::connect_with;
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
@@ -60,6 +74,7 @@ pub struct InboundHandler {
     metrics: Arc<Metrics>,
     registry: ConnectionRegistry,
     log_format: LogFormat,
+    socket: SocketOptions,
 }
 
 impl InboundHandler {
@@ -78,17 +93,24 @@ impl InboundHandler {
         Self {
             published,
             proxy,
-            arrived_on,
+            arrived_on: canonical(arrived_on),
             peer_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             metrics,
             registry,
             log_format,
+            socket: SocketOptions::default(),
         }
+    }
+
+    /// Changes the options of the connections to destination workloads (the packet mark, for one).
+    pub fn with_socket_options(mut self, socket: SocketOptions) -> Self {
+        self.socket = socket;
+        self
     }
 
     /// Sets the client's address (the accepted socket's peer address).
     pub fn with_peer_addr(mut self, peer_addr: SocketAddr) -> Self {
-        self.peer_addr = peer_addr;
+        self.peer_addr = canonical(peer_addr);
         self
     }
 
@@ -112,28 +134,14 @@ impl InboundHandler {
         accesslog::emit(&entry, self.log_format);
         refusal
     }
-}
 
-impl Handler for InboundHandler {
-    type Upstream = InboundUpstream;
-
-    async fn connect(&self, request: &InboundRequest) -> Result<Connected<InboundUpstream>, Refusal> {
-        let dst = match &request.authority {
-            Authority::SocketAddr(addr) => *addr,
-            other => {
-                return Err(Refusal::bad_request(format!(
-                    "hostname authorities are not served yet: {other}"
-                )));
-            }
-        };
-        if dst.ip() != self.arrived_on.ip() {
-            return Err(Refusal::bad_request(format!(
-                "authority IP {} is not the address the connection arrived on, {}",
-                dst.ip(),
-                self.arrived_on.ip()
-            )));
-        }
-        if self.proxy.ports.contains(&dst.port()) || dst.port() == self.arrived_on.port() {
+    /// Steps 3 to 6 for a connection from the client to `dst`, with the identity the client proved
+    /// (`None` for plaintext): refuses the proxy's own ports (503), a destination that is no served
+    /// workload (400), a denial of the policies (401, counted and logged), a failed connect (503,
+    /// counted and logged); else connects, registers the connection and returns its upstream.
+    pub async fn open(&self, dst: SocketAddr, peer: Option<&SpiffeId>) -> Result<InboundUpstream, Refusal> {
+        let dst = canonical(dst);
+        if self.proxy.ports.contains(&dst.port()) {
             return Err(Refusal::unavailable(format!(
                 "{dst} is one of the proxy's own ports: the connection would loop"
             )));
@@ -149,22 +157,31 @@ impl Handler for InboundHandler {
         let source = snapshot
             .state
             .workload_by_ip(&self.proxy.network, self.peer_addr.ip())
-            .filter(|w| w.spiffe_id() == &request.peer);
+            .filter(|w| peer.is_none_or(|peer| w.spiffe_id() == peer));
 
-        let labels = ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
+        let security = if peer.is_some() {
+            SecurityPolicy::MutualTls
+        } else {
+            SecurityPolicy::Unknown
+        };
+        let labels = ConnectionLabels::new(Reporter::Destination, security)
             .with_source(source)
-            .with_source_principal(Some(&request.peer))
+            .with_source_principal(peer)
             .with_destination(Some(workload));
         let entry = AccessLogEntry::from_labels(&labels, self.peer_addr, dst)
             .with_source_workload(source)
-            .with_destination_workload(Some(workload))
-            .with_hbone_addr(dst);
+            .with_destination_workload(Some(workload));
+        let entry = if peer.is_some() {
+            entry.with_hbone_addr(dst)
+        } else {
+            entry
+        };
         let recorder = self.metrics.open(labels);
         let start = Instant::now();
 
         // Authorization.
         let conn = Connection {
-            src_identity: Some(&request.peer),
+            src_identity: peer,
             src: self.peer_addr,
             dst,
         };
@@ -196,14 +213,7 @@ impl Handler for InboundHandler {
         }
 
         // Upstream.
-        let tcp = match connect_with(
-            &DefaultSocketFactory,
-            dst,
-            &SocketOptions::default(),
-            UPSTREAM_CONNECT_TIMEOUT,
-        )
-        .await
-        {
+        let tcp = match connect_with(&DefaultSocketFactory, dst, &self.socket, UPSTREAM_CONNECT_TIMEOUT).await {
             Ok(tcp) => tcp,
             Err(e) => {
                 return Err(self.refuse(
@@ -215,9 +225,9 @@ impl Handler for InboundHandler {
             }
         };
 
-        let attrs = ConnectionAttrs::for_workload(workload, Some(request.peer.clone()), self.peer_addr, dst);
+        let attrs = ConnectionAttrs::for_workload(workload, peer.cloned(), self.peer_addr, dst);
         let (guard, close) = self.registry.register(attrs);
-        Ok(Connected::from(InboundUpstream {
+        Ok(InboundUpstream {
             tcp,
             close,
             closed: None,
@@ -226,7 +236,107 @@ impl Handler for InboundHandler {
             start,
             entry: Some(entry),
             log_format: self.log_format,
-        }))
+        })
+    }
+
+    /// Serves one connection accepted by the inbound plaintext listener: its original destination
+    /// from `SO_ORIGINAL_DST` ([`check_redirect`] refuses a connection that was not redirected), then
+    /// [`open`](Self::open) without a peer identity, and the copy until both directions ended (or
+    /// a new policy denies the connection). A refusal closes the client's connection with a reset.
+    ///
+    /// The handler must have been made for this connection: its `arrived_on` the accepted socket's
+    /// local address, its peer address the client's.
+    pub async fn serve_plaintext(
+        &self,
+        mut client: TcpStream,
+        config: CopyConfig,
+    ) -> Result<PlaintextCopied, PlaintextError> {
+        let dst = check_redirect(
+            "inbound plaintext",
+            original_destination(&client),
+            self.arrived_on,
+            self.peer_addr,
+            &self.proxy,
+        );
+        let result = match dst {
+            Ok(dst) => self.open(dst, None).await.map_err(PlaintextError::Refused),
+            Err(error) => Err(PlaintextError::NotRedirected(error)),
+        };
+        let mut upstream = match result {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                if let Err(e) = reset_on_close(&client) {
+                    tracing::debug!(error = %e, "cannot set SO_LINGER to reset the connection");
+                }
+                return Err(error);
+            }
+        };
+        let outcome = copy::bidirectional(&mut client, &mut upstream, config).await;
+        let copied = PlaintextCopied {
+            to_workload: outcome.a_to_b,
+            to_client: outcome.b_to_a,
+        };
+        match outcome.error {
+            Some(error) => Err(PlaintextError::Copy { copied, error }),
+            None => Ok(copied),
+        }
+    }
+}
+
+/// The bytes an inbound plaintext connection carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlaintextCopied {
+    /// From the client to the workload.
+    pub to_workload: u64,
+    /// From the workload to the client.
+    pub to_client: u64,
+}
+
+/// Why an inbound plaintext connection failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlaintextError {
+    /// It was not redirected to the listener.
+    #[error(transparent)]
+    NotRedirected(NotRedirected),
+    /// It was refused (the reason names the step; denials and failed connects are in the access log).
+    #[error("refused ({}): {}", .0.status, .0.reason)]
+    Refused(Refusal),
+    /// The copy failed (or a new policy closed the connection) after it was established.
+    #[error("copy after {} bytes to the workload and {} to the client: {error}", .copied.to_workload, .copied.to_client)]
+    Copy {
+        /// What was copied before.
+        copied: PlaintextCopied,
+        /// The error.
+        error: io::Error,
+    },
+}
+
+impl Handler for InboundHandler {
+    type Upstream = InboundUpstream;
+
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<InboundUpstream>, Refusal> {
+        let dst = match &request.authority {
+            Authority::SocketAddr(addr) => canonical(*addr),
+            other => {
+                return Err(Refusal::bad_request(format!(
+                    "hostname authorities are not served yet: {other}"
+                )));
+            }
+        };
+        if dst.ip() != self.arrived_on.ip() {
+            return Err(Refusal::bad_request(format!(
+                "authority IP {} is not the address the connection arrived on, {}",
+                dst.ip(),
+                self.arrived_on.ip()
+            )));
+        }
+        if dst.port() == self.arrived_on.port() {
+            return Err(Refusal::unavailable(format!(
+                "{dst} is one of the proxy's own ports: the connection would loop"
+            )));
+        }
+        self.open(dst, Some(&request.peer)).await.map(Connected::from)
     }
 
     /// Accepted streams are counted and logged when their [`InboundUpstream`] drops; this only

@@ -1,7 +1,33 @@
-//! The outbound path of the SOCKS5 listener on tokio: the SOCKS5 handshake, the routing decision
-//! ([`State::route_outbound`]), then an HBONE tunnel from the pool (to the destination's node proxy
-//! or its waypoint), a plain TCP connection (passthrough), or a refusal, answered with the SOCKS5
-//! reply that fits.
+//! The outbound proxy on tokio: connections of local workloads, from the SOCKS5 listener (15080) or
+//! redirected to the outbound capture listener (15001), carried to their destination.
+//!
+//! Both listeners share one path, [`Outbound`]; only how the destination is learnt and what the
+//! client is told differ:
+//!
+//! | | SOCKS5 ([`Outbound::serve_socks5`]) | capture ([`Outbound::serve_capture`]) |
+//! |---|---|---|
+//! | destination | the SOCKS5 request (a service hostname is resolved to its VIP) | `SO_ORIGINAL_DST` |
+//! | source workload | dedicated: the proxy's workload; shared: the workload whose IP is the client's | the same |
+//! | success | SOCKS5 reply 0x00, then the bytes | the bytes |
+//! | refusal or failure | the SOCKS5 reply that fits, then close | close with a reset |
+//!
+//! Then, for both: the routing decision ([`State::route_outbound`]), an HBONE tunnel from the pool
+//! (keyed by the source workload's SPIFFE ID, to the destination's node proxy or its waypoint), a
+//! plain TCP connection (passthrough), or a refusal; the copy; and the telemetry.
+//!
+//! A connection to the capture listener that was not redirected (no original destination, or the
+//! listener itself as the original destination) is refused with a log line naming it, never routed:
+//! routing it would connect the proxy to itself ([`check_redirect`]).
+//!
+//! **Telemetry.** Every routed connection gets metrics with `reporter="source"` (opened when routed,
+//! bytes counted as they flow through [`MeteredStream`], closed at the end with `response_flags`
+//! `CONNECT` when no upstream could be had) and one access log line with `direction="outbound"` when
+//! it ends, both kept in an [`OutboundRecord`] that writes them when dropped, as the inbound side's
+//! upstream does (see [`crate::proxy::inbound`]).
+//!
+//! **Runtimes.** What is decided is runtime-independent and public: [`outbound_labels`],
+//! [`outbound_log_entry`], [`OutboundRecord`], [`MeteredStream`] (over the `tokio::io` traits only)
+//! and [`check_redirect`]. The tokio-specific part is the passthrough connect and the pool type.
 //!
 //! [`CertManagerTls`] gives the HBONE pool's [`TokioConnector`] its client TLS configs from the
 //! certificate manager.
@@ -9,26 +35,33 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use meshwire_hbone::client::{ConnectError, ConnectRequest};
-use meshwire_hbone::copy::{self, CopyConfig};
+use meshwire_hbone::client::{ConnectError, ConnectRequest, Tunnel};
+use meshwire_hbone::copy::{self, CopyConfig, CopyOutcome};
 use meshwire_hbone::headers::{Authority, Forwarded, Metadata};
 use meshwire_hbone::pool::{Pool, PoolKey};
+use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, Priority};
 use meshwire_identity::source::CertSource;
 use meshwire_identity::time::Timer;
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::rt::socket::{DefaultSocketFactory, SocketOptions};
-use crate::rt::tokio::connect_with;
-
-use crate::rt::tokio::{ClientTlsSource, TokioConnector, TokioExecutor, TokioTimer};
+use crate::proxy::{NotRedirected, canonical, check_redirect};
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions, original_destination, reset_on_close};
+use crate::rt::tokio::{ClientTlsSource, TokioConnector, TokioExecutor, TokioTimer, connect_with};
 use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
+use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
+use crate::telemetry::metrics::{
+    ConnectionLabels, ConnectionMetrics, LabelValue, Metrics, Reporter, ResponseFlags, SecurityPolicy,
+};
 use crate::watch::Published;
 use crate::xds::Workload;
 
@@ -93,13 +126,29 @@ impl<S: CertSource, T: Timer> ClientTlsSource for CertManagerTls<S, T> {
 /// The HBONE pool of the tokio data path.
 pub type HbonePool<S> = Pool<TokioConnector<S>, TokioExecutor, TokioTimer>;
 
-/// Whose connections the SOCKS5 listener carries.
+/// Whose connections the outbound listeners carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceWorkload {
-    /// One workload's (dedicated mode): the workload with this uid.
-    Dedicated(String),
+    /// One workload's (dedicated mode): the workload with this namespace and name, looked up in each
+    /// snapshot, so that a change of its configuration (uid, identity, network) is followed.
+    Dedicated {
+        /// The workload's namespace.
+        namespace: String,
+        /// The workload's (pod) name.
+        name: String,
+    },
     /// Any local workload's (shared mode): the workload whose IP is the client's address.
     Shared,
+}
+
+impl SourceWorkload {
+    /// The source workload of a client at `peer` in `state`, for a proxy in `network`.
+    pub fn resolve<'a>(&self, state: &'a State, network: &str, peer: SocketAddr) -> Option<&'a Workload> {
+        match self {
+            SourceWorkload::Dedicated { namespace, name } => state.workload_by_name(namespace, name),
+            SourceWorkload::Shared => state.workload_by_ip(network, peer.ip().to_canonical()),
+        }
+    }
 }
 
 /// Which way a connection went.
@@ -136,6 +185,9 @@ pub enum OutboundError {
     /// The client did not finish the SOCKS5 handshake in time.
     #[error("the SOCKS5 handshake did not finish within {0:?}")]
     HandshakeTimeout(Duration),
+    /// A connection to the capture listener that was not redirected to it.
+    #[error(transparent)]
+    NotRedirected(#[from] NotRedirected),
     /// No workload is known as the source of the connection.
     #[error("no local workload for the client {peer}")]
     UnknownSource {
@@ -170,16 +222,18 @@ pub enum OutboundError {
     Copy(io::Error),
 }
 
-/// What became of one SOCKS5 connection.
+/// What became of one outbound connection.
 #[derive(Debug, Default)]
 pub struct OutboundSummary {
-    /// What the client asked for, once the handshake completed.
+    /// What the client asked for, once the SOCKS5 handshake completed (SOCKS5 only).
     pub target: Option<Target>,
-    /// The destination after name resolution.
+    /// The destination: after name resolution (SOCKS5), or the original destination (capture).
     pub dst: Option<SocketAddr>,
+    /// The identity the connection went out with (the source workload's), once known.
+    pub source: Option<SpiffeId>,
     /// Which way it went, once routed.
     pub route: Option<RouteKind>,
-    /// The SOCKS5 reply sent after the request (none when the handshake failed).
+    /// The SOCKS5 reply sent after the request (SOCKS5 only; none when the handshake failed).
     pub reply: Option<Reply>,
     /// Bytes from the client to the destination.
     pub sent: u64,
@@ -203,7 +257,224 @@ pub fn reply_for_hbone_error(error: &ConnectError) -> Reply {
     }
 }
 
-/// The outbound side of the SOCKS5 listener.
+/// The metric labels of an outbound connection (`reporter="source"`) from `source`, routed by
+/// `route`: `mutual_tls` and the source's identity as `source_principal` over HBONE (to the
+/// destination or its waypoint), `unknown` for passthrough; the destination workload and service as
+/// far as `state` knows them.
+pub fn outbound_labels(state: &State, source: &Workload, route: &OutboundRoute) -> ConnectionLabels {
+    let mtls = matches!(route, OutboundRoute::Hbone { .. } | OutboundRoute::Waypoint { .. });
+    let security = if mtls {
+        SecurityPolicy::MutualTls
+    } else {
+        SecurityPolicy::Unknown
+    };
+    let mut labels = ConnectionLabels::new(Reporter::Source, security)
+        .with_source(Some(source))
+        .with_source_principal(mtls.then(|| source.spiffe_id()));
+    let service = match route {
+        OutboundRoute::Hbone { service, .. }
+        | OutboundRoute::Waypoint { service, .. }
+        | OutboundRoute::Passthrough { service, .. } => service.as_ref(),
+        _ => None,
+    };
+    labels = labels.with_destination_service(service.and_then(|key| state.service_by_hostname(key)));
+    match route {
+        OutboundRoute::Hbone { workload, .. } => {
+            labels = labels.with_destination(state.workload_by_uid(workload));
+        }
+        OutboundRoute::Waypoint {
+            expected_identities, ..
+        } => {
+            if let Some(id) = expected_identities.first() {
+                labels.destination_principal = id.to_string().into();
+            }
+        }
+        OutboundRoute::Passthrough { workload, .. } => {
+            labels = labels.with_destination(workload.as_deref().and_then(|uid| state.workload_by_uid(uid)));
+            // Not authenticated: no principal to report.
+            labels.destination_principal = LabelValue::unknown();
+        }
+        _ => {}
+    }
+    labels
+}
+
+/// The access log entry of an outbound connection from `peer` to the original destination `dst`,
+/// routed by `route`, with `labels` from [`outbound_labels`]: `dst.addr` is the address the proxy
+/// connects to (the HBONE endpoint, or the passthrough destination), `dst.hbone_addr` the CONNECT
+/// target inside the tunnel.
+pub fn outbound_log_entry(
+    state: &State,
+    labels: &ConnectionLabels,
+    source: &Workload,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    route: &OutboundRoute,
+) -> AccessLogEntry {
+    let to = match route {
+        OutboundRoute::Hbone { endpoint, .. } | OutboundRoute::Waypoint { endpoint, .. } => *endpoint,
+        OutboundRoute::Passthrough { dst, .. } => *dst,
+        _ => dst,
+    };
+    let entry = AccessLogEntry::from_labels(labels, peer, to).with_source_workload(Some(source));
+    match route {
+        OutboundRoute::Hbone {
+            authority, workload, ..
+        } => entry
+            .with_destination_workload(state.workload_by_uid(workload))
+            .with_hbone_addr(authority),
+        OutboundRoute::Waypoint { authority, .. } => entry.with_hbone_addr(authority),
+        OutboundRoute::Passthrough { workload, .. } => {
+            entry.with_destination_workload(workload.as_deref().and_then(|uid| state.workload_by_uid(uid)))
+        }
+        _ => entry,
+    }
+}
+
+/// The telemetry of one outbound connection: its metrics, counted while the bytes flow (through
+/// [`MeteredStream`]), and its access log line. Both are finished when the record drops, with the
+/// response flags and error set by [`fail`](Self::fail), so that a connection is counted as closed
+/// and logged exactly once however it ends (a task abandoned at the drain deadline included).
+#[derive(Debug)]
+pub struct OutboundRecord {
+    /// `Some` until dropped.
+    recorder: Option<ConnectionMetrics>,
+    /// `Some` until dropped.
+    entry: Option<AccessLogEntry>,
+    start: Instant,
+    flags: ResponseFlags,
+    error: Option<String>,
+    log_format: LogFormat,
+}
+
+impl OutboundRecord {
+    /// Counts the connection as opened in `metrics` with `labels`; `entry` is logged at the end.
+    pub fn open(metrics: &Metrics, labels: ConnectionLabels, entry: AccessLogEntry, log_format: LogFormat) -> Self {
+        Self {
+            recorder: Some(metrics.open(labels)),
+            entry: Some(entry),
+            start: Instant::now(),
+            flags: ResponseFlags::None,
+            error: None,
+            log_format,
+        }
+    }
+
+    /// The connection's metrics, to count bytes into.
+    pub fn metrics(&self) -> Option<&ConnectionMetrics> {
+        self.recorder.as_ref()
+    }
+
+    /// Records why the connection failed: `flags` for the closed counter (unless `None`) and the
+    /// access log's `error`.
+    pub fn fail(&mut self, flags: Option<ResponseFlags>, error: impl fmt::Display) {
+        if let Some(flags) = flags {
+            self.flags = flags;
+        }
+        self.error = Some(error.to_string());
+    }
+}
+
+impl Drop for OutboundRecord {
+    fn drop(&mut self) {
+        let (Some(recorder), Some(entry)) = (self.recorder.take(), self.entry.take()) else {
+            return;
+        };
+        let summary = recorder.finish(self.flags);
+        let mut entry = entry
+            .with_transfer(summary.sent, summary.received)
+            .with_duration(self.start.elapsed());
+        if let Some(error) = self.error.take() {
+            entry = entry.with_error(error);
+        }
+        accesslog::emit(&entry, self.log_format);
+    }
+}
+
+/// The client's side of a proxied connection, counting its bytes into the connection's metrics as
+/// they pass: what is read from the client (the request direction) as received, what is written to
+/// it (the response direction) as sent. Generic over the `tokio::io` traits only.
+#[derive(Debug)]
+pub struct MeteredStream<'a, D: ?Sized> {
+    inner: &'a mut D,
+    metrics: Option<&'a ConnectionMetrics>,
+}
+
+impl<'a, D: ?Sized> MeteredStream<'a, D> {
+    /// `inner`, counted into `metrics` (nothing is counted with `None`).
+    pub fn new(inner: &'a mut D, metrics: Option<&'a ConnectionMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl<D: AsyncRead + Unpin + ?Sized> AsyncRead for MeteredStream<'_, D> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0
+            && let Some(metrics) = self.metrics
+        {
+            metrics.record_received(n as u64);
+        }
+        result
+    }
+}
+
+impl<D: AsyncWrite + Unpin + ?Sized> AsyncWrite for MeteredStream<'_, D> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result
+            && let Some(metrics) = self.metrics
+        {
+            metrics.record_sent(*n as u64);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &result
+            && let Some(metrics) = self.metrics
+        {
+            metrics.record_sent(*n as u64);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How the client reached the proxy, which decides what it is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downstream {
+    /// Through the SOCKS5 listener: it gets a SOCKS5 reply before any byte of the destination.
+    Socks5,
+    /// Redirected to the capture listener: it is told nothing; a refusal resets the connection.
+    Redirected,
+}
+
+/// The connection to the destination.
+enum Upstream {
+    Tunnel(Tunnel),
+    Tcp(TcpStream),
+}
+
+/// The outbound proxy: the shared path of the SOCKS5 and capture listeners.
 pub struct Outbound<S> {
     published: Published,
     proxy: LocalProxy,
@@ -212,6 +483,9 @@ pub struct Outbound<S> {
     copy: CopyConfig,
     handshake_timeout: Duration,
     connect_timeout: Duration,
+    socket: SocketOptions,
+    metrics: Arc<Metrics>,
+    log_format: LogFormat,
     pick: AtomicU64,
 }
 
@@ -221,13 +495,15 @@ impl<S> fmt::Debug for Outbound<S> {
             .field("proxy", &self.proxy)
             .field("source", &self.source)
             .field("copy", &self.copy)
+            .field("socket", &self.socket)
             .finish_non_exhaustive()
     }
 }
 
 impl<S: ClientTlsSource> Outbound<S> {
     /// An outbound path routing with the current snapshot of `published`, for `proxy`, carrying the
-    /// connections of `source` over `pool`.
+    /// connections of `source` over `pool`. Its metrics go to a registry of its own until
+    /// [`with_telemetry`](Self::with_telemetry) names the proxy's.
     pub fn new(
         published: Published,
         proxy: LocalProxy,
@@ -243,8 +519,25 @@ impl<S: ClientTlsSource> Outbound<S> {
             copy,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
+            socket: SocketOptions::default(),
+            metrics: Arc::new(Metrics::new()),
+            log_format: LogFormat::default(),
             pick: AtomicU64::new(0),
         }
+    }
+
+    /// Counts the connections in `metrics` and writes their access log lines in `log_format`.
+    pub fn with_telemetry(mut self, metrics: Arc<Metrics>, log_format: LogFormat) -> Self {
+        self.metrics = metrics;
+        self.log_format = log_format;
+        self
+    }
+
+    /// Changes the options of passthrough connections (the packet mark, for one); the HBONE
+    /// connections take theirs from the pool's connector.
+    pub fn with_socket_options(mut self, socket: SocketOptions) -> Self {
+        self.socket = socket;
+        self
     }
 
     /// Changes the SOCKS5 handshake timeout (default [`HANDSHAKE_TIMEOUT`]).
@@ -264,11 +557,17 @@ impl<S: ClientTlsSource> Outbound<S> {
         &self.pool
     }
 
+    /// The metrics the connections are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Serves one SOCKS5 connection from `peer`: handshake, route, connect, reply, copy until both
     /// directions ended. Failures are logged and returned in the summary.
     pub async fn serve_socks5(&self, mut stream: TcpStream, peer: SocketAddr) -> OutboundSummary {
+        let peer = canonical(peer);
         let mut summary = OutboundSummary::default();
-        if let Err(error) = self.serve(&mut stream, peer, &mut summary).await {
+        if let Err(error) = self.socks5(&mut stream, peer, &mut summary).await {
             tracing::warn!(
                 %peer,
                 target = ?summary.target.as_ref().map(ToString::to_string),
@@ -281,7 +580,58 @@ impl<S: ClientTlsSource> Outbound<S> {
         summary
     }
 
-    async fn serve(
+    /// Serves one connection redirected to the outbound capture listener from `peer`: its original
+    /// destination from `SO_ORIGINAL_DST` ([`check_redirect`] refuses a connection that was not
+    /// redirected), then [`serve_redirected`](Self::serve_redirected).
+    pub async fn serve_capture(&self, stream: TcpStream, peer: SocketAddr) -> OutboundSummary {
+        let peer = canonical(peer);
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        match check_redirect("outbound", original_destination(&stream), local, peer, &self.proxy) {
+            Ok(dst) => self.serve_redirected(stream, peer, dst).await,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "outbound capture connection refused");
+                reset(&stream);
+                OutboundSummary {
+                    error: Some(error.into()),
+                    ..OutboundSummary::default()
+                }
+            }
+        }
+    }
+
+    /// Serves one connection from `peer` whose original destination is `dst` (as a capture
+    /// listener learnt it): route, connect, copy until both directions ended. The client is told
+    /// nothing; a refusal or a failed connect closes its connection with a reset. Failures are
+    /// logged and returned in the summary.
+    pub async fn serve_redirected(&self, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr) -> OutboundSummary {
+        let peer = canonical(peer);
+        let mut summary = OutboundSummary::default();
+        let snapshot = self.published.load();
+        let source = self.source.resolve(&snapshot.state, &self.proxy.network, peer);
+        let result = self
+            .carry(
+                &mut stream,
+                peer,
+                source,
+                &snapshot.state,
+                dst,
+                Downstream::Redirected,
+                &mut summary,
+            )
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(%peer, %dst, route = ?summary.route, %error, "outbound connection failed");
+            if !matches!(error, OutboundError::Copy(_)) {
+                reset(&stream);
+            }
+            summary.error = Some(error);
+        }
+        summary
+    }
+
+    async fn socks5(
         &self,
         stream: &mut TcpStream,
         peer: SocketAddr,
@@ -294,26 +644,89 @@ impl<S: ClientTlsSource> Outbound<S> {
         summary.target = Some(request.target.clone());
         let snapshot = self.published.load();
         let state = &snapshot.state;
+        let source = self.source.resolve(state, &self.proxy.network, peer);
+        let dst = match &request.target {
+            Target::Addr(addr) => canonical(*addr),
+            Target::Domain { name, port } => {
+                let network = source.map_or(self.proxy.network.as_str(), |s| s.network.as_str());
+                match resolve_in(state, network, name) {
+                    Some(ip) => SocketAddr::new(ip, *port),
+                    None => {
+                        reply(stream, summary, Reply::HostUnreachable).await?;
+                        return Err(OutboundError::Unresolved { name: name.clone() });
+                    }
+                }
+            }
+        };
+        self.carry(stream, peer, source, state, dst, Downstream::Socks5, summary)
+            .await
+    }
 
-        let Some(source) = self.source_workload(state, peer) else {
-            reply(stream, summary, Reply::GeneralFailure).await?;
+    /// The path both listeners share: route the connection of `source` at `peer` to `dst`, open
+    /// the upstream, tell a SOCKS5 client how it went, copy, and record it all.
+    #[allow(clippy::too_many_arguments)]
+    async fn carry(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        source: Option<&Workload>,
+        state: &State,
+        dst: SocketAddr,
+        downstream: Downstream,
+        summary: &mut OutboundSummary,
+    ) -> Result<(), OutboundError> {
+        summary.dst = Some(dst);
+        let Some(source) = source else {
+            if downstream == Downstream::Socks5 {
+                reply(stream, summary, Reply::GeneralFailure).await?;
+            }
             return Err(OutboundError::UnknownSource { peer });
         };
-        let dst = match &request.target {
-            Target::Addr(addr) => *addr,
-            Target::Domain { name, port } => match resolve(state, source, name) {
-                Some(ip) => SocketAddr::new(ip, *port),
-                None => {
-                    reply(stream, summary, Reply::HostUnreachable).await?;
-                    return Err(OutboundError::Unresolved { name: name.clone() });
-                }
-            },
-        };
-        summary.dst = Some(dst);
+        summary.source = Some(source.spiffe_id().clone());
 
         let pick = self.pick.fetch_add(1, Ordering::Relaxed);
         let route = state.route_outbound(&self.proxy, source, dst, pick);
-        let via_waypoint = matches!(route, OutboundRoute::Waypoint { .. });
+        summary.route = Some(RouteKind::of(&route));
+        let labels = outbound_labels(state, source, &route);
+        let entry = outbound_log_entry(state, &labels, source, peer, dst, &route);
+        let mut record = OutboundRecord::open(&self.metrics, labels, entry, self.log_format);
+
+        let upstream = match self.open(peer, source, route).await {
+            Ok(upstream) => upstream,
+            Err((error, refusal)) => {
+                record.fail(Some(ResponseFlags::ConnectionFailure), &error);
+                if downstream == Downstream::Socks5 {
+                    reply(stream, summary, refusal).await?;
+                }
+                return Err(error);
+            }
+        };
+        if downstream == Downstream::Socks5 {
+            let bound = local_addr(stream);
+            if let Err(error) = reply(stream, summary, Reply::Succeeded { bound }).await {
+                record.fail(None, &error);
+                return Err(error);
+            }
+        }
+
+        let mut client = MeteredStream::new(stream, record.metrics());
+        let outcome = copy_between(&mut client, upstream, self.copy).await;
+        summary.sent = outcome.to_upstream;
+        summary.received = outcome.to_client;
+        if let Some(error) = outcome.error {
+            record.fail(None, &error);
+            return Err(OutboundError::Copy(error));
+        }
+        Ok(())
+    }
+
+    /// Opens the upstream `route` names; on failure, the error and the SOCKS5 reply that fits it.
+    async fn open(
+        &self,
+        peer: SocketAddr,
+        source: &Workload,
+        route: OutboundRoute,
+    ) -> Result<Upstream, (OutboundError, Reply)> {
         match route {
             OutboundRoute::Hbone {
                 endpoint,
@@ -329,114 +742,95 @@ impl<S: ClientTlsSource> Outbound<S> {
                 service,
                 ..
             } => {
-                summary.route = Some(if via_waypoint {
-                    RouteKind::Waypoint
-                } else {
-                    RouteKind::Hbone
-                });
-                let host = service.map(|s| s.hostname);
-                self.hbone(
-                    stream,
-                    peer,
-                    source,
-                    endpoint,
-                    authority,
-                    expected_identities,
-                    host,
-                    summary,
-                )
-                .await
+                let key = PoolKey::new(source.spiffe_id().clone(), expected_identities, endpoint, None);
+                let mut forwarded = Forwarded::new(peer);
+                if let Some(service) = service {
+                    forwarded = forwarded.with_host(service.hostname);
+                }
+                let request = ConnectRequest {
+                    authority: Authority::SocketAddr(authority),
+                    metadata: Metadata {
+                        forwarded: Some(forwarded),
+                        ..Metadata::default()
+                    },
+                };
+                match self.pool.connect(&key, &request).await {
+                    Ok(tunnel) => Ok(Upstream::Tunnel(tunnel)),
+                    Err(error) => {
+                        let reply = reply_for_hbone_error(&error);
+                        Err((error.into(), reply))
+                    }
+                }
             }
             OutboundRoute::Passthrough { dst, .. } => {
-                summary.route = Some(RouteKind::Passthrough);
-                self.passthrough(stream, dst, summary).await
+                match connect_with(&DefaultSocketFactory, dst, &self.socket, self.connect_timeout).await {
+                    Ok(tcp) => Ok(Upstream::Tcp(tcp)),
+                    Err(source) => {
+                        let reply = Reply::for_connect_error(&source);
+                        Err((OutboundError::Connect { dst, source }, reply))
+                    }
+                }
             }
-            OutboundRoute::Refused { reason, .. } => {
-                summary.route = Some(RouteKind::Refused);
-                reply(stream, summary, Reply::NotAllowed).await?;
-                Err(OutboundError::Refused(reason))
+            OutboundRoute::Refused { reason, .. } => Err((OutboundError::Refused(reason), Reply::NotAllowed)),
+        }
+    }
+}
+
+impl RouteKind {
+    /// The kind of `route`.
+    pub fn of(route: &OutboundRoute) -> Self {
+        match route {
+            OutboundRoute::Hbone { .. } => RouteKind::Hbone,
+            OutboundRoute::Waypoint { .. } => RouteKind::Waypoint,
+            OutboundRoute::Passthrough { .. } => RouteKind::Passthrough,
+            _ => RouteKind::Refused,
+        }
+    }
+}
+
+/// Bytes copied each way, and the first error.
+struct Copied {
+    to_upstream: u64,
+    to_client: u64,
+    error: Option<io::Error>,
+}
+
+/// Copies between the client and the upstream until both directions ended.
+async fn copy_between<D>(client: &mut D, upstream: Upstream, config: CopyConfig) -> Copied
+where
+    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    match upstream {
+        Upstream::Tunnel(mut tunnel) => {
+            let CopyOutcome { a_to_b, b_to_a, error } = tunnel.splice(client, config).await;
+            Copied {
+                to_upstream: b_to_a,
+                to_client: a_to_b,
+                error,
+            }
+        }
+        Upstream::Tcp(mut tcp) => {
+            let CopyOutcome { a_to_b, b_to_a, error } = copy::bidirectional(client, &mut tcp, config).await;
+            Copied {
+                to_upstream: a_to_b,
+                to_client: b_to_a,
+                error,
             }
         }
     }
+}
 
-    fn source_workload<'a>(&self, state: &'a State, peer: SocketAddr) -> Option<&'a Workload> {
-        match &self.source {
-            SourceWorkload::Dedicated(uid) => state.workload_by_uid(uid),
-            SourceWorkload::Shared => state.workload_by_ip(&self.proxy.network, peer.ip()),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn hbone(
-        &self,
-        stream: &mut TcpStream,
-        peer: SocketAddr,
-        source: &Workload,
-        endpoint: SocketAddr,
-        authority: SocketAddr,
-        expected: Vec<meshwire_identity::id::SpiffeId>,
-        host: Option<String>,
-        summary: &mut OutboundSummary,
-    ) -> Result<(), OutboundError> {
-        let key = PoolKey::new(source.spiffe_id().clone(), expected, endpoint, None);
-        let mut forwarded = Forwarded::new(peer);
-        if let Some(host) = host {
-            forwarded = forwarded.with_host(host);
-        }
-        let request = ConnectRequest {
-            authority: Authority::SocketAddr(authority),
-            metadata: Metadata {
-                forwarded: Some(forwarded),
-                ..Metadata::default()
-            },
-        };
-        let mut tunnel = match self.pool.connect(&key, &request).await {
-            Ok(tunnel) => tunnel,
-            Err(error) => {
-                reply(stream, summary, reply_for_hbone_error(&error)).await?;
-                return Err(error.into());
-            }
-        };
-        let bound = local_addr(stream);
-        reply(stream, summary, Reply::Succeeded { bound }).await?;
-        let outcome = tunnel.splice(stream, self.copy).await;
-        summary.received = outcome.a_to_b;
-        summary.sent = outcome.b_to_a;
-        outcome.error.map_or(Ok(()), |e| Err(OutboundError::Copy(e)))
-    }
-
-    async fn passthrough(
-        &self,
-        stream: &mut TcpStream,
-        dst: SocketAddr,
-        summary: &mut OutboundSummary,
-    ) -> Result<(), OutboundError> {
-        let connected = connect_with(
-            &DefaultSocketFactory,
-            dst,
-            &SocketOptions::default(),
-            self.connect_timeout,
-        )
-        .await;
-        let mut upstream = match connected {
-            Ok(upstream) => upstream,
-            Err(source) => {
-                reply(stream, summary, Reply::for_connect_error(&source)).await?;
-                return Err(OutboundError::Connect { dst, source });
-            }
-        };
-        let bound = local_addr(stream);
-        reply(stream, summary, Reply::Succeeded { bound }).await?;
-        let outcome = copy::bidirectional(stream, &mut upstream, self.copy).await;
-        summary.sent = outcome.a_to_b;
-        summary.received = outcome.b_to_a;
-        outcome.error.map_or(Ok(()), |e| Err(OutboundError::Copy(e)))
+/// Makes dropping `stream` reset the connection; a failure only means it ends with a FIN.
+fn reset(stream: &TcpStream) {
+    if let Err(error) = reset_on_close(stream) {
+        tracing::debug!(%error, "cannot set SO_LINGER to reset the connection");
     }
 }
 
 fn local_addr(stream: &TcpStream) -> SocketAddr {
     stream
         .local_addr()
+        .map(canonical)
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
@@ -448,6 +842,11 @@ async fn reply(stream: &mut TcpStream, summary: &mut OutboundSummary, outcome: R
 /// The VIP of the first service whose hostname is `name` (case-insensitive, a trailing dot
 /// ignored): its VIP in the source's network if it has one, else its first.
 pub fn resolve(state: &State, source: &Workload, name: &str) -> Option<IpAddr> {
+    resolve_in(state, &source.network, name)
+}
+
+/// [`resolve`] for a client in `network`.
+pub fn resolve_in(state: &State, network: &str, name: &str) -> Option<IpAddr> {
     let name = name.strip_suffix('.').unwrap_or(name);
     let service = state
         .services()
@@ -456,7 +855,7 @@ pub fn resolve(state: &State, source: &Workload, name: &str) -> Option<IpAddr> {
     service
         .vips
         .iter()
-        .find(|vip| vip.network == source.network)
+        .find(|vip| vip.network == network)
         .or_else(|| service.vips.first())
         .map(|vip| vip.address)
 }

@@ -280,6 +280,23 @@ pub fn original_destination<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {
     Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
+/// Checks that this process may set the firewall mark `mark` (`SO_MARK` needs `CAP_NET_ADMIN`) by
+/// setting it on a socket made for the purpose. The error is the kernel's, most often
+/// [`io::ErrorKind::PermissionDenied`], naming `SO_MARK`.
+pub fn check_mark(mark: u32) -> io::Result<()> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket
+        .set_mark(mark)
+        .map_err(|e| io::Error::new(e.kind(), format!("setting SO_MARK {mark:#x} on a socket: {e}")))
+}
+
+/// Makes the close of `stream` send a reset (RST) rather than a FIN, so that the peer sees the
+/// connection refused rather than ended: `SO_LINGER` with a zero timeout. Call it just before
+/// dropping the stream.
+pub fn reset_on_close<S: AsFd>(stream: &S) -> io::Result<()> {
+    SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
 /// A socket option set by a [`SocketFactory`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
