@@ -114,6 +114,15 @@ const CAVEAT: &str = "The bench process (clients and server, tokio, one thread p
                       one run.";
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(server::SERVE_FLAG) {
+        return match server::serve_until_stdin_closes() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("meshwire-bench server: error: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -132,10 +141,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         cli.only.clone()
     };
-    // Sockets: the clients' and the server's ends of every idle connection live in this process; the
-    // proxies inherit the limit.
+    // The clients' ends of every idle connection live in this process (the server's in a child of
+    // its own); the proxies, each holding one end of each too, inherit the limit.
     let needed = if shapes.contains(&Shape::Idle) {
-        2 * plan.idle_connections as u64 + 4096
+        plan.idle_connections as u64 + 4096
     } else {
         4096
     };

@@ -189,3 +189,82 @@ impl Server {
 pub(crate) fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(31) % 251) as u8).collect()
 }
+
+/// The flag that makes the bench executable run only the server, in a process of its own (see
+/// [`ServerProcess`]).
+pub(crate) const SERVE_FLAG: &str = "--serve-internal";
+
+/// Runs the server in this process until standard input closes (the parent bench went away): prints
+/// `listening <addr>` on standard output once it accepts. Used by [`ServerProcess`].
+pub(crate) fn serve_until_stdin_closes() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let server = runtime.block_on(async { Server::start() })?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening {}", server.addr())?;
+    out.flush()?;
+    let mut sink = [0u8; 64];
+    while std::io::stdin().read(&mut sink).unwrap_or(0) > 0 {}
+    drop(runtime);
+    Ok(())
+}
+
+/// The server run as a child process of the bench (the bench executable with [`SERVE_FLAG`]), so that
+/// the server's ends of many idle connections do not count against the bench's open-file limit.
+/// Killed when dropped; it also ends by itself when the bench's end of its standard input closes.
+pub(crate) struct ServerProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts it and waits (up to 10 s) for its address.
+    pub(crate) async fn start() -> anyhow::Result<ServerProcess> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let exe = std::env::current_exe().context("locating the bench executable")?;
+        let mut child = Command::new(&exe)
+            .arg(SERVE_FLAG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the server process {} {SERVE_FLAG}", exe.display()))?;
+        let stdout = child.stdout.take().context("the server process has no stdout")?;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let mut process = ServerProcess {
+            child,
+            addr: SocketAddr::from((SERVER_IP, 0)),
+        };
+        let line = match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(Ok(line))) => line,
+            Ok(Ok(Err(err))) => return Err(err).context("reading the server process's address"),
+            Ok(Err(err)) => return Err(err).context("reading the server process's address"),
+            Err(_) => anyhow::bail!("the server process did not say its address within 10 s"),
+        };
+        process.addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("the server process said {line:?} instead of `listening <addr>`"))?;
+        Ok(process)
+    }
+
+    /// Its address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -10,7 +10,7 @@ use crate::client::Route;
 use crate::load::{self, Direction};
 use crate::proxy::{Binary, Pair, PairOptions, Workdir};
 use crate::report::{Percentiles, Table, fmt, median};
-use crate::server::Server;
+use crate::server::{Server, ServerProcess};
 use crate::sys;
 
 /// Durations and sizes of one run.
@@ -746,20 +746,26 @@ pub(crate) struct IdleRow {
 /// Shape 5: N idle connections through a fresh pair: resident memory per connection, and after close.
 pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)> {
     let n = bench.plan.idle_connections;
-    let server = bench.server.addr();
+    // The server's ends of the connections are in a process of their own: the open-file limit then
+    // needs to hold only one end per process.
+    let server_process = ServerProcess::start().await?;
+    let server = server_process.addr();
     let std::net::SocketAddr::V4(server_v4) = server else {
         bail!("the server is not on IPv4");
     };
     let mut rows = Vec::new();
     let mut table = Table::new(
-        format!("5. {n} idle connections through a fresh pair (2 workers, pooled): resident memory of both proxies"),
+        format!(
+            "5. {n} idle connections through a fresh pair (2 workers, pooled): resident memory of both proxies, \
+             MiB as total (A + B)"
+        ),
         &[
             "path",
             "HBONE conns",
-            "RSS before (MiB)",
-            "RSS held (MiB)",
+            "RSS before",
+            "RSS held",
             "bytes/conn",
-            "RSS after close (MiB)",
+            "RSS after close",
             "open s",
         ],
     );

@@ -199,3 +199,56 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     }
     positive(&row["bytes_per_connection"], "bytes per idle connection");
 }
+
+fn bench_fails(args: &[&str]) -> String {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the bench succeeded with {args:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_binary_is_named_with_how_to_build_it() {
+    let err = bench_fails(&["--quick", "--only", "bulk", "--ztunnel", "/nonexistent/ztunnel"]);
+    assert!(err.contains("/nonexistent/ztunnel"), "{err}");
+    assert!(
+        err.contains("cargo build --release -p meshwire-dataplane --bin ztunnel"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_proxy_that_exits_ends_the_bench_naming_it() {
+    // A script standing for a proxy binary that fails at start, as one whose port is taken would.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-proxy");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'error: cannot listen for SOCKS5: Address in use' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&fake).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&fake, perms).unwrap();
+    let err = bench_fails(&[
+        "--quick",
+        "--only",
+        "bulk",
+        "--binary",
+        &format!("fake={}", fake.display()),
+    ]);
+    assert!(err.contains("proxy A (client)"), "{err}");
+    assert!(err.contains("exited with exit status: 1"), "{err}");
+    assert!(
+        err.contains("Address in use"),
+        "the proxy's own message is not shown: {err}"
+    );
+}
