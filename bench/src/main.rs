@@ -8,8 +8,7 @@
 //! shape; `--json FILE` writes every figure.
 //!
 //! ```text
-//! cargo build --release -p meshwire-dataplane --bin ztunnel
-//! cargo run --release -p meshwire-bench -- --json bench.json
+//! cargo build --release -p meshwire-dataplane -p meshwire-bench && target/release/meshwire-bench --json bench.json
 //! ```
 
 use std::path::{Path, PathBuf};
