@@ -1,0 +1,322 @@
+//! `meshwire-bench`: the dataplane benchmark.
+//!
+//! Starts pairs of real proxy processes on loopback (proxy A serves the workload `client` at 127.0.0.1
+//! and takes SOCKS5; proxy B serves the workload `server` at 127.0.0.2 and receives HBONE on
+//! 127.0.0.2), a sink/echo server on 127.0.0.2 in this process, and measures the shapes of
+//! `PERFORMANCE.md` through each proxy binary and over a direct TCP connection in the same run:
+//! bulk, parallel flows, request/response, new connections, idle connections. Prints a table per
+//! shape; `--json FILE` writes every figure.
+//!
+//! ```text
+//! cargo build --release -p meshwire-dataplane -p meshwire-bench && target/release/meshwire-bench --json bench.json
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+mod client;
+mod load;
+mod proxy;
+mod report;
+mod server;
+mod shapes;
+mod sys;
+
+use proxy::{Binary, Pair, PairOptions, Workdir};
+use shapes::{Bench, Plan};
+
+/// The dataplane benchmark: pairs of real proxy processes on loopback against a direct TCP connection.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// The `ztunnel` binary (meshwire-dataplane). Default: `ztunnel` next to this executable.
+    #[arg(long, value_name = "PATH")]
+    ztunnel: Option<PathBuf>,
+    /// A proxy binary to measure, as NAME=PATH; repeatable; the binaries are shown side by side.
+    /// Default: just `ztunnel`.
+    #[arg(long = "binary", value_name = "NAME=PATH")]
+    binaries: Vec<String>,
+    /// Write every figure to this file as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Run only these shapes (repeatable or comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Shape>,
+    /// Short durations and small counts, for a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Runs of each measurement, interleaved; medians are reported. Default 3 (1 with --quick).
+    #[arg(long, value_name = "N")]
+    repeat: Option<usize>,
+    /// Idle connections held open in the idle shape. Default 10000 (300 with --quick).
+    #[arg(long, value_name = "N")]
+    idle_connections: Option<usize>,
+    /// Connections opened with a full mTLS handshake each, per run. Default 300 (30 with --quick).
+    #[arg(long, value_name = "N")]
+    handshake_connections: Option<usize>,
+}
+
+/// A benchmark shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    /// 1. Bulk, one flow, each direction.
+    Bulk,
+    /// 2. Parallel flows, 1 and 2 workers, pooled and per-flow tunnels.
+    Parallel,
+    /// 3. Request/response, fixed rate and closed loop.
+    Rr,
+    /// 4. New connections: over an existing tunnel and with a full handshake each.
+    Connections,
+    /// 5. Idle connections: memory per connection.
+    Idle,
+}
+
+/// Everything written with `--json`.
+#[derive(Serialize)]
+struct Report {
+    machine: Machine,
+    plan: Plan,
+    binaries: Vec<BinaryJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulk: Option<Vec<shapes::BulkRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel: Option<shapes::Parallel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_response: Option<Vec<shapes::RrRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections: Option<Vec<shapes::ConnRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle: Option<Vec<shapes::IdleRow>>,
+    total_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    cpu: String,
+    cpus: usize,
+    kernel: String,
+    note: &'static str,
+}
+
+#[derive(Serialize)]
+struct BinaryJson {
+    name: String,
+    path: PathBuf,
+}
+
+const CAVEAT: &str = "The bench process (clients and server, tokio, one thread per CPU) runs on the same CPUs as \
+                      both proxies and competes with them; nothing is pinned or niced. Compare only figures of \
+                      one run.";
+
+fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(server::SERVE_FLAG) {
+        return match server::serve_until_stdin_closes() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("meshwire-bench server: error: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("meshwire-bench: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let binaries = binaries(&cli)?;
+    let plan = plan(&cli);
+    let shapes: Vec<Shape> = if cli.only.is_empty() {
+        Shape::value_variants().to_vec()
+    } else {
+        cli.only.clone()
+    };
+    // The clients' ends of every idle connection live in this process (the server's in a child of
+    // its own); the proxies, each holding one end of each too, inherit the limit.
+    let needed = if shapes.contains(&Shape::Idle) {
+        plan.idle_connections as u64 + 4096
+    } else {
+        4096
+    };
+    sys::raise_nofile(needed).context("raising the open-file limit (RLIMIT_NOFILE)")?;
+
+    let (cpu, cpus, kernel) = sys::machine();
+    println!("meshwire-bench: {cpu}, {cpus} CPUs, Linux {kernel}");
+    println!("{CAVEAT}");
+    for b in &binaries {
+        println!("binary {}: {}", b.name, b.path.display());
+    }
+    println!();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let started = Instant::now();
+    let mut report = Report {
+        machine: Machine {
+            cpu,
+            cpus,
+            kernel,
+            note: CAVEAT,
+        },
+        plan: plan.clone(),
+        binaries: binaries
+            .iter()
+            .map(|b| BinaryJson {
+                name: b.name.clone(),
+                path: b.path.clone(),
+            })
+            .collect(),
+        bulk: None,
+        parallel: None,
+        request_response: None,
+        connections: None,
+        idle: None,
+        total_seconds: 0.0,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("meshwire-bench-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    runtime.block_on(async {
+        let work = Workdir::create(tmp.path())?;
+        let server = server::Server::start()?;
+        let mut pairs = Vec::new();
+        if shapes
+            .iter()
+            .any(|s| matches!(s, Shape::Bulk | Shape::Rr | Shape::Connections))
+        {
+            for binary in &binaries {
+                let label = format!("{} default", binary.name);
+                pairs.push(Pair::start(&work, binary, PairOptions::default(), &label, server.addr()).await?);
+            }
+        }
+        let bench = Bench {
+            server,
+            work,
+            binaries: binaries.clone(),
+            plan,
+            pairs,
+        };
+        for shape in &shapes {
+            let table = match shape {
+                Shape::Bulk => {
+                    let (rows, table) = shapes::bulk(&bench).await?;
+                    report.bulk = Some(rows);
+                    table
+                }
+                Shape::Parallel => {
+                    let (parallel, table) = shapes::parallel(&bench).await?;
+                    report.parallel = Some(parallel);
+                    table
+                }
+                Shape::Rr => {
+                    let (rows, table) = shapes::request_response(&bench).await?;
+                    report.request_response = Some(rows);
+                    table
+                }
+                Shape::Connections => {
+                    let (rows, table) = shapes::connections(&bench).await?;
+                    report.connections = Some(rows);
+                    table
+                }
+                Shape::Idle => {
+                    let (rows, table) = shapes::idle(&bench).await?;
+                    report.idle = Some(rows);
+                    table
+                }
+            };
+            println!("{}", table.render());
+        }
+        anyhow::Ok(())
+    })?;
+    // The pairs are gone (killed) with `bench`; the runtime's remaining server tasks go with it.
+    drop(runtime);
+    report.total_seconds = started.elapsed().as_secs_f64();
+    println!("total: {:.0} s", report.total_seconds);
+    if let Some(path) = &cli.json {
+        let json = serde_json::to_string_pretty(&report).context("encoding the JSON report")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn plan(cli: &Cli) -> Plan {
+    let quick = cli.quick;
+    Plan {
+        repeat: cli.repeat.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        bulk_s: if quick { 0.5 } else { 4.0 },
+        parallel_s: if quick { 0.25 } else { 2.0 },
+        flows: vec![1, 2, 4, 8, 16],
+        rr_rate: 1000,
+        rr_fixed_s: if quick { 1.0 } else { 10.0 },
+        rr_closed_s: if quick { 0.5 } else { 3.0 },
+        churn_s: if quick { 0.5 } else { 3.0 },
+        churn_concurrency: 4,
+        handshake_connections: cli.handshake_connections.unwrap_or(if quick { 30 } else { 300 }).max(1),
+        idle_connections: cli.idle_connections.unwrap_or(if quick { 300 } else { 10_000 }).max(1),
+    }
+}
+
+/// The proxy binaries to measure: `--binary` entries, then `--ztunnel` (or the default `ztunnel`
+/// next to this executable) unless a `--binary ztunnel=...` named it already. Each must exist.
+fn binaries(cli: &Cli) -> anyhow::Result<Vec<Binary>> {
+    let mut list = Vec::new();
+    for spec in &cli.binaries {
+        let Some((name, path)) = spec.split_once('=') else {
+            bail!("--binary {spec:?}: expected NAME=PATH");
+        };
+        if name.is_empty() || path.is_empty() {
+            bail!("--binary {spec:?}: expected NAME=PATH with neither empty");
+        }
+        if list.iter().any(|b: &Binary| b.name == name) {
+            bail!("--binary {spec:?}: the name {name} is given twice");
+        }
+        list.push(Binary {
+            name: name.to_owned(),
+            path: PathBuf::from(path),
+        });
+    }
+    if let Some(path) = &cli.ztunnel {
+        if list.iter().any(|b| b.name == "ztunnel") {
+            bail!("both --ztunnel and --binary ztunnel=... name the ztunnel binary");
+        }
+        list.insert(
+            0,
+            Binary {
+                name: "ztunnel".to_owned(),
+                path: path.clone(),
+            },
+        );
+    } else if list.is_empty() {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let dir = exe.parent().unwrap_or(Path::new("."));
+        list.push(Binary {
+            name: "ztunnel".to_owned(),
+            path: dir.join("ztunnel"),
+        });
+    }
+    for b in &list {
+        if !b.path.is_file() {
+            let profile = if b.name == "ztunnel" {
+                "\n  build it with: cargo build --release -p meshwire-dataplane --bin ztunnel\n  (then run this \
+                 bench from the same target directory, or pass --ztunnel PATH)"
+            } else {
+                ""
+            };
+            bail!("proxy binary {} not found at {}{profile}", b.name, b.path.display());
+        }
+    }
+    Ok(list)
+}

@@ -1,0 +1,170 @@
+//! What the bench reads from the kernel: CPU time and resident memory of a process (`/proc`), the
+//! HBONE connections a proxy holds (`/proc/net/tcp`), the machine's description, and the open-file limit.
+
+use std::net::SocketAddrV4;
+
+use anyhow::{Context, bail};
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+/// CPU seconds (user + system, every thread, live or exited) used so far by process `pid`, from
+/// `/proc/<pid>/stat` fields 14 and 15.
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may contain spaces: count from the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("/proc/{pid}/stat has no command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let ticks = |index: usize| -> anyhow::Result<u64> {
+        fields
+            .get(index)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("/proc/{pid}/stat: field {} missing or not a number", index + 3))
+    };
+    let total = ticks(11)? + ticks(12)?;
+    Ok(total as f64 / clock_ticks() as f64)
+}
+
+fn clock_ticks() -> u64 {
+    rustix::param::clock_ticks_per_second().max(1)
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .with_context(|| format!("/proc/{pid}/status has no VmRSS (the process has exited?)"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("/proc/{pid}/status: bad VmRSS line {line:?}"))?;
+    Ok(kib * 1024)
+}
+
+/// Established TCP connections whose local end is `local` (the accepted side of a listener), from
+/// `/proc/net/tcp`.
+pub(crate) fn established_to(local: SocketAddrV4) -> anyhow::Result<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
+    // Addresses are `HEXIP:HEXPORT`, the IP in the kernel's (little-endian) byte order.
+    let want = format!("{:08X}:{:04X}", u32::from_le_bytes(local.ip().octets()), local.port());
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let mut cols = line.split_whitespace();
+            let local_col = cols.nth(1);
+            let state = cols.nth(1);
+            local_col == Some(want.as_str()) && state == Some("01")
+        })
+        .count())
+}
+
+/// The machine: CPU model, CPUs available, kernel.
+pub(crate) fn machine() -> (String, usize, String) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    (cpu, cpus, kernel)
+}
+
+/// Raises this process's open-file limit (inherited by the proxies it starts) to at least `needed`:
+/// the soft limit up to the hard one, and the hard one too when allowed. Fails with a message saying
+/// what to do when the limit cannot be raised that far. Returns the limit now in force.
+pub(crate) fn raise_nofile(needed: u64) -> anyhow::Result<u64> {
+    let current = getrlimit(Resource::Nofile);
+    let soft = current.current.unwrap_or(u64::MAX);
+    let hard = current.maximum.unwrap_or(u64::MAX);
+    if soft >= needed {
+        return Ok(soft);
+    }
+    if hard >= needed {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: current.maximum,
+            },
+        )
+        .with_context(|| format!("raising the soft RLIMIT_NOFILE from {soft} to its hard limit {hard}"))?;
+        return Ok(hard);
+    }
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(needed);
+    let target = needed.max(hard).min(nr_open);
+    if target < needed {
+        bail!(
+            "{needed} open files are needed but the kernel allows at most {nr_open} (fs.nr_open): lower \
+             --idle-connections"
+        );
+    }
+    if let Err(err) = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: Some(target),
+        },
+    ) {
+        bail!(
+            "{needed} open files are needed but RLIMIT_NOFILE is {soft} (hard limit {hard}) and cannot be raised \
+             ({err}): run as root, raise the limit (`ulimit -Hn {needed}`), or lower --idle-connections"
+        );
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn reads_own_cpu_and_memory() {
+        let pid = std::process::id();
+        let before = cpu_seconds(pid).unwrap();
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(100) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        assert!(
+            cpu_seconds(pid).unwrap() > before,
+            "100 ms of spinning counted no CPU time"
+        );
+        assert!(rss_bytes(pid).unwrap() > 1024 * 1024);
+    }
+
+    #[test]
+    fn counts_established_connections_of_a_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let _a = std::net::TcpStream::connect(addr).unwrap();
+        let _b = std::net::TcpStream::connect(addr).unwrap();
+        let _accepted = (listener.accept().unwrap(), listener.accept().unwrap());
+        assert_eq!(established_to(addr).unwrap(), 2);
+    }
+}

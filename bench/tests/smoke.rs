@@ -1,0 +1,254 @@
+//! The benchmark end to end with `--quick` against the debug `ztunnel` of this target directory (which
+//! `cargo test --workspace` builds): every shape is in the JSON report, with positive figures, and every
+//! bulk run counted at the receiver exactly the bytes its sender sent.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `target/<profile>/ztunnel`, beside the bench binary Cargo built for this test.
+fn ztunnel() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_meshwire-bench"));
+    let path = bench.parent().unwrap().join("ztunnel");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build -p meshwire-dataplane --bin ztunnel` \
+         (`cargo test --workspace` builds it)",
+        path.display()
+    );
+    path
+}
+
+fn positive(v: &Value, what: &str) -> f64 {
+    let x = v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!(x > 0.0 && x.is_finite(), "{what} is not positive: {x}");
+    x
+}
+
+fn rows<'a>(report: &'a Value, key: &str) -> &'a Vec<Value> {
+    let rows = report[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} array in the report"));
+    assert!(!rows.is_empty(), "{key} is empty");
+    rows
+}
+
+/// Bytes sent equal bytes received in every run, and the figures of each run are positive.
+fn check_bulk_runs(row: &Value, what: &str, proxied: bool) {
+    let runs = row["runs"].as_array().unwrap();
+    assert!(!runs.is_empty(), "{what}: no runs");
+    for run in runs {
+        let sent = run["bytes_sent"].as_u64().unwrap();
+        assert!(sent > 0, "{what}: nothing sent");
+        assert_eq!(sent, run["bytes_received"].as_u64().unwrap(), "{what}: counts differ");
+        positive(&run["gbps"], what);
+        if proxied {
+            positive(&run["cpu_s_per_gb"], what);
+        }
+    }
+}
+
+#[test]
+fn quick_run_reports_every_shape_with_positive_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))
+        .arg("--quick")
+        .arg("--ztunnel")
+        .arg(ztunnel())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the quick run took {:?}",
+        started.elapsed()
+    );
+    for title in [
+        "1. Bulk",
+        "2. Parallel",
+        "3. Request/response",
+        "4. New connections",
+        "5. 300 idle",
+    ] {
+        assert!(stdout.contains(title), "no table {title:?} in:\n{stdout}");
+    }
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+
+    // 1. Bulk: direct and ztunnel, both directions.
+    let bulk = rows(&report, "bulk");
+    for path in ["direct", "ztunnel"] {
+        for direction in ["upload", "download"] {
+            let row = bulk
+                .iter()
+                .find(|r| r["path"] == path && r["direction"] == direction)
+                .unwrap_or_else(|| panic!("no bulk row {path} {direction}"));
+            positive(&row["median_gbps"], "bulk Gbit/s");
+            if path == "ztunnel" {
+                positive(&row["median_cpu_s_per_gb"], "bulk CPU-s/GB");
+            }
+            check_bulk_runs(row, &format!("bulk {path} {direction}"), path == "ztunnel");
+        }
+    }
+
+    // 2. Parallel: every flow count, direct and both tunnel kinds with 1 and 2 workers, ratios.
+    let parallel = &report["parallel"];
+    let prows = rows(parallel, "rows");
+    for flows in [1, 2, 4, 8, 16] {
+        let mut kinds = Vec::new();
+        for row in prows.iter().filter(|r| r["flows"] == flows) {
+            positive(&row["median_gbps"], "parallel Gbit/s");
+            let proxied = row["path"] != "direct";
+            check_bulk_runs(row, &format!("parallel {flows} {}", row["tunnel"]), proxied);
+            kinds.push((row["tunnel"].as_str().unwrap().to_owned(), row["workers"].as_u64()));
+            if row["tunnel"] == "pooled" {
+                assert_eq!(
+                    row["hbone_connections"], 1,
+                    "pooled flows on more than one HBONE connection"
+                );
+            }
+            if row["tunnel"] == "per-flow" {
+                assert!(
+                    row["hbone_connections"].as_u64().unwrap() >= 16,
+                    "per-flow tunnels: {row}"
+                );
+            }
+        }
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            vec![
+                ("direct".to_owned(), None),
+                ("per-flow".to_owned(), Some(1)),
+                ("per-flow".to_owned(), Some(2)),
+                ("pooled".to_owned(), Some(1)),
+                ("pooled".to_owned(), Some(2)),
+            ],
+            "parallel rows for {flows} flows"
+        );
+    }
+    let ratios = rows(parallel, "ratios");
+    assert_eq!(ratios.len(), 10, "2 tunnel kinds x 5 flow counts");
+    for ratio in ratios {
+        positive(&ratio["ratio"], "2w/1w ratio");
+    }
+
+    // 3. Request/response: both modes, latency, added latency and CPU for ztunnel.
+    let rr = rows(&report, "request_response");
+    for mode in ["fixed", "closed"] {
+        for path in ["direct", "ztunnel"] {
+            let row = rr
+                .iter()
+                .find(|r| r["path"] == path && r["mode"] == mode)
+                .unwrap_or_else(|| panic!("no request/response row {path} {mode}"));
+            positive(&row["median_requests_per_s"], "requests/s");
+            for p in ["p50_us", "p90_us", "p99_us", "p999_us"] {
+                positive(&row["latency"][p], p);
+            }
+            if path == "ztunnel" {
+                positive(&row["median_cpu_ms_per_1000"], "CPU per 1000 requests");
+                assert!(row["added"]["p50_us"].is_number(), "no added latency: {row}");
+            }
+        }
+    }
+    let fixed = rr
+        .iter()
+        .find(|r| r["path"] == "ztunnel" && r["mode"] == "fixed")
+        .unwrap();
+    let rate = positive(&fixed["median_requests_per_s"], "fixed rate");
+    assert!(
+        (800.0..1200.0).contains(&rate),
+        "the fixed rate was {rate}/s, not about 1000/s"
+    );
+
+    // 4. Connections: direct, pooled, handshake (each on its own HBONE connection).
+    let conns = rows(&report, "connections");
+    for (path, kind) in [("direct", "direct"), ("ztunnel", "pooled"), ("ztunnel", "handshake")] {
+        let row = conns
+            .iter()
+            .find(|r| r["path"] == path && r["kind"] == kind)
+            .unwrap_or_else(|| panic!("no connections row {path} {kind}"));
+        positive(&row["median_per_second"], "connections/s");
+        if path == "ztunnel" {
+            positive(&row["median_cpu_s_per_1000"], "CPU per 1000 connections");
+        }
+        if kind == "handshake" {
+            let run = &row["runs"][0];
+            assert!(
+                run["hbone_connections"].as_u64().unwrap() > run["connections"].as_u64().unwrap(),
+                "handshake connections did not each get their own HBONE connection: {run}"
+            );
+        }
+    }
+
+    // 5. Idle: memory before, held, after, per connection.
+    let idle = rows(&report, "idle");
+    let row = &idle[0];
+    assert_eq!(row["connections"], 300);
+    for key in ["rss_before", "rss_held", "rss_after"] {
+        positive(&row[key]["a_kib"], key);
+        positive(&row[key]["b_kib"], key);
+    }
+    positive(&row["bytes_per_connection"], "bytes per idle connection");
+}
+
+fn bench_fails(args: &[&str]) -> String {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the bench succeeded with {args:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_binary_is_named_with_how_to_build_it() {
+    let err = bench_fails(&["--quick", "--only", "bulk", "--ztunnel", "/nonexistent/ztunnel"]);
+    assert!(err.contains("/nonexistent/ztunnel"), "{err}");
+    assert!(
+        err.contains("cargo build --release -p meshwire-dataplane --bin ztunnel"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_proxy_that_exits_ends_the_bench_naming_it() {
+    // A script standing for a proxy binary that fails at start, as one whose port is taken would.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-proxy");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'error: cannot listen for SOCKS5: Address in use' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&fake).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&fake, perms).unwrap();
+    let err = bench_fails(&[
+        "--quick",
+        "--only",
+        "bulk",
+        "--binary",
+        &format!("fake={}", fake.display()),
+    ]);
+    assert!(err.contains("proxy A (client)"), "{err}");
+    assert!(err.contains("exited with exit status: 1"), "{err}");
+    assert!(
+        err.contains("Address in use"),
+        "the proxy's own message is not shown: {err}"
+    );
+}
