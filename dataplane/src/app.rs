@@ -331,6 +331,9 @@ impl Proxy {
                 .with_telemetry(metrics, log_format)
                 .with_socket_options(upstream),
         );
+        // Idle HBONE connections are released after the pool's idle timeout.
+        let pool = outbound.pool().clone();
+        background.push(tokio::spawn(async move { pool.maintain().await }));
 
         let (shutdown, _) = watch::channel(false);
         let (conn_tx, connections) = mpsc::channel::<()>(1);

@@ -244,3 +244,50 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
         assert!(ready.body.contains("certificate"), "{}", ready.body);
     }
 }
+
+/// Established TCP connections whose remote end is `peer` (from `ss`), seen from this namespace.
+fn established_to(peer: SocketAddr) -> usize {
+    let output = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", "dst", &peer.to_string()])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+#[test]
+fn idle_hbone_connections_are_released_after_the_idle_timeout() {
+    for (a, b) in binary::pairs() {
+        let echo = EchoServer::start(lo(2));
+        let mesh = Mesh::new(&config(echo.addr().port()));
+        let server = mesh.proxy(&b, lo(2)).dedicated("default/server/server").spawn();
+        let client = mesh
+            .proxy(&a, lo(1))
+            .dedicated("default/client/client")
+            .arg("--pool-unused-release-timeout")
+            .arg("300ms")
+            .spawn();
+        let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
+        assert!(net::echo_exchange(stream, 1024).unwrap().intact());
+        let inbound = server.ports().inbound;
+        assert_eq!(
+            established_to(inbound),
+            1,
+            "{a}: one pooled HBONE connection to {inbound}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while established_to(inbound) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{a}: the idle HBONE connection was not released\n{}",
+                client.describe()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // A new connection opens a new tunnel.
+        let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
+        assert!(net::echo_exchange(stream, 1024).unwrap().intact());
+    }
+}
