@@ -5,6 +5,7 @@
 //! - [`binary`]: where the proxy binaries are and which ones a scenario runs against;
 //! - [`mesh`]: a mesh on loopback: a shared state directory (one local CA), a live local
 //!   configuration file, and proxy processes with free ports;
+//! - [`pair`]: the usual scenario, a client and a server workload each with its proxy;
 //! - [`net`]: blocking clients and servers (echo, SOCKS5, HTTP/1.1) and checksums;
 //! - [`netns`]: network namespaces joined by veth pairs, for capture and multi-host scenarios;
 //! - [`hbone`]: an HBONE client with certificates from the mesh's CA, to talk to a proxy's inbound
@@ -18,3 +19,4 @@ pub mod hbone;
 pub mod mesh;
 pub mod net;
 pub mod netns;
+pub mod pair;

@@ -11,78 +11,23 @@ use meshwire_hbone::client::ConnectError;
 use meshwire_hbone::headers::Authority;
 use meshwire_identity::id::TrustDomain;
 use meshwire_identity::source::local_ca::LocalCa;
-use meshwire_tests::binary::{self, Binary};
+use meshwire_tests::binary;
 use meshwire_tests::hbone::{HboneClient, spiffe};
-use meshwire_tests::mesh::{Mesh, Proxy};
-use meshwire_tests::net::{self, EchoServer, Socks5Failure, Socks5Target, lo};
+use meshwire_tests::net::{self, Socks5Failure, Socks5Target, lo};
+use meshwire_tests::pair::{self, ECHO_VIP, Pair};
 
-fn config(echo_port: u16, extra_policy: &str) -> String {
-    format!(
-        r#"
-workloads:
-  - uid: cluster1//v1/Pod/default/client
-    name: client
-    serviceAccount: client
-    workloadIps: ["127.0.0.1"]
-    protocol: HBONE
-  - uid: cluster1//v1/Pod/default/server
-    name: server
-    serviceAccount: server
-    workloadIps: ["127.0.0.2"]
-    protocol: HBONE
-    services:
-      "default/echo.default.svc.cluster.local":
-        80: {echo_port}
-services:
-  - name: echo
-    namespace: default
-    hostname: echo.default.svc.cluster.local
-    vips: ["/127.10.0.7"]
-    ports:
-      80: {echo_port}
-{extra_policy}
-"#
-    )
-}
-
-struct Setup {
-    mesh: Mesh,
-    client: Proxy,
-    server: Proxy,
-    echo: EchoServer,
-}
-
-fn setup(a: &Binary, b: &Binary) -> Setup {
-    let echo = EchoServer::start(lo(2));
-    let mesh = Mesh::new(&config(echo.addr().port(), ""));
-    let server = mesh.proxy(b, lo(2)).dedicated("default/server/server").spawn();
-    let client = mesh.proxy(a, lo(1)).dedicated("default/client/client").spawn();
-    Setup {
-        mesh,
-        client,
-        server,
-        echo,
-    }
-}
-
-impl Setup {
-    fn logs(&self) -> String {
-        format!("{}\n{}", self.client.describe(), self.server.describe())
-    }
-
-    /// A good connection still works.
-    fn still_serves(&self, context: &str) {
-        let stream = net::socks5_connect(self.client.ports().socks5, &Socks5Target::Addr(self.echo.addr()))
-            .unwrap_or_else(|e| panic!("{context}: SOCKS5 no longer works: {e:?}\n{}", self.logs()));
-        let echoed = net::echo_exchange(stream, 32 * 1024).unwrap();
-        assert!(echoed.intact(), "{context}: {echoed:?}");
-    }
+/// A good connection still works.
+fn still_serves(pair: &Pair, context: &str) {
+    let stream = net::socks5_connect(pair.client.ports().socks5, &Socks5Target::Addr(pair.echo.addr()))
+        .unwrap_or_else(|e| panic!("{context}: SOCKS5 no longer works: {e:?}\n{}", pair.logs()));
+    let echoed = net::echo_exchange(stream, 32 * 1024).unwrap();
+    assert!(echoed.intact(), "{context}: {echoed:?}");
 }
 
 #[test]
 fn an_invalid_config_change_is_rejected_and_the_old_state_kept() {
     for (a, b) in binary::pairs() {
-        let s = setup(&a, &b);
+        let s = Pair::start(&a, &b);
         s.mesh
             .write_config("workloads:\n  - name: broken\n    workloadIps: [\"not-an-ip\"]\n");
         let rejected = s
@@ -90,15 +35,15 @@ fn an_invalid_config_change_is_rejected_and_the_old_state_kept() {
             .wait_for_log(&["rejected an invalid change"], Duration::from_secs(10));
         let rejected = rejected.unwrap_or_else(|| panic!("no rejection logged\n{}", s.logs()));
         assert!(rejected.contains("workloads[0].workloadIps[0]"), "{rejected}");
-        s.still_serves("after an invalid change");
+        still_serves(&s, "after an invalid change");
         // The service VIP of the old state still resolves.
-        let vip: SocketAddr = "127.10.0.7:80".parse().unwrap();
-        let stream = net::socks5_connect(s.client.ports().socks5, &Socks5Target::Addr(vip)).unwrap();
+        let stream = s.socks5(Socks5Target::Addr(Pair::vip()));
         assert!(net::echo_exchange(stream, 1024).unwrap().intact());
 
         // A valid change afterwards applies: the service is gone, its VIP now passes through.
-        s.mesh
-            .write_config(&config(s.echo.addr().port(), "").replace("vips: [\"/127.10.0.7\"]", "vips: []"));
+        s.mesh.write_config(
+            &pair::config(s.echo.addr().port(), "").replace(&format!("vips: [\"/{ECHO_VIP}\"]"), "vips: []"),
+        );
         assert!(
             s.client
                 .wait_for_log(&["applied a change"], Duration::from_secs(10))
@@ -124,7 +69,7 @@ fn raw_socks5(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn broken_socks5_handshakes_get_their_replies() {
     for (a, b) in binary::pairs() {
-        let s = setup(&a, &b);
+        let s = Pair::start(&a, &b);
         let socks = s.client.ports().socks5;
         // SOCKS4: no reply, closed.
         assert_eq!(raw_socks5(socks, &[4, 1, 0, 80, 127, 0, 0, 2, 0]), Vec::<u8>::new());
@@ -142,14 +87,14 @@ fn broken_socks5_handshakes_get_their_replies() {
         // A name that no service has: host unreachable (4).
         let failure = net::socks5_connect(socks, &Socks5Target::Domain("nowhere.example".into(), 80)).unwrap_err();
         assert_eq!(failure, Socks5Failure::Reply(4));
-        s.still_serves("after broken SOCKS5 handshakes");
+        still_serves(&s, "after broken SOCKS5 handshakes");
     }
 }
 
 #[test]
 fn connects_with_a_wrong_authority_get_400_or_503() {
     for binary in binary::all() {
-        let s = setup(&binary, &binary);
+        let s = Pair::start(&binary, &binary);
         let inbound = s.server.ports().inbound;
         let client = HboneClient::new(
             s.mesh.ca(),
@@ -176,14 +121,14 @@ fn connects_with_a_wrong_authority_get_400_or_503() {
         // And the right one works.
         let opened = client.open(inbound, s.echo.addr()).unwrap();
         assert!(net::echo_exchange(opened.stream, 1024).unwrap().intact());
-        s.still_serves("after wrong authorities");
+        still_serves(&s, "after wrong authorities");
     }
 }
 
 #[test]
 fn clients_with_untrusted_certificates_are_refused() {
     for binary in binary::all() {
-        let s = setup(&binary, &binary);
+        let s = Pair::start(&binary, &binary);
         let inbound = s.server.ports().inbound;
         let foreign = LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap();
         let credentials = foreign.issue(&spiffe("default", "client")).unwrap();
@@ -222,6 +167,6 @@ fn clients_with_untrusted_certificates_are_refused() {
             "the refusal is logged\n{}",
             s.server.describe()
         );
-        s.still_serves("after untrusted clients");
+        still_serves(&s, "after untrusted clients");
     }
 }

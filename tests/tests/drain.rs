@@ -8,44 +8,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshwire_tests::binary::{self, Binary};
-use meshwire_tests::mesh::{Mesh, Proxy};
-use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
+use meshwire_tests::net::{self, Socks5Target, lo};
+use meshwire_tests::pair::Pair;
 
-fn config(echo_port: u16) -> String {
-    format!(
-        r#"
-workloads:
-  - uid: cluster1//v1/Pod/default/client
-    name: client
-    serviceAccount: client
-    workloadIps: ["127.0.0.1"]
-    protocol: HBONE
-  - uid: cluster1//v1/Pod/default/server
-    name: server
-    serviceAccount: server
-    workloadIps: ["127.0.0.2"]
-    protocol: HBONE
-    services:
-      "default/echo.default.svc.cluster.local":
-        80: {echo_port}
-"#
-    )
-}
-
-fn pair(client: &Binary, server: &Binary, deadline: Duration) -> (Mesh, Proxy, Proxy, EchoServer) {
-    let echo = EchoServer::start(lo(2));
-    let mesh = Mesh::new(&config(echo.addr().port()));
-    let server = mesh
-        .proxy(server, lo(2))
-        .dedicated("default/server/server")
-        .drain_deadline(deadline)
-        .spawn();
-    let client = mesh
-        .proxy(client, lo(1))
-        .dedicated("default/client/client")
-        .drain_deadline(deadline)
-        .spawn();
-    (mesh, client, server, echo)
+fn pair(client: &Binary, server: &Binary, deadline: Duration) -> Pair {
+    Pair::start_with(client, server, "", |proxy| proxy.drain_deadline(deadline))
 }
 
 /// Sends `chunks` chunks of 64 KiB, one every `pause`, then half-closes; returns the sender thread.
@@ -87,7 +54,12 @@ fn read_all(mut stream: TcpStream) -> (u64, u32, Option<std::io::Error>) {
 fn in_flight_transfers_finish_during_the_drain_and_lose_nothing() {
     for (a, b) in binary::pairs() {
         for signal in ["TERM", "INT"] {
-            let (_mesh, mut client, mut server, echo) = pair(&a, &b, Duration::from_secs(5));
+            let Pair {
+                mut client,
+                mut server,
+                echo,
+                ..
+            } = pair(&a, &b, Duration::from_secs(5));
             let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
             // About 1.5 s of traffic; both proxies are told to drain 300 ms in.
             let sender = slow_sender(&stream, 30, Duration::from_millis(50));
@@ -134,7 +106,12 @@ fn in_flight_transfers_finish_during_the_drain_and_lose_nothing() {
 fn connections_left_at_the_deadline_are_closed_and_the_proxy_exits() {
     for (a, b) in binary::pairs() {
         let deadline = Duration::from_secs(1);
-        let (_mesh, mut client, mut server, echo) = pair(&a, &b, deadline);
+        let Pair {
+            mut client,
+            mut server,
+            echo,
+            ..
+        } = pair(&a, &b, deadline);
         let mut stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
         stream.write_all(b"hello").unwrap();
         let mut hello = [0u8; 5];
@@ -170,7 +147,12 @@ fn connections_left_at_the_deadline_are_closed_and_the_proxy_exits() {
 #[test]
 fn a_second_instance_on_the_same_ports_takes_over_without_refusing_connections() {
     for (a, b) in binary::pairs() {
-        let (mesh, client, mut old, echo) = pair(&a, &b, Duration::from_secs(2));
+        let Pair {
+            mesh,
+            client,
+            server: mut old,
+            echo,
+        } = pair(&a, &b, Duration::from_secs(2));
         // The new instance binds the same ports while the old one still runs (SO_REUSEPORT).
         let new = mesh
             .proxy(&b, lo(2))

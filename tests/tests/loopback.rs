@@ -8,86 +8,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use meshwire_tests::binary::{self, Binary};
-use meshwire_tests::mesh::{Mesh, Proxy};
+use meshwire_tests::binary;
+use meshwire_tests::mesh::Mesh;
 use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
-
-const VIP: &str = "127.10.0.9";
-
-fn config(echo_port: u16) -> String {
-    format!(
-        r#"
-workloads:
-  - uid: cluster1//v1/Pod/default/client
-    name: client
-    namespace: default
-    serviceAccount: client
-    workloadIps: ["127.0.0.1"]
-    protocol: HBONE
-    node: node-a
-  - uid: cluster1//v1/Pod/default/server
-    name: server
-    namespace: default
-    serviceAccount: server
-    workloadIps: ["127.0.0.2"]
-    protocol: HBONE
-    node: node-b
-    services:
-      "default/echo.default.svc.cluster.local":
-        80: {echo_port}
-  - uid: cluster1//v1/Pod/default/legacy
-    name: legacy
-    namespace: default
-    serviceAccount: legacy
-    workloadIps: ["127.0.0.3"]
-    protocol: TCP
-    node: node-c
-services:
-  - name: echo
-    namespace: default
-    hostname: echo.default.svc.cluster.local
-    vips: ["/{VIP}"]
-    ports:
-      80: {echo_port}
-"#
-    )
-}
-
-struct Pair {
-    _mesh: Mesh,
-    client: Proxy,
-    server: Proxy,
-    echo: EchoServer,
-}
-
-fn pair(client: &Binary, server: &Binary) -> Pair {
-    let echo = EchoServer::start(lo(2));
-    let mesh = Mesh::new(&config(echo.addr().port()));
-    let server = mesh.proxy(server, lo(2)).dedicated("default/server/server").spawn();
-    let client = mesh.proxy(client, lo(1)).dedicated("default/client/client").spawn();
-    Pair {
-        _mesh: mesh,
-        client,
-        server,
-        echo,
-    }
-}
-
-impl Pair {
-    fn logs(&self) -> String {
-        format!("{}\n{}", self.client.describe(), self.server.describe())
-    }
-
-    fn socks5(&self, target: Socks5Target) -> std::net::TcpStream {
-        net::socks5_connect(self.client.ports().socks5, &target)
-            .unwrap_or_else(|e| panic!("SOCKS5 CONNECT to {target:?}: {e:?}\n{}", self.logs()))
-    }
-}
+use meshwire_tests::pair::{self, ECHO_HOST, Pair};
 
 #[test]
 fn socks5_to_a_workload_ip_crosses_hbone_with_both_identities() {
     for (a, b) in binary::pairs() {
-        let pair = pair(&a, &b);
+        let pair = Pair::start(&a, &b);
         let stream = pair.socks5(Socks5Target::Addr(pair.echo.addr()));
         let echoed = net::echo_exchange(stream, 256 * 1024).unwrap();
         assert!(echoed.intact(), "{a} -> {b}: {echoed:?}\n{}", pair.logs());
@@ -115,11 +44,10 @@ fn socks5_to_a_workload_ip_crosses_hbone_with_both_identities() {
 #[test]
 fn service_vip_and_hostname_resolve_to_the_endpoint() {
     for (a, b) in binary::pairs() {
-        let pair = pair(&a, &b);
-        let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        let pair = Pair::start(&a, &b);
         for target in [
-            Socks5Target::Addr(vip),
-            Socks5Target::Domain("echo.default.svc.cluster.local".into(), 80),
+            Socks5Target::Addr(Pair::vip()),
+            Socks5Target::Domain(ECHO_HOST.into(), 80),
         ] {
             let stream = pair.socks5(target.clone());
             let echoed = net::echo_exchange(stream, 64 * 1024).unwrap();
@@ -142,7 +70,7 @@ fn service_vip_and_hostname_resolve_to_the_endpoint() {
 #[test]
 fn a_non_mesh_workload_is_reached_by_plain_passthrough() {
     for (a, b) in binary::pairs() {
-        let pair = pair(&a, &b);
+        let pair = Pair::start(&a, &b);
         let whoami = net::whoami_server(lo(3));
         let stream = pair.socks5(Socks5Target::Addr(whoami));
         let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -168,7 +96,7 @@ fn a_non_mesh_workload_is_reached_by_plain_passthrough() {
 #[test]
 fn one_hundred_megabytes_cross_intact() {
     for (a, b) in binary::pairs() {
-        let pair = pair(&a, &b);
+        let pair = Pair::start(&a, &b);
         let stream = pair.socks5(Socks5Target::Addr(pair.echo.addr()));
         let len = 100 * 1000 * 1000;
         let echoed = net::echo_exchange(stream, len).unwrap();
@@ -184,7 +112,7 @@ fn one_hundred_megabytes_cross_intact() {
 fn a_proxy_with_certificates_from_files_joins_the_mesh() {
     for (a, b) in binary::pairs() {
         let echo = EchoServer::start(lo(2));
-        let mesh = Mesh::new(&config(echo.addr().port()));
+        let mesh = Mesh::new(&pair::config(echo.addr().port(), ""));
         let dir = tempfile::tempdir().unwrap();
         let credentials = mesh
             .ca()
@@ -261,7 +189,7 @@ fn established_to(peer: SocketAddr) -> usize {
 fn idle_hbone_connections_are_released_after_the_idle_timeout() {
     for (a, b) in binary::pairs() {
         let echo = EchoServer::start(lo(2));
-        let mesh = Mesh::new(&config(echo.addr().port()));
+        let mesh = Mesh::new(&pair::config(echo.addr().port(), ""));
         let server = mesh.proxy(&b, lo(2)).dedicated("default/server/server").spawn();
         let client = mesh
             .proxy(&a, lo(1))

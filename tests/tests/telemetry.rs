@@ -6,29 +6,9 @@
 use std::time::{Duration, Instant};
 
 use meshwire_tests::binary;
-use meshwire_tests::mesh::{Mesh, Proxy};
-use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
-
-fn config(echo_port: u16) -> String {
-    format!(
-        r#"
-workloads:
-  - uid: cluster1//v1/Pod/default/client
-    name: client
-    serviceAccount: client
-    workloadIps: ["127.0.0.1"]
-    protocol: HBONE
-  - uid: cluster1//v1/Pod/default/server
-    name: server
-    serviceAccount: server
-    workloadIps: ["127.0.0.2"]
-    protocol: HBONE
-    services:
-      "default/echo.default.svc.cluster.local":
-        80: {echo_port}
-"#
-    )
-}
+use meshwire_tests::mesh::Proxy;
+use meshwire_tests::net;
+use meshwire_tests::pair::Pair;
 
 /// The sum of the samples of `metric` whose labels contain every one of `labels` (`key="value"`).
 fn sum(text: &str, metric: &str, labels: &[&str]) -> u64 {
@@ -64,14 +44,12 @@ fn wait_for(proxy: &Proxy, metric: &str, labels: &[&str], expected: u64) -> Stri
 #[test]
 fn counters_and_byte_totals_equal_what_was_sent() {
     for (a, b) in binary::pairs() {
-        let echo = EchoServer::start(lo(2));
-        let mesh = Mesh::new(&config(echo.addr().port()));
-        let server = mesh.proxy(&b, lo(2)).dedicated("default/server/server").spawn();
-        let client = mesh.proxy(&a, lo(1)).dedicated("default/client/client").spawn();
+        let pair = Pair::start(&a, &b);
+        let (client, server) = (&pair.client, &pair.server);
 
         let sizes = [1usize, 10_000, 1_000_000];
         for size in sizes {
-            let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
+            let stream = pair.socks5_to_echo();
             assert!(net::echo_exchange(stream, size).unwrap().intact());
         }
         let total: u64 = sizes.iter().map(|&s| s as u64).sum();
@@ -83,7 +61,7 @@ fn counters_and_byte_totals_equal_what_was_sent() {
             "destination_workload=\"server\"",
             "connection_security_policy=\"mutual_tls\"",
         ];
-        let text = wait_for(&server, "istio_tcp_connections_closed_total", &dst, count);
+        let text = wait_for(server, "istio_tcp_connections_closed_total", &dst, count);
         let context = format!("{a} -> {b}\n{text}\n{}", server.describe());
         assert_eq!(
             sum(&text, "istio_tcp_connections_opened_total", &dst),
@@ -99,7 +77,7 @@ fn counters_and_byte_totals_equal_what_was_sent() {
         assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &dst), total, "{context}");
 
         let src = ["reporter=\"source\"", "destination_workload=\"server\""];
-        let text = wait_for(&client, "istio_tcp_connections_closed_total", &src, count);
+        let text = wait_for(client, "istio_tcp_connections_closed_total", &src, count);
         let context = format!("{a} -> {b}\n{text}\n{}", client.describe());
         assert_eq!(
             sum(&text, "istio_tcp_connections_opened_total", &src),
@@ -115,7 +93,7 @@ fn counters_and_byte_totals_equal_what_was_sent() {
         assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &src), total, "{context}");
 
         // One access-log line per connection on each side, with the bytes of that connection.
-        for (proxy, direction) in [(&server, "inbound"), (&client, "outbound")] {
+        for (proxy, direction) in [(server, "inbound"), (client, "outbound")] {
             let lines = proxy.wait_access_lines(direction, sizes.len(), Duration::from_secs(10));
             assert_eq!(lines.len(), sizes.len(), "{direction}\n{}", proxy.describe());
             let mut seen: Vec<u64> = lines.iter().map(|l| l.number("bytes_recv").unwrap_or(0)).collect();
