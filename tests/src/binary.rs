@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// A proxy binary: its name and path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +13,30 @@ pub struct Binary {
 
 /// The names of the proxy binaries every scenario runs against.
 pub const NAMES: &[&str] = &["ztunnel"];
+
+/// The environment variables the proxies read that a developer's shell might set: removed so that
+/// only what a test passes applies.
+const CLEARED_ENV: &[&str] = &[
+    "RUST_LOG",
+    "LOCAL_XDS_PATH",
+    "LOCAL_XDS",
+    "PROXY_MODE",
+    "PROXY_WORKLOAD_INFO",
+    "MESHWIRE_STATE_DIR",
+    "STATE_DIRECTORY",
+    "LOG_FORMAT",
+    "NODE_NAME",
+    "INSTANCE_IP",
+    "PACKET_MARK",
+];
+
+/// Removes from `cmd`'s environment the variables the proxies read (`RUST_LOG`, `LOCAL_XDS_PATH`, ...).
+pub fn clear_env(cmd: &mut Command) -> &mut Command {
+    for name in CLEARED_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
+}
 
 impl Binary {
     /// The binary called `name` in the binary directory ([`bin_dir`]). Panics with a message saying
@@ -40,6 +65,14 @@ impl Binary {
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A command running it with only the arguments a test adds (and none of the environment
+    /// variables it reads), for checks of its command line.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.path);
+        clear_env(&mut cmd);
+        cmd
     }
 }
 

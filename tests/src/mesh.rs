@@ -16,26 +16,11 @@ use std::time::{Duration, Instant};
 use meshwire_identity::id::TrustDomain;
 use meshwire_identity::source::local_ca::LocalCa;
 
-use crate::binary::Binary;
+use crate::binary::{self, Binary};
 use crate::net;
 
 /// How long a proxy may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The environment variables the proxies read that a developer's shell might set: removed so that
-/// only what a test passes applies.
-const CLEARED_ENV: &[&str] = &[
-    "RUST_LOG",
-    "LOCAL_XDS_PATH",
-    "LOCAL_XDS",
-    "PROXY_MODE",
-    "PROXY_WORKLOAD_INFO",
-    "MESHWIRE_STATE_DIR",
-    "STATE_DIRECTORY",
-    "LOG_FORMAT",
-    "NODE_NAME",
-    "INSTANCE_IP",
-];
 
 /// A state directory, a configuration file and an HBONE port shared by the proxies of a test.
 #[derive(Debug)]
@@ -156,6 +141,13 @@ impl ProxyBuilder {
         self
     }
 
+    /// Keeps its state (its local CA) in `dir` instead of the mesh's state directory: the proxy
+    /// creates a CA of its own there.
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = dir.to_path_buf();
+        self
+    }
+
     /// Dedicated mode for the workload `namespace/name/service-account`.
     pub fn dedicated(mut self, workload: &str) -> Self {
         self.mode = Mode::Dedicated(workload.to_owned());
@@ -209,8 +201,18 @@ impl ProxyBuilder {
         proxy
     }
 
+    /// Starts the process and waits up to `within` for it to exit, for a proxy expected to fail at
+    /// start: its exit status, and the proxy for its log. Panics with the log if it is still running.
+    pub fn spawn_to_exit(self, within: Duration) -> (ExitStatus, Proxy) {
+        let mut proxy = self.start();
+        match proxy.wait_exit(within) {
+            Some(status) => (status, proxy),
+            None => panic!("the proxy still runs after {within:?}:\n{}", proxy.describe()),
+        }
+    }
+
     fn start(self) -> Proxy {
-        let ports = self.ports.unwrap_or_else(|| Ports::allocate(self.ip, self.hbone_port));
+        let ports = self.ports.unwrap_or_else(|| Ports::free(self.ip, self.hbone_port));
         let mut cmd = match &self.netns {
             Some(netns) => {
                 let mut cmd = Command::new("ip");
@@ -219,9 +221,7 @@ impl ProxyBuilder {
             }
             None => Command::new(self.binary.path()),
         };
-        for name in CLEARED_ENV {
-            cmd.env_remove(name);
-        }
+        binary::clear_env(&mut cmd);
         cmd.arg("--config").arg(&self.config);
         cmd.arg("--state-dir").arg(&self.state_dir);
         match &self.mode {
@@ -255,7 +255,7 @@ impl ProxyBuilder {
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             let mut buf = [0u8; 8192];
             while let Ok(n) = stderr.read(&mut buf) {
                 if n == 0 {
@@ -270,6 +270,7 @@ impl ProxyBuilder {
             name: self.binary.name(),
             child: Some(child),
             log,
+            log_reader: Some(reader),
             ports,
             command_line,
             in_netns: self.netns.is_some(),
@@ -311,7 +312,8 @@ impl Ports {
         }
     }
 
-    fn allocate(ip: IpAddr, hbone_port: u16) -> Ports {
+    /// Free ports on `ip` (SOCKS5 and admin on 127.0.0.1), inbound HBONE on `hbone_port`.
+    pub fn free(ip: IpAddr, hbone_port: u16) -> Ports {
         let mut free = net::free_ports(6);
         while free.contains(&hbone_port) {
             free = net::free_ports(6);
@@ -335,6 +337,7 @@ pub struct Proxy {
     name: &'static str,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    log_reader: Option<thread::JoinHandle<()>>,
     ports: Ports,
     command_line: String,
     in_netns: bool,
@@ -387,6 +390,22 @@ impl Proxy {
         }
     }
 
+    /// Waits up to 20 s until a log line contains every one of `needles`; panics naming `what`, with
+    /// the log, if none does (or the proxy exits first).
+    pub fn expect_log(&mut self, needles: &[&str], what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.log_lines(needles).into_iter().next() {
+                return line;
+            }
+            if !self.is_running() {
+                panic!("the proxy exited while waiting for {what}:\n{}", self.describe());
+            }
+            assert!(Instant::now() < deadline, "no {what} in time:\n{}", self.describe());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `signal` (`TERM`, `INT`, `KILL`) to the process.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
@@ -404,8 +423,10 @@ impl Proxy {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
-                // Let the stderr thread collect the last lines.
-                thread::sleep(Duration::from_millis(50));
+                // The stderr thread collects the last lines until the end of the pipe.
+                if let Some(reader) = self.log_reader.take() {
+                    let _ = reader.join();
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {
@@ -575,4 +596,37 @@ impl Proxy {
             thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// The text of its `/metrics` endpoint; panics with its log unless it answers 200.
+    pub fn metrics(&self) -> String {
+        let response = net::http(self.ports.metrics, "GET", "/metrics")
+            .unwrap_or_else(|e| panic!("scraping {}: {e}\n{}", self.ports.metrics, self.describe()));
+        assert_eq!(response.status, 200, "{}", response.body);
+        response.body
+    }
+
+    /// Scrapes until the [`metric_sum`] of `metric` with `labels` is `expected` (counters are
+    /// updated as bytes flow and connections end); returns the last text, also after 10 s without.
+    pub fn wait_metric(&self, metric: &str, labels: &[&str], expected: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics();
+            if metric_sum(&text, metric, labels) == expected || Instant::now() >= deadline {
+                return text;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The sum of the samples of `metric` in the Prometheus `text` whose labels contain every one of
+/// `labels` (`key="value"`).
+pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }

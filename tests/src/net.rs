@@ -74,7 +74,11 @@ impl EchoServer {
 /// A server that answers each connection with the client's address as text (`ip:port\n`), then
 /// echoes: it shows from which address a proxy connected.
 pub fn whoami_server(ip: IpAddr) -> SocketAddr {
-    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).expect("bind whoami server");
+    whoami_serve(TcpListener::bind(SocketAddr::new(ip, 0)).expect("bind whoami server"))
+}
+
+/// [`whoami_server`] on `listener` (bound elsewhere: inside a network namespace, say); its address.
+pub fn whoami_serve(listener: TcpListener) -> SocketAddr {
     let addr = listener.local_addr().expect("local address");
     thread::spawn(move || {
         for stream in listener.incoming() {
@@ -91,6 +95,42 @@ pub fn whoami_server(ip: IpAddr) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Reads the first line a [`whoami_server`] sends, byte by byte (nothing after it is consumed): the
+/// address it saw the connection come from.
+pub fn whoami_peer(stream: &mut TcpStream) -> io::Result<SocketAddr> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the address line",
+                ));
+            }
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    String::from_utf8_lossy(&line)
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("address line {line:?}: {e}")))
+}
+
+/// Whether the peer refused the connection: closed it (reset or end of stream) without sending a
+/// byte. Panics on anything else (a read timeout, say).
+pub fn refused(mut stream: TcpStream) -> bool {
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("waiting for the refusal: {e}"),
+    }
 }
 
 /// A deterministic pseudo-random payload of `len` bytes.
@@ -184,8 +224,22 @@ pub enum Socks5Target {
 /// A SOCKS5 CONNECT through the proxy's SOCKS5 listener at `proxy`. `Ok` with the connected stream
 /// on reply 0; `Err` with the reply code otherwise (or an IO error as code 255 with its message).
 pub fn socks5_connect(proxy: SocketAddr, target: &Socks5Target) -> Result<TcpStream, Socks5Failure> {
+    let tcp = TcpStream::connect(proxy).map_err(|e| Socks5Failure::Io(e.to_string()))?;
+    socks5_handshake(tcp, target)
+}
+
+/// [`socks5_connect`] from the local address `from` (port chosen by the kernel): the address a
+/// proxy in shared mode tells workloads apart by.
+pub fn socks5_connect_from(from: IpAddr, proxy: SocketAddr, target: &Socks5Target) -> Result<TcpStream, Socks5Failure> {
     let io = |e: io::Error| Socks5Failure::Io(e.to_string());
-    let mut tcp = TcpStream::connect(proxy).map_err(io)?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(proxy), socket2::Type::STREAM, None).map_err(io)?;
+    socket.bind(&SocketAddr::new(from, 0).into()).map_err(io)?;
+    socket.connect(&proxy.into()).map_err(io)?;
+    socks5_handshake(socket.into(), target)
+}
+
+fn socks5_handshake(mut tcp: TcpStream, target: &Socks5Target) -> Result<TcpStream, Socks5Failure> {
+    let io = |e: io::Error| Socks5Failure::Io(e.to_string());
     tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     tcp.write_all(&[5, 1, 0]).map_err(io)?;
     let mut choice = [0u8; 2];

@@ -5,9 +5,16 @@
 //! saying so, unless `MESHWIRE_SKIP_NETNS=1` is set: then [`available`] returns `false` and the test
 //! returns early after printing that it was skipped.
 
-use std::net::IpAddr;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 /// Whether namespace tests can run here. Panics with the reason when they cannot, unless
 /// `MESHWIRE_SKIP_NETNS=1` is set (then prints the reason and returns `false`).
@@ -108,6 +115,25 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
+    }
+
+    /// Runs `f` on a thread that entered the namespace (`setns`), and returns what it returns:
+    /// sockets it opens stay in the namespace and can be used from any thread afterwards.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+                .unwrap_or_else(|e| panic!("entering the network namespace {path}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// A TCP connection from inside the namespace to `addr` (5 s to connect).
+    pub fn tcp_connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        self.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
     }
 
     /// Joins `self` and `peer` with a veth pair: `self` gets `addr/prefix`, `peer` gets

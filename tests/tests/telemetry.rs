@@ -3,43 +3,12 @@
 //! and one access-log line per connection with its byte counts.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meshwire_tests::binary;
-use meshwire_tests::mesh::Proxy;
+use meshwire_tests::mesh::metric_sum as sum;
 use meshwire_tests::net;
 use meshwire_tests::pair::Pair;
-
-/// The sum of the samples of `metric` whose labels contain every one of `labels` (`key="value"`).
-fn sum(text: &str, metric: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
-fn scrape(proxy: &Proxy) -> String {
-    let response = net::http(proxy.ports().metrics, "GET", "/metrics")
-        .unwrap_or_else(|e| panic!("scraping {}: {e}\n{}", proxy.ports().metrics, proxy.describe()));
-    assert_eq!(response.status, 200, "{}", response.body);
-    response.body
-}
-
-/// Scrapes until `metric` with `labels` reaches `expected` (counters are updated as connections
-/// end), or returns the last text after 10 s.
-fn wait_for(proxy: &Proxy, metric: &str, labels: &[&str], expected: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(proxy);
-        if sum(&text, metric, labels) == expected || Instant::now() >= deadline {
-            return text;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn counters_and_byte_totals_equal_what_was_sent() {
@@ -61,7 +30,7 @@ fn counters_and_byte_totals_equal_what_was_sent() {
             "destination_workload=\"server\"",
             "connection_security_policy=\"mutual_tls\"",
         ];
-        let text = wait_for(server, "istio_tcp_connections_closed_total", &dst, count);
+        let text = server.wait_metric("istio_tcp_connections_closed_total", &dst, count);
         let context = format!("{a} -> {b}\n{text}\n{}", server.describe());
         assert_eq!(
             sum(&text, "istio_tcp_connections_opened_total", &dst),
@@ -77,7 +46,7 @@ fn counters_and_byte_totals_equal_what_was_sent() {
         assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &dst), total, "{context}");
 
         let src = ["reporter=\"source\"", "destination_workload=\"server\""];
-        let text = wait_for(client, "istio_tcp_connections_closed_total", &src, count);
+        let text = client.wait_metric("istio_tcp_connections_closed_total", &src, count);
         let context = format!("{a} -> {b}\n{text}\n{}", client.describe());
         assert_eq!(
             sum(&text, "istio_tcp_connections_opened_total", &src),

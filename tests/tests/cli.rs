@@ -1,0 +1,174 @@
+//! The proxy binary's own behaviour, for every binary: started on the example configuration
+//! (`dataplane/examples/localhost.yaml`) it answers ready, carries 1 MiB through SOCKS5 -> HBONE (to
+//! its own inbound listener) -> an echo server, counts the bytes in its metrics, keeps the local CA it
+//! creates in its state directory, and exits 0 on SIGTERM or `POST /quitquitquit` within the drain
+//! deadline. At start, an invalid local configuration, an occupied port or a bad flag make it exit
+//! non-zero, naming what is wrong.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use meshwire_tests::binary::{self, Binary};
+use meshwire_tests::mesh::{Mesh, Ports, Proxy, metric_sum, repo_path};
+use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
+
+const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+const PAYLOAD: usize = 1024 * 1024;
+/// How long a proxy that fails at start may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The example configuration, as a mesh.
+fn example_mesh() -> Mesh {
+    Mesh::new(&std::fs::read_to_string(repo_path("dataplane/examples/localhost.yaml")).unwrap())
+}
+
+/// A proxy for the example's workload `default/local/default` on 127.0.0.1, ready, with its state
+/// (and the local CA it creates) in `state`.
+fn example_proxy(mesh: &Mesh, binary: &Binary, state: &Path) -> Proxy {
+    mesh.proxy(binary, lo(1))
+        .dedicated("default/local/default")
+        .state_dir(state)
+        .drain_deadline(DRAIN_DEADLINE)
+        .spawn()
+}
+
+#[test]
+fn socks5_through_hbone_to_echo_is_counted_then_sigterm_drains() {
+    for binary in binary::all() {
+        let mesh = example_mesh();
+        let state = tempfile::tempdir().unwrap();
+        let mut proxy = example_proxy(&mesh, &binary, state.path());
+        let ready = net::http(proxy.ports().readiness, "GET", "/healthz/ready").unwrap();
+        assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"), "{binary}");
+
+        // 1 MiB through SOCKS5 -> HBONE -> inbound -> echo.
+        let echo = EchoServer::start(lo(1));
+        let stream = net::socks5_connect(proxy.ports().socks5, &Socks5Target::Addr(echo.addr()))
+            .unwrap_or_else(|e| panic!("{binary}: SOCKS5 CONNECT: {e:?}\n{}", proxy.describe()));
+        let echoed = net::echo_exchange(stream, PAYLOAD)
+            .unwrap_or_else(|e| panic!("{binary}: reading the echo: {e}\n{}", proxy.describe()));
+        assert!(echoed.intact(), "{binary}: {echoed:?}\n{}", proxy.describe());
+        assert_eq!(echoed.received, PAYLOAD as u64);
+
+        // The inbound side counted the connection and every byte, both ways (recorded as they flow:
+        // each wait polls until its counter is complete).
+        let destination = ["reporter=\"destination\""];
+        let expected = [
+            ("istio_tcp_connections_opened_total", 1),
+            ("istio_tcp_received_bytes_total", PAYLOAD as u64),
+            ("istio_tcp_sent_bytes_total", PAYLOAD as u64),
+        ];
+        for (metric, value) in expected {
+            proxy.wait_metric(metric, &destination, value);
+        }
+        let text = proxy.metrics();
+        for (metric, value) in expected {
+            assert_eq!(
+                metric_sum(&text, metric, &destination),
+                value,
+                "{binary}: {metric}\n{text}"
+            );
+        }
+
+        assert!(
+            state.path().join("ca").join("ca.pem").is_file(),
+            "{binary}: the local CA is kept in the state directory"
+        );
+
+        // SIGTERM: drain and exit 0 within the deadline (plus a margin).
+        proxy.signal("TERM");
+        let status = proxy
+            .wait_exit(DRAIN_DEADLINE + Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{binary}: still running after SIGTERM\n{}", proxy.describe()));
+        assert_eq!(status.code(), Some(0), "{}", proxy.describe());
+        let log = proxy.log();
+        assert!(log.contains("listening"), "{log}");
+        // The connection went through the inbound HBONE listener, which logs it.
+        assert!(log.contains("direction=\"inbound\""), "{log}");
+    }
+}
+
+#[test]
+fn quitquitquit_drains_and_exits_0() {
+    for binary in binary::all() {
+        let mesh = example_mesh();
+        let state = tempfile::tempdir().unwrap();
+        let mut proxy = example_proxy(&mesh, &binary, state.path());
+        let admin = proxy.ports().admin;
+
+        // The admin listener is on loopback and answers; GET does not shut down.
+        let dump = net::http(admin, "GET", "/config_dump").unwrap();
+        assert_eq!(dump.status, 200, "{binary}: {}", dump.body);
+        assert!(
+            dump.body.contains("\"spiffe://cluster.local/ns/default/sa/default\""),
+            "{binary}: {}",
+            dump.body
+        );
+        assert_eq!(
+            net::http(admin, "GET", "/quitquitquit").unwrap().status,
+            405,
+            "{binary}"
+        );
+        assert!(
+            proxy.is_running(),
+            "{binary}: GET /quitquitquit shut down\n{}",
+            proxy.describe()
+        );
+
+        assert_eq!(
+            net::http(admin, "POST", "/quitquitquit").unwrap().status,
+            200,
+            "{binary}"
+        );
+        let status = proxy
+            .wait_exit(DRAIN_DEADLINE + Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{binary}: still running after /quitquitquit\n{}", proxy.describe()));
+        assert_eq!(status.code(), Some(0), "{}", proxy.describe());
+        assert!(proxy.log().contains("/quitquitquit"), "{}", proxy.describe());
+    }
+}
+
+#[test]
+fn an_occupied_admin_port_exits_1_naming_the_listener_and_address() {
+    for binary in binary::all() {
+        let mesh = example_mesh();
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ports = Ports::free(lo(1), mesh.hbone_port());
+        ports.admin = taken.local_addr().unwrap();
+        let (status, proxy) = mesh.proxy(&binary, lo(1)).with_ports(ports).spawn_to_exit(EXIT_TIMEOUT);
+        assert_eq!(status.code(), Some(1), "{}", proxy.describe());
+        assert!(
+            proxy
+                .log()
+                .contains(&format!("cannot listen for admin on {}", ports.admin)),
+            "{}",
+            proxy.describe()
+        );
+    }
+}
+
+#[test]
+fn invalid_local_config_exits_non_zero_naming_field_and_line() {
+    for binary in binary::all() {
+        let mesh = Mesh::new(
+            "workloads:\n- name: a\n  workloadIps: [\"10.0.0.1\"]\n- name: b\n  workloadIps: [\"10.0.0.x\"]\n",
+        );
+        let (status, proxy) = mesh.proxy(&binary, lo(1)).spawn_to_exit(EXIT_TIMEOUT);
+        assert!(!status.success(), "{}", proxy.describe());
+        let log = proxy.log();
+        assert!(log.contains("workloads[1].workloadIps[0]"), "{log}");
+        assert!(log.contains("line 5"), "{log}");
+    }
+}
+
+#[test]
+fn invalid_flag_exits_2() {
+    for binary in binary::all() {
+        let output = binary.command().args(["--inbound-port", "nope"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{binary}: {stderr}");
+        assert!(stderr.contains("--inbound-port"), "{binary}: {stderr}");
+    }
+}
