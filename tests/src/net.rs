@@ -120,6 +120,16 @@ pub fn whoami_peer(stream: &mut TcpStream) -> io::Result<SocketAddr> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("address line {line:?}: {e}")))
 }
 
+/// Reads the whoami line of `stream`, then sends `len` bytes through it and checks they come back
+/// intact; returns the address the whoami server saw.
+pub fn whoami_echo(mut stream: TcpStream, len: usize) -> SocketAddr {
+    let seen = whoami_peer(&mut stream).expect("the whoami server's address line");
+    let echoed = echo_exchange(stream, len).expect("the echo");
+    assert!(echoed.intact(), "{echoed:?}");
+    assert_eq!(echoed.received, len as u64, "echo length");
+    seen
+}
+
 /// Whether the peer refused the connection: closed it (reset or end of stream) without sending a
 /// byte. Panics on anything else (a read timeout, say).
 pub fn refused(mut stream: TcpStream) -> bool {

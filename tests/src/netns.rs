@@ -136,6 +136,20 @@ impl Netns {
         self.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
     }
 
+    /// A [`whoami_serve`](crate::net::whoami_serve) server listening on `addr` inside the namespace.
+    pub fn whoami_server(&self, addr: SocketAddr) {
+        let listener = self
+            .enter(move || std::net::TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("binding {addr} in {}: {e}", self.name));
+        crate::net::whoami_serve(listener);
+    }
+
+    /// A TCP connection from inside the namespace to `addr`; panics unless it connects.
+    pub fn connect_or_panic(&self, addr: SocketAddr) -> TcpStream {
+        self.tcp_connect(addr)
+            .unwrap_or_else(|e| panic!("connecting from {} to {addr}: {e}", self.name))
+    }
+
     /// Joins `self` and `peer` with a veth pair: `self` gets `addr/prefix`, `peer` gets
     /// `peer_addr/prefix`, both ends up.
     pub fn connect(&self, addr: IpAddr, peer: &Netns, peer_addr: IpAddr, prefix: u8) {

@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use meshwire_tests::binary::{self, Binary};
@@ -71,14 +71,6 @@ struct Capture {
     peer: Netns,
 }
 
-/// A whoami server listening on `addr` inside `ns`.
-fn whoami_in(ns: &Netns, addr: SocketAddr) {
-    let listener = ns
-        .enter(move || TcpListener::bind(addr))
-        .unwrap_or_else(|e| panic!("binding {addr} in {}: {e}", ns.name()));
-    net::whoami_serve(listener);
-}
-
 impl Capture {
     /// The topology, with proxy A of `a` in the pod and proxy B of `b` in the peer namespace.
     fn start(a: &Binary, b: &Binary) -> Capture {
@@ -106,9 +98,9 @@ impl Capture {
         };
         let a = proxy(a, &pod, "pod");
         let b = proxy(b, &peer, "peer");
-        whoami_in(&peer, SocketAddr::from((SERVER_IP, 8080)));
-        whoami_in(&peer, SocketAddr::from((PLAIN_IP, 9090)));
-        whoami_in(&pod, SocketAddr::from((POD_IP, 7070)));
+        peer.whoami_server(SocketAddr::from((SERVER_IP, 8080)));
+        peer.whoami_server(SocketAddr::from((PLAIN_IP, 9090)));
+        pod.whoami_server(SocketAddr::from((POD_IP, 7070)));
         Capture { a, b, mesh, pod, peer }
     }
 
@@ -128,12 +120,6 @@ impl Capture {
     }
 }
 
-/// A TCP connection from `ns` to `addr`; panics unless it connects.
-fn connect_in(ns: &Netns, addr: SocketAddr) -> TcpStream {
-    ns.tcp_connect(addr)
-        .unwrap_or_else(|e| panic!("connecting from {} to {addr}: {e}", ns.name()))
-}
-
 /// Whether a connection from `ns` to `addr` is refused: reset (possibly before `connect` returned)
 /// or closed without a byte.
 fn refused_in(ns: &Netns, addr: SocketAddr) -> bool {
@@ -141,16 +127,6 @@ fn refused_in(ns: &Netns, addr: SocketAddr) -> bool {
         Ok(stream) => net::refused(stream),
         Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
     }
-}
-
-/// Reads the whoami line of `stream`, then sends `len` bytes through it and checks they come back
-/// intact; returns the address the whoami server saw.
-fn echo_through(mut stream: TcpStream, len: usize) -> SocketAddr {
-    let seen = net::whoami_peer(&mut stream).expect("the whoami server's address line");
-    let echoed = net::echo_exchange(stream, len).expect("the echo");
-    assert!(echoed.intact(), "{echoed:?}");
-    assert_eq!(echoed.received, len as u64, "echo length");
-    seen
 }
 
 #[test]
@@ -163,9 +139,9 @@ fn captured_connection_to_a_mesh_workload_arrives_over_hbone_with_the_source_ide
         let len = 256 * 1024;
         // A plain client in the pod connects to the server workload's IP: captured by OUTPUT, carried
         // over HBONE by proxy A to proxy B, which connects the whoami server from the server's address.
-        let stream = connect_in(&capture.pod, SocketAddr::from((SERVER_IP, 8080)));
+        let stream = capture.pod.connect_or_panic(SocketAddr::from((SERVER_IP, 8080)));
         let client = stream.local_addr().unwrap();
-        let seen = echo_through(stream, len);
+        let seen = net::whoami_echo(stream, len);
         assert_eq!(
             seen.ip(),
             IpAddr::V4(SERVER_IP),
@@ -212,9 +188,9 @@ fn captured_connection_to_a_non_mesh_workload_passes_through_with_the_mark() {
     }
     for (a, b) in binary::pairs() {
         let mut capture = Capture::start(&a, &b);
-        let stream = connect_in(&capture.pod, SocketAddr::from((PLAIN_IP, 9090)));
+        let stream = capture.pod.connect_or_panic(SocketAddr::from((PLAIN_IP, 9090)));
         let client = stream.local_addr().unwrap();
-        let seen = echo_through(stream, 64 * 1024);
+        let seen = net::whoami_echo(stream, 64 * 1024);
         // The proxy connected (from the pod's address, on a port of its own); its marked connection
         // was not captured again, or it would have looped back into the proxy.
         assert_eq!(seen.ip(), IpAddr::V4(POD_IP), "{a}\n{}", capture.logs());
@@ -254,8 +230,8 @@ fn inbound_plaintext_is_authorized_without_a_peer_identity() {
         // No policy: allowed. The whoami server in the pod sees the proxy's connection from the
         // pod's own address, not the peer's: PREROUTING redirected it to the inbound plaintext
         // listener.
-        let stream = connect_in(&capture.peer, to_pod);
-        let seen = echo_through(stream, 32 * 1024);
+        let stream = capture.peer.connect_or_panic(to_pod);
+        let seen = net::whoami_echo(stream, 32 * 1024);
         assert_eq!(seen.ip(), IpAddr::V4(POD_IP), "{a}: not proxied\n{}", capture.logs());
         capture.a.expect_log(
             &["access", "direction=\"inbound\"", "bytes_recv=32768 "],
@@ -272,7 +248,7 @@ fn inbound_plaintext_is_authorized_without_a_peer_identity() {
 
         // An established connection, then an ALLOW policy that requires a principal: plaintext has
         // none, so the policy refuses new connections and closes the established one.
-        let mut held = connect_in(&capture.peer, to_pod);
+        let mut held = capture.peer.connect_or_panic(to_pod);
         net::whoami_peer(&mut held).unwrap();
         held.write_all(b"ping").unwrap();
         let mut pong = [0u8; 4];
@@ -308,8 +284,8 @@ policies:
         );
 
         // HBONE from the client still passes the policy: it has a principal.
-        let stream = connect_in(&capture.pod, SocketAddr::from((SERVER_IP, 8080)));
-        assert_eq!(echo_through(stream, 1024).ip(), IpAddr::V4(SERVER_IP));
+        let stream = capture.pod.connect_or_panic(SocketAddr::from((SERVER_IP, 8080)));
+        assert_eq!(net::whoami_echo(stream, 1024).ip(), IpAddr::V4(SERVER_IP));
     }
 }
 
@@ -340,8 +316,8 @@ fn connections_to_the_capture_listeners_without_redirect_are_refused() {
             "the refusal of an inbound connection to the proxy's own port",
         );
         // Still serving.
-        let stream = connect_in(&capture.pod, SocketAddr::from((SERVER_IP, 8080)));
-        assert_eq!(echo_through(stream, 1024).ip(), IpAddr::V4(SERVER_IP));
+        let stream = capture.pod.connect_or_panic(SocketAddr::from((SERVER_IP, 8080)));
+        assert_eq!(net::whoami_echo(stream, 1024).ip(), IpAddr::V4(SERVER_IP));
         capture.a.expect_log(
             &["access", "direction=\"outbound\""],
             "the access log line of the routed connection",

@@ -7,21 +7,18 @@
 //! Needs root and iptables (see `meshwire_tests::netns::available`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use meshwire_tests::binary;
 use meshwire_tests::mesh::{Mesh, Ports, repo_path};
+use meshwire_tests::net;
 use meshwire_tests::netns::{self, Netns};
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const LEGACY_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 const PORT: u16 = 9000;
-const TESTKIT: &str = env!("CARGO_BIN_EXE_mw-testkit");
-
 const CONFIG: &str = r#"
 workloads:
   - uid: cluster1//v1/Pod/default/client
@@ -44,53 +41,6 @@ workloads:
     node: host-s
 "#;
 
-/// A child process killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `mw-testkit echo <addr>` inside `ns`, once it listens.
-fn echo_in(ns: &Netns, addr: SocketAddr) -> Killed {
-    let mut child = ns
-        .command(TESTKIT)
-        .args(["echo", &addr.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("listening"), "echo server in {}: {line:?}", ns.name());
-    Killed(child)
-}
-
-/// What `mw-testkit exchange` reported: the address the server saw, and whether the echo came back intact.
-fn exchange_from(ns: &Netns, dst: SocketAddr, bytes: usize) -> Result<(SocketAddr, bool, String), String> {
-    let output = ns
-        .command(TESTKIT)
-        .args(["exchange", &dst.to_string(), &bytes.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.status.success() {
-        return Err(format!("exchange with {dst}: {text}"));
-    }
-    let field = |key: &str| {
-        text.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
-            .to_owned()
-    };
-    Ok((field("peer").parse().unwrap(), field("intact") == "true", text))
-}
-
 #[test]
 fn captured_traffic_crosses_hosts_over_hbone_with_the_workloads_identities() {
     if !netns::available("captured_traffic_crosses_hosts_over_hbone_with_the_workloads_identities") {
@@ -102,8 +52,8 @@ fn captured_traffic_crosses_hosts_over_hbone_with_the_workloads_identities() {
         client_ns.connect(IpAddr::V4(CLIENT_IP), &server_ns, IpAddr::V4(SERVER_IP), 24);
         server_ns.ip(&["addr", "add", &format!("{LEGACY_IP}/32"), "dev", "lo"]);
 
-        let _echo = echo_in(&server_ns, SocketAddr::from((SERVER_IP, PORT)));
-        let _legacy = echo_in(&server_ns, SocketAddr::from((LEGACY_IP, PORT)));
+        server_ns.whoami_server(SocketAddr::from((SERVER_IP, PORT)));
+        server_ns.whoami_server(SocketAddr::from((LEGACY_IP, PORT)));
 
         let mesh = Mesh::new(CONFIG);
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -124,9 +74,10 @@ fn captured_traffic_crosses_hosts_over_hbone_with_the_workloads_identities() {
         let logs = || format!("{}\n{}", client.describe(), server.describe());
 
         // To the mesh workload: captured, HBONE across the veth, delivered by the server's proxy.
-        let (peer, intact, text) = exchange_from(&client_ns, SocketAddr::from((SERVER_IP, PORT)), 1_000_000)
-            .unwrap_or_else(|e| panic!("{a} -> {b}: {e}\n{}", logs()));
-        assert!(intact, "{a} -> {b}: {text}\n{}", logs());
+        let peer = net::whoami_echo(
+            client_ns.connect_or_panic(SocketAddr::from((SERVER_IP, PORT))),
+            1_000_000,
+        );
         assert_eq!(
             peer.ip(),
             IpAddr::V4(SERVER_IP),
@@ -157,9 +108,7 @@ fn captured_traffic_crosses_hosts_over_hbone_with_the_workloads_identities() {
         assert_eq!(outbound[0].get("dst.hbone_addr"), Some("10.77.0.2:9000"));
 
         // To a non-mesh workload: passed through by the client's proxy, nothing through the server's.
-        let (peer, intact, text) = exchange_from(&client_ns, SocketAddr::from((LEGACY_IP, PORT)), 100_000)
-            .unwrap_or_else(|e| panic!("{a}: {e}\n{}", logs()));
-        assert!(intact, "{text}");
+        let peer = net::whoami_echo(client_ns.connect_or_panic(SocketAddr::from((LEGACY_IP, PORT))), 100_000);
         assert_eq!(peer.ip(), IpAddr::V4(CLIENT_IP), "{}", logs());
         let outbound = client.wait_access_lines("outbound", 2, Duration::from_secs(10));
         assert_eq!(outbound.len(), 2, "{}", logs());
