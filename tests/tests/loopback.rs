@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshwire_tests::binary;
-use meshwire_tests::mesh::Mesh;
+use meshwire_tests::mesh::{Mesh, ProxyBuilder};
 use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
 use meshwire_tests::pair::{self, ECHO_HOST, Pair};
 
@@ -124,17 +124,17 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
         std::fs::write(&key, credentials.svid.private_key_pem()).unwrap();
         let bundle = mesh.state_dir().join("ca").join("root-cert.pem");
         assert!(bundle.is_file(), "the local CA writes its root for others to trust");
+        let files = |builder: ProxyBuilder| {
+            builder
+                .arg("--cert-chain")
+                .arg(chain.to_str().unwrap())
+                .arg("--cert-key")
+                .arg(key.to_str().unwrap())
+                .arg("--trust-bundle")
+                .arg(bundle.to_str().unwrap())
+        };
 
-        let server = mesh
-            .proxy(&b, lo(2))
-            .dedicated("default/server/server")
-            .arg("--cert-chain")
-            .arg(chain.to_str().unwrap())
-            .arg("--cert-key")
-            .arg(key.to_str().unwrap())
-            .arg("--trust-bundle")
-            .arg(bundle.to_str().unwrap())
-            .spawn();
+        let server = files(mesh.proxy(&b, lo(2)).dedicated("default/server/server")).spawn();
         let client = mesh.proxy(&a, lo(1)).dedicated("default/client/client").spawn();
         let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr()))
             .unwrap_or_else(|e| panic!("{e:?}\n{}\n{}", client.describe(), server.describe()));
@@ -148,16 +148,7 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
         );
 
         // Files for another identity than the dedicated workload's: its connections fail, clearly.
-        let wrong = mesh
-            .proxy(&b, lo(4))
-            .dedicated("default/other/other")
-            .arg("--cert-chain")
-            .arg(chain.to_str().unwrap())
-            .arg("--cert-key")
-            .arg(key.to_str().unwrap())
-            .arg("--trust-bundle")
-            .arg(bundle.to_str().unwrap())
-            .spawn_listening();
+        let wrong = files(mesh.proxy(&b, lo(4)).dedicated("default/other/other")).spawn_listening();
         let complaint = wrong.wait_for_log(
             &[
                 "does not serve spiffe://cluster.local/ns/default/sa/other",
