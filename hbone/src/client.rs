@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{Either, select};
 
 use http::{HeaderMap, Method, Request, StatusCode};
 use meshwire_identity::id::SpiffeId;
@@ -24,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::client::TlsStream;
 
 use crate::headers::{Authority, Metadata};
-use crate::rt::Timer;
+use crate::rt::{Timer, timeout as with_timeout};
 use crate::settings::Settings;
 use crate::stream::H2Io;
 
@@ -270,19 +269,6 @@ impl ClientConnection {
     /// Polls whether the connection can take one more stream now (not at its stream limit, not going away).
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
         self.send.poll_ready(cx).map_err(ConnectError::h2)
-    }
-}
-
-/// Runs `fut` with a deadline.
-pub(crate) async fn with_timeout<T: Timer, F: Future>(
-    timer: &T,
-    limit: std::time::Duration,
-    fut: F,
-) -> Option<F::Output> {
-    let sleep = timer.sleep_until(timer.now() + limit);
-    match select(std::pin::pin!(fut), std::pin::pin!(sleep)).await {
-        Either::Left((out, _)) => Some(out),
-        Either::Right(_) => None,
     }
 }
 

@@ -37,10 +37,10 @@ use meshwire_identity::tls;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::client::with_timeout;
 use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
 use crate::rt::Timer;
+use crate::rt::timeout as with_timeout;
 use crate::settings::Settings;
 use crate::stream::H2Io;
 

@@ -1,4 +1,4 @@
-//! The inbound proxy on the tokio data path: the HBONE server side (15008) and the inbound plaintext
+//! The inbound proxy: the HBONE server side (15008) and the inbound plaintext
 //! capture listener (15006).
 //!
 //! An [`InboundHandler`] is made for every accepted HBONE connection and decides on each CONNECT
@@ -23,7 +23,9 @@
 //! connection whole; a refusal closes it with a reset.
 //!
 //! Connections to the destination workload are made with the handler's [`SocketOptions`] (the
-//! proxy's packet mark, so that redirection rules let them through).
+//! proxy's packet mark, so that redirection rules let them through), through the handler's
+//! [`Runtime`] ([`TokioRuntime`] by default), whose streams the plaintext listener's connections
+//! and the upstreams are.
 //!
 //! **Telemetry design.** The per-connection state (metrics recorder, start time, access log entry)
 //! lives in the [`InboundUpstream`] itself, not in a map keyed by stream: the upstream counts bytes
@@ -35,6 +37,7 @@
 //!
 //! [`State::inbound_workload`]: crate::state::State::inbound_workload
 
+use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -47,13 +50,13 @@ use meshwire_hbone::headers::Authority;
 use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal, StreamReport};
 use meshwire_identity::id::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::proxy::{NotRedirected, canonical, check_redirect};
 
 use crate::rbac::{Connection, WorkloadRef};
-use crate::rt::socket::{DefaultSocketFactory, SocketOptions, original_destination, reset_on_close};
-use crate::rt::tokio::connect_with;
+use crate::rt::Runtime;
+use crate::rt::socket::SocketOptions;
+use crate::rt::tokio::TokioRuntime;
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
 use crate::telemetry::metrics::{
@@ -64,9 +67,11 @@ use crate::watch::{CloseReason, CloseSignal, ConnectionAttrs, ConnectionGuard, C
 /// How long connecting to the destination workload may take before the stream is refused with 503.
 const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Decides on the CONNECT streams of one accepted HBONE connection and connects their upstreams.
+/// Decides on the CONNECT streams of one accepted HBONE connection and connects their upstreams,
+/// on the runtime `R`.
 #[derive(Debug, Clone)]
-pub struct InboundHandler {
+pub struct InboundHandler<R = TokioRuntime> {
+    runtime: R,
     published: Published,
     proxy: LocalProxy,
     arrived_on: SocketAddr,
@@ -78,7 +83,9 @@ pub struct InboundHandler {
 }
 
 impl InboundHandler {
-    /// A handler for a connection that arrived on `arrived_on` (the accepted socket's local address).
+    /// A handler on tokio for a connection that arrived on `arrived_on` (the accepted socket's
+    /// local address), connecting upstreams with the
+    /// [`DefaultSocketFactory`](crate::rt::socket::DefaultSocketFactory).
     ///
     /// The client's address is unknown (`0.0.0.0:0`) until [`with_peer_addr`](Self::with_peer_addr)
     /// sets it; it is the source address authorization and the access log see.
@@ -90,7 +97,31 @@ impl InboundHandler {
         registry: ConnectionRegistry,
         log_format: LogFormat,
     ) -> Self {
+        Self::with_runtime(
+            TokioRuntime::new(),
+            published,
+            proxy,
+            arrived_on,
+            metrics,
+            registry,
+            log_format,
+        )
+    }
+}
+
+impl<R: Runtime> InboundHandler<R> {
+    /// [`InboundHandler::new`] on `runtime`, which connects the upstreams.
+    pub fn with_runtime(
+        runtime: R,
+        published: Published,
+        proxy: LocalProxy,
+        arrived_on: SocketAddr,
+        metrics: Arc<Metrics>,
+        registry: ConnectionRegistry,
+        log_format: LogFormat,
+    ) -> Self {
         Self {
+            runtime,
             published,
             proxy,
             arrived_on: canonical(arrived_on),
@@ -139,7 +170,7 @@ impl InboundHandler {
     /// (`None` for plaintext): refuses the proxy's own ports (503), a destination that is no served
     /// workload (400), a denial of the policies (401, counted and logged), a failed connect (503,
     /// counted and logged); else connects, registers the connection and returns its upstream.
-    pub async fn open(&self, dst: SocketAddr, peer: Option<&SpiffeId>) -> Result<InboundUpstream, Refusal> {
+    pub async fn open(&self, dst: SocketAddr, peer: Option<&SpiffeId>) -> Result<InboundUpstream<R>, Refusal> {
         let dst = canonical(dst);
         if self.proxy.ports.contains(&dst.port()) {
             return Err(Refusal::unavailable(format!(
@@ -213,7 +244,7 @@ impl InboundHandler {
         }
 
         // Upstream.
-        let tcp = match connect_with(&DefaultSocketFactory, dst, &self.socket, UPSTREAM_CONNECT_TIMEOUT).await {
+        let tcp = match self.runtime.connect(dst, &self.socket, UPSTREAM_CONNECT_TIMEOUT).await {
             Ok(tcp) => tcp,
             Err(e) => {
                 return Err(self.refuse(
@@ -248,12 +279,12 @@ impl InboundHandler {
     /// local address, its peer address the client's.
     pub async fn serve_plaintext(
         &self,
-        mut client: TcpStream,
+        mut client: R::Stream,
         config: CopyConfig,
     ) -> Result<PlaintextCopied, PlaintextError> {
         let dst = check_redirect(
             "inbound plaintext",
-            original_destination(&client),
+            R::original_destination(&client),
             self.arrived_on,
             self.peer_addr,
             &self.proxy,
@@ -265,7 +296,7 @@ impl InboundHandler {
         let mut upstream = match result {
             Ok(upstream) => upstream,
             Err(error) => {
-                if let Err(e) = reset_on_close(&client) {
+                if let Err(e) = R::reset_on_close(&client) {
                     tracing::debug!(error = %e, "cannot set SO_LINGER to reset the connection");
                 }
                 return Err(error);
@@ -312,10 +343,10 @@ pub enum PlaintextError {
     },
 }
 
-impl Handler for InboundHandler {
-    type Upstream = InboundUpstream;
+impl<R: Runtime> Handler for InboundHandler<R> {
+    type Upstream = InboundUpstream<R>;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<Connected<InboundUpstream>, Refusal> {
+    async fn connect(&self, request: &InboundRequest) -> Result<Connected<InboundUpstream<R>>, Refusal> {
         let dst = match &request.authority {
             Authority::SocketAddr(addr) => canonical(*addr),
             other => {
@@ -359,9 +390,8 @@ impl Handler for InboundHandler {
 /// counts its bytes into the connection's metrics, fails every read and write once a new policy
 /// denies the connection, keeps the connection registered while it lives, and on drop closes the
 /// metrics and writes the access log line.
-#[derive(Debug)]
-pub struct InboundUpstream {
-    tcp: TcpStream,
+pub struct InboundUpstream<R: Runtime = TokioRuntime> {
+    tcp: R::Stream,
     close: CloseSignal,
     /// Set once the close signal fired.
     closed: Option<CloseReason>,
@@ -374,7 +404,19 @@ pub struct InboundUpstream {
     log_format: LogFormat,
 }
 
-impl InboundUpstream {
+impl<R: Runtime> fmt::Debug for InboundUpstream<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboundUpstream")
+            .field("close", &self.close)
+            .field("closed", &self.closed)
+            .field("recorder", &self.recorder)
+            .field("start", &self.start)
+            .field("entry", &self.entry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime> InboundUpstream<R> {
     /// The error every read and write returns once the connection was told to close.
     /// Fails once the close signal fired. A set-once read: no lock on the data path.
     fn check_closed(&mut self) -> io::Result<()> {
@@ -416,7 +458,7 @@ impl InboundUpstream {
     }
 }
 
-impl AsyncRead for InboundUpstream {
+impl<R: Runtime> AsyncRead for InboundUpstream<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         self.check_closed()?;
         let before = buf.filled().len();
@@ -431,7 +473,7 @@ impl AsyncRead for InboundUpstream {
     }
 }
 
-impl AsyncWrite for InboundUpstream {
+impl<R: Runtime> AsyncWrite for InboundUpstream<R> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.check_closed()?;
         let result = Pin::new(&mut self.tcp).poll_write(cx, buf);
@@ -471,7 +513,7 @@ impl AsyncWrite for InboundUpstream {
     }
 }
 
-impl Drop for InboundUpstream {
+impl<R: Runtime> Drop for InboundUpstream<R> {
     fn drop(&mut self) {
         let (Some(recorder), Some(entry)) = (self.recorder.take(), self.entry.take()) else {
             return;

@@ -1,4 +1,4 @@
-//! The outbound proxy on tokio: connections of local workloads, from the SOCKS5 listener (15080) or
+//! The outbound proxy: connections of local workloads, from the SOCKS5 listener (15080) or
 //! redirected to the outbound capture listener (15001), carried to their destination.
 //!
 //! Both listeners share one path, [`Outbound`]; only how the destination is learnt and what the
@@ -25,12 +25,15 @@
 //! it ends, both kept in an [`OutboundRecord`] that writes them when dropped, as the inbound side's
 //! upstream does (see [`crate::proxy::inbound`]).
 //!
-//! **Runtimes.** What is decided is runtime-independent and public: [`outbound_labels`],
-//! [`outbound_log_entry`], [`OutboundRecord`], [`MeteredStream`] (over the `tokio::io` traits only)
-//! and [`check_redirect`]. The tokio-specific part is the passthrough connect and the pool type.
+//! **Runtimes.** [`Outbound`] is written over the [`Runtime`] seam (its stream type, timer, HBONE
+//! pool parts, connect and socket operations); [`TokioRuntime`] is the default. What is decided is
+//! public as well: [`outbound_labels`], [`outbound_log_entry`], [`OutboundRecord`],
+//! [`MeteredStream`] (over the `tokio::io` traits only) and [`check_redirect`].
 //!
 //! [`CertManagerTls`] gives the HBONE pool's [`TokioConnector`] its client TLS configs from the
 //! certificate manager.
+//!
+//! [`TokioConnector`]: crate::rt::tokio::TokioConnector
 
 use std::fmt;
 use std::io;
@@ -44,18 +47,19 @@ use std::time::{Duration, Instant};
 use meshwire_hbone::client::{ConnectError, ConnectRequest, Tunnel};
 use meshwire_hbone::copy::{self, CopyConfig, CopyOutcome};
 use meshwire_hbone::headers::{Authority, Forwarded, Metadata};
-use meshwire_hbone::pool::{Pool, PoolKey};
+use meshwire_hbone::pool::{Connector, Pool, PoolKey};
+use meshwire_hbone::rt::timeout;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, Priority};
 use meshwire_identity::source::CertSource;
 use meshwire_identity::time::Timer;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::proxy::{NotRedirected, canonical, check_redirect};
-use crate::rt::socket::{DefaultSocketFactory, SocketOptions, original_destination, reset_on_close};
-use crate::rt::tokio::{ClientTlsSource, TokioConnector, TokioExecutor, TokioTimer, connect_with};
+use crate::rt::Runtime;
+use crate::rt::socket::SocketOptions;
+use crate::rt::tokio::{ClientTlsSource, TokioRuntime};
 use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
 use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
@@ -123,8 +127,15 @@ impl<S: CertSource, T: Timer> ClientTlsSource for CertManagerTls<S, T> {
     }
 }
 
-/// The HBONE pool of the tokio data path.
-pub type HbonePool<S> = Pool<TokioConnector<S>, TokioExecutor, TokioTimer>;
+/// The HBONE pool of the data path on the runtime `R`: its [`Runtime::Connector`] with client TLS
+/// configs from `S`, its [`Runtime::Executor`] and [`Runtime::Timer`] (on tokio, the default:
+/// [`TokioConnector`], [`TokioExecutor`] and [`TokioTimer`]).
+///
+/// [`TokioConnector`]: crate::rt::tokio::TokioConnector
+/// [`TokioExecutor`]: crate::rt::tokio::TokioExecutor
+/// [`TokioTimer`]: crate::rt::tokio::TokioTimer
+pub type HbonePool<S, R = TokioRuntime> =
+    Pool<<R as Runtime>::Connector<S>, <R as Runtime>::Executor, <R as Runtime>::Timer>;
 
 /// Whose connections the outbound listeners carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -469,17 +480,18 @@ enum Downstream {
 }
 
 /// The connection to the destination.
-enum Upstream {
+enum Upstream<T> {
     Tunnel(Tunnel),
-    Tcp(TcpStream),
+    Tcp(T),
 }
 
-/// The outbound proxy: the shared path of the SOCKS5 and capture listeners.
-pub struct Outbound<S> {
+/// The outbound proxy: the shared path of the SOCKS5 and capture listeners, on the runtime `R`.
+pub struct Outbound<S, R: Runtime = TokioRuntime> {
+    runtime: R,
     published: Published,
     proxy: LocalProxy,
     source: SourceWorkload,
-    pool: HbonePool<S>,
+    pool: HbonePool<S, R>,
     copy: CopyConfig,
     handshake_timeout: Duration,
     connect_timeout: Duration,
@@ -489,7 +501,7 @@ pub struct Outbound<S> {
     pick: AtomicU64,
 }
 
-impl<S> fmt::Debug for Outbound<S> {
+impl<S, R: Runtime> fmt::Debug for Outbound<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Outbound")
             .field("proxy", &self.proxy)
@@ -501,9 +513,10 @@ impl<S> fmt::Debug for Outbound<S> {
 }
 
 impl<S: ClientTlsSource> Outbound<S> {
-    /// An outbound path routing with the current snapshot of `published`, for `proxy`, carrying the
-    /// connections of `source` over `pool`. Its metrics go to a registry of its own until
-    /// [`with_telemetry`](Self::with_telemetry) names the proxy's.
+    /// An outbound path on tokio routing with the current snapshot of `published`, for `proxy`,
+    /// carrying the connections of `source` over `pool`; passthrough connections are made with the
+    /// [`DefaultSocketFactory`](crate::rt::socket::DefaultSocketFactory). Its metrics go to a
+    /// registry of its own until [`with_telemetry`](Self::with_telemetry) names the proxy's.
     pub fn new(
         published: Published,
         proxy: LocalProxy,
@@ -511,7 +524,27 @@ impl<S: ClientTlsSource> Outbound<S> {
         pool: HbonePool<S>,
         copy: CopyConfig,
     ) -> Self {
+        Self::with_runtime(TokioRuntime::new(), published, proxy, source, pool, copy)
+    }
+}
+
+impl<S, R> Outbound<S, R>
+where
+    S: ClientTlsSource,
+    R: Runtime,
+    R::Connector<S>: Connector<Io = R::Stream>,
+{
+    /// [`Outbound::new`] on `runtime`, which makes the passthrough connections.
+    pub fn with_runtime(
+        runtime: R,
+        published: Published,
+        proxy: LocalProxy,
+        source: SourceWorkload,
+        pool: HbonePool<S, R>,
+        copy: CopyConfig,
+    ) -> Self {
         Self {
+            runtime,
             published,
             proxy,
             source,
@@ -553,7 +586,7 @@ impl<S: ClientTlsSource> Outbound<S> {
     }
 
     /// The HBONE pool.
-    pub fn pool(&self) -> &HbonePool<S> {
+    pub fn pool(&self) -> &HbonePool<S, R> {
         &self.pool
     }
 
@@ -564,7 +597,7 @@ impl<S: ClientTlsSource> Outbound<S> {
 
     /// Serves one SOCKS5 connection from `peer`: handshake, route, connect, reply, copy until both
     /// directions ended. Failures are logged and returned in the summary.
-    pub async fn serve_socks5(&self, mut stream: TcpStream, peer: SocketAddr) -> OutboundSummary {
+    pub async fn serve_socks5(&self, mut stream: R::Stream, peer: SocketAddr) -> OutboundSummary {
         let peer = canonical(peer);
         let mut summary = OutboundSummary::default();
         if let Err(error) = self.socks5(&mut stream, peer, &mut summary).await {
@@ -583,16 +616,14 @@ impl<S: ClientTlsSource> Outbound<S> {
     /// Serves one connection redirected to the outbound capture listener from `peer`: its original
     /// destination from `SO_ORIGINAL_DST` ([`check_redirect`] refuses a connection that was not
     /// redirected), then [`serve_redirected`](Self::serve_redirected).
-    pub async fn serve_capture(&self, stream: TcpStream, peer: SocketAddr) -> OutboundSummary {
+    pub async fn serve_capture(&self, stream: R::Stream, peer: SocketAddr) -> OutboundSummary {
         let peer = canonical(peer);
-        let local = stream
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        match check_redirect("outbound", original_destination(&stream), local, peer, &self.proxy) {
+        let local = R::local_addr(&stream).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        match check_redirect("outbound", R::original_destination(&stream), local, peer, &self.proxy) {
             Ok(dst) => self.serve_redirected(stream, peer, dst).await,
             Err(error) => {
                 tracing::warn!(%peer, %error, "outbound capture connection refused");
-                reset(&stream);
+                reset::<R>(&stream);
                 OutboundSummary {
                     error: Some(error.into()),
                     ..OutboundSummary::default()
@@ -605,7 +636,7 @@ impl<S: ClientTlsSource> Outbound<S> {
     /// listener learnt it): route, connect, copy until both directions ended. The client is told
     /// nothing; a refusal or a failed connect closes its connection with a reset. Failures are
     /// logged and returned in the summary.
-    pub async fn serve_redirected(&self, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr) -> OutboundSummary {
+    pub async fn serve_redirected(&self, mut stream: R::Stream, peer: SocketAddr, dst: SocketAddr) -> OutboundSummary {
         let peer = canonical(peer);
         let mut summary = OutboundSummary::default();
         let snapshot = self.published.load();
@@ -624,7 +655,7 @@ impl<S: ClientTlsSource> Outbound<S> {
         if let Err(error) = result {
             tracing::warn!(%peer, %dst, route = ?summary.route, %error, "outbound connection failed");
             if !matches!(error, OutboundError::Copy(_)) {
-                reset(&stream);
+                reset::<R>(&stream);
             }
             summary.error = Some(error);
         }
@@ -633,13 +664,14 @@ impl<S: ClientTlsSource> Outbound<S> {
 
     async fn socks5(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut R::Stream,
         peer: SocketAddr,
         summary: &mut OutboundSummary,
     ) -> Result<(), OutboundError> {
-        let request = match tokio::time::timeout(self.handshake_timeout, socks5::accept(stream)).await {
-            Ok(request) => request?,
-            Err(_) => return Err(OutboundError::HandshakeTimeout(self.handshake_timeout)),
+        let timer = self.runtime.timer();
+        let request = match timeout(&timer, self.handshake_timeout, socks5::accept(stream)).await {
+            Some(request) => request?,
+            None => return Err(OutboundError::HandshakeTimeout(self.handshake_timeout)),
         };
         summary.target = Some(request.target.clone());
         let snapshot = self.published.load();
@@ -667,7 +699,7 @@ impl<S: ClientTlsSource> Outbound<S> {
     #[allow(clippy::too_many_arguments)]
     async fn carry(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut R::Stream,
         peer: SocketAddr,
         source: Option<&Workload>,
         state: &State,
@@ -702,7 +734,7 @@ impl<S: ClientTlsSource> Outbound<S> {
             }
         };
         if downstream == Downstream::Socks5 {
-            let bound = local_addr(stream);
+            let bound = local_addr::<R>(stream);
             if let Err(error) = reply(stream, summary, Reply::Succeeded { bound }).await {
                 record.fail(None, &error);
                 return Err(error);
@@ -726,7 +758,7 @@ impl<S: ClientTlsSource> Outbound<S> {
         peer: SocketAddr,
         source: &Workload,
         route: OutboundRoute,
-    ) -> Result<Upstream, (OutboundError, Reply)> {
+    ) -> Result<Upstream<R::Stream>, (OutboundError, Reply)> {
         match route {
             OutboundRoute::Hbone {
                 endpoint,
@@ -763,7 +795,7 @@ impl<S: ClientTlsSource> Outbound<S> {
                 }
             }
             OutboundRoute::Passthrough { dst, .. } => {
-                match connect_with(&DefaultSocketFactory, dst, &self.socket, self.connect_timeout).await {
+                match self.runtime.connect(dst, &self.socket, self.connect_timeout).await {
                     Ok(tcp) => Ok(Upstream::Tcp(tcp)),
                     Err(source) => {
                         let reply = Reply::for_connect_error(&source);
@@ -796,9 +828,10 @@ struct Copied {
 }
 
 /// Copies between the client and the upstream until both directions ended.
-async fn copy_between<D>(client: &mut D, upstream: Upstream, config: CopyConfig) -> Copied
+async fn copy_between<D, T>(client: &mut D, upstream: Upstream<T>, config: CopyConfig) -> Copied
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
     match upstream {
         Upstream::Tunnel(mut tunnel) => {
@@ -821,20 +854,23 @@ where
 }
 
 /// Makes dropping `stream` reset the connection; a failure only means it ends with a FIN.
-fn reset(stream: &TcpStream) {
-    if let Err(error) = reset_on_close(stream) {
+fn reset<R: Runtime>(stream: &R::Stream) {
+    if let Err(error) = R::reset_on_close(stream) {
         tracing::debug!(%error, "cannot set SO_LINGER to reset the connection");
     }
 }
 
-fn local_addr(stream: &TcpStream) -> SocketAddr {
-    stream
-        .local_addr()
+fn local_addr<R: Runtime>(stream: &R::Stream) -> SocketAddr {
+    R::local_addr(stream)
         .map(canonical)
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn reply(stream: &mut TcpStream, summary: &mut OutboundSummary, outcome: Reply) -> Result<(), OutboundError> {
+async fn reply<D: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut D,
+    summary: &mut OutboundSummary,
+    outcome: Reply,
+) -> Result<(), OutboundError> {
     summary.reply = Some(outcome);
     socks5::reply(stream, outcome).await.map_err(OutboundError::Reply)
 }

@@ -1,14 +1,135 @@
-//! The runtime seam of the dataplane: sockets made in one place, and the tokio implementations of
-//! the executor, timer and connector traits that `meshwire-hbone` and `meshwire-identity` are
-//! generic over.
+//! The runtime seam of the dataplane: sockets made in one place, the [`Runtime`] trait the
+//! per-connection proxy logic is written over, and its tokio implementation.
 //!
 //! - [`socket`] (runtime-independent): [`socket::SocketOptions`], the [`socket::SocketFactory`]
 //!   trait and its [`socket::DefaultSocketFactory`], and [`socket::original_destination`]
 //!   (`SO_ORIGINAL_DST`).
-//! - [`tokio`]: [`tokio::TokioTimer`], [`tokio::TokioExecutor`], the conversion of the factory's
-//!   sockets into tokio listeners and streams, and [`tokio::TokioConnector`] for the HBONE pool.
+//! - [`Runtime`]: what the per-connection logic ([`Outbound`], [`InboundHandler`]) needs from a
+//!   runtime: its TCP stream type, a timer, the HBONE pool's executor and connector, connecting
+//!   through the socket factory, and the socket operations on a stream.
+//! - [`tokio`]: [`tokio::TokioRuntime`] (the [`Runtime`] of the `ztunnel` binary),
+//!   [`tokio::TokioTimer`], [`tokio::TokioExecutor`], the conversion of the factory's sockets into
+//!   tokio listeners and streams, and [`tokio::TokioConnector`] for the HBONE pool.
 //!
-//! The io_uring build supplies its own counterpart of [`tokio`] and shares [`socket`].
+//! The io_uring build supplies its own counterpart of [`tokio`] (a [`Runtime`] on glommio) and
+//! shares [`socket`] and everything written over [`Runtime`].
+//!
+//! [`Outbound`]: crate::proxy::outbound::Outbound
+//! [`InboundHandler`]: crate::proxy::inbound::InboundHandler
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ::tokio::io::{AsyncRead, AsyncWrite};
+use meshwire_hbone::pool::PooledDriver;
+use meshwire_hbone::rt::{Executor, Timer};
+
+use self::socket::SocketOptions;
 
 pub mod socket;
 pub mod tokio;
+
+/// What the per-connection proxy logic needs from a runtime, and nothing more: the proxy's
+/// outbound path ([`Outbound`]) and inbound handler ([`InboundHandler`], its upstreams and the
+/// plaintext listener's connections) are written once over it, and each binary supplies an
+/// implementation: [`tokio::TokioRuntime`] for `ztunnel`, a glommio one for the io_uring build.
+///
+/// A value of the runtime is held by the proxy objects: it carries what connecting needs (the
+/// [`SocketFactory`](socket::SocketFactory), for one). Accepting connections, spawning their
+/// tasks and binding listeners stay with each binary's wiring: they are where the runtimes differ
+/// most, and the per-connection logic never does them.
+///
+/// Nothing here requires `Send`: glommio's tasks stay on their thread and its futures are not
+/// `Send`. The futures of the proxy logic are `Send` exactly when the runtime's are, so the tokio
+/// wiring (which spawns them on a multi-threaded runtime) gets `Send` futures from
+/// [`tokio::TokioRuntime`] without the trait asking for it.
+///
+/// # Members
+///
+/// - [`Stream`](Self::Stream): the TCP stream, accepted or connected, over the `tokio::io` traits
+///   the HBONE library and the copy are written against. A glommio `TcpStream` meets them through
+///   `tokio_util::compat` (`FuturesAsyncReadCompatExt::compat`).
+/// - [`Timer`](Self::Timer): deadlines (the SOCKS5 handshake's, with
+///   [`meshwire_hbone::rt::timeout`]) and the HBONE pool's clock.
+/// - [`Executor`](Self::Executor) and [`Connector`](Self::Connector): the two runtime-specific
+///   parts of the HBONE pool ([`HbonePool`]): where the connection drivers run, and how a pooled
+///   connection's TCP stream and TLS config are had.
+/// - [`connect`](Self::connect): the plain TCP connections of the proxy (passthrough, and
+///   inbound connections to the destination workload), made through the socket factory so that
+///   they get the proxy's marks and options.
+/// - [`local_addr`](Self::local_addr), [`peer_addr`](Self::peer_addr),
+///   [`original_destination`](Self::original_destination), [`reset_on_close`](Self::reset_on_close):
+///   the socket operations on a stream. They are functions of the runtime rather than bounds on
+///   the stream because a runtime's stream type may offer only its file descriptor (`AsRawFd`, as
+///   glommio's does): the implementation reaches the socket its own way (the workspace forbids
+///   `unsafe`, so through a safe wrapper such as `socket2::SockRef` over a borrowed descriptor, or
+///   the runtime's own accessors).
+///
+/// # Connecting on glommio
+///
+/// [`connect`](Self::connect) makes its socket with [`SocketFactory::stream`] (non-blocking,
+/// options applied, bound if asked) and must connect *that* socket, so that the options and bind
+/// hold. glommio 0.9 has `impl From<socket2::Socket> for glommio::net::TcpStream`, but no connect of
+/// a socket it did not make: start a non-blocking `connect` on the `socket2::Socket` (it returns
+/// `EINPROGRESS`), wait until the socket is writable (for example by running `rustix::event::poll`
+/// for `POLLOUT` on glommio's blocking thread pool, `glommio::executor().spawn_blocking`, or an
+/// equivalent readiness wait), read `SO_ERROR` (`Socket::take_error`) to learn whether the connect
+/// succeeded, and only then convert the socket into a glommio stream. The timeout is the runtime's
+/// timer around that wait.
+///
+/// [`Outbound`]: crate::proxy::outbound::Outbound
+/// [`InboundHandler`]: crate::proxy::inbound::InboundHandler
+/// [`HbonePool`]: crate::proxy::outbound::HbonePool
+/// [`SocketFactory::stream`]: socket::SocketFactory::stream
+pub trait Runtime: 'static {
+    /// A TCP stream of the runtime: what the listeners accept and [`connect`](Self::connect)
+    /// returns. The per-connection logic reads, writes and shuts it down through the `tokio::io`
+    /// traits only.
+    type Stream: AsyncRead + AsyncWrite + Unpin + 'static;
+
+    /// The runtime's clock and sleeps: the deadlines of the per-connection logic, and the HBONE
+    /// pool's timer.
+    type Timer: Timer + Clone;
+
+    /// Where the HBONE pool runs the drivers of its connections (a task per connection).
+    type Executor: Executor<PooledDriver<Self::Stream, Self::Timer>>;
+
+    /// The HBONE pool's connector with client TLS configs from `S`: for every
+    /// [`ClientTlsSource`](tokio::ClientTlsSource) `S` it must implement
+    /// [`meshwire_hbone::pool::Connector`] with `Io = Self::Stream` (the proxy logic asks for that
+    /// where it uses the pool). It connects through the socket factory like
+    /// [`connect`](Self::connect).
+    type Connector<S>;
+
+    /// The timer (a clock handle: cheap to get).
+    fn timer(&self) -> Self::Timer;
+
+    /// A TCP connection to `dst` made through the runtime's socket factory with `opts`, failing
+    /// with [`io::ErrorKind::TimedOut`] after `timeout`. Errors carry a
+    /// [`SocketError`](socket::SocketError) naming the step and the addresses.
+    fn connect(
+        &self,
+        dst: SocketAddr,
+        opts: &SocketOptions,
+        timeout: Duration,
+    ) -> impl Future<Output = io::Result<Self::Stream>>;
+
+    /// The stream's local address: for an accepted connection, the address it arrived on (the
+    /// capture listeners compare it with the original destination; a SOCKS5 reply names it).
+    fn local_addr(stream: &Self::Stream) -> io::Result<SocketAddr>;
+
+    /// The stream's peer address: for an accepted connection, the client's. Accept loops whose
+    /// runtime returns only the stream (glommio's `TcpListener::accept`) learn the client here.
+    fn peer_addr(stream: &Self::Stream) -> io::Result<SocketAddr>;
+
+    /// The original destination of a connection redirected to a capture listener
+    /// (`SO_ORIGINAL_DST`; see [`socket::original_destination`]).
+    fn original_destination(stream: &Self::Stream) -> io::Result<SocketAddr>;
+
+    /// Makes closing the stream reset the connection instead of ending it with a FIN (`SO_LINGER`
+    /// 0; see [`socket::reset_on_close`]): how a capture listener refuses a connection whose
+    /// client was told nothing.
+    fn reset_on_close(stream: &Self::Stream) -> io::Result<()>;
+}

@@ -1,5 +1,6 @@
-//! The tokio side of the runtime seam: timer, executor, listeners and streams made from the
-//! [`SocketFactory`]'s sockets, and the HBONE pool's TCP connector.
+//! The tokio side of the runtime seam: [`TokioRuntime`] (the [`Runtime`] of the `ztunnel`
+//! binary), timer, executor, listeners and streams made from the [`SocketFactory`]'s sockets, and
+//! the HBONE pool's TCP connector.
 
 use std::future::Future;
 use std::io;
@@ -15,9 +16,70 @@ use socket2::Socket;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Handle;
 
+use super::Runtime;
 use super::socket::{
-    DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget, SourceTransparency,
+    self, DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget, SourceTransparency,
 };
+
+/// The [`Runtime`] on tokio: [`TcpStream`]s, [`TokioTimer`], [`TokioExecutor`] and
+/// [`TokioConnector`], connecting through the socket factory `F`. Its futures are `Send` (when
+/// `F` is `Sync`), as a multi-threaded tokio runtime needs to spawn them.
+///
+/// Streams and sleeps must be used inside a tokio runtime with IO and time enabled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioRuntime<F = DefaultSocketFactory> {
+    factory: F,
+}
+
+impl TokioRuntime {
+    /// The runtime connecting with the [`DefaultSocketFactory`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<F> TokioRuntime<F> {
+    /// The runtime connecting with `factory`.
+    pub fn with_factory(factory: F) -> Self {
+        Self { factory }
+    }
+
+    /// The socket factory.
+    pub fn factory(&self) -> &F {
+        &self.factory
+    }
+}
+
+impl<F: SocketFactory + 'static> Runtime for TokioRuntime<F> {
+    type Stream = TcpStream;
+    type Timer = TokioTimer;
+    type Executor = TokioExecutor;
+    type Connector<S> = TokioConnector<S, F>;
+
+    fn timer(&self) -> TokioTimer {
+        TokioTimer
+    }
+
+    async fn connect(&self, dst: SocketAddr, opts: &SocketOptions, timeout: Duration) -> io::Result<TcpStream> {
+        connect_with(&self.factory, dst, opts, timeout).await
+    }
+
+    fn local_addr(stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr()
+    }
+
+    fn peer_addr(stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.peer_addr()
+    }
+
+    fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+        socket::original_destination(stream)
+    }
+
+    fn reset_on_close(stream: &TcpStream) -> io::Result<()> {
+        socket::reset_on_close(stream)
+    }
+}
 
 /// [`Timer`] over `tokio::time`: monotonic time and sleeps follow tokio's clock, so they run in
 /// virtual time under a paused runtime (`#[tokio::test(start_paused = true)]`). The wall clock
