@@ -1,0 +1,248 @@
+//! The glommio side of the runtime seam: [`GlommioRuntime`] (the
+//! [`Runtime`] the per-connection proxy logic runs over), its timer and executor, connecting
+//! sockets made by the [`SocketFactory`], and the HBONE pool's [`GlommioConnector`].
+//!
+//! Everything here is thread-local, as a thread-per-core proxy is: it must be used on a glommio
+//! executor thread, and nothing is `Send`.
+//!
+//! # Sockets made elsewhere, without `unsafe`
+//!
+//! glommio 0.9 connects only sockets it makes itself, and its streams offer their descriptor only as
+//! a raw number (`AsRawFd`). Two safe bridges keep every socket going through the factory:
+//! - **connect** ([`connect`]): the factory's socket starts a non-blocking `connect`; a thread of
+//!   glommio's blocking pool waits for it to become writable (`poll(2)`, bounded by the timeout);
+//!   `SO_ERROR` says whether the connect succeeded; the socket then becomes a glommio stream
+//!   (through `std::net::TcpStream` and the socket2 version glommio converts from).
+//! - **socket operations** on a glommio stream ([`duplicate`]): `pidfd_getfd(2)` on the proxy's own
+//!   process returns an owned duplicate of the stream's descriptor; options read or set on the
+//!   duplicate are those of the same socket (`SO_ORIGINAL_DST`, `SO_LINGER`).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use meshwire_dataplane::rt::Runtime;
+use meshwire_dataplane::rt::socket::{
+    self, DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget,
+};
+use meshwire_dataplane::rt::tokio::{ClientTlsSource, ConnectorConfig};
+use meshwire_hbone::ConnectError;
+use meshwire_hbone::pool::{Connector, PoolKey};
+use meshwire_hbone::rt::{Executor, Timer};
+use rustls::ClientConfig;
+use socket2::Socket;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+/// A glommio TCP stream seen through the `tokio::io` traits (what the proxy logic reads and writes).
+pub type GlommioStream = Compat<glommio::net::TcpStream>;
+
+/// [`Timer`] over glommio's reactor timers. Must be used on a glommio executor thread.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlommioTimer;
+
+/// A glommio sleep resolving to `()` (glommio's timer resolves to the instant it fired at).
+#[derive(Debug)]
+pub struct GlommioSleep(glommio::timer::Timer);
+
+impl Future for GlommioSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(drop)
+    }
+}
+
+impl Timer for GlommioTimer {
+    type Sleep = GlommioSleep;
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn system_now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> GlommioSleep {
+        GlommioSleep(glommio::timer::Timer::new(
+            deadline.saturating_duration_since(Instant::now()),
+        ))
+    }
+}
+
+/// [`Executor`] over `glommio::spawn_local`: the task stays on the calling executor's core.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlommioExecutor;
+
+impl<F: Future<Output = ()> + 'static> Executor<F> for GlommioExecutor {
+    fn execute(&self, future: F) {
+        glommio::spawn_local(future).detach();
+    }
+}
+
+/// An owned duplicate of the socket behind `fd` (a descriptor of this process), through
+/// `pidfd_getfd(2)`: socket options read or set on it are the original socket's.
+pub fn duplicate(fd: RawFd) -> io::Result<Socket> {
+    let pidfd = rustix::process::pidfd_open(rustix::process::getpid(), rustix::process::PidfdFlags::empty())?;
+    let owned = rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())?;
+    Ok(Socket::from(owned))
+}
+
+/// Connects an unconnected, non-blocking socket (as made by [`SocketFactory::stream`]) to `peer`,
+/// keeping its options and bind, failing with [`io::ErrorKind::TimedOut`] after `timeout`; the
+/// error names the peer and the local address. Must run on a glommio executor thread.
+pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io::Result<GlommioStream> {
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .filter(|a| !a.ip().is_unspecified());
+    let target = SocketTarget::Outbound { peer, local };
+    let fail = |e: io::Error| SocketError::io(SocketOp::Connect, target.clone(), e);
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| SocketError::io(SocketOp::Register, target.clone(), e))?;
+    match socket.connect(&peer.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {
+            let waiter = socket.try_clone().map_err(fail)?;
+            let ready = glommio::executor()
+                .spawn_blocking(move || {
+                    let mut fds = [rustix::event::PollFd::new(&waiter, rustix::event::PollFlags::OUT)];
+                    let limit = rustix::event::Timespec {
+                        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+                        tv_nsec: i64::from(timeout.subsec_nanos()),
+                    };
+                    rustix::event::poll(&mut fds, Some(&limit))
+                })
+                .await
+                .map_err(|e| fail(e.into()))?;
+            if ready == 0 {
+                let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
+                return Err(fail(e));
+            }
+            if let Some(e) = socket.take_error().map_err(fail)? {
+                return Err(fail(e));
+            }
+        }
+        Err(e) => return Err(fail(e)),
+    }
+    let std_stream = std::net::TcpStream::from(socket);
+    let stream = glommio::net::TcpStream::from(socket2_glommio::Socket::from(std_stream));
+    Ok(stream.compat())
+}
+
+/// The [`Runtime`] of the io_uring build: glommio streams, timers and tasks; sockets from the
+/// socket factory `F`.
+#[derive(Debug, Clone, Default)]
+pub struct GlommioRuntime<F = DefaultSocketFactory> {
+    factory: F,
+}
+
+impl GlommioRuntime {
+    /// The runtime connecting with the [`DefaultSocketFactory`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<F> GlommioRuntime<F> {
+    /// The runtime connecting with `factory`.
+    pub fn with_factory(factory: F) -> Self {
+        Self { factory }
+    }
+
+    /// The socket factory.
+    pub fn factory(&self) -> &F {
+        &self.factory
+    }
+}
+
+fn stream_fd(stream: &GlommioStream) -> RawFd {
+    stream.get_ref().as_raw_fd()
+}
+
+impl<F: SocketFactory + 'static> Runtime for GlommioRuntime<F> {
+    type Stream = GlommioStream;
+    type Timer = GlommioTimer;
+    type Executor = GlommioExecutor;
+    type Connector<S> = GlommioConnector<S, F>;
+
+    fn timer(&self) -> GlommioTimer {
+        GlommioTimer
+    }
+
+    async fn connect(&self, dst: SocketAddr, opts: &SocketOptions, timeout: Duration) -> io::Result<GlommioStream> {
+        connect(self.factory.stream(dst, None, opts)?, dst, timeout).await
+    }
+
+    fn local_addr(stream: &GlommioStream) -> io::Result<SocketAddr> {
+        stream.get_ref().local_addr().map_err(io::Error::from)
+    }
+
+    fn peer_addr(stream: &GlommioStream) -> io::Result<SocketAddr> {
+        stream.get_ref().peer_addr().map_err(io::Error::from)
+    }
+
+    fn original_destination(stream: &GlommioStream) -> io::Result<SocketAddr> {
+        socket::original_destination(&duplicate(stream_fd(stream))?)
+    }
+
+    fn reset_on_close(stream: &GlommioStream) -> io::Result<()> {
+        socket::reset_on_close(&duplicate(stream_fd(stream))?)
+    }
+}
+
+/// The HBONE pool's connector on glommio: the TCP connection to a [`PoolKey`]'s destination (from
+/// its source IP if set), with `TCP_NODELAY` on, through a [`SocketFactory`]; and the client TLS
+/// config for the key from `tls`.
+#[derive(Debug, Clone)]
+pub struct GlommioConnector<S, F = DefaultSocketFactory> {
+    tls: S,
+    factory: F,
+    config: ConnectorConfig,
+}
+
+impl<S> GlommioConnector<S> {
+    /// A connector making sockets with the [`DefaultSocketFactory`].
+    pub fn new(tls: S, config: ConnectorConfig) -> Self {
+        Self::with_factory(tls, DefaultSocketFactory, config)
+    }
+}
+
+impl<S, F: SocketFactory> GlommioConnector<S, F> {
+    /// A connector making sockets with `factory`.
+    pub fn with_factory(tls: S, factory: F, config: ConnectorConfig) -> Self {
+        let mut config = config;
+        config.socket.nodelay = true;
+        Self { tls, factory, config }
+    }
+}
+
+impl<S: ClientTlsSource, F: SocketFactory> Connector for GlommioConnector<S, F> {
+    type Io = GlommioStream;
+
+    /// The TLS config first (no connection is held open while a certificate is fetched), then the
+    /// TCP connection.
+    async fn connect(&self, key: &PoolKey) -> Result<(GlommioStream, Arc<ClientConfig>), ConnectError> {
+        let tls = self.tls.client_config(key).await?;
+        let peer = key.destination;
+        let tcp_error = |source: io::Error| ConnectError::Tcp {
+            peer: peer.to_string(),
+            source: Arc::new(source),
+        };
+        let socket = self
+            .factory
+            .stream_from(peer, key.source_ip, &self.config.socket, self.config.transparency)
+            .map_err(tcp_error)?;
+        let tcp = connect(socket, peer, self.config.connect_timeout)
+            .await
+            .map_err(tcp_error)?;
+        Ok((tcp, tls))
+    }
+}
