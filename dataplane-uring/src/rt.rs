@@ -27,10 +27,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshwire_dataplane::rt::Runtime;
+use meshwire_dataplane::rt::connector::{ClientTlsSource, ConnectorConfig, pool_connect};
 use meshwire_dataplane::rt::socket::{
     self, DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget,
 };
-use meshwire_dataplane::rt::tokio::{ClientTlsSource, ConnectorConfig};
 use meshwire_hbone::ConnectError;
 use meshwire_hbone::pool::{Connector, PoolKey};
 use meshwire_hbone::rt::{Executor, Timer};
@@ -227,22 +227,8 @@ impl<S, F: SocketFactory> GlommioConnector<S, F> {
 impl<S: ClientTlsSource, F: SocketFactory> Connector for GlommioConnector<S, F> {
     type Io = GlommioStream;
 
-    /// The TLS config first (no connection is held open while a certificate is fetched), then the
-    /// TCP connection.
+    /// [`pool_connect`] with glommio's [`connect`].
     async fn connect(&self, key: &PoolKey) -> Result<(GlommioStream, Arc<ClientConfig>), ConnectError> {
-        let tls = self.tls.client_config(key).await?;
-        let peer = key.destination;
-        let tcp_error = |source: io::Error| ConnectError::Tcp {
-            peer: peer.to_string(),
-            source: Arc::new(source),
-        };
-        let socket = self
-            .factory
-            .stream_from(peer, key.source_ip, &self.config.socket, self.config.transparency)
-            .map_err(tcp_error)?;
-        let tcp = connect(socket, peer, self.config.connect_timeout)
-            .await
-            .map_err(tcp_error)?;
-        Ok((tcp, tls))
+        pool_connect(&self.tls, &self.factory, &self.config, key, connect).await
     }
 }

@@ -28,6 +28,7 @@ use meshwire_hbone::rt::{Executor, Timer};
 
 use self::socket::SocketOptions;
 
+pub mod connector;
 pub mod socket;
 pub mod tokio;
 

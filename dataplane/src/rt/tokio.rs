@@ -17,9 +17,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Handle;
 
 use super::Runtime;
-use super::socket::{
-    self, DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget, SourceTransparency,
-};
+pub use super::connector::{ClientTlsSource, ConnectorConfig};
+use super::connector::{connect_key, pool_connect};
+use super::socket::{self, DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget};
 
 /// The [`Runtime`] on tokio: [`TcpStream`]s, [`TokioTimer`], [`TokioExecutor`] and
 /// [`TokioConnector`], connecting through the socket factory `F`. Its futures are `Send` (when
@@ -189,27 +189,6 @@ pub async fn connect_with<F: SocketFactory + ?Sized>(
     connect(factory.stream(peer, None, opts)?, peer, timeout).await
 }
 
-/// Settings of a [`TokioConnector`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectorConfig {
-    /// Options of the outbound sockets (`TCP_NODELAY` is set whatever they say).
-    pub socket: SocketOptions,
-    /// How long a TCP connect may take.
-    pub connect_timeout: Duration,
-    /// Whether binding a key's source IP sets `IP_TRANSPARENT`.
-    pub transparency: SourceTransparency,
-}
-
-impl Default for ConnectorConfig {
-    fn default() -> Self {
-        Self {
-            socket: SocketOptions::default(),
-            connect_timeout: Duration::from_secs(10),
-            transparency: SourceTransparency::IfNotLocal,
-        }
-    }
-}
-
 /// The HBONE pool's connector on tokio: the TCP connection to a [`PoolKey`]'s destination, from
 /// its source IP if set (transparently when that IP is not local, per
 /// [`ConnectorConfig::transparency`]), with `TCP_NODELAY` on, through a [`SocketFactory`]; and the
@@ -250,37 +229,7 @@ impl<S, F: SocketFactory> TokioConnector<S, F> {
     /// `key.destination` from `key.source_ip`, with `TCP_NODELAY` on. Failures are
     /// [`ConnectError::Tcp`] naming the destination, with the [`SocketError`] inside.
     pub async fn connect_tcp(&self, key: &PoolKey) -> Result<TcpStream, ConnectError> {
-        let peer = key.destination;
-        let tcp_error = |source: io::Error| ConnectError::Tcp {
-            peer: peer.to_string(),
-            source: Arc::new(source),
-        };
-        let socket = self
-            .factory
-            .stream_from(peer, key.source_ip, &self.config.socket, self.config.transparency)
-            .map_err(tcp_error)?;
-        connect(socket, peer, self.config.connect_timeout)
-            .await
-            .map_err(tcp_error)
-    }
-}
-
-/// Where a [`TokioConnector`] gets the client TLS config of a [`PoolKey`]: presenting
-/// `key.source` and accepting only `key.expected()`. The certificate manager implements it;
-/// so does any `Fn(&PoolKey) -> impl Future<Output = Result<Arc<ClientConfig>, ConnectError>>`.
-pub trait ClientTlsSource {
-    /// The config for `key`, or why there is none (for example [`ConnectError::Tls`] when no
-    /// certificate could be had for `key.source`).
-    fn client_config(&self, key: &PoolKey) -> impl Future<Output = Result<Arc<ClientConfig>, ConnectError>>;
-}
-
-impl<F, Fut> ClientTlsSource for F
-where
-    F: Fn(&PoolKey) -> Fut,
-    Fut: Future<Output = Result<Arc<ClientConfig>, ConnectError>>,
-{
-    fn client_config(&self, key: &PoolKey) -> impl Future<Output = Result<Arc<ClientConfig>, ConnectError>> {
-        self(key)
+        connect_key(&self.factory, &self.config, key, connect).await
     }
 }
 
@@ -290,8 +239,6 @@ impl<S: ClientTlsSource, F: SocketFactory> Connector for TokioConnector<S, F> {
     /// The TLS config first (no connection is held open while a certificate is fetched), then
     /// [`TokioConnector::connect_tcp`].
     async fn connect(&self, key: &PoolKey) -> Result<(TcpStream, Arc<ClientConfig>), ConnectError> {
-        let tls = self.tls.client_config(key).await?;
-        let tcp = self.connect_tcp(key).await?;
-        Ok((tcp, tls))
+        pool_connect(&self.tls, &self.factory, &self.config, key, connect).await
     }
 }
