@@ -709,33 +709,7 @@ fn tokio_start(scenario: &Scenario, pki: &Pki) -> Result<Running> {
 // ---------------------------------------------------------------------------------------------
 // glommio
 
-#[derive(Clone, Copy)]
-struct GlommioTimer;
-
-/// A glommio timer as a `Future<Output = ()>` (glommio's resolves to the `Instant` it fired at).
-struct GlommioSleep(glommio::timer::Timer);
-
-impl Future for GlommioSleep {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(drop)
-    }
-}
-
-impl Timer for GlommioTimer {
-    type Sleep = GlommioSleep;
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        GlommioSleep(glommio::timer::Timer::new(
-            deadline.saturating_duration_since(Instant::now()),
-        ))
-    }
-}
+use meshwire_dataplane_uring::rt::GlommioTimer;
 
 type GlommioTcp = Compat<glommio::net::TcpStream>;
 

@@ -10,18 +10,17 @@ use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime};
+use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use futures_util::future::{Either, select};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{BuilderErrorKind, ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement};
 use meshwire_hbone::client::{self, ClientConnection};
 use meshwire_hbone::pool::{Connector, PoolKey};
-use meshwire_hbone::rt::{Executor, Timer};
 use meshwire_hbone::server::{
     self, Connected, Handler, InboundRequest, Refusal, ServeOptions, ServeSummary, StreamReport,
 };
@@ -41,50 +40,7 @@ pub const LIMIT: Duration = Duration::from_secs(20);
 // The runtime seam
 // ---------------------------------------------------------------------------------------------
 
-/// [`Timer`] over glommio's reactor timers. Must be used on a glommio executor thread.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GlommioTimer;
-
-/// A glommio sleep. `glommio::timer::Timer` resolves to the `Instant` it fired at; the seam wants
-/// `()`. The glommio timer is `Unpin` (it is an `Rc`), so no boxing is needed.
-#[derive(Debug)]
-pub struct GlommioSleep(glommio::timer::Timer);
-
-impl Future for GlommioSleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(drop)
-    }
-}
-
-impl Timer for GlommioTimer {
-    type Sleep = GlommioSleep;
-
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> GlommioSleep {
-        GlommioSleep(glommio::timer::Timer::new(
-            deadline.saturating_duration_since(Instant::now()),
-        ))
-    }
-}
-
-/// [`Executor`] over `glommio::spawn_local`: no `Send` needed.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GlommioExecutor;
-
-impl<F: Future<Output = ()> + 'static> Executor<F> for GlommioExecutor {
-    fn execute(&self, future: F) {
-        glommio::spawn_local(future).detach();
-    }
-}
+pub use meshwire_dataplane_uring::rt::{GlommioExecutor, GlommioTimer};
 
 /// Pool connector: a glommio TCP connection to the key's destination, and a fixed client config.
 pub struct GlommioConnector {
