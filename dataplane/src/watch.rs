@@ -251,11 +251,12 @@ struct Seen {
 /// file that cannot be read (missing while it is being replaced) also keeps the current snapshot.
 ///
 /// With [`ConfigWatcher::with_registry`], every applied snapshot is also handed to
-/// [`ConnectionRegistry::reevaluate`], closing established connections the new policies deny.
+/// [`ConnectionRegistry::reevaluate`], closing established connections the new policies deny; a
+/// proxy with a registry per core adds each of them.
 pub struct ConfigWatcher {
     path: PathBuf,
     published: Published,
-    registry: Option<ConnectionRegistry>,
+    registries: Vec<ConnectionRegistry>,
     seen: Mutex<Seen>,
 }
 
@@ -273,7 +274,7 @@ impl ConfigWatcher {
         let watcher = ConfigWatcher {
             path,
             published: published.clone(),
-            registry: None,
+            registries: Vec::new(),
             seen: Mutex::new(Seen {
                 applied: Some(bytes),
                 ..Seen::default()
@@ -289,14 +290,15 @@ impl ConfigWatcher {
         Self {
             path: path.into(),
             published,
-            registry: None,
+            registries: Vec::new(),
             seen: Mutex::new(Seen::default()),
         }
     }
 
-    /// Re-evaluates the connections of `registry` after each applied change.
+    /// Re-evaluates the connections of `registry` after each applied change (in addition to the
+    /// registries added before).
     pub fn with_registry(mut self, registry: ConnectionRegistry) -> Self {
-        self.registry = Some(registry);
+        self.registries.push(registry);
         self
     }
 
@@ -367,8 +369,8 @@ impl ConfigWatcher {
                     ..Seen::default()
                 };
                 drop(seen);
-                if let Some(registry) = &self.registry {
-                    let closed = registry.reevaluate(&snapshot);
+                if !self.registries.is_empty() {
+                    let closed: usize = self.registries.iter().map(|r| r.reevaluate(&snapshot)).sum();
                     if closed > 0 {
                         tracing::info!(
                             generation = snapshot.generation,
@@ -412,7 +414,7 @@ impl fmt::Debug for ConfigWatcher {
         f.debug_struct("ConfigWatcher")
             .field("path", &self.path)
             .field("published", &self.published)
-            .field("registry", &self.registry)
+            .field("registries", &self.registries)
             .field("last_error", &self.last_error())
             .finish()
     }

@@ -201,7 +201,8 @@ pub async fn config_loaded(published: &Published) {
 /// configuration in force.
 #[derive(Debug, Clone)]
 pub struct MetricsHandler {
-    metrics: Arc<Metrics>,
+    /// The counters, one [`Metrics`] per core where the proxy counts on each core separately.
+    metrics: Arc<[Arc<Metrics>]>,
     proxy: Option<Arc<ProxyGauges>>,
 }
 
@@ -215,7 +216,24 @@ struct ProxyGauges {
 impl MetricsHandler {
     /// The endpoint of `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, proxy: None }
+        Self::summing(vec![metrics])
+    }
+
+    /// The endpoint of a proxy that counts in several [`Metrics`] (one per core): each scrape
+    /// answers their sum ([`Metrics::sum`]).
+    pub fn summing(parts: Vec<Arc<Metrics>>) -> Self {
+        Self {
+            metrics: parts.into(),
+            proxy: None,
+        }
+    }
+
+    /// The counters to encode: the only part, or the sum of the parts.
+    fn counters(&self) -> Arc<Metrics> {
+        match &*self.metrics {
+            [only] => Arc::clone(only),
+            parts => Arc::new(Metrics::sum(parts.iter().map(|m| &**m))),
+        }
     }
 
     /// Adds the build and configuration generation gauges, reading the generation from `published`
@@ -252,15 +270,16 @@ impl MetricsHandler {
     pub fn render(&self) -> String {
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
 
+        let counters = self.counters();
         let Some(proxy) = &self.proxy else {
-            return self.metrics.render();
+            return counters.render();
         };
         proxy
             .generation
             .set(i64::try_from(proxy.published.generation()).unwrap_or(i64::MAX));
         let mut text = String::new();
         // Writing into a String cannot fail, and none of the label encoders here fails.
-        let encoded = encode_registry(&mut text, self.metrics.registry())
+        let encoded = encode_registry(&mut text, counters.registry())
             .and_then(|()| encode_registry(&mut text, &proxy.registry))
             .and_then(|()| encode_eof(&mut text));
         debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");

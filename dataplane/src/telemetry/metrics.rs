@@ -40,8 +40,10 @@
 //!     && line.ends_with("} 100")));
 //! ```
 
+use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use meshwire_identity::id::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -421,6 +423,20 @@ pub struct Metrics {
     closed: Family<ConnectionLabels, Counter>,
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
+    /// The label sets in use, so that [`Metrics::sum`] can read the families back.
+    seen: Arc<Mutex<LabelSets>>,
+}
+
+/// The label sets a [`Metrics`] has counters for: those of connections opened (the opened, sent
+/// and received families share them) and those of connections closed (their final flags).
+#[derive(Debug, Default)]
+struct LabelSets {
+    opened: HashSet<ConnectionLabels>,
+    closed: HashSet<ConnectionLabels>,
+}
+
+fn lock(sets: &Mutex<LabelSets>) -> MutexGuard<'_, LabelSets> {
+    sets.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Default for Metrics {
@@ -465,7 +481,62 @@ impl Metrics {
             closed,
             sent,
             received,
+            seen: Arc::default(),
         }
+    }
+
+    /// The sum of `parts`: one [`Metrics`] whose four families hold, for every label set, the sum of
+    /// the parts' counters. This is how a proxy that counts on every core separately (the io_uring
+    /// build: no counter shared between cores) answers a scrape. Only the four connection families
+    /// are summed, not metrics registered through [`registry_mut`](Self::registry_mut).
+    ///
+    /// ```
+    /// use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
+    ///
+    /// let cores = [Metrics::new(), Metrics::new()];
+    /// for (core, bytes) in cores.iter().zip([10, 32]) {
+    ///     let connection = core.open(ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls));
+    ///     connection.record_received(bytes);
+    ///     connection.finish(ResponseFlags::None);
+    /// }
+    /// let text = Metrics::sum(&cores).render();
+    /// assert!(text.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total{") && l.ends_with("} 42")));
+    /// assert!(text.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with("} 2")));
+    /// ```
+    pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Metrics>) -> Metrics {
+        let total = Metrics::new();
+        for part in parts {
+            // The label sets first: a counter created after this copy is counted at the next scrape.
+            let (opened, closed) = {
+                let seen = lock(&part.seen);
+                (
+                    seen.opened.iter().cloned().collect::<Vec<_>>(),
+                    seen.closed.iter().cloned().collect::<Vec<_>>(),
+                )
+            };
+            {
+                let mut seen = lock(&total.seen);
+                seen.opened.extend(opened.iter().cloned());
+                seen.closed.extend(closed.iter().cloned());
+            }
+            for labels in &opened {
+                for (from, to) in [
+                    (&part.opened, &total.opened),
+                    (&part.sent, &total.sent),
+                    (&part.received, &total.received),
+                ] {
+                    if let Some(counter) = from.get(labels) {
+                        to.get_or_create(labels).inc_by(counter.get());
+                    }
+                }
+            }
+            for labels in &closed {
+                if let Some(counter) = part.closed.get(labels) {
+                    total.closed.get_or_create(labels).inc_by(counter.get());
+                }
+            }
+        }
+        total
     }
 
     /// The registry, to encode it another way.
@@ -483,11 +554,16 @@ impl Metrics {
     ///
     /// This is the only place, besides the close, where a counter is looked up by its labels.
     pub fn open(&self, labels: ConnectionLabels) -> ConnectionMetrics {
+        // Recorded before the counters exist, so that a counter is never missed by `sum`.
+        if self.opened.get(&labels).is_none() {
+            lock(&self.seen).opened.insert(labels.clone());
+        }
         self.opened.get_or_create(&labels).inc();
         ConnectionMetrics {
             sent_counter: self.sent.get_or_create_owned(&labels),
             received_counter: self.received.get_or_create_owned(&labels),
             closed: Family::clone(&self.closed),
+            seen: Arc::clone(&self.seen),
             labels,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -516,6 +592,7 @@ impl Metrics {
 pub struct ConnectionMetrics {
     labels: ConnectionLabels,
     closed: Family<ConnectionLabels, Counter>,
+    seen: Arc<Mutex<LabelSets>>,
     sent_counter: Counter,
     received_counter: Counter,
     sent: AtomicU64,
@@ -569,6 +646,9 @@ impl ConnectionMetrics {
     fn close(&mut self) {
         if !self.finished {
             self.finished = true;
+            if self.closed.get(&self.labels).is_none() {
+                lock(&self.seen).closed.insert(self.labels.clone());
+            }
             self.closed.get_or_create(&self.labels).inc();
         }
     }

@@ -1,0 +1,533 @@
+//! The control plane both binaries share, on tokio: the local configuration (loaded and watched),
+//! the certificate source and manager, the decisions taken once at start (whose connections, the
+//! packet mark, the access log format), and the readiness, admin and metrics listeners.
+//!
+//! [`ControlPlane::start`] builds it inside a tokio runtime (the `ztunnel` binary's multi-thread
+//! runtime, or the single control thread of the io_uring build); the data path reads what it
+//! needs through [`ProxyContext`], which is `Send + Sync` and never blocks: snapshots are
+//! published lock-free, certificates are read from the manager's slots.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshwire_hbone::copy::CopyConfig;
+use meshwire_hbone::pool::PoolConfig;
+use meshwire_hbone::server::ServeOptions;
+use meshwire_identity::id::SpiffeId;
+use meshwire_identity::manager::{CertManager, ManagerConfig};
+use meshwire_identity::source::files::{FilePaths, FileSource};
+use meshwire_identity::source::local_ca::{LocalCa, LocalCaError};
+use meshwire_identity::source::{CertSource, Credentials, SourceError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminHandler, LogControl, MetricsHandler, Readiness, ReadinessHandler, ReadyBlocker};
+use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, PacketMark, ProxyMode};
+use crate::proxy::outbound::{CertManagerTls, SourceWorkload};
+use crate::rt::connector::ConnectorConfig;
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark};
+use crate::rt::tokio::{TokioTimer, bind_listener};
+use crate::state::LocalProxy;
+use crate::telemetry::accesslog;
+use crate::telemetry::metrics::Metrics;
+use crate::watch::{ConfigWatcher, ConnectionRegistry, Published, Snapshot};
+use crate::xds::{ConfigError, LocalConfig};
+
+/// How often the local configuration file is polled for changes.
+pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The local configuration cannot be read or is invalid (the error names the field and line).
+    #[error("invalid local configuration: {0}")]
+    LocalConfig(Box<ConfigError>),
+    /// The local CA cannot be loaded or created.
+    #[error("local CA: {0}")]
+    LocalCa(#[from] LocalCaError),
+    /// The dedicated workload has no valid identity.
+    #[error("workload identity: {0}")]
+    Identity(String),
+    /// The packet mark was given explicitly and cannot be set (it needs `CAP_NET_ADMIN`).
+    #[error("cannot set the packet mark {mark:#x} (--packet-mark, PACKET_MARK): {source}")]
+    PacketMark {
+        /// The mark.
+        mark: u32,
+        /// What failed.
+        source: io::Error,
+    },
+    /// A listener cannot be bound.
+    #[error("cannot listen for {listener} on {addr}: {source}")]
+    Bind {
+        /// The listener.
+        listener: Listener,
+        /// Its configured address.
+        addr: SocketAddr,
+        /// What failed.
+        source: io::Error,
+    },
+}
+
+impl From<ConfigError> for StartError {
+    fn from(error: ConfigError) -> Self {
+        StartError::LocalConfig(Box::new(error))
+    }
+}
+
+/// The certificate source the binaries use: the local CA or PEM files.
+#[derive(Debug, Clone)]
+pub enum Certificates {
+    /// A CA kept in the state directory.
+    LocalCa(Arc<LocalCa>),
+    /// Certificates read from files.
+    Files(Arc<FileSource>),
+}
+
+impl CertSource for Certificates {
+    async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
+        match self {
+            Certificates::LocalCa(ca) => ca.fetch(id).await,
+            Certificates::Files(files) => files.fetch(id).await,
+        }
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        match self {
+            Certificates::LocalCa(ca) => ca.poll_interval(),
+            Certificates::Files(files) => files.poll_interval(),
+        }
+    }
+}
+
+impl Certificates {
+    /// Opens the source `config` names: loads (or creates) the local CA in its directory, or
+    /// prepares reading the certificate files.
+    pub fn open(config: &Config) -> Result<Self, StartError> {
+        Ok(match &config.certificates {
+            CertificateSource::LocalCa { dir } => {
+                Certificates::LocalCa(Arc::new(LocalCa::load_or_create(dir, config.trust_domain.clone())?))
+            }
+            CertificateSource::Files { chain, key, bundle } => {
+                Certificates::Files(Arc::new(FileSource::new(FilePaths {
+                    cert_chain: chain.clone(),
+                    private_key: key.clone(),
+                    trust_bundle: bundle.clone(),
+                })))
+            }
+        })
+    }
+}
+
+/// The certificate manager of the binaries; its driver runs on the control plane's runtime, and
+/// any thread reads certificates from it.
+pub type Manager = CertManager<Certificates, TokioTimer>;
+
+/// The client TLS configs of the binaries' HBONE pools.
+pub type ProxyTls = CertManagerTls<Certificates, TokioTimer>;
+
+/// What every connection of the proxy reads, on any runtime and any core: the published
+/// configuration, the certificates, and the decisions taken at start. `Send + Sync`; nothing in
+/// it blocks a data-path thread.
+pub struct ProxyContext {
+    published: Published,
+    proxy: LocalProxy,
+    manager: Manager,
+    /// The identity of the dedicated workload; `None` in shared mode.
+    dedicated: Option<SpiffeId>,
+    source: SourceWorkload,
+    serve_options: ServeOptions,
+    log_format: accesslog::LogFormat,
+    /// Options of the proxy's upstream connections (the packet mark).
+    upstream: SocketOptions,
+    pool: PoolConfig,
+}
+
+impl std::fmt::Debug for ProxyContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyContext")
+            .field("proxy", &self.proxy)
+            .field("dedicated", &self.dedicated)
+            .field("source", &self.source)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyContext {
+    /// The published configuration.
+    pub fn published(&self) -> &Published {
+        &self.published
+    }
+
+    /// The proxy's own description (its node, network, mode).
+    pub fn local_proxy(&self) -> &LocalProxy {
+        &self.proxy
+    }
+
+    /// The certificate manager.
+    pub fn manager(&self) -> &Manager {
+        &self.manager
+    }
+
+    /// The identity of the dedicated workload (`None` in shared mode).
+    pub fn dedicated(&self) -> Option<&SpiffeId> {
+        self.dedicated.as_ref()
+    }
+
+    /// Whose outbound connections the outbound listeners carry.
+    pub fn source(&self) -> &SourceWorkload {
+        &self.source
+    }
+
+    /// The options of inbound HBONE connections (HTTP/2 settings, copy buffers).
+    pub fn serve_options(&self) -> &ServeOptions {
+        &self.serve_options
+    }
+
+    /// The format of the access log lines.
+    pub fn log_format(&self) -> accesslog::LogFormat {
+        self.log_format
+    }
+
+    /// The options of the proxy's upstream connections (the packet mark).
+    pub fn upstream(&self) -> &SocketOptions {
+        &self.upstream
+    }
+
+    /// The HBONE pool's settings.
+    pub fn pool_config(&self) -> &PoolConfig {
+        &self.pool
+    }
+
+    /// The client TLS configs for an HBONE pool.
+    pub fn client_tls(&self) -> ProxyTls {
+        CertManagerTls::new(self.manager.clone())
+    }
+
+    /// The settings of an HBONE pool's connector (upstream socket options).
+    pub fn connector_config(&self) -> ConnectorConfig {
+        ConnectorConfig {
+            socket: self.upstream.clone(),
+            ..ConnectorConfig::default()
+        }
+    }
+}
+
+/// The control plane: the context every connection reads, and the tasks that keep it current
+/// (the configuration watcher, the certificate manager's driver) on the tokio runtime it was
+/// started in.
+#[derive(Debug)]
+pub struct ControlPlane {
+    context: Arc<ProxyContext>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    /// Loads the local configuration (and starts watching it, re-evaluating the connections of
+    /// every registry in `registries` at each change), opens the certificate source and starts its
+    /// manager, and decides whose connections the proxy carries and their packet mark. Call inside
+    /// a tokio runtime with IO and time enabled: the watcher and the manager run on it.
+    pub async fn start(config: &Config, registries: &[ConnectionRegistry]) -> Result<ControlPlane, StartError> {
+        let mut background = Vec::new();
+
+        // The local configuration, watched when it is a file.
+        let published = match &config.local_config {
+            Some(LocalConfigSource::File(path)) => {
+                let (watcher, published) = ConfigWatcher::start(path)?;
+                let watcher = registries
+                    .iter()
+                    .fold(watcher, |watcher, registry| watcher.with_registry(registry.clone()));
+                background.push(tokio::spawn(async move {
+                    watcher.run(TokioTimer, CONFIG_POLL_INTERVAL).await;
+                }));
+                published
+            }
+            Some(LocalConfigSource::Inline(yaml)) => {
+                let parsed = LocalConfig::parse(yaml)?;
+                Published::new(Snapshot::new(parsed, 1, None, SystemTime::now()))
+            }
+            None => {
+                tracing::warn!("no local configuration (--config, LOCAL_XDS_PATH): serving no workloads");
+                Published::default()
+            }
+        };
+
+        // Certificates.
+        let certificates = Certificates::open(config)?;
+        let manager: Manager = CertManager::new(certificates, TokioTimer, ManagerConfig::default());
+        let driver = manager.clone();
+        background.push(tokio::spawn(async move { driver.run().await }));
+
+        let dedicated = match &config.mode {
+            ProxyMode::Dedicated { workload } => Some(SpiffeId::from(
+                workload
+                    .identity(&config.trust_domain)
+                    .map_err(|e| StartError::Identity(format!("{workload}: {e}")))?,
+            )),
+            _ => None,
+        };
+        if let Some(id) = &dedicated {
+            manager.warm_up(id);
+        }
+        let source = match &config.mode {
+            ProxyMode::Dedicated { workload } => {
+                if published
+                    .load()
+                    .state
+                    .workload_by_name(&workload.namespace, &workload.name)
+                    .is_none()
+                {
+                    tracing::warn!(
+                        %workload,
+                        "the dedicated workload is not in the local configuration (yet): its outbound \
+                         connections fail until it is"
+                    );
+                }
+                SourceWorkload::Dedicated {
+                    namespace: workload.namespace.clone(),
+                    name: workload.name.clone(),
+                }
+            }
+            _ => SourceWorkload::Shared,
+        };
+
+        let upstream = SocketOptions {
+            mark: packet_mark(config.packet_mark)?,
+            ..SocketOptions::default()
+        };
+        let log_format = match config.log_format {
+            config::LogFormat::Json => accesslog::LogFormat::Json,
+            _ => accesslog::LogFormat::Text,
+        };
+        let context = Arc::new(ProxyContext {
+            proxy: config.local_proxy(),
+            published,
+            manager,
+            dedicated,
+            source,
+            serve_options: ServeOptions {
+                settings: config.http2().clone(),
+                copy: CopyConfig::default(),
+            },
+            log_format,
+            upstream,
+            pool: config.pool.clone(),
+        });
+        Ok(ControlPlane { context, background })
+    }
+
+    /// The context connections read.
+    pub fn context(&self) -> &Arc<ProxyContext> {
+        &self.context
+    }
+
+    /// Serves readiness, admin and metrics on their bound listeners (on the current tokio
+    /// runtime), with the metrics of `metrics` summed at each scrape (one part per core, or one
+    /// for the whole proxy). Readiness waits for the local configuration, the dedicated workload's
+    /// first certificate, and the returned blocker (to drop once every listener is bound).
+    pub fn serve_control(
+        &self,
+        config: &Config,
+        listeners: ControlListeners,
+        metrics: Vec<Arc<Metrics>>,
+        logging: Option<LogControl>,
+    ) -> (Control, ReadyBlocker) {
+        Control::start(config, &self.context, metrics, logging, listeners)
+    }
+
+    /// Stops the configuration watcher and the certificate manager.
+    pub fn stop(self) {
+        self.context.manager.shutdown();
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+/// Binds `addr` for `listener` with `SO_REUSEPORT` (so that a new instance can take over the port
+/// while this one drains) as a tokio listener, and records the address it is bound to in `bound`.
+pub fn bind_tokio(
+    listener: Listener,
+    addr: SocketAddr,
+    bound: &mut Vec<(Listener, SocketAddr)>,
+) -> Result<TcpListener, StartError> {
+    let opts = SocketOptions {
+        reuse_port: true,
+        ..SocketOptions::default()
+    };
+    let tcp = bind_listener(&DefaultSocketFactory, addr, &opts).map_err(|source| StartError::Bind {
+        listener,
+        addr,
+        source,
+    })?;
+    bound.push((listener, tcp.local_addr().unwrap_or(addr)));
+    Ok(tcp)
+}
+
+/// The bound control listeners.
+#[derive(Debug)]
+pub struct ControlListeners {
+    /// Readiness (15021).
+    pub readiness: TcpListener,
+    /// Admin (15000).
+    pub admin: TcpListener,
+    /// Metrics (15020).
+    pub metrics: TcpListener,
+}
+
+impl ControlListeners {
+    /// Binds the three control listeners of `config` ([`bind_tokio`]).
+    pub fn bind(config: &Config, bound: &mut Vec<(Listener, SocketAddr)>) -> Result<Self, StartError> {
+        Ok(ControlListeners {
+            readiness: bind_tokio(Listener::Readiness, config.listeners.readiness, bound)?,
+            admin: bind_tokio(Listener::Admin, config.listeners.admin, bound)?,
+            metrics: bind_tokio(Listener::Metrics, config.listeners.metrics, bound)?,
+        })
+    }
+}
+
+/// The control listeners (readiness, admin, metrics) and the tasks that make the proxy ready.
+#[derive(Debug)]
+pub struct Control {
+    readiness: Readiness,
+    trigger: admin::ShutdownTrigger,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    waiters: Vec<JoinHandle<()>>,
+}
+
+impl Control {
+    /// How often a failed first fetch of the dedicated workload's certificate is retried.
+    const CERTIFICATE_RETRY: Duration = Duration::from_secs(1);
+
+    fn start(
+        config: &Config,
+        context: &ProxyContext,
+        metrics: Vec<Arc<Metrics>>,
+        logging: Option<LogControl>,
+        bound: ControlListeners,
+    ) -> (Control, ReadyBlocker) {
+        let readiness = Readiness::new();
+        let listeners_bound = readiness.block("listeners");
+        let mut waiters = Vec::new();
+        if config.local_config.is_some() {
+            let blocker = readiness.block("local configuration");
+            let published = context.published.clone();
+            waiters.push(tokio::spawn(async move {
+                admin::config_loaded(&published).await;
+                blocker.ready();
+            }));
+        }
+        if let Some(id) = context.dedicated.clone() {
+            let blocker = readiness.block("workload certificate");
+            let manager = context.manager.clone();
+            waiters.push(tokio::spawn(async move {
+                if admin::certificate_obtained(&manager, &id, Self::CERTIFICATE_RETRY)
+                    .await
+                    .is_ok()
+                {
+                    blocker.ready();
+                }
+            }));
+        }
+
+        let trigger = admin::ShutdownTrigger::new();
+        let mut admin = AdminHandler::new(
+            context.published.clone(),
+            Arc::new(context.manager.clone()),
+            trigger.clone(),
+        );
+        if let Some(logging) = logging {
+            admin = admin.with_logging(logging);
+        }
+        let (stop, _) = watch::channel(false);
+        let servers = vec![
+            Self::serve(
+                "readiness",
+                bound.readiness,
+                ReadinessHandler::new(readiness.clone()),
+                &stop,
+            ),
+            Self::serve("admin", bound.admin, admin, &stop),
+            Self::serve(
+                "metrics",
+                bound.metrics,
+                MetricsHandler::summing(metrics).with_config(context.published.clone()),
+                &stop,
+            ),
+        ];
+        let control = Control {
+            readiness,
+            trigger,
+            stop,
+            servers,
+            waiters,
+        };
+        (control, listeners_bound)
+    }
+
+    /// Whether the proxy is ready (what the readiness endpoint answers).
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// The trigger `POST /quitquitquit` pulls.
+    pub fn trigger(&self) -> &admin::ShutdownTrigger {
+        &self.trigger
+    }
+
+    /// Spawns the server of `handler` on `tcp`, stopping with `stop`.
+    fn serve(
+        name: &'static str,
+        tcp: TcpListener,
+        handler: impl admin::Handler,
+        stop: &watch::Sender<bool>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(admin::serve(name, tcp, handler, shutdown_signal(stop.subscribe())))
+    }
+
+    /// Stops the servers (letting requests in progress finish) and the readiness tasks.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for server in self.servers {
+            let _ = server.await;
+        }
+        for waiter in &self.waiters {
+            waiter.abort();
+        }
+    }
+}
+
+/// Resolves when `rx` says shutdown (or its sender is gone). Runtime-independent: it works on any
+/// executor.
+pub async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The firewall mark of the proxy's upstream connections: see [`config::PacketMark`].
+fn packet_mark(setting: PacketMark) -> Result<Option<u32>, StartError> {
+    let Some(mark) = setting.value() else {
+        return Ok(None);
+    };
+    match check_mark(mark) {
+        Ok(()) => {
+            tracing::info!(mark = %format_args!("{mark:#x}"), "upstream connections carry the packet mark");
+            Ok(Some(mark))
+        }
+        Err(error) if setting == PacketMark::Auto => {
+            tracing::warn!(
+                mark = %format_args!("{mark:#x}"),
+                %error,
+                "cannot set the packet mark (it needs CAP_NET_ADMIN): upstream connections go out unmarked; \
+                 do not redirect this proxy's traffic with firewall rules, they would capture it again \
+                 (--packet-mark none silences this)"
+            );
+            Ok(None)
+        }
+        Err(source) => Err(StartError::PacketMark { mark, source }),
+    }
+}

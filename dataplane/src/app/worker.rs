@@ -1,0 +1,178 @@
+//! The serving of accepted connections, written once over [`Runtime`]: a [`Worker`] holds what
+//! a set of connections shares on one runtime (the whole tokio proxy, or one core of the io_uring
+//! build): the [`ProxyContext`], the metrics and connection registry it counts in, and the
+//! outbound path with its HBONE pool.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meshwire_hbone::copy::CopyConfig;
+use meshwire_hbone::pool::{Connector, Pool};
+use meshwire_hbone::server;
+use meshwire_identity::manager::Priority;
+
+use super::plane::{ProxyContext, ProxyTls};
+use crate::proxy::canonical;
+use crate::proxy::inbound::InboundHandler;
+use crate::proxy::outbound::Outbound;
+use crate::rt::Runtime;
+use crate::telemetry::metrics::Metrics;
+use crate::watch::ConnectionRegistry;
+
+/// The outbound path of a [`Worker`] on the runtime `R`.
+pub type WorkerOutbound<R> = Outbound<ProxyTls, R>;
+
+/// What the connections accepted on one runtime (or one core) share: the context, their metrics
+/// and registry, and the outbound path with its HBONE pool. The accept loops of each binary hand
+/// every accepted connection to one of its `serve_*` methods.
+pub struct Worker<R: Runtime> {
+    context: Arc<ProxyContext>,
+    runtime: R,
+    metrics: Arc<Metrics>,
+    registry: ConnectionRegistry,
+    outbound: WorkerOutbound<R>,
+}
+
+impl<R: Runtime> std::fmt::Debug for Worker<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("outbound", &self.outbound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> Worker<R>
+where
+    R: Runtime + Clone,
+    R::Connector<ProxyTls>: Connector<Io = R::Stream>,
+{
+    /// A worker on `runtime` counting in `metrics` and `registry`, whose HBONE pool connects with
+    /// `connector` (made from [`ProxyContext::client_tls`] and [`ProxyContext::connector_config`])
+    /// and runs its connections on `executor`.
+    pub fn new(
+        context: Arc<ProxyContext>,
+        runtime: R,
+        connector: R::Connector<ProxyTls>,
+        executor: R::Executor,
+        metrics: Arc<Metrics>,
+        registry: ConnectionRegistry,
+    ) -> Self {
+        let pool = Pool::new(connector, executor, runtime.timer(), context.pool_config().clone());
+        let outbound = Outbound::with_runtime(
+            runtime.clone(),
+            context.published().clone(),
+            context.local_proxy().clone(),
+            context.source().clone(),
+            pool,
+            CopyConfig::default(),
+        )
+        .with_telemetry(metrics.clone(), context.log_format())
+        .with_socket_options(context.upstream().clone());
+        Self {
+            context,
+            runtime,
+            metrics,
+            registry,
+            outbound,
+        }
+    }
+
+    /// The outbound path (SOCKS5 and capture listeners) and its HBONE pool.
+    pub fn outbound(&self) -> &WorkerOutbound<R> {
+        &self.outbound
+    }
+
+    /// The metrics the worker's connections are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The inbound handler of a connection from `peer` that arrived on `arrived_on`.
+    fn inbound_handler(&self, arrived_on: SocketAddr, peer: SocketAddr) -> InboundHandler<R> {
+        InboundHandler::with_runtime(
+            self.runtime.clone(),
+            self.context.published().clone(),
+            self.context.local_proxy().clone(),
+            arrived_on,
+            self.metrics.clone(),
+            self.registry.clone(),
+            self.context.log_format(),
+        )
+        .with_peer_addr(peer)
+        .with_socket_options(self.context.upstream().clone())
+    }
+
+    /// Serves an inbound HBONE connection from `peer`: mTLS with the certificate of the workload
+    /// it is for (the dedicated workload, or in shared mode the served workload whose IP it
+    /// arrived on), then every CONNECT with an [`InboundHandler`]; `shutdown` resolving sends
+    /// GOAWAY and lets the streams finish.
+    pub async fn serve_inbound_hbone(&self, tcp: R::Stream, peer: SocketAddr, shutdown: impl Future<Output = ()>) {
+        let arrived_on = match R::local_addr(&tcp) {
+            Ok(addr) => canonical(addr),
+            Err(error) => {
+                tracing::warn!(%peer, %error, "inbound HBONE connection has no local address");
+                return;
+            }
+        };
+        let id = match self.context.dedicated() {
+            Some(id) => id.clone(),
+            None => {
+                let snapshot = self.context.published().load();
+                match snapshot
+                    .state
+                    .inbound_workload(self.context.local_proxy(), arrived_on.ip())
+                {
+                    Some(workload) => workload.spiffe_id().clone(),
+                    None => {
+                        tracing::warn!(%peer, %arrived_on, "inbound HBONE connection to no served workload");
+                        return;
+                    }
+                }
+            }
+        };
+        let tls = match self.context.manager().get(&id, Priority::Connection).await {
+            Ok(handle) => handle.current().server_config().clone(),
+            Err(error) => {
+                tracing::warn!(%peer, %id, %error, "no certificate for inbound HBONE connection");
+                return;
+            }
+        };
+        let handler = self.inbound_handler(arrived_on, peer);
+        let timer = self.runtime.timer();
+        let result = server::serve(tcp, tls, self.context.serve_options(), &handler, &timer, shutdown).await;
+        match result {
+            Ok(summary) => tracing::debug!(%peer, client = %summary.peer, streams = summary.streams, "HBONE done"),
+            Err(error) => tracing::warn!(%peer, %error, "inbound HBONE connection failed"),
+        }
+    }
+
+    /// Serves a redirected inbound plaintext connection from `peer`:
+    /// [`InboundHandler::serve_plaintext`].
+    pub async fn serve_inbound_plaintext(&self, tcp: R::Stream, peer: SocketAddr) {
+        let arrived_on = match R::local_addr(&tcp) {
+            Ok(addr) => canonical(addr),
+            Err(error) => {
+                tracing::warn!(%peer, %error, "inbound plaintext connection has no local address");
+                return;
+            }
+        };
+        let handler = self.inbound_handler(arrived_on, peer);
+        match handler.serve_plaintext(tcp, self.context.serve_options().copy).await {
+            Ok(copied) => tracing::debug!(%peer, ?copied, "inbound plaintext connection done"),
+            Err(error) => tracing::warn!(%peer, %error, "inbound plaintext connection failed"),
+        }
+    }
+
+    /// Serves a redirected outbound connection from `peer`: [`Outbound::serve_capture`].
+    pub async fn serve_capture(&self, tcp: R::Stream, peer: SocketAddr) {
+        let summary = self.outbound.serve_capture(tcp, peer).await;
+        tracing::debug!(%peer, ?summary, "outbound capture connection done");
+    }
+
+    /// Serves a SOCKS5 connection from `peer`: [`Outbound::serve_socks5`].
+    pub async fn serve_socks5(&self, tcp: R::Stream, peer: SocketAddr) {
+        let summary = self.outbound.serve_socks5(tcp, peer).await;
+        tracing::debug!(%peer, ?summary, "SOCKS5 connection done");
+    }
+}
