@@ -1,9 +1,16 @@
 //! The meshwire node proxy's data path on glommio (thread-per-core io_uring): the io_uring build
 //! reuses all of `meshwire-dataplane` (configuration, state, routing and authorization, the
-//! per-connection proxy logic written over [`meshwire_dataplane::rt::Runtime`], telemetry, admin) and
-//! supplies only the runtime plumbing.
+//! control plane, the per-connection proxy logic written over [`meshwire_dataplane::rt::Runtime`],
+//! telemetry, admin) and supplies only the runtime plumbing.
 //!
-//! So far: [`rt`], the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio. The binary
-//! (`ztunnel-uring`: executors per core, listeners per core, per-core pools) is not written yet.
+//! - [`rt`]: the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio: streams, timer,
+//!   executor, connecting sockets made by the socket factory, the HBONE pool's connector.
+//! - [`proxy`]: [`proxy::UringProxy`], the binary `ztunnel-uring`: one pinned executor per core,
+//!   listeners per core with `SO_REUSEPORT`, per-core HBONE pools and metrics, the control plane
+//!   on one tokio thread.
+//! - [`preflight`]: the checks before the executors start (locked-memory limit, io_uring turned
+//!   off, the CPU set) and the classification of an executor's start errors.
 
+pub mod preflight;
+pub mod proxy;
 pub mod rt;

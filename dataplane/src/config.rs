@@ -184,8 +184,11 @@ pub struct Config {
     pub pool: PoolConfig,
     /// How long draining connections are given at shutdown before they are closed.
     pub drain_deadline: Duration,
-    /// Threads of the data path.
+    /// Threads of the data path (the tokio build's workers, the io_uring build's executors).
     pub worker_threads: usize,
+    /// Whether `worker_threads` was given (flag, variable or `PROXY_CONFIG`) rather than defaulted:
+    /// the io_uring build's default is one executor per CPU of the process's CPU set instead.
+    pub worker_threads_given: bool,
     /// Lifetime of the certificates the local CA issues.
     pub cert_ttl: Duration,
     /// Format of the log and access log lines.
@@ -1397,6 +1400,7 @@ impl<'a> Inputs<'a> {
         };
 
         let (listeners, port_origins) = self.listeners()?;
+        let worker_threads = self.worker_threads()?;
         let config = Config {
             mode,
             local_config: self.local_config()?,
@@ -1413,7 +1417,8 @@ impl<'a> Inputs<'a> {
             listeners,
             pool,
             drain_deadline: self.drain_deadline()?,
-            worker_threads: self.worker_threads()?,
+            worker_threads: worker_threads.0,
+            worker_threads_given: worker_threads.1,
             cert_ttl,
             log_format: self.required(&LOG_FORMAT, |s| s.trim().parse())?.value,
             log_level: self.required(&LOG_LEVEL, non_empty)?.value,
@@ -1636,7 +1641,8 @@ impl<'a> Inputs<'a> {
         Ok(Duration::from_secs(secs.max(1)))
     }
 
-    fn worker_threads(&self) -> Result<usize, Error> {
+    /// The number of worker threads, and whether it was given rather than defaulted.
+    fn worker_threads(&self) -> Result<(usize, bool), Error> {
         let found = self.required(&WORKER_THREADS, |s| {
             let s = s.trim();
             match s.strip_suffix('%') {
@@ -1648,8 +1654,9 @@ impl<'a> Inputs<'a> {
                 None => at_least_one(s).map(Threads::Count),
             }
         })?;
+        let given = !matches!(found.origin, Origin::Default(_));
         match found.value {
-            Threads::Count(n) => Ok(n),
+            Threads::Count(n) => Ok((n, given)),
             Threads::Percent(percent) => {
                 let name = "ZTUNNEL_CPU_LIMIT";
                 let cpus = match self.env(name) {
@@ -1663,7 +1670,7 @@ impl<'a> Inputs<'a> {
                     clippy::cast_precision_loss
                 )]
                 let threads = (cpus as f64 * percent / 100.0).ceil() as usize;
-                Ok(threads.max(1))
+                Ok((threads.max(1), given))
             }
         }
     }

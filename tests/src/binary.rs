@@ -12,7 +12,7 @@ pub struct Binary {
 }
 
 /// The names of the proxy binaries every scenario runs against.
-pub const NAMES: &[&str] = &["ztunnel"];
+pub const NAMES: &[&str] = &["ztunnel", "ztunnel-uring"];
 
 /// The environment variables the proxies read that a developer's shell might set: removed so that
 /// only what a test passes applies.
@@ -57,7 +57,12 @@ impl Binary {
         Binary::named("ztunnel")
     }
 
-    /// Its name (`ztunnel`).
+    /// The io_uring build, `ztunnel-uring`.
+    pub fn ztunnel_uring() -> Binary {
+        Binary::named("ztunnel-uring")
+    }
+
+    /// Its name (`ztunnel`, `ztunnel-uring`).
     pub fn name(&self) -> &'static str {
         self.name
     }

@@ -204,6 +204,8 @@ pub struct MetricsHandler {
     /// The counters, one [`Metrics`] per core where the proxy counts on each core separately.
     metrics: Arc<[Arc<Metrics>]>,
     proxy: Option<Arc<ProxyGauges>>,
+    /// Metrics of the binary itself (the io_uring build's per-core counters).
+    extra: Option<Arc<prometheus_client::registry::Registry>>,
 }
 
 #[derive(Debug)]
@@ -225,7 +227,14 @@ impl MetricsHandler {
         Self {
             metrics: parts.into(),
             proxy: None,
+            extra: None,
         }
+    }
+
+    /// Adds the metrics of `registry` to every answer.
+    pub fn with_registry(mut self, registry: Arc<prometheus_client::registry::Registry>) -> Self {
+        self.extra = Some(registry);
+        self
     }
 
     /// The counters to encode: the only part, or the sum of the parts.
@@ -271,17 +280,19 @@ impl MetricsHandler {
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
 
         let counters = self.counters();
-        let Some(proxy) = &self.proxy else {
-            return counters.render();
-        };
-        proxy
-            .generation
-            .set(i64::try_from(proxy.published.generation()).unwrap_or(i64::MAX));
         let mut text = String::new();
         // Writing into a String cannot fail, and none of the label encoders here fails.
-        let encoded = encode_registry(&mut text, counters.registry())
-            .and_then(|()| encode_registry(&mut text, &proxy.registry))
-            .and_then(|()| encode_eof(&mut text));
+        let mut encoded = encode_registry(&mut text, counters.registry());
+        if let Some(proxy) = &self.proxy {
+            proxy
+                .generation
+                .set(i64::try_from(proxy.published.generation()).unwrap_or(i64::MAX));
+            encoded = encoded.and_then(|()| encode_registry(&mut text, &proxy.registry));
+        }
+        if let Some(extra) = &self.extra {
+            encoded = encoded.and_then(|()| encode_registry(&mut text, extra));
+        }
+        let encoded = encoded.and_then(|()| encode_eof(&mut text));
         debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
         text
     }

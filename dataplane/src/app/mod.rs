@@ -52,13 +52,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, LogControl, Readiness};
+use crate::admin::{self, LogControl, MetricsHandler, Readiness};
 use crate::config::{Config, Listener};
 use crate::proxy::canonical;
 use crate::rt::tokio::{TokioConnector, TokioExecutor, TokioRuntime};
 use crate::telemetry::metrics::Metrics;
 use crate::watch::ConnectionRegistry;
 
+pub mod cli;
 pub mod plane;
 pub mod worker;
 
@@ -179,7 +180,8 @@ impl Proxy {
         drop(conn_tx);
 
         // Readiness, admin and metrics; the proxy is ready once this function returns.
-        let (control, listeners_bound) = plane.serve_control(&config, control_listeners, vec![metrics], logging);
+        let (control, listeners_bound) =
+            plane.serve_control(&config, control_listeners, MetricsHandler::new(metrics), logging);
         log_listeners(&config, &listeners);
         listeners_bound.ready();
         Ok(Proxy {

@@ -32,7 +32,6 @@ use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark};
 use crate::rt::tokio::{TokioTimer, bind_listener};
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog;
-use crate::telemetry::metrics::Metrics;
 use crate::watch::{ConfigWatcher, ConnectionRegistry, Published, Snapshot};
 use crate::xds::{ConfigError, LocalConfig};
 
@@ -326,14 +325,14 @@ impl ControlPlane {
     }
 
     /// Serves readiness, admin and metrics on their bound listeners (on the current tokio
-    /// runtime), with the metrics of `metrics` summed at each scrape (one part per core, or one
-    /// for the whole proxy). Readiness waits for the local configuration, the dedicated workload's
+    /// runtime); the metrics endpoint answers `metrics` (the connection counters, summed over the
+    /// cores where each core counts in its own) with the build and configuration gauges. Readiness waits for the local configuration, the dedicated workload's
     /// first certificate, and the returned blocker (to drop once every listener is bound).
     pub fn serve_control(
         &self,
         config: &Config,
         listeners: ControlListeners,
-        metrics: Vec<Arc<Metrics>>,
+        metrics: MetricsHandler,
         logging: Option<LogControl>,
     ) -> (Control, ReadyBlocker) {
         Control::start(config, &self.context, metrics, logging, listeners)
@@ -407,7 +406,7 @@ impl Control {
     fn start(
         config: &Config,
         context: &ProxyContext,
-        metrics: Vec<Arc<Metrics>>,
+        metrics: MetricsHandler,
         logging: Option<LogControl>,
         bound: ControlListeners,
     ) -> (Control, ReadyBlocker) {
@@ -456,7 +455,7 @@ impl Control {
             Self::serve(
                 "metrics",
                 bound.metrics,
-                MetricsHandler::summing(metrics).with_config(context.published.clone()),
+                metrics.with_config(context.published.clone()),
                 &stop,
             ),
         ];

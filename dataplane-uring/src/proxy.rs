@@ -1,0 +1,496 @@
+//! The io_uring build's proxy: the shared control plane on one tokio thread, and one pinned
+//! glommio executor per core serving the data path.
+//!
+//! **Cores.** Every core binds its own socket for each data listener (inbound HBONE, inbound
+//! plaintext, outbound capture, SOCKS5) with `SO_REUSEPORT`, so that the kernel spreads new
+//! connections over the cores; a connection lives and dies on the core that accepted it. Each core
+//! has its own [`Worker`]: its own HBONE pool (one tunnel per destination key per core: a peer
+//! that opens few tunnels is still spread over the cores), its own metrics ([`Metrics`], summed
+//! when scraped) and its own connection registry. Nothing on the data path is shared between
+//! cores but the read-only [`ProxyContext`] (configuration snapshots, certificates).
+//!
+//! **Start.** The control plane starts first (configuration, certificates); the control listeners
+//! (readiness, admin, metrics) are bound on the control thread; then the cores start one after
+//! the other, each binding its listeners (the first core's addresses are those of the others, so
+//! that a port 0 gets one number). A core that cannot start (io_uring unavailable, a port in use)
+//! fails the start with the cause; no core serves before every core has bound its listeners.
+//!
+//! **Drain.** The cores stop accepting, inbound HBONE connections get GOAWAY, and each core ends
+//! once its connections have; past the drain deadline the cores are told to abandon what is left.
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures_util::future::{Either, select};
+use glommio::{LocalExecutorBuilder, Placement};
+use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
+use meshwire_dataplane::app::{
+    ACCEPT_RETRY, Control, ControlListeners, ControlPlane, Drained, ProxyContext, StartError, Worker, log_listeners,
+};
+use meshwire_dataplane::config::{Config, Listener};
+use meshwire_dataplane::proxy::canonical;
+use meshwire_dataplane::telemetry::metrics::Metrics;
+use meshwire_dataplane::watch::ConnectionRegistry;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+use crate::preflight::Unavailable;
+use crate::rt::{GlommioConnector, GlommioExecutor, GlommioRuntime};
+
+/// The memory each executor reserves for storage IO (registered with io_uring): the proxy does
+/// network IO only, so glommio's minimum-sized slab is kept small.
+pub const IO_MEMORY: usize = 256 * 1024;
+
+/// The name of the per-core accept counter: `meshwire_core_connections_accepted_total{core,listener}`.
+pub const ACCEPTED_METRIC: &str = "meshwire_core_connections_accepted";
+
+/// Why the io_uring proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// What stops either build (configuration, certificates, a listener that cannot be bound).
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// io_uring cannot serve here.
+    #[error("io_uring is unavailable: {0}; run `ztunnel` (the tokio build) instead")]
+    Unavailable(#[from] Unavailable),
+    /// A core stopped before it reported its listeners (a panic, which the log shows).
+    #[error("core {core} stopped while starting")]
+    CoreLost {
+        /// The core's index.
+        core: usize,
+    },
+    /// A core's thread could not be created.
+    #[error("cannot create the thread of core {core}: {source}")]
+    Thread {
+        /// The core's index.
+        core: usize,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// The phases of the proxy, as every core sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Binding listeners; nothing is served yet.
+    Starting,
+    /// Every core has bound its listeners: serve.
+    Serving,
+    /// Stop accepting; let the connections finish.
+    Draining,
+    /// The drain deadline passed (or the start failed): stop now.
+    Abandoned,
+}
+
+/// Resolves once the phase is `at_least` or later (or the proxy is gone).
+async fn reached(mut phase: watch::Receiver<Phase>, at_least: Phase) {
+    let _ = phase.wait_for(|p| *p >= at_least).await;
+}
+
+/// The labels of the per-core accept counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AcceptLabels {
+    core: String,
+    listener: String,
+}
+
+/// The label value of a data listener.
+fn listener_label(listener: Listener) -> &'static str {
+    match listener {
+        Listener::Inbound => "inbound",
+        Listener::InboundPlaintext => "inbound_plaintext",
+        Listener::Outbound => "outbound",
+        Listener::Socks5 => "socks5",
+        _ => "other",
+    }
+}
+
+/// Tells the control thread a core ended, when dropped (a normal end, or a panic unwinding).
+struct ExitGuard {
+    core: usize,
+    exits: mpsc::UnboundedSender<usize>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let _ = self.exits.send(self.core);
+    }
+}
+
+/// What a core starts with (built on the control thread, moved to the core's thread).
+struct CoreSetup {
+    core: usize,
+    cpu: usize,
+    context: Arc<ProxyContext>,
+    metrics: Arc<Metrics>,
+    registry: ConnectionRegistry,
+    listeners: Vec<(Listener, SocketAddr)>,
+    phase: watch::Receiver<Phase>,
+    bound: oneshot::Sender<Result<Vec<(Listener, SocketAddr)>, Error>>,
+    accepted: Family<AcceptLabels, Counter>,
+    exit: ExitGuard,
+}
+
+/// The worker of a core.
+type CoreWorker = Worker<GlommioRuntime>;
+
+/// The io_uring proxy, running: its control plane and servers on the calling tokio runtime, its
+/// cores on their threads.
+pub struct UringProxy {
+    listeners: Vec<(Listener, SocketAddr)>,
+    cpus: Vec<usize>,
+    phase: watch::Sender<Phase>,
+    exits: mpsc::UnboundedReceiver<usize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    plane: ControlPlane,
+    control: Control,
+    drain_deadline: std::time::Duration,
+}
+
+impl std::fmt::Debug for UringProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringProxy")
+            .field("listeners", &self.listeners)
+            .field("cpus", &self.cpus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UringProxy {
+    /// Starts the proxy of `config` with one executor per entry of `cpus`, pinned to that CPU.
+    /// Call inside a tokio runtime (the control thread): the control plane and the readiness,
+    /// admin and metrics listeners run on it.
+    pub async fn start(config: Config, logging: Option<LogControl>, cpus: Vec<usize>) -> Result<UringProxy, Error> {
+        let registries: Vec<ConnectionRegistry> = cpus.iter().map(|_| ConnectionRegistry::new()).collect();
+        let metrics: Vec<Arc<Metrics>> = cpus.iter().map(|_| Arc::new(Metrics::new())).collect();
+        let plane = ControlPlane::start(&config, &registries).await?;
+
+        let mut listeners = Vec::new();
+        let control_listeners = ControlListeners::bind(&config, &mut listeners)?;
+        let mut data = vec![
+            (Listener::Inbound, config.listeners.inbound),
+            (Listener::InboundPlaintext, config.listeners.inbound_plaintext),
+            (Listener::Outbound, config.listeners.outbound),
+        ];
+        data.extend(config.listeners.socks5.map(|addr| (Listener::Socks5, addr)));
+
+        let accepted = Family::<AcceptLabels, Counter>::default();
+        let mut extra = Registry::default();
+        extra.register(
+            ACCEPTED_METRIC,
+            "Connections accepted by each core (executor) of the io_uring build, by listener",
+            accepted.clone(),
+        );
+
+        let (phase, _) = watch::channel(Phase::Starting);
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let mut threads = Vec::new();
+        let mut failure = None;
+        for (core, (&cpu, (metrics, registry))) in cpus.iter().zip(metrics.iter().zip(&registries)).enumerate() {
+            let (bound_tx, bound_rx) = oneshot::channel();
+            let setup = CoreSetup {
+                core,
+                cpu,
+                context: plane.context().clone(),
+                metrics: metrics.clone(),
+                registry: registry.clone(),
+                listeners: data.clone(),
+                phase: phase.subscribe(),
+                bound: bound_tx,
+                accepted: accepted.clone(),
+                exit: ExitGuard {
+                    core,
+                    exits: exits_tx.clone(),
+                },
+            };
+            match spawn_core(setup) {
+                Ok(thread) => threads.push(thread),
+                Err(source) => {
+                    failure = Some(Error::Thread { core, source });
+                    break;
+                }
+            }
+            // The next core binds the addresses this one got (a port 0 is chosen once).
+            match bound_rx.await {
+                Ok(Ok(bound)) => data = bound,
+                Ok(Err(error)) => {
+                    failure = Some(error);
+                    break;
+                }
+                Err(_) => {
+                    failure = Some(Error::CoreLost { core });
+                    break;
+                }
+            }
+        }
+        drop(exits_tx);
+        if let Some(error) = failure {
+            let _ = phase.send(Phase::Abandoned);
+            join(threads).await;
+            plane.stop();
+            return Err(error);
+        }
+        listeners.extend(data);
+        let _ = phase.send(Phase::Serving);
+
+        let handler = MetricsHandler::summing(metrics).with_registry(Arc::new(extra));
+        let (control, listeners_bound) = plane.serve_control(&config, control_listeners, handler, logging);
+        log_listeners(&config, &listeners);
+        tracing::info!(cores = cpus.len(), cpus = ?cpus, "serving on io_uring: one executor per core");
+        listeners_bound.ready();
+        Ok(UringProxy {
+            listeners,
+            cpus,
+            phase,
+            exits,
+            threads,
+            plane,
+            control,
+            drain_deadline: config.drain_deadline,
+        })
+    }
+
+    /// The listeners being served, with the addresses they are bound to.
+    pub fn listeners(&self) -> &[(Listener, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The CPU each core's executor is pinned to.
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// The trigger `POST /quitquitquit` pulls.
+    pub fn shutdown_trigger(&self) -> admin::ShutdownTrigger {
+        self.control.trigger().clone()
+    }
+
+    /// Whether the proxy is ready (what the readiness endpoint answers).
+    pub fn readiness(&self) -> &Readiness {
+        self.control.readiness()
+    }
+
+    /// Resolves with a core's index if one stops while serving (a panic on its thread): the
+    /// binary then drains the others and exits with a failure, for its supervisor to restart it.
+    pub async fn core_stopped(&mut self) -> usize {
+        match self.exits.recv().await {
+            Some(core) => core,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops accepting on every core, asks the HBONE connections to drain, and waits up to the
+    /// drain deadline for every core's connections to end; then tells the cores to abandon what is
+    /// left, and stops the control plane and its listeners (readiness answers 503 from the start).
+    pub async fn drain(mut self) -> Drained {
+        tracing::info!(deadline = ?self.drain_deadline, "draining");
+        self.control.readiness().set_draining();
+        let _ = self.phase.send(Phase::Draining);
+        let exits = &mut self.exits;
+        let all_ended = async { while exits.recv().await.is_some() {} };
+        let outcome = match tokio::time::timeout(self.drain_deadline, all_ended).await {
+            Ok(()) => Drained::Complete,
+            Err(_) => Drained::DeadlineReached,
+        };
+        let _ = self.phase.send(Phase::Abandoned);
+        join(std::mem::take(&mut self.threads)).await;
+        self.plane.stop();
+        self.control.stop().await;
+        outcome
+    }
+}
+
+/// Waits for the cores' threads to end, off the control thread's event loop.
+async fn join(threads: Vec<std::thread::JoinHandle<()>>) {
+    let joined = tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a core's thread panicked");
+            }
+        }
+    });
+    let _ = joined.await;
+}
+
+/// Starts the thread of a core: its executor pinned to its CPU, then [`run_core`]. An executor
+/// that cannot be made reports why through `bound`.
+fn spawn_core(setup: CoreSetup) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let name = format!("ztunnel-core{}", setup.core);
+    std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let (core, cpu) = (setup.core, setup.cpu);
+        let executor = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&name)
+            .io_memory(IO_MEMORY)
+            .make();
+        match executor {
+            Ok(executor) => executor.run(run_core(setup)),
+            Err(error) => {
+                let _ = setup.bound.send(Err(Unavailable::classify(core, cpu, error).into()));
+            }
+        }
+    })
+}
+
+/// A core: binds its listeners and reports them, waits until every core has, serves until the
+/// drain, then waits for its connections to end (or to be abandoned).
+async fn run_core(setup: CoreSetup) {
+    let CoreSetup {
+        core,
+        cpu: _,
+        context,
+        metrics,
+        registry,
+        listeners,
+        phase,
+        bound,
+        accepted,
+        exit,
+    } = setup;
+    let _exit = exit;
+    let mut sockets = Vec::new();
+    let mut addrs = Vec::new();
+    for (listener, addr) in listeners {
+        // glommio binds with SO_REUSEPORT: every core has its own socket on the same port.
+        match glommio::net::TcpListener::bind(addr) {
+            Ok(socket) => {
+                addrs.push((listener, socket.local_addr().unwrap_or(addr)));
+                sockets.push((listener, socket));
+            }
+            Err(error) => {
+                let source = std::io::Error::from(error);
+                let _ = bound.send(Err(StartError::Bind { listener, addr, source }.into()));
+                return;
+            }
+        }
+    }
+    let _ = bound.send(Ok(addrs));
+    let mut wait = phase.clone();
+    let started = wait.wait_for(|p| *p != Phase::Starting).await.map(|p| *p);
+    if !matches!(started, Ok(Phase::Serving)) {
+        return;
+    }
+
+    let connector = GlommioConnector::new(context.client_tls(), context.connector_config());
+    let worker: Rc<CoreWorker> = Rc::new(Worker::new(
+        context,
+        GlommioRuntime::new(),
+        connector,
+        GlommioExecutor,
+        metrics,
+        registry,
+    ));
+    let pool = worker.outbound().pool().clone();
+    let maintenance = glommio::spawn_local(async move { pool.maintain().await });
+    let (connections, mut ended) = mpsc::channel::<()>(1);
+    let loops: Vec<_> = sockets
+        .into_iter()
+        .map(|(listener, socket)| {
+            let counter = accepted
+                .get_or_create(&AcceptLabels {
+                    core: core.to_string(),
+                    listener: listener_label(listener).to_owned(),
+                })
+                .clone();
+            let accept = AcceptLoop {
+                listener,
+                socket,
+                worker: worker.clone(),
+                phase: phase.clone(),
+                connections: connections.clone(),
+                accepted: counter,
+            };
+            glommio::spawn_local(accept.run())
+        })
+        .collect();
+    drop(connections);
+    drop(worker);
+    for accept in loops {
+        accept.await;
+    }
+    let _ = maintenance.cancel().await;
+    // Every connection task holds a sender: `recv` returns `None` once they all ended.
+    let all_ended = pin!(ended.recv());
+    let abandoned = pin!(reached(phase, Phase::Abandoned));
+    let _ = select(all_ended, abandoned).await;
+}
+
+/// The accept loop of one listener on one core.
+struct AcceptLoop {
+    listener: Listener,
+    socket: glommio::net::TcpListener,
+    worker: Rc<CoreWorker>,
+    phase: watch::Receiver<Phase>,
+    connections: mpsc::Sender<()>,
+    accepted: Counter,
+}
+
+impl AcceptLoop {
+    /// Accepts until the drain, and serves each connection in a task of this core (with
+    /// `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4).
+    async fn run(self) {
+        let mut stop = pin!(reached(self.phase.clone(), Phase::Draining));
+        loop {
+            let accept = pin!(self.socket.accept());
+            let stream = match select(stop.as_mut(), accept).await {
+                Either::Left(_) => return,
+                Either::Right((Ok(stream), _)) => stream,
+                Either::Right((Err(error), _)) => {
+                    tracing::warn!(listener = %self.listener, %error, "accept failed");
+                    glommio::timer::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            };
+            self.accepted.inc();
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+            let peer = match stream.peer_addr() {
+                Ok(peer) => canonical(peer),
+                Err(error) => {
+                    tracing::debug!(listener = %self.listener, %error, "accepted connection already gone");
+                    continue;
+                }
+            };
+            let serve = serve(
+                self.listener,
+                self.worker.clone(),
+                stream.compat(),
+                peer,
+                self.phase.clone(),
+            );
+            let guard = self.connections.clone();
+            glommio::spawn_local(async move {
+                let _guard = guard;
+                serve.await;
+            })
+            .detach();
+        }
+    }
+}
+
+/// Serves a connection accepted on `listener`.
+async fn serve(
+    listener: Listener,
+    worker: Rc<CoreWorker>,
+    tcp: crate::rt::GlommioStream,
+    peer: SocketAddr,
+    phase: watch::Receiver<Phase>,
+) {
+    match listener {
+        Listener::Inbound => {
+            worker
+                .serve_inbound_hbone(tcp, peer, reached(phase, Phase::Draining))
+                .await;
+        }
+        Listener::InboundPlaintext => worker.serve_inbound_plaintext(tcp, peer).await,
+        Listener::Outbound => worker.serve_capture(tcp, peer).await,
+        _ => worker.serve_socks5(tcp, peer).await,
+    }
+}
