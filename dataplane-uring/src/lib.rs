@@ -5,6 +5,8 @@
 //!
 //! - [`rt`]: the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio: streams, timer,
 //!   executor, connecting sockets made by the socket factory, the HBONE pool's connector.
+//! - [`stream`]: [`stream::UringStream`], glommio's TCP stream with the `tokio::io` traits, reading
+//!   into uninitialised memory without zeroing it and writing vectors in one `sendmsg`.
 //! - [`proxy`]: [`proxy::UringProxy`], the binary `ztunnel-uring`: one pinned executor per core,
 //!   listeners per core with `SO_REUSEPORT`, per-core HBONE pools and metrics, the control plane
 //!   on one tokio thread.
@@ -14,3 +16,4 @@
 pub mod preflight;
 pub mod proxy;
 pub mod rt;
+pub mod stream;

@@ -38,10 +38,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::preflight::Unavailable;
 use crate::rt::{GlommioConnector, GlommioExecutor, GlommioRuntime};
+use crate::stream::UringStream;
 
 /// The memory each executor reserves for storage IO (registered with io_uring): the proxy does
 /// network IO only, so glommio's minimum-sized slab is kept small.
@@ -458,13 +458,14 @@ impl AcceptLoop {
                     continue;
                 }
             };
-            let serve = serve(
-                self.listener,
-                self.worker.clone(),
-                stream.compat(),
-                peer,
-                self.phase.clone(),
-            );
+            let stream = match UringStream::from_glommio(stream) {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(listener = %self.listener, %peer, %error, "cannot duplicate the accepted socket");
+                    continue;
+                }
+            };
+            let serve = serve(self.listener, self.worker.clone(), stream, peer, self.phase.clone());
             let guard = self.connections.clone();
             glommio::spawn_local(async move {
                 let _guard = guard;

@@ -20,7 +20,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,10 +36,12 @@ use meshwire_hbone::pool::{Connector, PoolKey};
 use meshwire_hbone::rt::{Executor, Timer};
 use rustls::ClientConfig;
 use socket2::Socket;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
-/// A glommio TCP stream seen through the `tokio::io` traits (what the proxy logic reads and writes).
-pub type GlommioStream = Compat<glommio::net::TcpStream>;
+use crate::stream::UringStream;
+
+/// A glommio TCP stream seen through the `tokio::io` traits (what the proxy logic reads and writes):
+/// a [`UringStream`].
+pub type GlommioStream = UringStream;
 
 /// [`Timer`] over glommio's reactor timers. Must be used on a glommio executor thread.
 #[derive(Debug, Clone, Copy, Default)]
@@ -88,9 +90,7 @@ impl<F: Future<Output = ()> + 'static> Executor<F> for GlommioExecutor {
 /// An owned duplicate of the socket behind `fd` (a descriptor of this process), through
 /// `pidfd_getfd(2)`: socket options read or set on it are the original socket's.
 pub fn duplicate(fd: RawFd) -> io::Result<Socket> {
-    let pidfd = rustix::process::pidfd_open(rustix::process::getpid(), rustix::process::PidfdFlags::empty())?;
-    let owned = rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())?;
-    Ok(Socket::from(owned))
+    crate::stream::duplicate(fd).map(Socket::from)
 }
 
 /// Connects an unconnected, non-blocking socket (as made by [`SocketFactory::stream`]) to `peer`,
@@ -132,9 +132,11 @@ pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io:
         }
         Err(e) => return Err(fail(e)),
     }
+    // The stream keeps a duplicate of the descriptor for its own IO (see `UringStream`).
+    let fd = std::os::fd::OwnedFd::from(socket.try_clone().map_err(fail)?);
     let std_stream = std::net::TcpStream::from(socket);
     let stream = glommio::net::TcpStream::from(socket2_glommio::Socket::from(std_stream));
-    Ok(stream.compat())
+    Ok(UringStream::new(stream, fd))
 }
 
 /// The [`Runtime`] of the io_uring build: glommio streams, timers and tasks; sockets from the
@@ -163,10 +165,6 @@ impl<F> GlommioRuntime<F> {
     }
 }
 
-fn stream_fd(stream: &GlommioStream) -> RawFd {
-    stream.get_ref().as_raw_fd()
-}
-
 impl<F: SocketFactory + 'static> Runtime for GlommioRuntime<F> {
     type Stream = GlommioStream;
     type Timer = GlommioTimer;
@@ -182,19 +180,19 @@ impl<F: SocketFactory + 'static> Runtime for GlommioRuntime<F> {
     }
 
     fn local_addr(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        stream.get_ref().local_addr().map_err(io::Error::from)
+        stream.local_addr()
     }
 
     fn peer_addr(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        stream.get_ref().peer_addr().map_err(io::Error::from)
+        stream.peer_addr()
     }
 
     fn original_destination(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        socket::original_destination(&duplicate(stream_fd(stream))?)
+        socket::original_destination(stream)
     }
 
     fn reset_on_close(stream: &GlommioStream) -> io::Result<()> {
-        socket::reset_on_close(&duplicate(stream_fd(stream))?)
+        socket::reset_on_close(stream)
     }
 }
 

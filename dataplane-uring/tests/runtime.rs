@@ -26,6 +26,7 @@ use meshwire_dataplane::telemetry::metrics::Metrics;
 use meshwire_dataplane::watch::{ConnectionRegistry, Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_dataplane_uring::rt::{GlommioConnector, GlommioExecutor, GlommioRuntime, GlommioStream, GlommioTimer};
+use meshwire_dataplane_uring::stream::UringStream;
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::{Pool, PoolConfig};
 use meshwire_hbone::server::{self, ServeOptions};
@@ -34,7 +35,6 @@ use meshwire_identity::manager::{CertManager, ManagerConfig};
 use meshwire_identity::source::local_ca::LocalCa;
 use meshwire_identity::tls::{self, TrustDomains};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
 const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -75,7 +75,7 @@ where
 {
     glommio::spawn_local(async move {
         while let Ok(stream) = listener.accept().await {
-            let stream = stream.compat();
+            let stream = UringStream::from_glommio(stream).unwrap();
             let peer =
                 GlommioRuntime::<meshwire_dataplane::rt::socket::DefaultSocketFactory>::peer_addr(&stream).unwrap();
             glommio::spawn_local(serve(stream, peer)).detach();
@@ -86,7 +86,7 @@ where
 
 /// A SOCKS5 CONNECT to an IPv4 `target`: the reply code and the stream.
 async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> (u8, GlommioStream) {
-    let mut tcp = glommio::net::TcpStream::connect(proxy).await.unwrap().compat();
+    let mut tcp = UringStream::from_glommio(glommio::net::TcpStream::connect(proxy).await.unwrap()).unwrap();
     tcp.write_all(&[5, 1, 0]).await.unwrap();
     let mut choice = [0u8; 2];
     tcp.read_exact(&mut choice).await.unwrap();
@@ -275,7 +275,7 @@ workloads:
     assert_eq!(summaries.borrow()[1].route, Some(RouteKind::Passthrough));
 
     // A connection to the capture listener that was not redirected: reset.
-    let mut direct = glommio::net::TcpStream::connect(capture).await.unwrap().compat();
+    let mut direct = UringStream::from_glommio(glommio::net::TcpStream::connect(capture).await.unwrap()).unwrap();
     next(&summaries, 3).await;
     assert!(
         matches!(summaries.borrow()[2].error, Some(OutboundError::NotRedirected(_))),
