@@ -585,3 +585,88 @@ fn log_callback_receives_messages_at_its_level_and_version_and_names_are_static(
         "{logs:?}"
     );
 }
+
+type DialOutcomes = Mutex<Vec<(MeshwireStatus, c_int, String)>>;
+
+unsafe extern "C" fn record_dial(user_data: *mut c_void, status: MeshwireStatus, fd: c_int, error: *const c_char) {
+    let outcomes = unsafe { &*(user_data as *const DialOutcomes) };
+    let error = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
+    outcomes.lock().unwrap().push((status, fd, error));
+}
+
+/// Answers after a while, with 503.
+unsafe extern "C" fn slow_refusal(_: *mut c_void, _: *const c_char, _: *const c_char, _: c_int) -> c_int {
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    503
+}
+
+fn dial_async(ctx: &Context, peer: &str, outcomes: &DialOutcomes) -> MeshwireStatus {
+    let expected = c(SERVER_ID);
+    let ids = [expected.as_ptr()];
+    unsafe {
+        meshwire_dial_async(
+            ctx.0,
+            c(peer).as_ptr(),
+            c("10.0.0.1:80").as_ptr(),
+            ids.as_ptr(),
+            1,
+            ptr::null(),
+            0,
+            Some(record_dial),
+            outcomes as *const DialOutcomes as *mut c_void,
+        )
+    }
+}
+
+#[test]
+fn an_async_dial_completes_once_also_when_its_context_is_freed_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ctx = Context::local_ca(dir.path(), SERVER_ID);
+    let client_ctx = Context::local_ca(dir.path(), CLIENT_ID);
+
+    // Success: the fd is the callback's.
+    let echo = Server::start(&server_ctx);
+    let outcomes = DialOutcomes::default();
+    assert_eq!(
+        dial_async(&client_ctx, &echo.addr(), &outcomes),
+        MeshwireStatus::MESHWIRE_OK
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while outcomes.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the dial callback was not called");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (status, fd, error) = outcomes.lock().unwrap().pop().unwrap();
+    assert_eq!(status, MeshwireStatus::MESHWIRE_OK, "{error}");
+    echo_through(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }), b"async");
+
+    // The context is freed while the server has not answered: the callback reports it, once.
+    let mut slow = ptr::null_mut();
+    let s = unsafe {
+        meshwire_server_start(
+            server_ctx.0,
+            c("127.0.0.1:0").as_ptr(),
+            Some(slow_refusal),
+            ptr::null_mut(),
+            &mut slow,
+        )
+    };
+    assert_eq!(s, MeshwireStatus::MESHWIRE_OK);
+    let slow = Server(slow, {
+        let mut port = 0;
+        unsafe { meshwire_server_port(slow, &mut port) };
+        port
+    });
+    assert_eq!(
+        dial_async(&client_ctx, &slow.addr(), &outcomes),
+        MeshwireStatus::MESHWIRE_OK
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(client_ctx);
+    let outcomes = outcomes.into_inner().unwrap();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    let (status, fd, error) = &outcomes[0];
+    assert_eq!(*status, MeshwireStatus::MESHWIRE_ERR_RUNTIME, "{error}");
+    assert_eq!(*fd, -1);
+    assert!(error.contains("freed"), "{error}");
+}
