@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # --- what the tests need ------------------------------------------------------------------------
 # Debian packages the test suite uses: iptables and iproute2 (ip netns) for the capture tests, which
-# run the proxy in network namespaces behind dataplane/scripts/redirect.sh.
-APT_PACKAGES=(iptables iproute2)
+# run the proxy in network namespaces behind dataplane/scripts/redirect.sh; gcc and valgrind for the
+# C API's tests (ffi/tests/c_programs.rs compiles C programs and runs one under valgrind).
+APT_PACKAGES=(iptables iproute2 gcc valgrind)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
