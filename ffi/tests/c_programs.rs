@@ -30,16 +30,23 @@ fn crate_dir() -> &'static Path {
 }
 
 /// The directory holding `libmeshwire.so` and `libmeshwire.a`: cargo builds them with the test
-/// (they are crate types of the package) into the parent of the test binary's `deps` directory.
+/// (they are crate types of the package) into the test binary's `deps` directory, and copies them to
+/// its parent when the library is built on its own (`cargo build -p meshwire-ffi`).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    assert!(
-        dir.join("libmeshwire.so").is_file(),
-        "libmeshwire.so is not in {} (next to the test binary's deps directory)",
-        dir.display()
-    );
-    dir
+    let deps = exe.parent().unwrap().to_path_buf();
+    let candidates = [deps.clone(), deps.parent().unwrap().to_path_buf()];
+    candidates
+        .iter()
+        .find(|dir| dir.join("libmeshwire.so").is_file() && dir.join("libmeshwire.a").is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "libmeshwire.so and libmeshwire.a are in neither {} nor {}",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
