@@ -8,7 +8,8 @@
 //! shape; `--json FILE` writes every figure.
 //!
 //! ```text
-//! cargo build --release -p meshwire-dataplane -p meshwire-bench && target/release/meshwire-bench --json bench.json
+//! cargo build --release -p meshwire-dataplane -p meshwire-dataplane-uring -p meshwire-bench
+//! target/release/meshwire-bench --json bench.json --svg parallel.svg
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use serde::Serialize;
 
 mod client;
 mod load;
+mod plot;
 mod proxy;
 mod report;
 mod server;
@@ -37,12 +39,15 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     ztunnel: Option<PathBuf>,
     /// A proxy binary to measure, as NAME=PATH; repeatable; the binaries are shown side by side.
-    /// Default: just `ztunnel`.
+    /// Default: `ztunnel` and `ztunnel-uring` next to this executable (the second if it is there).
     #[arg(long = "binary", value_name = "NAME=PATH")]
     binaries: Vec<String>,
     /// Write every figure to this file as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Draw shape 2 (parallel flows, 1 and 2 cores) as an SVG plot in this file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
     /// Run only these shapes (repeatable or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Shape>,
@@ -65,7 +70,7 @@ struct Cli {
 enum Shape {
     /// 1. Bulk, one flow, each direction.
     Bulk,
-    /// 2. Parallel flows, 1 and 2 workers, pooled and per-flow tunnels.
+    /// 2. Parallel flows, 1 and 2 cores, pooled and per-flow tunnels.
     Parallel,
     /// 3. Request/response, fixed rate and closed loop.
     Rr,
@@ -102,6 +107,13 @@ struct Machine {
     note: &'static str,
 }
 
+impl Machine {
+    /// `Linux <kernel>`, for titles.
+    fn kernel_cpu(&self) -> String {
+        format!("Linux {}", self.kernel)
+    }
+}
+
 #[derive(Serialize)]
 struct BinaryJson {
     name: String,
@@ -109,8 +121,8 @@ struct BinaryJson {
 }
 
 const CAVEAT: &str = "The bench process (clients and server, tokio, one thread per CPU) runs on the same CPUs as \
-                      both proxies and competes with them; nothing is pinned or niced. Compare only figures of \
-                      one run.";
+                      both proxies and competes with them; it is never pinned or niced. Only shape 2 restricts \
+                      the proxies, to 1 and then 2 CPUs. Compare only figures of one run.";
 
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some(server::SERVE_FLAG) {
@@ -217,8 +229,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Shape::Parallel => {
                     let (parallel, table) = shapes::parallel(&bench).await?;
+                    println!("{}", table.render());
+                    for line in plot::scaling_summary(&parallel) {
+                        println!("{line}");
+                    }
+                    println!();
+                    if let Some(path) = &cli.svg {
+                        let title = format!(
+                            "Parallel upload flows through two proxies ({}, {} CPUs)",
+                            report.machine.kernel_cpu(),
+                            report.machine.cpus
+                        );
+                        std::fs::write(path, plot::parallel_svg(&parallel, &title))
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        println!("plot written to {}\n", path.display());
+                    }
                     report.parallel = Some(parallel);
-                    table
+                    continue;
                 }
                 Shape::Rr => {
                     let (rows, table) = shapes::request_response(&bench).await?;
@@ -306,6 +333,19 @@ fn binaries(cli: &Cli) -> anyhow::Result<Vec<Binary>> {
             name: "ztunnel".to_owned(),
             path: dir.join("ztunnel"),
         });
+        let uring = dir.join("ztunnel-uring");
+        if uring.is_file() {
+            list.push(Binary {
+                name: "ztunnel-uring".to_owned(),
+                path: uring,
+            });
+        } else {
+            println!(
+                "note: {} not found, measuring ztunnel alone (build it with: cargo build --release -p \
+                 meshwire-dataplane-uring)",
+                uring.display()
+            );
+        }
     }
     for b in &list {
         if !b.path.is_file() {

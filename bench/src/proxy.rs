@@ -52,8 +52,11 @@ pub(crate) struct Binary {
 /// The settings a pair differs in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PairOptions {
-    /// `--worker-threads` of both proxies.
+    /// `--worker-threads` of both proxies (tokio workers, or glommio executors).
     pub(crate) workers: usize,
+    /// Restrict both proxies to the first N CPUs of the bench's CPU set (through `taskset`), so that
+    /// "1 core" and "2 cores" mean the same for every binary; `None`: not restricted.
+    pub(crate) cpus: Option<usize>,
     /// `--pool-max-streams-per-connection` of proxy A (the client side), if not the default (100).
     pub(crate) max_streams: Option<usize>,
 }
@@ -62,6 +65,7 @@ impl Default for PairOptions {
     fn default() -> Self {
         Self {
             workers: 2,
+            cpus: None,
             max_streams: None,
         }
     }
@@ -226,7 +230,17 @@ impl Pair {
                 .args(["--drain-deadline", "1s", "--log-level", "warn"]);
         };
 
-        let mut a = Command::new(&binary.path);
+        let pinned = options.cpus.map(sys::first_cpus).transpose()?;
+        let command = || match &pinned {
+            // `taskset` sets the CPU set and execs the proxy: every thread it starts inherits it.
+            Some(list) => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", list]).arg(&binary.path);
+                cmd
+            }
+            None => Command::new(&binary.path),
+        };
+        let mut a = command();
         common(&mut a, "default/client/client", Ipv4Addr::LOCALHOST, ports.a);
         a.args([
             "--socks5-address",
@@ -246,7 +260,7 @@ impl Pair {
         let socks = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.socks));
         wait_listening(&a, &[socks, SocketAddr::from((Ipv4Addr::LOCALHOST, ports.inbound))]).await?;
 
-        let mut b = Command::new(&binary.path);
+        let mut b = command();
         common(&mut b, "default/server/server", SERVER_IP, ports.b);
         b.arg("--socks5=false");
         let b = spawn(

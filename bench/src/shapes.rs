@@ -225,8 +225,9 @@ pub(crate) struct ParallelRow {
     pub(crate) path: String,
     /// `direct`, `pooled` (one HBONE connection for up to 100 streams) or `per-flow` (max streams 1).
     pub(crate) tunnel: &'static str,
-    /// `--worker-threads` of the proxies; `None` for direct.
-    pub(crate) workers: Option<usize>,
+    /// The cores the proxies ran on (each restricted to that many CPUs, with as many tokio workers
+    /// or glommio executors); `None` for direct.
+    pub(crate) cores: Option<usize>,
     pub(crate) flows: usize,
     pub(crate) median_gbps: f64,
     pub(crate) median_cpu_s_per_gb: Option<f64>,
@@ -235,14 +236,14 @@ pub(crate) struct ParallelRow {
     pub(crate) runs: Vec<BulkRun>,
 }
 
-/// 2 workers against 1, for one path, tunnel kind and flow count.
+/// 2 cores against 1, for one path, tunnel kind and flow count.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ParallelRatio {
     pub(crate) path: String,
     pub(crate) tunnel: &'static str,
     pub(crate) flows: usize,
-    pub(crate) gbps_1_worker: f64,
-    pub(crate) gbps_2_workers: f64,
+    pub(crate) gbps_1_core: f64,
+    pub(crate) gbps_2_cores: f64,
     pub(crate) ratio: f64,
 }
 
@@ -253,24 +254,23 @@ pub(crate) struct Parallel {
     pub(crate) ratios: Vec<ParallelRatio>,
 }
 
-/// Shape 2: 1..16 parallel upload flows, proxies with 1 and 2 workers, pooled and per-flow tunnels.
+/// Shape 2: 1..16 parallel upload flows, proxies on 1 and then 2 cores (restricted to that many
+/// CPUs, with as many tokio workers or glommio executors), pooled and per-flow tunnels.
 pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)> {
     let plan = &bench.plan;
     let max_flows = plan.flows.iter().copied().max().unwrap_or(1);
-    // (binary index, tunnel, workers, pair)
+    // (binary index, tunnel, cores, pair)
     let mut pairs = Vec::new();
     for binary in &bench.binaries {
         for (tunnel, max_streams) in [("pooled", None), ("per-flow", Some(1))] {
-            for workers in [1, 2] {
-                let label = format!("{} {tunnel} {workers}w", binary.name);
-                let pair = Pair::start(
-                    &bench.work,
-                    binary,
-                    PairOptions { workers, max_streams },
-                    &label,
-                    bench.server.addr(),
-                )
-                .await?;
+            for cores in [1, 2] {
+                let label = format!("{} {tunnel} {cores}c", binary.name);
+                let options = PairOptions {
+                    workers: cores,
+                    cpus: Some(cores),
+                    max_streams,
+                };
+                let pair = Pair::start(&bench.work, binary, options, &label, bench.server.addr()).await?;
                 if max_streams.is_some() {
                     // Open the tunnels before measuring: the runs measure the data path, not handshakes.
                     let held = pair
@@ -279,7 +279,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                         .with_context(|| format!("opening {max_flows} tunnels through {label}"))?;
                     drop(held);
                 }
-                pairs.push((binary.name.clone(), tunnel, Some(workers), Some(pair)));
+                pairs.push((binary.name.clone(), tunnel, Some(cores), Some(pair)));
             }
         }
     }
@@ -291,7 +291,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
     let mut runs: Vec<Vec<BulkRun>> = vec![Vec::new(); cases.len() * plan.flows.len()];
     for _ in 0..plan.repeat {
         for (f, &flows) in plan.flows.iter().enumerate() {
-            for (c, (name, tunnel, workers, pair)) in cases.iter().enumerate() {
+            for (c, (name, tunnel, cores, pair)) in cases.iter().enumerate() {
                 let route = pair.map_or(Route::Direct, Pair::route);
                 let (moved, cost) = measured(
                     *pair,
@@ -300,8 +300,8 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                 )
                 .await
                 .with_context(|| {
-                    let w = workers.map(|w| format!(" {w} worker(s)")).unwrap_or_default();
-                    format!("{flows} parallel flows via {name} {tunnel}{w}")
+                    let c = cores.map(|c| format!(" {c} core(s)")).unwrap_or_default();
+                    format!("{flows} parallel flows via {name} {tunnel}{c}")
                 })?;
                 runs[f * cases.len() + c].push(BulkRun::new(moved, cost));
             }
@@ -310,12 +310,12 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
 
     let mut rows = Vec::new();
     for (f, &flows) in plan.flows.iter().enumerate() {
-        for (c, (name, tunnel, workers, pair)) in cases.iter().enumerate() {
+        for (c, (name, tunnel, cores, pair)) in cases.iter().enumerate() {
             let runs = std::mem::take(&mut runs[f * cases.len() + c]);
             rows.push(ParallelRow {
                 path: name.clone(),
                 tunnel,
-                workers: *workers,
+                cores: *cores,
                 flows,
                 median_gbps: median(runs.iter().map(|r| r.gbps)).unwrap_or(0.0),
                 median_cpu_s_per_gb: median(runs.iter().filter_map(|r| r.cpu_s_per_gb)),
@@ -327,25 +327,26 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
     let mut ratios = Vec::new();
     let mut table = Table::new(
         format!(
-            "2. Parallel upload flows ({} s each, median of {}; proxies with 1 and 2 worker threads)",
+            "2. Parallel upload flows ({} s each, median of {}; both proxies restricted to 1 and then 2 CPUs, \
+             with as many workers or executors)",
             plan.parallel_s, plan.repeat
         ),
         &[
             "path",
             "tunnel",
             "flows",
-            "Gbit/s 1w",
-            "Gbit/s 2w",
-            "2w/1w",
-            "CPU-s/GB 1w",
-            "CPU-s/GB 2w",
+            "Gbit/s 1 core",
+            "Gbit/s 2 cores",
+            "2c/1c",
+            "CPU-s/GB 1 core",
+            "CPU-s/GB 2 cores",
             "HBONE conns",
         ],
     );
     for &flows in &plan.flows {
-        let find = |name: &str, tunnel: &str, workers: Option<usize>| {
+        let find = |name: &str, tunnel: &str, cores: Option<usize>| {
             rows.iter()
-                .find(|r| r.path == name && r.tunnel == tunnel && r.workers == workers && r.flows == flows)
+                .find(|r| r.path == name && r.tunnel == tunnel && r.cores == cores && r.flows == flows)
         };
         if let Some(direct) = find("direct", "direct", None) {
             table.row(vec![
@@ -386,8 +387,8 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                     path: binary.name.clone(),
                     tunnel,
                     flows,
-                    gbps_1_worker: one.median_gbps,
-                    gbps_2_workers: two.median_gbps,
+                    gbps_1_core: one.median_gbps,
+                    gbps_2_cores: two.median_gbps,
                     ratio,
                 });
             }
@@ -612,8 +613,8 @@ pub(crate) async fn connections(bench: &Bench) -> anyhow::Result<(Vec<ConnRow>, 
         for (b, binary) in bench.binaries.iter().enumerate() {
             let label = format!("{} handshake", binary.name);
             let options = PairOptions {
-                workers: 2,
                 max_streams: Some(1),
+                ..PairOptions::default()
             };
             let pair = Pair::start(&bench.work, binary, options, &label, server).await?;
             // The first connection took the HBONE connection the start-up check left idle in the pool.

@@ -69,6 +69,24 @@ pub(crate) fn established_to(local: SocketAddrV4) -> anyhow::Result<usize> {
 }
 
 /// The machine: CPU model, CPUs available, kernel.
+/// The first `n` CPUs of this process's CPU set, as a `taskset -c` list (`0,1`); all of them (with
+/// a note on stdout) when the set has fewer.
+pub(crate) fn first_cpus(n: usize) -> anyhow::Result<String> {
+    let set = rustix::thread::sched_getaffinity(None).context("reading the CPU set (sched_getaffinity)")?;
+    let cpus: Vec<String> = (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&cpu| set.is_set(cpu))
+        .take(n)
+        .map(|cpu| cpu.to_string())
+        .collect();
+    if cpus.len() < n {
+        println!(
+            "note: {n} CPUs asked for, the CPU set has {}: the proxies share them",
+            cpus.len()
+        );
+    }
+    Ok(cpus.join(","))
+}
+
 pub(crate) fn machine() -> (String, usize, String) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// `target/<profile>/ztunnel`, beside the bench binary Cargo built for this test.
-fn ztunnel() -> PathBuf {
+/// `target/<profile>/<name>` (`ztunnel`, `ztunnel-uring`), beside the bench binary Cargo built for
+/// this test.
+fn proxy(name: &str) -> PathBuf {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_meshwire-bench"));
-    let path = bench.parent().unwrap().join("ztunnel");
+    let path = bench.parent().unwrap().join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build it first with `cargo build -p meshwire-dataplane --bin ztunnel` \
-         (`cargo test --workspace` builds it)",
+        "{} is missing: build it first with `cargo build --workspace --bins` (`cargo test --workspace` \
+         builds it)",
         path.display()
     );
     path
@@ -56,12 +57,17 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let started = Instant::now();
+    let svg = dir.path().join("parallel.svg");
     let output = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))
         .arg("--quick")
-        .arg("--ztunnel")
-        .arg(ztunnel())
+        .arg("--binary")
+        .arg(format!("ztunnel={}", proxy("ztunnel").display()))
+        .arg("--binary")
+        .arg(format!("ztunnel-uring={}", proxy("ztunnel-uring").display()))
         .arg("--json")
         .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -85,21 +91,22 @@ fn quick_run_reports_every_shape_with_positive_figures() {
 
     // 1. Bulk: direct and ztunnel, both directions.
     let bulk = rows(&report, "bulk");
-    for path in ["direct", "ztunnel"] {
+    for path in ["direct", "ztunnel", "ztunnel-uring"] {
         for direction in ["upload", "download"] {
             let row = bulk
                 .iter()
                 .find(|r| r["path"] == path && r["direction"] == direction)
                 .unwrap_or_else(|| panic!("no bulk row {path} {direction}"));
             positive(&row["median_gbps"], "bulk Gbit/s");
-            if path == "ztunnel" {
+            if path != "direct" {
                 positive(&row["median_cpu_s_per_gb"], "bulk CPU-s/GB");
             }
-            check_bulk_runs(row, &format!("bulk {path} {direction}"), path == "ztunnel");
+            check_bulk_runs(row, &format!("bulk {path} {direction}"), path != "direct");
         }
     }
 
-    // 2. Parallel: every flow count, direct and both tunnel kinds with 1 and 2 workers, ratios.
+    // 2. Parallel: every flow count, direct and both tunnel kinds with 1 and 2 cores, ratios, for
+    // both binaries; the plot has a curve per binary, tunnel kind and core count.
     let parallel = &report["parallel"];
     let prows = rows(parallel, "rows");
     for flows in [1, 2, 4, 8, 16] {
@@ -108,12 +115,20 @@ fn quick_run_reports_every_shape_with_positive_figures() {
             positive(&row["median_gbps"], "parallel Gbit/s");
             let proxied = row["path"] != "direct";
             check_bulk_runs(row, &format!("parallel {flows} {}", row["tunnel"]), proxied);
-            kinds.push((row["tunnel"].as_str().unwrap().to_owned(), row["workers"].as_u64()));
+            kinds.push((
+                row["path"].as_str().unwrap().to_owned(),
+                row["tunnel"].as_str().unwrap().to_owned(),
+                row["cores"].as_u64(),
+            ));
             if row["tunnel"] == "pooled" {
-                assert_eq!(
-                    row["hbone_connections"], 1,
-                    "pooled flows on more than one HBONE connection"
-                );
+                // One pooled tunnel per proxy, or per core of the io_uring build.
+                let most = if row["path"] == "ztunnel-uring" {
+                    row["cores"].as_u64().unwrap()
+                } else {
+                    1
+                };
+                let n = row["hbone_connections"].as_u64().unwrap();
+                assert!((1..=most).contains(&n), "pooled flows on {n} HBONE connections: {row}");
             }
             if row["tunnel"] == "per-flow" {
                 assert!(
@@ -123,28 +138,37 @@ fn quick_run_reports_every_shape_with_positive_figures() {
             }
         }
         kinds.sort();
-        assert_eq!(
-            kinds,
-            vec![
-                ("direct".to_owned(), None),
-                ("per-flow".to_owned(), Some(1)),
-                ("per-flow".to_owned(), Some(2)),
-                ("pooled".to_owned(), Some(1)),
-                ("pooled".to_owned(), Some(2)),
-            ],
-            "parallel rows for {flows} flows"
-        );
+        let mut expected = vec![("direct".to_owned(), "direct".to_owned(), None)];
+        for binary in ["ztunnel", "ztunnel-uring"] {
+            for tunnel in ["per-flow", "pooled"] {
+                for cores in [1, 2] {
+                    expected.push((binary.to_owned(), tunnel.to_owned(), Some(cores)));
+                }
+            }
+        }
+        assert_eq!(kinds, expected, "parallel rows for {flows} flows");
     }
     let ratios = rows(parallel, "ratios");
-    assert_eq!(ratios.len(), 10, "2 tunnel kinds x 5 flow counts");
+    assert_eq!(ratios.len(), 20, "2 binaries x 2 tunnel kinds x 5 flow counts");
     for ratio in ratios {
-        positive(&ratio["ratio"], "2w/1w ratio");
+        positive(&ratio["ratio"], "2c/1c ratio");
     }
+    assert!(
+        stdout.contains("scaling ztunnel-uring pooled: 2 cores / 1 core"),
+        "{stdout}"
+    );
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(
+        plot.matches("<polyline").count(),
+        8,
+        "2 binaries x 2 tunnel kinds x 2 core counts"
+    );
+    assert!(plot.contains("ztunnel-uring, 2 cores"), "{plot}");
 
     // 3. Request/response: both modes, latency, added latency and CPU for ztunnel.
     let rr = rows(&report, "request_response");
     for mode in ["fixed", "closed"] {
-        for path in ["direct", "ztunnel"] {
+        for path in ["direct", "ztunnel", "ztunnel-uring"] {
             let row = rr
                 .iter()
                 .find(|r| r["path"] == path && r["mode"] == mode)
@@ -153,7 +177,7 @@ fn quick_run_reports_every_shape_with_positive_figures() {
             for p in ["p50_us", "p90_us", "p99_us", "p999_us"] {
                 positive(&row["latency"][p], p);
             }
-            if path == "ztunnel" {
+            if path != "direct" {
                 positive(&row["median_cpu_ms_per_1000"], "CPU per 1000 requests");
                 assert!(row["added"]["p50_us"].is_number(), "no added latency: {row}");
             }
@@ -171,13 +195,19 @@ fn quick_run_reports_every_shape_with_positive_figures() {
 
     // 4. Connections: direct, pooled, handshake (each on its own HBONE connection).
     let conns = rows(&report, "connections");
-    for (path, kind) in [("direct", "direct"), ("ztunnel", "pooled"), ("ztunnel", "handshake")] {
+    for (path, kind) in [
+        ("direct", "direct"),
+        ("ztunnel", "pooled"),
+        ("ztunnel", "handshake"),
+        ("ztunnel-uring", "pooled"),
+        ("ztunnel-uring", "handshake"),
+    ] {
         let row = conns
             .iter()
             .find(|r| r["path"] == path && r["kind"] == kind)
             .unwrap_or_else(|| panic!("no connections row {path} {kind}"));
         positive(&row["median_per_second"], "connections/s");
-        if path == "ztunnel" {
+        if path != "direct" {
             positive(&row["median_cpu_s_per_1000"], "CPU per 1000 connections");
         }
         if kind == "handshake" {
@@ -191,13 +221,15 @@ fn quick_run_reports_every_shape_with_positive_figures() {
 
     // 5. Idle: memory before, held, after, per connection.
     let idle = rows(&report, "idle");
-    let row = &idle[0];
-    assert_eq!(row["connections"], 300);
-    for key in ["rss_before", "rss_held", "rss_after"] {
-        positive(&row[key]["a_kib"], key);
-        positive(&row[key]["b_kib"], key);
+    assert_eq!(idle.len(), 2, "one idle row per binary");
+    for row in idle {
+        assert_eq!(row["connections"], 300);
+        for key in ["rss_before", "rss_held", "rss_after"] {
+            positive(&row[key]["a_kib"], key);
+            positive(&row[key]["b_kib"], key);
+        }
+        positive(&row["bytes_per_connection"], "bytes per idle connection");
     }
-    positive(&row["bytes_per_connection"], "bytes per idle connection");
 }
 
 fn bench_fails(args: &[&str]) -> String {
