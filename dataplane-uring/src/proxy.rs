@@ -458,13 +458,7 @@ impl AcceptLoop {
                     continue;
                 }
             };
-            let stream = match UringStream::from_glommio(stream) {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::warn!(listener = %self.listener, %peer, %error, "cannot duplicate the accepted socket");
-                    continue;
-                }
-            };
+            let stream = UringStream::new(stream);
             let serve = serve(self.listener, self.worker.clone(), stream, peer, self.phase.clone());
             let guard = self.connections.clone();
             glommio::spawn_local(async move {

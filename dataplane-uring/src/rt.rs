@@ -9,10 +9,11 @@
 //!
 //! glommio 0.9 connects only sockets it makes itself, and its streams offer their descriptor only as
 //! a raw number (`AsRawFd`). Two safe bridges keep every socket going through the factory:
-//! - **connect** ([`connect`]): the factory's socket starts a non-blocking `connect`; a thread of
-//!   glommio's blocking pool waits for it to become writable (`poll(2)`, bounded by the timeout);
-//!   `SO_ERROR` says whether the connect succeeded; the socket then becomes a glommio stream
-//!   (through `std::net::TcpStream` and the socket2 version glommio converts from).
+//! - **connect** ([`connect`]): the factory's socket starts a non-blocking `connect` and becomes a
+//!   glommio stream at once (through `std::net::TcpStream` and the socket2 version glommio converts
+//!   from); glommio's write readiness (an io_uring poll, armed by a zero-length send that would
+//!   block while the socket connects) says when the connect ended, bounded by the timeout, and
+//!   `SO_ERROR` whether it succeeded. No thread hop.
 //! - **socket operations** on a glommio stream ([`duplicate`]): `pidfd_getfd(2)` on the proxy's own
 //!   process returns an owned duplicate of the stream's descriptor; options read or set on the
 //!   duplicate are those of the same socket (`SO_ORIGINAL_DST`, `SO_LINGER`).
@@ -96,6 +97,10 @@ pub fn duplicate(fd: RawFd) -> io::Result<Socket> {
 /// Connects an unconnected, non-blocking socket (as made by [`SocketFactory::stream`]) to `peer`,
 /// keeping its options and bind, failing with [`io::ErrorKind::TimedOut`] after `timeout`; the
 /// error names the peer and the local address. Must run on a glommio executor thread.
+///
+/// The connect is started on the socket, which then becomes a glommio stream at once; glommio's
+/// write readiness (an io_uring poll: a zero-length send on a socket still connecting would block)
+/// says when the connect ended, and `SO_ERROR` whether it succeeded.
 pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io::Result<GlommioStream> {
     let local = socket
         .local_addr()
@@ -107,36 +112,35 @@ pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io:
     socket
         .set_nonblocking(true)
         .map_err(|e| SocketError::io(SocketOp::Register, target.clone(), e))?;
-    match socket.connect(&peer.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {
-            let waiter = socket.try_clone().map_err(fail)?;
-            let ready = glommio::executor()
-                .spawn_blocking(move || {
-                    let mut fds = [rustix::event::PollFd::new(&waiter, rustix::event::PollFlags::OUT)];
-                    let limit = rustix::event::Timespec {
-                        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-                        tv_nsec: i64::from(timeout.subsec_nanos()),
-                    };
-                    rustix::event::poll(&mut fds, Some(&limit))
-                })
-                .await
-                .map_err(|e| fail(e.into()))?;
-            if ready == 0 {
+    let pending = match socket.connect(&peer.into()) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => true,
+        Err(e) => return Err(fail(e)),
+    };
+    let std_stream = std::net::TcpStream::from(socket);
+    let mut stream = UringStream::new(glommio::net::TcpStream::from(socket2_glommio::Socket::from(std_stream)));
+    if pending {
+        let writable = std::future::poll_fn(|cx| {
+            use futures_util::io::AsyncWrite as _;
+            Pin::new(stream.get_mut()).poll_write(cx, &[])
+        });
+        let outcome = meshwire_hbone::rt::timeout(&GlommioTimer, timeout, writable).await;
+        let sock = stream.socket().map_err(fail)?;
+        match outcome {
+            None => {
                 let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
                 return Err(fail(e));
             }
-            if let Some(e) = socket.take_error().map_err(fail)? {
-                return Err(fail(e));
+            Some(result) => {
+                // SO_ERROR is the connect's own error; the send's may only echo it.
+                if let Some(e) = sock.take_error().map_err(fail)? {
+                    return Err(fail(e));
+                }
+                result.map_err(fail)?;
             }
         }
-        Err(e) => return Err(fail(e)),
     }
-    // The stream keeps a duplicate of the descriptor for its own IO (see `UringStream`).
-    let fd = std::os::fd::OwnedFd::from(socket.try_clone().map_err(fail)?);
-    let std_stream = std::net::TcpStream::from(socket);
-    let stream = glommio::net::TcpStream::from(socket2_glommio::Socket::from(std_stream));
-    Ok(UringStream::new(stream, fd))
+    Ok(stream)
 }
 
 /// The [`Runtime`] of the io_uring build: glommio streams, timers and tasks; sockets from the
@@ -188,11 +192,11 @@ impl<F: SocketFactory + 'static> Runtime for GlommioRuntime<F> {
     }
 
     fn original_destination(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        socket::original_destination(stream)
+        socket::original_destination(&stream.socket()?)
     }
 
     fn reset_on_close(stream: &GlommioStream) -> io::Result<()> {
-        socket::reset_on_close(stream)
+        socket::reset_on_close(&stream.socket()?)
     }
 }
 

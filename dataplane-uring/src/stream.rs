@@ -5,42 +5,43 @@
 //!   the caller's buffer before every read (the `futures::io` traits read into initialised
 //!   memory), and the HBONE copy reads into fresh buffer capacity of up to hundreds of KiB: most
 //!   of the CPU went to `memset` and page faults. Here, a read into initialised space goes straight
-//!   to the socket; a read into uninitialised space is received into a per-thread staging buffer
-//!   (initialised once) and copied, so only the bytes received are written.
+//!   to glommio's stream; a read into uninitialised space is received into a per-thread staging
+//!   buffer (initialised once) and copied, so only the bytes received are written.
 //! - **Vectored writes.** TLS writes several records at once when the stream can write vectors;
-//!   glommio's stream writes one slice per call. Here `sendmsg(2)` sends them in one call.
-//! - **Readiness stays glommio's.** Every read and write is first tried on the socket
-//!   (non-blocking); only when it would block is glommio's stream polled, which retries and, if
-//!   the socket is still not ready, arms the io_uring poll that wakes the task.
+//!   glommio's stream writes one slice per call. Here several slices are gathered into a
+//!   per-thread staging buffer and sent in one call (a copy costs less than a system call per
+//!   16 KiB record).
 //!
-//! The socket is reached through an owned duplicate of the stream's descriptor (made once per
-//! stream: by `dup` for a socket the proxy connected, by `pidfd_getfd(2)` for an accepted one),
-//! so every operation is a safe call on an `OwnedFd`.
+//! The stream holds no second descriptor: socket options and `SO_ORIGINAL_DST` go through a
+//! short-lived duplicate ([`duplicate`]), so a connection costs the proxy one descriptor, as with
+//! tokio.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use futures_util::io::{AsyncRead as FuturesRead, AsyncWrite as FuturesWrite};
-use rustix::net::{RecvFlags, SendAncillaryBuffer, SendFlags, Shutdown};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The size of the per-thread buffer reads into uninitialised memory are received into.
+/// The size of the per-thread buffers reads into uninitialised memory are received into, and
+/// vectored writes are gathered into.
 pub const STAGING: usize = 256 * 1024;
 
 thread_local! {
     /// Reads into uninitialised memory land here first (one buffer per executor thread; a read
     /// is synchronous, so it is never borrowed twice).
-    static STAGING_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static READ_STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Vectored writes are gathered here.
+    static WRITE_STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// This process's pidfd, for `pidfd_getfd`.
     static PIDFD: RefCell<Option<OwnedFd>> = const { RefCell::new(None) };
 }
 
 /// An owned duplicate of the descriptor `fd` of this process (`pidfd_getfd(2)`, through a pidfd
-/// kept per thread): options set and IO done on it are the original socket's.
+/// kept per thread): options set on it are the original socket's.
 pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
     PIDFD.with(|cell| {
         let mut pidfd = cell.borrow_mut();
@@ -63,25 +64,22 @@ pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
 #[derive(Debug)]
 pub struct UringStream {
     inner: glommio::net::TcpStream,
-    fd: OwnedFd,
 }
 
 impl UringStream {
-    /// The stream over `inner`, with `fd` an owned duplicate of its descriptor.
-    pub fn new(inner: glommio::net::TcpStream, fd: OwnedFd) -> Self {
-        Self { inner, fd }
-    }
-
-    /// The stream over an accepted (or otherwise made) glommio stream: its descriptor is
-    /// duplicated with [`duplicate`].
-    pub fn from_glommio(inner: glommio::net::TcpStream) -> io::Result<Self> {
-        let fd = duplicate(inner.as_raw_fd())?;
-        Ok(Self { inner, fd })
+    /// The stream over `inner`.
+    pub fn new(inner: glommio::net::TcpStream) -> Self {
+        Self { inner }
     }
 
     /// The glommio stream.
     pub fn get_ref(&self) -> &glommio::net::TcpStream {
         &self.inner
+    }
+
+    /// The glommio stream, mutably.
+    pub fn get_mut(&mut self) -> &mut glommio::net::TcpStream {
+        &mut self.inner
     }
 
     /// The local address.
@@ -94,23 +92,9 @@ impl UringStream {
         self.inner.peer_addr().map_err(io::Error::from)
     }
 
-    /// Reads into `dst` (initialised memory): the socket first, glommio's readiness if it would block.
-    fn poll_read_slice(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        match rustix::net::recv(&self.fd, &mut *dst, RecvFlags::DONTWAIT) {
-            Ok((_, n)) => Poll::Ready(Ok(n.min(dst.len()))),
-            Err(rustix::io::Errno::AGAIN) => Pin::new(&mut self.inner).poll_read(cx, dst),
-            Err(rustix::io::Errno::INTR) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(e.into())),
-        }
-    }
-}
-
-impl AsFd for UringStream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// A short-lived duplicate of the socket, for socket options ([`duplicate`]).
+    pub fn socket(&self) -> io::Result<socket2::Socket> {
+        duplicate(self.inner.as_raw_fd()).map(socket2::Socket::from)
     }
 }
 
@@ -124,17 +108,17 @@ impl AsyncRead for UringStream {
         if initialized > 0 {
             // Initialised space (a TLS record buffer): straight from the socket.
             let dst = buf.initialize_unfilled_to(initialized);
-            let n = ready!(this.poll_read_slice(cx, dst))?;
+            let n = ready!(Pin::new(&mut this.inner).poll_read(cx, dst))?;
             buf.advance(n);
             return Poll::Ready(Ok(()));
         }
-        STAGING_BUFFER.with(|staging| {
+        READ_STAGING.with(|staging| {
             let mut staging = staging.borrow_mut();
             if staging.len() < STAGING {
                 staging.resize(STAGING, 0);
             }
             let len = buf.remaining().min(STAGING);
-            let n = ready!(this.poll_read_slice(cx, &mut staging[..len]))?;
+            let n = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut staging[..len]))?;
             buf.put_slice(&staging[..n]);
             Poll::Ready(Ok(()))
         })
@@ -143,16 +127,7 @@ impl AsyncRead for UringStream {
 
 impl AsyncWrite for UringStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match rustix::net::send(&this.fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-            Ok(n) => Poll::Ready(Ok(n)),
-            Err(rustix::io::Errno::AGAIN) => Pin::new(&mut this.inner).poll_write(cx, buf),
-            Err(rustix::io::Errno::INTR) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(e.into())),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -161,32 +136,39 @@ impl AsyncWrite for UringStream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let mut control = SendAncillaryBuffer::default();
-        match rustix::net::sendmsg(&this.fd, bufs, &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-            Ok(n) => Poll::Ready(Ok(n)),
-            Err(rustix::io::Errno::AGAIN) => {
-                // Not writable: glommio's stream waits for it (and writes the first slice if it
-                // became writable meanwhile).
-                let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
-                Pin::new(&mut this.inner).poll_write(cx, first)
-            }
-            Err(rustix::io::Errno::INTR) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(e.into())),
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        let (Some(first), Some(_)) = (nonempty.next(), nonempty.next()) else {
+            // One slice (or none): no gathering needed.
+            let only = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
+            return Pin::new(&mut this.inner).poll_write(cx, only);
+        };
+        if first.len() >= STAGING {
+            return Pin::new(&mut this.inner).poll_write(cx, first);
         }
+        WRITE_STAGING.with(|staging| {
+            let mut staging = staging.borrow_mut();
+            staging.clear();
+            for b in bufs {
+                let room = STAGING - staging.len();
+                if room == 0 {
+                    break;
+                }
+                staging.extend_from_slice(&b[..b.len().min(room)]);
+            }
+            // What is written is the first `n` bytes of `bufs` in order, as a vectored write's is.
+            Pin::new(&mut this.inner).poll_write(cx, &staging)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
         true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(rustix::net::shutdown(&self.fd, Shutdown::Write).map_err(io::Error::from))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
     }
 }

@@ -75,7 +75,7 @@ where
 {
     glommio::spawn_local(async move {
         while let Ok(stream) = listener.accept().await {
-            let stream = UringStream::from_glommio(stream).unwrap();
+            let stream = UringStream::new(stream);
             let peer =
                 GlommioRuntime::<meshwire_dataplane::rt::socket::DefaultSocketFactory>::peer_addr(&stream).unwrap();
             glommio::spawn_local(serve(stream, peer)).detach();
@@ -86,7 +86,7 @@ where
 
 /// A SOCKS5 CONNECT to an IPv4 `target`: the reply code and the stream.
 async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> (u8, GlommioStream) {
-    let mut tcp = UringStream::from_glommio(glommio::net::TcpStream::connect(proxy).await.unwrap()).unwrap();
+    let mut tcp = UringStream::new(glommio::net::TcpStream::connect(proxy).await.unwrap());
     tcp.write_all(&[5, 1, 0]).await.unwrap();
     let mut choice = [0u8; 2];
     tcp.read_exact(&mut choice).await.unwrap();
@@ -275,7 +275,7 @@ workloads:
     assert_eq!(summaries.borrow()[1].route, Some(RouteKind::Passthrough));
 
     // A connection to the capture listener that was not redirected: reset.
-    let mut direct = UringStream::from_glommio(glommio::net::TcpStream::connect(capture).await.unwrap()).unwrap();
+    let mut direct = UringStream::new(glommio::net::TcpStream::connect(capture).await.unwrap());
     next(&summaries, 3).await;
     assert!(
         matches!(summaries.borrow()[2].error, Some(OutboundError::NotRedirected(_))),
@@ -285,4 +285,39 @@ workloads:
     let mut buf = [0u8; 1];
     let read = within("the reset", direct.read(&mut buf)).await;
     assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[test]
+fn factory_sockets_connect_or_fail_naming_the_peer() {
+    let handle = LocalExecutorBuilder::default()
+        .spawn(|| async {
+            // A listening peer: connected, and the stream carries bytes both ways.
+            let echo = echo_server("127.0.0.1");
+            let runtime = GlommioRuntime::new();
+            let opts = meshwire_dataplane::rt::socket::SocketOptions::default();
+            let tcp = within("connect", runtime.connect(echo, &opts, Duration::from_secs(5)))
+                .await
+                .unwrap();
+            assert_eq!(
+                GlommioRuntime::<meshwire_dataplane::rt::socket::DefaultSocketFactory>::peer_addr(&tcp).unwrap(),
+                echo
+            );
+            echoes(tcp, 300_000).await;
+
+            // A closed port: refused, and the error names the peer.
+            let closed = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap()
+            };
+            let err = within(
+                "refused connect",
+                runtime.connect(closed, &opts, Duration::from_secs(5)),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+            assert!(err.to_string().contains(&closed.to_string()), "{err}");
+        })
+        .unwrap();
+    handle.join().unwrap();
 }

@@ -75,7 +75,7 @@
 //! | `--http2-frame-size` | `HTTP2_FRAME_SIZE` | 1048576 |
 //! | `--pool-max-streams-per-connection` | `POOL_MAX_STREAMS_PER_CONNECTION` | 100 |
 //! | `--pool-unused-release-timeout` | `POOL_UNUSED_RELEASE_TIMEOUT` | `5m` |
-//! | `--worker-threads N\|N%` | `ZTUNNEL_WORKER_THREADS`, `PROXY_CONFIG` `concurrency` | 2 |
+//! | `--worker-threads N\|N%` | `ZTUNNEL_WORKER_THREADS`, `PROXY_CONFIG` `concurrency` | 2 (`ztunnel-uring`: one per CPU) |
 //! | `--drain-deadline` | `CONNECTION_TERMINATION_DEADLINE`; from `TERMINATION_GRACE_PERIOD_SECONDS` | `5s` |
 //! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
 //! | `--log-level` | `RUST_LOG` | `info` |
@@ -1196,7 +1196,8 @@ const WORKER_THREADS: Opt = Opt {
     value_name: "N|N%",
     keys: &[Env("ZTUNNEL_WORKER_THREADS"), ProxyConfig("concurrency")],
     default: Some("2"),
-    help: "Data-path threads, or a percentage of ZTUNNEL_CPU_LIMIT (or of the CPUs available)",
+    help: "Data-path threads, or a percentage of ZTUNNEL_CPU_LIMIT (or of the CPUs available); ztunnel-uring: \
+           executors, by default one per CPU of its CPU set",
     ..Opt::new(H_RUN)
 };
 const DRAIN_DEADLINE: Opt = Opt {

@@ -73,12 +73,11 @@ pub mod tokio;
 /// [`connect`](Self::connect) makes its socket with [`SocketFactory::stream`] (non-blocking,
 /// options applied, bound if asked) and must connect *that* socket, so that the options and bind
 /// hold. glommio 0.9 has `impl From<socket2::Socket> for glommio::net::TcpStream`, but no connect of
-/// a socket it did not make: start a non-blocking `connect` on the `socket2::Socket` (it returns
-/// `EINPROGRESS`), wait until the socket is writable (for example by running `rustix::event::poll`
-/// for `POLLOUT` on glommio's blocking thread pool, `glommio::executor().spawn_blocking`, or an
-/// equivalent readiness wait), read `SO_ERROR` (`Socket::take_error`) to learn whether the connect
-/// succeeded, and only then convert the socket into a glommio stream. The timeout is the runtime's
-/// timer around that wait.
+/// a socket it did not make: the io_uring build starts a non-blocking `connect` on the
+/// `socket2::Socket` (it returns `EINPROGRESS`), turns the socket into a glommio stream at once, waits
+/// for write readiness through the stream (a zero-length write would block until the connect ends,
+/// so glommio arms its io_uring poll), bounded by the runtime's timer, and reads `SO_ERROR` to learn
+/// whether the connect succeeded (`meshwire_dataplane_uring::rt::connect`).
 ///
 /// [`Outbound`]: crate::proxy::outbound::Outbound
 /// [`InboundHandler`]: crate::proxy::inbound::InboundHandler
