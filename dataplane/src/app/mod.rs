@@ -42,6 +42,12 @@
 //! `dataplane/scripts/redirect.sh` do not capture them again. With the default (`auto`) a proxy that
 //! may not set marks (not `CAP_NET_ADMIN`: an unprivileged run on loopback) warns once and runs
 //! without; an explicit mark it may not set fails the start ([`StartError::PacketMark`]).
+//!
+//! [`InboundHandler`]: crate::proxy::inbound::InboundHandler
+//! [`InboundHandler::serve_plaintext`]: crate::proxy::inbound::InboundHandler::serve_plaintext
+//! [`Outbound::serve_capture`]: crate::proxy::outbound::Outbound::serve_capture
+//! [`Outbound::serve_socks5`]: crate::proxy::outbound::Outbound::serve_socks5
+//! [`config::PacketMark`]: crate::config::PacketMark
 
 use std::future::Future;
 use std::net::SocketAddr;
