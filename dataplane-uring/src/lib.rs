@@ -5,6 +5,8 @@
 //!
 //! - [`rt`]: the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio: streams, timer,
 //!   executor, connecting sockets made by the socket factory, the HBONE pool's connector.
+//! - [`listener`]: listeners made by the socket factory, handed to glommio (the crate's one
+//!   `unsafe` call: the descriptor's ownership hand-over).
 //! - [`stream`]: [`stream::UringStream`], glommio's TCP stream with the `tokio::io` traits, reading
 //!   into uninitialised memory without zeroing it and writing vectors in one `sendmsg`.
 //! - [`proxy`]: [`proxy::UringProxy`], the binary `ztunnel-uring`: one pinned executor per core,
@@ -13,6 +15,7 @@
 //! - [`preflight`]: the checks before the executors start (locked-memory limit, io_uring turned
 //!   off, the CPU set) and the classification of an executor's start errors.
 
+pub mod listener;
 pub mod preflight;
 pub mod proxy;
 pub mod rt;

@@ -2,8 +2,9 @@
 //! glommio executor per core serving the data path.
 //!
 //! **Cores.** Every core binds its own socket for each data listener (inbound HBONE, inbound
-//! plaintext, outbound capture, SOCKS5) with `SO_REUSEPORT`, so that the kernel spreads new
-//! connections over the cores; a connection lives and dies on the core that accepted it. Each core
+//! plaintext, outbound capture, SOCKS5) through the socket factory with `SO_REUSEPORT`, so that the
+//! kernel spreads new connections over the cores; a connection lives and dies on the core that
+//! accepted it. Each core
 //! has its own [`Worker`]: its own HBONE pool (one tunnel per destination key per core: a peer
 //! that opens few tunnels is still spread over the cores), its own metrics ([`Metrics`], summed
 //! when scraped) and its own connection registry. Nothing on the data path is shared between
@@ -31,6 +32,7 @@ use meshwire_dataplane::app::{
 };
 use meshwire_dataplane::config::{Config, Listener};
 use meshwire_dataplane::proxy::canonical;
+use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketOptions};
 use meshwire_dataplane::telemetry::metrics::Metrics;
 use meshwire_dataplane::watch::ConnectionRegistry;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -356,15 +358,18 @@ async fn run_core(setup: CoreSetup) {
     let _exit = exit;
     let mut sockets = Vec::new();
     let mut addrs = Vec::new();
+    // SO_REUSEPORT: every core has its own socket on the same port.
+    let opts = SocketOptions {
+        reuse_port: true,
+        ..SocketOptions::default()
+    };
     for (listener, addr) in listeners {
-        // glommio binds with SO_REUSEPORT: every core has its own socket on the same port.
-        match glommio::net::TcpListener::bind(addr) {
+        match crate::listener::bind(&DefaultSocketFactory, addr, &opts) {
             Ok(socket) => {
                 addrs.push((listener, socket.local_addr().unwrap_or(addr)));
                 sockets.push((listener, socket));
             }
-            Err(error) => {
-                let source = std::io::Error::from(error);
+            Err(source) => {
                 let _ = bound.send(Err(StartError::Bind { listener, addr, source }.into()));
                 return;
             }

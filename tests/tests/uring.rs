@@ -19,6 +19,32 @@ const ACCEPTED: &str = "meshwire_core_connections_accepted_total";
 /// The executors the harness asks for (`--worker-threads 2`), also on a machine with one CPU.
 const CORES: usize = 2;
 
+/// Runs `f(i)` for every `i` in `0..n`, from one thread per CPU of this process's CPU set, each
+/// pinned to its CPU (CPU k takes `i = k, k + cpus, ...`). The proxy's cores take the connections
+/// whose packets the kernel processes on their CPU (`SO_INCOMING_CPU`; on loopback the connecting
+/// thread's CPU), so connections from every CPU reach every core; with one CPU the kernel's hash
+/// spreads them.
+fn from_every_cpu(n: usize, f: impl Fn(usize) + Sync) {
+    let set = rustix::thread::sched_getaffinity(None).unwrap();
+    let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect();
+    std::thread::scope(|scope| {
+        for (k, &cpu) in cpus.iter().enumerate() {
+            let f = &f;
+            let step = cpus.len();
+            scope.spawn(move || {
+                let mut one = rustix::thread::CpuSet::new();
+                one.set(cpu);
+                rustix::thread::sched_setaffinity(None, &one).unwrap();
+                for i in (k..n).step_by(step) {
+                    f(i);
+                }
+            });
+        }
+    });
+}
+
 /// The connections each core of `proxy` accepted on `listener` (`socks5`, `inbound`, ...).
 fn accepted_per_core(proxy: &Proxy, listener: &str) -> Vec<u64> {
     let text = proxy.metrics();
@@ -40,10 +66,10 @@ fn connections_accepted_on_every_core_are_served() {
 
     // SOCKS5 on the client's proxy: every connection from its own port, spread by the kernel.
     const SOCKS: usize = 32;
-    for i in 0..SOCKS {
+    from_every_cpu(SOCKS, |i| {
         let echoed = net::echo_exchange(pair.socks5_to_echo(), 4096 + i).unwrap();
         assert!(echoed.intact(), "connection {i}: {echoed:?}\n{}", pair.logs());
-    }
+    });
     let socks = accepted_per_core(&pair.client, "socks5");
     assert_eq!(socks.iter().sum::<u64>(), SOCKS as u64, "{socks:?}\n{}", pair.logs());
     assert!(
@@ -59,14 +85,14 @@ fn connections_accepted_on_every_core_are_served() {
         &[spiffe("default", "server")],
     )
     .from_ip(lo(1));
-    for i in 0..TUNNELS {
+    from_every_cpu(TUNNELS, |i| {
         let opened = client
             .open(pair.server.ports().inbound, pair.echo.addr())
             .unwrap_or_else(|e| panic!("tunnel {i}: {e}\n{}", pair.logs()));
         assert_eq!(opened.peer, spiffe("default", "server"));
         let echoed = net::echo_exchange(opened.stream, 2048 + i).unwrap();
         assert!(echoed.intact(), "tunnel {i}: {echoed:?}\n{}", pair.logs());
-    }
+    });
     let inbound = accepted_per_core(&pair.server, "inbound");
     // The client proxy's own tunnels arrived there too (one per client core at most).
     let total: u64 = inbound.iter().sum();
@@ -97,6 +123,7 @@ fn each_core_carries_its_connections_in_tunnels_of_its_own() {
     for server in binary::all() {
         let pair = Pair::start(&uring, &server);
         const CONNECTIONS: usize = 24;
+        // One after the other: each core's pool then keeps one connection to the server.
         for i in 0..CONNECTIONS {
             let echoed = net::echo_exchange(pair.socks5_to_echo(), 1024 + i).unwrap();
             assert!(
@@ -106,7 +133,11 @@ fn each_core_carries_its_connections_in_tunnels_of_its_own() {
             );
         }
         let mut per_core = accepted_per_core(&pair.client, "socks5");
-        assert!(per_core.iter().all(|&n| n > 0), "{per_core:?}");
+        assert!(
+            per_core.iter().all(|&n| n > 0),
+            "uring -> {server}: {per_core:?}\n{}",
+            pair.logs()
+        );
 
         // The server logs each stream with the address of the HBONE connection it came in: one
         // connection per client core, carrying exactly the streams of that core. A pool shared by

@@ -1,0 +1,34 @@
+//! The io_uring build's listeners, made by the socket factory like every other socket of the
+//! proxy (`SO_REUSEPORT`, marks, transparent binds, the factory's network namespace), then handed
+//! to glommio.
+//!
+//! glommio makes a listener from a socket it did not bind only through `FromRawFd`: the hand-over
+//! of the descriptor's ownership is this crate's one `unsafe` call ([`into_glommio`]).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+
+use meshwire_dataplane::rt::socket::{SocketFactory, SocketOptions};
+
+/// Binds a listener on `addr` through `factory` with `opts`, in blocking mode (as glommio's own
+/// listeners are; glommio accepts through io_uring), as a glommio listener. Must run on a glommio
+/// executor thread.
+pub fn bind<F: SocketFactory + ?Sized>(
+    factory: &F,
+    addr: SocketAddr,
+    opts: &SocketOptions,
+) -> io::Result<glommio::net::TcpListener> {
+    let socket = factory.listener(addr, opts)?;
+    socket.set_nonblocking(false)?;
+    Ok(into_glommio(OwnedFd::from(socket)))
+}
+
+/// The glommio listener owning `fd`, a bound and listening TCP socket.
+#[allow(unsafe_code)]
+fn into_glommio(fd: OwnedFd) -> glommio::net::TcpListener {
+    // SAFETY: `fd` is an open TCP socket, bound and listening, owned by this function:
+    // `into_raw_fd` gives up that ownership and `from_raw_fd` takes it, so the descriptor has one
+    // owner and is closed once, by the glommio listener.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
+}
