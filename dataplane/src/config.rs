@@ -698,14 +698,19 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let matches = command().try_get_matches_from(args).map_err(|err| Error::Cli {
-            kind: err.kind(),
-            message: err.render().to_string(),
-        })?;
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let name = program_name(args.first());
+        let matches = command()
+            .name(name)
+            .try_get_matches_from(args)
+            .map_err(|err| Error::Cli {
+                kind: err.kind(),
+                message: err.render().to_string(),
+            })?;
         if matches.get_one::<String>("command").map(String::as_str) == Some("version") {
             return Err(Error::Cli {
                 kind: ErrorKind::DisplayVersion,
-                message: format!("ztunnel (meshwire) {}\n", env!("CARGO_PKG_VERSION")),
+                message: format!("{name} (meshwire) {}\n", env!("CARGO_PKG_VERSION")),
             });
         }
         let inputs = Inputs::new(matches, env)?;
@@ -1276,6 +1281,15 @@ const OPTS: &[&Opt] = &[
     &LOG_LEVEL,
     &PACKET_MARK,
 ];
+
+/// The name `--version` and `--help` show: `ztunnel-uring` when the program runs as the io_uring build
+/// (its file name), `ztunnel` otherwise.
+fn program_name(argv0: Option<&OsString>) -> &'static str {
+    match argv0.and_then(|a| Path::new(a).file_name()).and_then(|n| n.to_str()) {
+        Some("ztunnel-uring") => "ztunnel-uring",
+        _ => "ztunnel",
+    }
+}
 
 fn command() -> Command {
     let cmd = Command::new("ztunnel")

@@ -172,3 +172,17 @@ fn invalid_flag_exits_2() {
         assert!(stderr.contains("--inbound-port"), "{binary}: {stderr}");
     }
 }
+
+#[test]
+fn version_names_the_binary() {
+    for binary in binary::all() {
+        for arg in ["--version", "version"] {
+            let output = binary.command().arg(arg).output().unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "{binary} {arg}: {output:?}");
+            let first = stdout.split_whitespace().next().unwrap_or_default();
+            assert_eq!(first, binary.name(), "{binary} {arg}: {stdout}");
+            assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{binary} {arg}: {stdout}");
+        }
+    }
+}
