@@ -1,0 +1,1 @@
+//! Code shared by the fuzz targets of `fuzz_targets/` (one binary each; see `fuzz/README.md`).
