@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # Debian packages the test suite uses: iptables and iproute2 (ip netns) for the capture tests, which
 # run the proxy in network namespaces behind dataplane/scripts/redirect.sh; gcc and valgrind for the
 # C API's tests (ffi/tests/c_programs.rs compiles C programs and runs one under valgrind).
-APT_PACKAGES=(iptables iproute2 gcc valgrind)
+# g++ builds libFuzzer for the fuzz targets.
+APT_PACKAGES=(iptables iproute2 gcc g++ valgrind)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -23,6 +24,8 @@ command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustu
 for component in clippy rustfmt; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done
+# cargo-fuzz for the fuzz targets of fuzz/ (run on stable, without sanitizers: scripts/fuzz.sh).
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 # --- checks and tests ---------------------------------------------------------------------------
 echo "== rustls stays on ring: no aws-lc-rs in the dependency tree"
@@ -34,6 +37,7 @@ fi
 
 echo "== rustfmt"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -43,3 +47,6 @@ cargo test --locked -p meshwire-identity --features loom --lib loom
 
 echo "== cargo test --workspace"
 cargo test --workspace --locked
+
+echo "== fuzz targets: every one for ${FUZZ_SECONDS:-15} s, seeds first"
+scripts/fuzz.sh
