@@ -950,3 +950,145 @@ fn local_ca_refuses_a_corrupt_ca_file() {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), content, "{what}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Property tests: the same parsers as the `svid` fuzz target (fuzz/fuzz_targets/svid.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// One real SVID of the local CA and its bundle, shared by the property tests.
+fn issued() -> &'static (X509Svid, TrustBundle) {
+    static ISSUED: std::sync::OnceLock<(X509Svid, TrustBundle)> = std::sync::OnceLock::new();
+    ISSUED.get_or_init(|| {
+        let ca = LocalCa::ephemeral(td(TD)).unwrap();
+        let creds = ca.issue(&id(ID)).unwrap();
+        (creds.svid, ca.bundle().clone())
+    })
+}
+
+/// Checks what an accepted SVID promises: its PEM reads back to the same chain, key and identity.
+fn check_accepted(svid: &X509Svid) {
+    let again = X509Svid::from_pem(svid.chain_pem().as_bytes(), svid.private_key_pem().as_bytes()).unwrap();
+    assert!(again.same_chain(svid));
+    assert_eq!(again.spiffe_id(), svid.spiffe_id());
+    assert_eq!(again.private_key().secret_der(), svid.private_key().secret_der());
+    assert_eq!(
+        (again.not_before(), again.not_after()),
+        (svid.not_before(), svid.not_after())
+    );
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Flipped bytes in the leaf or the key: refused with an error or accepted consistently,
+        /// never a panic; the original stays valid.
+        #[test]
+        fn mutated_svid_der_never_panics(
+            in_key in any::<bool>(),
+            mutations in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let (svid, bundle) = issued();
+            let mut leaf = svid.leaf().to_vec();
+            let mut key = svid.private_key().secret_der().to_vec();
+            let target = if in_key { &mut key } else { &mut leaf };
+            for (at, byte) in &mutations {
+                *at.get_mut(target) = *byte;
+            }
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+            match X509Svid::from_der(vec![CertificateDer::from(leaf)], key) {
+                Ok(mutated) => {
+                    check_accepted(&mutated);
+                    let _ = mutated.verify(&BundleSet::from(bundle.clone()), SystemTime::now());
+                }
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
+            svid.verify(&BundleSet::from(bundle.clone()), SystemTime::now()).unwrap();
+        }
+
+        /// Every prefix of a valid DER chain but the whole is refused, never a panic.
+        #[test]
+        fn truncated_der_is_refused(cut in any::<prop::sample::Index>()) {
+            let (svid, _) = issued();
+            let leaf = svid.leaf().to_vec();
+            let len = cut.index(leaf.len());
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.private_key().secret_der().to_vec()));
+            let result = X509Svid::from_der(vec![CertificateDer::from(leaf[..len].to_vec())], key);
+            prop_assert!(result.is_err(), "a {len}-byte prefix of a {}-byte certificate was accepted", leaf.len());
+        }
+
+        /// Arbitrary PEM documents: an error naming what was wrong, or a consistent SVID.
+        #[test]
+        fn arbitrary_pem_never_panics(
+            chain in prop::collection::vec(any::<u8>(), 0..400),
+            key in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            match X509Svid::from_pem(&chain, &key) {
+                Ok(svid) => check_accepted(&svid),
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
+        }
+
+        /// Mutated PEM of a real chain and key.
+        #[test]
+        fn mutated_svid_pem_never_panics(
+            mutations in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let (svid, _) = issued();
+            let mut chain = svid.chain_pem().into_bytes();
+            for (at, byte) in &mutations {
+                *at.get_mut(&mut chain) = *byte;
+            }
+            match X509Svid::from_pem(&chain, svid.private_key_pem().as_bytes()) {
+                Ok(accepted) => check_accepted(&accepted),
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
+        }
+
+        /// Mutated bundles: refused, or an anchor per root; the real SVID verifies against any
+        /// accepted bundle that still holds its root.
+        #[test]
+        fn mutated_bundle_never_panics(
+            pem_form in any::<bool>(),
+            mutations in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let (svid, bundle) = issued();
+            let root = bundle.roots()[0].to_vec();
+            let result = if pem_form {
+                let mut pem = pem::encode(&pem::Pem::new("CERTIFICATE", root.clone())).into_bytes();
+                for (at, byte) in &mutations {
+                    *at.get_mut(&mut pem) = *byte;
+                }
+                TrustBundle::from_pem(td(TD), &pem)
+            } else {
+                let mut der = root.clone();
+                for (at, byte) in &mutations {
+                    *at.get_mut(&mut der) = *byte;
+                }
+                TrustBundle::new(td(TD), vec![CertificateDer::from(der)])
+            };
+            match result {
+                Ok(accepted) => {
+                    prop_assert_eq!(accepted.roots().len(), accepted.anchors().len());
+                    let verdict = svid.verify(&BundleSet::from(accepted.clone()), SystemTime::now());
+                    if accepted.roots()[0].as_ref() == root.as_slice() {
+                        prop_assert!(verdict.is_ok(), "{:?}", verdict);
+                    }
+                }
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
+        }
+    }
+}
