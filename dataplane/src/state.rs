@@ -125,9 +125,11 @@ impl LocalProxy {
         self
     }
 
-    /// Whether `addr` is one of the proxy's own listeners.
+    /// Whether `addr` is one of the proxy's own listeners. Addresses are compared with IPv4-mapped
+    /// IPv6 addresses as IPv4, on both sides.
     pub fn is_own(&self, addr: SocketAddr) -> bool {
-        self.addresses.contains(&addr.ip()) && self.ports.contains(&addr.port())
+        let ip = addr.ip().to_canonical();
+        self.ports.contains(&addr.port()) && self.addresses.iter().any(|own| own.to_canonical() == ip)
     }
 
     /// Whether the proxy serves workloads of `node`.
@@ -189,7 +191,8 @@ pub enum OutboundRoute {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Refusal {
-    /// The destination is one of the proxy's own listeners.
+    /// The destination, or the service endpoint or waypoint chosen for it, is one of the proxy's own
+    /// listeners.
     #[error("the destination is the proxy itself")]
     Loop,
     /// The service does not declare the port.
@@ -377,6 +380,9 @@ impl State {
 
     /// Decides where an outbound connection from `source` to `original_dst` goes.
     ///
+    /// The destination is taken in canonical form: an IPv4-mapped IPv6 address is its IPv4 address (as
+    /// [`crate::proxy::canonical`] writes it), for every lookup and in the route.
+    ///
     /// In order: a destination that is the proxy's own listener is refused ([`Refusal::Loop`]); a
     /// service VIP (in the source's network) goes to the service's waypoint if it has one, else to one
     /// of its endpoints, chosen by `pick` (see below); a workload IP goes to the workload's waypoint if
@@ -390,6 +396,12 @@ impl State {
     /// non-zero target port). They are ordered by uid and weighted by `capacity`; `pick` modulo the
     /// total weight chooses one, so a caller passing a counter gets weighted round robin and a caller
     /// passing a hash of the connection gets a stable choice.
+    ///
+    /// No route leads back into the proxy: a service endpoint whose address and target port are one of
+    /// the proxy's own listeners, or a waypoint reached at one of them other than the HBONE port, is
+    /// refused as a loop too ([`Refusal::Loop`], naming the original destination). An HBONE tunnel to
+    /// the proxy's own HBONE port is not a loop: that is how a workload of the proxy's own node is
+    /// reached.
     pub fn route_outbound(
         &self,
         proxy: &LocalProxy,
@@ -397,6 +409,7 @@ impl State {
         original_dst: SocketAddr,
         pick: u64,
     ) -> OutboundRoute {
+        let original_dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
         if proxy.is_own(original_dst) {
             return OutboundRoute::Refused {
                 dst: original_dst,
@@ -428,7 +441,7 @@ impl State {
         if let Some(waypoint) = &service.waypoint
             && !self.is_waypoint(source, waypoint)
         {
-            return self.via_waypoint(source, waypoint, dst, Some(key), pick);
+            return self.via_waypoint(proxy, source, waypoint, dst, Some(key), pick);
         }
         if !service.ports.contains_key(&dst.port()) {
             return OutboundRoute::Refused {
@@ -450,6 +463,12 @@ impl State {
             };
         };
         let authority = SocketAddr::new(ip, target_port);
+        if proxy.is_own(authority) {
+            return OutboundRoute::Refused {
+                dst,
+                reason: Refusal::Loop,
+            };
+        }
         match workload.protocol {
             Protocol::Hbone => OutboundRoute::Hbone {
                 endpoint: SocketAddr::new(ip, proxy.hbone_port),
@@ -477,7 +496,7 @@ impl State {
         if let Some(waypoint) = &workload.waypoint
             && !self.is_waypoint(source, waypoint)
         {
-            return self.via_waypoint(source, waypoint, dst, None, pick);
+            return self.via_waypoint(proxy, source, waypoint, dst, None, pick);
         }
         match workload.protocol {
             Protocol::Hbone => OutboundRoute::Hbone {
@@ -497,6 +516,7 @@ impl State {
 
     fn via_waypoint(
         &self,
+        proxy: &LocalProxy,
         source: &Workload,
         waypoint: &GatewayAddress,
         dst: SocketAddr,
@@ -504,6 +524,12 @@ impl State {
         pick: u64,
     ) -> OutboundRoute {
         match self.resolve_waypoint(source, waypoint, dst, pick) {
+            Some((_, endpoint, _)) if proxy.is_own(endpoint) && endpoint.port() != proxy.hbone_port => {
+                OutboundRoute::Refused {
+                    dst,
+                    reason: Refusal::Loop,
+                }
+            }
             Some((workload, endpoint, waypoint_service)) => OutboundRoute::Waypoint {
                 endpoint,
                 authority: dst,

@@ -673,3 +673,99 @@ fn hand_built_configurations_index_the_first_of_duplicates() {
     assert_eq!(state.workload_by_ip("", ip("10.0.0.1")).unwrap().uid, "first");
     assert_eq!(state.workload_by_uid("second").unwrap().service_account(), "three");
 }
+
+// Found by the `original_destination` fuzz target.
+
+#[test]
+fn an_ipv4_mapped_destination_routes_as_its_ipv4_address() {
+    let state = state();
+    let client = workload(&state, "client");
+    let proxy = LocalProxy::new().with_addresses([ip("10.0.0.1")]);
+    // An address the mesh does not know passes through, written as IPv4.
+    assert_eq!(
+        state.route_outbound(&proxy, client, addr("[::ffff:249.249.153.255]:39321"), 0),
+        OutboundRoute::Passthrough {
+            dst: addr("249.249.153.255:39321"),
+            service: None,
+            workload: None
+        }
+    );
+    // A VIP, a workload IP and the proxy's own listener are recognised in the mapped form.
+    for (mapped, plain) in [
+        ("[::ffff:10.0.10.1]:80", "10.0.10.1:80"),
+        ("[::ffff:10.0.1.1]:7777", "10.0.1.1:7777"),
+        ("[::ffff:10.0.0.1]:15001", "10.0.0.1:15001"),
+    ] {
+        assert_eq!(
+            state.route_outbound(&proxy, client, addr(mapped), 3),
+            state.route_outbound(&proxy, client, addr(plain), 3),
+            "{mapped}"
+        );
+    }
+    assert!(matches!(
+        state.route_outbound(&proxy, client, addr("[::ffff:10.0.0.1]:15001"), 0),
+        OutboundRoute::Refused {
+            reason: Refusal::Loop,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_proxy_address_written_ipv4_mapped_is_its_own_ipv4_address() {
+    let proxy = LocalProxy::new().with_addresses([ip("::ffff:127.0.0.1")]);
+    assert!(proxy.is_own(addr("127.0.0.1:15001")));
+    assert!(proxy.is_own(addr("[::ffff:127.0.0.1]:15001")));
+    assert!(!proxy.is_own(addr("127.0.0.1:8080")));
+    assert!(!proxy.is_own(addr("[::1]:15001")));
+    let state = state();
+    assert!(matches!(
+        state.route_outbound(&proxy, workload(&state, "client"), addr("127.0.0.1:15006"), 0),
+        OutboundRoute::Refused {
+            reason: Refusal::Loop,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_service_endpoint_or_waypoint_at_the_proxys_own_listener_is_a_loop() {
+    // The loopback example, with a proxy that listens on the endpoint's target port itself.
+    let example = State::from(LocalConfig::parse(include_str!("../examples/localhost.yaml")).unwrap());
+    let local = workload(&example, "local");
+    let proxy = LocalProxy::new()
+        .with_addresses([ip("127.0.0.1")])
+        .with_ports([15008, 8080]);
+    let refused = |state: &State, proxy: &LocalProxy, source: &Workload, dst: &str| {
+        assert_eq!(
+            state.route_outbound(proxy, source, addr(dst), 0),
+            OutboundRoute::Refused {
+                dst: addr(dst),
+                reason: Refusal::Loop
+            },
+            "{dst}"
+        );
+    };
+    refused(&example, &proxy, local, "127.10.0.1:80");
+    // HBONE to the proxy's own HBONE port is how local workloads are reached: not a loop.
+    let default_ports = LocalProxy::new().with_addresses([ip("127.0.0.1")]);
+    assert!(matches!(
+        example.route_outbound(&default_ports, local, addr("127.10.0.1:80"), 0),
+        OutboundRoute::Hbone { .. }
+    ));
+
+    let state = state();
+    let client = workload(&state, "client");
+    // A plain TCP endpoint of a service.
+    let proxy = LocalProxy::new().with_addresses([ip("10.0.2.1")]).with_ports([8081]);
+    refused(&state, &proxy, client, "10.0.10.2:80");
+    // A waypoint reached at one of the proxy's listeners other than its HBONE port.
+    let proxy = LocalProxy::new().with_addresses([ip("10.0.4.3")]).with_ports([15009]);
+    refused(&state, &proxy, client, "10.0.4.4:80");
+    // ... and at its HBONE port, which is not a loop.
+    let proxy = proxy.with_hbone_port(15009);
+    assert!(matches!(
+        state.route_outbound(&proxy, client, addr("10.0.4.4:80"), 0),
+        OutboundRoute::Waypoint { .. }
+    ));
+}
