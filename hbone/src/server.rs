@@ -13,6 +13,9 @@
 //! accepts no new stream, lets the open ones finish, and then closes; a caller enforces a drain
 //! deadline by dropping the future.
 //!
+//! [`serve_established`] does the same on a connection whose TLS layer the caller terminated and
+//! whose client identity the caller verified.
+//!
 //! What HTTP/2 itself rejects never reaches the handler: a CONNECT with `:scheme`/`:path` or an
 //! authority that is not valid URI syntax is reset with PROTOCOL_ERROR, a header list over the limit
 //! gets 431, streams over the concurrency limit get REFUSED_STREAM. Some protocol violations (a
@@ -151,7 +154,8 @@ pub enum ServeError {
     /// The TLS handshake failed (plaintext on the TLS port, untrusted or missing client certificate, ...).
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] io::Error),
-    /// The handshakes did not finish in time.
+    /// The handshakes did not finish in time: TLS and HTTP/2 for [`serve`], HTTP/2 alone for
+    /// [`serve_established`].
     #[error("TLS and HTTP/2 handshakes did not finish within {0:?}")]
     HandshakeTimeout(std::time::Duration),
     /// The settings are not usable.
@@ -189,6 +193,8 @@ pub struct ServeOptions {
 ///
 /// Set `TCP_NODELAY` on the accepted socket first (see [`crate::client::handshake`]): without it the
 /// server's WINDOW_UPDATE frames wait behind Nagle's algorithm and a bulk upload crawls.
+///
+/// `options.settings.handshake_timeout` covers the TLS and HTTP/2 handshakes together.
 pub async fn serve<IO, H, T, S>(
     io: IO,
     tls_config: Arc<ServerConfig>,
@@ -203,28 +209,91 @@ where
     T: Timer,
     S: Future<Output = ()>,
 {
-    options.settings.validate()?;
-    let limit = options.settings.handshake_timeout;
-    // Boxed: the handshake state is large and needed once; the connection's future stays small.
-    let hs = async {
+    let handshake = async move {
         let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead);
         let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)
             .accept(io)
             .await
             .map_err(ServeError::Tls)?;
         let peer = tls::peer_identity(tls_stream.get_ref().1).map_err(|e| ServeError::Tls(io::Error::other(e)))?;
-        let conn = options
-            .settings
-            .server_builder()
-            .handshake::<_, Bytes>(tls_stream)
-            .await
-            .map_err(|source| ServeError::Http2 {
-                peer: peer.clone(),
-                source,
-            })?;
-        Ok::<_, ServeError>((conn, peer))
+        let conn = h2_handshake(tls_stream, &options.settings, &peer).await?;
+        Ok((conn, peer))
     };
-    let (mut conn, peer) = with_timeout(timer, limit, Box::pin(hs))
+    // Boxed: the handshake state is large and needed once; the connection's future stays small.
+    serve_with(Box::pin(handshake), options, handler, timer, shutdown).await
+}
+
+/// Serves HTTP/2 on a connection whose TLS layer is already established, like [`serve`] after its
+/// TLS handshake: for embedders that terminate TLS themselves.
+///
+/// `io` carries the decrypted stream (the client's HTTP/2 preface comes first), and `peer` is the
+/// client's identity. **The caller is responsible for `peer`**: it must come from a client certificate
+/// the caller verified against the trust bundles (as [`meshwire_identity::tls::peer_identity`] does on
+/// a rustls connection built with [`meshwire_identity::tls::server_config`]). The server does not check
+/// it; it hands it to the [`Handler`] in every [`InboundRequest`], where authorization relies on it.
+///
+/// `options.settings.handshake_timeout` covers the HTTP/2 handshake alone; `read_ahead` does not apply
+/// (it is a layer under TLS).
+pub async fn serve_established<IO, H, T, S>(
+    io: IO,
+    peer: SpiffeId,
+    options: &ServeOptions,
+    handler: &H,
+    timer: &T,
+    shutdown: S,
+) -> Result<ServeSummary, ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Handler,
+    T: Timer,
+    S: Future<Output = ()>,
+{
+    let handshake = async move {
+        let conn = h2_handshake(io, &options.settings, &peer).await?;
+        Ok((conn, peer))
+    };
+    // Boxed: the handshake state is large and needed once; the connection's future stays small.
+    serve_with(Box::pin(handshake), options, handler, timer, shutdown).await
+}
+
+/// The server side of the HTTP/2 handshake; a failure names the peer.
+async fn h2_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    settings: &Settings,
+    peer: &SpiffeId,
+) -> Result<h2::server::Connection<IO, Bytes>, ServeError> {
+    settings
+        .server_builder()
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|source| ServeError::Http2 {
+            peer: peer.clone(),
+            source,
+        })
+}
+
+/// Checks the settings, runs `handshake` (which yields the HTTP/2 connection and the verified peer)
+/// within the handshake timeout, then accepts and drives the connection's streams until it ends.
+///
+/// The connection is a local here, never an argument, so that the future holds it once; `handshake`
+/// comes boxed, as an unstarted future is as large as its largest state.
+async fn serve_with<IO, H, T, S, F>(
+    handshake: F,
+    options: &ServeOptions,
+    handler: &H,
+    timer: &T,
+    shutdown: S,
+) -> Result<ServeSummary, ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Handler,
+    T: Timer,
+    S: Future<Output = ()>,
+    F: Future<Output = Result<(h2::server::Connection<IO, Bytes>, SpiffeId), ServeError>> + Unpin,
+{
+    options.settings.validate()?;
+    let limit = options.settings.handshake_timeout;
+    let (mut conn, peer) = with_timeout(timer, limit, handshake)
         .await
         .ok_or(ServeError::HandshakeTimeout(limit))??;
 

@@ -543,3 +543,65 @@ async fn per_connection_futures_stay_small() {
     assert!(tunnel_size <= 256, "a tunnel is {tunnel_size} bytes");
     assert!(driver_size <= 3072, "a connection driver is {driver_size} bytes");
 }
+
+/// An embedder that terminates TLS itself hands the established stream and the verified identity to
+/// `serve_established`: CONNECT streams round trip, and the handler and the summary see that identity.
+#[tokio::test]
+async fn serve_established_serves_http2_on_a_tls_stream_the_caller_accepted() {
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = std::sync::Arc::new(LoopbackHandler::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (server_tls, h) = (pki.server_tls.clone(), handler.clone());
+    let served = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls_stream = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp).await.unwrap();
+        let peer = meshwire_identity::tls::peer_identity(tls_stream.get_ref().1).unwrap();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        meshwire_hbone::server::serve_established(
+            tls_stream,
+            peer,
+            &ServeOptions::default(),
+            &*h,
+            &TokioTimer,
+            shutdown,
+        )
+        .await
+    });
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (conn, driver) = client::handshake(tcp, pki.client_tls.clone(), &Settings::default(), TokioTimer)
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    assert_eq!(conn.peer_identity(), &id(SERVER));
+    for message in [&b"first tunnel"[..], b"second tunnel"] {
+        let mut tunnel = conn.open(&to(echo)).await.unwrap();
+        tunnel.write_all(message).await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        let echoed = timeout(LIMIT, read_all(&mut tunnel)).await.unwrap().unwrap();
+        assert_eq!(echoed, message);
+    }
+    // Refusals take the same path as in `serve`.
+    let refused = conn.open(&to("127.0.0.1:1".parse().unwrap())).await.err().unwrap();
+    assert_eq!(refused.status(), Some(http::StatusCode::UNAUTHORIZED), "{refused}");
+
+    stop.send(()).unwrap();
+    let summary = timeout(LIMIT, served).await.unwrap().unwrap().unwrap();
+    assert_eq!(summary.peer, id(CLIENT));
+    assert_eq!(summary.streams, 3);
+    let requests = handler.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 3);
+    assert!(
+        requests.iter().all(|r| r.peer == id(CLIENT)),
+        "the handler saw the caller's identity"
+    );
+    let reports = handler.reports.lock().await;
+    assert_eq!(reports.len(), 3);
+    assert!(reports.iter().all(|r| r.peer == id(CLIENT)));
+    assert_eq!(reports.iter().map(|r| r.to_upstream).sum::<u64>(), 25);
+}
