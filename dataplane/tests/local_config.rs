@@ -577,6 +577,25 @@ fn mutate(text: &str, edits: &[(u8, usize, usize, String)]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Found by the `local_config` fuzz target: a tagged collection where a list is expected used to make
+/// the YAML library panic ("unexpected end of mapping") while the error was being located.
+#[test]
+fn tagged_values_where_collections_belong_are_errors_not_panics() {
+    let yaml = "workloads: !orklo:\n- !orklo:\n";
+    let err = LocalConfig::parse(yaml).unwrap_err();
+    assert!(err.to_string().contains("workloads"), "{err}");
+    check_no_panic_and_errors_are_named(yaml);
+    // Tags elsewhere around collections: an error or a configuration, never a panic.
+    for yaml in [
+        "workloads: !x\n  a: b\nservices: []\n",
+        "workloads:\n- !w {name: a}\n- name: b\n",
+        "policies: !p [1, 2]\nworkloads: [{x: !t {a: [b]}}]\n",
+        "services: [!s {a: !t [!u {b: c}]}]\n",
+    ] {
+        check_no_panic_and_errors_are_named(yaml);
+    }
+}
+
 fn check_no_panic_and_errors_are_named(yaml: &str) {
     if let Err(err) = LocalConfig::parse(yaml) {
         let message = err.to_string();

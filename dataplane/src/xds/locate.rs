@@ -80,9 +80,12 @@ impl<'de> Visitor<'de> for Seek<'_> {
         self.scalar()
     }
 
-    fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        // A tagged value: found if it is the target, else not searched further.
-        self.scalar()
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged value: found if it is the target, else not searched further. Its content is
+        // consumed all the same: serde_yaml_ng panics ("unexpected end of mapping") when the
+        // enclosing collection is drained after a tagged collection was left half read.
+        self.scalar()?;
+        IgnoredAny.visit_enum(data).map(|_| ())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
