@@ -29,11 +29,13 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 # --- checks and tests ---------------------------------------------------------------------------
 echo "== rustls stays on ring: no aws-lc-rs in the dependency tree"
-if cargo tree --workspace --all-features -i aws-lc-rs >/dev/null 2>&1; then
-  cargo tree --workspace --all-features -i aws-lc-rs >&2
-  echo "aws-lc-rs is in the dependency tree" >&2
-  exit 1
-fi
+for manifest in Cargo.toml fuzz/Cargo.toml; do
+  if cargo tree --manifest-path "$manifest" --workspace --all-features -i aws-lc-rs >/dev/null 2>&1; then
+    cargo tree --manifest-path "$manifest" --workspace --all-features -i aws-lc-rs >&2
+    echo "aws-lc-rs is in the dependency tree of $manifest" >&2
+    exit 1
+  fi
+done
 
 echo "== rustfmt"
 cargo fmt --all --check
