@@ -63,6 +63,12 @@ struct Cli {
     /// Connections opened with a full mTLS handshake each, per run. Default 300 (30 with --quick).
     #[arg(long, value_name = "N")]
     handshake_connections: Option<usize>,
+    /// Flow counts of the parallel shape (comma-separated). Default 1,2,4,8,16.
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    flows: Vec<usize>,
+    /// Seconds of each parallel-flow run. Default 2 (0.25 with --quick).
+    #[arg(long, value_name = "S")]
+    parallel_seconds: Option<f64>,
 }
 
 /// A benchmark shape.
@@ -284,8 +290,15 @@ fn plan(cli: &Cli) -> Plan {
     Plan {
         repeat: cli.repeat.unwrap_or(if quick { 1 } else { 3 }).max(1),
         bulk_s: if quick { 0.5 } else { 4.0 },
-        parallel_s: if quick { 0.25 } else { 2.0 },
-        flows: vec![1, 2, 4, 8, 16],
+        parallel_s: cli
+            .parallel_seconds
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(if quick { 0.25 } else { 2.0 }),
+        flows: if cli.flows.iter().any(|&f| f > 0) {
+            cli.flows.iter().copied().filter(|&f| f > 0).collect()
+        } else {
+            vec![1, 2, 4, 8, 16]
+        },
         rr_rate: 1000,
         rr_fixed_s: if quick { 1.0 } else { 10.0 },
         rr_closed_s: if quick { 0.5 } else { 3.0 },

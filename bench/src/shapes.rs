@@ -340,6 +340,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
             "2c/1c",
             "CPU-s/GB 1 core",
             "CPU-s/GB 2 cores",
+            "CPUs busy 2 cores",
             "HBONE conns",
         ],
     );
@@ -354,6 +355,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                 "-".into(),
                 flows.to_string(),
                 format!("{:.2}", direct.median_gbps),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -377,6 +379,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                     format!("{ratio:.2}x"),
                     fmt(one.median_cpu_s_per_gb, 3),
                     fmt(two.median_cpu_s_per_gb, 3),
+                    busy(two),
                     format!(
                         "{}/{}",
                         one.hbone_connections.unwrap_or(0),
@@ -395,6 +398,21 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
         }
     }
     Ok((Parallel { rows, ratios }, table))
+}
+
+/// The CPUs the proxies and the bench kept busy during a row's runs (CPU seconds over elapsed
+/// seconds, medians), as `proxies + bench`.
+fn busy(row: &ParallelRow) -> String {
+    let proxies = median(
+        row.runs
+            .iter()
+            .filter_map(|r| r.cost.proxy_cpu_s.map(|c| c / r.seconds)),
+    );
+    let bench = median(row.runs.iter().map(|r| r.cost.bench_cpu_s / r.seconds));
+    match (proxies, bench) {
+        (Some(p), Some(b)) => format!("{p:.2} + {b:.2}"),
+        _ => "-".into(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------

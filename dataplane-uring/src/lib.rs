@@ -5,10 +5,11 @@
 //!
 //! - [`rt`]: the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio: streams, timer,
 //!   executor, connecting sockets made by the socket factory, the HBONE pool's connector.
-//! - [`listener`]: listeners made by the socket factory, handed to glommio (the crate's one
-//!   `unsafe` call: the descriptor's ownership hand-over).
+//! - [`listener`]: listeners made by the socket factory, handed to glommio (`unsafe`: the
+//!   descriptor's ownership hand-over).
 //! - [`stream`]: [`stream::UringStream`], glommio's TCP stream with the `tokio::io` traits, reading
-//!   into uninitialised memory without zeroing it and writing vectors in one `sendmsg`.
+//!   into uninitialised memory without zeroing it and writing vectors in one `sendmsg` (`unsafe`:
+//!   borrowing glommio's descriptor, and telling `ReadBuf` how much the kernel wrote).
 //! - [`proxy`]: [`proxy::UringProxy`], the binary `ztunnel-uring`: one pinned executor per core,
 //!   listeners per core with `SO_REUSEPORT`, per-core HBONE pools and metrics, the control plane
 //!   on one tokio thread.

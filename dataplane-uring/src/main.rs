@@ -10,6 +10,10 @@
 //! the proxy cannot start), and 1 when io_uring cannot be used here (the message names the cause
 //! and points to `ztunnel`) or when a core stops unexpectedly (after draining the others).
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::process::ExitCode;
 
 use meshwire_dataplane::admin::LogControl;

@@ -1,16 +1,22 @@
 //! [`UringStream`]: a glommio TCP stream seen through the `tokio::io` traits, without the costs a
-//! generic adapter (`tokio_util::compat`) adds on the data path, and without `unsafe`.
+//! generic adapter (`tokio_util::compat`) adds on the data path.
+//!
+//! glommio's stream reads and writes with a non-blocking system call first and arms an io_uring
+//! poll only when that would block. This stream makes those first attempts itself, where glommio's
+//! API costs a copy, and leaves the waiting to glommio:
 //!
 //! - **Reads into uninitialised memory.** A generic adapter must zero the whole unfilled part of
 //!   the caller's buffer before every read (the `futures::io` traits read into initialised
 //!   memory), and the HBONE copy reads into fresh buffer capacity of up to hundreds of KiB: most
-//!   of the CPU went to `memset` and page faults. Here, a read into initialised space goes straight
-//!   to glommio's stream; a read into uninitialised space is received into a per-thread staging
-//!   buffer (initialised once) and copied, so only the bytes received are written.
+//!   of the CPU went to `memset` and page faults. Here `recv(MSG_DONTWAIT)` writes straight into
+//!   the uninitialised space ([`recv_uninit`], with `unsafe` that tells `ReadBuf`
+//!   how much the kernel wrote). Only when the socket has nothing to read is glommio asked to wait; the
+//!   few bytes that may arrive in between are received into a per-thread staging buffer and
+//!   copied.
 //! - **Vectored writes.** TLS writes several records at once when the stream can write vectors;
-//!   glommio's stream writes one slice per call. Here several slices are gathered into a
-//!   per-thread staging buffer and sent in one call (a copy costs less than a system call per
-//!   16 KiB record).
+//!   glommio's stream writes one slice per call. Here the slices go out in one
+//!   `sendmsg(MSG_DONTWAIT)`; only when the socket's buffer is full is glommio asked to wait (with
+//!   the first slice, which it tries once more before arming its poll).
 //!
 //! The stream holds no second descriptor: socket options and `SO_ORIGINAL_DST` go through a
 //! short-lived duplicate ([`duplicate`]), so a connection costs the proxy one descriptor, as with
@@ -19,23 +25,21 @@
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use futures_util::io::{AsyncRead as FuturesRead, AsyncWrite as FuturesWrite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The size of the per-thread buffers reads into uninitialised memory are received into, and
-/// vectored writes are gathered into.
-pub const STAGING: usize = 256 * 1024;
+/// The size of the per-thread buffer that a read into uninitialised memory uses when it has to
+/// go through glommio (the socket had nothing to read when asked directly).
+pub const STAGING: usize = 64 * 1024;
 
 thread_local! {
-    /// Reads into uninitialised memory land here first (one buffer per executor thread; a read
-    /// is synchronous, so it is never borrowed twice).
+    /// Reads into uninitialised memory that go through glommio land here first (one buffer per
+    /// executor thread; a read is synchronous, so it is never borrowed twice).
     static READ_STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Vectored writes are gathered here.
-    static WRITE_STAGING: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// This process's pidfd, for `pidfd_getfd`.
     static PIDFD: RefCell<Option<OwnedFd>> = const { RefCell::new(None) };
 }
@@ -112,6 +116,11 @@ impl AsyncRead for UringStream {
             buf.advance(n);
             return Poll::Ready(Ok(()));
         }
+        match recv_uninit(&this.inner, buf) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            done => return Poll::Ready(done),
+        }
+        // Nothing to read: glommio arms its poll (it tries once more first, hence the staging).
         READ_STAGING.with(|staging| {
             let mut staging = staging.borrow_mut();
             if staging.len() < STAGING {
@@ -123,6 +132,34 @@ impl AsyncRead for UringStream {
             Poll::Ready(Ok(()))
         })
     }
+}
+
+/// `recv(MSG_DONTWAIT)` from `stream` into the unfilled, uninitialised part of `buf`, which is
+/// then marked filled (and initialised) as far as the kernel wrote. `WouldBlock` when the socket
+/// has nothing to read.
+#[allow(unsafe_code)]
+fn recv_uninit(stream: &glommio::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    let stream = borrow_fd(stream);
+    use rustix::net::{RecvFlags, recv};
+    // SAFETY: `unfilled_mut` hands out the unfilled part as `MaybeUninit`; the only writer is
+    // `recv`, which stores bytes and never de-initialises any.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    // rustix's `recv` into `MaybeUninit` memory returns the part the kernel initialised.
+    let (received, _) = recv(stream, unfilled, RecvFlags::DONTWAIT)?;
+    let n = received.0.len();
+    // SAFETY: the first `n` bytes of the unfilled part were just written by the kernel.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
+/// The descriptor of `stream`, borrowed for as long as `stream` is (glommio's stream implements
+/// `AsRawFd` only).
+#[allow(unsafe_code)]
+fn borrow_fd(stream: &glommio::net::TcpStream) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is open and owned by `stream`, which closes it only when dropped; the
+    // borrow cannot outlive `stream`.
+    unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
 }
 
 impl AsyncWrite for UringStream {
@@ -138,26 +175,25 @@ impl AsyncWrite for UringStream {
         let this = self.get_mut();
         let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
         let (Some(first), Some(_)) = (nonempty.next(), nonempty.next()) else {
-            // One slice (or none): no gathering needed.
+            // One slice (or none): glommio's write is the same system call.
             let only = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
             return Pin::new(&mut this.inner).poll_write(cx, only);
         };
-        if first.len() >= STAGING {
-            return Pin::new(&mut this.inner).poll_write(cx, first);
-        }
-        WRITE_STAGING.with(|staging| {
-            let mut staging = staging.borrow_mut();
-            staging.clear();
-            for b in bufs {
-                let room = STAGING - staging.len();
-                if room == 0 {
-                    break;
-                }
-                staging.extend_from_slice(&b[..b.len().min(room)]);
+        let sent = rustix::net::sendmsg(
+            borrow_fd(&this.inner),
+            bufs,
+            &mut rustix::net::SendAncillaryBuffer::default(),
+            rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+        );
+        match sent {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(rustix::io::Errno::AGAIN) => {
+                // The socket's buffer is full: glommio waits for room (a vectored write may write
+                // fewer bytes than asked, here the first slice or part of it).
+                Pin::new(&mut this.inner).poll_write(cx, first)
             }
-            // What is written is the first `n` bytes of `bufs` in order, as a vectored write's is.
-            Pin::new(&mut this.inner).poll_write(cx, &staging)
-        })
+            Err(error) => Poll::Ready(Err(error.into())),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

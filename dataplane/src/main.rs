@@ -10,6 +10,10 @@
 //! environment, 1 when the proxy cannot start (invalid local configuration, unusable certificate
 //! source, an explicit packet mark that cannot be set, a listener that cannot be bound).
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::process::ExitCode;
 
 use meshwire_dataplane::admin::LogControl;
