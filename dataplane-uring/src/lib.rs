@@ -10,6 +10,8 @@
 //! - [`stream`]: [`stream::UringStream`], glommio's TCP stream with the `tokio::io` traits, reading
 //!   into uninitialised memory without zeroing it and writing vectors in one `sendmsg` (`unsafe`:
 //!   borrowing glommio's descriptor, and telling `ReadBuf` how much the kernel wrote).
+//! - [`spread`]: [`spread::RoundRobin`], an eBPF program that deals a listener's new connections
+//!   over the cores in turn rather than by the kernel's hash (`unsafe`: the `bpf(2)` calls).
 //! - [`proxy`]: [`proxy::UringProxy`], the binary `ztunnel-uring`: one pinned executor per core,
 //!   listeners per core with `SO_REUSEPORT`, per-core HBONE pools and metrics, the control plane
 //!   on one tokio thread.
@@ -20,4 +22,5 @@ pub mod listener;
 pub mod preflight;
 pub mod proxy;
 pub mod rt;
+pub mod spread;
 pub mod stream;

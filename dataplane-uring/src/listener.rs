@@ -7,19 +7,28 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
 
 use meshwire_dataplane::rt::socket::{SocketFactory, SocketOptions};
 
+use crate::spread::RoundRobin;
+
 /// Binds a listener on `addr` through `factory` with `opts`, in blocking mode (as glommio's own
-/// listeners are; glommio accepts through io_uring), as a glommio listener. Must run on a glommio
-/// executor thread.
+/// listeners are; glommio accepts through io_uring), as a glommio listener. With `spread`, the
+/// socket joins that round robin in that slot; if it cannot, the kernel's hash picks for it (the
+/// error is logged). Must run on a glommio executor thread.
 pub fn bind<F: SocketFactory + ?Sized>(
     factory: &F,
     addr: SocketAddr,
     opts: &SocketOptions,
+    spread: Option<(&RoundRobin, u32)>,
 ) -> io::Result<glommio::net::TcpListener> {
     let socket = factory.listener(addr, opts)?;
+    if let Some((spread, slot)) = spread
+        && let Err(error) = spread.join(slot, socket.as_fd())
+    {
+        tracing::warn!(%addr, slot, %error, "this core's listener is picked by the kernel's hash, not in turn");
+    }
     socket.set_nonblocking(false)?;
     Ok(into_glommio(OwnedFd::from(socket)))
 }

@@ -3,8 +3,9 @@
 //!
 //! **Cores.** Every core binds its own socket for each data listener (inbound HBONE, inbound
 //! plaintext, outbound capture, SOCKS5) through the socket factory with `SO_REUSEPORT`, so that the
-//! kernel spreads new connections over the cores; a connection lives and dies on the core that
-//! accepted it. Each core
+//! kernel spreads new connections over the cores: by its hash of addresses and ports, or with
+//! `--connection-balance round-robin` in turn (the [round robin](crate::spread) program, where the
+//! kernel accepts it); a connection lives and dies on the core that accepted it. Each core
 //! has its own [`Worker`]: its own HBONE pool (one tunnel per destination key per core: a peer
 //! that opens few tunnels is still spread over the cores), its own metrics ([`Metrics`], summed
 //! when scraped) and its own connection registry. Nothing on the data path is shared between
@@ -30,7 +31,7 @@ use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
 use meshwire_dataplane::app::{
     ACCEPT_RETRY, Control, ControlListeners, ControlPlane, Drained, ProxyContext, StartError, Worker, log_listeners,
 };
-use meshwire_dataplane::config::{Config, Listener};
+use meshwire_dataplane::config::{Config, ConnectionBalance, Listener};
 use meshwire_dataplane::proxy::canonical;
 use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketOptions};
 use meshwire_dataplane::telemetry::metrics::Metrics;
@@ -43,6 +44,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::preflight::Unavailable;
 use crate::rt::{GlommioConnector, GlommioExecutor, GlommioRuntime};
+use crate::spread::RoundRobin;
 use crate::stream::UringStream;
 
 /// The memory each executor reserves for storage IO (registered with io_uring): the proxy does
@@ -134,6 +136,8 @@ struct CoreSetup {
     metrics: Arc<Metrics>,
     registry: ConnectionRegistry,
     listeners: Vec<(Listener, SocketAddr)>,
+    /// The round robin of each listener (same order as `listeners`), `None` for the kernel's hash.
+    spread: Vec<Option<Arc<RoundRobin>>>,
     phase: watch::Receiver<Phase>,
     bound: oneshot::Sender<Result<Vec<(Listener, SocketAddr)>, Error>>,
     accepted: Family<AcceptLabels, Counter>,
@@ -182,6 +186,10 @@ impl UringProxy {
             (Listener::Outbound, config.listeners.outbound),
         ];
         data.extend(config.listeners.socks5.map(|addr| (Listener::Socks5, addr)));
+        let spread = match config.connection_balance {
+            ConnectionBalance::RoundRobin => round_robins(data.len(), cpus.len()),
+            _ => vec![None; data.len()],
+        };
 
         let accepted = Family::<AcceptLabels, Counter>::default();
         let mut extra = Registry::default();
@@ -204,6 +212,7 @@ impl UringProxy {
                 metrics: metrics.clone(),
                 registry: registry.clone(),
                 listeners: data.clone(),
+                spread: spread.clone(),
                 phase: phase.subscribe(),
                 bound: bound_tx,
                 accepted: accepted.clone(),
@@ -309,6 +318,38 @@ impl UringProxy {
     }
 }
 
+/// A round robin for each of `listeners` data listeners over `cores` cores ([`RoundRobin`]), or
+/// none when there is one core, or when the kernel refuses the program (no `CAP_BPF`, a kernel
+/// older than 5.12): then the kernel's hash of `SO_REUSEPORT` spreads the connections, as the
+/// log says.
+fn round_robins(listeners: usize, cores: usize) -> Vec<Option<Arc<RoundRobin>>> {
+    let none = vec![None; listeners];
+    if cores < 2 {
+        return none;
+    }
+    let Ok(slots) = u32::try_from(cores) else {
+        return none;
+    };
+    let made: Result<Vec<_>, _> = (0..listeners).map(|_| RoundRobin::new(slots).map(Arc::new)).collect();
+    match made {
+        Ok(made) => {
+            tracing::info!(
+                cores,
+                "new connections are dealt over the cores in turn (eBPF reuseport program)"
+            );
+            made.into_iter().map(Some).collect()
+        }
+        Err(error) => {
+            tracing::info!(
+                %error,
+                "new connections are spread over the cores by the kernel's SO_REUSEPORT hash: the round-robin \
+                 program cannot be loaded (it needs CAP_BPF or CAP_SYS_ADMIN and Linux 5.12 or later)"
+            );
+            none
+        }
+    }
+}
+
 /// Waits for the cores' threads to end, off the control thread's event loop.
 async fn join(threads: Vec<std::thread::JoinHandle<()>>) {
     let joined = tokio::task::spawn_blocking(move || {
@@ -350,6 +391,7 @@ async fn run_core(setup: CoreSetup) {
         metrics,
         registry,
         listeners,
+        spread,
         phase,
         bound,
         accepted,
@@ -363,8 +405,10 @@ async fn run_core(setup: CoreSetup) {
         reuse_port: true,
         ..SocketOptions::default()
     };
-    for (listener, addr) in listeners {
-        match crate::listener::bind(&DefaultSocketFactory, addr, &opts) {
+    let slot = u32::try_from(core).unwrap_or(u32::MAX);
+    for ((listener, addr), spread) in listeners.into_iter().zip(spread) {
+        let spread = spread.as_deref().map(|s| (s, slot));
+        match crate::listener::bind(&DefaultSocketFactory, addr, &opts, spread) {
             Ok(socket) => {
                 addrs.push((listener, socket.local_addr().unwrap_or(addr)));
                 sockets.push((listener, socket));

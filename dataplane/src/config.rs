@@ -80,6 +80,7 @@
 //! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
 //! | `--log-level` | `RUST_LOG` | `info` |
 //! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
+//! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `hash` (`ztunnel-uring` only) |
 //!
 //! As in ztunnel: `PROXY_CONFIG` is Istio's ProxyConfig as YAML or JSON, of which `proxyAdminPort`,
 //! `statsPort`, `concurrency` and `proxyMetadata` (`DNS_CAPTURE`, `DNS_PROXY_ADDR`) are read;
@@ -197,6 +198,9 @@ pub struct Config {
     pub log_level: String,
     /// The firewall mark of the proxy's own upstream connections.
     pub packet_mark: PacketMark,
+    /// How the io_uring build spreads new connections over its cores (the tokio build has one
+    /// listening socket per port and ignores it).
+    pub connection_balance: ConnectionBalance,
     /// ztunnel variables that were set but that meshwire does not implement (from
     /// [`UNSUPPORTED_ZTUNNEL_ENV`]), for the binary to warn about.
     pub ignored_env: Vec<&'static str>,
@@ -319,6 +323,35 @@ impl PacketMark {
             PacketMark::Auto => Some(Self::DEFAULT),
             PacketMark::Set(mark) => Some(mark),
             PacketMark::Off => None,
+        }
+    }
+}
+
+/// How `ztunnel-uring` spreads a listener's new connections over its cores' sockets.
+///
+/// ```
+/// use meshwire_dataplane::config::ConnectionBalance;
+/// assert_eq!("hash".parse::<ConnectionBalance>(), Ok(ConnectionBalance::Hash));
+/// assert_eq!("Round-Robin".parse::<ConnectionBalance>(), Ok(ConnectionBalance::RoundRobin));
+/// assert!("random".parse::<ConnectionBalance>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConnectionBalance {
+    /// The kernel's `SO_REUSEPORT` hash of addresses and ports.
+    #[default]
+    Hash,
+    /// In turn, by an eBPF reuseport program (needs `CAP_BPF` and Linux 5.12; the hash otherwise).
+    RoundRobin,
+}
+
+impl FromStr for ConnectionBalance {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "hash" => Ok(ConnectionBalance::Hash),
+            "round-robin" | "roundrobin" | "round_robin" => Ok(ConnectionBalance::RoundRobin),
+            _ => Err("expected hash or round-robin".to_owned()),
         }
     }
 }
@@ -1240,6 +1273,16 @@ const PACKET_MARK: Opt = Opt {
     ..Opt::new(H_RUN)
 };
 
+const CONNECTION_BALANCE: Opt = Opt {
+    flag: "--connection-balance",
+    value_name: "hash|round-robin",
+    keys: &[Env("MESHWIRE_CONNECTION_BALANCE")],
+    default: Some("hash"),
+    help: "ztunnel-uring: how new connections are spread over the cores: the kernel's SO_REUSEPORT hash, or in \
+           turn by an eBPF program (needs CAP_BPF and Linux 5.12, else the hash with a log line)",
+    ..Opt::new(H_RUN)
+};
+
 const OPTS: &[&Opt] = &[
     &CONFIG,
     &MODE,
@@ -1280,6 +1323,7 @@ const OPTS: &[&Opt] = &[
     &LOG_FORMAT,
     &LOG_LEVEL,
     &PACKET_MARK,
+    &CONNECTION_BALANCE,
 ];
 
 /// The name `--version` and `--help` show: `ztunnel-uring` when the program runs as the io_uring build
@@ -1438,6 +1482,7 @@ impl<'a> Inputs<'a> {
             log_format: self.required(&LOG_FORMAT, |s| s.trim().parse())?.value,
             log_level: self.required(&LOG_LEVEL, non_empty)?.value,
             packet_mark: self.required(&PACKET_MARK, str::parse)?.value,
+            connection_balance: self.required(&CONNECTION_BALANCE, str::parse)?.value,
             ignored_env: UNSUPPORTED_ZTUNNEL_ENV
                 .iter()
                 .copied()

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshwire_dataplane::config::{
-    CertificateSource, Config, Error, Listener, LocalConfigSource, LogFormat, Origin, PacketMark, ProxyMode,
-    UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo,
+    CertificateSource, Config, ConnectionBalance, Error, Listener, LocalConfigSource, LogFormat, Origin, PacketMark,
+    ProxyMode, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo,
 };
 use meshwire_dataplane::state::{DEFAULT_PROXY_PORTS, LocalProxy};
 use meshwire_hbone::Settings;
@@ -371,6 +371,12 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
             c.packet_mark == PacketMark::Off && c.packet_mark.value().is_none()
         }),
         (vec![("PACKET_MARK", "0")], |c| c.packet_mark == PacketMark::Off),
+        (vec![("MESHWIRE_CONNECTION_BALANCE", "round-robin")], |c| {
+            c.connection_balance == ConnectionBalance::RoundRobin
+        }),
+        (vec![("MESHWIRE_CONNECTION_BALANCE", "hash")], |c| {
+            c.connection_balance == ConnectionBalance::Hash
+        }),
         // Empty counts as unset.
         (vec![("MESHWIRE_INBOUND_PORT", ""), ("PROXY_MODE", "")], |c| {
             c.listeners.inbound.port() == 15008 && matches!(c.mode, ProxyMode::Shared { .. })
@@ -621,6 +627,11 @@ fn invalid_values_name_their_flag_or_variable_and_the_value() {
             &["PACKET_MARK", "0x1_0000_0000"],
         ),
         (&[], &[("PACKET_MARK", "mark")], &["PACKET_MARK", "mark"]),
+        (
+            &["--connection-balance", "random"],
+            &[],
+            &["--connection-balance", "random", "round-robin"],
+        ),
         (&["--drain-deadline=-1s"], &[], &["--drain-deadline", "-1s"]),
         (
             &[],

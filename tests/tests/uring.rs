@@ -1,5 +1,6 @@
 //! What only the io_uring build (`ztunnel-uring`) has: cores. Connections the kernel spreads over
-//! the cores' listeners are served on every core; each core carries its outbound connections in
+//! the cores' listeners are served on every core, and dealt to them in turn (a peer's few pooled
+//! tunnels land on different cores); each core carries its outbound connections in
 //! tunnels of its own pool; and a machine where io_uring cannot run gets a message naming the
 //! cause at start. (Every other scenario runs against both binaries in the other files.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -20,10 +21,8 @@ const ACCEPTED: &str = "meshwire_core_connections_accepted_total";
 const CORES: usize = 2;
 
 /// Runs `f(i)` for every `i` in `0..n`, from one thread per CPU of this process's CPU set, each
-/// pinned to its CPU (CPU k takes `i = k, k + cpus, ...`). The proxy's cores take the connections
-/// whose packets the kernel processes on their CPU (`SO_INCOMING_CPU`; on loopback the connecting
-/// thread's CPU), so connections from every CPU reach every core; with one CPU the kernel's hash
-/// spreads them.
+/// pinned to its CPU (CPU k takes `i = k, k + cpus, ...`): connections made concurrently from every
+/// CPU.
 fn from_every_cpu(n: usize, f: impl Fn(usize) + Sync) {
     let set = rustix::thread::sched_getaffinity(None).unwrap();
     let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
@@ -115,6 +114,26 @@ fn connections_accepted_on_every_core_are_served() {
         (SOCKS + TUNNELS) as u64,
         "{text}"
     );
+}
+
+#[test]
+fn with_round_robin_new_connections_are_dealt_over_the_cores_in_turn() {
+    let uring = Binary::ztunnel_uring();
+    let pair = Pair::start_with(&uring, &uring, "", |proxy| {
+        proxy.arg("--connection-balance=round-robin")
+    });
+    // One after the other, from one thread: the kernel's hash would often give one core most.
+    const CONNECTIONS: usize = 8;
+    for i in 0..CONNECTIONS {
+        let echoed = net::echo_exchange(pair.socks5_to_echo(), 512 + i).unwrap();
+        assert!(echoed.intact(), "connection {i}: {echoed:?}\n{}", pair.logs());
+    }
+    let socks = accepted_per_core(&pair.client, "socks5");
+    assert_eq!(socks, vec![(CONNECTIONS / CORES) as u64; CORES], "{}", pair.logs());
+    // Each client core opened one pooled tunnel to the server; the server's cores got one each
+    // (a peer that opens few tunnels is still spread over the cores).
+    let inbound = accepted_per_core(&pair.server, "inbound");
+    assert_eq!(inbound, vec![1; CORES], "{}", pair.logs());
 }
 
 #[test]
