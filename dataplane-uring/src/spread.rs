@@ -174,18 +174,7 @@ impl RoundRobin {
         .map_err(|e| context(e, "creating the counter map"))?;
         // The turn starts at a random slot, so that not every listener of every proxy deals its
         // first connection to the first core.
-        let (key, start) = (0u32, fastrand::u32(..));
-        bpf(
-            BPF_MAP_UPDATE_ELEM,
-            &mut MapUpdate {
-                map_fd: counter.as_raw_fd() as u32,
-                _pad: 0,
-                key: std::ptr::from_ref(&key) as u64,
-                value: std::ptr::from_ref(&start) as u64,
-                flags: BPF_ANY,
-            },
-        )
-        .map_err(|e| context(e, "starting the counter"))?;
+        map_update(counter.as_fd(), 0, &fastrand::u32(..)).map_err(|e| context(e, "starting the counter"))?;
         let sockets = bpf_fd(
             BPF_MAP_CREATE,
             &mut MapCreate {
@@ -235,19 +224,8 @@ impl RoundRobin {
                 format!("slot {slot} of a round robin over {}", self.slots),
             ));
         }
-        let key = slot;
-        let value = listener.as_raw_fd() as u64;
-        bpf(
-            BPF_MAP_UPDATE_ELEM,
-            &mut MapUpdate {
-                map_fd: self.sockets.as_raw_fd() as u32,
-                _pad: 0,
-                key: std::ptr::from_ref(&key) as u64,
-                value: std::ptr::from_ref(&value) as u64,
-                flags: BPF_ANY,
-            },
-        )
-        .map_err(|e| context(e, "putting the listener in the socket array"))?;
+        map_update(self.sockets.as_fd(), slot, &(listener.as_raw_fd() as u64))
+            .map_err(|e| context(e, "putting the listener in the socket array"))?;
         attach(listener, self.program.as_fd()).map_err(|e| context(e, "attaching the program to the reuseport group"))
     }
 }
@@ -271,6 +249,21 @@ fn attach(listener: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sets entry `key` of `map` to `value` (whose size is the map's value size).
+fn map_update<V>(map: BorrowedFd<'_>, key: u32, value: &V) -> io::Result<()> {
+    bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &mut MapUpdate {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(&key) as u64,
+            value: std::ptr::from_ref(value) as u64,
+            flags: BPF_ANY,
+        },
+    )
+    .map(drop)
 }
 
 fn context(error: io::Error, what: &str) -> io::Error {
