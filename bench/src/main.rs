@@ -69,6 +69,10 @@ struct Cli {
     /// Seconds of each parallel-flow run. Default 2 (0.25 with --quick).
     #[arg(long, value_name = "S")]
     parallel_seconds: Option<f64>,
+    /// In the parallel shape, leave the bench's own threads (clients and server) on all CPUs instead
+    /// of confining them to the proxies' CPUs during each run.
+    #[arg(long)]
+    free_load: bool,
 }
 
 /// A benchmark shape.
@@ -127,8 +131,10 @@ struct BinaryJson {
 }
 
 const CAVEAT: &str = "The bench process (clients and server, tokio, one thread per CPU) runs on the same CPUs as \
-                      both proxies and competes with them; it is never pinned or niced. Only shape 2 restricts \
-                      the proxies, to 1 and then 2 CPUs. Compare only figures of one run.";
+                      both proxies and competes with them; it is never niced. Only shape 2 restricts the \
+                      proxies, to 1 and then 2 CPUs, and moves the bench's threads onto the same CPUs for each \
+                      run (unless --free-load), so that the load takes its share of 1 CPU as of 2. Compare \
+                      only figures of one run.";
 
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some(server::SERVE_FLAG) {
@@ -294,6 +300,7 @@ fn plan(cli: &Cli) -> Plan {
             .parallel_seconds
             .filter(|s| s.is_finite() && *s > 0.0)
             .unwrap_or(if quick { 0.25 } else { 2.0 }),
+        confine_load: !cli.free_load,
         flows: if cli.flows.iter().any(|&f| f > 0) {
             cli.flows.iter().copied().filter(|&f| f > 0).collect()
         } else {

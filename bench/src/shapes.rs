@@ -24,6 +24,8 @@ pub(crate) struct Plan {
     pub(crate) parallel_s: f64,
     /// Flow counts of the parallel shape.
     pub(crate) flows: Vec<usize>,
+    /// Whether the parallel shape confines the bench's own threads to the proxies' CPUs during a run.
+    pub(crate) confine_load: bool,
     /// Requests per second of the fixed-rate request/response run.
     pub(crate) rr_rate: u32,
     /// Seconds of the fixed-rate request/response run.
@@ -256,6 +258,11 @@ pub(crate) struct Parallel {
 
 /// Shape 2: 1..16 parallel upload flows, proxies on 1 and then 2 cores (restricted to that many
 /// CPUs, with as many tokio workers or glommio executors), pooled and per-flow tunnels.
+///
+/// With [`Plan::confine_load`] the bench's own threads (senders and sink) are moved onto the same
+/// CPUs for each run: left on every CPU, the load would take its share of a second CPU for free at
+/// 1 core and out of the proxies' two at 2 cores, which caps the ratio below 2 even for a proxy
+/// that scales perfectly.
 pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)> {
     let plan = &bench.plan;
     let max_flows = plan.flows.iter().copied().max().unwrap_or(1);
@@ -293,13 +300,20 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
         for (f, &flows) in plan.flows.iter().enumerate() {
             for (c, (name, tunnel, cores, pair)) in cases.iter().enumerate() {
                 let route = pair.map_or(Route::Direct, Pair::route);
-                let (moved, cost) = measured(
+                let confined = match cores {
+                    Some(cores) if plan.confine_load => Some(sys::confine_threads(&sys::first_cpu_ids(*cores)?)?),
+                    _ => None,
+                };
+                let result = measured(
                     *pair,
                     duration + Duration::from_secs(60),
                     load::bulk(route, &bench.server, Direction::Upload, flows, duration),
                 )
-                .await
-                .with_context(|| {
+                .await;
+                if let Some(before) = &confined {
+                    sys::restore_threads(before)?;
+                }
+                let (moved, cost) = result.with_context(|| {
                     let c = cores.map(|c| format!(" {c} core(s)")).unwrap_or_default();
                     format!("{flows} parallel flows via {name} {tunnel}{c}")
                 })?;
@@ -328,8 +342,14 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
     let mut table = Table::new(
         format!(
             "2. Parallel upload flows ({} s each, median of {}; both proxies restricted to 1 and then 2 CPUs, \
-             with as many workers or executors)",
-            plan.parallel_s, plan.repeat
+             with as many workers or executors{})",
+            plan.parallel_s,
+            plan.repeat,
+            if plan.confine_load {
+                ", and the bench's threads with them"
+            } else {
+                "; the bench's threads on every CPU"
+            }
         ),
         &[
             "path",

@@ -68,16 +68,65 @@ pub(crate) fn established_to(local: SocketAddrV4) -> anyhow::Result<usize> {
         .count())
 }
 
-/// The machine: CPU model, CPUs available, kernel.
+/// The first `n` CPUs of this process's CPU set (all of them when it has fewer).
+pub(crate) fn first_cpu_ids(n: usize) -> anyhow::Result<Vec<usize>> {
+    let set = rustix::thread::sched_getaffinity(None).context("reading the CPU set (sched_getaffinity)")?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&cpu| set.is_set(cpu))
+        .take(n)
+        .collect())
+}
+
+/// Moves every thread of this process onto `cpus` (sched_setaffinity per thread, as listed in
+/// `/proc/self/task`); threads started later inherit the set of the thread that starts them.
+/// Returns the set each thread had, for [`restore_threads`].
+pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Vec<(i32, rustix::thread::CpuSet)>> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu);
+    }
+    let mut before = Vec::new();
+    for tid in threads()? {
+        let pid = rustix::process::Pid::from_raw(tid);
+        // A thread may have exited since the directory was read: skip it.
+        let Ok(old) = rustix::thread::sched_getaffinity(pid) else {
+            continue;
+        };
+        if rustix::thread::sched_setaffinity(pid, &set).is_ok() {
+            before.push((tid, old));
+        }
+    }
+    Ok(before)
+}
+
+/// Gives the threads [`confine_threads`] moved their sets back; threads started meanwhile get the
+/// union of the old sets.
+pub(crate) fn restore_threads(before: &[(i32, rustix::thread::CpuSet)]) -> anyhow::Result<()> {
+    let mut union = rustix::thread::CpuSet::new();
+    for (_, set) in before {
+        for cpu in 0..rustix::thread::CpuSet::MAX_CPU {
+            if set.is_set(cpu) {
+                union.set(cpu);
+            }
+        }
+    }
+    for tid in threads()? {
+        let set = before.iter().find(|(t, _)| *t == tid).map_or(&union, |(_, s)| s);
+        let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), set);
+    }
+    Ok(())
+}
+
+/// The thread ids of this process.
+fn threads() -> anyhow::Result<Vec<i32>> {
+    let dir = std::fs::read_dir("/proc/self/task").context("listing this process's threads (/proc/self/task)")?;
+    Ok(dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+}
+
 /// The first `n` CPUs of this process's CPU set, as a `taskset -c` list (`0,1`); all of them (with
 /// a note on stdout) when the set has fewer.
 pub(crate) fn first_cpus(n: usize) -> anyhow::Result<String> {
-    let set = rustix::thread::sched_getaffinity(None).context("reading the CPU set (sched_getaffinity)")?;
-    let cpus: Vec<String> = (0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&cpu| set.is_set(cpu))
-        .take(n)
-        .map(|cpu| cpu.to_string())
-        .collect();
+    let cpus: Vec<String> = first_cpu_ids(n)?.iter().map(|cpu| cpu.to_string()).collect();
     if cpus.len() < n {
         println!(
             "note: {n} CPUs asked for, the CPU set has {}: the proxies share them",
@@ -87,6 +136,7 @@ pub(crate) fn first_cpus(n: usize) -> anyhow::Result<String> {
     Ok(cpus.join(","))
 }
 
+/// The machine: CPU model, CPUs available, kernel.
 pub(crate) fn machine() -> (String, usize, String) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

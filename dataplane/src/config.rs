@@ -80,7 +80,7 @@
 //! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
 //! | `--log-level` | `RUST_LOG` | `info` |
 //! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
-//! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `hash` (`ztunnel-uring` only) |
+//! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `round-robin` (`ztunnel-uring` only) |
 //!
 //! As in ztunnel: `PROXY_CONFIG` is Istio's ProxyConfig as YAML or JSON, of which `proxyAdminPort`,
 //! `statsPort`, `concurrency` and `proxyMetadata` (`DNS_CAPTURE`, `DNS_PROXY_ADDR`) are read;
@@ -338,9 +338,9 @@ impl PacketMark {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConnectionBalance {
     /// The kernel's `SO_REUSEPORT` hash of addresses and ports.
-    #[default]
     Hash,
     /// In turn, by an eBPF reuseport program (needs `CAP_BPF` and Linux 5.12; the hash otherwise).
+    #[default]
     RoundRobin,
 }
 
@@ -1277,9 +1277,9 @@ const CONNECTION_BALANCE: Opt = Opt {
     flag: "--connection-balance",
     value_name: "hash|round-robin",
     keys: &[Env("MESHWIRE_CONNECTION_BALANCE")],
-    default: Some("hash"),
-    help: "ztunnel-uring: how new connections are spread over the cores: the kernel's SO_REUSEPORT hash, or in \
-           turn by an eBPF program (needs CAP_BPF and Linux 5.12, else the hash with a log line)",
+    default: Some("round-robin"),
+    help: "ztunnel-uring: how new connections are spread over the cores: in turn by an eBPF program (needs \
+           CAP_BPF and Linux 5.12, else the hash with a log line), or by the kernel's SO_REUSEPORT hash",
     ..Opt::new(H_RUN)
 };
 

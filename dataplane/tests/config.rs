@@ -95,6 +95,7 @@ fn defaults_are_ztunnels() {
     assert_eq!(config.log_format, LogFormat::Text);
     assert_eq!(config.log_level, "info");
     assert_eq!(config.packet_mark, PacketMark::Auto);
+    assert_eq!(config.connection_balance, ConnectionBalance::RoundRobin);
     assert_eq!(config.packet_mark.value(), Some(0x539));
     assert!(config.ignored_env.is_empty());
     assert_eq!(config.validate(), Ok(()));
