@@ -310,9 +310,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                     load::bulk(route, &bench.server, Direction::Upload, flows, duration),
                 )
                 .await;
-                if let Some(before) = &confined {
-                    sys::restore_threads(before)?;
-                }
+                drop(confined);
                 let (moved, cost) = result.with_context(|| {
                     let c = cores.map(|c| format!(" {c} core(s)")).unwrap_or_default();
                     format!("{flows} parallel flows via {name} {tunnel}{c}")

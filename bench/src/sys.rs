@@ -78,43 +78,33 @@ pub(crate) fn first_cpu_ids(n: usize) -> anyhow::Result<Vec<usize>> {
 }
 
 /// Moves every thread of this process onto `cpus` (sched_setaffinity per thread, as listed in
-/// `/proc/self/task`); threads started later inherit the set of the thread that starts them.
-/// Returns the set each thread had, for [`restore_threads`].
-pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Vec<(i32, rustix::thread::CpuSet)>> {
+/// `/proc/self/task`) until the guard is dropped; threads started meanwhile inherit the set of the
+/// thread that starts them.
+pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Confined> {
+    let all = rustix::thread::sched_getaffinity(None).context("reading the CPU set (sched_getaffinity)")?;
     let mut set = rustix::thread::CpuSet::new();
     for &cpu in cpus {
         set.set(cpu);
     }
-    let mut before = Vec::new();
     for tid in threads()? {
-        let pid = rustix::process::Pid::from_raw(tid);
-        // A thread may have exited since the directory was read: skip it.
-        let Ok(old) = rustix::thread::sched_getaffinity(pid) else {
-            continue;
-        };
-        if rustix::thread::sched_setaffinity(pid, &set).is_ok() {
-            before.push((tid, old));
-        }
+        // A thread may have exited since the directory was read.
+        let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), &set);
     }
-    Ok(before)
+    Ok(Confined { all })
 }
 
-/// Gives the threads [`confine_threads`] moved their sets back; threads started meanwhile get the
-/// union of the old sets.
-pub(crate) fn restore_threads(before: &[(i32, rustix::thread::CpuSet)]) -> anyhow::Result<()> {
-    let mut union = rustix::thread::CpuSet::new();
-    for (_, set) in before {
-        for cpu in 0..rustix::thread::CpuSet::MAX_CPU {
-            if set.is_set(cpu) {
-                union.set(cpu);
-            }
+/// Threads moved by [`confine_threads`]: dropping it gives every thread the CPU set the calling
+/// thread had before (the bench never pins a thread of its own).
+pub(crate) struct Confined {
+    all: rustix::thread::CpuSet,
+}
+
+impl Drop for Confined {
+    fn drop(&mut self) {
+        for tid in threads().unwrap_or_default() {
+            let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), &self.all);
         }
     }
-    for tid in threads()? {
-        let set = before.iter().find(|(t, _)| *t == tid).map_or(&union, |(_, s)| s);
-        let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), set);
-    }
-    Ok(())
 }
 
 /// The thread ids of this process.

@@ -3,7 +3,8 @@
 //! to glommio.
 //!
 //! glommio makes a listener from a socket it did not bind only through `FromRawFd`: the hand-over
-//! of the descriptor's ownership is this crate's one `unsafe` call ([`into_glommio`]).
+//! of the descriptor's ownership is an `unsafe` call (`into_glommio`), one of the few this crate
+//! allows on specific functions (with the system calls of `spread` and `stream`).
 
 use std::io;
 use std::net::SocketAddr;

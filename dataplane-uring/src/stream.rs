@@ -9,7 +9,7 @@
 //!   the caller's buffer before every read (the `futures::io` traits read into initialised
 //!   memory), and the HBONE copy reads into fresh buffer capacity of up to hundreds of KiB: most
 //!   of the CPU went to `memset` and page faults. Here `recv(MSG_DONTWAIT)` writes straight into
-//!   the uninitialised space ([`recv_uninit`], with `unsafe` that tells `ReadBuf`
+//!   the uninitialised space (`recv_uninit`, with `unsafe` that tells `ReadBuf`
 //!   how much the kernel wrote). Only when the socket has nothing to read is glommio asked to wait; the
 //!   few bytes that may arrive in between are received into a per-thread staging buffer and
 //!   copied.
