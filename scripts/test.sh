@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 # Debian packages the test suite uses: iptables and iproute2 (ip netns) for the capture tests, which
 # run the proxy in network namespaces behind dataplane/scripts/redirect.sh; gcc and valgrind for the
 # C API's tests (ffi/tests/c_programs.rs compiles C programs and runs one under valgrind).
-# g++ builds libFuzzer for the fuzz targets; make builds jemalloc, the binaries' allocator.
-APT_PACKAGES=(iptables iproute2 gcc g++ make valgrind)
+# g++ builds libFuzzer for the fuzz targets; make builds jemalloc, the binaries' allocator; util-linux
+# has taskset and chrt, which the benchmark's smoke test uses (bench/tests).
+APT_PACKAGES=(iptables iproute2 gcc g++ make valgrind util-linux)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

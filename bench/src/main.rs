@@ -69,8 +69,8 @@ struct Cli {
     /// Seconds of each parallel-flow run. Default 2 (0.25 with --quick).
     #[arg(long, value_name = "S")]
     parallel_seconds: Option<f64>,
-    /// In the parallel shape, leave the bench's own threads (clients and server) on all CPUs instead
-    /// of confining them to the proxies' CPUs during each run.
+    /// In the parallel shape, leave the bench's own threads (clients and server) on all CPUs at the
+    /// default policy instead of confining them to the proxies' CPUs as SCHED_BATCH during each run.
     #[arg(long)]
     free_load: bool,
 }
@@ -132,9 +132,10 @@ struct BinaryJson {
 
 const CAVEAT: &str = "The bench process (clients and server, tokio, one thread per CPU) runs on the same CPUs as \
                       both proxies and competes with them; it is never niced. Only shape 2 restricts the \
-                      proxies, to 1 and then 2 CPUs, and moves the bench's threads onto the same CPUs for each \
-                      run (unless --free-load), so that the load takes its share of 1 CPU as of 2. Compare \
-                      only figures of one run.";
+                      proxies, to 1 and then 2 CPUs, and moves the bench's threads onto the same CPUs, as \
+                      SCHED_BATCH threads that do not preempt a proxy when they wake, for each run (unless \
+                      --free-load), so that the load takes its share of 1 CPU as of 2. Compare only figures \
+                      of one run.";
 
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some(server::SERVE_FLAG) {

@@ -262,7 +262,7 @@ pub(crate) struct Parallel {
 /// With [`Plan::confine_load`] the bench's own threads (senders and sink) are moved onto the same
 /// CPUs for each run: left on every CPU, the load would take its share of a second CPU for free at
 /// 1 core and out of the proxies' two at 2 cores, which caps the ratio below 2 even for a proxy
-/// that scales perfectly.
+/// that scales perfectly. They run as `SCHED_BATCH` meanwhile (see [`sys::confine_threads`]).
 pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)> {
     let plan = &bench.plan;
     let max_flows = plan.flows.iter().copied().max().unwrap_or(1);
@@ -344,7 +344,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
             plan.parallel_s,
             plan.repeat,
             if plan.confine_load {
-                ", and the bench's threads with them"
+                ", and the bench's threads with them as SCHED_BATCH"
             } else {
                 "; the bench's threads on every CPU"
             }

@@ -78,8 +78,12 @@ pub(crate) fn first_cpu_ids(n: usize) -> anyhow::Result<Vec<usize>> {
 }
 
 /// Moves every thread of this process onto `cpus` (sched_setaffinity per thread, as listed in
-/// `/proc/self/task`) until the guard is dropped; threads started meanwhile inherit the set of the
-/// thread that starts them.
+/// `/proc/self/task`) and into the `SCHED_BATCH` policy until the guard is dropped; threads started
+/// meanwhile inherit the set and the policy of the thread that starts them.
+///
+/// `SCHED_BATCH` because the load now shares the proxies' CPUs: a batch thread that wakes up (a
+/// sink that a proxy's send made readable) waits for the running proxy thread's turn to end
+/// instead of preempting it, as a load generator on CPUs of its own would not have.
 pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Confined> {
     let all = rustix::thread::sched_getaffinity(None).context("reading the CPU set (sched_getaffinity)")?;
     let mut set = rustix::thread::CpuSet::new();
@@ -90,11 +94,28 @@ pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Confined> {
         // A thread may have exited since the directory was read.
         let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), &set);
     }
-    Ok(Confined { all })
+    let confined = Confined { all };
+    set_policy("--batch")?;
+    Ok(confined)
+}
+
+/// Sets the scheduling policy of every thread of this process with util-linux's `chrt` (neither
+/// rustix nor the standard library has `sched_setscheduler`, and the workspace forbids `unsafe`).
+fn set_policy(policy: &str) -> anyhow::Result<()> {
+    let pid = std::process::id().to_string();
+    let status = std::process::Command::new("chrt")
+        .args(["--all-tasks", policy, "--pid", "0", &pid])
+        .status()
+        .with_context(|| format!("running chrt {policy} (util-linux) on the bench's threads"))?;
+    anyhow::ensure!(
+        status.success(),
+        "chrt {policy} on the bench's threads failed: {status}"
+    );
+    Ok(())
 }
 
 /// Threads moved by [`confine_threads`]: dropping it gives every thread the CPU set the calling
-/// thread had before (the bench never pins a thread of its own).
+/// thread had before (the bench never pins a thread of its own) and the default policy.
 pub(crate) struct Confined {
     all: rustix::thread::CpuSet,
 }
@@ -103,6 +124,9 @@ impl Drop for Confined {
     fn drop(&mut self) {
         for tid in threads().unwrap_or_default() {
             let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), &self.all);
+        }
+        if let Err(err) = set_policy("--other") {
+            eprintln!("warning: {err:#}");
         }
     }
 }
@@ -212,6 +236,37 @@ mod tests {
             "100 ms of spinning counted no CPU time"
         );
         assert!(rss_bytes(pid).unwrap() > 1024 * 1024);
+    }
+
+    /// The CPUs allowed to the calling thread and its scheduling policy, from `/proc/thread-self`.
+    fn placement() -> (String, u32) {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap();
+        // Field 41 of stat is the policy; fields 3.. follow the command name's closing parenthesis.
+        let policy = stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(41 - 3).unwrap();
+        (cpus.trim().to_owned(), policy.parse().unwrap())
+    }
+
+    // Other tests of this binary run meanwhile and are moved too, which does them no harm; only this
+    // test's own threads are checked, as the harness may start threads at any time.
+    #[test]
+    fn confined_threads_run_as_batch_on_the_given_cpus_until_the_guard_drops() {
+        const SCHED_OTHER: u32 = 0;
+        const SCHED_BATCH: u32 = 3;
+        let (all, policy) = placement();
+        assert_eq!(policy, SCHED_OTHER);
+        let first = first_cpu_ids(1).unwrap();
+        let confined = confine_threads(&first).unwrap();
+        assert_eq!(placement(), (first[0].to_string(), SCHED_BATCH));
+        // A thread started meanwhile inherits both.
+        let child = std::thread::spawn(placement).join().unwrap();
+        assert_eq!(child, (first[0].to_string(), SCHED_BATCH));
+        drop(confined);
+        assert_eq!(placement(), (all, SCHED_OTHER));
     }
 
     #[test]
