@@ -83,7 +83,8 @@ pub(crate) fn first_cpu_ids(n: usize) -> anyhow::Result<Vec<usize>> {
 ///
 /// `SCHED_BATCH` because the load now shares the proxies' CPUs: a batch thread that wakes up (a
 /// sink that a proxy's send made readable) waits for the running proxy thread's turn to end
-/// instead of preempting it, as a load generator on CPUs of its own would not have.
+/// instead of preempting it, so the proxies are interrupted about as little as by a load generator
+/// on CPUs of its own.
 pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Confined> {
     let all = rustix::thread::sched_getaffinity(None).context("reading the CPU set (sched_getaffinity)")?;
     let mut set = rustix::thread::CpuSet::new();
