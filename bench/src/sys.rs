@@ -95,6 +95,7 @@ pub(crate) fn confine_threads(cpus: &[usize]) -> anyhow::Result<Confined> {
         // A thread may have exited since the directory was read.
         let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), &set);
     }
+    // The guard first: if the policy cannot be set, dropping it puts the CPU sets back.
     let confined = Confined { all };
     set_policy("--batch")?;
     Ok(confined)

@@ -3,13 +3,13 @@
 //!
 //! **Cores.** Every core binds its own socket for each data listener (inbound HBONE, inbound
 //! plaintext, outbound capture, SOCKS5) through the socket factory with `SO_REUSEPORT`, so that the
-//! kernel spreads new connections over the cores: in turn (the [round robin](crate::spread) program,
-//! the default where the kernel accepts it), or by its hash of addresses and ports (with
+//! kernel spreads new connections over the cores: in turn (the [round robin](crate::spread)
+//! program, the default where the kernel accepts it), or by its hash of addresses and ports (with
 //! `--connection-balance hash`, or as the fallback); a connection lives and dies on the core that
 //! accepted it. Each core has its own [`Worker`]: its own HBONE pool (one tunnel per destination
 //! key per core: a peer that opens few tunnels is still spread over the cores), its own metrics
-//! ([`Metrics`], summed when scraped) and its own connection registry. Nothing on the data path is shared between
-//! cores but the read-only [`ProxyContext`] (configuration snapshots, certificates).
+//! ([`Metrics`], summed when scraped) and its own connection registry. Nothing on the data path is
+//! shared between cores but the read-only [`ProxyContext`] (configuration snapshots, certificates).
 //!
 //! **Start.** The control plane starts first (configuration, certificates); the control listeners
 //! (readiness, admin, metrics) are bound on the control thread; then the cores start one after
