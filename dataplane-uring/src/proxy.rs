@@ -12,7 +12,10 @@
 //! shared between cores but the read-only [`ProxyContext`] (configuration snapshots, certificates).
 //!
 //! **Start.** The control plane starts first (configuration, certificates); the control listeners
-//! (readiness, admin, metrics) are bound on the control thread; then the cores start one after
+//! (readiness, admin, metrics) are bound on the control thread, exclusively, and the data ports are
+//! checked to be free ([`ControlListeners::bind_before_data`]: a second instance fails there,
+//! binding nothing; a hand-over binds the control listeners last, once the instance it replaces
+//! releases them, [`ControlListeners::bind_after_data`]); then the cores start one after
 //! the other, each binding its listeners (the first core's addresses are those of the others, so
 //! that a port 0 gets one number). A core that cannot start (io_uring unavailable, a port in use)
 //! fails the start with the cause; no core serves before every core has bound its listeners.
@@ -29,7 +32,8 @@ use futures_util::future::{Either, select};
 use glommio::{LocalExecutorBuilder, Placement};
 use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
 use meshwire_dataplane::app::{
-    ACCEPT_RETRY, Control, ControlListeners, ControlPlane, Drained, ProxyContext, StartError, Worker, log_listeners,
+    ACCEPT_RETRY, Control, ControlListeners, ControlPlane, Drained, ProxyContext, StartError, Worker, data_listeners,
+    log_listeners,
 };
 use meshwire_dataplane::config::{Config, ConnectionBalance, Listener};
 use meshwire_dataplane::proxy::canonical;
@@ -179,13 +183,15 @@ impl UringProxy {
         let plane = ControlPlane::start(&config, &registries).await?;
 
         let mut listeners = Vec::new();
-        let control_listeners = ControlListeners::bind(&config, &mut listeners)?;
-        let mut data = vec![
-            (Listener::Inbound, config.listeners.inbound),
-            (Listener::InboundPlaintext, config.listeners.inbound_plaintext),
-            (Listener::Outbound, config.listeners.outbound),
-        ];
-        data.extend(config.listeners.socks5.map(|addr| (Listener::Socks5, addr)));
+        // The control listeners first, so that a second instance binds nothing (unless it takes over).
+        let early_control = match ControlListeners::bind_before_data(&config, &mut listeners) {
+            Ok(early) => early,
+            Err(error) => {
+                plane.stop();
+                return Err(error.into());
+            }
+        };
+        let mut data = data_listeners(&config);
         let spread = match config.connection_balance {
             ConnectionBalance::RoundRobin => round_robins(data.len(), cpus.len()),
             _ => vec![None; data.len()],
@@ -250,6 +256,15 @@ impl UringProxy {
         }
         listeners.extend(data);
         let _ = phase.send(Phase::Serving);
+        let control_listeners = match ControlListeners::bind_after_data(&config, &mut listeners, early_control).await {
+            Ok(control) => control,
+            Err(error) => {
+                let _ = phase.send(Phase::Abandoned);
+                join(threads).await;
+                plane.stop();
+                return Err(error.into());
+            }
+        };
 
         let handler = MetricsHandler::summing(metrics).with_registry(Arc::new(extra));
         let (control, listeners_bound) = plane.serve_control(&config, control_listeners, handler, logging);

@@ -75,8 +75,11 @@
 //! | `--http2-frame-size` | `HTTP2_FRAME_SIZE` | 1048576 |
 //! | `--pool-max-streams-per-connection` | `POOL_MAX_STREAMS_PER_CONNECTION` | 100 |
 //! | `--pool-unused-release-timeout` | `POOL_UNUSED_RELEASE_TIMEOUT` | `5m` |
+//! | `--pool-response-timeout` | `MESHWIRE_POOL_RESPONSE_TIMEOUT` | `3s` |
+//! | `--pool-probe-timeout` | `MESHWIRE_POOL_PROBE_TIMEOUT` | `2s` |
 //! | `--worker-threads N\|N%` | `ZTUNNEL_WORKER_THREADS`, `PROXY_CONFIG` `concurrency` | 2 (`ztunnel-uring`: one per CPU) |
 //! | `--drain-deadline` | `CONNECTION_TERMINATION_DEADLINE`; from `TERMINATION_GRACE_PERIOD_SECONDS` | `5s` |
+//! | `--handover DURATION` | `MESHWIRE_HANDOVER` | none: the ports must be free |
 //! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
 //! | `--log-level` | `RUST_LOG` | `info` |
 //! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
@@ -185,6 +188,11 @@ pub struct Config {
     pub pool: PoolConfig,
     /// How long draining connections are given at shutdown before they are closed.
     pub drain_deadline: Duration,
+    /// `Some` when this instance takes over from one still running on the same ports: it shares
+    /// the data listeners at once (`SO_REUSEPORT`) and waits up to this long for the other instance
+    /// to release the control listeners (readiness, admin, metrics). `None`: every port must be
+    /// free, and a port in use fails the start.
+    pub handover: Option<Duration>,
     /// Threads of the data path (the tokio build's workers, the io_uring build's executors).
     pub worker_threads: usize,
     /// Whether `worker_threads` was given (flag, variable or `PROXY_CONFIG`) rather than defaulted:
@@ -1220,6 +1228,23 @@ const POOL_MAX_STREAMS: Opt = Opt {
     help: "Streams on one pooled HBONE connection before another is opened",
     ..Opt::new(H_HBONE)
 };
+const POOL_RESPONSE_TIMEOUT: Opt = Opt {
+    flag: "--pool-response-timeout",
+    value_name: "DURATION",
+    keys: &[Env("MESHWIRE_POOL_RESPONSE_TIMEOUT")],
+    default: Some("3s"),
+    help: "How long a CONNECT waits for its answer on a pooled HBONE connection before the connection is \
+           checked with a PING (new streams avoid it meanwhile)",
+    ..Opt::new(H_HBONE)
+};
+const POOL_PROBE_TIMEOUT: Opt = Opt {
+    flag: "--pool-probe-timeout",
+    value_name: "DURATION",
+    keys: &[Env("MESHWIRE_POOL_PROBE_TIMEOUT")],
+    default: Some("2s"),
+    help: "How long that PING may go unanswered before the connection is retired and its waiting CONNECTs fail",
+    ..Opt::new(H_HBONE)
+};
 const POOL_UNUSED_RELEASE_TIMEOUT: Opt = Opt {
     flag: "--pool-unused-release-timeout",
     value_name: "DURATION",
@@ -1244,6 +1269,16 @@ const DRAIN_DEADLINE: Opt = Opt {
     keys: &[Env("CONNECTION_TERMINATION_DEADLINE")],
     help: "Time draining connections get at shutdown",
     default_note: Some("5s, or from TERMINATION_GRACE_PERIOD_SECONDS"),
+    ..Opt::new(H_RUN)
+};
+const HANDOVER: Opt = Opt {
+    flag: "--handover",
+    value_name: "DURATION",
+    keys: &[Env("MESHWIRE_HANDOVER")],
+    help: "Take over from an instance running on the same ports: share its data listeners at once, and bind \
+           the readiness, admin and metrics listeners as soon as it releases them (at the end of its drain), \
+           waiting up to DURATION",
+    default_note: Some("none: a port in use fails the start"),
     ..Opt::new(H_RUN)
 };
 const LOG_FORMAT: Opt = Opt {
@@ -1318,8 +1353,11 @@ const OPTS: &[&Opt] = &[
     &HTTP2_FRAME_SIZE,
     &POOL_MAX_STREAMS,
     &POOL_UNUSED_RELEASE_TIMEOUT,
+    &POOL_RESPONSE_TIMEOUT,
+    &POOL_PROBE_TIMEOUT,
     &WORKER_THREADS,
     &DRAIN_DEADLINE,
+    &HANDOVER,
     &LOG_FORMAT,
     &LOG_LEVEL,
     &PACKET_MARK,
@@ -1455,6 +1493,8 @@ impl<'a> Inputs<'a> {
         let pool = PoolConfig {
             max_streams_per_connection: self.required(&POOL_MAX_STREAMS, at_least_one)?.value,
             idle_timeout: self.required(&POOL_UNUSED_RELEASE_TIMEOUT, parse_duration)?.value,
+            response_timeout: self.required(&POOL_RESPONSE_TIMEOUT, positive_duration)?.value,
+            probe_timeout: self.required(&POOL_PROBE_TIMEOUT, positive_duration)?.value,
             settings,
         };
 
@@ -1476,6 +1516,7 @@ impl<'a> Inputs<'a> {
             listeners,
             pool,
             drain_deadline: self.drain_deadline()?,
+            handover: self.get(&HANDOVER, positive_duration)?.map(|f| f.value),
             worker_threads: worker_threads.0,
             worker_threads_given: worker_threads.1,
             cert_ttl,

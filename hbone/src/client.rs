@@ -11,7 +11,11 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_util::task::AtomicWaker;
 
 use bytes::Bytes;
 
@@ -93,6 +97,18 @@ pub enum ConnectError {
     /// The connection stopped answering keep-alive PINGs.
     #[error("no PING answer within {0:?}: connection dropped")]
     PingTimeout(std::time::Duration),
+    /// A pooled connection answered neither the CONNECT within `response` nor the PING sent then
+    /// within `probe`: the peer stopped answering, and the connection was retired.
+    #[error(
+        "the peer answered neither the CONNECT within {response:?} nor a PING within {probe:?}: \
+         HBONE connection retired"
+    )]
+    Unresponsive {
+        /// How long the CONNECT waited before the connection was probed.
+        response: std::time::Duration,
+        /// How long the probe's PING waited.
+        probe: std::time::Duration,
+    },
     /// The peer answered the CONNECT with a status other than 200.
     #[error("CONNECT {authority} refused with {status}: {}", kind.explain())]
     Refused {
@@ -217,11 +233,26 @@ impl AsyncWrite for Tunnel {
     }
 }
 
+/// A liveness probe of one connection, shared by its handles (which ask for it) and its driver
+/// (which sends the PING and ends the connection when it goes unanswered).
+#[derive(Debug, Default)]
+struct Probe {
+    /// A probe was asked for and its PING is not answered yet.
+    asked: AtomicBool,
+    /// The probe's bound, in nanoseconds.
+    within: AtomicU64,
+    /// The connection ended because a probe went unanswered.
+    failed: AtomicBool,
+    /// The driver, woken to send the probe's PING.
+    driver: AtomicWaker,
+}
+
 /// An established HBONE connection. Cheap to clone; clones open streams on the same connection.
 #[derive(Clone)]
 pub struct ClientConnection {
     send: h2::client::SendRequest<Bytes>,
     peer: Arc<SpiffeId>,
+    probe: Arc<Probe>,
 }
 
 impl std::fmt::Debug for ClientConnection {
@@ -264,6 +295,31 @@ impl ClientConnection {
     /// The most streams the peer lets this client open at once (its SETTINGS_MAX_CONCURRENT_STREAMS).
     pub fn max_send_streams(&self) -> usize {
         self.send.current_max_send_streams()
+    }
+
+    /// Asks the connection's driver to check that the peer still answers: it sends a PING now (or
+    /// keeps the keep-alive PING already out) and ends the connection with
+    /// [`ConnectError::PingTimeout`] if no answer comes `within` this bound; every stream waiting
+    /// on the connection then fails. Until the answer, [`ClientConnection::is_probed`] is true.
+    /// Asking again while a probe is out changes nothing.
+    pub fn probe(&self, within: std::time::Duration) {
+        let nanos = u64::try_from(within.as_nanos()).unwrap_or(u64::MAX);
+        if !self.probe.asked.load(Ordering::Acquire) {
+            self.probe.within.store(nanos, Ordering::Release);
+            if !self.probe.asked.swap(true, Ordering::AcqRel) {
+                self.probe.driver.wake();
+            }
+        }
+    }
+
+    /// Whether a probe ([`ClientConnection::probe`]) is out and not yet answered.
+    pub fn is_probed(&self) -> bool {
+        self.probe.asked.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection ended because a probe went unanswered.
+    pub fn probe_failed(&self) -> bool {
+        self.probe.failed.load(Ordering::Acquire)
     }
 
     /// Polls whether the connection can take one more stream now (not at its stream limit, not going away).
@@ -314,6 +370,7 @@ where
         .ok_or(ConnectError::HandshakeTimeout(limit))??;
     let ping = connection.ping_pong();
     let first = Box::pin(timer.sleep_until(timer.now() + settings.ping_interval));
+    let probe = Arc::new(Probe::default());
     let driver = ConnectionDriver {
         connection,
         ping,
@@ -321,11 +378,14 @@ where
         timer,
         interval: settings.ping_interval,
         timeout: settings.ping_timeout,
+        probe: probe.clone(),
+        probing: None,
     };
     Ok((
         ClientConnection {
             send,
             peer: Arc::new(peer),
+            probe,
         },
         driver,
     ))
@@ -334,13 +394,14 @@ where
 enum KeepAlive<S> {
     /// Waiting to send the next PING.
     Idle(Pin<Box<S>>),
-    /// A PING is out; the sleep is its deadline.
-    AwaitingPong(Pin<Box<S>>),
+    /// A PING is out; the sleep is its deadline, at the instant given.
+    AwaitingPong(Pin<Box<S>>, Instant),
 }
 
 /// Drives one client connection: reads and writes its frames, and sends a keep-alive PING every
 /// [`Settings::ping_interval`], ending the connection with [`ConnectError::PingTimeout`] when one
-/// is not answered within [`Settings::ping_timeout`]. Completes when the connection closes.
+/// is not answered within [`Settings::ping_timeout`] (or, for a probe asked with
+/// [`ClientConnection::probe`], within the probe's bound). Completes when the connection closes.
 pub struct ConnectionDriver<IO, T: Timer> {
     connection: h2::client::Connection<TlsStream<crate::readahead::ReadAhead<IO>>, Bytes>,
     ping: Option<h2::PingPong>,
@@ -348,6 +409,9 @@ pub struct ConnectionDriver<IO, T: Timer> {
     timer: T,
     interval: std::time::Duration,
     timeout: std::time::Duration,
+    probe: Arc<Probe>,
+    /// The bound of the probe being answered, once its PING is out.
+    probing: Option<std::time::Duration>,
 }
 
 // No field is structurally pinned: the sleeps are boxed and the timer is only borrowed.
@@ -358,12 +422,33 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, T: Timer> Future for ConnectionDriver<I
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        this.probe.driver.register(cx.waker());
         if let Poll::Ready(result) = Pin::new(&mut this.connection).poll(cx) {
             return Poll::Ready(result.map_err(ConnectError::h2));
         }
         let Some(ping) = this.ping.as_mut() else {
             return Poll::Pending;
         };
+        // A probe asked for: a PING now, or the one already out, answered within the probe's bound.
+        if this.probing.is_none() && this.probe.asked.load(Ordering::Acquire) {
+            let within = std::time::Duration::from_nanos(this.probe.within.load(Ordering::Acquire));
+            let deadline = this.timer.now() + within;
+            match &this.keepalive {
+                KeepAlive::Idle(_) => {
+                    if let Err(e) = ping.send_ping(h2::Ping::opaque()) {
+                        return Poll::Ready(Err(ConnectError::h2(e)));
+                    }
+                    let sleep = Box::pin(this.timer.sleep_until(deadline));
+                    this.keepalive = KeepAlive::AwaitingPong(sleep, deadline);
+                }
+                KeepAlive::AwaitingPong(_, out) if *out > deadline => {
+                    let sleep = Box::pin(this.timer.sleep_until(deadline));
+                    this.keepalive = KeepAlive::AwaitingPong(sleep, deadline);
+                }
+                KeepAlive::AwaitingPong(..) => {}
+            }
+            this.probing = Some(within);
+        }
         loop {
             match &mut this.keepalive {
                 KeepAlive::Idle(sleep) => {
@@ -374,17 +459,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, T: Timer> Future for ConnectionDriver<I
                         return Poll::Ready(Err(ConnectError::h2(e)));
                     }
                     let deadline = this.timer.now() + this.timeout;
-                    this.keepalive = KeepAlive::AwaitingPong(Box::pin(this.timer.sleep_until(deadline)));
+                    let sleep = Box::pin(this.timer.sleep_until(deadline));
+                    this.keepalive = KeepAlive::AwaitingPong(sleep, deadline);
                 }
-                KeepAlive::AwaitingPong(deadline) => match ping.poll_pong(cx) {
+                KeepAlive::AwaitingPong(deadline, _) => match ping.poll_pong(cx) {
                     Poll::Ready(Ok(_)) => {
+                        if this.probing.take().is_some() {
+                            this.probe.asked.store(false, Ordering::Release);
+                        }
                         let next = this.timer.now() + this.interval;
                         this.keepalive = KeepAlive::Idle(Box::pin(this.timer.sleep_until(next)));
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(ConnectError::h2(e))),
                     Poll::Pending => {
                         if deadline.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Err(ConnectError::PingTimeout(this.timeout)));
+                            let waited = match this.probing {
+                                Some(within) => {
+                                    this.probe.failed.store(true, Ordering::Release);
+                                    within
+                                }
+                                None => this.timeout,
+                            };
+                            return Poll::Ready(Err(ConnectError::PingTimeout(waited)));
                         }
                         return Poll::Pending;
                     }

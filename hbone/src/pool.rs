@@ -9,6 +9,12 @@
 //! Connections are retired when they close (GOAWAY, error, unanswered PINGs) and released after
 //! [`PoolConfig::idle_timeout`] without streams, by [`Pool::maintain`].
 //!
+//! A CONNECT not answered within [`PoolConfig::response_timeout`] has its connection probed: a
+//! PING goes out at once, new streams avoid the connection until it is answered, and if it is not
+//! answered within [`PoolConfig::probe_timeout`] the connection is retired and every CONNECT
+//! waiting on it fails with [`ConnectError::Unresponsive`]. A frozen peer thus costs a waiting
+//! CONNECT `response_timeout + probe_timeout` (5 s by default), not the keep-alive's 30 s.
+//!
 //! The pool never spawns by itself: connection drivers go to the caller's [`Executor`]. A
 //! thread-per-core caller creates one pool per core (one connection per key per core, no shared
 //! state between cores).
@@ -22,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use futures_util::future::{Either, select};
 use meshwire_identity::id::SpiffeId;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -85,6 +92,15 @@ pub struct PoolConfig {
     pub max_streams_per_connection: usize,
     /// How long a connection without streams is kept (default 5 minutes).
     pub idle_timeout: Duration,
+    /// How long a CONNECT waits for its answer on a pooled connection before the connection is
+    /// probed with a PING (default 3 s). A probed connection takes no new streams until the PING is
+    /// answered; the CONNECT keeps waiting (a peer may take its time to reach the destination).
+    pub response_timeout: Duration,
+    /// How long a probe's PING may go unanswered before the connection is retired and the CONNECTs
+    /// waiting on it fail with [`ConnectError::Unresponsive`] (default 2 s). A CONNECT to a peer
+    /// that stopped answering thus fails within `response_timeout + probe_timeout` on a pooled
+    /// connection, and within [`Settings::handshake_timeout`] on a new one.
+    pub probe_timeout: Duration,
     /// HTTP/2 settings of the connections.
     pub settings: Settings,
 }
@@ -94,6 +110,8 @@ impl Default for PoolConfig {
         Self {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(300),
+            response_timeout: Duration::from_secs(3),
+            probe_timeout: Duration::from_secs(2),
             settings: Settings::default(),
         }
     }
@@ -274,7 +292,7 @@ where
         let mut refused = 0;
         loop {
             match self.step(key) {
-                Step::Use(client, lease, closed) => match client.open(request).await {
+                Step::Use(client, lease, closed) => match self.open_on(&client, request).await {
                     Ok(mut tunnel) => {
                         tunnel.lease = Some(lease);
                         return Ok(tunnel);
@@ -322,7 +340,8 @@ where
         entry.conns.retain(|c| !c.closed.load(Ordering::Acquire));
         for c in &mut entry.conns {
             let limit = max.min(c.client.max_send_streams().max(1));
-            if c.active.load(Ordering::Acquire) < limit {
+            // A connection being probed (a CONNECT went unanswered) takes no new streams.
+            if c.active.load(Ordering::Acquire) < limit && !c.client.is_probed() {
                 c.active.fetch_add(1, Ordering::AcqRel);
                 c.idle_since = None;
                 return Step::Use(
@@ -340,6 +359,33 @@ where
         let h = Arc::new(Handshake::default());
         entry.connecting = Some(h.clone());
         Step::Lead(h)
+    }
+
+    /// Opens a stream on a pooled connection; probes the connection if the CONNECT is not answered
+    /// within the response timeout, and fails with [`ConnectError::Unresponsive`] if the probe is
+    /// not answered either (the connection is then gone).
+    async fn open_on(&self, client: &ClientConnection, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
+        let config = &self.inner.config;
+        let timer = &self.inner.timer;
+        let mut open = std::pin::pin!(client.open(request));
+        let waited = std::pin::pin!(timer.sleep_until(timer.now() + config.response_timeout));
+        if let Either::Left((result, _)) = select(open.as_mut(), waited).await {
+            return result;
+        }
+        tracing::debug!(
+            peer = %client.peer_identity(),
+            authority = %request.authority,
+            after = ?config.response_timeout,
+            "CONNECT unanswered: probing the HBONE connection with a PING"
+        );
+        client.probe(config.probe_timeout);
+        match open.await {
+            Err(_) if client.probe_failed() => Err(ConnectError::Unresponsive {
+                response: config.response_timeout,
+                probe: config.probe_timeout,
+            }),
+            other => other,
+        }
     }
 
     async fn handshake(&self, key: &PoolKey) -> Result<Conn, ConnectError> {

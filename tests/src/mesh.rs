@@ -134,8 +134,8 @@ impl ProxyBuilder {
         self
     }
 
-    /// Listens on these addresses instead of fresh ones (a second instance on the ports of a first,
-    /// through `SO_REUSEPORT`).
+    /// Listens on these addresses instead of fresh ones (a second instance on the ports of a first:
+    /// it fails at start, unless it takes over with `--handover`).
     pub fn same_ports_as(mut self, other: &Proxy) -> Self {
         self.ports = Some(*other.ports());
         self
@@ -198,6 +198,14 @@ impl ProxyBuilder {
     pub fn spawn_listening(self) -> Proxy {
         let mut proxy = self.start();
         proxy.wait_logged_listening();
+        proxy
+    }
+
+    /// Starts the process and waits until it logs a line containing every one of `needles` (a
+    /// proxy taking over from another, say, which is not ready before the other one has drained).
+    pub fn spawn_until_log(self, needles: &[&str]) -> Proxy {
+        let mut proxy = self.start();
+        proxy.expect_log(needles, &needles.join(" "));
         proxy
     }
 

@@ -153,12 +153,15 @@ fn a_second_instance_on_the_same_ports_takes_over_without_refusing_connections()
             server: mut old,
             echo,
         } = pair(&a, &b, Duration::from_secs(2));
-        // The new instance binds the same ports while the old one still runs (SO_REUSEPORT).
+        // The new instance takes over: it shares the data ports while the old one still runs
+        // (SO_REUSEPORT), and binds the control ports once the old one has drained.
         let new = mesh
             .proxy(&b, lo(2))
             .dedicated("default/server/server")
             .same_ports_as(&old)
-            .spawn();
+            .arg("--handover")
+            .arg("60s")
+            .spawn_until_log(&["taking over"]);
 
         let socks = client.ports().socks5;
         let target = Socks5Target::Addr(echo.addr());

@@ -27,8 +27,12 @@
 //! | admin | 15000 | `/config_dump`, `/logging`, `/quitquitquit` (loopback only) |
 //! | metrics | 15020 | `/metrics`, `/stats/prometheus` |
 //!
-//! Every listener binds with `SO_REUSEPORT`, so that a new instance can take over the ports while
-//! this one drains. The DNS proxy is not served yet.
+//! The data listeners bind with `SO_REUSEPORT`, so that a new instance can take over the ports
+//! while this one drains; the control listeners (readiness, admin, metrics) do not, and are bound
+//! first: a second instance started on the same ports fails naming the port, binding nothing. A
+//! hand-over (`--handover`, [`Config::handover`]) shares the data listeners at once and binds the
+//! control listeners once the draining instance releases them ([`ControlListeners`]). The DNS
+//! proxy is not served yet.
 //!
 //! **Whose connections.** In dedicated mode every connection is the configured workload's: its
 //! certificate serves inbound HBONE, and outbound connections go out with its identity; the workload
@@ -71,7 +75,7 @@ pub mod worker;
 
 pub use plane::{
     CONFIG_POLL_INTERVAL, Certificates, Control, ControlListeners, ControlPlane, Manager, ProxyContext, ProxyTls,
-    StartError, bind_tokio, shutdown_signal,
+    StartError, bind_tokio, data_listeners, shutdown_signal,
 };
 pub use worker::Worker;
 
@@ -140,7 +144,9 @@ impl Proxy {
         let (shutdown, _) = watch::channel(false);
         let (conn_tx, connections) = mpsc::channel::<()>(1);
         let mut listeners = Vec::new();
-        // Every listener is bound before any is served, so that a port in use fails the start.
+        // Every listener is bound before any is served, so that a port in use fails the start; the
+        // control listeners first, so that a second instance binds nothing (unless it takes over).
+        let early_control = ControlListeners::bind_before_data(&config, &mut listeners)?;
         let inbound = bind_tokio(Listener::Inbound, config.listeners.inbound, &mut listeners)?;
         let plaintext = bind_tokio(
             Listener::InboundPlaintext,
@@ -153,7 +159,6 @@ impl Proxy {
             .socks5
             .map(|addr| bind_tokio(Listener::Socks5, addr, &mut listeners))
             .transpose()?;
-        let control_listeners = ControlListeners::bind(&config, &mut listeners)?;
 
         let loops = Loops {
             shutdown: &shutdown,
@@ -186,6 +191,7 @@ impl Proxy {
         drop(conn_tx);
 
         // Readiness, admin and metrics; the proxy is ready once this function returns.
+        let control_listeners = ControlListeners::bind_after_data(&config, &mut listeners, early_control).await?;
         let (control, listeners_bound) =
             plane.serve_control(&config, control_listeners, MetricsHandler::new(metrics), logging);
         log_listeners(&config, &listeners);

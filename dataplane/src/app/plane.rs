@@ -28,7 +28,7 @@ use crate::admin::{self, AdminHandler, LogControl, MetricsHandler, Readiness, Re
 use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, PacketMark, ProxyMode};
 use crate::proxy::outbound::{CertManagerTls, SourceWorkload};
 use crate::rt::connector::ConnectorConfig;
-use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark};
+use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark, check_port_free};
 use crate::rt::tokio::{TokioTimer, bind_listener};
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog;
@@ -58,6 +58,29 @@ pub enum StartError {
         mark: u32,
         /// What failed.
         source: io::Error,
+    },
+    /// A listener's port is in use: another process (another instance of the proxy, most often)
+    /// listens on it.
+    #[error(
+        "cannot listen for {listener} on {addr}: the port is in use by another process (another instance \
+         of the proxy? --handover takes over from an instance that is draining)"
+    )]
+    PortInUse {
+        /// The listener.
+        listener: Listener,
+        /// Its configured address.
+        addr: SocketAddr,
+    },
+    /// A hand-over ([`Config::handover`]) waited in vain for the other instance to release a
+    /// control listener's port.
+    #[error("cannot take over {listener} on {addr}: the port was still in use after {within:?} (--handover)")]
+    HandoverTimeout {
+        /// The listener.
+        listener: Listener,
+        /// Its configured address.
+        addr: SocketAddr,
+        /// How long the hand-over waited.
+        within: Duration,
     },
     /// A listener cannot be bound.
     #[error("cannot listen for {listener} on {addr}: {source}")]
@@ -347,8 +370,9 @@ impl ControlPlane {
     }
 }
 
-/// Binds `addr` for `listener` with `SO_REUSEPORT` (so that a new instance can take over the port
-/// while this one drains) as a tokio listener, and records the address it is bound to in `bound`.
+/// Binds `addr` for the data listener `listener` with `SO_REUSEPORT` (so that a new instance can
+/// take over the port while this one drains, and the io_uring build's cores can each have a socket)
+/// as a tokio listener, and records the address it is bound to in `bound`.
 pub fn bind_tokio(
     listener: Listener,
     addr: SocketAddr,
@@ -358,16 +382,54 @@ pub fn bind_tokio(
         reuse_port: true,
         ..SocketOptions::default()
     };
-    let tcp = bind_listener(&DefaultSocketFactory, addr, &opts).map_err(|source| StartError::Bind {
-        listener,
-        addr,
-        source,
-    })?;
+    bind_with(listener, addr, &opts, bound)
+}
+
+/// Binds `addr` for `listener` with `opts` as a tokio listener and records it in `bound`.
+fn bind_with(
+    listener: Listener,
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    bound: &mut Vec<(Listener, SocketAddr)>,
+) -> Result<TcpListener, StartError> {
+    let tcp = bind_listener(&DefaultSocketFactory, addr, opts).map_err(|source| bind_error(listener, addr, source))?;
     bound.push((listener, tcp.local_addr().unwrap_or(addr)));
     Ok(tcp)
 }
 
+/// [`StartError::PortInUse`] when the port is taken, [`StartError::Bind`] otherwise.
+fn bind_error(listener: Listener, addr: SocketAddr, source: io::Error) -> StartError {
+    if source.kind() == io::ErrorKind::AddrInUse {
+        StartError::PortInUse { listener, addr }
+    } else {
+        StartError::Bind { listener, addr, source }
+    }
+}
+
+/// The data listeners of `config` (inbound HBONE, inbound plaintext, outbound capture, SOCKS5 if
+/// enabled), in the order the binaries bind them.
+pub fn data_listeners(config: &Config) -> Vec<(Listener, SocketAddr)> {
+    let mut data = vec![
+        (Listener::Inbound, config.listeners.inbound),
+        (Listener::InboundPlaintext, config.listeners.inbound_plaintext),
+        (Listener::Outbound, config.listeners.outbound),
+    ];
+    data.extend(config.listeners.socks5.map(|addr| (Listener::Socks5, addr)));
+    data
+}
+
+/// How often a taking-over instance tries again to bind a control listener the other instance
+/// still holds.
+const HANDOVER_RETRY: Duration = Duration::from_millis(100);
+
 /// The bound control listeners.
+///
+/// They are bound without `SO_REUSEPORT`, so that a second instance on the same ports fails at
+/// start naming the port rather than sharing the admin, metrics and readiness endpoints with the
+/// first. A hand-over ([`Config::handover`]) shares the data listeners at once and binds the control
+/// listeners when the other instance releases them. The order, in both binaries:
+/// [`ControlListeners::bind_before_data`], then the data listeners, then
+/// [`ControlListeners::bind_after_data`].
 #[derive(Debug)]
 pub struct ControlListeners {
     /// Readiness (15021).
@@ -379,13 +441,73 @@ pub struct ControlListeners {
 }
 
 impl ControlListeners {
-    /// Binds the three control listeners of `config` ([`bind_tokio`]).
+    /// Binds the three control listeners of `config`, exclusively (no `SO_REUSEPORT`): a port in
+    /// use fails with [`StartError::PortInUse`].
     pub fn bind(config: &Config, bound: &mut Vec<(Listener, SocketAddr)>) -> Result<Self, StartError> {
+        let opts = SocketOptions::default();
         Ok(ControlListeners {
-            readiness: bind_tokio(Listener::Readiness, config.listeners.readiness, bound)?,
-            admin: bind_tokio(Listener::Admin, config.listeners.admin, bound)?,
-            metrics: bind_tokio(Listener::Metrics, config.listeners.metrics, bound)?,
+            readiness: bind_with(Listener::Readiness, config.listeners.readiness, &opts, bound)?,
+            admin: bind_with(Listener::Admin, config.listeners.admin, &opts, bound)?,
+            metrics: bind_with(Listener::Metrics, config.listeners.metrics, &opts, bound)?,
         })
+    }
+
+    /// What a binary does before binding its data listeners. Without a hand-over: binds the control
+    /// listeners, and checks that no other socket listens on a data listener's port (which
+    /// `SO_REUSEPORT` would otherwise share with it), so that a second instance fails at start
+    /// naming the port and binds nothing. With a hand-over: nothing (`None`); the data listeners are
+    /// shared with the instance being replaced.
+    pub fn bind_before_data(
+        config: &Config,
+        bound: &mut Vec<(Listener, SocketAddr)>,
+    ) -> Result<Option<Self>, StartError> {
+        if config.handover.is_some() {
+            return Ok(None);
+        }
+        let control = Self::bind(config, bound)?;
+        for (listener, addr) in data_listeners(config) {
+            check_port_free(addr).map_err(|source| bind_error(listener, addr, source))?;
+        }
+        Ok(Some(control))
+    }
+
+    /// What a binary does once its data listeners are bound: the control listeners bound by
+    /// [`ControlListeners::bind_before_data`], or in a hand-over, binds them, trying again every
+    /// 100 ms while the other instance holds a port, for up to [`Config::handover`]. Call inside a
+    /// tokio runtime with time enabled.
+    pub async fn bind_after_data(
+        config: &Config,
+        bound: &mut Vec<(Listener, SocketAddr)>,
+        early: Option<Self>,
+    ) -> Result<Self, StartError> {
+        if let Some(control) = early {
+            return Ok(control);
+        }
+        let within = config.handover.unwrap_or_default();
+        tracing::info!(
+            ?within,
+            "taking over: serving the data listeners; binding the readiness, admin and metrics listeners \
+             once the other instance releases them"
+        );
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut attempt = Vec::new();
+            match Self::bind(config, &mut attempt) {
+                Ok(control) => {
+                    bound.extend(attempt);
+                    tracing::info!("took over the readiness, admin and metrics listeners");
+                    return Ok(control);
+                }
+                Err(StartError::PortInUse { listener, addr }) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%listener, %addr, "control port still held by the other instance");
+                    tokio::time::sleep(HANDOVER_RETRY).await;
+                }
+                Err(StartError::PortInUse { listener, addr }) => {
+                    return Err(StartError::HandoverTimeout { listener, addr, within });
+                }
+                Err(other) => return Err(other),
+            }
+        }
     }
 }
 

@@ -251,6 +251,22 @@ fn new_tcp_socket(addr: SocketAddr, opts: &SocketOptions, target: &SocketTarget)
     Ok(socket)
 }
 
+/// Checks that no other socket listens on `addr`: binds a socket without `SO_REUSEPORT` to it and
+/// closes it again, without listening. A listener bound with `SO_REUSEPORT` (another instance of
+/// the proxy) makes this fail with [`io::ErrorKind::AddrInUse`], where a listener of our own with
+/// `SO_REUSEPORT` would silently share the port with it. Port 0 is always free. The error names
+/// the address.
+pub fn check_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let target = SocketTarget::Listener(addr);
+    let socket = new_tcp_socket(addr, &SocketOptions::default(), &target)?;
+    socket
+        .bind(&SockAddr::from(addr))
+        .map_err(|e| SocketError::io(SocketOp::Bind, target, e))
+}
+
 /// The address a redirected connection was originally sent to: `SO_ORIGINAL_DST` (IPv4) or
 /// `IP6T_SO_ORIGINAL_DST` (IPv6) of an accepted `stream`, as recorded by the kernel's connection
 /// tracking when iptables redirected it. IPv4-mapped IPv6 results are returned as IPv4.
@@ -453,3 +469,29 @@ impl fmt::Display for SocketError {
 }
 
 impl std::error::Error for SocketError {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_port_shared_through_reuse_port_is_not_free() {
+        let reuse = SocketOptions {
+            reuse_port: true,
+            ..SocketOptions::default()
+        };
+        let listener = DefaultSocketFactory
+            .listener("127.0.0.1:0".parse().unwrap(), &reuse)
+            .unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let err = check_port_free(addr).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "names the address: {err}");
+        // Another socket with SO_REUSEPORT still binds: that is what the check guards against.
+        assert!(DefaultSocketFactory.listener(addr, &reuse).is_ok());
+        drop(listener);
+        check_port_free(addr).unwrap();
+        check_port_free("127.0.0.1:0".parse().unwrap()).unwrap();
+    }
+}
