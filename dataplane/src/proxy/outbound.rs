@@ -263,7 +263,7 @@ pub fn reply_for_hbone_error(error: &ConnectError) -> Reply {
             _ => Reply::GeneralFailure,
         },
         ConnectError::Tcp { source, .. } => Reply::for_connect_error(source),
-        ConnectError::HandshakeTimeout(_) => Reply::HostUnreachable,
+        ConnectError::HandshakeTimeout(_) | ConnectError::Unresponsive { .. } => Reply::HostUnreachable,
         _ => Reply::GeneralFailure,
     }
 }
