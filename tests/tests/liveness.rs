@@ -224,6 +224,7 @@ fn a_frozen_peer_fails_new_connections_within_the_bound_and_they_work_again_afte
         let concurrent: Vec<_> = (0..4).map(|_| thread::spawn(attempt.clone())).collect();
         let mut outcomes: Vec<_> = concurrent.into_iter().map(|t| t.join().unwrap()).collect();
         outcomes.push(attempt());
+        eprintln!("{b}: connects through a frozen peer: {outcomes:?}");
         for (outcome, took) in &outcomes {
             assert!(
                 outcome.is_err(),

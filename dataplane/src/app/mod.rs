@@ -10,8 +10,9 @@
 //! [`Proxy::start`] loads the local configuration (and keeps watching it), opens the certificate
 //! source, starts the certificate manager, decides the packet mark, binds the listeners and spawns
 //! their accept loops (one per listener); it must be called inside a tokio runtime with IO and time
-//! enabled. Every listener is bound before any is served: one that cannot be bound (a port in use)
-//! fails the start. [`Proxy::drain`] stops accepting, tells the HBONE connections to drain, and waits
+//! enabled. Every listener is bound before any is served (but for a hand-over, whose control
+//! listeners follow once the replaced instance releases them): one that cannot be bound (a port in
+//! use) fails the start. [`Proxy::drain`] stops accepting, tells the HBONE connections to drain, and waits
 //! up to the drain deadline for the connections to end.
 //!
 //! Listeners served:
