@@ -378,6 +378,18 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("MESHWIRE_CONNECTION_BALANCE", "hash")], |c| {
             c.connection_balance == ConnectionBalance::Hash
         }),
+        (vec![("MESHWIRE_HANDOVER", "45s")], |c| {
+            c.handover == Some(Duration::from_secs(45))
+        }),
+        (
+            vec![
+                ("MESHWIRE_POOL_RESPONSE_TIMEOUT", "4s"),
+                ("MESHWIRE_POOL_PROBE_TIMEOUT", "1500ms"),
+            ],
+            |c| {
+                c.pool.response_timeout == Duration::from_secs(4) && c.pool.probe_timeout == Duration::from_millis(1500)
+            },
+        ),
         // Empty counts as unset.
         (vec![("MESHWIRE_INBOUND_PORT", ""), ("PROXY_MODE", "")], |c| {
             c.listeners.inbound.port() == 15008 && matches!(c.mode, ProxyMode::Shared { .. })
