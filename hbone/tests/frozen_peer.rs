@@ -1,8 +1,9 @@
 //! A pooled connection to a peer that stops answering (a frozen process: its socket still takes
 //! bytes, nothing comes back), in virtual time: a CONNECT on it fails within the response timeout
 //! plus the probe timeout, the connection is retired, a new connection fails at the handshake
-//! timeout, and a peer that answers again is used again. A peer that is only slow to answer a
-//! CONNECT but answers PINGs keeps its connection.
+//! timeout, and a peer that answers again is used again; a keep-alive PING already out waits no
+//! longer than the probe's bound. A peer that is only slow to answer a CONNECT but answers PINGs
+//! keeps its connection.
 //!
 //! The peer is a real HBONE server (real mTLS, real certificates) over in-memory pipes, so that
 //! tokio's paused clock only moves when every task waits.
@@ -238,4 +239,24 @@ async fn a_peer_slow_to_answer_a_connect_but_answering_pings_keeps_its_connectio
     peer.handler.delay_ms.store(0, Ordering::SeqCst);
     echo_through(&peer).await;
     assert_eq!(peer.pool.handshakes(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_shortens_the_wait_for_a_keep_alive_ping_already_out() {
+    let peer = peer();
+    echo_through(&peer).await;
+    peer.gate.freeze();
+    // The keep-alive PING goes out 10 s after the handshake and would wait 20 s for its answer.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(peer.pool.connections(&peer.key), 1, "not retired yet");
+
+    let started = Instant::now();
+    let err = peer.pool.connect(&peer.key, &request()).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Unresponsive { .. }), "{err}");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(5),
+        "the probe's bound, not the keep-alive's"
+    );
+    assert_eq!(peer.pool.connections(&peer.key), 0);
 }
