@@ -377,7 +377,7 @@ impl ConfigWatcher {
         seen.settling = None;
         let bytes = match self.read(&mut seen) {
             Ok(bytes) => bytes,
-            Err(outcome) => return outcome,
+            Err(err) => return PollOutcome::Missing(err),
         };
         if seen.judged(&bytes) {
             return PollOutcome::Unchanged;
@@ -393,9 +393,9 @@ impl ConfigWatcher {
         let mut seen = lock(&self.seen);
         let bytes = match self.read(&mut seen) {
             Ok(bytes) => bytes,
-            Err(outcome) => {
+            Err(err) => {
                 seen.settling = None;
-                return outcome;
+                return PollOutcome::Missing(err);
             }
         };
         if seen.judged(&bytes) {
@@ -418,8 +418,9 @@ impl ConfigWatcher {
         }
     }
 
-    /// Reads the file; a read error keeps the current snapshot.
-    fn read(&self, seen: &mut Seen) -> Result<Vec<u8>, PollOutcome> {
+    /// Reads the file; a read error (logged once until the file is readable again) keeps the
+    /// current snapshot.
+    fn read(&self, seen: &mut Seen) -> io::Result<Vec<u8>> {
         let path = self.path.display();
         match std::fs::read(&self.path) {
             Ok(bytes) => {
@@ -439,7 +440,7 @@ impl ConfigWatcher {
                 }
                 seen.unreadable = true;
                 seen.last_error = Some(read_error(&self.path, &err));
-                Err(PollOutcome::Missing(err))
+                Err(err)
             }
         }
     }
@@ -477,7 +478,7 @@ impl ConfigWatcher {
                     path = %path,
                     error = %err,
                     generation = self.published.generation(),
-                    "rejected a change of the local configuration; keeping the current one"
+                    "rejected an invalid change of the local configuration; keeping the current one"
                 );
                 seen.rejected = Some(bytes);
                 seen.last_error = Some(err.clone());

@@ -623,6 +623,36 @@ async fn inotify_applies_a_file_rewritten_in_place_only_once_the_writer_closes_i
     task.abort();
 }
 
+#[tokio::test]
+async fn run_polls_while_the_directory_cannot_be_watched_then_watches_it() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("later");
+    let path = dir.join("config.yaml");
+    let published = Published::default();
+    let watcher = Arc::new(ConfigWatcher::new(&path, published.clone()));
+    let timer = VirtualTimer::new();
+    let task = tokio::spawn({
+        let (watcher, timer) = (Arc::clone(&watcher), timer.clone());
+        async move { watcher.run(timer, Duration::from_secs(1)).await }
+    });
+    // No directory to watch: the watcher polls, and finds no file.
+    settle().await;
+    assert_eq!(published.generation(), 0);
+    assert!(matches!(watcher.last_error(), Some(ConfigError::Read { .. })));
+
+    // The directory and the file appear: at the next poll the watcher watches the directory with
+    // inotify, and looks once at what was written while it could not.
+    std::fs::create_dir(&dir).unwrap();
+    write(&path, SHOP);
+    timer.advance(Duration::from_secs(1));
+    generation_becomes(&published, 1).await;
+    // From now on, inotify: a change is seen without the clock moving.
+    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.6"));
+    generation_becomes(&published, 2).await;
+    assert_eq!(ips(&published), ["10.0.0.6"]);
+    task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inotify_follows_a_configmap_symlink_swap_and_a_symlink_to_another_directory() {
     // A ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> ..v1.

@@ -194,7 +194,7 @@ fn a_file_rewritten_in_place_applies_only_once_its_writer_closes_it() {
         );
         assert!(server.allowed("frontend"), "{binary}");
         assert!(
-            server.proxy.log_lines(&["rejected a change"]).is_empty(),
+            server.proxy.log_lines(&["rejected an invalid change"]).is_empty(),
             "{binary}: {}",
             server.proxy.describe()
         );

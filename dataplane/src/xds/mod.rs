@@ -21,7 +21,10 @@
 //! misspelt `serviceAcount` does not silently give the workload the `default` identity. ztunnel's
 //! `services[].endpoints`, `loadBalancer` and `ipFamilies` are accepted and not used: endpoints come
 //! from the workloads' `services`, and the choice among them is weighted by `capacity`. A port map
-//! entry without a target (`443:`) keeps its number.
+//! entry without a target (`443:`) keeps its number. A service port 0 is an error, and so is a
+//! target port 0 in a workload's own port map; a service's target port 0 is a named port, which only
+//! the workloads' port maps resolve. A file of nothing but whitespace is an error
+//! ([`LocalConfig::parse_file`]): write `{}` for a configuration with nothing in it.
 //!
 //! Errors name the field and, where the document has it, the line:
 //!

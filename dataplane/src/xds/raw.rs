@@ -122,10 +122,10 @@ impl<'de> Deserialize<'de> for Port {
 /// Refuses what a port map cannot mean: a service port 0 (no client connects to port 0), and, in a
 /// workload's own map (`workload_map`), a target port 0. A service's target port 0 stays legal: it is
 /// a named port, which only the workloads' own maps resolve. `at` is the path of the map.
-fn check_ports(map: &BTreeMap<Port, Option<Port>>, at: &[Seg], workload_map: bool) -> Result<(), Pending> {
+fn check_ports(map: &BTreeMap<Port, Option<Port>>, at: Vec<Seg>, workload_map: bool) -> Result<(), Pending> {
     for (port, target) in map {
         let field = |key: u16| {
-            let mut path = at.to_vec();
+            let mut path = at.clone();
             path.push(Seg::Key(key.to_string()));
             path
         };
@@ -431,7 +431,7 @@ impl RawWorkload {
             if let Some(ports_of_key) = ports_of_key {
                 check_ports(
                     ports_of_key,
-                    &field_path!["workloads", i, "services", key.to_string().as_str()],
+                    field_path!["workloads", i, "services", key.to_string().as_str()],
                     true,
                 )?;
             }
@@ -507,7 +507,7 @@ impl RawService {
             })?;
             subject_alt_names.push(id);
         }
-        check_ports(&self.ports, &field_path!["services", i, "ports"], false)?;
+        check_ports(&self.ports, field_path!["services", i, "ports"], false)?;
         if self.endpoints.is_some() || self.load_balancer.is_some() || self.ip_families.is_some() {
             tracing::debug!(service = %hostname, "ignoring endpoints, loadBalancer and ipFamilies of a local service");
         }
