@@ -261,6 +261,41 @@ fn a_file_renamed_into_place_applies() {
     }
 }
 
+#[test]
+fn a_configmap_style_symlink_swap_applies() {
+    for binary in binary::all() {
+        let echo = EchoServer::start(lo(2));
+        let mesh = Mesh::new(&config(&["attacker"]));
+        // As a ConfigMap volume lays it out: mesh.yaml -> ..data/mesh.yaml, ..data -> ..v1.
+        let root = mesh.config_path().parent().unwrap().to_path_buf();
+        let version = |name: &str, yaml: &str| {
+            std::fs::create_dir(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join("mesh.yaml"), yaml).unwrap();
+        };
+        version("..v1", &config(&["attacker"]));
+        std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/mesh.yaml", root.join("mesh.yaml.link")).unwrap();
+        std::fs::rename(root.join("mesh.yaml.link"), mesh.config_path()).unwrap();
+        let proxy = mesh.proxy(&binary, lo(2)).dedicated("prod/server/server").spawn();
+        let server = Server { mesh, proxy, echo };
+        assert!(server.allowed("batch"), "{binary}");
+        let generation = server.generation();
+
+        // The kubelet's update: a new version directory, `..data` swapped by a rename, the old
+        // version removed.
+        version("..v2", &config(&["attacker", "batch"]));
+        std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        std::fs::remove_dir_all(root.join("..v1")).unwrap();
+        server.wait_generation(generation + 1);
+        assert!(
+            !server.allowed("batch"),
+            "{binary}: the new DENY policy is not in force"
+        );
+        assert!(!server.allowed("attacker"), "{binary}");
+    }
+}
+
 /// The server workload and `count` more, each in a service.
 fn many_workloads(count: usize) -> String {
     let mut yaml = String::with_capacity(count * 300);
