@@ -167,7 +167,8 @@ fn a_file_rewritten_in_place_applies_only_once_its_writer_closes_it() {
         file.flush().unwrap();
         let pause = Instant::now() + Duration::from_millis(2_500);
         let mut checks = 0;
-        while Instant::now() < pause {
+        // For the whole pause, and at least twice however slow a check is on a loaded machine.
+        while Instant::now() < pause || checks < 2 {
             assert!(
                 !server.allowed("attacker"),
                 "{binary}: the DENY policy vanished while the file was half-written\n{}",
@@ -181,7 +182,6 @@ fn a_file_rewritten_in_place_applies_only_once_its_writer_closes_it() {
             checks += 1;
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(checks >= 3, "{binary}: only {checks} checks during the pause");
 
         // The writer is done: the whole new file applies.
         file.write_all(&full.as_bytes()[cut..]).unwrap();
