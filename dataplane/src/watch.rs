@@ -5,10 +5,13 @@
 //! valid configuration) and publishes it through [`Published`], an `ArcSwap` cell: data-path threads
 //! read the current snapshot without locks and without waiting on the control thread.
 //!
-//! [`ConfigWatcher`] keeps [`Published`] in step with the configuration file. It polls the file on an
-//! interval given by a caller-provided [`Timer`] (no notify thread, the same code on every runtime),
-//! publishes each valid change as a new generation and keeps the current snapshot when a change is
-//! invalid or the file is briefly missing:
+//! [`ConfigWatcher`] keeps [`Published`] in step with the configuration file. It applies a change only
+//! once the writer is done with the file: it watches the file's directory with inotify and looks at
+//! the file when a writer closes it after writing or when it is renamed into place, never while a
+//! writer holds it open; where inotify is unavailable it polls on an interval given by a
+//! caller-provided [`Timer`] and applies a change once the file has stayed the same for a settle
+//! period. It publishes each valid change as a new generation and keeps the current snapshot when a
+//! change is invalid, the file is empty, or the file is briefly missing:
 //!
 //! ```
 //! use meshwire_dataplane::watch::{ConfigWatcher, PollOutcome};
@@ -35,6 +38,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -44,9 +48,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::time::Timer;
 use tokio::sync::watch;
@@ -208,6 +213,10 @@ impl fmt::Debug for Published {
 // ---------------------------------------------------------------------------------------------
 // The configuration file watcher
 
+/// How long a change seen by polling must stay the same before it is applied, where inotify is
+/// unavailable and the watcher polls (see [`ConfigWatcher::run_polling`]).
+pub const SETTLE_PERIOD: Duration = Duration::from_secs(2);
+
 /// What one look at the configuration file found.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -216,12 +225,15 @@ pub enum PollOutcome {
     Unchanged,
     /// The file changed and is valid: a snapshot of this generation was published.
     Applied(u64),
-    /// The file changed and is invalid (or not UTF-8): the current snapshot stays. Reported once per
-    /// distinct content; [`ConfigWatcher::last_error`] keeps it.
+    /// The file changed and is invalid, empty or not UTF-8: the current snapshot stays. Reported
+    /// once per distinct content; [`ConfigWatcher::last_error`] keeps it.
     Rejected(ConfigError),
     /// The file could not be read (most often: it is missing while being replaced): the current
     /// snapshot stays. Reported on every poll until the file is back.
     Missing(io::Error),
+    /// Polling only ([`ConfigWatcher::poll_settled_at`]): the file changed, and has not yet stayed the
+    /// same for the settle period. Nothing is applied yet.
+    Settling,
 }
 
 /// What the watcher has seen of the file.
@@ -236,19 +248,43 @@ struct Seen {
     last_error: Option<ConfigError>,
     /// Whether the last poll could not read the file (to log the transitions only).
     unreadable: bool,
+    /// Polling only: a changed content and when it was first seen, until it settles.
+    settling: Option<(Vec<u8>, Instant)>,
 }
 
-/// Keeps a [`Published`] in step with a configuration file.
+impl Seen {
+    /// Whether `bytes` were judged already: the published content, or the content last rejected.
+    fn judged(&mut self, bytes: &[u8]) -> bool {
+        if self.applied.as_deref() == Some(bytes) {
+            // Back to (or still at) the published configuration.
+            self.rejected = None;
+            self.last_error = None;
+            return true;
+        }
+        self.rejected.as_deref() == Some(bytes)
+    }
+}
+
+/// Keeps a [`Published`] in step with a configuration file, applying a change only once the writer
+/// is done with the file.
 ///
-/// Change detection polls: each poll reads the file and compares its bytes with those of the last
-/// configuration seen. Local configuration files are small (kilobytes), so a read per interval costs
-/// little, and comparing content (rather than modification time and length) sees every change,
-/// including two writes within one timestamp tick and an atomic replacement by `rename` (the path is
-/// opened afresh each time). The file is parsed only when its bytes changed.
+/// [`ConfigWatcher::run`] watches the file's directory with inotify and looks at the file when a
+/// writer closes it after writing (`IN_CLOSE_WRITE`), when an entry is renamed into the directory
+/// (`IN_MOVED_TO`: a file renamed into place, or the `..data` symlink of a Kubernetes ConfigMap
+/// volume), or when a symlink is created there. Writes in progress (`IN_MODIFY`), and closes
+/// without a write, are not looked at: a file rewritten in place is never read half-written. Where
+/// the configuration is a symlink to a file in another directory, that directory is watched too.
+/// Where inotify is unavailable (or the directory's watch is lost), the watcher polls instead
+/// ([`ConfigWatcher::run_polling`]), and applies a change only once the file has stayed the same
+/// for [`SETTLE_PERIOD`].
+///
+/// A look reads the file and compares its bytes with those of the last configuration seen, so that a
+/// look that finds nothing new costs one read; the file is parsed only when its bytes changed.
 ///
 /// An invalid change is logged (`tracing::warn!`, with the [`ConfigError`] naming the field and
-/// line), kept for [`ConfigWatcher::last_error`], and changes nothing: the current snapshot stays. A
-/// file that cannot be read (missing while it is being replaced) also keeps the current snapshot.
+/// line), kept for [`ConfigWatcher::last_error`], and changes nothing: the current snapshot stays.
+/// So does an empty file ([`ConfigError::Empty`]), and a file that cannot be read (missing while it
+/// is being replaced).
 ///
 /// With [`ConfigWatcher::with_registry`], every applied snapshot is also handed to
 /// [`ConnectionRegistry::reevaluate`], closing established connections the new policies deny; a
@@ -258,17 +294,21 @@ pub struct ConfigWatcher {
     published: Published,
     registries: Vec<ConnectionRegistry>,
     seen: Mutex<Seen>,
+    /// The inotify watch set up by [`ConfigWatcher::start`] or [`ConfigWatcher::new`] (before the
+    /// first read, so that no change after it is missed), until [`ConfigWatcher::run`] takes it.
+    notify: Mutex<Option<DirWatch>>,
 }
 
 impl ConfigWatcher {
     /// Loads the configuration file at `path` and publishes it as generation 1.
     ///
-    /// Fails when the file cannot be read or is invalid: a proxy must not start on a configuration
-    /// it cannot apply. The error names the file, or the field and line.
+    /// Fails when the file cannot be read, is empty or is invalid: a proxy must not start on a
+    /// configuration it cannot apply. The error names the file, or the field and line.
     pub fn start(path: impl Into<PathBuf>) -> Result<(ConfigWatcher, Published), ConfigError> {
         let path = path.into();
+        let notify = DirWatch::new(&path);
         let bytes = std::fs::read(&path).map_err(|err| read_error(&path, &err))?;
-        let config = parse(&path, &bytes)?;
+        let config = LocalConfig::parse_file(&path, &bytes)?;
         let published = Published::new(Snapshot::new(config, 1, Some(path.clone()), SystemTime::now()));
         tracing::info!(path = %path.display(), generation = 1, "loaded the local configuration");
         let watcher = ConfigWatcher {
@@ -279,6 +319,7 @@ impl ConfigWatcher {
                 applied: Some(bytes),
                 ..Seen::default()
             }),
+            notify: Mutex::new(notify.ok()),
         };
         Ok((watcher, published))
     }
@@ -287,11 +328,14 @@ impl ConfigWatcher {
     /// poll that finds a valid file publishes it (as one more than the current generation), even if
     /// `published` already holds the same configuration.
     pub fn new(path: impl Into<PathBuf>, published: Published) -> Self {
+        let path = path.into();
+        let notify = DirWatch::new(&path).ok();
         Self {
-            path: path.into(),
+            path,
             published,
             registries: Vec::new(),
             seen: Mutex::new(Seen::default()),
+            notify: Mutex::new(notify),
         }
     }
 
@@ -320,6 +364,9 @@ impl ConfigWatcher {
 
     /// Reads the file once and publishes it if it changed and is valid; see [`PollOutcome`]. The
     /// snapshot's `loaded_at` is [`SystemTime::now`]; [`ConfigWatcher::poll_once_at`] takes it.
+    ///
+    /// This applies what the file holds now: call it when the writer is known to be done (an
+    /// inotify close-after-write or rename, or a test that wrote the file).
     pub fn poll_once(&self) -> PollOutcome {
         self.poll_once_at(SystemTime::now())
     }
@@ -327,9 +374,61 @@ impl ConfigWatcher {
     /// [`ConfigWatcher::poll_once`], with the wall-clock time to record as the snapshot's `loaded_at`.
     pub fn poll_once_at(&self, now: SystemTime) -> PollOutcome {
         let mut seen = lock(&self.seen);
-        let path = self.path.display();
-        let bytes = match std::fs::read(&self.path) {
+        seen.settling = None;
+        let bytes = match self.read(&mut seen) {
             Ok(bytes) => bytes,
+            Err(err) => return PollOutcome::Missing(err),
+        };
+        if seen.judged(&bytes) {
+            return PollOutcome::Unchanged;
+        }
+        self.judge(seen, bytes, now)
+    }
+
+    /// Reads the file once, for a watcher that polls without knowing whether a writer is done: a
+    /// changed content is applied (or rejected) only once it was seen the same for `settle` (from
+    /// `now`, monotonic); until then the outcome is [`PollOutcome::Settling`]. `wall_now` is recorded
+    /// as the snapshot's `loaded_at`.
+    pub fn poll_settled_at(&self, now: Instant, wall_now: SystemTime, settle: Duration) -> PollOutcome {
+        let mut seen = lock(&self.seen);
+        let bytes = match self.read(&mut seen) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                seen.settling = None;
+                return PollOutcome::Missing(err);
+            }
+        };
+        if seen.judged(&bytes) {
+            seen.settling = None;
+            return PollOutcome::Unchanged;
+        }
+        match &seen.settling {
+            Some((pending, since)) if *pending == bytes => {
+                if now.saturating_duration_since(*since) < settle {
+                    return PollOutcome::Settling;
+                }
+                seen.settling = None;
+                self.judge(seen, bytes, wall_now)
+            }
+            _ => {
+                tracing::debug!(path = %self.path.display(), "the local configuration changed; waiting for it to settle");
+                seen.settling = Some((bytes, now));
+                PollOutcome::Settling
+            }
+        }
+    }
+
+    /// Reads the file; a read error (logged once until the file is readable again) keeps the
+    /// current snapshot.
+    fn read(&self, seen: &mut Seen) -> io::Result<Vec<u8>> {
+        let path = self.path.display();
+        match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                if std::mem::take(&mut seen.unreadable) {
+                    tracing::info!(path = %path, "the local configuration is readable again");
+                }
+                Ok(bytes)
+            }
             Err(err) => {
                 if !seen.unreadable {
                     tracing::warn!(
@@ -341,22 +440,15 @@ impl ConfigWatcher {
                 }
                 seen.unreadable = true;
                 seen.last_error = Some(read_error(&self.path, &err));
-                return PollOutcome::Missing(err);
+                Err(err)
             }
-        };
-        if std::mem::take(&mut seen.unreadable) {
-            tracing::info!(path = %path, "the local configuration is readable again");
         }
-        if seen.applied.as_deref() == Some(&bytes[..]) {
-            // Back to (or still at) the published configuration.
-            seen.rejected = None;
-            seen.last_error = None;
-            return PollOutcome::Unchanged;
-        }
-        if seen.rejected.as_deref() == Some(&bytes[..]) {
-            return PollOutcome::Unchanged;
-        }
-        match parse(&self.path, &bytes) {
+    }
+
+    /// Parses changed content and publishes it, or keeps the current snapshot and records why not.
+    fn judge(&self, mut seen: MutexGuard<'_, Seen>, bytes: Vec<u8>, now: SystemTime) -> PollOutcome {
+        let path = self.path.display();
+        match LocalConfig::parse_file(&self.path, &bytes) {
             Ok(config) => {
                 let snapshot = self.published.publish(config, Some(self.path.clone()), now);
                 tracing::info!(
@@ -382,7 +474,7 @@ impl ConfigWatcher {
                 PollOutcome::Applied(snapshot.generation)
             }
             Err(err) => {
-                tracing::warn!(
+                tracing::error!(
                     path = %path,
                     error = %err,
                     generation = self.published.generation(),
@@ -395,14 +487,78 @@ impl ConfigWatcher {
         }
     }
 
-    /// Polls the file now and then every `interval` (measured by `timer`), forever. Drop the future
-    /// to stop watching.
+    /// Watches the file forever: with inotify (see [`ConfigWatcher`]), or, where inotify is
+    /// unavailable or its watch of the directory is lost, by polling every `interval` (measured by
+    /// `timer`) with a [`SETTLE_PERIOD`], trying inotify again at each poll. Drop the future to stop
+    /// watching.
     ///
-    /// The file is read on the calling thread (a few kilobytes, once per interval): run it on the
+    /// Needs a tokio runtime with IO enabled (inotify's descriptor is registered with its reactor).
+    /// The file is read on the calling thread (a few kilobytes, once per change): run it on the
     /// control-plane thread, not on a data-path core.
     pub async fn run<T: Timer>(&self, timer: T, interval: Duration) -> Infallible {
+        let mut fallback_logged = false;
+        let mut catch_up = false;
         loop {
-            self.poll_once_at(timer.system_now());
+            let notify = lock(&self.notify).take().map_or_else(|| DirWatch::new(&self.path), Ok);
+            let error = match notify.and_then(|notify| notify.into_stream(&self.path)) {
+                Ok(stream) => {
+                    tracing::info!(path = %self.path.display(), "watching the local configuration with inotify");
+                    fallback_logged = false;
+                    if catch_up {
+                        // Changes made while the directory was not watched.
+                        self.poll_once_at(timer.system_now());
+                    }
+                    self.run_notified(stream, &timer).await
+                }
+                Err(error) => error,
+            };
+            catch_up = true;
+            if !fallback_logged {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    %error,
+                    interval = ?interval,
+                    settle = ?SETTLE_PERIOD,
+                    "cannot watch the local configuration with inotify; polling it instead"
+                );
+                fallback_logged = true;
+            }
+            self.poll_settled_at(timer.now(), timer.system_now(), SETTLE_PERIOD);
+            let deadline = timer.now() + interval;
+            timer.sleep_until(deadline).await;
+        }
+    }
+
+    /// Looks at the file after each event of `stream` that says a writer is done; returns why the
+    /// watch ended (the directory was removed or moved, or reading events failed).
+    async fn run_notified<T: Timer>(&self, mut stream: NotifyStream, timer: &T) -> io::Error {
+        use futures_util::StreamExt as _;
+        loop {
+            let event = match stream.events.next().await {
+                Some(Ok(event)) => event,
+                Some(Err(error)) => return error,
+                None => return io::Error::other("the inotify event stream ended"),
+            };
+            match stream.classify(&event) {
+                Notified::Look => {
+                    // The watches first, so that the next change of where the file links is seen.
+                    stream.follow_symlink(&self.path);
+                    self.poll_once_at(timer.system_now());
+                }
+                Notified::Ignore => {}
+                Notified::Lost => {
+                    return io::Error::other(format!("the directory of {} was removed or moved", self.path.display()));
+                }
+            }
+        }
+    }
+
+    /// Polls the file now and then every `interval` (measured by `timer`), forever, applying a change
+    /// once it has stayed the same for `settle` ([`ConfigWatcher::poll_settled_at`]); no inotify.
+    /// Drop the future to stop watching.
+    pub async fn run_polling<T: Timer>(&self, timer: T, interval: Duration, settle: Duration) -> Infallible {
+        loop {
+            self.poll_settled_at(timer.now(), timer.system_now(), settle);
             let deadline = timer.now() + interval;
             timer.sleep_until(deadline).await;
         }
@@ -428,11 +584,165 @@ fn read_error(path: &Path, err: &io::Error) -> ConfigError {
     }
 }
 
-/// Parses file content as [`LocalConfig::load`] does: content that is not UTF-8 is a read error.
-fn parse(path: &Path, bytes: &[u8]) -> Result<LocalConfig, ConfigError> {
-    let yaml =
-        std::str::from_utf8(bytes).map_err(|err| read_error(path, &io::Error::new(io::ErrorKind::InvalidData, err)))?;
-    LocalConfig::parse(yaml)
+/// What the events of a file's directory are watched for.
+fn dir_mask() -> WatchMask {
+    WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::CREATE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+}
+
+/// The directory of `path` (`.` for a bare file name).
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The directory of the file a configuration path links to, when it is not the path's own directory:
+/// its path, its watch, and the file's name there.
+type Target = Option<(PathBuf, WatchDescriptor, OsString)>;
+
+/// Watches, through `watches`, the directory of the file `path` resolves to, when it is not the
+/// directory of `path` itself (`own`: the configuration is a symlink to a file elsewhere, which may
+/// be edited in place there); drops the watch of a directory it no longer links to.
+fn follow_symlink(watches: &mut Watches, own: &WatchDescriptor, target: &mut Target, path: &Path) {
+    let resolved = std::fs::canonicalize(path).ok();
+    let own_dir = std::fs::canonicalize(dir_of(path)).ok();
+    let wanted = resolved.and_then(|file| {
+        let dir = dir_of(&file);
+        let name = file.file_name()?.to_owned();
+        (Some(&dir) != own_dir.as_ref()).then_some((dir, name))
+    });
+    if let (Some((dir, _, name)), Some((want_dir, want_name))) = (&*target, &wanted)
+        && dir == want_dir
+        && name == want_name
+    {
+        return;
+    }
+    if let Some((_, wd, _)) = target.take() {
+        let _ = watches.remove(wd);
+    }
+    if let Some((dir, name)) = wanted {
+        match watches.add(&dir, dir_mask()) {
+            Ok(wd) if wd != *own => *target = Some((dir, wd, name)),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                dir = %dir.display(),
+                %error,
+                "cannot watch the directory the local configuration links to"
+            ),
+        }
+    }
+}
+
+/// An inotify instance watching the directory of the configuration file (and of the file it links
+/// to), not yet registered with a runtime (so that [`ConfigWatcher::start`] can set it up without
+/// one).
+struct DirWatch {
+    inotify: Inotify,
+    dir: WatchDescriptor,
+    target: Target,
+}
+
+impl DirWatch {
+    fn new(path: &Path) -> io::Result<DirWatch> {
+        let inotify = Inotify::init()?;
+        let mut watches = inotify.watches();
+        let dir = watches.add(dir_of(path), dir_mask())?;
+        let mut target = None;
+        follow_symlink(&mut watches, &dir, &mut target, path);
+        Ok(DirWatch { inotify, dir, target })
+    }
+
+    /// Registers the instance with the current tokio runtime.
+    fn into_stream(self, path: &Path) -> io::Result<NotifyStream> {
+        let events = self.inotify.into_event_stream(vec![0u8; 4096])?;
+        Ok(NotifyStream {
+            events,
+            dir: self.dir,
+            dir_path: dir_of(path),
+            file_name: path.file_name().map(OsStr::to_owned).unwrap_or_default(),
+            target: self.target,
+        })
+    }
+}
+
+/// What an event of the watched directories calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Notified {
+    /// A writer may be done with the file: look at it.
+    Look,
+    /// Nothing to do.
+    Ignore,
+    /// The directory's watch is gone.
+    Lost,
+}
+
+/// The inotify events of the configuration file's directory (and of the directory of the file it
+/// links to, if it is a symlink).
+struct NotifyStream {
+    events: EventStream<Vec<u8>>,
+    dir: WatchDescriptor,
+    dir_path: PathBuf,
+    file_name: OsString,
+    /// The directory of the file the configuration links to, when it is another directory.
+    target: Target,
+}
+
+impl NotifyStream {
+    fn classify(&mut self, event: &inotify::Event<OsString>) -> Notified {
+        let mask = event.mask;
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            // Events were dropped: one of them may have been the writer's close.
+            return Notified::Look;
+        }
+        let name = event.name.as_deref();
+        if event.wd == self.dir {
+            if mask.intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+                return Notified::Lost;
+            }
+            if mask.contains(EventMask::CLOSE_WRITE) && name == Some(self.file_name.as_os_str()) {
+                return Notified::Look;
+            }
+            if mask.contains(EventMask::MOVED_TO) {
+                // The file renamed into place, or a directory symlink on its path swapped.
+                return Notified::Look;
+            }
+            if mask.contains(EventMask::CREATE)
+                && let Some(name) = name
+                && self.dir_path_is_symlink(name)
+            {
+                return Notified::Look;
+            }
+            return Notified::Ignore;
+        }
+        if let Some((_, wd, file)) = &self.target
+            && event.wd == *wd
+        {
+            if mask.contains(EventMask::IGNORED) {
+                self.target = None;
+                return Notified::Look;
+            }
+            if mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO) && name == Some(file.as_os_str()) {
+                return Notified::Look;
+            }
+        }
+        Notified::Ignore
+    }
+
+    /// Whether `name` in the watched directory is a symlink (a created symlink has no close event).
+    fn dir_path_is_symlink(&self, name: &OsStr) -> bool {
+        std::fs::symlink_metadata(self.dir_path.join(name)).is_ok_and(|meta| meta.file_type().is_symlink())
+    }
+
+    /// Keeps the watch of the directory the file links to current; see [`follow_symlink`].
+    fn follow_symlink(&mut self, path: &Path) {
+        follow_symlink(&mut self.events.watches(), &self.dir, &mut self.target, path);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -131,6 +131,8 @@ async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str,
         .unwrap();
     let text = String::from_utf8(raw).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+    let chunked = head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked");
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
     let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
@@ -140,15 +142,26 @@ async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str,
             (name.trim().to_owned(), value.trim().to_owned())
         })
         .collect::<Vec<_>>();
-    let reply = Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    };
+    let reply = Reply { status, headers, body };
     if let Some(length) = reply.header("content-length") {
         assert_eq!(length.parse::<usize>().unwrap(), reply.body.len(), "{reply:?}");
     }
     reply
+}
+
+/// The body of a `Transfer-Encoding: chunked` message; panics unless it is well formed and complete.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hexadecimal chunk size");
+        if size == 0 {
+            assert_eq!(rest, "\r\n", "the chunked body ends after its last chunk");
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
 }
 
 async fn get(addr: SocketAddr, target: &str) -> Reply {
@@ -340,6 +353,77 @@ async fn config_dump_shows_the_snapshot_and_the_certificates_with_their_expiry()
     server.stop().await;
     manager.shutdown();
     run.await.unwrap();
+}
+
+/// A configuration of `count` workloads, each in a service, and a policy.
+fn many_workloads(count: usize) -> LocalConfig {
+    let mut yaml = String::from("workloads:\n");
+    for i in 0..count {
+        yaml.push_str(&format!(
+            "- name: w-{i}\n  namespace: shop\n  serviceAccount: sa-{i}\n  workloadIps: [\"10.{}.{}.{}\"]\n  \
+             protocol: HBONE\n  services:\n    \"shop/cart.shop.svc.cluster.local\": {{80: 8080}}\n",
+            i / 65_536,
+            (i / 256) % 256,
+            i % 256
+        ));
+    }
+    yaml.push_str(&SHOP[SHOP.find("services:\n- name").unwrap()..]);
+    LocalConfig::parse(&yaml).unwrap()
+}
+
+#[test]
+fn the_streamed_config_dump_is_the_document_byte_for_byte_in_bounded_chunks() {
+    let now = Instant::now();
+    let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+    for (count, source) in [
+        (0, None),
+        (1, Some("/etc/ztunnel/local.yaml")),
+        (3_000, Some("/x.yaml")),
+    ] {
+        let snapshot = Arc::new(Snapshot::new(many_workloads(count), 7, source.map(PathBuf::from), wall));
+        let whole = serde_json::to_vec_pretty(&admin::config_dump(&snapshot, &[], now, wall)).unwrap();
+        let chunks: Vec<_> = admin::config_dump_chunks(Arc::clone(&snapshot), &[], now, wall).collect();
+        assert!(chunks.iter().all(|c| !c.is_empty()));
+        // A chunk is cut after the item that reaches the chunk size.
+        assert!(chunks.iter().all(|c| c.len() < admin::DUMP_CHUNK + 4_096), "{count}");
+        let streamed: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(
+            String::from_utf8_lossy(&streamed),
+            String::from_utf8_lossy(&whole),
+            "{count}"
+        );
+        let dump: Value = serde_json::from_slice(&streamed).unwrap();
+        assert_eq!(dump["workloads"].as_array().unwrap().len(), count);
+        if count == 3_000 {
+            assert!(chunks.len() > 10, "{}", chunks.len());
+            assert_eq!(dump["workloads"][2_999]["name"], "w-2999");
+            assert_eq!(dump["services"][0]["hostname"], "cart.shop.svc.cluster.local");
+            assert_eq!(dump["policies"][0]["name"], "allow-frontend");
+        }
+    }
+    // An empty snapshot, before any configuration.
+    let empty = Arc::new(Snapshot::empty());
+    let whole = serde_json::to_vec_pretty(&admin::config_dump(&empty, &[], now, wall)).unwrap();
+    let streamed = admin::Body::Chunks(Box::new(admin::config_dump_chunks(empty, &[], now, wall))).collect();
+    assert_eq!(streamed, whole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_config_dump_is_sent_chunked_and_complete() {
+    let published = Published::new(Snapshot::new(many_workloads(5_000), 1, None, SystemTime::now()));
+    let manager = manager();
+    let handler = AdminHandler::new(published, Arc::new(manager.clone()), ShutdownTrigger::new());
+    let server = Server::start("admin", handler).await;
+    let reply = get(server.addr, "/config_dump").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let dump = reply.json();
+    let workloads = dump["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), 5_000);
+    assert_eq!(workloads[4_999]["name"], "w-4999");
+    server.stop().await;
+    manager.shutdown();
 }
 
 #[tokio::test]

@@ -428,6 +428,39 @@ fn each_malformed_value_names_its_field_and_line() {
 }
 
 #[test]
+fn port_zero_is_refused_where_it_means_nothing() {
+    // A service port 0, in a service and in a workload's port map.
+    let err = assert_error(
+        "services:\n- name: a\n  vips: [/10.0.0.1]\n  ports:\n    80: 8080\n    0: 8080\n",
+        "services[0].ports.0",
+        6,
+        "service port 0 is not a port clients can connect to",
+    );
+    assert!(matches!(err, ConfigError::Invalid { .. }));
+    assert_error(
+        "workloads:\n- name: a\n  services:\n    \"ns/h\":\n      0: 8080\n",
+        r#"workloads[0].services["ns/h"].0"#,
+        5,
+        "service port 0 is not a port clients can connect to",
+    );
+    // A target port 0 in a workload's own map: the port the workload accepts on.
+    assert_error(
+        "workloads:\n- name: a\n  services:\n    \"ns/h\":\n      80: 8080\n      443: 0\n",
+        r#"workloads[0].services["ns/h"].443"#,
+        6,
+        "target port 0 is not a port the workload accepts on",
+    );
+    // A service's target port 0 is a named port, resolved by the workloads' maps: legal.
+    let config = LocalConfig::parse(
+        "services:\n- name: a\n  vips: [/10.0.0.1]\n  ports: {80: 0}\nworkloads:\n- name: w\n  \
+         workloadIps: [10.0.0.2]\n  services:\n    \"default/a.default.svc.cluster.local\": {80: 8080}\n",
+    )
+    .unwrap();
+    assert_eq!(config.services[0].ports[&80], 0);
+    assert_eq!(config.workloads[0].services.values().next().unwrap()[&80], 8080);
+}
+
+#[test]
 fn invalid_identities_name_the_field() {
     let err = assert_error(
         "workloads:\n- name: a\n  namespace: a/b\n",

@@ -1,6 +1,7 @@
-//! Published snapshots, the configuration file watcher (initial load, valid and invalid changes, a
-//! file briefly missing, atomic replacement, polling under tokio's paused clock) and the connection
-//! registry that closes connections a new DENY policy matches.
+//! Published snapshots, the configuration file watcher (initial load, valid, invalid and empty
+//! changes, a file briefly missing, atomic replacement, polling with a settle period under a virtual
+//! clock, inotify: a file applied only once its writer closes it, renames, symlink swaps) and the
+//! connection registry that closes connections a new DENY policy matches.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::future::Future;
@@ -400,7 +401,7 @@ async fn settle() {
 }
 
 #[tokio::test]
-async fn run_picks_up_a_change_after_the_interval() {
+async fn polling_applies_a_change_once_it_has_settled() {
     let (_dir, path) = config_file(SHOP);
     let (watcher, published) = ConfigWatcher::start(&path).unwrap();
     let watcher = Arc::new(watcher);
@@ -410,7 +411,7 @@ async fn run_picks_up_a_change_after_the_interval() {
 
     let task = tokio::spawn({
         let (watcher, timer) = (Arc::clone(&watcher), timer.clone());
-        async move { watcher.run(timer, interval).await }
+        async move { watcher.run_polling(timer, interval, interval).await }
     });
     // The watcher takes its first look at once, then sleeps for the interval.
     settle().await;
@@ -422,56 +423,261 @@ async fn run_picks_up_a_change_after_the_interval() {
     timer.advance(Duration::from_millis(4_899));
     settle().await;
     assert_eq!(published.generation(), 1);
+    // Seen, but not yet the same for the settle period.
+    timer.advance(Duration::from_millis(1));
+    settle().await;
+    assert_eq!(published.generation(), 1);
     assert!(!changes.has_changed().unwrap());
 
-    timer.advance(Duration::from_millis(1));
+    timer.advance(interval);
     tokio::time::timeout(Duration::from_secs(5), changes.changed())
         .await
-        .expect("a change once the interval is over")
+        .expect("a change once it has settled")
         .unwrap();
     assert_eq!(*changes.borrow_and_update(), 2);
     assert_eq!(ips(&published), ["10.0.0.3"]);
     // `loaded_at` comes from the timer's wall clock.
     assert_eq!(published.load().loaded_at, SystemTime::UNIX_EPOCH);
 
-    // An invalid change is kept out, and the loop goes on.
-    write(&path, INVALID);
+    // A half-written file that changes again before it settles is never applied.
+    write(&path, "\nworkloads:\n- name: cart\n");
+    timer.advance(interval);
+    settle().await;
+    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.4"));
     timer.advance(interval);
     settle().await;
     assert_eq!(published.generation(), 2);
-    assert_eq!(
-        watcher.last_error().unwrap().field(),
-        Some("workloads[0].workloadIps[0]")
-    );
-    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.4"));
     timer.advance(interval);
     tokio::time::timeout(Duration::from_secs(5), changes.changed())
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(*changes.borrow_and_update(), 3);
     assert_eq!(ips(&published), ["10.0.0.4"]);
+
+    // An invalid change is kept out once settled, and the loop goes on.
+    write(&path, INVALID);
+    timer.advance(interval);
+    settle().await;
+    assert!(watcher.last_error().is_none(), "judged before it settled");
+    timer.advance(interval);
+    settle().await;
+    assert_eq!(published.generation(), 3);
+    assert_eq!(
+        watcher.last_error().unwrap().field(),
+        Some("workloads[0].workloadIps[0]")
+    );
+    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.5"));
+    timer.advance(interval);
+    settle().await;
+    timer.advance(interval);
+    tokio::time::timeout(Duration::from_secs(5), changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ips(&published), ["10.0.0.5"]);
     assert!(watcher.last_error().is_none());
 
     task.abort();
 }
 
-#[tokio::test]
-async fn run_over_tokio_time() {
+#[test]
+fn poll_settled_waits_for_the_same_content_over_the_settle_period() {
     let (_dir, path) = config_file(SHOP);
     let (watcher, published) = ConfigWatcher::start(&path).unwrap();
-    let watcher = Arc::new(watcher);
-    let mut changes = published.subscribe();
+    let settle = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let wall = SystemTime::UNIX_EPOCH;
 
+    assert!(matches!(
+        watcher.poll_settled_at(at(0), wall, settle),
+        PollOutcome::Unchanged
+    ));
+    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.3"));
+    assert!(matches!(
+        watcher.poll_settled_at(at(100), wall, settle),
+        PollOutcome::Settling
+    ));
+    assert!(matches!(
+        watcher.poll_settled_at(at(2_099), wall, settle),
+        PollOutcome::Settling
+    ));
+    assert_eq!(published.generation(), 1);
+    assert_eq!(applied(watcher.poll_settled_at(at(2_100), wall, settle)), 2);
+    // Back to a known content: nothing settles.
+    write(&path, SHOP);
+    assert!(matches!(
+        watcher.poll_settled_at(at(3_000), wall, settle),
+        PollOutcome::Settling
+    ));
+    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.3"));
+    assert!(matches!(
+        watcher.poll_settled_at(at(6_000), wall, settle),
+        PollOutcome::Unchanged
+    ));
+    // A direct look applies at once (the caller knows the writer is done).
+    write(&path, SHOP);
+    assert!(matches!(
+        watcher.poll_settled_at(at(7_000), wall, settle),
+        PollOutcome::Settling
+    ));
+    assert_eq!(applied(watcher.poll_once()), 3);
+}
+
+#[test]
+fn an_empty_file_is_an_error_and_the_state_stays() {
+    let (_dir, path) = config_file(SHOP);
+    let (watcher, published) = ConfigWatcher::start(&path).unwrap();
+    for empty in ["", "\n", "  \n\t\n"] {
+        write(&path, empty);
+        let PollOutcome::Rejected(err) = watcher.poll_once() else {
+            panic!("an empty file {empty:?} must be rejected");
+        };
+        assert!(matches!(&err, ConfigError::Empty { file } if *file == path), "{err:?}");
+        assert!(
+            err.to_string().contains("is empty; keeping the current configuration"),
+            "{err}"
+        );
+        assert_eq!(published.generation(), 1);
+        assert_eq!(ips(&published), ["10.0.0.2"]);
+        assert_eq!(watcher.last_error(), Some(err));
+    }
+    // An explicitly empty configuration is one.
+    write(&path, "{}\n");
+    assert_eq!(applied(watcher.poll_once()), 2);
+    assert!(published.load().state.workloads().is_empty());
+
+    // A proxy does not start on an empty file either.
+    write(&path, "");
+    let Err(err) = ConfigWatcher::start(&path) else {
+        panic!("started on an empty file");
+    };
+    assert!(matches!(err, ConfigError::Empty { .. }), "{err:?}");
+    assert!(matches!(LocalConfig::load(&path), Err(ConfigError::Empty { .. })));
+}
+
+/// Waits up to 20 s until the published generation is `generation`.
+async fn generation_becomes(published: &Published, generation: u64) {
+    let mut changes = published.subscribe();
+    tokio::time::timeout(Duration::from_secs(20), changes.wait_for(|g| *g >= generation))
+        .await
+        .unwrap_or_else(|_| panic!("generation {generation} not published; at {}", published.generation()))
+        .unwrap();
+    assert_eq!(published.generation(), generation);
+}
+
+/// Starts [`ConfigWatcher::run`] with a poll interval so long that only inotify can see a change.
+fn run_notified(path: &Path) -> (Arc<ConfigWatcher>, Published, tokio::task::JoinHandle<()>) {
+    let (watcher, published) = ConfigWatcher::start(path).unwrap();
+    let watcher = Arc::new(watcher);
     let task = tokio::spawn({
         let watcher = Arc::clone(&watcher);
-        async move { watcher.run(TokioTimer, Duration::from_millis(20)).await }
+        async move {
+            watcher.run(TokioTimer, Duration::from_secs(3_600)).await;
+        }
     });
-    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.3"));
-    tokio::time::timeout(Duration::from_secs(10), changes.changed())
-        .await
-        .expect("a change within a few intervals")
+    (watcher, published, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inotify_applies_a_file_rewritten_in_place_only_once_the_writer_closes_it() {
+    use std::io::Write as _;
+    let (_dir, path) = config_file(SHOP);
+    let (_watcher, published, task) = run_notified(&path);
+
+    // Truncated and half-written in place, held open: never applied, however long the writer waits.
+    let full = SHOP_DENY_FRONTEND;
+    let cut = full.find("policies:").unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
         .unwrap();
-    assert_eq!(ips(&published), ["10.0.0.3"]);
+    file.write_all(&full.as_bytes()[..cut]).unwrap();
+    file.flush().unwrap();
+    let mut changes = published.subscribe();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), changes.changed())
+            .await
+            .is_err(),
+        "a half-written file was applied"
+    );
+    assert_eq!(published.generation(), 1);
+    assert!(published.load().policies.is_empty());
+
+    // Done: the whole file is applied.
+    file.write_all(&full.as_bytes()[cut..]).unwrap();
+    drop(file);
+    generation_becomes(&published, 2).await;
+    assert_eq!(published.load().policies.len(), 1);
+
+    // Opened for writing and closed without a write: the same content, nothing new.
+    drop(std::fs::OpenOptions::new().append(true).open(&path).unwrap());
+    // Renamed into place.
+    let tmp = path.with_extension("tmp");
+    write(&tmp, &SHOP.replace("10.0.0.2", "10.0.0.7"));
+    std::fs::rename(&tmp, &path).unwrap();
+    generation_becomes(&published, 3).await;
+    assert_eq!(ips(&published), ["10.0.0.7"]);
+    task.abort();
+}
+
+#[tokio::test]
+async fn run_polls_while_the_directory_cannot_be_watched_then_watches_it() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("later");
+    let path = dir.join("config.yaml");
+    let published = Published::default();
+    let watcher = Arc::new(ConfigWatcher::new(&path, published.clone()));
+    let timer = VirtualTimer::new();
+    let task = tokio::spawn({
+        let (watcher, timer) = (Arc::clone(&watcher), timer.clone());
+        async move { watcher.run(timer, Duration::from_secs(1)).await }
+    });
+    // No directory to watch: the watcher polls, and finds no file.
+    settle().await;
+    assert_eq!(published.generation(), 0);
+    assert!(matches!(watcher.last_error(), Some(ConfigError::Read { .. })));
+
+    // The directory and the file appear: at the next poll the watcher watches the directory with
+    // inotify, and looks once at what was written while it could not.
+    std::fs::create_dir(&dir).unwrap();
+    write(&path, SHOP);
+    timer.advance(Duration::from_secs(1));
+    generation_becomes(&published, 1).await;
+    // From now on, inotify: a change is seen without the clock moving.
+    write(&path, &SHOP.replace("10.0.0.2", "10.0.0.6"));
+    generation_becomes(&published, 2).await;
+    assert_eq!(ips(&published), ["10.0.0.6"]);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inotify_follows_a_configmap_symlink_swap_and_a_symlink_to_another_directory() {
+    // A ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> ..v1.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("..v1")).unwrap();
+    write(&root.join("..v1/config.yaml"), SHOP);
+    std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.yaml", root.join("config.yaml")).unwrap();
+    let path = root.join("config.yaml");
+    let (_watcher, published, task) = run_notified(&path);
+
+    // The kubelet's update: a new directory, a new `..data` symlink renamed over the old one.
+    std::fs::create_dir(root.join("..v2")).unwrap();
+    write(&root.join("..v2/config.yaml"), &SHOP.replace("10.0.0.2", "10.0.0.8"));
+    std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..v1")).unwrap();
+    generation_becomes(&published, 2).await;
+    assert_eq!(ips(&published), ["10.0.0.8"]);
+
+    // The file the symlink resolves to, rewritten in place in its own directory.
+    write(&root.join("..v2/config.yaml"), &SHOP.replace("10.0.0.2", "10.0.0.9"));
+    generation_becomes(&published, 3).await;
+    assert_eq!(ips(&published), ["10.0.0.9"]);
     task.abort();
 }
 

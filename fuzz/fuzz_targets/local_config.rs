@@ -1,6 +1,6 @@
 #![no_main]
-//! The local configuration YAML (`LocalConfig::parse`) and the file watcher that applies it
-//! (`ConfigWatcher`).
+//! The local configuration YAML (`LocalConfig::parse`, `LocalConfig::parse_file`) and the file
+//! watcher that applies it (`ConfigWatcher`).
 //!
 //! Each input is a document. Checks:
 //!
@@ -9,6 +9,8 @@
 //!   serialisation) written back to YAML parse back equal; indexing it (`State::new`, the
 //!   `PolicySet` of a snapshot) and the lookups of every workload and service do not panic and find
 //!   what the configuration holds;
+//! - a file's content parses as the document does, except that one of nothing but whitespace is
+//!   refused as empty;
 //! - the watcher of a file holding the example configuration, after the input is written to the
 //!   file and polled: a rejected document leaves the very same snapshot published (same `Arc`,
 //!   same generation) and sets `last_error` to the parse error; an accepted one publishes the next
@@ -143,15 +145,26 @@ fuzz_target!(|data: &[u8]| {
     } = &*guard;
     let before = published.load();
     assert!(watcher.last_error().is_none());
+    // The file's content: the document's answer, except that a file of nothing but whitespace is
+    // refused as empty.
+    let from_file = LocalConfig::parse_file(path, data);
+    match (&parsed, &from_file) {
+        (Some(_), Err(ConfigError::Empty { file })) => {
+            assert!(std::str::from_utf8(data).is_ok_and(|text| text.trim().is_empty()));
+            assert_eq!(file, path);
+        }
+        (Some(parsed), from_file) => assert_eq!(parsed, from_file),
+        (None, from_file) => assert!(matches!(from_file, Err(ConfigError::Read { .. })), "{from_file:?}"),
+    }
     std::fs::write(path, data).expect("write the configuration file");
     let outcome = watcher.poll_once_at(now());
-    let applied = match (&outcome, &parsed) {
+    let applied = match (&outcome, &from_file) {
         _ if data == EXAMPLE.as_bytes() => {
             assert!(matches!(outcome, PollOutcome::Unchanged), "{outcome:?}");
             assert!(Arc::ptr_eq(&published.load(), &before));
             false
         }
-        (PollOutcome::Applied(generation), Some(Ok(config))) => {
+        (PollOutcome::Applied(generation), Ok(config)) => {
             assert_eq!(*generation, before.generation + 1);
             assert_eq!(published.generation(), before.generation + 1);
             assert_eq!(published.load().loaded_at, now());
@@ -159,12 +172,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(watcher.last_error().is_none());
             true
         }
-        (PollOutcome::Rejected(err), parsed) => {
-            match parsed {
-                Some(Ok(_)) => panic!("a valid document was rejected: {err}"),
-                Some(Err(want)) => assert_eq!(err, want),
-                // Not UTF-8: a read error naming the file.
-                None => assert!(matches!(err, ConfigError::Read { .. }), "{err:?}"),
+        (PollOutcome::Rejected(err), from_file) => {
+            match from_file {
+                Ok(_) => panic!("a valid document was rejected: {err}"),
+                // An invalid or empty document; not UTF-8: a read error naming the file.
+                Err(want) => assert_eq!(err, want),
             }
             let after = published.load();
             assert!(
@@ -175,7 +187,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(watcher.last_error().as_ref(), Some(err));
             false
         }
-        (outcome, parsed) => panic!("unexpected poll outcome {outcome:?} for {parsed:?}"),
+        (outcome, from_file) => panic!("unexpected poll outcome {outcome:?} for {from_file:?}"),
     };
 
     // Back to the example.

@@ -132,3 +132,164 @@ fn certificate(status: &CertStatus, now: Instant, wall_now: SystemTime) -> Value
         "lastError": status.last_error,
     })
 }
+
+/// How many bytes of the dump [`ConfigDumpChunks`] gathers before it hands a chunk over.
+pub const DUMP_CHUNK: usize = 32 * 1024;
+
+/// Which part of the dump comes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Certificates,
+    Config,
+    Policies,
+    Services,
+    Workloads,
+    End,
+}
+
+/// The configuration dump of [`config_dump`], serialised piece by piece: each `Iterator::next` gathers
+/// one chunk of about [`DUMP_CHUNK`] bytes, the serialisation of whole workloads, services, policies
+/// or certificates. The chunks together are byte for byte `serde_json::to_vec_pretty` of
+/// [`config_dump`] (the same keys in the same order), but a dump of any size costs a chunk and one
+/// item at a time, not the whole document: the admin listener writes each chunk to the connection
+/// before it asks for the next.
+pub struct ConfigDumpChunks {
+    snapshot: std::sync::Arc<Snapshot>,
+    certificates: Vec<Value>,
+    part: Part,
+    /// The next item of the current part.
+    index: usize,
+    /// Serialises one item (kept to reuse its allocation).
+    item: Vec<u8>,
+}
+
+impl std::fmt::Debug for ConfigDumpChunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigDumpChunks")
+            .field("generation", &self.snapshot.generation)
+            .field("part", &self.part)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// [`config_dump`] of `snapshot` and `certificates` as chunks; see [`ConfigDumpChunks`].
+pub fn config_dump_chunks(
+    snapshot: std::sync::Arc<Snapshot>,
+    certificates: &[CertStatus],
+    now: Instant,
+    wall_now: SystemTime,
+) -> ConfigDumpChunks {
+    ConfigDumpChunks {
+        snapshot,
+        certificates: certificates.iter().map(|c| certificate(c, now, wall_now)).collect(),
+        part: Part::Certificates,
+        index: 0,
+        item: Vec::new(),
+    }
+}
+
+impl ConfigDumpChunks {
+    /// Appends `value`, pretty-printed as `serde_json` does at `indent` spaces deep, to `out`.
+    fn pretty(&mut self, value: &Value, indent: &[u8], out: &mut Vec<u8>) {
+        self.item.clear();
+        if serde_json::to_writer_pretty(&mut self.item, value).is_err() {
+            // A `Value` always serialises; should it not, the dump stays valid JSON.
+            self.item.clear();
+            self.item.extend_from_slice(b"null");
+        }
+        // serde_json escapes newlines inside strings: each one here is between two lines.
+        for &byte in &self.item {
+            out.push(byte);
+            if byte == b'\n' {
+                out.extend_from_slice(indent);
+            }
+        }
+    }
+
+    /// The `index`th item of an array part, if there is one.
+    fn array_item(&self, part: Part, index: usize) -> Option<Value> {
+        let state = &self.snapshot.state;
+        match part {
+            Part::Certificates => self.certificates.get(index).cloned(),
+            Part::Policies => state
+                .policies()
+                .get(index)
+                .map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
+            Part::Services => state.services().get(index).map(service),
+            Part::Workloads => state.workloads().get(index).map(workload),
+            Part::Config | Part::End => None,
+        }
+    }
+
+    fn key(part: Part) -> &'static [u8] {
+        match part {
+            Part::Certificates => b"  \"certificates\": ",
+            Part::Config => b"  \"config\": ",
+            Part::Policies => b"  \"policies\": ",
+            Part::Services => b"  \"services\": ",
+            Part::Workloads => b"  \"workloads\": ",
+            Part::End => b"",
+        }
+    }
+
+    fn next_part(part: Part) -> Part {
+        match part {
+            Part::Certificates => Part::Config,
+            Part::Config => Part::Policies,
+            Part::Policies => Part::Services,
+            Part::Services => Part::Workloads,
+            Part::Workloads | Part::End => Part::End,
+        }
+    }
+
+    /// Appends the next piece (the head of a part, one item, or the end of a part) to `out`; `false`
+    /// once the document is complete.
+    fn step(&mut self, out: &mut Vec<u8>) -> bool {
+        let part = self.part;
+        if part == Part::End {
+            return false;
+        }
+        if self.index == 0 {
+            out.extend_from_slice(if part == Part::Certificates { b"{\n" } else { b",\n" });
+            out.extend_from_slice(Self::key(part));
+        }
+        if part == Part::Config {
+            let snapshot = &self.snapshot;
+            let config = json!({
+                "generation": snapshot.generation,
+                "source": snapshot.source.as_ref().map(|p| p.display().to_string()),
+                "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
+            });
+            self.pretty(&config, b"  ", out);
+            self.part = Self::next_part(part);
+            return true;
+        }
+        match self.array_item(part, self.index) {
+            Some(item) => {
+                out.extend_from_slice(if self.index == 0 { b"[\n    " } else { b",\n    " });
+                self.pretty(&item, b"    ", out);
+                self.index += 1;
+            }
+            None => {
+                out.extend_from_slice(if self.index == 0 { b"[]" } else { b"\n  ]" });
+                self.index = 0;
+                self.part = Self::next_part(part);
+                if self.part == Part::End {
+                    out.extend_from_slice(b"\n}");
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Iterator for ConfigDumpChunks {
+    type Item = bytes::Bytes;
+
+    fn next(&mut self) -> Option<bytes::Bytes> {
+        let mut chunk = Vec::with_capacity(DUMP_CHUNK + DUMP_CHUNK / 4);
+        while chunk.len() < DUMP_CHUNK && self.step(&mut chunk) {}
+        (!chunk.is_empty()).then(|| bytes::Bytes::from(chunk))
+    }
+}

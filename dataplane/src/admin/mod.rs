@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::ACCEPT;
+use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertError, CertManager, CertStatus, Priority};
@@ -63,11 +63,12 @@ use tokio::sync::watch;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::watch::Published;
 
-pub use dump::{config_dump, rfc3339};
+pub use dump::{ConfigDumpChunks, DUMP_CHUNK, config_dump, config_dump_chunks, rfc3339};
 pub use logging::{LogControl, LogControlError};
 pub use readiness::{READY_PATH, Readiness, ReadinessHandler, ReadyBlocker};
 pub use server::{
-    HEADER_READ_TIMEOUT, Handler, SHUTDOWN_GRACE, method_not_allowed, not_found, query_param, response, serve, text,
+    Body, HEADER_READ_TIMEOUT, Handler, SHUTDOWN_GRACE, method_not_allowed, not_found, query_param, response, serve,
+    text,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -369,17 +370,17 @@ impl AdminHandler {
         server::text(StatusCode::OK, body)
     }
 
-    fn config_dump(&self) -> Response<Bytes> {
+    /// The dump as chunks serialised as the connection takes them: one dump costs a chunk at a time,
+    /// however many workloads the configuration holds.
+    fn config_dump(&self) -> Response<Body> {
         let snapshot = self.published.load();
         let certificates = self.certificates.certificates();
-        let dump = config_dump(&snapshot, &certificates, Instant::now(), SystemTime::now());
-        match serde_json::to_vec_pretty(&dump) {
-            Ok(body) => server::response(StatusCode::OK, "application/json", body),
-            Err(error) => server::text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot encode the configuration dump: {error}\n"),
-            ),
-        }
+        let chunks = config_dump_chunks(snapshot, &certificates, Instant::now(), SystemTime::now());
+        let mut response = Response::new(Body::Chunks(Box::new(chunks)));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        response
     }
 
     fn logging(&self, request: &Request<()>) -> Response<Bytes> {
@@ -434,16 +435,21 @@ impl AdminHandler {
 
 impl Handler for AdminHandler {
     fn handle(&self, request: &Request<()>) -> Response<Bytes> {
-        match request.uri().path() {
+        self.respond(request).map(Body::collect)
+    }
+
+    fn respond(&self, request: &Request<()>) -> Response<Body> {
+        let whole = match request.uri().path() {
             "/" | "/config_dump" if !server::is_read(request) => {
                 server::method_not_allowed(request, &[Method::GET, Method::HEAD])
             }
             "/" => self.index(),
-            "/config_dump" => self.config_dump(),
+            "/config_dump" => return self.config_dump(),
             "/logging" => self.logging(request),
             "/quitquitquit" => self.quit(request),
             _ => server::not_found(request),
-        }
+        };
+        whole.map(Body::from)
     }
 }
 

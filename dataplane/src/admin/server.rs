@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -29,13 +28,89 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// is not read), a response out; no IO, so handlers are tested without sockets and any runtime can
 /// drive them.
 pub trait Handler: Send + Sync + 'static {
-    /// The response to `request`.
+    /// The response to `request`, with its whole body.
     fn handle(&self, request: &Request<()>) -> Response<Bytes>;
+
+    /// The response to `request` as [`serve`] sends it: by default [`Handler::handle`]'s whole
+    /// body; a handler whose answer can be large gives a [`Body::Chunks`] instead, produced as the
+    /// connection takes it.
+    fn respond(&self, request: &Request<()>) -> Response<Body> {
+        self.handle(request).map(Body::from)
+    }
 }
 
 impl<H: Handler + ?Sized> Handler for Arc<H> {
     fn handle(&self, request: &Request<()>) -> Response<Bytes> {
         (**self).handle(request)
+    }
+
+    fn respond(&self, request: &Request<()>) -> Response<Body> {
+        (**self).respond(request)
+    }
+}
+
+/// A response body: whole, or chunks produced one at a time as the connection takes them, so that
+/// a large answer never sits whole in memory (sent with `Transfer-Encoding: chunked`).
+pub enum Body {
+    /// The whole body (taken when sent).
+    Full(Option<Bytes>),
+    /// The chunks, each produced when the connection has room for it.
+    Chunks(Box<dyn Iterator<Item = Bytes> + Send>),
+}
+
+impl Body {
+    /// Every chunk, gathered into one buffer (for tests and small answers).
+    pub fn collect(self) -> Bytes {
+        match self {
+            Body::Full(bytes) => bytes.unwrap_or_default(),
+            Body::Chunks(chunks) => {
+                let mut all = Vec::new();
+                chunks.for_each(|chunk| all.extend_from_slice(&chunk));
+                Bytes::from(all)
+            }
+        }
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Body::Full(Some(bytes))
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Full(bytes) => f.debug_tuple("Full").field(&bytes.as_ref().map(Bytes::len)).finish(),
+            Body::Chunks(_) => f.write_str("Chunks(..)"),
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let next = match self.get_mut() {
+            Body::Full(bytes) => bytes.take().filter(|bytes| !bytes.is_empty()),
+            Body::Chunks(chunks) => chunks.next(),
+        };
+        std::task::Poll::Ready(next.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Body::Full(bytes) => hyper::body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Chunks(_) => hyper::body::SizeHint::default(),
+        }
     }
 }
 
@@ -72,8 +147,8 @@ pub async fn serve<H: Handler>(
         connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let (parts, _body) = request.into_parts();
-                let response = handler.handle(&Request::from_parts(parts, ()));
-                std::future::ready(Ok::<_, Infallible>(response.map(Full::new)))
+                let response = handler.respond(&Request::from_parts(parts, ()));
+                std::future::ready(Ok::<_, Infallible>(response))
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())

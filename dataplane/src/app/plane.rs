@@ -35,7 +35,8 @@ use crate::telemetry::accesslog;
 use crate::watch::{ConfigWatcher, ConnectionRegistry, Published, Snapshot};
 use crate::xds::{ConfigError, LocalConfig};
 
-/// How often the local configuration file is polled for changes.
+/// How often the local configuration file is polled for changes where inotify is unavailable (it is
+/// watched with inotify otherwise; see [`ConfigWatcher::run`]).
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the proxy could not start.

@@ -40,7 +40,7 @@ fn at(location: &Option<Location>) -> String {
 
 /// Why a local configuration was rejected.
 ///
-/// Every variant but [`ConfigError::Read`] names the field (`workloads[2].workloadIps[0]`), and the
+/// Every variant but [`ConfigError::Read`] and [`ConfigError::Empty`] names the field (`workloads[2].workloadIps[0]`), and the
 /// line and column when the document has them: `Display` reads
 /// `workloads[2].workloadIps[0]: "10.0.0.x" is not an IP address (line 14, column 7)`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -55,6 +55,16 @@ pub enum ConfigError {
         kind: io::ErrorKind,
         /// The IO error's message.
         message: String,
+    },
+    /// The file is empty (or holds only whitespace): truncated, or still being written. The
+    /// configuration in force stays.
+    #[error(
+        "the local configuration {} is empty; keeping the current configuration (write `{{}}` for one with nothing in it)",
+        file.display()
+    )]
+    Empty {
+        /// The file.
+        file: PathBuf,
     },
     /// The document is not YAML, or a value does not fit its field: a wrong type, an unknown field, an
     /// IP address, port, protocol, `<network>/<ip>` or `<namespace>/<hostname>` that does not parse.
@@ -145,10 +155,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// The field the error is about, such as `workloads[2].workloadIps[0]`; `None` for
-    /// [`ConfigError::Read`].
+    /// [`ConfigError::Read`] and [`ConfigError::Empty`].
     pub fn field(&self) -> Option<&str> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Empty { .. } => None,
             ConfigError::Invalid { field, .. }
             | ConfigError::Missing { field, .. }
             | ConfigError::Identity { field, .. }
@@ -162,7 +172,7 @@ impl ConfigError {
     /// Where in the document the error is, when known.
     pub fn location(&self) -> Option<Location> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Empty { .. } => None,
             ConfigError::Invalid { location, .. }
             | ConfigError::Missing { location, .. }
             | ConfigError::Identity { location, .. }
@@ -175,7 +185,7 @@ impl ConfigError {
 
     fn location_mut(&mut self) -> Option<&mut Option<Location>> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Empty { .. } => None,
             ConfigError::Invalid { location, .. }
             | ConfigError::Missing { location, .. }
             | ConfigError::Identity { location, .. }

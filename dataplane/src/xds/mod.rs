@@ -21,7 +21,10 @@
 //! misspelt `serviceAcount` does not silently give the workload the `default` identity. ztunnel's
 //! `services[].endpoints`, `loadBalancer` and `ipFamilies` are accepted and not used: endpoints come
 //! from the workloads' `services`, and the choice among them is weighted by `capacity`. A port map
-//! entry without a target (`443:`) keeps its number.
+//! entry without a target (`443:`) keeps its number. A service port 0 is an error, and so is a
+//! target port 0 in a workload's own port map; a service's target port 0 is a named port, which only
+//! the workloads' port maps resolve. A file of nothing but whitespace is an error
+//! ([`LocalConfig::parse_file`]): write `{}` for a configuration with nothing in it.
 //!
 //! Errors name the field and, where the document has it, the line:
 //!
@@ -127,17 +130,34 @@ impl LocalConfig {
             .map_err(|invalid| invalid.locate(yaml))
     }
 
-    /// Reads and parses a local configuration file.
+    /// Reads and parses a local configuration file, as [`LocalConfig::parse_file`] does.
     ///
-    /// Parse errors are those of [`LocalConfig::parse`]; a file that cannot be read gives
-    /// [`ConfigError::Read`] naming it.
+    /// A file that cannot be read gives [`ConfigError::Read`] naming it.
     pub fn load(path: &Path) -> Result<LocalConfig, ConfigError> {
-        let yaml = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|err| ConfigError::Read {
             file: path.to_owned(),
             kind: err.kind(),
             message: err.to_string(),
         })?;
-        Self::parse(&yaml)
+        Self::parse_file(path, &bytes)
+    }
+
+    /// Parses the content of the local configuration file `file`.
+    ///
+    /// Content that is not UTF-8 is a [`ConfigError::Read`] naming the file. Content with nothing
+    /// but whitespace is [`ConfigError::Empty`]: a file is empty when it was truncated by mistake or
+    /// is being written, never as a way to say "no workloads" (write `{}` for that). Everything else
+    /// is [`LocalConfig::parse`]'s.
+    pub fn parse_file(file: &Path, bytes: &[u8]) -> Result<LocalConfig, ConfigError> {
+        let yaml = std::str::from_utf8(bytes).map_err(|err| ConfigError::Read {
+            file: file.to_owned(),
+            kind: std::io::ErrorKind::InvalidData,
+            message: err.to_string(),
+        })?;
+        if yaml.trim().is_empty() {
+            return Err(ConfigError::Empty { file: file.to_owned() });
+        }
+        Self::parse(yaml)
     }
 }
 

@@ -119,6 +119,38 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
+/// Refuses what a port map cannot mean: a service port 0 (no client connects to port 0), and, in a
+/// workload's own map (`workload_map`), a target port 0. A service's target port 0 stays legal: it is
+/// a named port, which only the workloads' own maps resolve. `at` is the path of the map.
+fn check_ports(map: &BTreeMap<Port, Option<Port>>, at: Vec<Seg>, workload_map: bool) -> Result<(), Pending> {
+    for (port, target) in map {
+        let field = |key: u16| {
+            let mut path = at.clone();
+            path.push(Seg::Key(key.to_string()));
+            path
+        };
+        if port.0 == 0 {
+            return Err(Pending::new(field(0), |field| ConfigError::Invalid {
+                field,
+                message: "service port 0 is not a port clients can connect to (1 to 65535)".to_owned(),
+                location: None,
+            }));
+        }
+        if workload_map && target.is_some_and(|target| target.0 == 0) {
+            return Err(Pending::new(field(port.0), |field| ConfigError::Invalid {
+                field,
+                message: format!(
+                    "target port 0 is not a port the workload accepts on (1 to 65535); leave the target out \
+                     to keep the service port {}",
+                    port.0
+                ),
+                location: None,
+            }));
+        }
+    }
+    Ok(())
+}
+
 fn ports(map: BTreeMap<Port, Option<Port>>) -> BTreeMap<u16, u16> {
     map.into_iter()
         .map(|(port, target)| (port.0, target.map_or(port.0, |target| target.0)))
@@ -395,6 +427,15 @@ impl RawWorkload {
         };
         let workload_name = or_default(self.workload_name, &self.name);
         let canonical_name = or_default(self.canonical_name, &workload_name);
+        for (key, ports_of_key) in &self.services {
+            if let Some(ports_of_key) = ports_of_key {
+                check_ports(
+                    ports_of_key,
+                    field_path!["workloads", i, "services", key.to_string().as_str()],
+                    true,
+                )?;
+            }
+        }
         let services = self
             .services
             .into_iter()
@@ -466,6 +507,7 @@ impl RawService {
             })?;
             subject_alt_names.push(id);
         }
+        check_ports(&self.ports, field_path!["services", i, "ports"], false)?;
         if self.endpoints.is_some() || self.load_balancer.is_some() || self.ip_families.is_some() {
             tracing::debug!(service = %hostname, "ignoring endpoints, loadBalancer and ipFamilies of a local service");
         }
