@@ -4,7 +4,9 @@
 //! accepts) and the HTTP/2 handshake, then, for every stream: checks that it is a CONNECT with a
 //! valid authority (else 400), asks the [`Handler`] for the upstream (the handler refuses with a
 //! status, such as 401 for a denied policy or 503 for a failed connect), answers 200 only once the
-//! upstream exists, and copies both ways with half-close semantics until both sides are done.
+//! upstream exists, and copies both ways with half-close semantics until both sides are done. A copy
+//! that fails (the upstream reset its connection, say) resets the stream with CONNECT_ERROR (RFC 9113
+//! section 8.5), so that the client learns the connection did not end cleanly.
 //!
 //! All streams of a connection are driven inside the one future `serve` returns: a failing stream
 //! (refused, reset, its upstream gone) ends on its own without affecting its siblings, dropping the
@@ -469,6 +471,11 @@ async fn handle_stream<H: Handler>(
     };
     let mut tunnel = H2Io::new(send, body);
     let outcome = tunnel.splice(&mut upstream, copy_config).await;
+    if outcome.error.is_some() {
+        // An error on the upstream connection (a reset, say) is passed on as RST_STREAM
+        // CONNECT_ERROR (RFC 9113 section 8.5), never as a clean END_STREAM.
+        tunnel.reset(h2::Reason::CONNECT_ERROR);
+    }
     report.to_upstream = outcome.a_to_b;
     report.from_upstream = outcome.b_to_a;
     report.error = outcome.error;
