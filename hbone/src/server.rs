@@ -40,7 +40,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::tls;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
@@ -213,10 +213,17 @@ where
 {
     let handshake = async move {
         let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead);
-        let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)
-            .accept(io)
-            .await
-            .map_err(ServeError::Tls)?;
+        let accept = tokio_rustls::TlsAcceptor::from(tls_config).accept(io).into_fallible();
+        let tls_stream = match accept.await {
+            Ok(tls_stream) => tls_stream,
+            Err((error, mut io)) => {
+                // rustls has written its alert (`certificate_required` for a client without a
+                // certificate): flush it and end the connection after it with a FIN, so that the
+                // client reads why it was refused whatever the runtime does on close.
+                let _ = io.shutdown().await;
+                return Err(ServeError::Tls(error));
+            }
+        };
         let peer = tls::peer_identity(tls_stream.get_ref().1).map_err(|e| ServeError::Tls(io::Error::other(e)))?;
         let conn = h2_handshake(tls_stream, &options.settings, &peer).await?;
         Ok((conn, peer))
