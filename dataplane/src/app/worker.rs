@@ -7,6 +7,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::{Connector, Pool};
@@ -34,7 +36,16 @@ pub struct Worker<R: Runtime> {
     metrics: Arc<Metrics>,
     registry: ConnectionRegistry,
     outbound: WorkerOutbound<R>,
+    /// When the worker was made: the origin of `fd_warning_at`.
+    started: Instant,
+    /// When the next warning about running out of file descriptors may be logged, in milliseconds
+    /// since `started`.
+    fd_warning_at: AtomicU64,
 }
+
+/// How often a worker logs that it is out of file descriptors at most (its accept loops retry
+/// every [`ACCEPT_RETRY`](super::ACCEPT_RETRY); the refusal counter counts every failed accept).
+const FD_WARNING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl<R: Runtime> std::fmt::Debug for Worker<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,6 +88,8 @@ where
             metrics,
             registry,
             outbound,
+            started: Instant::now(),
+            fd_warning_at: AtomicU64::new(0),
         }
     }
 
@@ -163,10 +176,23 @@ where
     /// before they wait [`ACCEPT_RETRY`](super::ACCEPT_RETRY) and accept again: log it, naming the
     /// listener, and when the process is out of file descriptors (`EMFILE`, `ENFILE`) say so and
     /// count it (`istio_tcp_connections_refused_total{reason="fd_exhausted"}`): the connection waits
-    /// in the listen queue until a descriptor is free.
+    /// in the listen queue until a descriptor is free. That warning is logged once a second at most
+    /// (the counter counts every failed accept).
     pub fn accept_failed(&self, listener: Listener, error: &io::Error) {
         if is_fd_exhaustion(error) {
             self.metrics.refused(listener, RefusalReason::FdExhausted);
+            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let next = self.fd_warning_at.load(Ordering::Relaxed);
+            let interval = u64::try_from(FD_WARNING_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+            let due = now >= next
+                && self
+                    .fd_warning_at
+                    .compare_exchange(next, now.saturating_add(interval), Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok();
+            if !due {
+                tracing::debug!(%listener, %error, "cannot accept: out of file descriptors");
+                return;
+            }
             tracing::warn!(
                 %listener,
                 %error,
