@@ -610,17 +610,23 @@ impl Metrics {
     /// [`registry_mut`](Self::registry_mut).
     ///
     /// ```
-    /// use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
+    /// use meshwire_dataplane::config::Listener;
+    /// use meshwire_dataplane::telemetry::metrics::{
+    ///     ConnectionLabels, Metrics, RefusalReason, Reporter, ResponseFlags, SecurityPolicy,
+    /// };
     ///
     /// let cores = [Metrics::new(), Metrics::new()];
     /// for (core, bytes) in cores.iter().zip([10, 32]) {
     ///     let connection = core.open(ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls));
     ///     connection.record_received(bytes);
     ///     connection.finish(ResponseFlags::None);
+    ///     core.refused(Listener::Inbound, RefusalReason::TlsHandshake);
     /// }
-    /// let text = Metrics::sum(&cores).render();
+    /// let total = Metrics::sum(&cores);
+    /// let text = total.render();
     /// assert!(text.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total{") && l.ends_with("} 42")));
     /// assert!(text.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with("} 2")));
+    /// assert_eq!(total.refusals(Listener::Inbound, RefusalReason::TlsHandshake), 2);
     /// ```
     pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Metrics>) -> Metrics {
         let total = Metrics::new();
