@@ -261,7 +261,7 @@ fn an_upstream_reset_reaches_the_socks5_client() {
         let s = Pair::start(&a, &b);
         let meshed = resetting_server(lo(2));
         let legacy = resetting_server(lo(3));
-        for (route, upstream) in [("HBONE", meshed), ("passthrough", legacy)] {
+        for (route, upstream) in [("passthrough", legacy), ("HBONE", meshed)] {
             let mut stream = s.socks5(Socks5Target::Addr(upstream));
             stream.write_all(b"hello").unwrap();
             match read_until_end(&mut stream) {
