@@ -38,7 +38,7 @@ use meshwire_dataplane::app::{
 use meshwire_dataplane::config::{Config, ConnectionBalance, Listener};
 use meshwire_dataplane::proxy::canonical;
 use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketOptions};
-use meshwire_dataplane::telemetry::metrics::Metrics;
+use meshwire_dataplane::telemetry::metrics::{Metrics, listener_label};
 use meshwire_dataplane::watch::ConnectionRegistry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -107,17 +107,6 @@ async fn reached(mut phase: watch::Receiver<Phase>, at_least: Phase) {
 struct AcceptLabels {
     core: String,
     listener: String,
-}
-
-/// The label value of a data listener.
-fn listener_label(listener: Listener) -> &'static str {
-    match listener {
-        Listener::Inbound => "inbound",
-        Listener::InboundPlaintext => "inbound_plaintext",
-        Listener::Outbound => "outbound",
-        Listener::Socks5 => "socks5",
-        _ => "other",
-    }
 }
 
 /// Tells the control thread a core ended, when dropped (a normal end, or a panic unwinding).
@@ -506,7 +495,7 @@ impl AcceptLoop {
                 Either::Left(_) => return,
                 Either::Right((Ok(stream), _)) => stream,
                 Either::Right((Err(error), _)) => {
-                    tracing::warn!(listener = %self.listener, %error, "accept failed");
+                    self.worker.accept_failed(self.listener, &error.into());
                     glommio::timer::sleep(ACCEPT_RETRY).await;
                     continue;
                 }

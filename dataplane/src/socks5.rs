@@ -27,6 +27,7 @@
 //! | VER other than 5, in the greeting or the request | [`Socks5Error::UnsupportedVersion`], no reply (the client does not speak SOCKS5) |
 //! | METHODS without 0x00 (no authentication), or none at all | method selection 0xFF, [`Socks5Error::NoAcceptableMethod`] |
 //! | CMD 2 (BIND), 3 (UDP ASSOCIATE) or any other than 1 (CONNECT) | [`Reply::CommandNotSupported`] (0x07), [`Socks5Error::UnsupportedCommand`] |
+//! | RSV other than 0 | [`Reply::GeneralFailure`] (0x01), [`Socks5Error::NonZeroReserved`] |
 //! | ATYP other than 1 (IPv4), 3 (domain name), 4 (IPv6) | [`Reply::AddressTypeNotSupported`] (0x08), [`Socks5Error::UnsupportedAddressType`] |
 //! | a domain name that is not a valid host name | [`Reply::HostUnreachable`] (0x04), [`Socks5Error::InvalidDomain`] |
 //! | the peer closes the connection mid-handshake | [`Socks5Error::UnexpectedEof`], no reply |
@@ -37,8 +38,11 @@
 //! ztunnel), so clients see one behaviour for "this name leads nowhere"; 0x08 would instead tell a client
 //! that it must resolve names itself.
 //!
-//! The RSV byte of the request is ignored, like ztunnel and most servers do. When a request has an
-//! unsupported command and a known address type, the whole request is read before the 0x07 reply is
+//! The RSV byte of the request must be 0 (RFC 1928 section 4): a request with another value is not a
+//! SOCKS5 request this proxy understands, and gets 0x01 "general SOCKS server failure" (the RFC has no
+//! reply of its own for it) rather than being served as if the byte were 0. Problems are reported in
+//! field order: an unsupported command before a non-zero RSV, a non-zero RSV before an unknown address
+//! type. When a request fails with a known address type, the whole request is read before the reply is
 //! sent, so that closing the connection afterwards does not reset it with unread bytes (which can make
 //! the client lose the reply). An unknown address type has no known length, so that reply is sent as soon
 //! as the ATYP byte is read.
@@ -375,6 +379,12 @@ pub enum Socks5Error {
         /// The command byte received (2 is BIND, 3 is UDP ASSOCIATE).
         command: u8,
     },
+    /// RSV is not 0; reply 0x01 was sent.
+    #[error("the reserved byte (RSV) of the request is {reserved:#04x}; RFC 1928 requires 0x00")]
+    NonZeroReserved {
+        /// The reserved byte received.
+        reserved: u8,
+    },
     /// ATYP is not 1, 3 or 4; reply 0x08 was sent.
     #[error("request address type {atyp} is not supported, only 1 (IPv4), 3 (domain name) and 4 (IPv6) are")]
     UnsupportedAddressType {
@@ -480,15 +490,43 @@ enum State {
     /// VER, CMD, RSV, ATYP.
     RequestHeader,
     /// An IPv4 or IPv6 address and the port.
-    Address { command: u8, atyp: u8 },
+    Address { header: RequestHeader, atyp: u8 },
     /// The length octet of a domain name.
-    DomainLength { command: u8 },
+    DomainLength { header: RequestHeader },
     /// The domain name and the port.
-    Domain { command: u8, len: u8 },
+    Domain { header: RequestHeader, len: u8 },
     /// The request is complete.
     Done(Request),
     /// The handshake failed.
     Failed(Socks5Error),
+}
+
+/// The CMD and RSV bytes of a request, checked once its address has been read.
+#[derive(Debug, Clone, Copy)]
+struct RequestHeader {
+    command: u8,
+    reserved: u8,
+}
+
+impl RequestHeader {
+    /// The reply and error for the first problem in field order, if any.
+    fn problem(self) -> Option<(Reply, Socks5Error)> {
+        if self.command != CMD_CONNECT {
+            return Some((
+                Reply::CommandNotSupported,
+                Socks5Error::UnsupportedCommand { command: self.command },
+            ));
+        }
+        if self.reserved != 0 {
+            return Some((
+                Reply::GeneralFailure,
+                Socks5Error::NonZeroReserved {
+                    reserved: self.reserved,
+                },
+            ));
+        }
+        None
+    }
 }
 
 /// The server side of a SOCKS5 handshake as a pure state machine: feed it the client's bytes, send what
@@ -692,7 +730,7 @@ impl Handshake {
                 self.phase_received = 0;
                 State::RequestHeader
             }
-            (State::RequestHeader, &[version, command, _reserved, atyp]) => {
+            (State::RequestHeader, &[version, command, reserved, atyp]) => {
                 if version != VERSION {
                     self.fail(Socks5Error::UnsupportedVersion {
                         phase: Phase::Request,
@@ -700,24 +738,22 @@ impl Handshake {
                     });
                     return;
                 }
+                let header = RequestHeader { command, reserved };
                 match atyp {
-                    ATYP_IPV4 | ATYP_IPV6 => State::Address { command, atyp },
-                    ATYP_DOMAIN => State::DomainLength { command },
+                    ATYP_IPV4 | ATYP_IPV6 => State::Address { header, atyp },
+                    ATYP_DOMAIN => State::DomainLength { header },
                     // The length of the rest is unknown: reply now, on the first problem in field order.
-                    _ if command != CMD_CONNECT => {
-                        self.fail_request(Reply::CommandNotSupported, Socks5Error::UnsupportedCommand { command });
-                        return;
-                    }
                     _ => {
-                        self.fail_request(
+                        let (reply, error) = header.problem().unwrap_or((
                             Reply::AddressTypeNotSupported,
                             Socks5Error::UnsupportedAddressType { atyp },
-                        );
+                        ));
+                        self.fail_request(reply, error);
                         return;
                     }
                 }
             }
-            (&State::Address { command, atyp }, step) => {
+            (&State::Address { header, atyp }, step) => {
                 let (ip, port) = match (atyp, step) {
                     (ATYP_IPV4, &[a, b, c, d, p0, p1]) => (IpAddr::V4(Ipv4Addr::new(a, b, c, d)), [p0, p1]),
                     (_, &[ref ip @ .., p0, p1]) => match <[u8; 16]>::try_from(ip) {
@@ -726,18 +762,18 @@ impl Handshake {
                     },
                     _ => return self.internal_error(),
                 };
-                self.finish(command, Target::Addr(SocketAddr::new(ip, u16::from_be_bytes(port))));
+                self.finish(header, Target::Addr(SocketAddr::new(ip, u16::from_be_bytes(port))));
                 return;
             }
-            (&State::DomainLength { command }, &[len]) => State::Domain { command, len },
-            (&State::Domain { command, .. }, &[ref name @ .., p0, p1]) => {
-                if command != CMD_CONNECT {
-                    self.fail_request(Reply::CommandNotSupported, Socks5Error::UnsupportedCommand { command });
+            (&State::DomainLength { header }, &[len]) => State::Domain { header, len },
+            (&State::Domain { header, .. }, &[ref name @ .., p0, p1]) => {
+                if let Some((reply, error)) = header.problem() {
+                    self.fail_request(reply, error);
                     return;
                 }
                 let port = u16::from_be_bytes([p0, p1]);
                 match parse_domain(name, port) {
-                    Ok(target) => self.finish(command, target),
+                    Ok(target) => self.finish(header, target),
                     Err(reason) => {
                         let name = String::from_utf8_lossy(name).into_owned();
                         self.fail_request(Reply::HostUnreachable, Socks5Error::InvalidDomain { name, reason });
@@ -751,11 +787,10 @@ impl Handshake {
     }
 
     /// Completes a request whose address has been read.
-    fn finish(&mut self, command: u8, target: Target) {
-        if command != CMD_CONNECT {
-            self.fail_request(Reply::CommandNotSupported, Socks5Error::UnsupportedCommand { command });
-        } else {
-            self.state = State::Done(Request { target });
+    fn finish(&mut self, header: RequestHeader, target: Target) {
+        match header.problem() {
+            Some((reply, error)) => self.fail_request(reply, error),
+            None => self.state = State::Done(Request { target }),
         }
     }
 

@@ -265,6 +265,12 @@ async fn a_denied_client_gets_401() {
         .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
         .unwrap();
     assert!(closed.contains("response_flags=\"DENY\""), "{closed}");
+    // Opened and closed agree: the denial is known before the connection is counted.
+    let opened = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .unwrap();
+    assert!(opened.contains("response_flags=\"DENY\""), "{opened}");
 }
 
 #[tokio::test]

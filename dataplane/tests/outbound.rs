@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use meshwire_dataplane::config::Listener;
 use meshwire_dataplane::proxy::outbound::{
     CertManagerTls, HbonePool, Outbound, OutboundError, OutboundSummary, RouteKind, SourceWorkload,
 };
@@ -14,7 +15,7 @@ use meshwire_dataplane::rt::tokio::{ConnectorConfig, TokioConnector, TokioExecut
 use meshwire_dataplane::socks5::Reply;
 use meshwire_dataplane::state::LocalProxy;
 use meshwire_dataplane::telemetry::accesslog::LogFormat;
-use meshwire_dataplane::telemetry::metrics::Metrics;
+use meshwire_dataplane::telemetry::metrics::{Metrics, RefusalReason};
 use meshwire_dataplane::watch::{Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_hbone::copy::CopyConfig;
@@ -711,4 +712,56 @@ async fn per_connection_futures_stay_small() {
     for (name, size) in sizes {
         assert!(size <= 4608, "the {name} future is {size} bytes");
     }
+}
+
+/// A SOCKS5 client that says nothing is dropped at the handshake timeout (in virtual time), one that
+/// does not speak SOCKS5 at once; each refusal is counted under its reason.
+#[tokio::test(start_paused = true)]
+async fn failed_socks5_handshakes_are_counted_as_refusals() {
+    let ca = Arc::new(LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap());
+    let manager = CertManager::new(ca, TokioTimer, ManagerConfig::default());
+    let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
+    let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default());
+    let metrics = Arc::new(Metrics::new());
+    let outbound = Outbound::new(
+        Published::default(),
+        LocalProxy::new(),
+        SourceWorkload::Shared,
+        pool,
+        CopyConfig::default(),
+    )
+    .with_telemetry(metrics.clone(), LogFormat::Text)
+    .with_handshake_timeout(Duration::from_secs(5));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    // Silent.
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let (tcp, peer) = listener.accept().await.unwrap();
+    let summary = outbound.serve_socks5(tcp, peer).await;
+    assert!(
+        matches!(summary.error, Some(OutboundError::HandshakeTimeout(_))),
+        "{summary:?}"
+    );
+    assert_eq!(metrics.refusals(Listener::Socks5, RefusalReason::HandshakeTimeout), 1);
+    assert_eq!(metrics.refusals(Listener::Socks5, RefusalReason::Socks5Handshake), 0);
+
+    // SOCKS4.
+    let mut socks4 = TcpStream::connect(addr).await.unwrap();
+    socks4.write_all(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).await.unwrap();
+    let (tcp, peer) = listener.accept().await.unwrap();
+    let summary = outbound.serve_socks5(tcp, peer).await;
+    assert!(
+        matches!(summary.error, Some(OutboundError::Handshake(_))),
+        "{summary:?}"
+    );
+    assert_eq!(metrics.refusals(Listener::Socks5, RefusalReason::Socks5Handshake), 1);
+    assert_eq!(metrics.refusals(Listener::Socks5, RefusalReason::HandshakeTimeout), 1);
+    let text = metrics.render();
+    assert!(
+        text.contains("istio_tcp_connections_refused_total{listener=\"socks5\",reason=\"handshake_timeout\"} 1"),
+        "{text}"
+    );
+    // Refused before routing: no connection is counted.
+    assert!(!text.contains("istio_tcp_connections_opened_total{"), "{text}");
 }

@@ -289,6 +289,58 @@ async fn unknown_address_type_gets_address_type_not_supported() {
     assert!(error.to_string().contains("address type 5 is not supported"));
 }
 
+/// RSV must be 0 (RFC 1928 section 4): a request with another value gets 0x01 and is not served, for
+/// every address type, after the whole request was read.
+#[tokio::test]
+async fn non_zero_reserved_byte_gets_general_failure() {
+    for target in [
+        Target::Addr("1.2.3.4:80".parse().unwrap()),
+        Target::Addr("[2001:db8::1]:443".parse().unwrap()),
+        domain("example.com", 80),
+    ] {
+        for reserved in [1, 0x80, 0xff] {
+            let mut request = encode_request(1, &target);
+            request[2] = reserved;
+            let bytes = [&GREETING[..], &request].concat();
+            let (result, received) = exchange_tcp(&bytes).await;
+            assert_eq!(
+                received,
+                [&METHOD_SELECTED[..], &failure(0x01)].concat(),
+                "{target} RSV {reserved}"
+            );
+            let error = result.unwrap_err();
+            assert!(
+                matches!(error, Socks5Error::NonZeroReserved { reserved: r } if r == reserved),
+                "{target}: {error:?}"
+            );
+            assert!(
+                error.to_string().contains("reserved byte (RSV)") && error.to_string().contains("0x00"),
+                "{error}"
+            );
+
+            // The pure machine says the same, and consumes the whole request.
+            let mut handshake = Handshake::new();
+            assert!(matches!(
+                handshake.feed(&bytes),
+                Err(Socks5Error::NonZeroReserved { .. })
+            ));
+            assert_eq!(handshake.bytes_wanted(), 0);
+        }
+    }
+}
+
+/// Field order: an unsupported command is reported before a non-zero RSV, and a non-zero RSV before
+/// an unknown address type.
+#[tokio::test]
+async fn non_zero_reserved_byte_is_reported_in_field_order() {
+    let (result, received) = exchange_tcp(&[5, 1, 0, 5, 2, 1, 1, 1, 2, 3, 4, 0, 80]).await;
+    assert_eq!(received, [&METHOD_SELECTED[..], &failure(0x07)].concat());
+    assert!(matches!(result, Err(Socks5Error::UnsupportedCommand { command: 2 })));
+    let (result, received) = exchange_tcp(&[5, 1, 0, 5, 1, 1, 9]).await;
+    assert_eq!(received, [&METHOD_SELECTED[..], &failure(0x01)].concat());
+    assert!(matches!(result, Err(Socks5Error::NonZeroReserved { reserved: 1 })));
+}
+
 #[tokio::test]
 async fn unknown_address_type_with_unsupported_command_gets_command_not_supported() {
     let mut bytes = GREETING.to_vec();
@@ -779,5 +831,20 @@ proptest! {
         }
         prop_assert_eq!(consumed, handshake_len);
         prop_assert_eq!(output, METHOD_SELECTED.to_vec());
+    }
+
+    #[test]
+    fn a_request_with_a_non_zero_reserved_byte_is_never_served(
+        greeting in greeting(),
+        target in target(),
+        reserved in 1u8..=255,
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let mut request = encode_request(1, &target);
+        request[2] = reserved;
+        let bytes = [greeting, request].concat();
+        let (outcome, _, output) = feed_in_pieces(&bytes, &cuts);
+        prop_assert!(outcome.is_err(), "{:?}", outcome);
+        prop_assert_eq!(output, [&METHOD_SELECTED[..], &failure(0x01)].concat());
     }
 }

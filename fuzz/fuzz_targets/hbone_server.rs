@@ -33,7 +33,8 @@
 //! Seeds (`corpus/hbone_server/`): written by the target itself (the `seeds` module below) when
 //! `HBONE_SERVER_WRITE_SEEDS` names a directory: from `fuzz/`, `HBONE_SERVER_WRITE_SEEDS=corpus/hbone_server
 //! cargo fuzz run -s none hbone_server -- -runs=0`. They are HTTP/2 frames of real requests: a CONNECT
-//! with ztunnel's metadata headers, a refused method, bad authorities, each refusal port, a reset, a
+//! with ztunnel's metadata headers, a refused method, bad authorities, authorities not in canonical
+//! form (`:08080`), each refusal port, a reset, a
 //! header block split over CONTINUATIONs, a WINDOW_UPDATE that overflows a stream's send window (the
 //! client's window is the largest there is) and a PING.
 //!
@@ -1540,6 +1541,14 @@ mod seeds {
                     headers(3, END_HEADERS, &[(":method", "CONNECT"), (":authority", "10.0.0.1")]),
                     headers(5, END_HEADERS, &[(":method", "CONNECT"), (":authority", "[::1")]),
                     headers(7, END_HEADERS, &[(":method", "CONNECT"), (":authority", "10.0.0.1:0")]),
+                ],
+            ),
+            (
+                "non-canonical-authority",
+                vec![
+                    headers(3, END_HEADERS, &[(":method", "CONNECT"), (":authority", "10.0.0.1:08080")]),
+                    headers(5, END_HEADERS, &[(":method", "CONNECT"), (":authority", "[::0001]:8080")]),
+                    headers(7, END_HEADERS, &[(":method", "CONNECT"), (":authority", "10.0.0.1:01")]),
                 ],
             ),
             (

@@ -14,7 +14,8 @@
 //! SOCKS5 reply of its code.
 //!
 //! Seeds (`corpus/socks5/`): the requests curl and the meshwire tests send (IPv4, IPv6, domain names,
-//! IP literals as names, a BIND, a greeting without "no authentication").
+//! IP literals as names, a BIND, a greeting without "no authentication", a request whose reserved byte is
+//! not 0).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::LazyLock;

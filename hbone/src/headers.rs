@@ -68,8 +68,13 @@ const EXCERPT_MAX: usize = 128;
 /// The wire forms are `1.2.3.4:80`, `[2001:db8::1]:80` and `<service hostname>:<port>`. Parsing is strict:
 /// a bare IPv6 address, a missing port, port 0, an IPv6 zone (`%eth0`) or a hostname that is not a sequence
 /// of RFC 1123 labels is refused. A host made only of digits and dots must be a valid IPv4 address
-/// (`01.2.3.4` and `1.2.3` are refused rather than taken as hostnames). Hostnames are case-insensitive and
-/// kept in lowercase. An IPv4-mapped IPv6 address (`[::ffff:1.2.3.4]:80`) stays an IPv6 address.
+/// (`01.2.3.4` and `1.2.3` are refused rather than taken as hostnames). Only the canonical form of an
+/// address is accepted, the one [`Display`] writes: a port with a leading zero (`1.2.3.4:0080`) or an IPv6
+/// address written another way (`[::0001]:80`, `[0:0::1]:80`) is refused rather than read as another
+/// spelling of a destination. Hostnames are case-insensitive and kept in lowercase. An IPv4-mapped IPv6
+/// address (`[::ffff:1.2.3.4]:80`) stays an IPv6 address.
+///
+/// [`Display`]: fmt::Display
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Authority {
     /// An IP address and port: the final destination, after service VIP resolution.
@@ -177,6 +182,15 @@ pub enum AuthorityError {
         /// The first offending character.
         ch: char,
     },
+    /// A valid destination written in a form other than its canonical one: a port with a leading
+    /// zero, or an IPv6 address not in its RFC 5952 form.
+    #[error(":authority {authority:?} is not in canonical form: expected {canonical:?}")]
+    NotCanonical {
+        /// The rejected `:authority` (at most 128 bytes of it).
+        authority: String,
+        /// The canonical form of the same destination.
+        canonical: String,
+    },
 }
 
 /// What is wrong with a hostname, before the error names the whole `:authority`.
@@ -269,8 +283,31 @@ fn parse_authority_port(authority: &str, port: &str) -> Result<u16, AuthorityErr
 }
 
 impl Authority {
-    /// Parses an `:authority` in one of its wire forms: `1.2.3.4:80`, `[2001:db8::1]:80` or `<hostname>:<port>`.
+    /// Parses an `:authority` in one of its wire forms: `1.2.3.4:80`, `[2001:db8::1]:80` or `<hostname>:<port>`,
+    /// written canonically (up to the case of a hostname or of IPv6 hex digits).
+    ///
+    /// ```
+    /// use meshwire_hbone::headers::{Authority, AuthorityError};
+    ///
+    /// assert_eq!(Authority::parse("10.0.0.1:80")?.port(), 80);
+    /// assert!(matches!(Authority::parse("10.0.0.1:0080"), Err(AuthorityError::NotCanonical { .. })));
+    /// assert!(matches!(Authority::parse("[::0001]:80"), Err(AuthorityError::NotCanonical { .. })));
+    /// # Ok::<(), AuthorityError>(())
+    /// ```
     pub fn parse(authority: &str) -> Result<Self, AuthorityError> {
+        let parsed = Self::parse_any_form(authority)?;
+        let canonical = parsed.to_string();
+        if !canonical.eq_ignore_ascii_case(authority) {
+            return Err(AuthorityError::NotCanonical {
+                authority: excerpt(authority),
+                canonical,
+            });
+        }
+        Ok(parsed)
+    }
+
+    /// [`parse`](Self::parse) without the check of the canonical form.
+    fn parse_any_form(authority: &str) -> Result<Self, AuthorityError> {
         if authority.is_empty() {
             return Err(AuthorityError::Empty);
         }

@@ -4,7 +4,9 @@
 //! accepts) and the HTTP/2 handshake, then, for every stream: checks that it is a CONNECT with a
 //! valid authority (else 400), asks the [`Handler`] for the upstream (the handler refuses with a
 //! status, such as 401 for a denied policy or 503 for a failed connect), answers 200 only once the
-//! upstream exists, and copies both ways with half-close semantics until both sides are done.
+//! upstream exists, and copies both ways with half-close semantics until both sides are done. A copy
+//! that fails (the upstream reset its connection, say) resets the stream with CONNECT_ERROR (RFC 9113
+//! section 8.5), so that the client learns the connection did not end cleanly.
 //!
 //! All streams of a connection are driven inside the one future `serve` returns: a failing stream
 //! (refused, reset, its upstream gone) ends on its own without affecting its siblings, dropping the
@@ -38,7 +40,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::tls;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
@@ -211,10 +213,17 @@ where
 {
     let handshake = async move {
         let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead);
-        let tls_stream = tokio_rustls::TlsAcceptor::from(tls_config)
-            .accept(io)
-            .await
-            .map_err(ServeError::Tls)?;
+        let accept = tokio_rustls::TlsAcceptor::from(tls_config).accept(io).into_fallible();
+        let tls_stream = match accept.await {
+            Ok(tls_stream) => tls_stream,
+            Err((error, mut io)) => {
+                // rustls has written its alert (`certificate_required` for a client without a
+                // certificate): flush it and end the connection after it with a FIN, so that the
+                // client reads why it was refused whatever the runtime does on close.
+                let _ = io.shutdown().await;
+                return Err(ServeError::Tls(error));
+            }
+        };
         let peer = tls::peer_identity(tls_stream.get_ref().1).map_err(|e| ServeError::Tls(io::Error::other(e)))?;
         let conn = h2_handshake(tls_stream, &options.settings, &peer).await?;
         Ok((conn, peer))
@@ -469,6 +478,11 @@ async fn handle_stream<H: Handler>(
     };
     let mut tunnel = H2Io::new(send, body);
     let outcome = tunnel.splice(&mut upstream, copy_config).await;
+    if outcome.error.is_some() {
+        // An error on the upstream connection (a reset, say) is passed on as RST_STREAM
+        // CONNECT_ERROR (RFC 9113 section 8.5), never as a clean END_STREAM.
+        tunnel.reset(h2::Reason::CONNECT_ERROR);
+    }
     report.to_upstream = outcome.a_to_b;
     report.from_upstream = outcome.b_to_a;
     report.error = outcome.error;

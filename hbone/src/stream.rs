@@ -50,6 +50,13 @@ impl H2Io {
     }
 }
 
+impl H2Io {
+    /// Resets the stream with `reason` (RST_STREAM), unless it already ended.
+    pub(crate) fn reset(&mut self, reason: h2::Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
 impl AsyncRead for H2Io {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;

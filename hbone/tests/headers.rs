@@ -213,6 +213,17 @@ proptest! {
     }
 
     #[test]
+    fn authority_ports_with_leading_zeros_are_refused(authority in authority(), zeros in 1..4usize) {
+        let text = authority.to_string();
+        let (host, port) = text.rsplit_once(':').unwrap();
+        let padded = format!("{host}:{}{port}", "0".repeat(zeros));
+        match Authority::parse(&padded) {
+            Err(AuthorityError::NotCanonical { canonical, .. }) => prop_assert_eq!(canonical, text),
+            other => prop_assert!(false, "{padded:?}: {other:?}"),
+        }
+    }
+
+    #[test]
     fn authority_ip_matches_std(ip in ip(), port in nonzero_port()) {
         let addr = SocketAddr::new(ip, port);
         let parsed = Authority::parse(&addr.to_string()).unwrap();
@@ -238,7 +249,8 @@ proptest! {
     #[test]
     fn authority_parse_never_panics_near_valid(s in mutated(authority().prop_map(|a| a.to_string()))) {
         if let Ok(parsed) = Authority::parse(&s) {
-            // Whatever is accepted is canonical up to case and leading zeros of the port.
+            // Whatever is accepted is canonical up to case.
+            prop_assert!(parsed.to_string().eq_ignore_ascii_case(&s), "{s:?} accepted as {parsed}");
             prop_assert_eq!(Authority::parse(&parsed.to_string()), Ok(parsed));
         }
     }
@@ -456,8 +468,6 @@ fn authority_accepts_the_wire_forms() {
         Authority::parse("localhost:8080").unwrap().host_name(),
         Some("localhost")
     );
-    // Leading zeros in the port are read; the canonical form drops them.
-    assert_eq!(Authority::parse("1.2.3.4:0080").unwrap().to_string(), "1.2.3.4:80");
     // IPv4-mapped IPv6 stays IPv6.
     assert_eq!(
         Authority::parse("[::ffff:1.2.3.4]:80").unwrap().to_string(),
@@ -508,6 +518,47 @@ fn authority_refuses_port_zero() {
             .unwrap_err()
             .to_string()
             .contains("port 0")
+    );
+}
+
+/// `:0080` is not read as port 80: a destination has one spelling, so that no check made on the text
+/// (a port list, a log, a policy on the authority) can be passed by another spelling of it.
+#[test]
+fn authority_refuses_non_canonical_forms() {
+    for (input, canonical) in [
+        ("1.2.3.4:0080", "1.2.3.4:80"),
+        ("1.2.3.4:01", "1.2.3.4:1"),
+        ("[::1]:080", "[::1]:80"),
+        ("example.com:00443", "example.com:443"),
+        ("[::0001]:80", "[::1]:80"),
+        ("[0:0:0:0:0:0:0:1]:80", "[::1]:80"),
+        ("[2001:db8:0:0:1::1]:80", "[2001:db8::1:0:0:1]:80"),
+        ("[::ffff:102:304]:80", "[::ffff:1.2.3.4]:80"),
+    ] {
+        match Authority::parse(input) {
+            Err(AuthorityError::NotCanonical {
+                authority,
+                canonical: expected,
+            }) => {
+                assert_eq!(authority, input);
+                assert_eq!(expected, canonical, "{input}");
+            }
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+    let message = Authority::parse("10.0.0.1:0080").unwrap_err().to_string();
+    assert!(
+        message.contains("10.0.0.1:0080") && message.contains("canonical"),
+        "{message}"
+    );
+    // Case is not a spelling of a destination: hostnames are case-insensitive, and so are hex digits.
+    assert_eq!(
+        Authority::parse("Example.COM:80").unwrap().to_string(),
+        "example.com:80"
+    );
+    assert_eq!(
+        Authority::parse("[2001:DB8::1]:80").unwrap().to_string(),
+        "[2001:db8::1]:80"
     );
 }
 

@@ -302,7 +302,7 @@ impl Loops<'_> {
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
                         Err(error) => {
-                            tracing::warn!(listener = %which, %error, "accept failed");
+                            worker.accept_failed(which, &error);
                             tokio::time::sleep(ACCEPT_RETRY).await;
                             continue;
                         }

@@ -4,20 +4,24 @@
 //! outbound path with its HBONE pool.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::{Connector, Pool};
-use meshwire_hbone::server;
+use meshwire_hbone::server::{self, ServeError};
 use meshwire_identity::manager::Priority;
 
 use super::plane::{ProxyContext, ProxyTls};
+use crate::config::Listener;
 use crate::proxy::canonical;
 use crate::proxy::inbound::InboundHandler;
 use crate::proxy::outbound::Outbound;
 use crate::rt::Runtime;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, RefusalReason};
 use crate::watch::ConnectionRegistry;
 
 /// The outbound path of a [`Worker`] on the runtime `R`.
@@ -32,7 +36,16 @@ pub struct Worker<R: Runtime> {
     metrics: Arc<Metrics>,
     registry: ConnectionRegistry,
     outbound: WorkerOutbound<R>,
+    /// When the worker was made: the origin of `fd_warning_at`.
+    started: Instant,
+    /// When the next warning about running out of file descriptors may be logged, in milliseconds
+    /// since `started`.
+    fd_warning_at: AtomicU64,
 }
+
+/// How often a worker logs that it is out of file descriptors at most (its accept loops retry
+/// every [`ACCEPT_RETRY`](super::ACCEPT_RETRY); the refusal counter counts every failed accept).
+const FD_WARNING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl<R: Runtime> std::fmt::Debug for Worker<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,6 +88,8 @@ where
             metrics,
             registry,
             outbound,
+            started: Instant::now(),
+            fd_warning_at: AtomicU64::new(0),
         }
     }
 
@@ -143,7 +158,49 @@ where
         let result = server::serve(tcp, tls, self.context.serve_options(), &handler, &timer, shutdown).await;
         match result {
             Ok(summary) => tracing::debug!(%peer, client = %summary.peer, streams = summary.streams, "HBONE done"),
-            Err(error) => tracing::warn!(%peer, %error, "inbound HBONE connection failed"),
+            Err(error) => {
+                let refusal = match error {
+                    ServeError::Tls(_) => Some(RefusalReason::TlsHandshake),
+                    ServeError::HandshakeTimeout(_) => Some(RefusalReason::HandshakeTimeout),
+                    _ => None,
+                };
+                if let Some(reason) = refusal {
+                    self.metrics.refused(Listener::Inbound, reason);
+                }
+                tracing::warn!(%peer, %error, "inbound HBONE connection failed");
+            }
+        }
+    }
+
+    /// What the accept loops of both binaries do when accepting on `listener` failed with `error`,
+    /// before they wait [`ACCEPT_RETRY`](super::ACCEPT_RETRY) and accept again: log it, naming the
+    /// listener, and when the process is out of file descriptors (`EMFILE`, `ENFILE`) say so and
+    /// count it (`istio_tcp_connections_refused_total{reason="fd_exhausted"}`): the connection waits
+    /// in the listen queue until a descriptor is free. That warning is logged once a second at most
+    /// (the counter counts every failed accept).
+    pub fn accept_failed(&self, listener: Listener, error: &io::Error) {
+        if is_fd_exhaustion(error) {
+            self.metrics.refused(listener, RefusalReason::FdExhausted);
+            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let next = self.fd_warning_at.load(Ordering::Relaxed);
+            let interval = u64::try_from(FD_WARNING_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+            let due = now >= next
+                && self
+                    .fd_warning_at
+                    .compare_exchange(next, now.saturating_add(interval), Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok();
+            if !due {
+                tracing::debug!(%listener, %error, "cannot accept: out of file descriptors");
+                return;
+            }
+            tracing::warn!(
+                %listener,
+                %error,
+                "cannot accept on the {listener} listener: out of file descriptors; the connection waits in \
+                 the listen queue (raise the limit, `ulimit -n`)"
+            );
+        } else {
+            tracing::warn!(%listener, %error, "cannot accept on the {listener} listener");
         }
     }
 
@@ -175,4 +232,23 @@ where
         let summary = self.outbound.serve_socks5(tcp, peer).await;
         tracing::debug!(%peer, ?summary, "SOCKS5 connection done");
     }
+}
+
+/// `ENFILE` on Linux: the system's table of open files is full.
+const ENFILE: i32 = 23;
+/// `EMFILE` on Linux: the process reached its limit of open file descriptors (`RLIMIT_NOFILE`).
+const EMFILE: i32 = 24;
+
+/// Whether `error` says the process (`EMFILE`) or the system (`ENFILE`) is out of file descriptors.
+///
+/// ```
+/// use meshwire_dataplane::app::worker::is_fd_exhaustion;
+///
+/// assert!(is_fd_exhaustion(&std::io::Error::from_raw_os_error(24))); // EMFILE
+/// assert!(is_fd_exhaustion(&std::io::Error::from_raw_os_error(23))); // ENFILE
+/// assert!(!is_fd_exhaustion(&std::io::Error::from_raw_os_error(103))); // ECONNABORTED
+/// assert!(!is_fd_exhaustion(&std::io::Error::other("too many open files")));
+/// ```
+pub fn is_fd_exhaustion(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(EMFILE | ENFILE))
 }

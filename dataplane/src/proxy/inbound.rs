@@ -207,10 +207,10 @@ impl<R: Runtime> InboundHandler<R> {
         } else {
             entry
         };
-        let recorder = self.metrics.open(labels);
         let start = Instant::now();
 
-        // Authorization.
+        // Authorization, before the connection is counted as opened: a denied connection is opened
+        // and closed with `response_flags="DENY"`, so that the two counters agree.
         let conn = Connection {
             src_identity: peer,
             src: self.peer_addr,
@@ -235,13 +235,15 @@ impl<R: Runtime> InboundHandler<R> {
         }
         if !verdict.decision.is_allowed() {
             let reason = format!("{}: {}", conn, verdict.decision);
+            let flags = ResponseFlags::AuthorizationPolicyDenied;
             return Err(self.refuse(
-                recorder,
+                self.metrics.open(labels.with_response_flags(flags)),
                 entry,
-                ResponseFlags::AuthorizationPolicyDenied,
+                flags,
                 Refusal::unauthorized(reason),
             ));
         }
+        let recorder = self.metrics.open(labels);
 
         // Upstream.
         let tcp = match self.runtime.connect(dst, &self.socket, UPSTREAM_CONNECT_TIMEOUT).await {
@@ -273,7 +275,8 @@ impl<R: Runtime> InboundHandler<R> {
     /// Serves one connection accepted by the inbound plaintext listener: its original destination
     /// from `SO_ORIGINAL_DST` ([`check_redirect`] refuses a connection that was not redirected), then
     /// [`open`](Self::open) without a peer identity, and the copy until both directions ended (or
-    /// a new policy denies the connection). A refusal closes the client's connection with a reset.
+    /// a new policy denies the connection). A refusal, or a copy that fails (the workload reset its
+    /// connection, say), closes the client's connection with a reset.
     ///
     /// The handler must have been made for this connection: its `arrived_on` the accepted socket's
     /// local address, its peer address the client's.
@@ -308,7 +311,13 @@ impl<R: Runtime> InboundHandler<R> {
             to_client: outcome.b_to_a,
         };
         match outcome.error {
-            Some(error) => Err(PlaintextError::Copy { copied, error }),
+            Some(error) => {
+                // Not a clean end (the workload reset the connection, say): pass it on as a reset.
+                if let Err(e) = R::reset_on_close(&client) {
+                    tracing::debug!(error = %e, "cannot set SO_LINGER to reset the connection");
+                }
+                Err(PlaintextError::Copy { copied, error })
+            }
             None => Ok(copied),
         }
     }

@@ -10,7 +10,11 @@
 //! | source workload | dedicated: the proxy's workload; shared: the workload whose IP is the client's | the same |
 //! | success | SOCKS5 reply 0x00, then the bytes | the bytes |
 //! | refusal or failure | the SOCKS5 reply that fits, then close | close with a reset |
+//! | upstream reset, or any failure of the copy | close with a reset | close with a reset |
 //!
+//! A copy that did not end cleanly (the upstream reset its connection, the tunnel's stream was
+//! reset, the tunnel failed) closes the client's connection with a reset (`SO_LINGER` 0), never with
+//! a FIN: a clean end of stream would pass for a complete response.
 //! Then, for both: the routing decision ([`State::route_outbound`]), an HBONE tunnel from the pool
 //! (keyed by the source workload's SPIFFE ID, to the destination's node proxy or its waypoint), a
 //! plain TCP connection (passthrough), or a refusal; the copy; and the telemetry.
@@ -23,7 +27,8 @@
 //! bytes counted as they flow through [`MeteredStream`], closed at the end with `response_flags`
 //! `CONNECT` when no upstream could be had) and one access log line with `direction="outbound"` when
 //! it ends, both kept in an [`OutboundRecord`] that writes them when dropped, as the inbound side's
-//! upstream does (see [`crate::proxy::inbound`]).
+//! upstream does (see [`crate::proxy::inbound`]). A SOCKS5 handshake that fails or times out is
+//! counted in `istio_tcp_connections_refused_total{listener="socks5"}`.
 //!
 //! **Runtimes.** [`Outbound`] is written over the [`Runtime`] seam (its stream type, timer, HBONE
 //! pool parts, connect and socket operations); [`TokioRuntime`] is the default. What is decided is
@@ -56,6 +61,7 @@ use meshwire_identity::time::Timer;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::config::Listener;
 use crate::proxy::{NotRedirected, canonical, check_redirect};
 use crate::rt::Runtime;
 use crate::rt::socket::SocketOptions;
@@ -64,7 +70,7 @@ use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
 use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
 use crate::telemetry::metrics::{
-    ConnectionLabels, ConnectionMetrics, LabelValue, Metrics, Reporter, ResponseFlags, SecurityPolicy,
+    ConnectionLabels, ConnectionMetrics, LabelValue, Metrics, RefusalReason, Reporter, ResponseFlags, SecurityPolicy,
 };
 use crate::watch::Published;
 use crate::xds::Workload;
@@ -634,7 +640,7 @@ where
 
     /// Serves one connection from `peer` whose original destination is `dst` (as a capture
     /// listener learnt it): route, connect, copy until both directions ended. The client is told
-    /// nothing; a refusal or a failed connect closes its connection with a reset. Failures are
+    /// nothing; a refusal, a failed connect or a failed copy closes its connection with a reset. Failures are
     /// logged and returned in the summary.
     pub async fn serve_redirected(&self, mut stream: R::Stream, peer: SocketAddr, dst: SocketAddr) -> OutboundSummary {
         let peer = canonical(peer);
@@ -654,9 +660,7 @@ where
             .await;
         if let Err(error) = result {
             tracing::warn!(%peer, %dst, route = ?summary.route, %error, "outbound connection failed");
-            if !matches!(error, OutboundError::Copy(_)) {
-                reset::<R>(&stream);
-            }
+            reset::<R>(&stream);
             summary.error = Some(error);
         }
         summary
@@ -670,8 +674,15 @@ where
     ) -> Result<(), OutboundError> {
         let timer = self.runtime.timer();
         let request = match timeout(&timer, self.handshake_timeout, socks5::accept(stream)).await {
-            Some(request) => request?,
-            None => return Err(OutboundError::HandshakeTimeout(self.handshake_timeout)),
+            Some(Ok(request)) => request,
+            Some(Err(error)) => {
+                self.metrics.refused(Listener::Socks5, RefusalReason::Socks5Handshake);
+                return Err(error.into());
+            }
+            None => {
+                self.metrics.refused(Listener::Socks5, RefusalReason::HandshakeTimeout);
+                return Err(OutboundError::HandshakeTimeout(self.handshake_timeout));
+            }
         };
         summary.target = Some(request.target.clone());
         let snapshot = self.published.load();
@@ -746,6 +757,9 @@ where
         summary.sent = outcome.to_upstream;
         summary.received = outcome.to_client;
         if let Some(error) = outcome.error {
+            // The connection did not end cleanly (the upstream or the tunnel was reset, say): the
+            // client must not see a clean end of stream, which would pass for a complete response.
+            reset::<R>(stream);
             record.fail(None, &error);
             return Err(OutboundError::Copy(error));
         }

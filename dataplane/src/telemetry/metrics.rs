@@ -9,6 +9,12 @@
 //! | `istio_tcp_received_bytes_total` | bytes from the client toward the server: the request direction |
 //! | `istio_tcp_sent_bytes_total` | bytes from the server toward the client: the response direction |
 //!
+//! and one of meshwire's own (ztunnel has no counter for these), with the labels [`RefusalLabels`]:
+//!
+//! | family | counts |
+//! |---|---|
+//! | `istio_tcp_connections_refused_total{listener,reason}` | connections refused before they were routed, so that the four families above never see them ([`Metrics::refused`]): a failed TLS or SOCKS5 handshake, a handshake that timed out, a connection left in the listen queue because the process is out of file descriptors |
+//!
 //! **Byte directions.** Istio defines `received` as the bytes "received during request" and `sent` as
 //! the bytes "sent during response", and ztunnel counts them that way for both reporters: whatever
 //! the proxy reads from its downstream side (the client, or the client's tunnel) and writes upstream
@@ -23,6 +29,8 @@
 //! exact even for connections that last for days. The closed counter is looked up when the connection
 //! ends, because its `response_flags` label is only known then (ztunnel does the same: a connection
 //! that fails to connect upstream is opened with `response_flags="-"` and closed with `"CONNECT"`).
+//! A connection an authorization policy denies is known to be denied before it is counted: it is
+//! opened and closed with `response_flags="DENY"`, so that the two counters agree.
 //!
 //! ```
 //! use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
@@ -51,6 +59,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::config::Listener;
 use crate::xds::{Service, Workload};
 
 /// The value of a label whose value is not known (ztunnel's, and Istio's, convention).
@@ -177,6 +186,83 @@ impl SecurityPolicy {
     }
 }
 
+/// The value of a `listener` label: `inbound`, `inbound_plaintext`, `outbound`, `socks5`, `dns`,
+/// `readiness`, `admin` or `metrics`.
+///
+/// ```
+/// use meshwire_dataplane::config::Listener;
+/// use meshwire_dataplane::telemetry::metrics::listener_label;
+///
+/// assert_eq!(listener_label(Listener::InboundPlaintext), "inbound_plaintext");
+/// ```
+pub fn listener_label(listener: Listener) -> &'static str {
+    match listener {
+        Listener::Inbound => "inbound",
+        Listener::InboundPlaintext => "inbound_plaintext",
+        Listener::Outbound => "outbound",
+        Listener::Socks5 => "socks5",
+        Listener::Dns => "dns",
+        Listener::Readiness => "readiness",
+        Listener::Admin => "admin",
+        Listener::Metrics => "metrics",
+    }
+}
+
+impl EncodeLabelValue for Listener {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(listener_label(*self))
+    }
+}
+
+/// Why a connection was refused before it was routed (the `reason` label of
+/// `istio_tcp_connections_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// The TLS handshake of an inbound HBONE connection failed: not TLS, no client certificate, an
+    /// untrusted one. Written `tls_handshake`.
+    TlsHandshake,
+    /// The SOCKS5 handshake failed: not SOCKS5, an unsupported request, a client gone before the
+    /// end of its request. Written `socks5_handshake`.
+    Socks5Handshake,
+    /// The client did not finish its handshake (TLS and HTTP/2, or SOCKS5) in time. Written
+    /// `handshake_timeout`.
+    HandshakeTimeout,
+    /// Accepting failed because the process (or the system) is out of file descriptors
+    /// (`EMFILE`, `ENFILE`): the connection stays in the listen queue until one is free. Written
+    /// `fd_exhausted`.
+    FdExhausted,
+}
+
+impl RefusalReason {
+    /// Every reason.
+    pub const ALL: [RefusalReason; 4] = [
+        RefusalReason::TlsHandshake,
+        RefusalReason::Socks5Handshake,
+        RefusalReason::HandshakeTimeout,
+        RefusalReason::FdExhausted,
+    ];
+
+    /// The label value: `tls_handshake`, `socks5_handshake`, `handshake_timeout` or `fd_exhausted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::TlsHandshake => "tls_handshake",
+            RefusalReason::Socks5Handshake => "socks5_handshake",
+            RefusalReason::HandshakeTimeout => "handshake_timeout",
+            RefusalReason::FdExhausted => "fd_exhausted",
+        }
+    }
+}
+
+/// The labels of `istio_tcp_connections_refused_total`: the listener that refused, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `listener`: the listener that refused ([`listener_label`]).
+    pub listener: Listener,
+    /// `reason`: why.
+    pub reason: RefusalReason,
+}
+
 macro_rules! encode_as_str {
     ($($ty:ty),+) => {$(
         impl EncodeLabelValue for $ty {
@@ -193,7 +279,7 @@ macro_rules! encode_as_str {
     )+};
 }
 
-encode_as_str!(Reporter, RequestProtocol, ResponseFlags, SecurityPolicy);
+encode_as_str!(Reporter, RequestProtocol, ResponseFlags, SecurityPolicy, RefusalReason);
 
 /// A string label value that may be unknown; an unknown value is written `unknown` (ztunnel's
 /// `DefaultedUnknown`). An empty string is unknown.
@@ -411,7 +497,7 @@ impl ConnectionLabels {
     }
 }
 
-/// The four TCP counter families, registered in a registry of their own.
+/// The four TCP counter families and the refusal counter, registered in a registry of their own.
 ///
 /// No global state: create one per proxy, share it as `Arc<Metrics>`, and serve [`Metrics::render`]
 /// on `/metrics` and `/stats/prometheus`. Other components may register their metrics in the same
@@ -423,6 +509,7 @@ pub struct Metrics {
     closed: Family<ConnectionLabels, Counter>,
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
+    refused: Family<RefusalLabels, Counter>,
     /// The label sets in use, so that [`Metrics::sum`] can read the families back.
     seen: Arc<Mutex<LabelSets>>,
 }
@@ -446,9 +533,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A registry holding the four families, empty.
+    /// A registry holding the five families, empty.
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let refused = Family::default();
         let opened = Family::default();
         let closed = Family::default();
         let sent = Family::default();
@@ -475,33 +563,70 @@ impl Metrics {
             "The size of total bytes sent during response in case of a TCP connection",
             Family::clone(&sent),
         );
+        istio.register(
+            "tcp_connections_refused",
+            "The total number of TCP connections refused before they were routed, by listener and reason",
+            Family::clone(&refused),
+        );
         Self {
             registry,
             opened,
             closed,
             sent,
             received,
+            refused,
             seen: Arc::default(),
         }
+    }
+
+    /// Counts a connection refused by `listener` before it was routed, for `reason`:
+    /// `istio_tcp_connections_refused_total{listener,reason}`.
+    ///
+    /// ```
+    /// use meshwire_dataplane::config::Listener;
+    /// use meshwire_dataplane::telemetry::metrics::{Metrics, RefusalReason};
+    ///
+    /// let metrics = Metrics::new();
+    /// metrics.refused(Listener::Socks5, RefusalReason::Socks5Handshake);
+    /// assert_eq!(metrics.refusals(Listener::Socks5, RefusalReason::Socks5Handshake), 1);
+    /// assert!(metrics.render().lines().any(|line| line
+    ///     == "istio_tcp_connections_refused_total{listener=\"socks5\",reason=\"socks5_handshake\"} 1"));
+    /// ```
+    pub fn refused(&self, listener: Listener, reason: RefusalReason) {
+        self.refused.get_or_create(&RefusalLabels { listener, reason }).inc();
+    }
+
+    /// How many connections `listener` refused for `reason` so far.
+    pub fn refusals(&self, listener: Listener, reason: RefusalReason) -> u64 {
+        self.refused
+            .get(&RefusalLabels { listener, reason })
+            .map_or(0, |counter| counter.get())
     }
 
     /// The sum of `parts`: one [`Metrics`] whose four families hold, for every label set, the sum of
     /// the parts' counters. This is how a proxy that counts on every core separately (the io_uring
     /// build: no counter shared between cores) answers a scrape. Only the four connection families
-    /// are summed, not metrics registered through [`registry_mut`](Self::registry_mut).
+    /// and the refusal counter are summed, not metrics registered through
+    /// [`registry_mut`](Self::registry_mut).
     ///
     /// ```
-    /// use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
+    /// use meshwire_dataplane::config::Listener;
+    /// use meshwire_dataplane::telemetry::metrics::{
+    ///     ConnectionLabels, Metrics, RefusalReason, Reporter, ResponseFlags, SecurityPolicy,
+    /// };
     ///
     /// let cores = [Metrics::new(), Metrics::new()];
     /// for (core, bytes) in cores.iter().zip([10, 32]) {
     ///     let connection = core.open(ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls));
     ///     connection.record_received(bytes);
     ///     connection.finish(ResponseFlags::None);
+    ///     core.refused(Listener::Inbound, RefusalReason::TlsHandshake);
     /// }
-    /// let text = Metrics::sum(&cores).render();
+    /// let total = Metrics::sum(&cores);
+    /// let text = total.render();
     /// assert!(text.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total{") && l.ends_with("} 42")));
     /// assert!(text.lines().any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with("} 2")));
+    /// assert_eq!(total.refusals(Listener::Inbound, RefusalReason::TlsHandshake), 2);
     /// ```
     pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Metrics>) -> Metrics {
         let total = Metrics::new();
@@ -533,6 +658,17 @@ impl Metrics {
             for labels in &closed {
                 if let Some(counter) = part.closed.get(labels) {
                     total.closed.get_or_create(labels).inc_by(counter.get());
+                }
+            }
+            for listener in Listener::ALL {
+                for reason in RefusalReason::ALL {
+                    let count = part.refusals(listener, reason);
+                    if count > 0 {
+                        total
+                            .refused
+                            .get_or_create(&RefusalLabels { listener, reason })
+                            .inc_by(count);
+                    }
                 }
             }
         }
