@@ -394,9 +394,6 @@ fn a_failing_certificate_is_fetched_again_only_when_the_logged_back_off_says() {
 
         let failures = client.log_lines(&["certificate fetch failed", "sa/client"]);
         assert!(failures.len() >= 3, "{binary}: {failures:?}\n{}", client.describe());
-        let (status, body) = readiness(&client);
-        assert_eq!(status, 503, "{binary}: {body}");
-        assert!(body.contains(&client_id().to_string()), "{binary}: {body}");
         // Each fetch after a failure came no sooner than the retry the failure logged.
         for pair in failures.windows(2) {
             let (Some(first), Some(next), Some(retry)) = (logged_at(&pair[0]), logged_at(&pair[1]), retry_in(&pair[0]))
@@ -411,5 +408,9 @@ fn a_failing_certificate_is_fetched_again_only_when_the_logged_back_off_says() {
                 pair[1]
             );
         }
+        // Not ready, naming the identity whose certificate is missing.
+        let (status, body) = readiness(&client);
+        assert_eq!(status, 503, "{binary}: {body}");
+        assert!(body.contains(&client_id().to_string()), "{binary}: {body}");
     }
 }
