@@ -401,7 +401,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         // fetch; callers get the last error rather than a fetch of their own.
         if let Some(error) = &entry.last_error
             && entry.refresh_key.is_some_and(|(at, _)| at > now)
-            && !entry.slot.current().is_some_and(|c| c.expires_at > now)
+            && entry.slot.current().is_none_or(|c| c.expires_at <= now)
         {
             return Err(error.clone());
         }
