@@ -45,8 +45,8 @@ pub enum StartError {
     /// The local configuration cannot be read or is invalid (the error names the field and line).
     #[error("invalid local configuration: {0}")]
     LocalConfig(Box<ConfigError>),
-    /// The local CA cannot be loaded or created.
-    #[error("local CA: {0}")]
+    /// The local CA cannot be loaded or created (its message names the local CA and the file).
+    #[error(transparent)]
     LocalCa(#[from] LocalCaError),
     /// The dedicated workload has no valid identity.
     #[error("workload identity: {0}")]
