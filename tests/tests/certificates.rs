@@ -401,7 +401,9 @@ fn a_failing_certificate_is_fetched_again_only_when_the_logged_back_off_says() {
                 panic!("{binary}: unparsable lines {pair:?}");
             };
             assert!(
-                next - first >= retry - 0.05,
+                // 0.2 s of slack for a loaded machine; a fetch that bypasses the back-off comes
+                // within milliseconds of the failure.
+                next - first >= retry - 0.2,
                 "{binary}: fetched again after {:.3} s, the log said retry_in {retry:.3} s:\n{}\n{}",
                 next - first,
                 pair[0],
