@@ -198,7 +198,8 @@ pub struct Config {
     /// Whether `worker_threads` was given (flag, variable or `PROXY_CONFIG`) rather than defaulted:
     /// the io_uring build's default is one executor per CPU of the process's CPU set instead.
     pub worker_threads_given: bool,
-    /// Lifetime of the certificates the local CA issues.
+    /// Lifetime of the certificates the local CA issues (ztunnel's `SECRET_TTL`: the requested
+    /// workload certificate lifetime), at least [`MIN_CERT_TTL`]. They are refreshed at half-life.
     pub cert_ttl: Duration,
     /// Format of the log and access log lines.
     pub log_format: LogFormat,
@@ -1068,7 +1069,7 @@ const CERT_TTL: Opt = Opt {
     value_name: "DURATION",
     keys: &[Env("SECRET_TTL")],
     default: Some("24h"),
-    help: "Lifetime of the certificates the local CA issues",
+    help: "Lifetime of the certificates the local CA issues (at least 1m); refreshed at half-life",
     ..Opt::new(H_MODE)
 };
 
@@ -1481,7 +1482,7 @@ impl<'a> Inputs<'a> {
             _ => state_dir.value,
         };
         let certificates = self.certificates(&state_dir)?;
-        let cert_ttl = self.required(&CERT_TTL, positive_duration)?.value;
+        let cert_ttl = self.required(&CERT_TTL, cert_ttl)?.value;
 
         let mut settings = Settings::default();
         let stream_window = self.required(&HTTP2_STREAM_WINDOW, parse_u32)?;
@@ -1887,9 +1888,16 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-fn positive_duration(s: &str) -> Result<Duration, String> {
+/// The shortest certificate lifetime `--cert-ttl` accepts: shorter ones would be refreshed every
+/// few seconds, and whole-second certificate times make them expire as they are issued.
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(60);
+
+fn cert_ttl(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
-        Duration::ZERO => Err("must be more than zero".to_owned()),
+        d if d < MIN_CERT_TTL => Err(format!(
+            "must be at least {}s (a certificate lifetime)",
+            MIN_CERT_TTL.as_secs()
+        )),
         d => Ok(d),
     }
 }

@@ -20,7 +20,7 @@ use meshwire_dataplane::telemetry::metrics::{
 use meshwire_dataplane::watch::{Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_identity::id::{SpiffeId, TrustDomain};
-use meshwire_identity::manager::{CertManager, ManagerConfig, Priority};
+use meshwire_identity::manager::{CertManager, CertStatus, ManagerConfig, Priority};
 use meshwire_identity::source::local_ca::LocalCa;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,21 +196,16 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
         admin::config_loaded(&waiting_config).await;
         config_blocker.ready();
     });
-    let cert_blocker = readiness.block("workload certificate");
-    let (waiting_manager, id) = (manager.clone(), cart.clone());
-    let cert_task = tokio::spawn(async move {
-        admin::certificate_obtained(&waiting_manager, &id, Duration::from_millis(100))
-            .await
-            .unwrap();
-        cert_blocker.ready();
-    });
+    let (checked, id) = (manager.clone(), cart.clone());
+    readiness.check(move || admin::certificate_pending(&id, checked.status_for(&id), SystemTime::now()));
+    manager.warm_up(&cart);
     let server = Server::start("readiness", ReadinessHandler::new(readiness.clone())).await;
 
     let reply = get(server.addr, "/healthz/ready").await;
     assert_eq!(reply.status, 503);
     assert_eq!(
         reply.body,
-        "not ready, pending: listeners, local configuration, workload certificate\n"
+        format!("not ready, pending: listeners, local configuration, workload certificate {CART}\n")
     );
 
     listeners.ready();
@@ -218,7 +213,7 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
     assert_eq!(reply.status, 503);
     assert_eq!(
         reply.body,
-        "not ready, pending: local configuration, workload certificate\n"
+        format!("not ready, pending: local configuration, workload certificate {CART}\n")
     );
 
     // The configuration arrives: only the certificate is missing (the manager's driver is not running).
@@ -227,16 +222,20 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
     let reply = get(server.addr, "/healthz/ready").await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
-        (503, "not ready, pending: workload certificate\n")
+        (
+            503,
+            format!("not ready, pending: workload certificate {CART}\n").as_str()
+        )
     );
 
-    // The manager runs and fetches the certificate from the local CA.
+    // The manager runs and fetches the certificate from the local CA (the check only reads).
     let driver = manager.clone();
     let run = tokio::spawn(async move { driver.run().await });
-    tokio::time::timeout(Duration::from_secs(10), cert_task)
-        .await
-        .expect("the certificate is fetched")
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !readiness.is_ready() {
+        assert!(Instant::now() < deadline, "the certificate is fetched: {readiness:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let reply = get(server.addr, "/healthz/ready").await;
     assert_eq!((reply.status, reply.body.as_str()), (200, "ready\n"));
     assert_eq!(reply.header("content-type"), Some("text/plain; charset=utf-8"));
@@ -259,22 +258,58 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
     run.await.unwrap();
 }
 
-#[tokio::test]
-async fn certificate_obtained_fails_when_the_manager_shuts_down() {
-    let manager = manager();
+#[test]
+fn certificate_pending_names_the_identity_and_what_is_wrong() {
     let cart = SpiffeId::new(CART).unwrap();
-    // No driver: the fetch never runs; shutting down ends the wait with an error.
-    let waiting = manager.clone();
-    let task =
-        tokio::spawn(async move { admin::certificate_obtained(&waiting, &cart, Duration::from_millis(10)).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!task.is_finished());
-    manager.shutdown();
-    let result = tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(result.is_err(), "{result:?}");
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+    let status = |not_after: Option<SystemTime>, last_error: Option<&str>| CertStatus {
+        id: cart.clone(),
+        not_after,
+        next_refresh: None,
+        pending: false,
+        last_error: last_error.map(str::to_owned),
+    };
+    let pending = |s: Option<CertStatus>| admin::certificate_pending(&cart, s, now);
+    // Not kept, or no fetch finished yet.
+    assert_eq!(pending(None), Some(format!("workload certificate {CART}")));
+    assert_eq!(
+        pending(Some(status(None, None))),
+        Some(format!("workload certificate {CART}"))
+    );
+    // The last fetch failed.
+    assert_eq!(
+        pending(Some(status(None, Some("CA unavailable")))),
+        Some(format!("workload certificate {CART} (CA unavailable)"))
+    );
+    // Valid: nothing pending, even after a failed refresh.
+    let later = now + Duration::from_secs(60);
+    assert_eq!(pending(Some(status(Some(later), None))), None);
+    assert_eq!(pending(Some(status(Some(later), Some("CA unavailable")))), None);
+    // Expired: pending again, with the expiry.
+    let earlier = now - Duration::from_secs(60);
+    assert_eq!(
+        pending(Some(status(Some(earlier), Some("expired")))),
+        Some(format!("workload certificate {CART} (expired at 2025-06-15T15:05:40Z)"))
+    );
+}
+
+#[test]
+fn readiness_checks_come_and_go() {
+    let readiness = Readiness::new();
+    let present = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = present.clone();
+    readiness.check(move || {
+        (!seen.load(std::sync::atomic::Ordering::SeqCst)).then(|| "dedicated workload shop/cart".to_owned())
+    });
+    let blocker = readiness.block("listeners");
+    assert_eq!(readiness.pending(), ["dedicated workload shop/cart", "listeners"]);
+    blocker.ready();
+    assert!(!readiness.is_ready());
+    present.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(readiness.is_ready());
+    // A condition that fails again makes the proxy unready again.
+    present.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(readiness.pending(), ["dedicated workload shop/cart"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,6 +476,25 @@ async fn config_dump_before_any_configuration_and_certificate() {
     assert_eq!(dump["certificates"][0]["expirationTime"], Value::Null);
     assert_eq!(dump["certificates"][0]["pending"], true);
     server.stop().await;
+}
+
+#[test]
+fn config_dump_says_expired_for_a_certificate_past_its_expiry() {
+    let now = Instant::now();
+    let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+    let status = |not_after: SystemTime| CertStatus {
+        id: SpiffeId::new(CART).unwrap(),
+        not_after: Some(not_after),
+        next_refresh: None,
+        pending: false,
+        last_error: Some("the certificate expired".to_owned()),
+    };
+    let snapshot = Snapshot::new(LocalConfig::parse(SHOP).unwrap(), 1, None, wall);
+    let dump = admin::config_dump(&snapshot, &[status(wall - Duration::from_secs(30))], now, wall);
+    assert_eq!(dump["certificates"][0]["state"], "Expired");
+    assert_eq!(dump["certificates"][0]["secondsToExpiry"], -30);
+    let dump = admin::config_dump(&snapshot, &[status(wall + Duration::from_secs(30))], now, wall);
+    assert_eq!(dump["certificates"][0]["state"], "Available");
 }
 
 /// Installs the process's `tracing` subscriber, as the binary does: a reloadable filter. Only one

@@ -661,7 +661,8 @@ fn invalid_values_name_their_flag_or_variable_and_the_value() {
             &[("POOL_UNUSED_RELEASE_TIMEOUT", "forever")],
             &["POOL_UNUSED_RELEASE_TIMEOUT", "forever"],
         ),
-        (&[], &[("SECRET_TTL", "0s")], &["SECRET_TTL", "0s", "more than zero"]),
+        (&[], &[("SECRET_TTL", "0s")], &["SECRET_TTL", "0s", "at least 60s"]),
+        (&["--cert-ttl", "30s"], &[], &["--cert-ttl", "30s", "at least 60s"]),
         (
             &[],
             &[("PROXY_MODE", "sidecar")],

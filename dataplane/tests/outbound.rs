@@ -629,10 +629,16 @@ async fn dedicated_source_is_looked_up_in_each_snapshot() {
     let (code, _tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
     assert_eq!(code, 0x01, "no workload default/late yet");
     let summary = next_summary(&mut f).await;
+    let error = summary.error.expect("refused");
     assert!(
-        matches!(summary.error, Some(OutboundError::UnknownSource { .. })),
-        "{:?}",
-        summary.error
+        matches!(&error, OutboundError::DedicatedWorkloadMissing { workload } if workload == "default/late"),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("default/late is not in the local configuration"),
+        "{error}"
     );
 
     // The new workload goes at the end of the workload list, before the top-level services.

@@ -9,7 +9,10 @@
 //!   [`ManagerConfig::max_in_flight`] fetches run at once.
 //! - Each certificate is refreshed at half its lifetime (with jitter). A failed refresh keeps the
 //!   still-valid certificate and is retried with exponential back-off (500 ms doubling, +-20 %,
-//!   capped at 150 s).
+//!   capped at 150 s, and at the source's [`CertSource::poll_interval`] for sources that poll).
+//! - The back-off holds for every caller: while a retry is scheduled and no valid certificate is
+//!   in service, [`CertManager::get`] answers the last error at once instead of fetching again, and
+//!   [`CertManager::warm_up`] does nothing. Only the scheduled retry asks the source.
 //! - A [`CertHandle`] always yields the current certificate and its rustls configs. Rotation swaps
 //!   them for new handshakes; established connections keep what they were built with.
 //! - [`CertManager::forget`] drops an identity whose workloads left.
@@ -250,6 +253,13 @@ pub struct CertStatus {
     pub last_error: Option<String>,
 }
 
+impl CertStatus {
+    /// Whether a certificate is in service but its validity ended before `wall_now`.
+    pub fn is_expired(&self, wall_now: SystemTime) -> bool {
+        self.not_after.is_some_and(|t| t < wall_now)
+    }
+}
+
 type CertSlot = Slot<WorkloadCerts, CertError>;
 
 struct Entry {
@@ -258,7 +268,8 @@ struct Entry {
     queued: Option<(Priority, u64)>,
     refresh_key: Option<(Instant, u64)>,
     backoff: Option<Duration>,
-    last_error: Option<String>,
+    /// The error of the last attempt, if it failed; answered to callers until the retry.
+    last_error: Option<CertError>,
 }
 
 struct State {
@@ -385,7 +396,16 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                 },
             );
         }
-        let slot = st.entries[id].slot.clone();
+        let entry = &st.entries[id];
+        // Backing off after a failure, with no valid certificate: the scheduled retry is the next
+        // fetch; callers get the last error rather than a fetch of their own.
+        if let Some(error) = &entry.last_error
+            && entry.refresh_key.is_some_and(|(at, _)| at > now)
+            && entry.slot.current().is_none_or(|c| c.expires_at <= now)
+        {
+            return Err(error.clone());
+        }
+        let slot = entry.slot.clone();
         let begin = slot.begin(|c| c.expires_at > now);
         match begin {
             Begin::Ready(_) => {}
@@ -400,7 +420,8 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         Ok((slot, begin))
     }
 
-    /// The certificate of `id`, fetched first if there is none in service (or it expired).
+    /// The certificate of `id`, fetched first if there is none in service (or it expired). While a
+    /// failed fetch is backing off and no valid certificate is in service, the last error, at once.
     pub async fn get(&self, id: &SpiffeId, priority: Priority) -> Result<CertHandle, CertError> {
         let (slot, begin) = self.begin(id, priority)?;
         let seen = match begin {
@@ -424,7 +445,8 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         }
     }
 
-    /// Starts fetching the certificate of `id` ahead of need, unless it is in service or coming.
+    /// Starts fetching the certificate of `id` ahead of need, unless it is in service or coming (or
+    /// a failed fetch is backing off).
     pub fn warm_up(&self, id: &SpiffeId) {
         let _ = self.begin(id, Priority::Warmup);
     }
@@ -472,19 +494,25 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
     /// What the manager knows of each identity, ordered by identity.
     pub fn status(&self) -> Vec<CertStatus> {
         let st = self.state();
-        let mut out: Vec<_> = st
-            .entries
-            .iter()
-            .map(|(id, e)| CertStatus {
-                id: id.clone(),
-                not_after: e.slot.current().map(|c| c.svid.not_after()),
-                next_refresh: e.refresh_key.map(|k| k.0),
-                pending: e.queued.is_some() || (e.refresh_key.is_none() && e.slot.current().is_none()),
-                last_error: e.last_error.clone(),
-            })
-            .collect();
+        let mut out: Vec<_> = st.entries.iter().map(|(id, e)| Self::status_of(id, e)).collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// What the manager knows of `id`, if it keeps it. Reads state only: never starts a fetch.
+    pub fn status_for(&self, id: &SpiffeId) -> Option<CertStatus> {
+        let st = self.state();
+        st.entries.get(id).map(|e| Self::status_of(id, e))
+    }
+
+    fn status_of(id: &SpiffeId, e: &Entry) -> CertStatus {
+        CertStatus {
+            id: id.clone(),
+            not_after: e.slot.current().map(|c| c.svid.not_after()),
+            next_refresh: e.refresh_key.map(|k| k.0),
+            pending: e.queued.is_some() || (e.refresh_key.is_none() && e.slot.current().is_none()),
+            last_error: e.last_error.as_ref().map(ToString::to_string),
+        }
     }
 
     /// Validates what a fetch delivered and builds the configs.
@@ -582,10 +610,15 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                 now + delay
             }
             Err(e) => {
-                let delay = self.next_backoff(entry, rng);
+                let mut delay = self.next_backoff(entry, rng);
+                if let Some(poll) = self.shared.source.poll_interval() {
+                    // A source that polls is cheap to ask and may change at any time: ask again no
+                    // later than its poll interval.
+                    delay = delay.min(poll);
+                }
                 let keeps = slot.current().is_some_and(|c| c.expires_at > now);
-                tracing::warn!(error = %e, retry_in = ?delay, keeping_valid_certificate = keeps, "certificate fetch failed");
-                entry.last_error = Some(e.to_string());
+                tracing::warn!(%id, error = %e, retry_in = ?delay, keeping_valid_certificate = keeps, "certificate fetch failed");
+                entry.last_error = Some(e.clone());
                 slot.fail(e);
                 now + delay
             }

@@ -184,6 +184,76 @@ async fn a_certificate_that_expires_while_the_source_fails_is_an_error() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn callers_do_not_bypass_the_back_off_of_a_failing_certificate() {
+    let timer = TestTimer::new();
+    let source = ScriptedSource::new(timer.clone(), Duration::from_secs(3600));
+    source.fail.store(true, Ordering::SeqCst);
+    let (manager, source) = start(source, ManagerConfig::default());
+    let erin = id("erin");
+
+    // A connection every 100 ms and a warm-up every second (a readiness probe), for 60 s.
+    let first = manager.get(&erin, Priority::Connection).await.unwrap_err();
+    assert!(matches!(&first, CertError::Source { .. }), "{first}");
+    for tick in 0..600 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tick % 10 == 0 {
+            manager.warm_up(&erin);
+        }
+        let err = manager.get(&erin, Priority::Connection).await.unwrap_err();
+        assert!(err.to_string().contains("CA unavailable"), "{err}");
+    }
+    settle().await;
+
+    // Only the scheduled retries reached the source: 500 ms doubling (+-20 %) from the first
+    // failure, about 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s.
+    let attempts: Vec<SystemTime> = source.records().iter().map(|r| r.at).collect();
+    assert!(
+        (6..=8).contains(&attempts.len()),
+        "{} fetches in 60 s: {attempts:?}",
+        attempts.len()
+    );
+    let mut expected = 0.5f64;
+    for (i, gap) in attempts
+        .windows(2)
+        .map(|w| secs(w[1].duration_since(w[0]).unwrap()))
+        .enumerate()
+    {
+        assert!(
+            gap >= expected * 0.8 - 0.11,
+            "retry {i} after {gap:.2} s, the back-off was {expected} s +-20 %"
+        );
+        expected *= 2.0;
+    }
+    manager.shutdown();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_one_minute_certificate_of_the_local_ca_is_refreshed_at_half_life() {
+    let timer = TestTimer::new();
+    let lifetime = Duration::from_secs(60);
+    let (manager, source) = start(ScriptedSource::new(timer.clone(), lifetime), ManagerConfig::default());
+    let fred = id("fred");
+    let handle = manager.get(&fred, Priority::Connection).await.unwrap();
+    let issued = timer.system_now();
+    let until = issued + Duration::from_secs(300);
+    while timer.system_now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            handle.current().svid().not_after() > timer.system_now(),
+            "the certificate in service expired"
+        );
+    }
+    settle().await;
+    // Every 27 s or so (the middle of 60 s back-dated by 6 s), not continuously.
+    let at: Vec<SystemTime> = source.records().iter().map(|r| r.at).collect();
+    assert!((10..=13).contains(&at.len()), "{} fetches in 300 s", at.len());
+    for gap in at.windows(2).map(|w| secs(w[1].duration_since(w[0]).unwrap())) {
+        assert!((23.0..=32.0).contains(&gap), "refreshed after {gap:.1} s: {at:?}");
+    }
+    manager.shutdown();
+}
+
+#[tokio::test(start_paused = true)]
 async fn hundred_concurrent_requests_cause_one_fetch() {
     let timer = TestTimer::new();
     let (source, gate) = ScriptedSource::new(timer, Duration::from_secs(3600)).gated();

@@ -827,10 +827,13 @@ fn local_ca_issue_at_sets_the_requested_lifetime() {
         Err(SvidError::Expired { .. })
     ));
 
-    // Back-dating never exceeds the lifetime.
+    // Back-dating never exceeds a tenth of the lifetime, so that half-life stays well after issuance.
     let short = ca.issue_at(&id(ID), at, 90 * SECOND).unwrap();
     assert_eq!(short.svid.not_after(), at + 90 * SECOND);
-    assert_eq!(short.svid.not_before(), at - 90 * SECOND);
+    assert_eq!(short.svid.not_before(), at - 9 * SECOND);
+    let minute = ca.issue_at(&id(ID), at, 60 * SECOND).unwrap();
+    assert_eq!(minute.svid.not_before(), at - 6 * SECOND);
+    assert!(minute.svid.not_before() + minute.svid.lifetime() / 2 > at + 20 * SECOND);
 
     // `with_lifetime` changes what `issue` uses.
     let ca = ca.with_lifetime(HOUR);
@@ -880,6 +883,43 @@ fn local_ca_persists_its_root() {
         a.svid.verify(third.bundle_set(), SystemTime::now()),
         Err(SvidError::UntrustedChain { .. })
     ));
+}
+
+#[test]
+fn local_ca_refuses_a_root_without_its_key_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = LocalCa::load_or_create(dir.path(), td(TD)).unwrap();
+    let root = dir.path().join(ROOT_CERT_FILE);
+    let root_pem = std::fs::read(&root).unwrap();
+    std::fs::remove_file(dir.path().join(CA_FILE)).unwrap();
+
+    let err = LocalCa::load_or_create(dir.path(), td(TD)).unwrap_err();
+    match &err {
+        LocalCaError::RootWithoutKey { ca, root: found } => {
+            assert_eq!(ca, &dir.path().join(CA_FILE));
+            assert_eq!(found, &root);
+        }
+        other => panic!("expected RootWithoutKey, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains(CA_FILE) && message.contains(ROOT_CERT_FILE),
+        "{message}"
+    );
+    // Nothing was created or overwritten: the published root is still the first one.
+    assert!(!dir.path().join(CA_FILE).exists(), "a new CA file was created");
+    assert_eq!(
+        std::fs::read(&root).unwrap(),
+        root_pem,
+        "the published root was overwritten"
+    );
+    let published = TrustBundle::from_pem(td(TD), &root_pem).unwrap();
+    assert_eq!(published.roots(), first.bundle().roots());
+
+    // Without the public root either, a new CA is created as on a first start.
+    std::fs::remove_file(&root).unwrap();
+    let fresh = LocalCa::load_or_create(dir.path(), td(TD)).unwrap();
+    assert_ne!(fresh.bundle().roots(), first.bundle().roots());
 }
 
 #[test]

@@ -104,10 +104,12 @@ fn service(s: &Service) -> Value {
     })
 }
 
-/// ztunnel's certificate states: `Available` (a certificate is in service), `Initializing` (the
-/// first fetch is under way), `Unavailable: <error>` (the last fetch failed and none is in service).
+/// ztunnel's certificate states: `Available` (a valid certificate is in service), `Expired` (the
+/// certificate in service expired and no new one came), `Initializing` (the first fetch is under
+/// way), `Unavailable: <error>` (the last fetch failed and none is in service).
 fn certificate(status: &CertStatus, now: Instant, wall_now: SystemTime) -> Value {
     let state = match (&status.not_after, &status.last_error) {
+        (Some(_), _) if status.is_expired(wall_now) => "Expired".to_owned(),
         (Some(_), _) => "Available".to_owned(),
         (None, Some(error)) => format!("Unavailable: {error}"),
         (None, None) => "Initializing".to_owned(),

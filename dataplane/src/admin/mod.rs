@@ -49,13 +49,13 @@ mod server;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use meshwire_identity::id::SpiffeId;
-use meshwire_identity::manager::{CertError, CertManager, CertStatus, Priority};
+use meshwire_identity::manager::{CertManager, CertStatus};
 use meshwire_identity::source::CertSource;
 use meshwire_identity::time::Timer;
 use tokio::sync::watch;
@@ -163,24 +163,32 @@ where
     }
 }
 
-/// Resolves once `manager` has a certificate for `id`, fetching it (at warm-up priority) and, after
-/// a failure, fetching again every `retry`. Fails only when the manager shuts down or forgets `id`.
+/// The readiness check of a workload certificate (see [`Readiness::check`]): `None` while `status`
+/// (the manager's [`CertStatus`] of the identity `id`, `None` if it does not keep it) holds a
+/// certificate valid at `wall_now`; else what is missing, naming the identity: not obtained yet
+/// (with the last error, if a fetch failed), or expired.
 ///
-/// For readiness in dedicated mode: hold a [`ReadyBlocker`] across it.
-pub async fn certificate_obtained<S: CertSource, T: Timer>(
-    manager: &CertManager<S, T>,
-    id: &SpiffeId,
-    retry: Duration,
-) -> Result<(), CertError> {
-    loop {
-        match manager.get(id, Priority::Warmup).await {
-            Ok(_) => return Ok(()),
-            Err(error @ (CertError::Shutdown | CertError::Forgotten { .. })) => return Err(error),
-            Err(error) => {
-                tracing::warn!(%id, %error, retry_in = ?retry, "no workload certificate yet");
-                tokio::time::sleep(retry).await;
-            }
+/// It reads the status only: the manager fetches and retries on its own schedule.
+///
+/// ```
+/// use meshwire_dataplane::admin::certificate_pending;
+/// use meshwire_identity::id::SpiffeId;
+///
+/// let id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/web")?;
+/// let pending = certificate_pending(&id, None, std::time::SystemTime::now());
+/// assert_eq!(pending.as_deref(), Some("workload certificate spiffe://cluster.local/ns/default/sa/web"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn certificate_pending(id: &SpiffeId, status: Option<CertStatus>, wall_now: SystemTime) -> Option<String> {
+    let what = format!("workload certificate {id}");
+    let Some(status) = status else { return Some(what) };
+    match (status.not_after, status.last_error) {
+        (Some(not_after), _) if not_after < wall_now => {
+            Some(format!("{what} (expired at {})", dump::rfc3339(not_after)))
         }
+        (Some(_), _) => None,
+        (None, Some(error)) => Some(format!("{what} ({error})")),
+        (None, None) => Some(what),
     }
 }
 

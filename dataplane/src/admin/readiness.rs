@@ -1,5 +1,5 @@
-//! Readiness: the proxy is ready once every task that blocks readiness has finished, and stops
-//! being ready when it drains.
+//! Readiness: the proxy is ready once every task that blocks readiness has finished and every
+//! readiness check passes, and stops being ready when it drains.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,10 +13,14 @@ use super::server::{self, Handler};
 /// The path of the readiness probe.
 pub const READY_PATH: &str = "/healthz/ready";
 
+/// A condition evaluated at every probe: what it waits for, or `None` when it holds.
+type Check = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 #[derive(Default)]
 struct State {
     next: u64,
     pending: BTreeMap<u64, String>,
+    checks: Vec<Check>,
     draining: bool,
 }
 
@@ -25,7 +29,11 @@ struct State {
 ///
 /// Each task that must finish before the proxy is ready takes a [`ReadyBlocker`] with
 /// [`Readiness::block`] and drops it (or calls [`ReadyBlocker::ready`]) when done. The proxy is ready
-/// when no blocker is left and it is not draining.
+/// when no blocker is left, every check passes, and it is not draining.
+///
+/// A condition that can come and go (a certificate that expires, a workload that leaves the
+/// configuration) is a check ([`Readiness::check`]): a function evaluated at every probe, which
+/// names what is missing or returns `None`. Checks only read state; they never start work.
 ///
 /// ```
 /// use meshwire_dataplane::admin::Readiness;
@@ -39,6 +47,16 @@ struct State {
 /// assert!(readiness.is_ready());
 /// readiness.set_draining();
 /// assert!(!readiness.is_ready());
+///
+/// let readiness = Readiness::new();
+/// let present = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// let seen = present.clone();
+/// readiness.check(move || {
+///     (!seen.load(std::sync::atomic::Ordering::Relaxed)).then(|| "workload default/web".to_owned())
+/// });
+/// assert_eq!(readiness.pending(), ["workload default/web"]);
+/// present.store(true, std::sync::atomic::Ordering::Relaxed);
+/// assert!(readiness.is_ready());
 /// ```
 #[derive(Clone, Default)]
 pub struct Readiness {
@@ -68,9 +86,21 @@ impl Readiness {
         }
     }
 
-    /// The tasks still blocking readiness, sorted by name.
+    /// Adds a condition to readiness, evaluated at every probe: `check` names what is missing, or
+    /// returns `None` when the condition holds. It must be quick and must not block.
+    pub fn check(&self, check: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.state().checks.push(Arc::new(check));
+    }
+
+    /// The tasks still blocking readiness and the checks that fail, sorted by name.
     pub fn pending(&self) -> Vec<String> {
-        let mut pending: Vec<String> = self.state().pending.values().cloned().collect();
+        let (mut pending, checks) = {
+            let state = self.state();
+            let pending: Vec<String> = state.pending.values().cloned().collect();
+            (pending, state.checks.clone())
+        };
+        // Evaluated without the lock: a check reads other state.
+        pending.extend(checks.iter().filter_map(|check| check()));
         pending.sort();
         pending
     }
@@ -85,10 +115,9 @@ impl Readiness {
         self.state().draining
     }
 
-    /// Whether nothing is pending and the proxy is not draining.
+    /// Whether nothing is pending, every check passes, and the proxy is not draining.
     pub fn is_ready(&self) -> bool {
-        let state = self.state();
-        state.pending.is_empty() && !state.draining
+        !self.is_draining() && self.pending().is_empty()
     }
 }
 

@@ -24,7 +24,7 @@
 //! | outbound capture | 15001 | redirected outbound TCP: [`Outbound::serve_capture`] |
 //! | SOCKS5 | 15080 | [`Outbound::serve_socks5`] (loopback only; can be turned off) |
 //!
-//! | readiness | 15021 | `/healthz/ready`: 200 once listeners, configuration and certificate are there ([`crate::admin`]) |
+//! | readiness | 15021 | `/healthz/ready`: 200 once listeners and configuration are there and, in dedicated mode, while the workload is in the configuration and its certificate is valid ([`crate::admin`]) |
 //! | admin | 15000 | `/config_dump`, `/logging`, `/quitquitquit` (loopback only) |
 //! | metrics | 15020 | `/metrics`, `/stats/prometheus` |
 //!

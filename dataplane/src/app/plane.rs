@@ -46,8 +46,8 @@ pub enum StartError {
     /// The local configuration cannot be read or is invalid (the error names the field and line).
     #[error("invalid local configuration: {0}")]
     LocalConfig(Box<ConfigError>),
-    /// The local CA cannot be loaded or created.
-    #[error("local CA: {0}")]
+    /// The local CA cannot be loaded or created (its message names the local CA and the file).
+    #[error(transparent)]
     LocalCa(#[from] LocalCaError),
     /// The dedicated workload has no valid identity.
     #[error("workload identity: {0}")]
@@ -127,13 +127,13 @@ impl CertSource for Certificates {
 }
 
 impl Certificates {
-    /// Opens the source `config` names: loads (or creates) the local CA in its directory, or
-    /// prepares reading the certificate files.
+    /// Opens the source `config` names: loads (or creates) the local CA in its directory, issuing
+    /// certificates for [`Config::cert_ttl`], or prepares reading the certificate files.
     pub fn open(config: &Config) -> Result<Self, StartError> {
         Ok(match &config.certificates {
-            CertificateSource::LocalCa { dir } => {
-                Certificates::LocalCa(Arc::new(LocalCa::load_or_create(dir, config.trust_domain.clone())?))
-            }
+            CertificateSource::LocalCa { dir } => Certificates::LocalCa(Arc::new(
+                LocalCa::load_or_create(dir, config.trust_domain.clone())?.with_lifetime(config.cert_ttl),
+            )),
             CertificateSource::Files { chain, key, bundle } => {
                 Certificates::Files(Arc::new(FileSource::new(FilePaths {
                     cert_chain: chain.clone(),
@@ -306,8 +306,8 @@ impl ControlPlane {
                 {
                     tracing::warn!(
                         %workload,
-                        "the dedicated workload is not in the local configuration (yet): its outbound \
-                         connections fail until it is"
+                        "the dedicated workload is not in the local configuration (yet): the proxy is not \
+                         ready and its connections are refused until it is"
                     );
                 }
                 SourceWorkload::Dedicated {
@@ -350,8 +350,10 @@ impl ControlPlane {
 
     /// Serves readiness, admin and metrics on their bound listeners (on the current tokio
     /// runtime); the metrics endpoint answers `metrics` (the connection counters, summed over the
-    /// cores where each core counts in its own) with the build and configuration gauges. Readiness waits for the local configuration, the dedicated workload's
-    /// first certificate, and the returned blocker (to drop once every listener is bound).
+    /// cores where each core counts in its own) with the build and configuration gauges. Readiness
+    /// waits for the local configuration and the returned blocker (to drop once every listener is
+    /// bound); in dedicated mode it also requires, at every probe, the workload in the
+    /// configuration and its certificate valid.
     pub fn serve_control(
         &self,
         config: &Config,
@@ -523,9 +525,6 @@ pub struct Control {
 }
 
 impl Control {
-    /// How often a failed first fetch of the dedicated workload's certificate is retried.
-    const CERTIFICATE_RETRY: Duration = Duration::from_secs(1);
-
     fn start(
         config: &Config,
         context: &ProxyContext,
@@ -544,17 +543,20 @@ impl Control {
                 blocker.ready();
             }));
         }
+        // Dedicated mode: ready only while the workload is in the configuration and its certificate
+        // is valid. Both can come and go, so they are checks evaluated at every probe; they read
+        // state only (the manager fetches and retries on its own back-off schedule).
         if let Some(id) = context.dedicated.clone() {
-            let blocker = readiness.block("workload certificate");
             let manager = context.manager.clone();
-            waiters.push(tokio::spawn(async move {
-                if admin::certificate_obtained(&manager, &id, Self::CERTIFICATE_RETRY)
-                    .await
-                    .is_ok()
-                {
-                    blocker.ready();
-                }
-            }));
+            readiness.check(move || admin::certificate_pending(&id, manager.status_for(&id), SystemTime::now()));
+        }
+        if let SourceWorkload::Dedicated { namespace, name } = &context.source {
+            let (namespace, name) = (namespace.clone(), name.clone());
+            let published = context.published.clone();
+            readiness.check(move || {
+                let known = published.load().state.workload_by_name(&namespace, &name).is_some();
+                (!known).then(|| format!("dedicated workload {namespace}/{name} (not in the local configuration)"))
+            });
         }
 
         let trigger = admin::ShutdownTrigger::new();

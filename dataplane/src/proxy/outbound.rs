@@ -68,7 +68,7 @@ use crate::rt::socket::SocketOptions;
 use crate::rt::tokio::{ClientTlsSource, TokioRuntime};
 use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
-use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
+use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, LogFormat};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, LabelValue, Metrics, RefusalReason, Reporter, ResponseFlags, SecurityPolicy,
 };
@@ -166,6 +166,17 @@ impl SourceWorkload {
             SourceWorkload::Shared => state.workload_by_ip(network, peer.ip().to_canonical()),
         }
     }
+
+    /// The error of a connection from `peer` whose source workload [`resolve`](Self::resolve) did
+    /// not find: in dedicated mode, the proxy's own workload is missing from the configuration.
+    pub fn unknown(&self, peer: SocketAddr) -> OutboundError {
+        match self {
+            SourceWorkload::Dedicated { namespace, name } => OutboundError::DedicatedWorkloadMissing {
+                workload: format!("{namespace}/{name}"),
+            },
+            SourceWorkload::Shared => OutboundError::UnknownSource { peer },
+        }
+    }
 }
 
 /// Which way a connection went.
@@ -210,6 +221,12 @@ pub enum OutboundError {
     UnknownSource {
         /// The client's address.
         peer: SocketAddr,
+    },
+    /// In dedicated mode, the proxy's own workload is not in the configuration.
+    #[error("the dedicated workload {workload} is not in the local configuration")]
+    DedicatedWorkloadMissing {
+        /// The workload, as `namespace/name`.
+        workload: String,
     },
     /// The requested host name is not the hostname of a service with a VIP.
     #[error("cannot resolve {name:?}: no service with that hostname and a VIP")]
@@ -720,10 +737,14 @@ where
     ) -> Result<(), OutboundError> {
         summary.dst = Some(dst);
         let Some(source) = source else {
+            // Refused before any route: logged like every other refused connection.
+            let error = self.source.unknown(peer);
+            let entry = AccessLogEntry::new(Direction::Outbound, peer, dst).with_error(&error);
+            accesslog::emit(&entry, self.log_format);
             if downstream == Downstream::Socks5 {
                 reply(stream, summary, Reply::GeneralFailure).await?;
             }
-            return Err(OutboundError::UnknownSource { peer });
+            return Err(error);
         };
         summary.source = Some(source.spiffe_id().clone());
 

@@ -4,7 +4,8 @@
 //! the caller chooses (`ca.pem`, mode 0600, holding the root certificate and key; `root-cert.pem`,
 //! the public root to hand to peers). Later runs load the same root, so identities issued by
 //! different processes sharing the directory trust each other. It issues short-lived ECDSA P-256
-//! X.509-SVIDs (24 h by default, like Istio's CA) for any identity of its trust domain.
+//! X.509-SVIDs (24 h by default, like Istio's CA; [`LocalCa::with_lifetime`] sets another lifetime)
+//! for any identity of its trust domain.
 //!
 //! ```
 //! use meshwire_identity::id::{SpiffeId, TrustDomain};
@@ -42,6 +43,13 @@ pub const DEFAULT_SVID_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Issued certificates start this long before issuance, to tolerate clock skew between nodes.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// How far an SVID of `lifetime` is back-dated: [`BACKDATE`], but never more than a tenth of the
+/// lifetime, so that the middle of its validity (where it is refreshed) stays well after issuance
+/// even for lifetimes of a few minutes.
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 10)
+}
 
 /// File holding the root certificate and key.
 pub const CA_FILE: &str = "ca.pem";
@@ -85,6 +93,18 @@ pub enum LocalCaError {
         id: SpiffeId,
         /// The CA's trust domain.
         trust_domain: TrustDomain,
+    },
+    /// The public root is there but the CA file holding its key is not: creating a new root would
+    /// overwrite the root peers trust and split the mesh between two roots.
+    #[error(
+        "local CA: {root} exists but {ca} (the root certificate and its key) is missing: refusing to create a \
+         new root that proxies trusting {root} would reject; restore {ca}, or remove {root} to start a new CA"
+    )]
+    RootWithoutKey {
+        /// The missing CA file (root certificate and key).
+        ca: PathBuf,
+        /// The public root certificate found.
+        root: PathBuf,
     },
     /// Certificate generation failed.
     #[error("local CA: cannot generate a certificate: {0}")]
@@ -166,13 +186,22 @@ impl LocalCa {
 
     /// Loads the root persisted in `dir`, or creates and persists one if there is none.
     ///
-    /// Creation is atomic: two processes starting together end up with the same root.
+    /// Creation is atomic: two processes starting together end up with the same root. A directory
+    /// holding the public root ([`ROOT_CERT_FILE`]) without the CA file ([`CA_FILE`]) is an error
+    /// ([`LocalCaError::RootWithoutKey`]), and nothing in it is overwritten: a new root would not be
+    /// trusted by the proxies that trust the old one.
     pub fn load_or_create(dir: &Path, trust_domain: TrustDomain) -> Result<Self, LocalCaError> {
         let path = dir.join(CA_FILE);
         match std::fs::read_to_string(&path) {
             Ok(pem) => return Self::load(&path, &pem, trust_domain),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path, e)),
+        }
+        let root = dir.join(ROOT_CERT_FILE);
+        match std::fs::symlink_metadata(&root) {
+            Ok(_) => return Err(LocalCaError::RootWithoutKey { ca: path, root }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&root, e)),
         }
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
@@ -323,7 +352,8 @@ impl LocalCa {
         self.issue_at(id, SystemTime::now(), self.lifetime)
     }
 
-    /// Issues an SVID for `id` valid from `now` (back-dated a few minutes for clock skew) for `lifetime`.
+    /// Issues an SVID for `id` valid from `now` for `lifetime`, back-dated for clock skew by five
+    /// minutes or a tenth of `lifetime`, whichever is shorter.
     pub fn issue_at(&self, id: &SpiffeId, now: SystemTime, lifetime: Duration) -> Result<Credentials, LocalCaError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(LocalCaError::ForeignIdentity {
@@ -339,7 +369,7 @@ impl LocalCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        params.not_before = (now - BACKDATE.min(lifetime)).into();
+        params.not_before = (now - backdate(lifetime)).into();
         params.not_after = (now + lifetime).into();
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer).map_err(generate)?;
