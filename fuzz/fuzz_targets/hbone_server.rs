@@ -1231,6 +1231,7 @@ fn options() -> ServeOptions {
             initial_buffer: 512,
             max_buffer: 4096,
         },
+        ..ServeOptions::default()
     }
 }
 

@@ -193,7 +193,7 @@ impl Tunnel {
     where
         D: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        self.io.splice(downstream, config).await
+        self.io.splice(downstream, config, None).await
     }
 }
 

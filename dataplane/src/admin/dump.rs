@@ -45,6 +45,30 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
     })
 }
 
+/// The buffer budgets of inbound HBONE connections and the bytes held now, as `/config_dump` shows
+/// them under `buffers` (bytes):
+///
+/// ```json
+/// { "streamSendBuffer": 409600, "streamCopyBuffer": 262144, "streamLease": 671744,
+///   "connectionBudget": 67108864, "processBudget": 1073741824, "processBuffered": 0,
+///   "streamWindow": 4194304, "connectionWindow": 16777216 }
+/// ```
+///
+/// `streamLease` is what one stream holds while its upstream sends (its send buffer plus its
+/// largest copy buffer); `processBuffered` is what the streams of every connection hold now.
+pub fn buffers_dump(serve: &meshwire_hbone::server::ServeOptions) -> Value {
+    json!({
+        "streamSendBuffer": serve.settings.send_buffer,
+        "streamCopyBuffer": serve.copy.max_buffer.max(serve.copy.initial_buffer),
+        "streamLease": serve.stream_lease(),
+        "connectionBudget": serve.connection_buffer,
+        "processBudget": serve.process_budget.limit(),
+        "processBuffered": serve.process_budget.used(),
+        "streamWindow": serve.settings.stream_window,
+        "connectionWindow": serve.settings.connection_window,
+    })
+}
+
 fn gateway(gateway: Option<&GatewayAddress>) -> Value {
     match gateway {
         Some(g) => json!({ "destination": g.destination.to_string(), "hboneMtlsPort": g.hbone_mtls_port }),
