@@ -793,8 +793,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         let http2 =
             [&HTTP2_STREAM_WINDOW, &HTTP2_CONNECTION_WINDOW, &HTTP2_FRAME_SIZE].map(|opt| Origin::Flag(opt.flag));
-        let buffers = [&HBONE_STREAM_SEND_BUFFER, &HBONE_CONNECTION_BUFFER, &HBONE_BUFFER_BUDGET]
-            .map(|opt| Origin::Flag(opt.flag));
+        let buffers = [
+            &HBONE_STREAM_SEND_BUFFER,
+            &HBONE_CONNECTION_BUFFER,
+            &HBONE_BUFFER_BUDGET,
+        ]
+        .map(|opt| Origin::Flag(opt.flag));
         self.validate_with(&|l| Origin::Flag(l.port_flag()), http2, buffers)
     }
 
@@ -838,7 +842,10 @@ impl Config {
         })?;
         // Each budget lets at least one stream through.
         let lease = meshwire_hbone::server::stream_lease(self.http2(), &meshwire_hbone::copy::CopyConfig::default());
-        for (value, origin) in [(self.buffers.connection, buffers[1]), (self.buffers.process, buffers[2])] {
+        for (value, origin) in [
+            (self.buffers.connection, buffers[1]),
+            (self.buffers.process, buffers[2]),
+        ] {
             if value < lease {
                 return Err(Error::Invalid {
                     origin,
@@ -2050,6 +2057,64 @@ mod tests {
                 listener.port_opt().default,
                 Some(listener.default_port().to_string().as_str())
             );
+        }
+    }
+
+    #[test]
+    fn buffer_budgets_are_read_and_each_lets_one_stream_through() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned())
+        };
+        let default = Config::default();
+        assert_eq!(default.http2().send_buffer, 400 * 1024);
+        assert_eq!(
+            default.buffers,
+            BufferLimits {
+                connection: 64 << 20,
+                process: 1 << 30,
+            }
+        );
+        let set = Config::from_args_and_env(
+            ["ztunnel", "--hbone-buffer-budget", "33554432"],
+            &env(&[
+                ("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608"),
+                ("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(set.http2().send_buffer, 65536);
+        assert_eq!(set.pool.settings.send_buffer, 65536, "the client side too");
+        assert_eq!(
+            set.buffers,
+            BufferLimits {
+                connection: 8 << 20,
+                process: 32 << 20,
+            }
+        );
+        // A budget under one stream's lease (send buffer + 256 KiB copy buffer) names its origin.
+        for (args, vars, named) in [
+            (&["--hbone-buffer-budget", "1000"][..], &[][..], "--hbone-buffer-budget"),
+            (
+                &[][..],
+                &[
+                    ("MESHWIRE_HBONE_CONNECTION_BUFFER", "327679"),
+                    ("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536"),
+                ][..],
+                "environment variable MESHWIRE_HBONE_CONNECTION_BUFFER",
+            ),
+            (
+                &[][..],
+                &[("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "100")][..],
+                "environment variable MESHWIRE_HBONE_STREAM_SEND_BUFFER",
+            ),
+            (&["--hbone-buffer-budget=-1"][..], &[][..], "--hbone-buffer-budget"),
+        ] {
+            let vars: Vec<(String, String)> = vars.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+            let lookup = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+            let err = Config::from_args_and_env(std::iter::once("ztunnel").chain(args.iter().copied()), &lookup)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{args:?} {vars:?}: {err}");
         }
     }
 }

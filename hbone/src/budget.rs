@@ -176,7 +176,6 @@ impl Drop for Lease<'_> {
     }
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -241,7 +240,10 @@ mod tests {
         for lease in &mut leases[..3] {
             assert!(lease.poll_acquire(&mut cx).is_ready());
         }
-        assert!(leases[3].poll_acquire(&mut cx).is_pending(), "the connection's budget is spent");
+        assert!(
+            leases[3].poll_acquire(&mut cx).is_pending(),
+            "the connection's budget is spent"
+        );
         assert!(!leases[3].held());
         assert_eq!((connection.used(), process.used()), (300, 300));
         leases[0].release();
@@ -273,7 +275,11 @@ mod tests {
         );
         assert!(first.poll_acquire(&mut cx).is_ready());
         assert!(second.poll_acquire(&mut cx).is_pending());
-        assert_eq!((c2.used(), process.used()), (100, 100), "holds its connection share only");
+        assert_eq!(
+            (c2.used(), process.used()),
+            (100, 100),
+            "holds its connection share only"
+        );
         drop(first);
         assert!(woken.0.load(Ordering::SeqCst));
         assert!(second.poll_acquire(&mut cx).is_ready());

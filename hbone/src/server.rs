@@ -40,7 +40,7 @@ use meshwire_identity::tls;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::budget::{BufferBudget, Budgets};
+use crate::budget::{Budgets, BufferBudget};
 use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
 use crate::rt::Timer;
@@ -539,7 +539,11 @@ async fn handle_stream<H: Handler>(
     };
     let mut tunnel = H2Io::new(send, body);
     let outcome = tunnel
-        .splice(&mut upstream, copy_config, Some(crate::budget::Lease::new(budgets, lease)))
+        .splice(
+            &mut upstream,
+            copy_config,
+            Some(crate::budget::Lease::new(budgets, lease)),
+        )
         .await;
     report.to_upstream = outcome.a_to_b;
     report.from_upstream = outcome.b_to_a;

@@ -79,7 +79,9 @@ async fn second_stream_waits_for_the_first(options: ServeOptions, budget: Arc<Bu
     // The second stream is open but may not read its upstream: nothing arrives.
     let mut byte = [0u8; 1];
     assert!(
-        timeout(Duration::from_millis(300), second.read(&mut byte)).await.is_err(),
+        timeout(Duration::from_millis(300), second.read(&mut byte))
+            .await
+            .is_err(),
         "the second stream moved bytes with the budget spent"
     );
     assert_eq!(budget.used(), lease, "never more than the budget");

@@ -12,9 +12,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use meshwire_hbone::budget::BufferBudget;
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::PoolConfig;
-use meshwire_hbone::budget::BufferBudget;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, ManagerConfig};
