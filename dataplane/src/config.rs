@@ -104,8 +104,9 @@
 //! these settings, not by the windows the peer advertises: per stream, the HTTP/2 send buffer
 //! (`--hbone-stream-send-buffer`) plus the largest copy buffer (256 KiB), and the stream window of
 //! bytes the peer sent that the upstream did not take; per connection, `--hbone-connection-buffer`
-//! of upstream bytes and the connection window; per process, `--hbone-buffer-budget` of upstream
-//! bytes over every inbound HBONE connection. A stream that finds a budget spent stops reading its
+//! of upstream bytes and the connection window; per process, `--hbone-buffer-budget` over every
+//! HBONE tunnel, inbound (upstream bytes) and outbound (the client's bytes, where the per-stream
+//! part bounds a peer that does not read too). A stream that finds a budget spent stops reading its
 //! upstream until another stream gives bytes back (see [`meshwire_hbone::budget`]).
 //!
 //! **Packet mark.** The proxy's own upstream connections (HBONE to peers, passthrough, connections
@@ -225,7 +226,8 @@ pub struct Config {
 pub struct BufferLimits {
     /// Bytes the streams of one connection hold together (`--hbone-connection-buffer`).
     pub connection: usize,
-    /// Bytes every inbound HBONE connection of the process holds together (`--hbone-buffer-budget`).
+    /// Bytes every HBONE tunnel of the process, inbound and outbound, holds together
+    /// (`--hbone-buffer-budget`).
     pub process: usize,
 }
 
@@ -1286,8 +1288,8 @@ const HBONE_BUFFER_BUDGET: Opt = Opt {
     value_name: "BYTES",
     keys: &[Env("MESHWIRE_HBONE_BUFFER_BUDGET")],
     default: Some("1073741824"),
-    help: "Bytes every inbound HBONE connection of the process holds from upstreams together; \
-           streams wait (and stop reading their upstream) when it is spent",
+    help: "Bytes every HBONE tunnel of the process (inbound and outbound) holds for peers together; \
+           streams wait (and stop reading what they forward) when it is spent",
     ..Opt::new(H_HBONE)
 };
 const POOL_MAX_STREAMS: Opt = Opt {

@@ -107,11 +107,11 @@ impl BufferBudget {
     }
 }
 
-/// The budgets a stream's lease is charged to: its connection's, then its process's.
+/// The budgets a stream's lease is charged to: its connection's (if it has one), then its process's.
 #[derive(Debug, Clone, Copy)]
 pub struct Budgets<'a> {
     /// The connection's budget.
-    pub connection: &'a BufferBudget,
+    pub connection: Option<&'a BufferBudget>,
     /// The process's budget (shared by every connection).
     pub process: &'a BufferBudget,
 }
@@ -147,7 +147,9 @@ impl<'a> Lease<'a> {
     /// connection's share (a lease is never released half-way, so waiters cannot starve each other).
     pub fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.connection {
-            std::task::ready!(self.budgets.connection.poll_charge(cx, self.size));
+            if let Some(connection) = self.budgets.connection {
+                std::task::ready!(connection.poll_charge(cx, self.size));
+            }
             self.connection = true;
         }
         if !self.process {
@@ -164,7 +166,9 @@ impl<'a> Lease<'a> {
             self.process = false;
         }
         if self.connection {
-            self.budgets.connection.release(self.size);
+            if let Some(connection) = self.budgets.connection {
+                connection.release(self.size);
+            }
             self.connection = false;
         }
     }
@@ -231,7 +235,7 @@ mod tests {
         let connection = BufferBudget::new(300);
         let process = BufferBudget::new(1000);
         let budgets = Budgets {
-            connection: &connection,
+            connection: Some(&connection),
             process: &process,
         };
         let (_, waker) = flag();
@@ -261,14 +265,14 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let mut first = Lease::new(
             Budgets {
-                connection: &c1,
+                connection: Some(&c1),
                 process: &process,
             },
             100,
         );
         let mut second = Lease::new(
             Budgets {
-                connection: &c2,
+                connection: Some(&c2),
                 process: &process,
             },
             100,

@@ -350,7 +350,7 @@ where
     options.validate()?;
     let connection_budget = BufferBudget::new(options.connection_buffer);
     let budgets = Budgets {
-        connection: &connection_budget,
+        connection: Some(&connection_budget),
         process: &options.process_budget,
     };
     let lease = options.stream_lease();

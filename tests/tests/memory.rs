@@ -322,3 +322,155 @@ fn a_budget_too_small_for_one_stream_is_refused_naming_it() {
         }
     }
 }
+
+/// A hostile HBONE server: accepts every CONNECT (to an upstream that is never read), advertises the
+/// largest windows, and once told to stop, holds its connections open without reading them.
+struct HostileServer {
+    accepted: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+struct NeverRead {
+    accepted: Arc<AtomicU64>,
+    /// The far ends of the upstreams, kept open.
+    kept: std::sync::Mutex<Vec<tokio::io::DuplexStream>>,
+}
+
+impl meshwire_hbone::server::Handler for NeverRead {
+    type Upstream = tokio::io::DuplexStream;
+
+    async fn connect(
+        &self,
+        _: &meshwire_hbone::server::InboundRequest,
+    ) -> Result<meshwire_hbone::server::Connected<Self::Upstream>, meshwire_hbone::server::Refusal> {
+        let (near, far) = tokio::io::duplex(1024);
+        self.kept.lock().unwrap().push(far);
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        Ok(near.into())
+    }
+}
+
+fn hostile_server(runtime: &tokio::runtime::Runtime, mesh: &Mesh, addr: SocketAddr) -> HostileServer {
+    let credentials = mesh.ca().issue(&spiffe("default", "server")).unwrap();
+    let tls = meshwire_identity::tls::server_config(
+        &credentials.svid,
+        &credentials.bundles,
+        &meshwire_identity::tls::TrustDomains::only(mesh.ca().trust_domain().clone()),
+        vec![b"h2".to_vec()],
+    )
+    .unwrap();
+    let tls = Arc::new(tls);
+    let mut options = meshwire_hbone::server::ServeOptions::default();
+    options.settings.connection_window = (1 << 31) - 1;
+    options.settings.stream_window = options.settings.connection_window / 4;
+    let options = Arc::new(options);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let handler = Arc::new(NeverRead {
+        accepted: accepted.clone(),
+        kept: std::sync::Mutex::new(Vec::new()),
+    });
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+    runtime.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tcp.set_nodelay(true).unwrap();
+            let (tls, options, handler, mut stop_rx) = (tls.clone(), options.clone(), handler.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                let serve = meshwire_hbone::server::serve(
+                    tcp,
+                    tls,
+                    &options,
+                    &*handler,
+                    &TokioTimer,
+                    std::future::pending::<()>(),
+                );
+                let mut serve = std::pin::pin!(serve);
+                tokio::select! {
+                    _ = &mut serve => {}
+                    _ = async { drop(stop_rx.wait_for(|stop| *stop).await) } => {
+                        // Hold the connection without reading it, until the runtime goes.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    HostileServer { accepted, stop }
+}
+
+/// The outbound side: apps that send without end through the client proxy's HBONE tunnels to a
+/// server that never reads are held to the process budget too.
+#[test]
+fn a_server_that_never_reads_is_held_to_the_buffer_budget() {
+    const TUNNELS: usize = 400;
+    for binary in binary::all() {
+        let what = binary.name();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mesh = Mesh::new(&pair::config(9, ""));
+        let hostile = hostile_server(&runtime, &mesh, SocketAddr::new(lo(2), mesh.hbone_port()));
+        let client = mesh
+            .proxy(&binary, lo(1))
+            .dedicated("default/client/client")
+            .env("MESHWIRE_HBONE_BUFFER_BUDGET", &PROCESS_BUDGET.to_string())
+            .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", &STREAM_SEND_BUFFER.to_string())
+            .spawn();
+        let before = client.rss_kib().unwrap();
+
+        let target = net::Socks5Target::Addr(SocketAddr::new(lo(2), 9000));
+        let streams: Vec<std::net::TcpStream> = (0..TUNNELS)
+            .map(|_| {
+                net::socks5_connect(client.ports().socks5, &target)
+                    .unwrap_or_else(|e| panic!("{what}: SOCKS5 CONNECT: {e:?}\n{}", client.describe()))
+            })
+            .collect();
+        assert_eq!(hostile.accepted.load(Ordering::SeqCst), TUNNELS as u64);
+        hostile.stop.send(true).unwrap();
+
+        // Every app sends without end.
+        let sent = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = streams
+            .into_iter()
+            .map(|stream| {
+                let sent = sent.clone();
+                stream.set_nonblocking(true).unwrap();
+                runtime.spawn(async move {
+                    let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+                    let chunk = vec![0xa5u8; 64 * 1024];
+                    while stream.write_all(&chunk).await.is_ok() {
+                        sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut peak, mut last, mut still) = (0, u64::MAX, 0);
+        while still < 6 {
+            assert!(Instant::now() < deadline, "{what}: the apps never stalled");
+            thread::sleep(Duration::from_millis(500));
+            peak = client.rss_kib().unwrap().max(peak);
+            let now = sent.load(Ordering::Relaxed);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
+        let buffered = config_dump_buffers(&client);
+        eprintln!(
+            "{what} (outbound): RSS before {before} KiB, peak {peak} KiB (+{} KiB for {TUNNELS} tunnels); apps sent {} MiB; dump {buffered}",
+            peak.saturating_sub(before),
+            sent.load(Ordering::Relaxed) / MIB,
+        );
+        let bound = before + (PROCESS_BUDGET + ALLOWANCE) / 1024;
+        assert!(
+            peak <= bound,
+            "{what}: RSS grew from {before} KiB to {peak} KiB, over the budget plus allowance ({bound} KiB)\n{}",
+            client.describe()
+        );
+        for writer in writers {
+            writer.abort();
+        }
+        drop(runtime);
+    }
+}

@@ -199,7 +199,7 @@ pub async fn config_loaded(published: &Published) {
 /// With [`MetricsHandler::with_config`], two gauges are added: `istio_build{component="ztunnel",tag=<version>} 1`
 /// (as ztunnel reports its build) and `meshwire_config_generation`, the generation of the
 /// configuration in force. With [`MetricsHandler::with_buffers`], two more:
-/// `meshwire_hbone_buffered_bytes` (what inbound HBONE streams hold from their upstreams now) and
+/// `meshwire_hbone_buffered_bytes` (what HBONE tunnels, inbound and outbound, hold now for peers) and
 /// `meshwire_hbone_buffer_budget_bytes` (the process's budget for it).
 #[derive(Debug, Clone)]
 pub struct MetricsHandler {
@@ -294,14 +294,14 @@ impl MetricsHandler {
         let buffered = Gauge::default();
         registry.register(
             "meshwire_hbone_buffered_bytes",
-            "Bytes inbound HBONE streams hold from their upstreams for their peers",
+            "Bytes HBONE tunnels (inbound and outbound) hold for their peers",
             buffered.clone(),
         );
         let limit: Gauge = Gauge::default();
         limit.set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
         registry.register(
             "meshwire_hbone_buffer_budget_bytes",
-            "The process's budget of bytes inbound HBONE streams hold from their upstreams",
+            "The process's budget of bytes HBONE tunnels (inbound and outbound) hold for their peers",
             limit,
         );
         self.buffers = Some(Arc::new(BufferGauges {
