@@ -45,8 +45,8 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
     })
 }
 
-/// The buffer budgets of inbound HBONE connections and the bytes held now, as `/config_dump` shows
-/// them under `buffers` (bytes):
+/// The buffer budgets of HBONE tunnels and the bytes held now, as `/config_dump` shows them under
+/// `buffers` (bytes):
 ///
 /// ```json
 /// { "streamSendBuffer": 409600, "streamCopyBuffer": 262144, "streamLease": 671744,
@@ -54,8 +54,11 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
 ///   "streamWindow": 4194304, "connectionWindow": 16777216 }
 /// ```
 ///
-/// `streamLease` is what one stream holds while its upstream sends (its send buffer plus its
-/// largest copy buffer); `processBuffered` is what the streams of every connection hold now.
+/// `streamLease` is what one stream holds while it has bytes to forward (its send buffer plus its
+/// largest copy buffer); `processBuffered` is what the leases of every tunnel, inbound and outbound,
+/// hold now: an upper bound of the bytes buffered for peers. `connectionBudget` applies to inbound
+/// connections (an outbound one holds at most its streams' leases); the windows bound what a peer
+/// sends that the destination has not taken yet.
 pub fn buffers_dump(serve: &meshwire_hbone::server::ServeOptions) -> Value {
     json!({
         "streamSendBuffer": serve.settings.send_buffer,
