@@ -73,6 +73,9 @@
 //! | `--http2-stream-window` | `HTTP2_STREAM_WINDOW_SIZE` | 4194304 |
 //! | `--http2-connection-window` | `HTTP2_CONNECTION_WINDOW_SIZE` | 16777216 |
 //! | `--http2-frame-size` | `HTTP2_FRAME_SIZE` | 1048576 |
+//! | `--hbone-stream-send-buffer` | `MESHWIRE_HBONE_STREAM_SEND_BUFFER` | 409600 |
+//! | `--hbone-connection-buffer` | `MESHWIRE_HBONE_CONNECTION_BUFFER` | 67108864 |
+//! | `--hbone-buffer-budget` | `MESHWIRE_HBONE_BUFFER_BUDGET` | 1073741824 |
 //! | `--pool-max-streams-per-connection` | `POOL_MAX_STREAMS_PER_CONNECTION` | 100 |
 //! | `--pool-unused-release-timeout` | `POOL_UNUSED_RELEASE_TIMEOUT` | `5m` |
 //! | `--pool-response-timeout` | `MESHWIRE_POOL_RESPONSE_TIMEOUT` | `3s` |
@@ -99,6 +102,15 @@
 //! from a local CA or from files instead of istiod. ztunnel variables meshwire does not implement (xDS
 //! and CA clients, in-pod mode, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
 //! that are set end up in [`Config::ignored_env`] for the binary to warn about.
+//!
+//! **Buffer budgets.** What the proxy holds for an HBONE peer that does not read is bounded by
+//! these settings, not by the windows the peer advertises: per stream, the HTTP/2 send buffer
+//! (`--hbone-stream-send-buffer`) plus the largest copy buffer (256 KiB), and the stream window of
+//! bytes the peer sent that the upstream did not take; per connection, `--hbone-connection-buffer`
+//! of upstream bytes and the connection window; per process, `--hbone-buffer-budget` over every
+//! HBONE tunnel, inbound (upstream bytes) and outbound (the client's bytes, where the per-stream
+//! part bounds a peer that does not read too). A stream that finds a budget spent stops reading its
+//! upstream until another stream gives bytes back (see [`meshwire_hbone::budget`]).
 //!
 //! **Packet mark.** The proxy's own upstream connections (HBONE to peers, passthrough, connections
 //! to local workloads) carry the firewall mark of `--packet-mark` (`SO_MARK`, ztunnel's 0x539 = 1337 by
@@ -186,6 +198,8 @@ pub struct Config {
     /// The HBONE connection pool, with the HTTP/2 settings of every HBONE connection (see
     /// [`Config::http2`]).
     pub pool: PoolConfig,
+    /// The budgets of bytes inbound HBONE connections hold for their peers.
+    pub buffers: BufferLimits,
     /// How long draining connections are given at shutdown before they are closed.
     pub drain_deadline: Duration,
     /// `Some` when this instance takes over from one still running on the same ports: it shares
@@ -213,6 +227,17 @@ pub struct Config {
     /// ztunnel variables that were set but that meshwire does not implement (from
     /// [`UNSUPPORTED_ZTUNNEL_ENV`]), for the binary to warn about.
     pub ignored_env: Vec<&'static str>,
+}
+
+/// The budgets of bytes the proxy holds from upstreams for HBONE peers that do not read (the
+/// per-stream part is the HTTP/2 send buffer, [`meshwire_hbone::Settings::send_buffer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferLimits {
+    /// Bytes the streams of one connection hold together (`--hbone-connection-buffer`).
+    pub connection: usize,
+    /// Bytes every HBONE tunnel of the process, inbound and outbound, holds together
+    /// (`--hbone-buffer-budget`).
+    pub process: usize,
 }
 
 /// Whom the proxy serves.
@@ -779,11 +804,23 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         let http2 =
             [&HTTP2_STREAM_WINDOW, &HTTP2_CONNECTION_WINDOW, &HTTP2_FRAME_SIZE].map(|opt| Origin::Flag(opt.flag));
-        self.validate_with(&|l| Origin::Flag(l.port_flag()), http2)
+        let buffers = [
+            &HBONE_STREAM_SEND_BUFFER,
+            &HBONE_CONNECTION_BUFFER,
+            &HBONE_BUFFER_BUDGET,
+        ]
+        .map(|opt| Origin::Flag(opt.flag));
+        self.validate_with(&|l| Origin::Flag(l.port_flag()), http2, buffers)
     }
 
-    /// `http2` is where the stream window, connection window and frame size came from.
-    fn validate_with(&self, port_origin: &dyn Fn(Listener) -> Origin, http2: [Origin; 3]) -> Result<(), Error> {
+    /// `http2` is where the stream window, connection window and frame size came from; `buffers`
+    /// where the stream send buffer, the connection buffer and the process budget came from.
+    fn validate_with(
+        &self,
+        port_origin: &dyn Fn(Listener) -> Origin,
+        http2: [Origin; 3],
+        buffers: [Origin; 3],
+    ) -> Result<(), Error> {
         let mut seen: Vec<(u16, Listener)> = Vec::new();
         for (listener, addr) in self.listeners.iter() {
             if addr.port() == 0 {
@@ -809,10 +846,28 @@ impl Config {
                 SettingsError::OutOfRange { field, .. } if *field == "connection_window" => vec![connection],
                 SettingsError::OutOfRange { field, .. } if *field == "max_frame_size" => vec![frame],
                 SettingsError::ConnectionWindowTooSmall { .. } => vec![connection, stream],
+                SettingsError::OutOfRange { field, .. } if *field == "send_buffer" => vec![buffers[0]],
                 _ => http2.to_vec(),
             };
             Error::Http2 { origins, source }
         })?;
+        // Each budget lets at least one stream through.
+        let lease = meshwire_hbone::server::stream_lease(self.http2(), &meshwire_hbone::copy::CopyConfig::default());
+        for (value, origin) in [
+            (self.buffers.connection, buffers[1]),
+            (self.buffers.process, buffers[2]),
+        ] {
+            if value < lease {
+                return Err(Error::Invalid {
+                    origin,
+                    value: value.to_string(),
+                    reason: format!(
+                        "smaller than what one stream holds ({lease} bytes: the stream send buffer plus the \
+                         256 KiB copy buffer), so no stream could send"
+                    ),
+                });
+            }
+        }
         for (value, flag) in [
             (self.worker_threads, "--worker-threads"),
             (
@@ -1221,6 +1276,31 @@ const HTTP2_FRAME_SIZE: Opt = Opt {
     help: "Largest HTTP/2 frame accepted",
     ..Opt::new(H_HBONE)
 };
+const HBONE_STREAM_SEND_BUFFER: Opt = Opt {
+    flag: "--hbone-stream-send-buffer",
+    value_name: "BYTES",
+    keys: &[Env("MESHWIRE_HBONE_STREAM_SEND_BUFFER")],
+    default: Some("409600"),
+    help: "Bytes HTTP/2 queues for one HBONE stream whose peer does not read, whatever window the peer advertises",
+    ..Opt::new(H_HBONE)
+};
+const HBONE_CONNECTION_BUFFER: Opt = Opt {
+    flag: "--hbone-connection-buffer",
+    value_name: "BYTES",
+    keys: &[Env("MESHWIRE_HBONE_CONNECTION_BUFFER")],
+    default: Some("67108864"),
+    help: "Bytes the streams of one inbound HBONE connection hold from their upstreams together",
+    ..Opt::new(H_HBONE)
+};
+const HBONE_BUFFER_BUDGET: Opt = Opt {
+    flag: "--hbone-buffer-budget",
+    value_name: "BYTES",
+    keys: &[Env("MESHWIRE_HBONE_BUFFER_BUDGET")],
+    default: Some("1073741824"),
+    help: "Bytes every HBONE tunnel of the process (inbound and outbound) holds for peers together; \
+           streams wait (and stop reading what they forward) when it is spent",
+    ..Opt::new(H_HBONE)
+};
 const POOL_MAX_STREAMS: Opt = Opt {
     flag: "--pool-max-streams-per-connection",
     value_name: "N",
@@ -1352,6 +1432,9 @@ const OPTS: &[&Opt] = &[
     &HTTP2_STREAM_WINDOW,
     &HTTP2_CONNECTION_WINDOW,
     &HTTP2_FRAME_SIZE,
+    &HBONE_STREAM_SEND_BUFFER,
+    &HBONE_CONNECTION_BUFFER,
+    &HBONE_BUFFER_BUDGET,
     &POOL_MAX_STREAMS,
     &POOL_UNUSED_RELEASE_TIMEOUT,
     &POOL_RESPONSE_TIMEOUT,
@@ -1491,12 +1574,20 @@ impl<'a> Inputs<'a> {
         settings.stream_window = stream_window.value;
         settings.connection_window = connection_window.value;
         settings.max_frame_size = frame_size.value;
+        let send_buffer = self.required(&HBONE_STREAM_SEND_BUFFER, parse_bytes)?;
+        settings.send_buffer = send_buffer.value;
+        let connection_buffer = self.required(&HBONE_CONNECTION_BUFFER, parse_bytes)?;
+        let buffer_budget = self.required(&HBONE_BUFFER_BUDGET, parse_bytes)?;
         let pool = PoolConfig {
             max_streams_per_connection: self.required(&POOL_MAX_STREAMS, at_least_one)?.value,
             idle_timeout: self.required(&POOL_UNUSED_RELEASE_TIMEOUT, parse_duration)?.value,
             response_timeout: self.required(&POOL_RESPONSE_TIMEOUT, positive_duration)?.value,
             probe_timeout: self.required(&POOL_PROBE_TIMEOUT, positive_duration)?.value,
             settings,
+        };
+        let buffers = BufferLimits {
+            connection: connection_buffer.value,
+            process: buffer_budget.value,
         };
 
         let (listeners, port_origins) = self.listeners()?;
@@ -1516,6 +1607,7 @@ impl<'a> Inputs<'a> {
             instance_ip: self.get(&INSTANCE_IP, parse_ip)?.map(|f| f.value),
             listeners,
             pool,
+            buffers,
             drain_deadline: self.drain_deadline()?,
             handover: self.get(&HANDOVER, positive_duration)?.map(|f| f.value),
             worker_threads: worker_threads.0,
@@ -1538,7 +1630,8 @@ impl<'a> Inputs<'a> {
                 .map_or(Origin::Flag(l.port_flag()), |(_, origin)| *origin)
         };
         let http2 = [stream_window.origin, connection_window.origin, frame_size.origin];
-        config.validate_with(&port_origin, http2)?;
+        let buffer_origins = [send_buffer.origin, connection_buffer.origin, buffer_budget.origin];
+        config.validate_with(&port_origin, http2, buffer_origins)?;
         Ok(config)
     }
 
@@ -1880,6 +1973,12 @@ fn parse_u32(s: &str) -> Result<u32, String> {
         .map_err(|_| format!("expected a number of bytes between 0 and {}", u32::MAX))
 }
 
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("expected a number of bytes between 0 and {}", usize::MAX))
+}
+
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
@@ -2009,6 +2108,64 @@ mod tests {
                 listener.port_opt().default,
                 Some(listener.default_port().to_string().as_str())
             );
+        }
+    }
+
+    #[test]
+    fn buffer_budgets_are_read_and_each_lets_one_stream_through() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned())
+        };
+        let default = Config::default();
+        assert_eq!(default.http2().send_buffer, 400 * 1024);
+        assert_eq!(
+            default.buffers,
+            BufferLimits {
+                connection: 64 << 20,
+                process: 1 << 30,
+            }
+        );
+        let set = Config::from_args_and_env(
+            ["ztunnel", "--hbone-buffer-budget", "33554432"],
+            &env(&[
+                ("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608"),
+                ("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(set.http2().send_buffer, 65536);
+        assert_eq!(set.pool.settings.send_buffer, 65536, "the client side too");
+        assert_eq!(
+            set.buffers,
+            BufferLimits {
+                connection: 8 << 20,
+                process: 32 << 20,
+            }
+        );
+        // A budget under one stream's lease (send buffer + 256 KiB copy buffer) names its origin.
+        for (args, vars, named) in [
+            (&["--hbone-buffer-budget", "1000"][..], &[][..], "--hbone-buffer-budget"),
+            (
+                &[][..],
+                &[
+                    ("MESHWIRE_HBONE_CONNECTION_BUFFER", "327679"),
+                    ("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536"),
+                ][..],
+                "environment variable MESHWIRE_HBONE_CONNECTION_BUFFER",
+            ),
+            (
+                &[][..],
+                &[("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "100")][..],
+                "environment variable MESHWIRE_HBONE_STREAM_SEND_BUFFER",
+            ),
+            (&["--hbone-buffer-budget=-1"][..], &[][..], "--hbone-buffer-budget"),
+        ] {
+            let vars: Vec<(String, String)> = vars.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+            let lookup = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+            let err = Config::from_args_and_env(std::iter::once("ztunnel").chain(args.iter().copied()), &lookup)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{args:?} {vars:?}: {err}");
         }
     }
 }

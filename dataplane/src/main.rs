@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let logging = cli::init_logging(&config);
+    cli::return_freed_memory();
     match run(config, logging) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

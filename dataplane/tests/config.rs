@@ -284,6 +284,15 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("HTTP2_FRAME_SIZE", "65536")], |c| {
             c.http2().max_frame_size == 65536
         }),
+        (vec![("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536")], |c| {
+            c.http2().send_buffer == 65536 && c.pool.settings.send_buffer == 65536
+        }),
+        (vec![("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608")], |c| {
+            c.buffers.connection == 8 << 20
+        }),
+        (vec![("MESHWIRE_HBONE_BUFFER_BUDGET", "33554432")], |c| {
+            c.buffers.process == 32 << 20
+        }),
         (vec![("POOL_MAX_STREAMS_PER_CONNECTION", "50")], |c| {
             c.pool.max_streams_per_connection == 50
         }),

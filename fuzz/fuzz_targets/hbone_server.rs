@@ -1232,6 +1232,7 @@ fn options() -> ServeOptions {
             initial_buffer: 512,
             max_buffer: 4096,
         },
+        ..ServeOptions::default()
     }
 }
 

@@ -209,7 +209,29 @@ impl Tunnel {
     where
         D: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        self.io.splice(downstream, config).await
+        self.io.splice(downstream, config, None).await
+    }
+
+    /// [`splice`](Self::splice), reading `downstream` only while holding a lease of `lease` bytes
+    /// of `budget` (see [`crate::budget`]): a peer that does not read holds at most the lease of
+    /// each of its tunnels, and when `budget` is spent, tunnels wait and stop reading their
+    /// downstream instead of buffering.
+    pub async fn splice_within<D>(
+        &mut self,
+        downstream: &mut D,
+        config: crate::copy::CopyConfig,
+        budget: &crate::budget::BufferBudget,
+        lease: usize,
+    ) -> crate::copy::CopyOutcome
+    where
+        D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let budgets = crate::budget::Budgets {
+            connection: None,
+            process: budget,
+        };
+        let lease = crate::budget::Lease::new(budgets, lease);
+        self.io.splice(downstream, config, Some(lease)).await
     }
 }
 

@@ -14,8 +14,10 @@
 //! - [`double`]: double HBONE, an inner mTLS + HTTP/2 CONNECT to the final workload inside an outer
 //!   tunnel to an east-west gateway.
 //! - [`headers`]: the CONNECT authority and metadata headers (`forwarded`, `baggage`, `traceparent`).
+//! - [`budget`]: budgets of bytes held for peers that do not read (per connection, per process).
 //! - [`settings`]: HTTP/2 windows, frame size, stream and header limits, timeouts (ztunnel's values by default).
 
+pub mod budget;
 pub mod client;
 pub mod copy;
 pub mod double;

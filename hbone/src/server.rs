@@ -42,6 +42,7 @@ use meshwire_identity::tls;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::budget::{Budgets, BufferBudget};
 use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
 use crate::rt::Timer;
@@ -183,12 +184,67 @@ pub struct ServeSummary {
 }
 
 /// Settings of the server side.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// What a connection holds for its client is bounded: for each stream, its upstream's bytes (at
+/// most [`ServeOptions::stream_lease`]: HTTP/2's send buffer plus the largest copy buffer) and its
+/// client's bytes not yet taken by the upstream (at most the stream window); for the connection,
+/// `connection_buffer` of upstream bytes and the connection window of client bytes; for the process,
+/// `process_budget` of upstream bytes over every connection. A stream that finds a budget spent
+/// waits and stops reading its upstream (see [`crate::budget`]).
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// HTTP/2 settings and the handshake timeout.
     pub settings: Settings,
     /// Copy buffer sizes.
     pub copy: CopyConfig,
+    /// Bytes the streams of one connection hold from their upstreams together (default 64 MiB).
+    pub connection_buffer: usize,
+    /// The budget every connection served with these options shares (default: unlimited).
+    pub process_budget: Arc<BufferBudget>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            settings: Settings::default(),
+            copy: CopyConfig::default(),
+            connection_buffer: DEFAULT_CONNECTION_BUFFER,
+            process_budget: Arc::new(BufferBudget::new(usize::MAX)),
+        }
+    }
+}
+
+/// The default of [`ServeOptions::connection_buffer`]: 64 MiB.
+pub const DEFAULT_CONNECTION_BUFFER: usize = 64 * 1024 * 1024;
+
+impl ServeOptions {
+    /// What one stream holds of the budgets while its upstream sends: HTTP/2's send buffer plus the
+    /// largest copy buffer.
+    pub fn stream_lease(&self) -> usize {
+        stream_lease(&self.settings, &self.copy)
+    }
+
+    /// Checks the settings, and that each budget lets at least one stream through.
+    pub fn validate(&self) -> Result<(), crate::settings::SettingsError> {
+        self.settings.validate()?;
+        let lease = self.stream_lease();
+        for (budget, value) in [
+            ("connection_buffer", self.connection_buffer),
+            ("process_budget", self.process_budget.limit()),
+        ] {
+            if value < lease {
+                return Err(crate::settings::SettingsError::BudgetTooSmall { budget, value, lease });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one stream holds of the budgets while its upstream sends, for `settings` and `copy`.
+pub fn stream_lease(settings: &Settings, copy: &CopyConfig) -> usize {
+    settings
+        .send_buffer
+        .saturating_add(copy.max_buffer.max(copy.initial_buffer))
 }
 
 /// Serves one accepted connection until it closes, fails, or drains after `shutdown`.
@@ -300,7 +356,13 @@ where
     S: Future<Output = ()>,
     F: Future<Output = Result<(h2::server::Connection<IO, Bytes>, SpiffeId), ServeError>> + Unpin,
 {
-    options.settings.validate()?;
+    options.validate()?;
+    let connection_budget = BufferBudget::new(options.connection_buffer);
+    let budgets = Budgets {
+        connection: Some(&connection_budget),
+        process: &options.process_budget,
+    };
+    let lease = options.stream_lease();
     let limit = options.settings.handshake_timeout;
     let (mut conn, peer) = with_timeout(timer, limit, handshake)
         .await
@@ -326,7 +388,14 @@ where
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
                         count += 1;
-                        streams.push(handle_stream(handler, peer_ref, request, respond, copy_config));
+                        streams.push(handle_stream(
+                            handler,
+                            peer_ref,
+                            request,
+                            respond,
+                            copy_config,
+                            (budgets, lease),
+                        ));
                         progressed = true;
                     }
                     Poll::Ready(Some(Err(e))) => {
@@ -393,6 +462,7 @@ async fn handle_stream<H: Handler>(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     copy_config: CopyConfig,
+    (budgets, lease): (Budgets<'_>, usize),
 ) -> StreamReport {
     let (parts, body) = request.into_parts();
     let mut report = StreamReport {
@@ -477,7 +547,13 @@ async fn handle_stream<H: Handler>(
         }
     };
     let mut tunnel = H2Io::new(send, body);
-    let outcome = tunnel.splice(&mut upstream, copy_config).await;
+    let outcome = tunnel
+        .splice(
+            &mut upstream,
+            copy_config,
+            Some(crate::budget::Lease::new(budgets, lease)),
+        )
+        .await;
     if outcome.error.is_some() {
         // An error on the upstream connection (a reset, say) is passed on as RST_STREAM
         // CONNECT_ERROR (RFC 9113 section 8.5), never as a clean END_STREAM.

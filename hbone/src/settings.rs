@@ -17,6 +17,19 @@ pub enum SettingsError {
         /// Stream window.
         stream: u32,
     },
+    /// A buffer budget smaller than what one stream holds: no stream could ever move a byte.
+    #[error(
+        "{budget} ({value} bytes) is smaller than what one stream holds ({lease} bytes: its send buffer \
+         plus its largest copy buffer)"
+    )]
+    BudgetTooSmall {
+        /// The budget.
+        budget: &'static str,
+        /// Its value.
+        value: usize,
+        /// What one stream holds.
+        lease: usize,
+    },
     /// A value outside what HTTP/2 allows.
     #[error("{field} = {value} is outside the range HTTP/2 allows ({min}..={max})")]
     OutOfRange {
@@ -55,6 +68,9 @@ pub struct Settings {
     pub ping_interval: Duration,
     /// Time without a PING answer after which a connection is dropped (default 20 s).
     pub ping_timeout: Duration,
+    /// Bytes HTTP/2 queues for one stream before the socket takes them (default 400 KiB, h2's):
+    /// what a stream holds for a peer that does not read, whatever window the peer advertises.
+    pub send_buffer: usize,
 }
 
 impl Default for Settings {
@@ -70,11 +86,14 @@ impl Default for Settings {
             read_ahead: 256 * 1024,
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(20),
+            send_buffer: 400 * 1024,
         }
     }
 }
 
 const MAX_WINDOW: u64 = (1 << 31) - 1;
+/// The smallest send buffer: one DATA frame of HTTP/2's smallest maximum frame size.
+const MIN_SEND_BUFFER: u64 = 16_384;
 
 impl Settings {
     /// Checks the settings against HTTP/2's limits and each other.
@@ -100,6 +119,14 @@ impl Settings {
             1,
             u32::MAX.into(),
         )?;
+        if !(MIN_SEND_BUFFER..=u64::from(u32::MAX)).contains(&(self.send_buffer as u64)) {
+            return Err(SettingsError::OutOfRange {
+                field: "send_buffer",
+                value: self.send_buffer as u64,
+                min: MIN_SEND_BUFFER,
+                max: u32::MAX.into(),
+            });
+        }
         if u64::from(self.connection_window) < 4 * u64::from(self.stream_window) {
             return Err(SettingsError::ConnectionWindowTooSmall {
                 connection: self.connection_window,
@@ -115,6 +142,7 @@ impl Settings {
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.client_max_header_list_size)
+            .max_send_buffer_size(self.send_buffer)
             .enable_push(false);
         b
     }
@@ -125,7 +153,8 @@ impl Settings {
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.max_frame_size)
             .max_concurrent_streams(self.max_concurrent_streams)
-            .max_header_list_size(self.server_max_header_list_size);
+            .max_header_list_size(self.server_max_header_list_size)
+            .max_send_buffer_size(self.send_buffer);
         b
     }
 }
@@ -152,5 +181,13 @@ mod tests {
         };
         let err = frame.validate().unwrap_err();
         assert!(err.to_string().contains("max_frame_size"), "{err}");
+        for send_buffer in [0, 1000, 1 << 33] {
+            let small = Settings {
+                send_buffer,
+                ..Settings::default()
+            };
+            let err = small.validate().unwrap_err();
+            assert!(err.to_string().contains("send_buffer"), "{err}");
+        }
     }
 }

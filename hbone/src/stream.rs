@@ -11,6 +11,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
+use crate::budget::Lease;
 use crate::copy::{CopyConfig, CopyOutcome, POLL_BUDGET};
 
 /// Maps an HTTP/2 error to the `io::Error` a byte stream reports.
@@ -139,7 +140,10 @@ impl AsyncWrite for H2Io {
 }
 
 /// One direction of a splice: upstream bytes handed to h2 without a copy.
-struct ToH2 {
+struct ToH2<'a> {
+    /// What the direction holds of its budgets: taken before it reads from the upstream, given
+    /// back when the upstream has nothing more to send (or on drop, when the splice ends).
+    lease: Option<Lease<'a>>,
     /// Read buffer; filled bytes are split off and given to h2 as they are.
     buf: BytesMut,
     /// Bytes read and not yet accepted by h2 (waiting for flow-control capacity).
@@ -164,12 +168,21 @@ impl H2Io {
     /// from the upstream are handed to HTTP/2 as they are, and received DATA is written to the
     /// upstream from HTTP/2's own buffers. Flow-control capacity is given back only once the
     /// upstream took the bytes, so a slow upstream slows the peer.
-    pub(crate) async fn splice<U>(&mut self, upstream: &mut U, config: CopyConfig) -> CopyOutcome
+    ///
+    /// With a `lease`, the upstream is read only while the lease is held: it is taken when the
+    /// upstream has bytes to send and given back when it has no more (see [`crate::budget`]).
+    pub(crate) async fn splice<U>(
+        &mut self,
+        upstream: &mut U,
+        config: CopyConfig,
+        lease: Option<Lease<'_>>,
+    ) -> CopyOutcome
     where
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
         let max = config.max_buffer.max(config.initial_buffer).max(1);
         let mut out = ToH2 {
+            lease,
             buf: BytesMut::new(),
             pending: Bytes::new(),
             size: config.initial_buffer.max(1),
@@ -212,7 +225,7 @@ impl H2Io {
 
     fn poll_to_h2<U: AsyncRead + ?Sized>(
         &mut self,
-        st: &mut ToH2,
+        st: &mut ToH2<'_>,
         cx: &mut Context<'_>,
         mut upstream: Pin<&mut U>,
         max: usize,
@@ -245,7 +258,17 @@ impl H2Io {
             if st.read_done {
                 self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
                 st.shut_down = true;
+                if let Some(lease) = st.lease.as_mut() {
+                    lease.release();
+                }
                 return Poll::Ready(Ok(()));
+            }
+            // Hold the lease before reading: a spent budget stops the reads, and TCP pushes back
+            // on the upstream.
+            if let Some(lease) = st.lease.as_mut()
+                && !lease.held()
+            {
+                ready!(lease.poll_acquire(cx));
             }
             st.buf.reserve(st.size);
             let mut window = (&mut st.buf).limit(st.size);
@@ -260,8 +283,11 @@ impl H2Io {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Idle: give the buffer back.
+                    // Idle: give the buffer and the lease back.
                     st.buf = BytesMut::new();
+                    if let Some(lease) = st.lease.as_mut() {
+                        lease.release();
+                    }
                     return Poll::Pending;
                 }
             }

@@ -45,6 +45,33 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
     })
 }
 
+/// The buffer budgets of HBONE tunnels and the bytes held now, as `/config_dump` shows them under
+/// `buffers` (bytes):
+///
+/// ```json
+/// { "streamSendBuffer": 409600, "streamCopyBuffer": 262144, "streamLease": 671744,
+///   "connectionBudget": 67108864, "processBudget": 1073741824, "processBuffered": 0,
+///   "streamWindow": 4194304, "connectionWindow": 16777216 }
+/// ```
+///
+/// `streamLease` is what one stream holds while it has bytes to forward (its send buffer plus its
+/// largest copy buffer); `processBuffered` is what the leases of every tunnel, inbound and outbound,
+/// hold now: an upper bound of the bytes buffered for peers. `connectionBudget` applies to inbound
+/// connections (an outbound one holds at most its streams' leases); the windows bound what a peer
+/// sends that the destination has not taken yet.
+pub fn buffers_dump(serve: &meshwire_hbone::server::ServeOptions) -> Value {
+    json!({
+        "streamSendBuffer": serve.settings.send_buffer,
+        "streamCopyBuffer": serve.copy.max_buffer.max(serve.copy.initial_buffer),
+        "streamLease": serve.stream_lease(),
+        "connectionBudget": serve.connection_buffer,
+        "processBudget": serve.process_budget.limit(),
+        "processBuffered": serve.process_budget.used(),
+        "streamWindow": serve.settings.stream_window,
+        "connectionWindow": serve.settings.connection_window,
+    })
+}
+
 fn gateway(gateway: Option<&GatewayAddress>) -> Value {
     match gateway {
         Some(g) => json!({ "destination": g.destination.to_string(), "hboneMtlsPort": g.hbone_mtls_port }),
@@ -141,6 +168,7 @@ pub const DUMP_CHUNK: usize = 32 * 1024;
 /// Which part of the dump comes next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
+    Buffers,
     Certificates,
     Config,
     Policies,
@@ -157,8 +185,12 @@ enum Part {
 /// before it asks for the next.
 pub struct ConfigDumpChunks {
     snapshot: std::sync::Arc<Snapshot>,
+    /// The `buffers` section ([`buffers_dump`]), when the dump has one.
+    buffers: Option<Value>,
     certificates: Vec<Value>,
     part: Part,
+    /// Whether the document's opening brace was written.
+    opened: bool,
     /// The next item of the current part.
     index: usize,
     /// Serialises one item (kept to reuse its allocation).
@@ -184,14 +216,24 @@ pub fn config_dump_chunks(
 ) -> ConfigDumpChunks {
     ConfigDumpChunks {
         snapshot,
+        buffers: None,
         certificates: certificates.iter().map(|c| certificate(c, now, wall_now)).collect(),
         part: Part::Certificates,
+        opened: false,
         index: 0,
         item: Vec::new(),
     }
 }
 
 impl ConfigDumpChunks {
+    /// The dump with a `buffers` section (the first key, as `serde_json` orders keys), as
+    /// [`buffers_dump`] makes it.
+    pub fn with_buffers(mut self, buffers: Value) -> Self {
+        self.buffers = Some(buffers);
+        self.part = Part::Buffers;
+        self
+    }
+
     /// Appends `value`, pretty-printed as `serde_json` does at `indent` spaces deep, to `out`.
     fn pretty(&mut self, value: &Value, indent: &[u8], out: &mut Vec<u8>) {
         self.item.clear();
@@ -220,12 +262,13 @@ impl ConfigDumpChunks {
                 .map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
             Part::Services => state.services().get(index).map(service),
             Part::Workloads => state.workloads().get(index).map(workload),
-            Part::Config | Part::End => None,
+            Part::Buffers | Part::Config | Part::End => None,
         }
     }
 
     fn key(part: Part) -> &'static [u8] {
         match part {
+            Part::Buffers => b"  \"buffers\": ",
             Part::Certificates => b"  \"certificates\": ",
             Part::Config => b"  \"config\": ",
             Part::Policies => b"  \"policies\": ",
@@ -237,6 +280,7 @@ impl ConfigDumpChunks {
 
     fn next_part(part: Part) -> Part {
         match part {
+            Part::Buffers => Part::Certificates,
             Part::Certificates => Part::Config,
             Part::Config => Part::Policies,
             Part::Policies => Part::Services,
@@ -253,8 +297,18 @@ impl ConfigDumpChunks {
             return false;
         }
         if self.index == 0 {
-            out.extend_from_slice(if part == Part::Certificates { b"{\n" } else { b",\n" });
+            out.extend_from_slice(if std::mem::replace(&mut self.opened, true) {
+                b",\n"
+            } else {
+                b"{\n"
+            });
             out.extend_from_slice(Self::key(part));
+        }
+        if part == Part::Buffers {
+            let buffers = self.buffers.take().unwrap_or(Value::Null);
+            self.pretty(&buffers, b"  ", out);
+            self.part = Self::next_part(part);
+            return true;
         }
         if part == Part::Config {
             let snapshot = &self.snapshot;

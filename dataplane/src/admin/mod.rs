@@ -63,7 +63,7 @@ use tokio::sync::watch;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::watch::Published;
 
-pub use dump::{ConfigDumpChunks, DUMP_CHUNK, config_dump, config_dump_chunks, rfc3339};
+pub use dump::{ConfigDumpChunks, DUMP_CHUNK, buffers_dump, config_dump, config_dump_chunks, rfc3339};
 pub use logging::{LogControl, LogControlError};
 pub use readiness::{READY_PATH, Readiness, ReadinessHandler, ReadyBlocker};
 pub use server::{
@@ -207,12 +207,15 @@ pub async fn config_loaded(published: &Published) {
 ///
 /// With [`MetricsHandler::with_config`], two gauges are added: `istio_build{component="ztunnel",tag=<version>} 1`
 /// (as ztunnel reports its build) and `meshwire_config_generation`, the generation of the
-/// configuration in force.
+/// configuration in force. With [`MetricsHandler::with_buffers`], two more:
+/// `meshwire_hbone_buffered_bytes` (what HBONE tunnels, inbound and outbound, hold now for peers) and
+/// `meshwire_hbone_buffer_budget_bytes` (the process's budget for it).
 #[derive(Debug, Clone)]
 pub struct MetricsHandler {
     /// The counters, one [`Metrics`] per core where the proxy counts on each core separately.
     metrics: Arc<[Arc<Metrics>]>,
     proxy: Option<Arc<ProxyGauges>>,
+    buffers: Option<Arc<BufferGauges>>,
     /// Metrics of the binary itself (the io_uring build's per-core counters).
     extra: Option<Arc<prometheus_client::registry::Registry>>,
 }
@@ -222,6 +225,13 @@ struct ProxyGauges {
     registry: prometheus_client::registry::Registry,
     generation: prometheus_client::metrics::gauge::Gauge,
     published: Published,
+}
+
+#[derive(Debug)]
+struct BufferGauges {
+    registry: prometheus_client::registry::Registry,
+    buffered: prometheus_client::metrics::gauge::Gauge,
+    budget: Arc<meshwire_hbone::budget::BufferBudget>,
 }
 
 impl MetricsHandler {
@@ -236,6 +246,7 @@ impl MetricsHandler {
         Self {
             metrics: parts.into(),
             proxy: None,
+            buffers: None,
             extra: None,
         }
     }
@@ -284,6 +295,32 @@ impl MetricsHandler {
         self
     }
 
+    /// Adds the gauges of the process's buffer budget `budget`, read at each request.
+    pub fn with_buffers(mut self, budget: Arc<meshwire_hbone::budget::BufferBudget>) -> Self {
+        use prometheus_client::metrics::gauge::Gauge;
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let buffered = Gauge::default();
+        registry.register(
+            "meshwire_hbone_buffered_bytes",
+            "Bytes HBONE tunnels (inbound and outbound) hold for their peers",
+            buffered.clone(),
+        );
+        let limit: Gauge = Gauge::default();
+        limit.set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
+        registry.register(
+            "meshwire_hbone_buffer_budget_bytes",
+            "The process's budget of bytes HBONE tunnels (inbound and outbound) hold for their peers",
+            limit,
+        );
+        self.buffers = Some(Arc::new(BufferGauges {
+            registry,
+            buffered,
+            budget,
+        }));
+        self
+    }
+
     /// The body `/metrics` answers: every metric in the OpenMetrics text format, ending with `# EOF`.
     pub fn render(&self) -> String {
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -297,6 +334,12 @@ impl MetricsHandler {
                 .generation
                 .set(i64::try_from(proxy.published.generation()).unwrap_or(i64::MAX));
             encoded = encoded.and_then(|()| encode_registry(&mut text, &proxy.registry));
+        }
+        if let Some(buffers) = &self.buffers {
+            buffers
+                .buffered
+                .set(i64::try_from(buffers.budget.used()).unwrap_or(i64::MAX));
+            encoded = encoded.and_then(|()| encode_registry(&mut text, &buffers.registry));
         }
         if let Some(extra) = &self.extra {
             encoded = encoded.and_then(|()| encode_registry(&mut text, extra));
@@ -349,6 +392,7 @@ pub struct AdminHandler {
     certificates: Arc<dyn CertificateStatus>,
     shutdown: ShutdownTrigger,
     logging: Option<LogControl>,
+    buffers: Option<meshwire_hbone::server::ServeOptions>,
 }
 
 impl AdminHandler {
@@ -361,7 +405,15 @@ impl AdminHandler {
             certificates,
             shutdown,
             logging: None,
+            buffers: None,
         }
+    }
+
+    /// Adds the buffer budgets of `serve` (and the bytes they hold now) to `/config_dump`, as
+    /// `buffers` (see [`buffers_dump`]).
+    pub fn with_buffers(mut self, serve: meshwire_hbone::server::ServeOptions) -> Self {
+        self.buffers = Some(serve);
+        self
     }
 
     /// Serves `/logging` through `logging`.
@@ -383,7 +435,10 @@ impl AdminHandler {
     fn config_dump(&self) -> Response<Body> {
         let snapshot = self.published.load();
         let certificates = self.certificates.certificates();
-        let chunks = config_dump_chunks(snapshot, &certificates, Instant::now(), SystemTime::now());
+        let mut chunks = config_dump_chunks(snapshot, &certificates, Instant::now(), SystemTime::now());
+        if let Some(serve) = &self.buffers {
+            chunks = chunks.with_buffers(buffers_dump(serve));
+        }
         let mut response = Response::new(Body::Chunks(Box::new(chunks)));
         response
             .headers_mut()

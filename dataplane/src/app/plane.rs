@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use meshwire_hbone::budget::BufferBudget;
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::PoolConfig;
 use meshwire_hbone::server::ServeOptions;
@@ -335,6 +336,8 @@ impl ControlPlane {
             serve_options: ServeOptions {
                 settings: config.http2().clone(),
                 copy: CopyConfig::default(),
+                connection_buffer: config.buffers.connection,
+                process_budget: Arc::new(BufferBudget::new(config.buffers.process)),
             },
             log_format,
             upstream,
@@ -568,6 +571,7 @@ impl Control {
         if let Some(logging) = logging {
             admin = admin.with_logging(logging);
         }
+        admin = admin.with_buffers(context.serve_options.clone());
         let (stop, _) = watch::channel(false);
         let servers = vec![
             Self::serve(
@@ -580,7 +584,9 @@ impl Control {
             Self::serve(
                 "metrics",
                 bound.metrics,
-                metrics.with_config(context.published.clone()),
+                metrics
+                    .with_config(context.published.clone())
+                    .with_buffers(context.serve_options.process_budget.clone()),
                 &stop,
             ),
         ];

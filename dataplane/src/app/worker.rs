@@ -81,7 +81,11 @@ where
             CopyConfig::default(),
         )
         .with_telemetry(metrics.clone(), context.log_format())
-        .with_socket_options(context.upstream().clone());
+        .with_socket_options(context.upstream().clone())
+        .with_buffer_budget(
+            context.serve_options().process_budget.clone(),
+            context.serve_options().stream_lease(),
+        );
         Self {
             context,
             runtime,

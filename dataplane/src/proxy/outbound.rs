@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use meshwire_hbone::budget::BufferBudget;
 use meshwire_hbone::client::{ConnectError, ConnectRequest, Tunnel};
 use meshwire_hbone::copy::{self, CopyConfig, CopyOutcome};
 use meshwire_hbone::headers::{Authority, Forwarded, Metadata};
@@ -522,6 +523,8 @@ pub struct Outbound<S, R: Runtime = TokioRuntime> {
     metrics: Arc<Metrics>,
     log_format: LogFormat,
     pick: AtomicU64,
+    /// The budget HBONE tunnels hold the client's bytes within, and one tunnel's lease.
+    budget: Option<(Arc<BufferBudget>, usize)>,
 }
 
 impl<S, R: Runtime> fmt::Debug for Outbound<S, R> {
@@ -579,6 +582,7 @@ where
             metrics: Arc::new(Metrics::new()),
             log_format: LogFormat::default(),
             pick: AtomicU64::new(0),
+            budget: None,
         }
     }
 
@@ -586,6 +590,14 @@ where
     pub fn with_telemetry(mut self, metrics: Arc<Metrics>, log_format: LogFormat) -> Self {
         self.metrics = metrics;
         self.log_format = log_format;
+        self
+    }
+
+    /// Holds what HBONE tunnels buffer of their clients' bytes within `budget`, each tunnel
+    /// taking a lease of `lease` bytes while its client sends (see
+    /// [`meshwire_hbone::budget`]); without it, only each tunnel's own buffers bound it.
+    pub fn with_buffer_budget(mut self, budget: Arc<BufferBudget>, lease: usize) -> Self {
+        self.budget = Some((budget, lease));
         self
     }
 
@@ -774,7 +786,8 @@ where
         }
 
         let mut client = MeteredStream::new(stream, record.metrics());
-        let outcome = copy_between(&mut client, upstream, self.copy).await;
+        let budget = self.budget.as_ref().map(|(budget, lease)| (&**budget, *lease));
+        let outcome = copy_between(&mut client, upstream, self.copy, budget).await;
         summary.sent = outcome.to_upstream;
         summary.received = outcome.to_client;
         if let Some(error) = outcome.error {
@@ -862,15 +875,24 @@ struct Copied {
     error: Option<io::Error>,
 }
 
-/// Copies between the client and the upstream until both directions ended.
-async fn copy_between<D, T>(client: &mut D, upstream: Upstream<T>, config: CopyConfig) -> Copied
+/// Copies between the client and the upstream until both directions ended; a tunnel within
+/// `budget` (and its lease size) if there is one.
+async fn copy_between<D, T>(
+    client: &mut D,
+    upstream: Upstream<T>,
+    config: CopyConfig,
+    budget: Option<(&BufferBudget, usize)>,
+) -> Copied
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin,
 {
     match upstream {
         Upstream::Tunnel(mut tunnel) => {
-            let CopyOutcome { a_to_b, b_to_a, error } = tunnel.splice(client, config).await;
+            let CopyOutcome { a_to_b, b_to_a, error } = match budget {
+                Some((budget, lease)) => tunnel.splice_within(client, config, budget, lease).await,
+                None => tunnel.splice(client, config).await,
+            };
             Copied {
                 to_upstream: b_to_a,
                 to_client: a_to_b,

@@ -1,0 +1,133 @@
+//! Buffer budgets over real loopback sockets with real mTLS: a stream whose peer does not read holds
+//! its lease, a second stream waits for the spent budget (its upstream unread) instead of buffering,
+//! and once the first is read both deliver every byte; nothing stays charged afterwards.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use meshwire_hbone::Settings;
+use meshwire_hbone::budget::BufferBudget;
+use meshwire_hbone::client::{self, ConnectRequest, Tunnel};
+use meshwire_hbone::headers::Authority;
+use meshwire_hbone::server::ServeOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+const LIMIT: Duration = Duration::from_secs(30);
+/// What each upstream sends: far more than the client's window plus the server's buffers.
+const TOTAL: usize = 3 << 20;
+
+/// An upstream that sends [`TOTAL`] bytes of `pattern(TOTAL, port)` to each connection, then closes.
+async fn sender() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tcp.write_all(&pattern(TOTAL, 7)).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_all(tunnel: &mut Tunnel) -> Vec<u8> {
+    let mut got = Vec::new();
+    timeout(LIMIT, tunnel.read_to_end(&mut got)).await.unwrap().unwrap();
+    got
+}
+
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    timeout(LIMIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// Two streams on one connection, with the budget under test just one lease large.
+async fn second_stream_waits_for_the_first(options: ServeOptions, budget: Arc<BufferBudget>) {
+    let pki = Pki::new();
+    let lease = options.stream_lease();
+    let server = hbone_server(&pki, options).await;
+    let upstream = sender().await;
+    // Small windows: the server cannot push an upstream's bytes into the client's buffers.
+    let settings = Settings {
+        stream_window: 64 * 1024,
+        connection_window: 1024 * 1024,
+        ..Settings::default()
+    };
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (conn, driver) = client::handshake(tcp, pki.client_tls.clone(), &settings, TokioTimer)
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    let request = ConnectRequest::new(Authority::SocketAddr(upstream));
+
+    let mut first = conn.open(&request).await.unwrap();
+    wait_for("the first stream's lease", || budget.used() == lease).await;
+    let mut second = conn.open(&request).await.unwrap();
+    // The second stream is open but may not read its upstream: nothing arrives.
+    let mut byte = [0u8; 1];
+    assert!(
+        timeout(Duration::from_millis(300), second.read(&mut byte))
+            .await
+            .is_err(),
+        "the second stream moved bytes with the budget spent"
+    );
+    assert_eq!(budget.used(), lease, "never more than the budget");
+
+    // Reading the first gives its lease back once its upstream ended; the second then delivers
+    // everything.
+    let expected = pattern(TOTAL, 7);
+    let (a, b) = tokio::join!(read_all(&mut first), read_all(&mut second));
+    assert!(a == expected, "the first stream lost or changed bytes");
+    assert!(b == expected, "the second stream lost or changed bytes");
+    drop((first, second));
+    wait_for("every lease given back", || budget.used() == 0).await;
+}
+
+fn small_send_buffer() -> ServeOptions {
+    let mut options = ServeOptions::default();
+    options.settings.send_buffer = 64 * 1024;
+    options
+}
+
+#[tokio::test]
+async fn a_spent_process_budget_holds_a_stream_back_and_loses_nothing() {
+    let mut options = small_send_buffer();
+    let budget = Arc::new(BufferBudget::new(options.stream_lease()));
+    options.process_budget = budget.clone();
+    second_stream_waits_for_the_first(options, budget).await;
+}
+
+#[tokio::test]
+async fn a_spent_connection_budget_holds_a_stream_back_and_loses_nothing() {
+    let mut options = small_send_buffer();
+    // The connection's budget is not visible from outside; the process's, as large, follows it.
+    options.connection_buffer = options.stream_lease();
+    let budget = Arc::new(BufferBudget::new(usize::MAX));
+    options.process_budget = budget.clone();
+    second_stream_waits_for_the_first(options, budget).await;
+}
+
+#[tokio::test]
+async fn a_budget_smaller_than_one_stream_is_refused_by_name() {
+    let mut options = small_send_buffer();
+    options.connection_buffer = options.stream_lease() - 1;
+    let err = options.validate().unwrap_err();
+    assert!(err.to_string().contains("connection_buffer"), "{err}");
+    let mut options = small_send_buffer();
+    options.process_budget = Arc::new(BufferBudget::new(1000));
+    let err = options.validate().unwrap_err();
+    assert!(err.to_string().contains("process_budget"), "{err}");
+}

@@ -1,0 +1,476 @@
+//! Memory is bounded by configuration, not by the peer: a mesh client with a valid SVID that opens
+//! many CONNECT streams to an upstream that sends without end, advertises a huge HTTP/2 window and
+//! never reads, gets back-pressure once the proxy holds its buffer budget, and the memory comes back
+//! after the connections close.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshwire_dataplane::rt::tokio::TokioTimer;
+use meshwire_hbone::client::{self, ConnectRequest, Tunnel};
+use meshwire_hbone::headers::Authority;
+use meshwire_hbone::settings::Settings;
+use meshwire_tests::binary::{self, Binary};
+use meshwire_tests::hbone::{HboneClient, spiffe};
+use meshwire_tests::mesh::{Mesh, Proxy};
+use meshwire_tests::net::{self, EchoServer, lo};
+use meshwire_tests::pair;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
+
+const MIB: u64 = 1024 * 1024;
+/// HBONE connections the attacker opens.
+const CONNECTIONS: usize = 4;
+/// CONNECT streams on each.
+const STREAMS: usize = 100;
+/// The server proxy's process-wide budget of bytes held for peers.
+const PROCESS_BUDGET: u64 = 24 * MIB;
+/// Its budget per HBONE connection.
+const CONNECTION_BUDGET: u64 = 8 * MIB;
+/// Its HTTP/2 send buffer per stream.
+const STREAM_SEND_BUFFER: u64 = 64 * 1024;
+/// What the process may hold beyond the budget: per-connection TLS and HTTP/2 state, per-stream
+/// state and sockets, allocator fragmentation. Without a budget the attack costs about 0.5 MiB per
+/// stream (200 MiB here).
+const ALLOWANCE: u64 = 48 * MIB;
+
+/// A TCP server on `ip` that, once `go` is set, writes to every connection without end.
+struct Firehose {
+    addr: SocketAddr,
+    written: Arc<AtomicU64>,
+    go: Arc<AtomicBool>,
+    go_notify: Arc<tokio::sync::Notify>,
+}
+
+impl Firehose {
+    fn start(runtime: &tokio::runtime::Runtime, ip: IpAddr) -> Firehose {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let go = Arc::new(AtomicBool::new(false));
+        let go_notify = Arc::new(tokio::sync::Notify::new());
+        let (w, g, n) = (written.clone(), go.clone(), go_notify.clone());
+        runtime.spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let (written, go, notify) = (w.clone(), g.clone(), n.clone());
+                tokio::spawn(async move {
+                    while !go.load(Ordering::SeqCst) {
+                        let notified = notify.notified();
+                        if go.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        notified.await;
+                    }
+                    let chunk = vec![0x5au8; 64 * 1024];
+                    while tcp.write_all(&chunk).await.is_ok() {
+                        written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Firehose {
+            addr,
+            written,
+            go,
+            go_notify,
+        }
+    }
+
+    fn open_the_tap(&self) {
+        self.go.store(true, Ordering::SeqCst);
+        self.go_notify.notify_waiters();
+    }
+}
+
+/// One hostile HBONE connection: its streams, and the task that drives it until told to stop
+/// (after which it holds the connection open without reading it) and then to close.
+struct Hostile {
+    tunnels: Vec<Tunnel>,
+    stop: Option<oneshot::Sender<()>>,
+    close: Option<oneshot::Sender<()>>,
+    connection: Option<client::ClientConnection>,
+}
+
+fn hostile_connection(runtime: &tokio::runtime::Runtime, mesh: &Mesh, proxy: &Proxy, upstream: SocketAddr) -> Hostile {
+    let credentials = mesh.ca().issue(&spiffe("default", "client")).unwrap();
+    let tls = meshwire_identity::tls::client_config(
+        &credentials.svid,
+        &credentials.bundles,
+        vec![spiffe("default", "server")],
+        vec![b"h2".to_vec()],
+    )
+    .unwrap();
+    // The largest windows HTTP/2 allows, so that only the server's own limits hold its buffers.
+    let settings = Settings {
+        stream_window: (1 << 31) - 1,
+        connection_window: (1 << 31) - 1,
+        ..Settings::default()
+    };
+    let settings = Settings {
+        stream_window: settings.connection_window / 4,
+        ..settings
+    };
+    let inbound = proxy.ports().inbound;
+    runtime.block_on(async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(lo(1), 0)).unwrap();
+        let tcp = socket.connect(inbound).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (connection, driver) = client::handshake(tcp, Arc::new(tls), &settings, TokioTimer)
+            .await
+            .unwrap();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (close, close_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut driver = std::pin::pin!(driver);
+            tokio::select! {
+                _ = &mut driver => {}
+                _ = stop_rx => {
+                    // Hold the connection without reading it.
+                    let _ = close_rx.await;
+                }
+            }
+        });
+        let mut tunnels = Vec::new();
+        for _ in 0..STREAMS {
+            let request = ConnectRequest::new(Authority::SocketAddr(upstream));
+            tunnels.push(connection.open(&request).await.expect("CONNECT to the firehose"));
+        }
+        Hostile {
+            tunnels,
+            stop: Some(stop),
+            close: Some(close),
+            connection: Some(connection),
+        }
+    })
+}
+
+/// Waits until the firehose stops making progress (every stream back-pressured), sampling the
+/// proxy's RSS; returns the largest RSS seen, in KiB.
+fn peak_rss_until_stalled(proxy: &Proxy, firehose: &Firehose, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut peak = 0;
+    let mut last = u64::MAX;
+    let mut still = 0;
+    while still < 6 {
+        assert!(Instant::now() < deadline, "{what}: the firehose never stalled");
+        thread::sleep(Duration::from_millis(500));
+        peak = peak.max(proxy.rss_kib().expect("the proxy's RSS"));
+        let now = firehose.written.load(Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    peak
+}
+
+fn attack(binary: &Binary) {
+    let what = binary.name();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let firehose = Firehose::start(&runtime, lo(2));
+    let mesh = Mesh::new(&pair::config(firehose.addr.port(), ""));
+    let server = mesh
+        .proxy(binary, lo(2))
+        .dedicated("default/server/server")
+        .env("MESHWIRE_HBONE_BUFFER_BUDGET", &PROCESS_BUDGET.to_string())
+        .env("MESHWIRE_HBONE_CONNECTION_BUFFER", &CONNECTION_BUDGET.to_string())
+        .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", &STREAM_SEND_BUFFER.to_string())
+        .spawn();
+    // One tunnel carries 1 MiB each way first, so that what any first connection costs for good
+    // (code paged in, TLS and HTTP/2 state set up once, allocator arenas) counts as before.
+    let echo = EchoServer::start(lo(2));
+    let client =
+        HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
+    let tunnel = client
+        .open(server.ports().inbound, echo.addr())
+        .expect("a tunnel to the echo server");
+    let echoed = net::echo_exchange(tunnel.stream, MIB as usize).expect("the echo exchange");
+    assert!(echoed.intact(), "{what}: {echoed:?}");
+    drop(client);
+    let before = server.rss_kib().unwrap();
+
+    let mut hostile: Vec<Hostile> = (0..CONNECTIONS)
+        .map(|_| hostile_connection(&runtime, &mesh, &server, firehose.addr))
+        .collect();
+    for h in &mut hostile {
+        let _ = h.stop.take().unwrap().send(());
+    }
+    firehose.open_the_tap();
+    let peak = peak_rss_until_stalled(&server, &firehose, what);
+    let buffered = config_dump_buffers(&server);
+
+    // Every connection closes.
+    for mut h in hostile.drain(..) {
+        h.tunnels.clear();
+        drop(h.connection.take());
+        let _ = h.close.take().unwrap().send(());
+    }
+    // Within 10 % of before, or 4 MiB on a small process.
+    let slack = (before / 10).max(4 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut after = server.rss_kib().unwrap();
+    while after > before + slack && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(500));
+        after = server.rss_kib().unwrap();
+    }
+    eprintln!(
+        "{what}: RSS before {} KiB, peak {} KiB (+{} KiB for {} streams), after close {} KiB; firehose wrote {} MiB; dump {buffered}",
+        before,
+        peak,
+        peak.saturating_sub(before),
+        CONNECTIONS * STREAMS,
+        after,
+        firehose.written.load(Ordering::Relaxed) / MIB,
+    );
+    let bound = before + (PROCESS_BUDGET + ALLOWANCE) / 1024;
+    assert!(
+        peak <= bound,
+        "{what}: RSS grew from {before} KiB to {peak} KiB, over the budget plus allowance ({bound} KiB)\n{}",
+        server.describe()
+    );
+    assert!(
+        after <= before + slack,
+        "{what}: RSS {after} KiB after every connection closed, more than {slack} KiB over the {before} KiB before"
+    );
+    // Nothing stays charged once the streams are gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dump = config_dump_buffers(&server);
+        if dump["processBuffered"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: bytes still charged after close: {dump}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `buffers` section of the proxy's `/config_dump`.
+fn config_dump_buffers(proxy: &Proxy) -> serde_json::Value {
+    let answer = net::http(proxy.ports().admin, "GET", "/config_dump").expect("/config_dump");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let dump: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    dump["buffers"].clone()
+}
+
+#[test]
+fn a_peer_that_never_reads_is_held_to_the_buffer_budget_and_memory_comes_back() {
+    for binary in binary::all() {
+        attack(&binary);
+    }
+}
+
+#[test]
+fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
+    for binary in binary::all() {
+        let mesh = Mesh::new(&pair::config(9, ""));
+        let proxy = mesh
+            .proxy(&binary, lo(2))
+            .dedicated("default/server/server")
+            .arg("--hbone-buffer-budget=33554432")
+            .env("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608")
+            .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536")
+            .spawn();
+        let buffers = config_dump_buffers(&proxy);
+        let expected = serde_json::json!({
+            "streamSendBuffer": 65536,
+            "streamCopyBuffer": 262144,
+            "streamLease": 65536 + 262144,
+            "connectionBudget": 8388608,
+            "processBudget": 33554432,
+            "processBuffered": 0,
+            "streamWindow": 4194304,
+            "connectionWindow": 16777216,
+        });
+        assert_eq!(buffers, expected, "{binary}");
+        let metrics = proxy.metrics();
+        assert!(
+            metrics.contains("meshwire_hbone_buffer_budget_bytes 33554432"),
+            "{binary}: {metrics}"
+        );
+        assert!(
+            metrics.contains("meshwire_hbone_buffered_bytes 0"),
+            "{binary}: {metrics}"
+        );
+    }
+}
+
+#[test]
+fn a_budget_too_small_for_one_stream_is_refused_naming_it() {
+    for binary in binary::all() {
+        for (args, named) in [
+            (["--hbone-buffer-budget", "100000"], "--hbone-buffer-budget"),
+            (["--hbone-connection-buffer", "1"], "--hbone-connection-buffer"),
+            (["--hbone-stream-send-buffer", "10"], "--hbone-stream-send-buffer"),
+            (["--hbone-buffer-budget", "lots"], "--hbone-buffer-budget"),
+        ] {
+            let output = binary.command().args(args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{binary} {args:?}: {stderr}");
+            assert!(stderr.contains(named), "{binary} {args:?}: {stderr}");
+        }
+    }
+}
+
+/// A hostile HBONE server: accepts every CONNECT (to an upstream that is never read), advertises the
+/// largest windows, and once told to stop, holds its connections open without reading them.
+struct HostileServer {
+    accepted: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+struct NeverRead {
+    accepted: Arc<AtomicU64>,
+    /// The far ends of the upstreams, kept open.
+    kept: std::sync::Mutex<Vec<tokio::io::DuplexStream>>,
+}
+
+impl meshwire_hbone::server::Handler for NeverRead {
+    type Upstream = tokio::io::DuplexStream;
+
+    async fn connect(
+        &self,
+        _: &meshwire_hbone::server::InboundRequest,
+    ) -> Result<meshwire_hbone::server::Connected<Self::Upstream>, meshwire_hbone::server::Refusal> {
+        let (near, far) = tokio::io::duplex(1024);
+        self.kept.lock().unwrap().push(far);
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        Ok(near.into())
+    }
+}
+
+fn hostile_server(runtime: &tokio::runtime::Runtime, mesh: &Mesh, addr: SocketAddr) -> HostileServer {
+    let credentials = mesh.ca().issue(&spiffe("default", "server")).unwrap();
+    let tls = meshwire_identity::tls::server_config(
+        &credentials.svid,
+        &credentials.bundles,
+        &meshwire_identity::tls::TrustDomains::only(mesh.ca().trust_domain().clone()),
+        vec![b"h2".to_vec()],
+    )
+    .unwrap();
+    let tls = Arc::new(tls);
+    let mut options = meshwire_hbone::server::ServeOptions::default();
+    options.settings.connection_window = (1 << 31) - 1;
+    options.settings.stream_window = options.settings.connection_window / 4;
+    let options = Arc::new(options);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let handler = Arc::new(NeverRead {
+        accepted: accepted.clone(),
+        kept: std::sync::Mutex::new(Vec::new()),
+    });
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+    runtime.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tcp.set_nodelay(true).unwrap();
+            let (tls, options, handler, mut stop_rx) = (tls.clone(), options.clone(), handler.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                let serve = meshwire_hbone::server::serve(
+                    tcp,
+                    tls,
+                    &options,
+                    &*handler,
+                    &TokioTimer,
+                    std::future::pending::<()>(),
+                );
+                let mut serve = std::pin::pin!(serve);
+                tokio::select! {
+                    _ = &mut serve => {}
+                    _ = async { drop(stop_rx.wait_for(|stop| *stop).await) } => {
+                        // Hold the connection without reading it, until the runtime goes.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    HostileServer { accepted, stop }
+}
+
+/// The outbound side: apps that send without end through the client proxy's HBONE tunnels to a
+/// server that never reads are held to the process budget too.
+#[test]
+fn a_server_that_never_reads_is_held_to_the_buffer_budget() {
+    const TUNNELS: usize = 400;
+    for binary in binary::all() {
+        let what = binary.name();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mesh = Mesh::new(&pair::config(9, ""));
+        let hostile = hostile_server(&runtime, &mesh, SocketAddr::new(lo(2), mesh.hbone_port()));
+        let client = mesh
+            .proxy(&binary, lo(1))
+            .dedicated("default/client/client")
+            .env("MESHWIRE_HBONE_BUFFER_BUDGET", &PROCESS_BUDGET.to_string())
+            .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", &STREAM_SEND_BUFFER.to_string())
+            .spawn();
+        let before = client.rss_kib().unwrap();
+
+        let target = net::Socks5Target::Addr(SocketAddr::new(lo(2), 9000));
+        let streams: Vec<std::net::TcpStream> = (0..TUNNELS)
+            .map(|_| {
+                net::socks5_connect(client.ports().socks5, &target)
+                    .unwrap_or_else(|e| panic!("{what}: SOCKS5 CONNECT: {e:?}\n{}", client.describe()))
+            })
+            .collect();
+        assert_eq!(hostile.accepted.load(Ordering::SeqCst), TUNNELS as u64);
+        hostile.stop.send(true).unwrap();
+
+        // Every app sends without end.
+        let sent = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = streams
+            .into_iter()
+            .map(|stream| {
+                let sent = sent.clone();
+                stream.set_nonblocking(true).unwrap();
+                runtime.spawn(async move {
+                    let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+                    let chunk = vec![0xa5u8; 64 * 1024];
+                    while stream.write_all(&chunk).await.is_ok() {
+                        sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut peak, mut last, mut still) = (0, u64::MAX, 0);
+        while still < 6 {
+            assert!(Instant::now() < deadline, "{what}: the apps never stalled");
+            thread::sleep(Duration::from_millis(500));
+            peak = client.rss_kib().unwrap().max(peak);
+            let now = sent.load(Ordering::Relaxed);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
+        let buffered = config_dump_buffers(&client);
+        eprintln!(
+            "{what} (outbound): RSS before {before} KiB, peak {peak} KiB (+{} KiB for {TUNNELS} tunnels); apps sent {} MiB; dump {buffered}",
+            peak.saturating_sub(before),
+            sent.load(Ordering::Relaxed) / MIB,
+        );
+        let bound = before + (PROCESS_BUDGET + ALLOWANCE) / 1024;
+        assert!(
+            peak <= bound,
+            "{what}: RSS grew from {before} KiB to {peak} KiB, over the budget plus allowance ({bound} KiB)\n{}",
+            client.describe()
+        );
+        for writer in writers {
+            writer.abort();
+        }
+        drop(runtime);
+    }
+}
