@@ -1547,8 +1547,16 @@ mod seeds {
             (
                 "non-canonical-authority",
                 vec![
-                    headers(3, END_HEADERS, &[(":method", "CONNECT"), (":authority", "10.0.0.1:08080")]),
-                    headers(5, END_HEADERS, &[(":method", "CONNECT"), (":authority", "[::0001]:8080")]),
+                    headers(
+                        3,
+                        END_HEADERS,
+                        &[(":method", "CONNECT"), (":authority", "10.0.0.1:08080")],
+                    ),
+                    headers(
+                        5,
+                        END_HEADERS,
+                        &[(":method", "CONNECT"), (":authority", "[::0001]:8080")],
+                    ),
                     headers(7, END_HEADERS, &[(":method", "CONNECT"), (":authority", "10.0.0.1:01")]),
                 ],
             ),
