@@ -1987,6 +1987,13 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be more than zero".to_owned()),
+        d => Ok(d),
+    }
+}
+
 /// The shortest certificate lifetime `--cert-ttl` accepts: shorter ones would be refreshed every
 /// few seconds, and whole-second certificate times make them expire as they are issued.
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(60);
