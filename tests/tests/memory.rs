@@ -657,7 +657,10 @@ fn upload_attack(binary: &Binary) {
         if dump["receiveLeased"] == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{what}: windows still leased after close: {dump}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: windows still leased after close: {dump}"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     drop(runtime);
