@@ -131,3 +131,150 @@ async fn a_budget_smaller_than_one_stream_is_refused_by_name() {
     let err = options.validate().unwrap_err();
     assert!(err.to_string().contains("process_budget"), "{err}");
 }
+
+/// A handler whose upstreams never read: each is one end of an in-memory pipe of 1 KiB whose other
+/// end is kept, unread.
+#[derive(Default)]
+struct NeverRead {
+    kept: std::sync::Mutex<Vec<tokio::io::DuplexStream>>,
+    finished: std::sync::atomic::AtomicU64,
+}
+
+impl meshwire_hbone::server::Handler for NeverRead {
+    type Upstream = tokio::io::DuplexStream;
+
+    async fn connect(
+        &self,
+        _: &meshwire_hbone::server::InboundRequest,
+    ) -> Result<meshwire_hbone::server::Connected<Self::Upstream>, meshwire_hbone::server::Refusal> {
+        let (near, far) = tokio::io::duplex(PIPE);
+        self.kept.lock().unwrap().push(far);
+        Ok(near.into())
+    }
+
+    fn finished(&self, _: meshwire_hbone::server::StreamReport) {
+        self.finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+const PIPE: usize = 1024;
+const STREAMS: usize = 5;
+
+/// Opens a connection with the largest windows to `addr` and [`STREAMS`] streams that send without
+/// end; returns the connection's tasks (its driver, its writers) and how many bytes its streams got
+/// to send once they stalled.
+async fn upload_until_stalled(pki: &Pki, addr: SocketAddr) -> ([tokio::task::JoinHandle<()>; 2], u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let settings = Settings {
+        stream_window: ((1 << 31) - 1) / 4,
+        connection_window: (1 << 31) - 1,
+        ..Settings::default()
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (conn, driver) = client::handshake(tcp, pki.client_tls.clone(), &settings, TokioTimer)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = driver.await;
+    });
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut tunnels = Vec::new();
+    for _ in 0..STREAMS {
+        let to = ConnectRequest::new(Authority::SocketAddr("127.0.0.1:9".parse().unwrap()));
+        tunnels.push(conn.open(&to).await.unwrap());
+    }
+    let counter = sent.clone();
+    let writers = tokio::spawn(async move {
+        let writers = tunnels.into_iter().map(|mut tunnel| {
+            let sent = counter.clone();
+            async move {
+                let chunk = vec![0x3cu8; 16 * 1024];
+                while tunnel.write_all(&chunk).await.is_ok() {
+                    sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        futures_util::future::join_all(writers).await;
+        drop(conn);
+    });
+    // Stalled: nothing more sent for half a second.
+    let mut last = u64::MAX;
+    timeout(LIMIT, async {
+        loop {
+            let now = sent.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+    .expect("the uploads stall");
+    ([driver, writers], last)
+}
+
+/// A connection leases its window from the receive budget and advertises only what it got (the
+/// peer can send no more than that to an upstream that does not read); one set up when the budget
+/// is spent gets HTTP/2's default; closing a connection whose upstreams never read ends its
+/// streams and gives its lease back.
+#[tokio::test]
+async fn connections_advertise_only_the_window_they_leased_and_give_it_back() {
+    use meshwire_hbone::budget::HTTP2_DEFAULT_WINDOW;
+    const BUDGET: usize = 1 << 20;
+    let pki = Pki::new();
+    let receive = Arc::new(BufferBudget::new(BUDGET));
+    let options = ServeOptions {
+        receive_budget: receive.clone(),
+        ..ServeOptions::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(NeverRead::default());
+    let h = handler.clone();
+    let tls_config = pki.server_tls.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tcp.set_nodelay(true).unwrap();
+            let (tls_config, options, h) = (tls_config.clone(), options.clone(), h.clone());
+            tokio::spawn(async move {
+                let _ = meshwire_hbone::server::serve(
+                    tcp,
+                    tls_config,
+                    &options,
+                    &*h,
+                    &TokioTimer,
+                    std::future::pending::<()>(),
+                )
+                .await;
+            });
+        }
+    });
+    // What the streams may hold beyond the window: each pipe, and a frame's worth of slack.
+    let slack = (STREAMS * PIPE + 16 * 1024) as u64;
+
+    let (first, sent) = upload_until_stalled(&pki, addr).await;
+    assert_eq!(receive.used(), BUDGET, "the first connection leased the whole budget");
+    let window = u64::from(HTTP2_DEFAULT_WINDOW) + BUDGET as u64;
+    assert!(
+        sent >= window - 128 * 1024 && sent <= window + slack,
+        "sent {sent} bytes with a {window}-byte window"
+    );
+    let (second, sent) = upload_until_stalled(&pki, addr).await;
+    let window = u64::from(HTTP2_DEFAULT_WINDOW);
+    assert!(
+        sent <= window + slack,
+        "sent {sent} bytes on a connection set up with the budget spent (window {window})"
+    );
+    assert_eq!(receive.used(), BUDGET, "nothing more leased");
+
+    // Closing the connections ends their streams, whose upstreams never read, and returns the lease.
+    for task in first.iter().chain(&second) {
+        task.abort();
+    }
+    wait_for("every stream ended", || {
+        handler.finished.load(std::sync::atomic::Ordering::SeqCst) == 2 * STREAMS as u64
+    })
+    .await;
+    wait_for("the lease given back", || receive.used() == 0).await;
+}
