@@ -293,6 +293,7 @@ fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
             .arg("--hbone-buffer-budget=33554432")
             .env("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608")
             .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536")
+            .arg("--hbone-receive-budget=16777216")
             .spawn();
         let buffers = config_dump_buffers(&proxy);
         let expected = serde_json::json!({
@@ -304,6 +305,8 @@ fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
             "processBuffered": 0,
             "streamWindow": 4194304,
             "connectionWindow": 16777216,
+            "receiveBudget": 16777216,
+            "receiveLeased": 0,
         });
         assert_eq!(buffers, expected, "{binary}");
         let metrics = proxy.metrics();
@@ -315,6 +318,36 @@ fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
             metrics.contains("meshwire_hbone_buffered_bytes 0"),
             "{binary}: {metrics}"
         );
+        assert!(
+            metrics.contains("meshwire_hbone_receive_budget_bytes 16777216"),
+            "{binary}: {metrics}"
+        );
+        assert!(
+            metrics.contains("meshwire_hbone_receive_window_leased_bytes 0"),
+            "{binary}: {metrics}"
+        );
+        // One connection, held open, leases its window (16 MiB less HTTP/2's default 64 KiB).
+        let client =
+            HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
+        let echo = EchoServer::start(lo(2));
+        let tunnel = client
+            .open(proxy.ports().inbound, echo.addr())
+            .expect("a tunnel to the echo server");
+        let leased = serde_json::json!(16777216 - 65535);
+        assert_eq!(config_dump_buffers(&proxy)["receiveLeased"], leased, "{binary}");
+        assert!(
+            proxy
+                .metrics()
+                .contains(&format!("meshwire_hbone_receive_window_leased_bytes {leased}")),
+            "{binary}"
+        );
+        drop(tunnel);
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while config_dump_buffers(&proxy)["receiveLeased"] != 0 {
+            assert!(Instant::now() < deadline, "{binary}: the lease was not given back");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -326,6 +359,7 @@ fn a_budget_too_small_for_one_stream_is_refused_naming_it() {
             (["--hbone-connection-buffer", "1"], "--hbone-connection-buffer"),
             (["--hbone-stream-send-buffer", "10"], "--hbone-stream-send-buffer"),
             (["--hbone-buffer-budget", "lots"], "--hbone-buffer-budget"),
+            (["--hbone-receive-budget", "1GiB"], "--hbone-receive-budget"),
         ] {
             let output = binary.command().args(args).output().unwrap();
             let stderr = String::from_utf8_lossy(&output.stderr);
