@@ -205,7 +205,9 @@ pub const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
 /// [`HTTP2_DEFAULT_WINDOW`] plus the lease, and each stream's window at most a quarter of it (the
 /// ratio [`Settings::validate`] asks of the configured windows, so that one stalled stream does not
 /// stall its siblings). A connection thus always works, and every connection together holds at most
-/// the budget plus 64 KiB each. Dropping the lease (when the connection closes) gives it back.
+/// the budget plus 64 KiB each. A connection that got less than it wanted leases the rest when the
+/// budget has room again ([`WindowLease::top_up`]; the server tries at each new stream). Dropping
+/// the lease (when the connection closes) gives it back.
 ///
 /// One atomic operation when a connection is set up and one when it closes; nothing per frame.
 ///
@@ -239,6 +241,23 @@ impl WindowLease {
             budget: budget.clone(),
             leased: budget.charge_up_to(wanted as usize),
         }
+    }
+
+    /// Leases what is missing of the windows of `settings` (those the lease was taken for), as
+    /// much as the budget has now; returns the settings to advertise if the lease grew. Costs
+    /// nothing once the lease is whole, one atomic operation otherwise.
+    pub fn top_up(&mut self, settings: &Settings) -> Option<Settings> {
+        let wanted =
+            (settings.connection_window.saturating_sub(HTTP2_DEFAULT_WINDOW) as usize).saturating_sub(self.leased);
+        if wanted == 0 {
+            return None;
+        }
+        let got = self.budget.charge_up_to(wanted);
+        if got == 0 {
+            return None;
+        }
+        self.leased += got;
+        Some(self.apply(settings))
     }
 
     /// Bytes taken from the budget.
@@ -444,6 +463,25 @@ mod tests {
         assert_eq!(budget.used(), budget.limit());
         drop((first, third, fourth));
         assert_eq!(budget.used(), configured);
+        drop(second);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_short_lease_is_topped_up_when_the_budget_has_room_again() {
+        let settings = Settings::default();
+        let wanted = settings.connection_window as usize - HTTP2_DEFAULT_WINDOW as usize;
+        let budget = Arc::new(BufferBudget::new(wanted + 1000));
+        let first = WindowLease::take(&budget, &settings);
+        let mut second = WindowLease::take(&budget, &settings);
+        assert_eq!(second.leased(), 1000);
+        assert_eq!(second.top_up(&settings), None, "the budget is spent");
+        drop(first);
+        let grown = second.top_up(&settings).expect("room again");
+        assert_eq!(grown, settings, "whole");
+        assert_eq!(second.leased(), wanted);
+        assert_eq!(second.top_up(&settings), None, "nothing more wanted");
+        assert_eq!(budget.used(), wanted);
         drop(second);
         assert_eq!(budget.used(), 0);
     }

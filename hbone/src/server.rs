@@ -373,7 +373,7 @@ where
     };
     let lease = options.stream_lease();
     let limit = options.settings.handshake_timeout;
-    let (mut conn, peer, window) = with_timeout(timer, limit, handshake)
+    let (mut conn, peer, mut window) = with_timeout(timer, limit, handshake)
         .await
         .ok_or(ServeError::HandshakeTimeout(limit))??;
 
@@ -397,6 +397,16 @@ where
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
                         count += 1;
+                        // A connection set up when the receive budget was short grows its windows
+                        // once the budget has room again.
+                        if let Some(grown) = window.top_up(&options.settings) {
+                            conn.set_target_window_size(grown.connection_window);
+                            // Refused while an earlier SETTINGS change waits for its ACK: the stream
+                            // windows then stay as they were (still within the connection window).
+                            if let Err(e) = conn.set_initial_window_size(grown.stream_window) {
+                                tracing::debug!(peer = %peer_ref, error = %e, "stream windows not grown");
+                            }
+                        }
                         streams.push(handle_stream(
                             handler,
                             peer_ref,
