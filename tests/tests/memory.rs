@@ -1,7 +1,9 @@
 //! Memory is bounded by configuration, not by the peer: a mesh client with a valid SVID that opens
 //! many CONNECT streams to an upstream that sends without end, advertises a huge HTTP/2 window and
 //! never reads, gets back-pressure once the proxy holds its buffer budget, and the memory comes back
-//! after the connections close.
+//! after the connections close. In the other direction, mesh clients that upload without end over
+//! many HBONE connections to an upstream that never reads are held to the receive budget the
+//! connections lease their windows from.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::{IpAddr, SocketAddr};
