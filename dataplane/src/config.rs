@@ -76,6 +76,7 @@
 //! | `--hbone-stream-send-buffer` | `MESHWIRE_HBONE_STREAM_SEND_BUFFER` | 409600 |
 //! | `--hbone-connection-buffer` | `MESHWIRE_HBONE_CONNECTION_BUFFER` | 67108864 |
 //! | `--hbone-buffer-budget` | `MESHWIRE_HBONE_BUFFER_BUDGET` | 1073741824 |
+//! | `--hbone-receive-budget` | `MESHWIRE_HBONE_RECEIVE_BUDGET` | 1073741824 |
 //! | `--pool-max-streams-per-connection` | `POOL_MAX_STREAMS_PER_CONNECTION` | 100 |
 //! | `--pool-unused-release-timeout` | `POOL_UNUSED_RELEASE_TIMEOUT` | `5m` |
 //! | `--pool-response-timeout` | `MESHWIRE_POOL_RESPONSE_TIMEOUT` | `3s` |
@@ -111,6 +112,15 @@
 //! HBONE tunnel, inbound (upstream bytes) and outbound (the client's bytes, where the per-stream
 //! part bounds a peer that does not read too). A stream that finds a budget spent stops reading its
 //! upstream until another stream gives bytes back (see [`meshwire_hbone::budget`]).
+//!
+//! The other direction, what peers send that the destination does not take, is bounded by the
+//! windows the proxy advertises: per stream the stream window, per connection the connection window,
+//! and per process `--hbone-receive-budget`: every HBONE connection, inbound (once its client is
+//! authenticated) and outbound (pooled), leases the part of its connection window above HTTP/2's
+//! 64 KiB default from it for the connection's life, and advertises only what it got (stream windows
+//! at most a quarter of that). A separate budget, not `--hbone-buffer-budget`: a window is reserved
+//! for a connection's whole life, idle or not, and would otherwise starve the streams that move
+//! bytes. Every connection together holds at most the budget plus 64 KiB each.
 //!
 //! **Packet mark.** The proxy's own upstream connections (HBONE to peers, passthrough, connections
 //! to local workloads) carry the firewall mark of `--packet-mark` (`SO_MARK`, ztunnel's 0x539 = 1337 by
@@ -238,6 +248,10 @@ pub struct BufferLimits {
     /// Bytes every HBONE tunnel of the process, inbound and outbound, holds together
     /// (`--hbone-buffer-budget`).
     pub process: usize,
+    /// Bytes of HTTP/2 connection windows (beyond HTTP/2's 64 KiB default each) every HBONE
+    /// connection of the process, inbound and outbound, advertises together
+    /// (`--hbone-receive-budget`).
+    pub receive: usize,
 }
 
 /// Whom the proxy serves.
@@ -1301,6 +1315,15 @@ const HBONE_BUFFER_BUDGET: Opt = Opt {
            streams wait (and stop reading what they forward) when it is spent",
     ..Opt::new(H_HBONE)
 };
+const HBONE_RECEIVE_BUDGET: Opt = Opt {
+    flag: "--hbone-receive-budget",
+    value_name: "BYTES",
+    keys: &[Env("MESHWIRE_HBONE_RECEIVE_BUDGET")],
+    default: Some("1073741824"),
+    help: "Bytes of HTTP/2 connection windows every HBONE connection of the process advertises together \
+           (beyond HTTP/2's 64 KiB default each); a connection set up when it is spent advertises less",
+    ..Opt::new(H_HBONE)
+};
 const POOL_MAX_STREAMS: Opt = Opt {
     flag: "--pool-max-streams-per-connection",
     value_name: "N",
@@ -1435,6 +1458,7 @@ const OPTS: &[&Opt] = &[
     &HBONE_STREAM_SEND_BUFFER,
     &HBONE_CONNECTION_BUFFER,
     &HBONE_BUFFER_BUDGET,
+    &HBONE_RECEIVE_BUDGET,
     &POOL_MAX_STREAMS,
     &POOL_UNUSED_RELEASE_TIMEOUT,
     &POOL_RESPONSE_TIMEOUT,
@@ -1578,6 +1602,7 @@ impl<'a> Inputs<'a> {
         settings.send_buffer = send_buffer.value;
         let connection_buffer = self.required(&HBONE_CONNECTION_BUFFER, parse_bytes)?;
         let buffer_budget = self.required(&HBONE_BUFFER_BUDGET, parse_bytes)?;
+        let receive_budget = self.required(&HBONE_RECEIVE_BUDGET, parse_bytes)?;
         let pool = PoolConfig {
             max_streams_per_connection: self.required(&POOL_MAX_STREAMS, at_least_one)?.value,
             idle_timeout: self.required(&POOL_UNUSED_RELEASE_TIMEOUT, parse_duration)?.value,
@@ -1588,6 +1613,7 @@ impl<'a> Inputs<'a> {
         let buffers = BufferLimits {
             connection: connection_buffer.value,
             process: buffer_budget.value,
+            receive: receive_budget.value,
         };
 
         let (listeners, port_origins) = self.listeners()?;
@@ -2130,11 +2156,13 @@ mod tests {
             BufferLimits {
                 connection: 64 << 20,
                 process: 1 << 30,
+                receive: 1 << 30,
             }
         );
         let set = Config::from_args_and_env(
             ["ztunnel", "--hbone-buffer-budget", "33554432"],
             &env(&[
+                ("MESHWIRE_HBONE_RECEIVE_BUDGET", "0"),
                 ("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608"),
                 ("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536"),
             ]),
@@ -2147,6 +2175,7 @@ mod tests {
             BufferLimits {
                 connection: 8 << 20,
                 process: 32 << 20,
+                receive: 0,
             }
         );
         // A budget under one stream's lease (send buffer + 256 KiB copy buffer) names its origin.
@@ -2166,6 +2195,16 @@ mod tests {
                 "environment variable MESHWIRE_HBONE_STREAM_SEND_BUFFER",
             ),
             (&["--hbone-buffer-budget=-1"][..], &[][..], "--hbone-buffer-budget"),
+            (
+                &["--hbone-receive-budget", "16MiB"][..],
+                &[][..],
+                "--hbone-receive-budget",
+            ),
+            (
+                &[][..],
+                &[("MESHWIRE_HBONE_RECEIVE_BUDGET", "-5")][..],
+                "environment variable MESHWIRE_HBONE_RECEIVE_BUDGET",
+            ),
         ] {
             let vars: Vec<(String, String)> = vars.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
             let lookup = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());

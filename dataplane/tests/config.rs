@@ -293,6 +293,9 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("MESHWIRE_HBONE_BUFFER_BUDGET", "33554432")], |c| {
             c.buffers.process == 32 << 20
         }),
+        (vec![("MESHWIRE_HBONE_RECEIVE_BUDGET", "16777216")], |c| {
+            c.buffers.receive == 16 << 20
+        }),
         (vec![("POOL_MAX_STREAMS_PER_CONNECTION", "50")], |c| {
             c.pool.max_streams_per_connection == 50
         }),

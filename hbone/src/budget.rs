@@ -23,8 +23,10 @@
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
+
+use crate::settings::Settings;
 
 /// A limit on bytes held, shared by the streams it covers (one connection's, or a whole process's).
 /// Thread-safe: on a thread-per-core runtime one budget may cover every core.
@@ -65,6 +67,16 @@ impl BufferBudget {
                 used.checked_add(n).filter(|&total| total <= self.limit)
             })
             .is_ok()
+    }
+
+    /// Charges as many of `n` bytes as fit under the limit; returns how many it charged.
+    pub fn charge_up_to(&self, n: usize) -> usize {
+        let mut charged = 0;
+        let _ = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+            charged = n.min(self.limit.saturating_sub(used));
+            (charged > 0).then(|| used + charged)
+        });
+        charged
     }
 
     /// Gives back `n` bytes charged before, and wakes the tasks that wait for room.
@@ -180,11 +192,117 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// HTTP/2's initial connection window (RFC 9113 section 6.9.2): what every connection may receive
+/// before any WINDOW_UPDATE, hence the floor of a [`WindowLease`].
+pub const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
+
+/// A connection's receive windows, leased from a process-wide budget for the connection's life.
+///
+/// What an HTTP/2 connection holds of what its peer sent and its destinations have not taken yet is
+/// bounded by the connection window it advertises. To bound it per process too, a connection leases
+/// the part of its configured window above HTTP/2's 64 KiB default when it is set up, takes what the
+/// budget has left if that is less, and advertises only what it got: the connection window is
+/// [`HTTP2_DEFAULT_WINDOW`] plus the lease, and each stream's window at most a quarter of it (the
+/// ratio [`Settings::validate`] asks of the configured windows, so that one stalled stream does not
+/// stall its siblings). A connection thus always works, and every connection together holds at most
+/// the budget plus 64 KiB each. A connection that got less than it wanted leases the rest when the
+/// budget has room again ([`WindowLease::top_up`]; the server tries at each new stream). Dropping
+/// the lease (when the connection closes) gives it back.
+///
+/// One atomic operation when a connection is set up and one when it closes; nothing per frame.
+///
+/// ```
+/// use std::sync::Arc;
+/// use meshwire_hbone::budget::{BufferBudget, HTTP2_DEFAULT_WINDOW, WindowLease};
+/// use meshwire_hbone::settings::Settings;
+///
+/// let budget = Arc::new(BufferBudget::new(1 << 20));
+/// let settings = Settings::default(); // 16 MiB connection window, 4 MiB stream windows
+/// let lease = WindowLease::take(&budget, &settings);
+/// assert_eq!(lease.leased(), 1 << 20, "what the budget had");
+/// assert_eq!(lease.apply(&settings).connection_window, HTTP2_DEFAULT_WINDOW + (1 << 20));
+/// assert_eq!(budget.used(), 1 << 20);
+/// drop(lease);
+/// assert_eq!(budget.used(), 0);
+/// ```
+///
+/// [`Settings::validate`]: crate::settings::Settings::validate
+#[derive(Debug)]
+pub struct WindowLease {
+    budget: Arc<BufferBudget>,
+    leased: usize,
+}
+
+impl WindowLease {
+    /// Leases the windows of `settings` from `budget`, as much of them as it has.
+    pub fn take(budget: &Arc<BufferBudget>, settings: &Settings) -> Self {
+        let wanted = settings.connection_window.saturating_sub(HTTP2_DEFAULT_WINDOW);
+        Self {
+            budget: budget.clone(),
+            leased: budget.charge_up_to(wanted as usize),
+        }
+    }
+
+    /// Leases what is missing of the windows of `settings` (those the lease was taken for), as
+    /// much as the budget has now; returns the settings to advertise if the lease grew. Costs
+    /// nothing once the lease is whole, one atomic operation otherwise.
+    pub fn top_up(&mut self, settings: &Settings) -> Option<Settings> {
+        let wanted =
+            (settings.connection_window.saturating_sub(HTTP2_DEFAULT_WINDOW) as usize).saturating_sub(self.leased);
+        if wanted == 0 {
+            return None;
+        }
+        let got = self.budget.charge_up_to(wanted);
+        if got == 0 {
+            return None;
+        }
+        self.leased += got;
+        Some(self.apply(settings))
+    }
+
+    /// Bytes taken from the budget.
+    pub fn leased(&self) -> usize {
+        self.leased
+    }
+
+    /// The settings to advertise: `settings` (those the lease was taken for) with the windows the
+    /// lease allows.
+    pub fn apply(&self, settings: &Settings) -> Settings {
+        let (connection_window, stream_window) = leased_windows(settings, self.leased);
+        Settings {
+            connection_window,
+            stream_window,
+            ..settings.clone()
+        }
+    }
+}
+
+impl Drop for WindowLease {
+    fn drop(&mut self) {
+        self.budget.release(self.leased);
+    }
+}
+
+/// The connection and stream windows a connection configured with `settings` advertises when it
+/// leased `leased` bytes: never more than configured, the connection window at least HTTP/2's
+/// default, a stream window at most a quarter of the connection window (and at least 1).
+pub fn leased_windows(settings: &Settings, leased: usize) -> (u32, u32) {
+    let leased = u32::try_from(leased).unwrap_or(u32::MAX);
+    let connection = settings
+        .connection_window
+        .min(HTTP2_DEFAULT_WINDOW.saturating_add(leased));
+    let stream = if connection == settings.connection_window {
+        settings.stream_window
+    } else {
+        settings.stream_window.min(connection / 4).max(1)
+    };
+    (connection, stream)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
     use std::task::Wake;
 
@@ -289,6 +407,111 @@ mod tests {
         assert!(second.poll_acquire(&mut cx).is_ready());
         drop(second);
         assert_eq!((c1.used(), c2.used(), process.used()), (0, 0, 0));
+    }
+
+    #[test]
+    fn charge_up_to_takes_what_is_left() {
+        let b = BufferBudget::new(100);
+        assert_eq!(b.charge_up_to(60), 60);
+        assert_eq!(b.charge_up_to(60), 40, "what is left");
+        assert_eq!(b.charge_up_to(1), 0, "spent");
+        assert_eq!(b.used(), 100);
+        b.release(100);
+        assert_eq!(b.charge_up_to(usize::MAX), 100, "no overflow");
+    }
+
+    #[test]
+    fn window_leases_take_the_part_above_http2_default_and_give_it_back() {
+        const MIB: usize = 1 << 20;
+        let settings = Settings::default();
+        let configured = settings.connection_window as usize - HTTP2_DEFAULT_WINDOW as usize;
+        let budget = Arc::new(BufferBudget::new(2 * configured + MIB));
+        let first = WindowLease::take(&budget, &settings);
+        let second = WindowLease::take(&budget, &settings);
+        // Both whole: the configured windows, unchanged.
+        for lease in [&first, &second] {
+            assert_eq!(lease.leased(), configured);
+            assert_eq!(&lease.apply(&settings), &settings);
+        }
+        // The third gets what is left, the fourth HTTP/2's default only.
+        let third = WindowLease::take(&budget, &settings);
+        assert_eq!(third.leased(), MIB);
+        assert_eq!(
+            (
+                third.apply(&settings).connection_window,
+                third.apply(&settings).stream_window
+            ),
+            (
+                HTTP2_DEFAULT_WINDOW + MIB as u32,
+                (HTTP2_DEFAULT_WINDOW + MIB as u32) / 4
+            )
+        );
+        let fourth = WindowLease::take(&budget, &settings);
+        assert_eq!(fourth.leased(), 0);
+        assert_eq!(
+            (
+                fourth.apply(&settings).connection_window,
+                fourth.apply(&settings).stream_window
+            ),
+            (HTTP2_DEFAULT_WINDOW, HTTP2_DEFAULT_WINDOW / 4)
+        );
+        assert_eq!(
+            fourth.apply(&settings).send_buffer,
+            settings.send_buffer,
+            "other settings kept"
+        );
+        assert_eq!(budget.used(), budget.limit());
+        drop((first, third, fourth));
+        assert_eq!(budget.used(), configured);
+        drop(second);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_short_lease_is_topped_up_when_the_budget_has_room_again() {
+        let settings = Settings::default();
+        let wanted = settings.connection_window as usize - HTTP2_DEFAULT_WINDOW as usize;
+        let budget = Arc::new(BufferBudget::new(wanted + 1000));
+        let first = WindowLease::take(&budget, &settings);
+        let mut second = WindowLease::take(&budget, &settings);
+        assert_eq!(second.leased(), 1000);
+        assert_eq!(second.top_up(&settings), None, "the budget is spent");
+        drop(first);
+        let grown = second.top_up(&settings).expect("room again");
+        assert_eq!(grown, settings, "whole");
+        assert_eq!(second.leased(), wanted);
+        assert_eq!(second.top_up(&settings), None, "nothing more wanted");
+        assert_eq!(budget.used(), wanted);
+        drop(second);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn leased_windows_never_exceed_the_configured_ones() {
+        let small = Settings {
+            connection_window: 40_000,
+            stream_window: 10_000,
+            ..Settings::default()
+        };
+        // A configured window under HTTP/2's default leases nothing and is advertised as it is.
+        let budget = Arc::new(BufferBudget::new(1 << 30));
+        let lease = WindowLease::take(&budget, &small);
+        assert_eq!(lease.leased(), 0);
+        assert_eq!(lease.apply(&small), small);
+        // Stream windows stay at most a quarter of the connection's, however small.
+        let ratio = Settings {
+            connection_window: 16 << 20,
+            stream_window: 1 << 10,
+            ..Settings::default()
+        };
+        assert_eq!(leased_windows(&ratio, 0), (HTTP2_DEFAULT_WINDOW, 1 << 10));
+        assert_eq!(leased_windows(&ratio, usize::MAX), (16 << 20, 1 << 10));
+        let default = Settings::default();
+        for leased in [0, 1, 1000, 1 << 20, 15 << 20, 16 << 20, usize::MAX] {
+            let (connection, stream) = leased_windows(&default, leased);
+            assert!(connection <= default.connection_window && connection >= HTTP2_DEFAULT_WINDOW);
+            assert!(stream <= default.stream_window && stream <= connection / 4 && stream >= 1);
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ use meshwire_identity::id::SpiffeId;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::budget::{BufferBudget, WindowLease};
 use crate::client::{self, ClientConnection, ConnectError, ConnectRequest, ConnectionDriver, Tunnel};
 use crate::rt::{Executor, Timer};
 use crate::settings::Settings;
@@ -181,6 +182,8 @@ struct Inner<C, E, T> {
     executor: E,
     timer: T,
     config: PoolConfig,
+    /// The budget each connection leases its receive windows from (see [`WindowLease`]).
+    receive_budget: Arc<BufferBudget>,
     keys: Mutex<HashMap<PoolKey, KeyEntry>>,
     handshakes: AtomicUsize,
 }
@@ -210,6 +213,8 @@ pub struct PooledDriver<IO, T: Timer> {
     driver: ConnectionDriver<IO, T>,
     closed: Arc<AtomicBool>,
     destination: SocketAddr,
+    /// Given back when the connection is gone.
+    _window: WindowLease,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin, T: Timer> Future for PooledDriver<IO, T> {
@@ -271,12 +276,32 @@ where
 {
     /// A pool connecting through `connector`, running connections on `executor`.
     pub fn new(connector: C, executor: E, timer: T, config: PoolConfig) -> Self {
+        Self::with_receive_budget(
+            connector,
+            executor,
+            timer,
+            config,
+            Arc::new(BufferBudget::new(usize::MAX)),
+        )
+    }
+
+    /// A pool like [`Pool::new`] whose connections lease their receive windows from
+    /// `receive_budget` for their life, and advertise only what they got (see [`WindowLease`]):
+    /// what the peers' bytes that the pool's clients have not read yet take is bounded per process.
+    pub fn with_receive_budget(
+        connector: C,
+        executor: E,
+        timer: T,
+        config: PoolConfig,
+        receive_budget: Arc<BufferBudget>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
                 executor,
                 timer,
                 config,
+                receive_budget,
                 keys: Mutex::new(HashMap::new()),
                 handshakes: AtomicUsize::new(0),
             }),
@@ -391,13 +416,15 @@ where
     async fn handshake(&self, key: &PoolKey) -> Result<Conn, ConnectError> {
         self.inner.handshakes.fetch_add(1, Ordering::Relaxed);
         let (io, tls) = self.inner.connector.connect(key).await?;
-        let (client, driver) =
-            client::handshake(io, tls, &self.inner.config.settings, self.inner.timer.clone()).await?;
+        let window = WindowLease::take(&self.inner.receive_budget, &self.inner.config.settings);
+        let settings = window.apply(&self.inner.config.settings);
+        let (client, driver) = client::handshake(io, tls, &settings, self.inner.timer.clone()).await?;
         let closed = Arc::new(AtomicBool::new(false));
         self.inner.executor.execute(PooledDriver {
             driver,
             closed: closed.clone(),
             destination: key.destination,
+            _window: window,
         });
         tracing::debug!(destination = %key.destination, source = %key.source, "opened HBONE connection");
         Ok(Conn {

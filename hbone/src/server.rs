@@ -42,7 +42,7 @@ use meshwire_identity::tls;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::budget::{Budgets, BufferBudget};
+use crate::budget::{Budgets, BufferBudget, WindowLease};
 use crate::copy::CopyConfig;
 use crate::headers::{Authority, Metadata};
 use crate::rt::Timer;
@@ -189,8 +189,10 @@ pub struct ServeSummary {
 /// most [`ServeOptions::stream_lease`]: HTTP/2's send buffer plus the largest copy buffer) and its
 /// client's bytes not yet taken by the upstream (at most the stream window); for the connection,
 /// `connection_buffer` of upstream bytes and the connection window of client bytes; for the process,
-/// `process_budget` of upstream bytes over every connection. A stream that finds a budget spent
-/// waits and stops reading its upstream (see [`crate::budget`]).
+/// `process_budget` of upstream bytes over every connection, and `receive_budget` of connection
+/// windows (client bytes) over every connection. A stream that finds a budget spent waits and stops
+/// reading its upstream (see [`crate::budget`]); a connection that finds `receive_budget` spent
+/// advertises a smaller window (see [`WindowLease`]).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// HTTP/2 settings and the handshake timeout.
@@ -201,6 +203,9 @@ pub struct ServeOptions {
     pub connection_buffer: usize,
     /// The budget every connection served with these options shares (default: unlimited).
     pub process_budget: Arc<BufferBudget>,
+    /// The budget of receive windows every connection served with these options leases its
+    /// connection window from once authenticated, for its life (default: unlimited).
+    pub receive_budget: Arc<BufferBudget>,
 }
 
 impl Default for ServeOptions {
@@ -210,6 +215,7 @@ impl Default for ServeOptions {
             copy: CopyConfig::default(),
             connection_buffer: DEFAULT_CONNECTION_BUFFER,
             process_budget: Arc::new(BufferBudget::new(usize::MAX)),
+            receive_budget: Arc::new(BufferBudget::new(usize::MAX)),
         }
     }
 }
@@ -281,8 +287,10 @@ where
             }
         };
         let peer = tls::peer_identity(tls_stream.get_ref().1).map_err(|e| ServeError::Tls(io::Error::other(e)))?;
-        let conn = h2_handshake(tls_stream, &options.settings, &peer).await?;
-        Ok((conn, peer))
+        // Only an authenticated client gets a window beyond HTTP/2's default.
+        let window = WindowLease::take(&options.receive_budget, &options.settings);
+        let conn = h2_handshake(tls_stream, &window.apply(&options.settings), &peer).await?;
+        Ok((conn, peer, window))
     };
     // Boxed: the handshake state is large and needed once; the connection's future stays small.
     serve_with(Box::pin(handshake), options, handler, timer, shutdown).await
@@ -314,8 +322,9 @@ where
     S: Future<Output = ()>,
 {
     let handshake = async move {
-        let conn = h2_handshake(io, &options.settings, &peer).await?;
-        Ok((conn, peer))
+        let window = WindowLease::take(&options.receive_budget, &options.settings);
+        let conn = h2_handshake(io, &window.apply(&options.settings), &peer).await?;
+        Ok((conn, peer, window))
     };
     // Boxed: the handshake state is large and needed once; the connection's future stays small.
     serve_with(Box::pin(handshake), options, handler, timer, shutdown).await
@@ -337,8 +346,8 @@ async fn h2_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
         })
 }
 
-/// Checks the settings, runs `handshake` (which yields the HTTP/2 connection and the verified peer)
-/// within the handshake timeout, then accepts and drives the connection's streams until it ends.
+/// Checks the settings, runs `handshake` (which yields the HTTP/2 connection, the verified peer and
+/// the connection's window lease, held until the connection ends) within the handshake timeout, then accepts and drives the connection's streams until it ends.
 ///
 /// The connection is a local here, never an argument, so that the future holds it once; `handshake`
 /// comes boxed, as an unstarted future is as large as its largest state.
@@ -354,7 +363,7 @@ where
     H: Handler,
     T: Timer,
     S: Future<Output = ()>,
-    F: Future<Output = Result<(h2::server::Connection<IO, Bytes>, SpiffeId), ServeError>> + Unpin,
+    F: Future<Output = Result<(h2::server::Connection<IO, Bytes>, SpiffeId, WindowLease), ServeError>> + Unpin,
 {
     options.validate()?;
     let connection_budget = BufferBudget::new(options.connection_buffer);
@@ -364,7 +373,7 @@ where
     };
     let lease = options.stream_lease();
     let limit = options.settings.handshake_timeout;
-    let (mut conn, peer) = with_timeout(timer, limit, handshake)
+    let (mut conn, peer, mut window) = with_timeout(timer, limit, handshake)
         .await
         .ok_or(ServeError::HandshakeTimeout(limit))??;
 
@@ -376,7 +385,7 @@ where
     let mut failure: Option<h2::Error> = None;
     let copy_config = options.copy;
     let peer_ref = &peer;
-    poll_fn(|cx| {
+    let result = poll_fn(|cx| {
         loop {
             if !draining && shutdown.as_mut().poll(cx).is_ready() {
                 tracing::debug!(peer = %peer_ref, open_streams = streams.len(), "draining HBONE connection");
@@ -388,6 +397,16 @@ where
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
                         count += 1;
+                        // A connection set up when the receive budget was short grows its windows
+                        // once the budget has room again.
+                        if let Some(grown) = window.top_up(&options.settings) {
+                            conn.set_target_window_size(grown.connection_window);
+                            // Refused while an earlier SETTINGS change waits for its ACK: the stream
+                            // windows then stay as they were (still within the connection window).
+                            if let Err(e) = conn.set_initial_window_size(grown.stream_window) {
+                                tracing::debug!(peer = %peer_ref, error = %e, "stream windows not grown");
+                            }
+                        }
                         streams.push(handle_stream(
                             handler,
                             peer_ref,
@@ -428,7 +447,11 @@ where
             }
         }
     })
-    .await?;
+    .await;
+    // The connection's buffers go, then its window goes back to the budget.
+    drop(conn);
+    drop(window);
+    result?;
     Ok(ServeSummary {
         peer: peer.clone(),
         streams: count,

@@ -307,7 +307,20 @@ impl H2Io {
                 return Poll::Pending;
             }
             if !st.chunk.is_empty() {
-                let n = ready!(upstream.as_mut().poll_write(cx, &st.chunk))?;
+                let Poll::Ready(written) = upstream.as_mut().poll_write(cx, &st.chunk) else {
+                    // The upstream takes nothing now. Should the peer reset the stream or the
+                    // connection go, end the splice rather than hold the peer's bytes (and its
+                    // connection) until the upstream reads.
+                    return match self.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("stream reset by peer: {reason}"),
+                        ))),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                };
+                let n = written?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::WriteZero,

@@ -336,3 +336,67 @@ async fn unanswered_pings_retire_the_connection() {
     .await
     .expect("the connection is retired after the ping timeout");
 }
+
+/// The pool's connections lease their receive windows from the budget it is given: the first takes
+/// what it wants (up to the budget), the next one, with the budget spent, works on HTTP/2's default
+/// window, and the leases go back when the connections are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_lease_their_windows_and_give_them_back() {
+    use meshwire_hbone::budget::BufferBudget;
+    const BUDGET: usize = 1 << 20;
+    let pki = Pki::new();
+    let server = hbone_server(&pki, ServeOptions::default()).await;
+    let echo = echo_server().await;
+    let timer = JumpTimer::default();
+    let receive = Arc::new(BufferBudget::new(BUDGET));
+    let config = PoolConfig {
+        max_streams_per_connection: 1,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::with_receive_budget(
+        TcpConnector {
+            tls: pki.client_tls.clone(),
+        },
+        Tokio,
+        timer.clone(),
+        config.clone(),
+        receive.clone(),
+    );
+    let k = key(server.addr);
+    let mut tunnels = open_many(&pool, &k, echo, 2).await;
+    assert_eq!(pool.connections(&k), 2);
+    assert_eq!(
+        receive.used(),
+        BUDGET,
+        "the first connection leased the budget, the second nothing"
+    );
+    // Both carry more than HTTP/2's default window each way.
+    let data = pattern(256 * 1024, 5);
+    for tunnel in &mut tunnels {
+        let (mut r, mut w) = tokio::io::split(tunnel);
+        let (written, echoed) = tokio::join!(
+            async {
+                w.write_all(&data).await.unwrap();
+            },
+            async {
+                let mut got = vec![0u8; data.len()];
+                r.read_exact(&mut got).await.unwrap();
+                got
+            }
+        );
+        let () = written;
+        assert!(echoed == data, "the echo lost or changed bytes");
+    }
+    drop(tunnels);
+    // Seen idle, then idle for longer than the timeout.
+    assert_eq!(pool.release_idle(), 2, "idle from now on");
+    assert_eq!(receive.used(), BUDGET, "held while the connections are pooled");
+    timer.jump(config.idle_timeout + Duration::from_secs(1));
+    timeout(LIMIT, async {
+        while pool.release_idle() > 0 || receive.used() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connections released and their leases given back");
+}

@@ -1,7 +1,9 @@
 //! Memory is bounded by configuration, not by the peer: a mesh client with a valid SVID that opens
 //! many CONNECT streams to an upstream that sends without end, advertises a huge HTTP/2 window and
 //! never reads, gets back-pressure once the proxy holds its buffer budget, and the memory comes back
-//! after the connections close.
+//! after the connections close. In the other direction, mesh clients that upload without end over
+//! many HBONE connections to an upstream that never reads are held to the receive budget the
+//! connections lease their windows from.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -97,7 +99,16 @@ struct Hostile {
     connection: Option<client::ClientConnection>,
 }
 
-fn hostile_connection(runtime: &tokio::runtime::Runtime, mesh: &Mesh, proxy: &Proxy, upstream: SocketAddr) -> Hostile {
+/// A raw HBONE connection from `lo(1)` to `proxy`'s inbound listener as `default/client`, advertising
+/// the largest windows HTTP/2 allows (so that only the server's own limits hold its buffers), and its
+/// driver (to run).
+async fn raw_connection(
+    mesh: &Mesh,
+    proxy: &Proxy,
+) -> (
+    client::ClientConnection,
+    client::ConnectionDriver<tokio::net::TcpStream, TokioTimer>,
+) {
     let credentials = mesh.ca().issue(&spiffe("default", "client")).unwrap();
     let tls = meshwire_identity::tls::client_config(
         &credentials.svid,
@@ -116,15 +127,18 @@ fn hostile_connection(runtime: &tokio::runtime::Runtime, mesh: &Mesh, proxy: &Pr
         stream_window: settings.connection_window / 4,
         ..settings
     };
-    let inbound = proxy.ports().inbound;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(lo(1), 0)).unwrap();
+    let tcp = socket.connect(proxy.ports().inbound).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    client::handshake(tcp, Arc::new(tls), &settings, TokioTimer)
+        .await
+        .unwrap()
+}
+
+fn hostile_connection(runtime: &tokio::runtime::Runtime, mesh: &Mesh, proxy: &Proxy, upstream: SocketAddr) -> Hostile {
     runtime.block_on(async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(lo(1), 0)).unwrap();
-        let tcp = socket.connect(inbound).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let (connection, driver) = client::handshake(tcp, Arc::new(tls), &settings, TokioTimer)
-            .await
-            .unwrap();
+        let (connection, driver) = raw_connection(mesh, proxy).await;
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (close, close_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -151,18 +165,18 @@ fn hostile_connection(runtime: &tokio::runtime::Runtime, mesh: &Mesh, proxy: &Pr
     })
 }
 
-/// Waits until the firehose stops making progress (every stream back-pressured), sampling the
+/// Waits until `progress` (bytes sent by the attacker) stops growing (every stream back-pressured), sampling the
 /// proxy's RSS; returns the largest RSS seen, in KiB.
-fn peak_rss_until_stalled(proxy: &Proxy, firehose: &Firehose, what: &str) -> u64 {
+fn peak_rss_until_stalled(proxy: &Proxy, progress: &AtomicU64, what: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut peak = 0;
     let mut last = u64::MAX;
     let mut still = 0;
     while still < 6 {
-        assert!(Instant::now() < deadline, "{what}: the firehose never stalled");
+        assert!(Instant::now() < deadline, "{what}: the traffic never stalled");
         thread::sleep(Duration::from_millis(500));
         peak = peak.max(proxy.rss_kib().expect("the proxy's RSS"));
-        let now = firehose.written.load(Ordering::Relaxed);
+        let now = progress.load(Ordering::Relaxed);
         still = if now == last { still + 1 } else { 0 };
         last = now;
     }
@@ -205,7 +219,7 @@ fn attack(binary: &Binary) {
         let _ = h.stop.take().unwrap().send(());
     }
     firehose.open_the_tap();
-    let peak = peak_rss_until_stalled(&server, &firehose, what);
+    let peak = peak_rss_until_stalled(&server, &firehose.written, what);
     let buffered = config_dump_buffers(&server);
 
     // Every connection closes.
@@ -281,6 +295,7 @@ fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
             .arg("--hbone-buffer-budget=33554432")
             .env("MESHWIRE_HBONE_CONNECTION_BUFFER", "8388608")
             .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", "65536")
+            .arg("--hbone-receive-budget=16777216")
             .spawn();
         let buffers = config_dump_buffers(&proxy);
         let expected = serde_json::json!({
@@ -292,6 +307,8 @@ fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
             "processBuffered": 0,
             "streamWindow": 4194304,
             "connectionWindow": 16777216,
+            "receiveBudget": 16777216,
+            "receiveLeased": 0,
         });
         assert_eq!(buffers, expected, "{binary}");
         let metrics = proxy.metrics();
@@ -303,6 +320,36 @@ fn the_budgets_and_the_bytes_held_are_in_config_dump_and_metrics() {
             metrics.contains("meshwire_hbone_buffered_bytes 0"),
             "{binary}: {metrics}"
         );
+        assert!(
+            metrics.contains("meshwire_hbone_receive_budget_bytes 16777216"),
+            "{binary}: {metrics}"
+        );
+        assert!(
+            metrics.contains("meshwire_hbone_receive_window_leased_bytes 0"),
+            "{binary}: {metrics}"
+        );
+        // One connection, held open, leases its window (16 MiB less HTTP/2's default 64 KiB).
+        let client =
+            HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
+        let echo = EchoServer::start(lo(2));
+        let tunnel = client
+            .open(proxy.ports().inbound, echo.addr())
+            .expect("a tunnel to the echo server");
+        let leased = serde_json::json!(16777216 - 65535);
+        assert_eq!(config_dump_buffers(&proxy)["receiveLeased"], leased, "{binary}");
+        assert!(
+            proxy
+                .metrics()
+                .contains(&format!("meshwire_hbone_receive_window_leased_bytes {leased}")),
+            "{binary}"
+        );
+        drop(tunnel);
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while config_dump_buffers(&proxy)["receiveLeased"] != 0 {
+            assert!(Instant::now() < deadline, "{binary}: the lease was not given back");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -314,6 +361,7 @@ fn a_budget_too_small_for_one_stream_is_refused_naming_it() {
             (["--hbone-connection-buffer", "1"], "--hbone-connection-buffer"),
             (["--hbone-stream-send-buffer", "10"], "--hbone-stream-send-buffer"),
             (["--hbone-buffer-budget", "lots"], "--hbone-buffer-budget"),
+            (["--hbone-receive-budget", "1GiB"], "--hbone-receive-budget"),
         ] {
             let output = binary.command().args(args).output().unwrap();
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -472,5 +520,191 @@ fn a_server_that_never_reads_is_held_to_the_buffer_budget() {
             writer.abort();
         }
         drop(runtime);
+    }
+}
+
+/// The server proxy's process-wide budget of HTTP/2 receive windows in the upload test.
+const RECEIVE_BUDGET: u64 = 8 * MIB;
+/// HBONE connections the uploader opens.
+const UPLOAD_CONNECTIONS: usize = 8;
+/// CONNECT streams on each.
+const UPLOAD_STREAMS: usize = 20;
+/// What the process may hold beyond the receive budget: per-connection TLS and HTTP/2 state
+/// (including HTTP/2's own 64 KiB connection window, which every connection has), per-stream state
+/// and sockets, allocator fragmentation. Without a receive budget each connection holds its 16 MiB
+/// connection window (128 MiB here).
+const UPLOAD_ALLOWANCE: u64 = 40 * MIB;
+
+/// A TCP server on `ip` that accepts every connection and never reads from it (with a small receive
+/// buffer, so that the kernel takes little before the sender is blocked).
+struct Sink {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Sink {
+    fn start(runtime: &tokio::runtime::Runtime, ip: IpAddr) -> Sink {
+        let listener = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.listen(1024).unwrap()
+        });
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        runtime.spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                kept.push(tcp);
+            }
+        });
+        Sink { addr, accepted }
+    }
+}
+
+/// One HBONE connection whose streams each send without end, and the tasks that drive it.
+struct Uploader {
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    driver: tokio::task::JoinHandle<()>,
+    connection: client::ClientConnection,
+}
+
+impl Uploader {
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        mesh: &Mesh,
+        proxy: &Proxy,
+        upstream: SocketAddr,
+        sent: &Arc<AtomicU64>,
+    ) -> Uploader {
+        runtime.block_on(async move {
+            let (connection, driver) = raw_connection(mesh, proxy).await;
+            let driver = tokio::spawn(async move {
+                let _ = driver.await;
+            });
+            let mut writers = Vec::new();
+            for _ in 0..UPLOAD_STREAMS {
+                let request = ConnectRequest::new(Authority::SocketAddr(upstream));
+                let mut tunnel = connection.open(&request).await.expect("CONNECT to the sink");
+                let sent = sent.clone();
+                writers.push(tokio::spawn(async move {
+                    let chunk = vec![0xc3u8; 64 * 1024];
+                    while tunnel.write_all(&chunk).await.is_ok() {
+                        sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                }));
+            }
+            Uploader {
+                writers,
+                driver,
+                connection,
+            }
+        })
+    }
+
+    /// Resets every stream and closes the connection.
+    fn close(self) {
+        for writer in self.writers {
+            writer.abort();
+        }
+        drop(self.connection);
+        self.driver.abort();
+    }
+}
+
+/// The direction peer -> upstream: mesh clients that upload without end over many HBONE connections
+/// to an upstream that never reads make the server proxy hold what its receive windows let them
+/// send, and those windows come from a process-wide budget.
+fn upload_attack(binary: &Binary) {
+    let what = binary.name();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sink = Sink::start(&runtime, lo(2));
+    let mesh = Mesh::new(&pair::config(sink.addr.port(), ""));
+    let server = mesh
+        .proxy(binary, lo(2))
+        .dedicated("default/server/server")
+        .env("MESHWIRE_HBONE_RECEIVE_BUDGET", &RECEIVE_BUDGET.to_string())
+        .spawn();
+    // Warm-up, as in `attack`: one tunnel carries 1 MiB each way first.
+    let echo = EchoServer::start(lo(2));
+    let client =
+        HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
+    let tunnel = client
+        .open(server.ports().inbound, echo.addr())
+        .expect("a tunnel to the echo server");
+    let echoed = net::echo_exchange(tunnel.stream, MIB as usize).expect("the echo exchange");
+    assert!(echoed.intact(), "{what}: {echoed:?}");
+    drop(client);
+    let before = server.rss_kib().unwrap();
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let uploaders: Vec<Uploader> = (0..UPLOAD_CONNECTIONS)
+        .map(|_| Uploader::start(&runtime, &mesh, &server, sink.addr, &sent))
+        .collect();
+    let peak = peak_rss_until_stalled(&server, &sent, what);
+    let buffered = config_dump_buffers(&server);
+    assert_eq!(
+        sink.accepted.load(Ordering::SeqCst),
+        (UPLOAD_CONNECTIONS * UPLOAD_STREAMS) as u64,
+        "{what}: every stream reached the sink"
+    );
+
+    for uploader in uploaders {
+        uploader.close();
+    }
+    let slack = (before / 10).max(4 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut after = server.rss_kib().unwrap();
+    while after > before + slack && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(500));
+        after = server.rss_kib().unwrap();
+    }
+    eprintln!(
+        "{what} (uploads): RSS before {before} KiB, peak {peak} KiB (+{} KiB for {UPLOAD_CONNECTIONS} connections x \
+         {UPLOAD_STREAMS} streams), after close {after} KiB; uploaders sent {} MiB; dump {buffered}",
+        peak.saturating_sub(before),
+        sent.load(Ordering::Relaxed) / MIB,
+    );
+    let bound = before + (RECEIVE_BUDGET + UPLOAD_ALLOWANCE) / 1024;
+    assert!(
+        peak <= bound,
+        "{what}: RSS grew from {before} KiB to {peak} KiB, over the receive budget plus allowance ({bound} KiB)\n{}",
+        server.describe()
+    );
+    let leased = buffered["receiveLeased"].as_u64().expect("receiveLeased in the dump");
+    assert!(
+        leased <= RECEIVE_BUDGET,
+        "{what}: {leased} bytes of windows leased, over the {RECEIVE_BUDGET} budget"
+    );
+    assert!(
+        after <= before + slack,
+        "{what}: RSS {after} KiB after every connection closed, more than {slack} KiB over the {before} KiB before"
+    );
+    // Every window goes back when its connection closes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dump = config_dump_buffers(&server);
+        if dump["receiveLeased"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: windows still leased after close: {dump}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(runtime);
+}
+
+#[test]
+fn uploads_to_an_upstream_that_never_reads_are_held_to_the_receive_budget() {
+    for binary in binary::all() {
+        upload_attack(&binary);
     }
 }

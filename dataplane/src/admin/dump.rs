@@ -51,14 +51,18 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
 /// ```json
 /// { "streamSendBuffer": 409600, "streamCopyBuffer": 262144, "streamLease": 671744,
 ///   "connectionBudget": 67108864, "processBudget": 1073741824, "processBuffered": 0,
-///   "streamWindow": 4194304, "connectionWindow": 16777216 }
+///   "streamWindow": 4194304, "connectionWindow": 16777216,
+///   "receiveBudget": 1073741824, "receiveLeased": 0 }
 /// ```
 ///
 /// `streamLease` is what one stream holds while it has bytes to forward (its send buffer plus its
 /// largest copy buffer); `processBuffered` is what the leases of every tunnel, inbound and outbound,
 /// hold now: an upper bound of the bytes buffered for peers. `connectionBudget` applies to inbound
 /// connections (an outbound one holds at most its streams' leases); the windows bound what a peer
-/// sends that the destination has not taken yet.
+/// sends that the destination has not taken yet. They are the configured ones: each connection,
+/// inbound and outbound, leases the part of its connection window above HTTP/2's 64 KiB default
+/// from `receiveBudget` for its life and advertises only what it got; `receiveLeased` is what the
+/// connections lease now.
 pub fn buffers_dump(serve: &meshwire_hbone::server::ServeOptions) -> Value {
     json!({
         "streamSendBuffer": serve.settings.send_buffer,
@@ -69,6 +73,8 @@ pub fn buffers_dump(serve: &meshwire_hbone::server::ServeOptions) -> Value {
         "processBuffered": serve.process_budget.used(),
         "streamWindow": serve.settings.stream_window,
         "connectionWindow": serve.settings.connection_window,
+        "receiveBudget": serve.receive_budget.limit(),
+        "receiveLeased": serve.receive_budget.used(),
     })
 }
 

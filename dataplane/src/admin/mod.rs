@@ -207,9 +207,12 @@ pub async fn config_loaded(published: &Published) {
 ///
 /// With [`MetricsHandler::with_config`], two gauges are added: `istio_build{component="ztunnel",tag=<version>} 1`
 /// (as ztunnel reports its build) and `meshwire_config_generation`, the generation of the
-/// configuration in force. With [`MetricsHandler::with_buffers`], two more:
-/// `meshwire_hbone_buffered_bytes` (what HBONE tunnels, inbound and outbound, hold now for peers) and
-/// `meshwire_hbone_buffer_budget_bytes` (the process's budget for it).
+/// configuration in force. With [`MetricsHandler::with_buffers`], four more:
+/// `meshwire_hbone_buffered_bytes` (what HBONE tunnels, inbound and outbound, hold now for peers),
+/// `meshwire_hbone_buffer_budget_bytes` (the process's budget for it),
+/// `meshwire_hbone_receive_window_leased_bytes` (what HBONE connections, inbound and outbound, lease
+/// now of the receive budget for their connection windows) and `meshwire_hbone_receive_budget_bytes`
+/// (that budget).
 #[derive(Debug, Clone)]
 pub struct MetricsHandler {
     /// The counters, one [`Metrics`] per core where the proxy counts on each core separately.
@@ -232,6 +235,8 @@ struct BufferGauges {
     registry: prometheus_client::registry::Registry,
     buffered: prometheus_client::metrics::gauge::Gauge,
     budget: Arc<meshwire_hbone::budget::BufferBudget>,
+    leased: prometheus_client::metrics::gauge::Gauge,
+    receive: Arc<meshwire_hbone::budget::BufferBudget>,
 }
 
 impl MetricsHandler {
@@ -295,8 +300,13 @@ impl MetricsHandler {
         self
     }
 
-    /// Adds the gauges of the process's buffer budget `budget`, read at each request.
-    pub fn with_buffers(mut self, budget: Arc<meshwire_hbone::budget::BufferBudget>) -> Self {
+    /// Adds the gauges of the process's buffer budget `budget` and of its receive-window budget
+    /// `receive`, read at each request.
+    pub fn with_buffers(
+        mut self,
+        budget: Arc<meshwire_hbone::budget::BufferBudget>,
+        receive: Arc<meshwire_hbone::budget::BufferBudget>,
+    ) -> Self {
         use prometheus_client::metrics::gauge::Gauge;
 
         let mut registry = prometheus_client::registry::Registry::default();
@@ -313,10 +323,27 @@ impl MetricsHandler {
             "The process's budget of bytes HBONE tunnels (inbound and outbound) hold for their peers",
             limit,
         );
+        let leased = Gauge::default();
+        registry.register(
+            "meshwire_hbone_receive_window_leased_bytes",
+            "Bytes of HTTP/2 connection windows (beyond the 64 KiB default) HBONE connections, inbound and \
+             outbound, lease now of the process's receive budget",
+            leased.clone(),
+        );
+        let receive_limit: Gauge = Gauge::default();
+        receive_limit.set(i64::try_from(receive.limit()).unwrap_or(i64::MAX));
+        registry.register(
+            "meshwire_hbone_receive_budget_bytes",
+            "The process's budget of HTTP/2 connection windows HBONE connections advertise (beyond the \
+             64 KiB default each)",
+            receive_limit,
+        );
         self.buffers = Some(Arc::new(BufferGauges {
             registry,
             buffered,
             budget,
+            leased,
+            receive,
         }));
         self
     }
@@ -339,6 +366,9 @@ impl MetricsHandler {
             buffers
                 .buffered
                 .set(i64::try_from(buffers.budget.used()).unwrap_or(i64::MAX));
+            buffers
+                .leased
+                .set(i64::try_from(buffers.receive.used()).unwrap_or(i64::MAX));
             encoded = encoded.and_then(|()| encode_registry(&mut text, &buffers.registry));
         }
         if let Some(extra) = &self.extra {

@@ -338,6 +338,7 @@ impl ControlPlane {
                 copy: CopyConfig::default(),
                 connection_buffer: config.buffers.connection,
                 process_budget: Arc::new(BufferBudget::new(config.buffers.process)),
+                receive_budget: Arc::new(BufferBudget::new(config.buffers.receive)),
             },
             log_format,
             upstream,
@@ -584,9 +585,10 @@ impl Control {
             Self::serve(
                 "metrics",
                 bound.metrics,
-                metrics
-                    .with_config(context.published.clone())
-                    .with_buffers(context.serve_options.process_budget.clone()),
+                metrics.with_config(context.published.clone()).with_buffers(
+                    context.serve_options.process_budget.clone(),
+                    context.serve_options.receive_budget.clone(),
+                ),
                 &stop,
             ),
         ];

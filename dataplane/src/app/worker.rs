@@ -71,7 +71,13 @@ where
         metrics: Arc<Metrics>,
         registry: ConnectionRegistry,
     ) -> Self {
-        let pool = Pool::new(connector, executor, runtime.timer(), context.pool_config().clone());
+        let pool = Pool::with_receive_budget(
+            connector,
+            executor,
+            runtime.timer(),
+            context.pool_config().clone(),
+            context.serve_options().receive_budget.clone(),
+        );
         let outbound = Outbound::with_runtime(
             runtime.clone(),
             context.published().clone(),
