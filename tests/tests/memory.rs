@@ -199,18 +199,7 @@ fn attack(binary: &Binary) {
         .env("MESHWIRE_HBONE_CONNECTION_BUFFER", &CONNECTION_BUDGET.to_string())
         .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", &STREAM_SEND_BUFFER.to_string())
         .spawn();
-    // One tunnel carries 1 MiB each way first, so that what any first connection costs for good
-    // (code paged in, TLS and HTTP/2 state set up once, allocator arenas) counts as before.
-    let echo = EchoServer::start(lo(2));
-    let client =
-        HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
-    let tunnel = client
-        .open(server.ports().inbound, echo.addr())
-        .expect("a tunnel to the echo server");
-    let echoed = net::echo_exchange(tunnel.stream, MIB as usize).expect("the echo exchange");
-    assert!(echoed.intact(), "{what}: {echoed:?}");
-    drop(client);
-    let before = server.rss_kib().unwrap();
+    let before = warmed_up_rss(&mesh, &server, what);
 
     let mut hostile: Vec<Hostile> = (0..CONNECTIONS)
         .map(|_| hostile_connection(&runtime, &mesh, &server, firehose.addr))
@@ -228,14 +217,7 @@ fn attack(binary: &Binary) {
         drop(h.connection.take());
         let _ = h.close.take().unwrap().send(());
     }
-    // Within 10 % of before, or 4 MiB on a small process.
-    let slack = (before / 10).max(4 * 1024);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut after = server.rss_kib().unwrap();
-    while after > before + slack && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(500));
-        after = server.rss_kib().unwrap();
-    }
+    let (after, slack) = rss_after_close(&server, before);
     eprintln!(
         "{what}: RSS before {} KiB, peak {} KiB (+{} KiB for {} streams), after close {} KiB; firehose wrote {} MiB; dump {buffered}",
         before,
@@ -256,15 +238,48 @@ fn attack(binary: &Binary) {
         "{what}: RSS {after} KiB after every connection closed, more than {slack} KiB over the {before} KiB before"
     );
     // Nothing stays charged once the streams are gone.
+    wait_until_returned(&server, "processBuffered", what);
+}
+
+/// The proxy's RSS (KiB) once one tunnel carried 1 MiB each way, so that what any first connection
+/// costs for good (code paged in, TLS and HTTP/2 state set up once, allocator arenas) counts as before.
+fn warmed_up_rss(mesh: &Mesh, server: &Proxy, what: &str) -> u64 {
+    let echo = EchoServer::start(lo(2));
+    let client =
+        HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
+    let tunnel = client
+        .open(server.ports().inbound, echo.addr())
+        .expect("a tunnel to the echo server");
+    let echoed = net::echo_exchange(tunnel.stream, MIB as usize).expect("the echo exchange");
+    assert!(echoed.intact(), "{what}: {echoed:?}");
+    drop(client);
+    server.rss_kib().unwrap()
+}
+
+/// The proxy's RSS (KiB) once it came back within the slack (10 % of `before`, or 4 MiB on a small
+/// process) or after 90 s, and that slack.
+fn rss_after_close(server: &Proxy, before: u64) -> (u64, u64) {
+    let slack = (before / 10).max(4 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut after = server.rss_kib().unwrap();
+    while after > before + slack && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(500));
+        after = server.rss_kib().unwrap();
+    }
+    (after, slack)
+}
+
+/// Waits (30 s at most) until the `key` of the dump's `buffers` section is 0.
+fn wait_until_returned(server: &Proxy, key: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let dump = config_dump_buffers(&server);
-        if dump["processBuffered"] == 0 {
-            break;
+        let dump = config_dump_buffers(server);
+        if dump[key] == 0 {
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: bytes still charged after close: {dump}"
+            "{what}: {key} still not 0 after close: {dump}"
         );
         thread::sleep(Duration::from_millis(100));
     }
@@ -631,17 +646,7 @@ fn upload_attack(binary: &Binary) {
         .dedicated("default/server/server")
         .env("MESHWIRE_HBONE_RECEIVE_BUDGET", &RECEIVE_BUDGET.to_string())
         .spawn();
-    // Warm-up, as in `attack`: one tunnel carries 1 MiB each way first.
-    let echo = EchoServer::start(lo(2));
-    let client =
-        HboneClient::new(mesh.ca(), &spiffe("default", "client"), &[spiffe("default", "server")]).from_ip(lo(1));
-    let tunnel = client
-        .open(server.ports().inbound, echo.addr())
-        .expect("a tunnel to the echo server");
-    let echoed = net::echo_exchange(tunnel.stream, MIB as usize).expect("the echo exchange");
-    assert!(echoed.intact(), "{what}: {echoed:?}");
-    drop(client);
-    let before = server.rss_kib().unwrap();
+    let before = warmed_up_rss(&mesh, &server, what);
 
     let sent = Arc::new(AtomicU64::new(0));
     let uploaders: Vec<Uploader> = (0..UPLOAD_CONNECTIONS)
@@ -658,13 +663,7 @@ fn upload_attack(binary: &Binary) {
     for uploader in uploaders {
         uploader.close();
     }
-    let slack = (before / 10).max(4 * 1024);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut after = server.rss_kib().unwrap();
-    while after > before + slack && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(500));
-        after = server.rss_kib().unwrap();
-    }
+    let (after, slack) = rss_after_close(&server, before);
     eprintln!(
         "{what} (uploads): RSS before {before} KiB, peak {peak} KiB (+{} KiB for {UPLOAD_CONNECTIONS} connections x \
          {UPLOAD_STREAMS} streams), after close {after} KiB; uploaders sent {} MiB; dump {buffered}",
@@ -687,18 +686,7 @@ fn upload_attack(binary: &Binary) {
         "{what}: RSS {after} KiB after every connection closed, more than {slack} KiB over the {before} KiB before"
     );
     // Every window goes back when its connection closes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let dump = config_dump_buffers(&server);
-        if dump["receiveLeased"] == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: windows still leased after close: {dump}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_returned(&server, "receiveLeased", what);
     drop(runtime);
 }
 
