@@ -29,6 +29,7 @@ mod shapes;
 mod sys;
 
 use proxy::{Binary, Pair, PairOptions, Workdir};
+use report::Table;
 use shapes::{Bench, Plan};
 
 /// The dataplane benchmark: pairs of real proxy processes on loopback against a direct TCP connection.
@@ -235,11 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         };
         for shape in &shapes {
             let table = match shape {
-                Shape::Bulk => {
-                    let (rows, table) = shapes::bulk(&bench).await?;
-                    report.bulk = Some(rows);
-                    table
-                }
+                Shape::Bulk => keep(&mut report.bulk, shapes::bulk(&bench).await?),
                 Shape::Parallel => {
                     let (parallel, table) = shapes::parallel(&bench).await?;
                     println!("{}", table.render());
@@ -260,21 +257,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     report.parallel = Some(parallel);
                     continue;
                 }
-                Shape::Rr => {
-                    let (rows, table) = shapes::request_response(&bench).await?;
-                    report.request_response = Some(rows);
-                    table
-                }
-                Shape::Connections => {
-                    let (rows, table) = shapes::connections(&bench).await?;
-                    report.connections = Some(rows);
-                    table
-                }
-                Shape::Idle => {
-                    let (rows, table) = shapes::idle(&bench).await?;
-                    report.idle = Some(rows);
-                    table
-                }
+                Shape::Rr => keep(&mut report.request_response, shapes::request_response(&bench).await?),
+                Shape::Connections => keep(&mut report.connections, shapes::connections(&bench).await?),
+                Shape::Idle => keep(&mut report.idle, shapes::idle(&bench).await?),
             };
             println!("{}", table.render());
         }
@@ -290,6 +275,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("figures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Puts a shape's rows into their place in the report; returns its table.
+fn keep<T>(slot: &mut Option<T>, (rows, table): (T, Table)) -> Table {
+    *slot = Some(rows);
+    table
 }
 
 fn plan(cli: &Cli) -> Plan {

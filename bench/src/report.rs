@@ -1,6 +1,7 @@
 //! Small tables on standard output, medians, and percentiles.
 
 use hdrhistogram::Histogram;
+use meshwire_testkit::measure::median;
 use serde::Serialize;
 
 /// A text table: a header row and rows of cells, columns as wide as their widest cell.
@@ -52,21 +53,6 @@ impl Table {
         }
         out
     }
-}
-
-/// The median of `values` (the mean of the middle two for an even count); `None` when empty.
-pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
 }
 
 /// Formats a number with `digits` decimals, or `-` when absent.

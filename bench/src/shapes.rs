@@ -4,12 +4,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use meshwire_testkit::measure::median;
 use serde::Serialize;
 
 use crate::client::Route;
 use crate::load::{self, Direction};
 use crate::proxy::{Binary, Pair, PairOptions, Workdir};
-use crate::report::{Percentiles, Table, fmt, median};
+use crate::report::{Percentiles, Table, fmt};
 use crate::server::{Server, ServerProcess};
 use crate::sys;
 

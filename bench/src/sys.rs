@@ -4,32 +4,13 @@
 use std::net::SocketAddrV4;
 
 use anyhow::{Context, bail};
+use meshwire_testkit::measure;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 /// CPU seconds (user + system, every thread, live or exited) used so far by process `pid`, from
 /// `/proc/<pid>/stat` fields 14 and 15.
 pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name (field 2) is in parentheses and may contain spaces: count from the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .with_context(|| format!("/proc/{pid}/stat has no command name"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
-    let ticks = |index: usize| -> anyhow::Result<u64> {
-        fields
-            .get(index)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("/proc/{pid}/stat: field {} missing or not a number", index + 3))
-    };
-    let total = ticks(11)? + ticks(12)?;
-    Ok(total as f64 / clock_ticks() as f64)
-}
-
-fn clock_ticks() -> u64 {
-    rustix::param::clock_ticks_per_second().max(1)
+    Ok(measure::pid_cpu(pid)?.total())
 }
 
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`).
@@ -164,10 +145,7 @@ pub(crate) fn machine() -> (String, usize, String) {
         })
         .unwrap_or_else(|| "unknown".to_owned());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    (cpu, cpus, kernel)
+    (cpu, cpus, measure::kernel_release())
 }
 
 /// Raises this process's open-file limit (inherited by the proxies it starts) to at least `needed`:

@@ -37,6 +37,13 @@ fn rows<'a>(report: &'a Value, key: &str) -> &'a Vec<Value> {
     rows
 }
 
+/// The `what` row of `rows` for `path` whose `key` is `value`.
+fn row<'a>(rows: &'a [Value], what: &str, path: &str, key: &str, value: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["path"] == path && r[key] == value)
+        .unwrap_or_else(|| panic!("no {what} row {path} {value}"))
+}
+
 /// Bytes sent equal bytes received in every run, and the figures of each run are positive.
 fn check_bulk_runs(row: &Value, what: &str, proxied: bool) {
     let runs = row["runs"].as_array().unwrap();
@@ -93,10 +100,7 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     let bulk = rows(&report, "bulk");
     for path in ["direct", "ztunnel", "ztunnel-uring"] {
         for direction in ["upload", "download"] {
-            let row = bulk
-                .iter()
-                .find(|r| r["path"] == path && r["direction"] == direction)
-                .unwrap_or_else(|| panic!("no bulk row {path} {direction}"));
+            let row = row(bulk, "bulk", path, "direction", direction);
             positive(&row["median_gbps"], "bulk Gbit/s");
             if path != "direct" {
                 positive(&row["median_cpu_s_per_gb"], "bulk CPU-s/GB");
@@ -169,10 +173,7 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     let rr = rows(&report, "request_response");
     for mode in ["fixed", "closed"] {
         for path in ["direct", "ztunnel", "ztunnel-uring"] {
-            let row = rr
-                .iter()
-                .find(|r| r["path"] == path && r["mode"] == mode)
-                .unwrap_or_else(|| panic!("no request/response row {path} {mode}"));
+            let row = row(rr, "request/response", path, "mode", mode);
             positive(&row["median_requests_per_s"], "requests/s");
             for p in ["p50_us", "p90_us", "p99_us", "p999_us"] {
                 positive(&row["latency"][p], p);
@@ -183,10 +184,7 @@ fn quick_run_reports_every_shape_with_positive_figures() {
             }
         }
     }
-    let fixed = rr
-        .iter()
-        .find(|r| r["path"] == "ztunnel" && r["mode"] == "fixed")
-        .unwrap();
+    let fixed = row(rr, "request/response", "ztunnel", "mode", "fixed");
     let rate = positive(&fixed["median_requests_per_s"], "fixed rate");
     assert!(
         (800.0..1200.0).contains(&rate),
@@ -202,10 +200,7 @@ fn quick_run_reports_every_shape_with_positive_figures() {
         ("ztunnel-uring", "pooled"),
         ("ztunnel-uring", "handshake"),
     ] {
-        let row = conns
-            .iter()
-            .find(|r| r["path"] == path && r["kind"] == kind)
-            .unwrap_or_else(|| panic!("no connections row {path} {kind}"));
+        let row = row(conns, "connections", path, "kind", kind);
         positive(&row["median_per_second"], "connections/s");
         if path != "direct" {
             positive(&row["median_cpu_s_per_1000"], "CPU per 1000 connections");

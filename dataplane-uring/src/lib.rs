@@ -3,13 +3,13 @@
 //! control plane, the per-connection proxy logic written over [`meshwire_dataplane::rt::Runtime`],
 //! telemetry, admin) and supplies only the runtime plumbing.
 //!
-//! - [`rt`]: the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio: streams, timer,
-//!   executor, connecting sockets made by the socket factory, the HBONE pool's connector.
+//! - [`rt`]: the [`Runtime`](meshwire_dataplane::rt::Runtime) on glommio: connecting sockets made
+//!   by the socket factory, the HBONE pool's connector; its stream ([`rt::UringStream`], glommio's
+//!   TCP stream with the `tokio::io` traits, reading into uninitialised memory without zeroing it
+//!   and writing vectors in one `sendmsg`), timer and executor are `meshwire-rt`'s (feature
+//!   `glommio`).
 //! - [`listener`]: listeners made by the socket factory, handed to glommio (`unsafe`: the
 //!   descriptor's ownership hand-over).
-//! - [`stream`]: [`stream::UringStream`], glommio's TCP stream with the `tokio::io` traits, reading
-//!   into uninitialised memory without zeroing it and writing vectors in one `sendmsg` (`unsafe`:
-//!   borrowing glommio's descriptor, and telling `ReadBuf` how much the kernel wrote).
 //! - [`spread`]: [`spread::RoundRobin`], an eBPF program that deals a listener's new connections
 //!   over the cores in turn rather than by the kernel's hash (`unsafe`: the `bpf(2)` calls).
 //! - [`proxy`]: [`proxy::UringProxy`], the binary `ztunnel-uring`: one pinned executor per core,
@@ -23,4 +23,3 @@ pub mod preflight;
 pub mod proxy;
 pub mod rt;
 pub mod spread;
-pub mod stream;

@@ -10,32 +10,16 @@
 //! the proxy cannot start), and 1 when io_uring cannot be used here (the message names the cause
 //! and points to `ztunnel`) or when a core stops unexpectedly (after draining the others).
 
-#[cfg(feature = "jemalloc")]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::process::ExitCode;
 
 use meshwire_dataplane::admin::LogControl;
-use meshwire_dataplane::app::{Drained, cli};
+use meshwire_dataplane::app::cli;
 use meshwire_dataplane::config::Config;
 use meshwire_dataplane_uring::preflight;
 use meshwire_dataplane_uring::proxy::{Error, UringProxy};
 
 fn main() -> ExitCode {
-    let config = match cli::load_config() {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let logging = cli::init_logging(&config);
-    cli::return_freed_memory();
-    match run(config, logging) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::main(run)
 }
 
 /// Checks that io_uring can serve, places the executors, and runs the proxy with the control plane
@@ -56,11 +40,8 @@ fn run(config: Config, logging: LogControl) -> anyhow::Result<ExitCode> {
         );
     }
     let placement = preflight::placement(&cpus, count);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .thread_name("ztunnel-control")
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the control thread's runtime: {e}"))?;
+    let runtime =
+        cli::control_runtime().map_err(|e| anyhow::anyhow!("cannot start the control thread's runtime: {e}"))?;
     runtime.block_on(async {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), executors = count, "starting");
         let mut proxy = UringProxy::start(config, Some(logging), placement).await?;
@@ -74,10 +55,7 @@ fn run(config: Config, logging: LogControl) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }
         };
-        match proxy.drain().await {
-            Drained::Complete => tracing::info!("drained: every connection ended"),
-            Drained::DeadlineReached => tracing::warn!("drain deadline reached: closing remaining connections"),
-        }
+        proxy.drain().await;
         Ok(code)
     })
 }

@@ -1,5 +1,8 @@
 //! The io_uring build's proxy: the shared control plane on one tokio thread, and one pinned
-//! glommio executor per core serving the data path.
+//! glommio executor per core serving the data path. The lifecycle (the listener set, the start
+//! sequence, the accept loops and their dispatch, readiness, the drain) is `meshwire-dataplane`'s
+//! [`lifecycle`]; this module supplies glommio's [`Acceptor`], the cores, and where their
+//! listeners, pools and metrics live.
 //!
 //! **Cores.** Every core binds its own socket for each data listener (inbound HBONE, inbound
 //! plaintext, outbound capture, SOCKS5) through the socket factory with `SO_REUSEPORT`, so that the
@@ -18,25 +21,26 @@
 //! releases them, [`ControlListeners::bind_after_data`]); then the cores start one after
 //! the other, each binding its listeners (the first core's addresses are those of the others, so
 //! that a port 0 gets one number). A core that cannot start (io_uring unavailable, a port in use)
-//! fails the start with the cause; no core serves before every core has bound its listeners.
+//! fails the start with the cause; no core serves before every core has bound its listeners. Each
+//! core then runs [`lifecycle::serve`] with its worker and listeners.
 //!
 //! **Drain.** The cores stop accepting, inbound HBONE connections get GOAWAY, and each core ends
-//! once its connections have; past the drain deadline the cores are told to abandon what is left.
+//! once its connections have; past the drain deadline the cores are told to abandon what is left
+//! ([`Lifecycle::drain`]).
+//!
+//! [`ControlListeners::bind_before_data`]: meshwire_dataplane::app::ControlListeners::bind_before_data
+//! [`ControlListeners::bind_after_data`]: meshwire_dataplane::app::ControlListeners::bind_after_data
 
+use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use futures_util::future::{Either, select};
 use glommio::{LocalExecutorBuilder, Placement};
 use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
-use meshwire_dataplane::app::{
-    ACCEPT_RETRY, Control, ControlListeners, ControlPlane, Drained, ProxyContext, StartError, Worker, data_listeners,
-    log_listeners,
-};
+use meshwire_dataplane::app::lifecycle::{self, Acceptor, Connection, Lifecycle, Phase, Starting};
+use meshwire_dataplane::app::{Drained, ProxyContext, StartError, Worker};
 use meshwire_dataplane::config::{Config, ConnectionBalance, Listener};
-use meshwire_dataplane::proxy::canonical;
 use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketOptions};
 use meshwire_dataplane::telemetry::metrics::{Metrics, listener_label};
 use meshwire_dataplane::watch::ConnectionRegistry;
@@ -47,9 +51,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::preflight::Unavailable;
-use crate::rt::{GlommioConnector, GlommioExecutor, GlommioRuntime};
+use crate::rt::{Glommio, GlommioConnector, GlommioExecutor, GlommioRuntime, GlommioStream, UringStream};
 use crate::spread::RoundRobin;
-use crate::stream::UringStream;
 
 /// The memory each executor reserves for storage IO (registered with io_uring): the proxy does
 /// network IO only, so glommio's minimum-sized slab is kept small.
@@ -82,24 +85,6 @@ pub enum Error {
         /// What failed.
         source: std::io::Error,
     },
-}
-
-/// The phases of the proxy, as every core sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    /// Binding listeners; nothing is served yet.
-    Starting,
-    /// Every core has bound its listeners: serve.
-    Serving,
-    /// Stop accepting; let the connections finish.
-    Draining,
-    /// The drain deadline passed (or the start failed): stop now.
-    Abandoned,
-}
-
-/// Resolves once the phase is `at_least` or later (or the proxy is gone).
-async fn reached(mut phase: watch::Receiver<Phase>, at_least: Phase) {
-    let _ = phase.wait_for(|p| *p >= at_least).await;
 }
 
 /// The labels of the per-core accept counter.
@@ -140,26 +125,37 @@ struct CoreSetup {
 /// The worker of a core.
 type CoreWorker = Worker<GlommioRuntime>;
 
-/// The io_uring proxy, running: its control plane and servers on the calling tokio runtime, its
-/// cores on their threads.
-pub struct UringProxy {
-    listeners: Vec<(Listener, SocketAddr)>,
-    cpus: Vec<usize>,
-    phase: watch::Sender<Phase>,
-    exits: mpsc::UnboundedReceiver<usize>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    plane: ControlPlane,
-    control: Control,
-    drain_deadline: std::time::Duration,
+/// A core's listener: the glommio listener, and the core's accept counter for it.
+#[derive(Debug)]
+pub struct CoreListener {
+    socket: glommio::net::TcpListener,
+    accepted: Counter,
 }
 
-impl std::fmt::Debug for UringProxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringProxy")
-            .field("listeners", &self.listeners)
-            .field("cpus", &self.cpus)
-            .finish_non_exhaustive()
+impl Acceptor for Glommio {
+    type Listener = CoreListener;
+    type Shared = Rc<CoreWorker>;
+
+    async fn accept(listener: &CoreListener) -> io::Result<(GlommioStream, Option<SocketAddr>)> {
+        let stream = listener.socket.accept().await?;
+        listener.accepted.inc();
+        // glommio's accept does not say who the client is: the accept loop asks the stream.
+        Ok((UringStream::new(stream), None))
     }
+
+    fn spawn(connection: Connection<Self>) {
+        glommio::spawn_local(connection.serve()).detach();
+    }
+}
+
+/// The io_uring proxy, running: its control plane and servers on the calling tokio runtime, its
+/// cores on their threads.
+#[derive(Debug)]
+pub struct UringProxy {
+    lifecycle: Lifecycle,
+    cpus: Vec<usize>,
+    exits: mpsc::UnboundedReceiver<usize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl UringProxy {
@@ -169,21 +165,11 @@ impl UringProxy {
     pub async fn start(config: Config, logging: Option<LogControl>, cpus: Vec<usize>) -> Result<UringProxy, Error> {
         let registries: Vec<ConnectionRegistry> = cpus.iter().map(|_| ConnectionRegistry::new()).collect();
         let metrics: Vec<Arc<Metrics>> = cpus.iter().map(|_| Arc::new(Metrics::new())).collect();
-        let plane = ControlPlane::start(&config, &registries).await?;
-
-        let mut listeners = Vec::new();
-        // The control listeners first, so that a second instance binds nothing (unless it takes over).
-        let early_control = match ControlListeners::bind_before_data(&config, &mut listeners) {
-            Ok(early) => early,
-            Err(error) => {
-                plane.stop();
-                return Err(error.into());
-            }
-        };
-        let mut data = data_listeners(&config);
+        let starting = Starting::begin(&config, &registries).await?;
+        let mut data = starting.data().to_vec();
         let spread = match config.connection_balance {
             ConnectionBalance::RoundRobin => round_robins(data.len(), cpus.len()),
-            _ => vec![None; data.len()],
+            ConnectionBalance::Hash => vec![None; data.len()],
         };
 
         let accepted = Family::<AcceptLabels, Counter>::default();
@@ -194,7 +180,6 @@ impl UringProxy {
             accepted.clone(),
         );
 
-        let (phase, _) = watch::channel(Phase::Starting);
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let mut threads = Vec::new();
         let mut failure = None;
@@ -203,12 +188,12 @@ impl UringProxy {
             let setup = CoreSetup {
                 core,
                 cpu,
-                context: plane.context().clone(),
+                context: starting.plane().context().clone(),
                 metrics: metrics.clone(),
                 registry: registry.clone(),
                 listeners: data.clone(),
                 spread: spread.clone(),
-                phase: phase.subscribe(),
+                phase: starting.phase(),
                 bound: bound_tx,
                 accepted: accepted.clone(),
                 exit: ExitGuard {
@@ -238,43 +223,30 @@ impl UringProxy {
         }
         drop(exits_tx);
         if let Some(error) = failure {
-            let _ = phase.send(Phase::Abandoned);
+            starting.abandon();
             join(threads).await;
-            plane.stop();
             return Err(error);
         }
-        listeners.extend(data);
-        let _ = phase.send(Phase::Serving);
-        let control_listeners = match ControlListeners::bind_after_data(&config, &mut listeners, early_control).await {
-            Ok(control) => control,
+        tracing::info!(cores = cpus.len(), cpus = ?cpus, "serving on io_uring: one executor per core");
+        let handler = MetricsHandler::summing(metrics).with_registry(Arc::new(extra));
+        let lifecycle = match starting.serve(&config, data, handler, logging).await {
+            Ok(lifecycle) => lifecycle,
             Err(error) => {
-                let _ = phase.send(Phase::Abandoned);
                 join(threads).await;
-                plane.stop();
                 return Err(error.into());
             }
         };
-
-        let handler = MetricsHandler::summing(metrics).with_registry(Arc::new(extra));
-        let (control, listeners_bound) = plane.serve_control(&config, control_listeners, handler, logging);
-        log_listeners(&config, &listeners);
-        tracing::info!(cores = cpus.len(), cpus = ?cpus, "serving on io_uring: one executor per core");
-        listeners_bound.ready();
         Ok(UringProxy {
-            listeners,
+            lifecycle,
             cpus,
-            phase,
             exits,
             threads,
-            plane,
-            control,
-            drain_deadline: config.drain_deadline,
         })
     }
 
     /// The listeners being served, with the addresses they are bound to.
     pub fn listeners(&self) -> &[(Listener, SocketAddr)] {
-        &self.listeners
+        self.lifecycle.listeners()
     }
 
     /// The CPU each core's executor is pinned to.
@@ -284,12 +256,12 @@ impl UringProxy {
 
     /// The trigger `POST /quitquitquit` pulls.
     pub fn shutdown_trigger(&self) -> admin::ShutdownTrigger {
-        self.control.trigger().clone()
+        self.lifecycle.shutdown_trigger()
     }
 
     /// Whether the proxy is ready (what the readiness endpoint answers).
     pub fn readiness(&self) -> &Readiness {
-        self.control.readiness()
+        self.lifecycle.readiness()
     }
 
     /// Resolves with a core's index if one stops while serving (a panic on its thread): the
@@ -303,22 +275,17 @@ impl UringProxy {
 
     /// Stops accepting on every core, asks the HBONE connections to drain, and waits up to the
     /// drain deadline for every core's connections to end; then tells the cores to abandon what is
-    /// left, and stops the control plane and its listeners (readiness answers 503 from the start).
-    pub async fn drain(mut self) -> Drained {
-        tracing::info!(deadline = ?self.drain_deadline, "draining");
-        self.control.readiness().set_draining();
-        let _ = self.phase.send(Phase::Draining);
-        let exits = &mut self.exits;
+    /// left, and stops the control plane and its listeners (readiness answers 503 from the start):
+    /// [`Lifecycle::drain`].
+    pub async fn drain(self) -> Drained {
+        let UringProxy {
+            lifecycle,
+            mut exits,
+            threads,
+            ..
+        } = self;
         let all_ended = async { while exits.recv().await.is_some() {} };
-        let outcome = match tokio::time::timeout(self.drain_deadline, all_ended).await {
-            Ok(()) => Drained::Complete,
-            Err(_) => Drained::DeadlineReached,
-        };
-        let _ = self.phase.send(Phase::Abandoned);
-        join(std::mem::take(&mut self.threads)).await;
-        self.plane.stop();
-        self.control.stop().await;
-        outcome
+        lifecycle.drain(all_ended, join(threads)).await
     }
 }
 
@@ -385,8 +352,9 @@ fn spawn_core(setup: CoreSetup) -> std::io::Result<std::thread::JoinHandle<()>> 
     })
 }
 
-/// A core: binds its listeners and reports them, waits until every core has, serves until the
-/// drain, then waits for its connections to end (or to be abandoned).
+/// A core: binds its listeners and reports them, then serves them with its [`Worker`]
+/// ([`lifecycle::serve`]: once every core has bound its listeners, until the drain and its
+/// connections have ended or are abandoned).
 async fn run_core(setup: CoreSetup) {
     let CoreSetup {
         core,
@@ -415,7 +383,13 @@ async fn run_core(setup: CoreSetup) {
         match crate::listener::bind(&DefaultSocketFactory, addr, &opts, spread) {
             Ok(socket) => {
                 addrs.push((listener, socket.local_addr().unwrap_or(addr)));
-                sockets.push((listener, socket));
+                let accepted = accepted
+                    .get_or_create(&AcceptLabels {
+                        core: core.to_string(),
+                        listener: listener_label(listener).to_owned(),
+                    })
+                    .clone();
+                sockets.push((listener, CoreListener { socket, accepted }));
             }
             Err(source) => {
                 let _ = bound.send(Err(StartError::Bind { listener, addr, source }.into()));
@@ -424,11 +398,6 @@ async fn run_core(setup: CoreSetup) {
         }
     }
     let _ = bound.send(Ok(addrs));
-    let mut wait = phase.clone();
-    let started = wait.wait_for(|p| *p != Phase::Starting).await.map(|p| *p);
-    if !matches!(started, Ok(Phase::Serving)) {
-        return;
-    }
 
     let connector = GlommioConnector::new(context.client_tls(), context.connector_config());
     let worker: Rc<CoreWorker> = Rc::new(Worker::new(
@@ -439,106 +408,5 @@ async fn run_core(setup: CoreSetup) {
         metrics,
         registry,
     ));
-    let pool = worker.outbound().pool().clone();
-    let maintenance = glommio::spawn_local(async move { pool.maintain().await });
-    let (connections, mut ended) = mpsc::channel::<()>(1);
-    let loops: Vec<_> = sockets
-        .into_iter()
-        .map(|(listener, socket)| {
-            let counter = accepted
-                .get_or_create(&AcceptLabels {
-                    core: core.to_string(),
-                    listener: listener_label(listener).to_owned(),
-                })
-                .clone();
-            let accept = AcceptLoop {
-                listener,
-                socket,
-                worker: worker.clone(),
-                phase: phase.clone(),
-                connections: connections.clone(),
-                accepted: counter,
-            };
-            glommio::spawn_local(accept.run())
-        })
-        .collect();
-    drop(connections);
-    drop(worker);
-    for accept in loops {
-        accept.await;
-    }
-    let _ = maintenance.cancel().await;
-    // Every connection task holds a sender: `recv` returns `None` once they all ended.
-    let all_ended = pin!(ended.recv());
-    let abandoned = pin!(reached(phase, Phase::Abandoned));
-    let _ = select(all_ended, abandoned).await;
-}
-
-/// The accept loop of one listener on one core.
-struct AcceptLoop {
-    listener: Listener,
-    socket: glommio::net::TcpListener,
-    worker: Rc<CoreWorker>,
-    phase: watch::Receiver<Phase>,
-    connections: mpsc::Sender<()>,
-    accepted: Counter,
-}
-
-impl AcceptLoop {
-    /// Accepts until the drain, and serves each connection in a task of this core (with
-    /// `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4).
-    async fn run(self) {
-        let mut stop = pin!(reached(self.phase.clone(), Phase::Draining));
-        loop {
-            let accept = pin!(self.socket.accept());
-            let stream = match select(stop.as_mut(), accept).await {
-                Either::Left(_) => return,
-                Either::Right((Ok(stream), _)) => stream,
-                Either::Right((Err(error), _)) => {
-                    self.worker.accept_failed(self.listener, &error.into());
-                    glommio::timer::sleep(ACCEPT_RETRY).await;
-                    continue;
-                }
-            };
-            self.accepted.inc();
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-            let peer = match stream.peer_addr() {
-                Ok(peer) => canonical(peer),
-                Err(error) => {
-                    tracing::debug!(listener = %self.listener, %error, "accepted connection already gone");
-                    continue;
-                }
-            };
-            let stream = UringStream::new(stream);
-            let serve = serve(self.listener, self.worker.clone(), stream, peer, self.phase.clone());
-            let guard = self.connections.clone();
-            glommio::spawn_local(async move {
-                let _guard = guard;
-                serve.await;
-            })
-            .detach();
-        }
-    }
-}
-
-/// Serves a connection accepted on `listener`.
-async fn serve(
-    listener: Listener,
-    worker: Rc<CoreWorker>,
-    tcp: crate::rt::GlommioStream,
-    peer: SocketAddr,
-    phase: watch::Receiver<Phase>,
-) {
-    match listener {
-        Listener::Inbound => {
-            worker
-                .serve_inbound_hbone(tcp, peer, reached(phase, Phase::Draining))
-                .await;
-        }
-        Listener::InboundPlaintext => worker.serve_inbound_plaintext(tcp, peer).await,
-        Listener::Outbound => worker.serve_capture(tcp, peer).await,
-        _ => worker.serve_socks5(tcp, peer).await,
-    }
+    lifecycle::serve::<Glommio>(worker, sockets, phase).await;
 }

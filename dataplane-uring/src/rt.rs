@@ -1,97 +1,48 @@
-//! The glommio side of the runtime seam: [`GlommioRuntime`] (the
-//! [`Runtime`] the per-connection proxy logic runs over), its timer and executor, connecting
-//! sockets made by the [`SocketFactory`], and the HBONE pool's [`GlommioConnector`].
+//! The glommio side of the runtime seam: [`Glommio`] (what glommio does its own way: its
+//! [`Native`]), hence [`GlommioRuntime`] (the [`Runtime`] the per-connection proxy logic runs
+//! over) and the HBONE pool's [`GlommioConnector`]; connecting sockets made by the
+//! [`SocketFactory`]. Its timer, executor and stream are
+//! `meshwire-rt`'s ([`GlommioTimer`], [`GlommioExecutor`], [`UringStream`]), re-exported here.
 //!
 //! Everything here is thread-local, as a thread-per-core proxy is: it must be used on a glommio
 //! executor thread, and nothing is `Send`.
 //!
-//! # Sockets made elsewhere, without `unsafe`
+//! # Sockets made elsewhere, without `unsafe` here
 //!
 //! glommio 0.9 connects only sockets it makes itself, and its streams offer their descriptor only as
-//! a raw number (`AsRawFd`). Two safe bridges keep every socket going through the factory:
+//! a raw number (`AsRawFd`). Two bridges keep every socket going through the factory:
 //! - **connect** ([`connect`]): the factory's socket starts a non-blocking `connect` and becomes a
 //!   glommio stream at once (through `std::net::TcpStream` and the socket2 version glommio converts
 //!   from); glommio's write readiness (an io_uring poll, armed by a zero-length send that would
 //!   block while the socket connects) says when the connect ended, bounded by the timeout, and
 //!   `SO_ERROR` whether it succeeded. No thread hop.
-//! - **socket operations** on a glommio stream ([`duplicate`]): `pidfd_getfd(2)` on the proxy's own
-//!   process returns an owned duplicate of the stream's descriptor; options read or set on the
-//!   duplicate are those of the same socket (`SO_ORIGINAL_DST`, `SO_LINGER`).
+//! - **socket operations** on a glommio stream: [`UringStream`] lends its descriptor (`AsFd`, the
+//!   one borrow `meshwire-rt` makes), so `SO_ORIGINAL_DST`, `SO_LINGER` and `TCP_NODELAY` are read
+//!   and set on the stream's own socket, as on tokio's. [`duplicate`] (`pidfd_getfd(2)` on the
+//!   proxy's own process) gives an owned duplicate where one is needed.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use meshwire_dataplane::rt::Runtime;
-use meshwire_dataplane::rt::connector::{ClientTlsSource, ConnectorConfig, pool_connect};
-use meshwire_dataplane::rt::socket::{
-    self, DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget,
-};
-use meshwire_hbone::ConnectError;
-use meshwire_hbone::pool::{Connector, PoolKey};
-use meshwire_hbone::rt::{Executor, Timer};
-use rustls::ClientConfig;
+use meshwire_dataplane::rt::native::{Native, PoolConnector, ProxyRuntime};
+use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketError, SocketOp, SocketTarget};
+#[cfg(doc)]
+use meshwire_dataplane::rt::{Runtime, socket::SocketFactory};
+pub use meshwire_rt::glommio::{GlommioExecutor, GlommioSleep, GlommioTimer, UringStream};
 use socket2::Socket;
-
-use crate::stream::UringStream;
 
 /// A glommio TCP stream seen through the `tokio::io` traits (what the proxy logic reads and writes):
 /// a [`UringStream`].
 pub type GlommioStream = UringStream;
 
-/// [`Timer`] over glommio's reactor timers. Must be used on a glommio executor thread.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GlommioTimer;
-
-/// A glommio sleep resolving to `()` (glommio's timer resolves to the instant it fired at).
-#[derive(Debug)]
-pub struct GlommioSleep(glommio::timer::Timer);
-
-impl Future for GlommioSleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(drop)
-    }
-}
-
-impl Timer for GlommioTimer {
-    type Sleep = GlommioSleep;
-
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> GlommioSleep {
-        GlommioSleep(glommio::timer::Timer::new(
-            deadline.saturating_duration_since(Instant::now()),
-        ))
-    }
-}
-
-/// [`Executor`] over `glommio::spawn_local`: the task stays on the calling executor's core.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GlommioExecutor;
-
-impl<F: Future<Output = ()> + 'static> Executor<F> for GlommioExecutor {
-    fn execute(&self, future: F) {
-        glommio::spawn_local(future).detach();
-    }
-}
-
 /// An owned duplicate of the socket behind `fd` (a descriptor of this process), through
 /// `pidfd_getfd(2)`: socket options read or set on it are the original socket's.
 pub fn duplicate(fd: RawFd) -> io::Result<Socket> {
-    crate::stream::duplicate(fd).map(Socket::from)
+    meshwire_rt::glommio::stream::duplicate(fd).map(Socket::from)
 }
 
 /// Connects an unconnected, non-blocking socket (as made by [`SocketFactory::stream`]) to `peer`,
@@ -125,7 +76,6 @@ pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io:
             Pin::new(stream.get_mut()).poll_write(cx, &[])
         });
         let outcome = meshwire_hbone::rt::timeout(&GlommioTimer, timeout, writable).await;
-        let sock = stream.socket().map_err(fail)?;
         match outcome {
             None => {
                 let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
@@ -133,7 +83,7 @@ pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io:
             }
             Some(result) => {
                 // SO_ERROR is the connect's own error; the send's may only echo it.
-                if let Some(e) = sock.take_error().map_err(fail)? {
+                if let Some(e) = socket2::SockRef::from(&stream).take_error().map_err(fail)? {
                     return Err(fail(e));
                 }
                 result.map_err(fail)?;
@@ -143,94 +93,25 @@ pub async fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> io:
     Ok(stream)
 }
 
-/// The [`Runtime`] of the io_uring build: glommio streams, timers and tasks; sockets from the
-/// socket factory `F`.
-#[derive(Debug, Clone, Default)]
-pub struct GlommioRuntime<F = DefaultSocketFactory> {
-    factory: F,
-}
+/// glommio as the proxy's [`Native`]: [`GlommioStream`]s, [`GlommioTimer`], [`GlommioExecutor`],
+/// and [`connect`] for the factory's sockets; socket operations on a stream go through
+/// [`duplicate`]. Everything must be used on a glommio executor thread.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Glommio;
 
-impl GlommioRuntime {
-    /// The runtime connecting with the [`DefaultSocketFactory`].
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl<F> GlommioRuntime<F> {
-    /// The runtime connecting with `factory`.
-    pub fn with_factory(factory: F) -> Self {
-        Self { factory }
-    }
-
-    /// The socket factory.
-    pub fn factory(&self) -> &F {
-        &self.factory
-    }
-}
-
-impl<F: SocketFactory + 'static> Runtime for GlommioRuntime<F> {
+impl Native for Glommio {
     type Stream = GlommioStream;
     type Timer = GlommioTimer;
     type Executor = GlommioExecutor;
-    type Connector<S> = GlommioConnector<S, F>;
 
-    fn timer(&self) -> GlommioTimer {
-        GlommioTimer
-    }
-
-    async fn connect(&self, dst: SocketAddr, opts: &SocketOptions, timeout: Duration) -> io::Result<GlommioStream> {
-        connect(self.factory.stream(dst, None, opts)?, dst, timeout).await
-    }
-
-    fn local_addr(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        stream.local_addr()
-    }
-
-    fn peer_addr(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        stream.peer_addr()
-    }
-
-    fn original_destination(stream: &GlommioStream) -> io::Result<SocketAddr> {
-        socket::original_destination(&stream.socket()?)
-    }
-
-    fn reset_on_close(stream: &GlommioStream) -> io::Result<()> {
-        socket::reset_on_close(&stream.socket()?)
+    fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> impl Future<Output = io::Result<GlommioStream>> {
+        connect(socket, peer, timeout)
     }
 }
 
-/// The HBONE pool's connector on glommio: the TCP connection to a [`PoolKey`]'s destination (from
-/// its source IP if set), with `TCP_NODELAY` on, through a [`SocketFactory`]; and the client TLS
-/// config for the key from `tls`.
-#[derive(Debug, Clone)]
-pub struct GlommioConnector<S, F = DefaultSocketFactory> {
-    tls: S,
-    factory: F,
-    config: ConnectorConfig,
-}
+/// The [`Runtime`] of the io_uring build: glommio streams, timers
+/// and tasks; sockets from the socket factory `F`.
+pub type GlommioRuntime<F = DefaultSocketFactory> = ProxyRuntime<Glommio, F>;
 
-impl<S> GlommioConnector<S> {
-    /// A connector making sockets with the [`DefaultSocketFactory`].
-    pub fn new(tls: S, config: ConnectorConfig) -> Self {
-        Self::with_factory(tls, DefaultSocketFactory, config)
-    }
-}
-
-impl<S, F: SocketFactory> GlommioConnector<S, F> {
-    /// A connector making sockets with `factory`.
-    pub fn with_factory(tls: S, factory: F, config: ConnectorConfig) -> Self {
-        let mut config = config;
-        config.socket.nodelay = true;
-        Self { tls, factory, config }
-    }
-}
-
-impl<S: ClientTlsSource, F: SocketFactory> Connector for GlommioConnector<S, F> {
-    type Io = GlommioStream;
-
-    /// [`pool_connect`] with glommio's [`connect`].
-    async fn connect(&self, key: &PoolKey) -> Result<(GlommioStream, Arc<ClientConfig>), ConnectError> {
-        pool_connect(&self.tls, &self.factory, &self.config, key, connect).await
-    }
-}
+/// The HBONE pool's connector on glommio (see [`PoolConnector`]).
+pub type GlommioConnector<S, F = DefaultSocketFactory> = PoolConnector<Glommio, S, F>;

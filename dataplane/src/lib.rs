@@ -3,7 +3,9 @@
 //!
 //! - [`admin`]: the control plane's HTTP listeners: readiness, admin (`/config_dump`, `/logging`,
 //!   `/quitquitquit`) and metrics, as handles any runtime's binary can serve.
-//! - [`app`]: the tokio binary's wiring: listeners, certificates, configuration watching, drain.
+//! - [`app`]: the wiring of the binaries: the control plane (certificates, configuration watching,
+//!   admin), the proxy lifecycle both binaries share (listeners, accept loops, drain), and the
+//!   tokio binary.
 //! - [`config`]: the proxy's validated configuration, from flags and ztunnel's environment variables.
 //! - [`xds`]: the local configuration file (ztunnel's `LOCAL_XDS_PATH` YAML: workloads, services,
 //!   policies), parsed forgivingly with errors naming the field and line.

@@ -10,52 +10,37 @@
 //! environment, 1 when the proxy cannot start (invalid local configuration, unusable certificate
 //! source, an explicit packet mark that cannot be set, a listener that cannot be bound).
 
-#[cfg(feature = "jemalloc")]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::process::ExitCode;
 
 use meshwire_dataplane::admin::LogControl;
-use meshwire_dataplane::app::{Drained, Proxy, cli};
+use meshwire_dataplane::app::{Proxy, cli};
 use meshwire_dataplane::config::Config;
 
 fn main() -> ExitCode {
-    let config = match cli::load_config() {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let logging = cli::init_logging(&config);
-    cli::return_freed_memory();
-    match run(config, logging) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::main(run)
 }
 
-/// Runs the proxy on a multi-thread runtime until SIGTERM, SIGINT or `/quitquitquit`, then drains.
-fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Runs the proxy until SIGTERM, SIGINT or `/quitquitquit`, then drains: the data path on a
+/// multi-thread runtime, the control plane (configuration, certificates, admin, metrics) on this
+/// thread, as the io_uring build does.
+fn run(config: Config, logging: LogControl) -> anyhow::Result<ExitCode> {
+    let data = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .thread_name("ztunnel-worker")
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))?;
-    runtime.block_on(async {
+    let control =
+        cli::control_runtime().map_err(|e| anyhow::anyhow!("cannot start the control thread's runtime: {e}"))?;
+    control.block_on(async {
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             worker_threads = config.worker_threads,
             "starting"
         );
-        let proxy = Proxy::start_with_logging(config, Some(logging)).await?;
+        let proxy = Proxy::start_on(config, Some(logging), data.handle().clone()).await?;
         cli::wait_for_shutdown(proxy.shutdown_trigger()).await?;
-        match proxy.drain().await {
-            Drained::Complete => tracing::info!("drained: every connection ended"),
-            Drained::DeadlineReached => tracing::warn!("drain deadline reached: closing remaining connections"),
-        }
-        Ok(())
+        proxy.drain().await;
+        Ok(ExitCode::SUCCESS)
     })
 }

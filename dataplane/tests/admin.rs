@@ -22,6 +22,7 @@ use meshwire_dataplane::xds::LocalConfig;
 use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::manager::{CertManager, CertStatus, ManagerConfig, Priority};
 use meshwire_identity::source::local_ca::LocalCa;
+use meshwire_testkit::http::{Response, request as http_request};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,84 +92,24 @@ impl Server {
     }
 }
 
-/// One HTTP/1.1 exchange's answer.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+/// The body of `reply` as JSON; panics when it is not.
+fn json(reply: &Response) -> Value {
+    serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", reply.body))
 }
 
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-/// Sends one request (`Connection: close`) by hand and reads the whole answer.
-async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if method == "POST" {
-        head.push_str("Content-Length: 0\r\n");
-    }
-    head.push_str("\r\n");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+/// One request (`Connection: close`), the whole answer read.
+async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Response {
+    tokio::time::timeout(Duration::from_secs(10), http_request(addr, method, target, headers))
         .await
         .expect("the server answers and closes")
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
-    let chunked = head.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked");
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .map(|line| {
-            let (name, value) = line.split_once(':').unwrap();
-            (name.trim().to_owned(), value.trim().to_owned())
-        })
-        .collect::<Vec<_>>();
-    let reply = Reply { status, headers, body };
-    if let Some(length) = reply.header("content-length") {
-        assert_eq!(length.parse::<usize>().unwrap(), reply.body.len(), "{reply:?}");
-    }
-    reply
+        .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
 }
 
-/// The body of a `Transfer-Encoding: chunked` message; panics unless it is well formed and complete.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("a hexadecimal chunk size");
-        if size == 0 {
-            assert_eq!(rest, "\r\n", "the chunked body ends after its last chunk");
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
-    }
-}
-
-async fn get(addr: SocketAddr, target: &str) -> Reply {
+async fn get(addr: SocketAddr, target: &str) -> Response {
     request(addr, "GET", target, &[]).await
 }
 
-async fn post(addr: SocketAddr, target: &str) -> Reply {
+async fn post(addr: SocketAddr, target: &str) -> Response {
     request(addr, "POST", target, &[]).await
 }
 
@@ -337,7 +278,7 @@ async fn config_dump_shows_the_snapshot_and_the_certificates_with_their_expiry()
     let reply = get(server.addr, "/config_dump").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.header("content-type"), Some("application/json"));
-    let dump = reply.json();
+    let dump = json(&reply);
 
     assert_eq!(dump["config"]["generation"], 1);
     assert_eq!(dump["config"]["source"], "/etc/ztunnel/local.yaml");
@@ -381,7 +322,7 @@ async fn config_dump_shows_the_snapshot_and_the_certificates_with_their_expiry()
 
     // A new generation shows at once.
     published.publish(LocalConfig::default(), None, SystemTime::now());
-    let dump = get(server.addr, "/config_dump").await.json();
+    let dump = json(&get(server.addr, "/config_dump").await);
     assert_eq!(dump["config"]["generation"], 2);
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 0);
 
@@ -453,7 +394,7 @@ async fn a_large_config_dump_is_sent_chunked_and_complete() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
     assert_eq!(reply.header("content-type"), Some("application/json"));
-    let dump = reply.json();
+    let dump = json(&reply);
     let workloads = dump["workloads"].as_array().unwrap();
     assert_eq!(workloads.len(), 5_000);
     assert_eq!(workloads[4_999]["name"], "w-4999");
@@ -468,7 +409,7 @@ async fn config_dump_before_any_configuration_and_certificate() {
     manager.warm_up(&SpiffeId::new(CART).unwrap());
     let handler = AdminHandler::new(Published::default(), Arc::new(manager.clone()), ShutdownTrigger::new());
     let server = Server::start("admin", handler).await;
-    let dump = get(server.addr, "/config_dump").await.json();
+    let dump = json(&get(server.addr, "/config_dump").await);
     assert_eq!(dump["config"]["generation"], 0);
     assert_eq!(dump["config"]["loadedAt"], Value::Null);
     assert_eq!(dump["workloads"], Value::Array(vec![]));

@@ -14,70 +14,42 @@ use meshwire_dataplane::watch::{ConnectionRegistry, Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_hbone::client::{self, ClientConnection, ConnectRequest, Tunnel};
 use meshwire_hbone::headers::Authority;
-use meshwire_hbone::server::{self, ServeOptions};
+use meshwire_hbone::server::{self, RefusalReason, ServeOptions};
 use meshwire_hbone::settings::Settings;
-use meshwire_identity::id::{SpiffeId, TrustDomain};
-use meshwire_identity::source::local_ca::LocalCa;
-use meshwire_identity::tls::{self, TrustDomains};
+use meshwire_testkit::net::echo_server;
+use meshwire_testkit::pki::{CLIENT, Pki, id};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
-const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+/// The server workload on 127.0.0.1: the `workloads` section of the configurations below.
+macro_rules! server_workload {
+    () => {
+        r#"
+workloads:
+- name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+"#
+    };
+}
 
 /// The server workload on 127.0.0.1, no policies.
-const OPEN: &str = r#"
-workloads:
-- name: server
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.0.0.1"]
-  protocol: HBONE
-"#;
+const OPEN: &str = server_workload!();
 
 /// OPEN with a namespace DENY policy for the client's principal.
-const DENY_CLIENT: &str = r#"
-workloads:
-- name: server
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.0.0.1"]
-  protocol: HBONE
-policies:
+const DENY_CLIENT: &str = concat!(
+    server_workload!(),
+    r#"policies:
 - name: deny-client
   namespace: default
   scope: Namespace
   action: Deny
   rules:
   - - - principals: [!Exact cluster.local/ns/default/sa/client]
-"#;
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::new(s).unwrap()
-}
-
-struct Pki {
-    server_tls: Arc<rustls::ServerConfig>,
-    client_tls: Arc<rustls::ClientConfig>,
-}
-
-fn pki() -> Pki {
-    let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap();
-    let server = ca.issue(&id(SERVER)).unwrap();
-    let client = ca.issue(&id(CLIENT)).unwrap();
-    let server_tls = Arc::new(
-        tls::server_config(
-            &server.svid,
-            &server.bundles,
-            &TrustDomains::only(ca.trust_domain().clone()),
-            vec![b"h2".to_vec()],
-        )
-        .unwrap(),
-    );
-    let client_tls =
-        Arc::new(tls::client_config(&client.svid, &client.bundles, vec![id(SERVER)], vec![b"h2".to_vec()]).unwrap());
-    Pki { server_tls, client_tls }
-}
+"#
+);
 
 /// An inbound proxy on `ip` serving the configuration `yaml`.
 struct Proxy {
@@ -89,7 +61,7 @@ struct Proxy {
 }
 
 async fn proxy(ip: &str, yaml: &str) -> Proxy {
-    let pki = pki();
+    let pki = Pki::new();
     let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = LocalConfig::parse(yaml).unwrap();
@@ -151,24 +123,6 @@ impl Proxy {
             .await
             .map_err(|e| e.status().map_or(0, |s| s.as_u16()))
     }
-}
-
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// The value of the series of `family` in `text`, if there is one.
@@ -313,21 +267,17 @@ async fn a_new_deny_policy_resets_an_established_stream() {
 }
 
 /// OPEN with a namespace ALLOW policy that requires a principal under `cluster.local/ns/`.
-const ALLOW_MESH_ONLY: &str = r#"
-workloads:
-- name: server
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.0.0.1"]
-  protocol: HBONE
-policies:
+const ALLOW_MESH_ONLY: &str = concat!(
+    server_workload!(),
+    r#"policies:
 - name: mesh-only
   namespace: default
   scope: Namespace
   action: Allow
   rules:
   - - - principals: [!Prefix cluster.local/ns/]
-"#;
+"#
+);
 
 /// A handler as the inbound plaintext listener makes one: arrived on its port, no peer identity.
 fn plaintext_handler(yaml: &str) -> (InboundHandler, Published, Arc<Metrics>, ConnectionRegistry) {
@@ -408,9 +358,15 @@ async fn plaintext_to_the_proxys_own_port_or_an_unserved_address_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(own.status.as_u16(), 503);
-    assert!(own.reason.contains("would loop"), "{}", own.reason);
+    assert!(
+        matches!(own.reason, RefusalReason::Loop(dst) if dst.port() == 15008),
+        "{}",
+        own.reason
+    );
+    assert!(own.reason.to_string().contains("would loop"), "{}", own.reason);
     let unserved = handler.open("127.0.0.77:80".parse().unwrap(), None).await.unwrap_err();
     assert_eq!(unserved.status.as_u16(), 400);
+    assert!(matches!(unserved.reason, RefusalReason::NoWorkload(ip) if ip.to_string() == "127.0.0.77"));
     assert!(registry.is_empty());
 }
 

@@ -429,27 +429,32 @@ fn each_malformed_value_names_its_field_and_line() {
 
 #[test]
 fn port_zero_is_refused_where_it_means_nothing() {
-    // A service port 0, in a service and in a workload's port map.
-    let err = assert_error(
-        "services:\n- name: a\n  vips: [/10.0.0.1]\n  ports:\n    80: 8080\n    0: 8080\n",
-        "services[0].ports.0",
-        6,
-        "service port 0 is not a port clients can connect to",
-    );
-    assert!(matches!(err, ConfigError::Invalid { .. }));
-    assert_error(
-        "workloads:\n- name: a\n  services:\n    \"ns/h\":\n      0: 8080\n",
-        r#"workloads[0].services["ns/h"].0"#,
-        5,
-        "service port 0 is not a port clients can connect to",
-    );
-    // A target port 0 in a workload's own map: the port the workload accepts on.
-    assert_error(
-        "workloads:\n- name: a\n  services:\n    \"ns/h\":\n      80: 8080\n      443: 0\n",
-        r#"workloads[0].services["ns/h"].443"#,
-        6,
-        "target port 0 is not a port the workload accepts on",
-    );
+    let cases = [
+        // A service port 0, in a service and in a workload's port map.
+        (
+            "services:\n- name: a\n  vips: [/10.0.0.1]\n  ports:\n    80: 8080\n    0: 8080\n",
+            "services[0].ports.0",
+            6,
+            "service port 0 is not a port clients can connect to",
+        ),
+        (
+            "workloads:\n- name: a\n  services:\n    \"ns/h\":\n      0: 8080\n",
+            r#"workloads[0].services["ns/h"].0"#,
+            5,
+            "service port 0 is not a port clients can connect to",
+        ),
+        // A target port 0 in a workload's own map: the port the workload accepts on.
+        (
+            "workloads:\n- name: a\n  services:\n    \"ns/h\":\n      80: 8080\n      443: 0\n",
+            r#"workloads[0].services["ns/h"].443"#,
+            6,
+            "target port 0 is not a port the workload accepts on",
+        ),
+    ];
+    for (yaml, field, line, fragment) in cases {
+        let err = assert_error(yaml, field, line, fragment);
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+    }
     // A service's target port 0 is a named port, resolved by the workloads' maps: legal.
     let config = LocalConfig::parse(
         "services:\n- name: a\n  vips: [/10.0.0.1]\n  ports: {80: 0}\nworkloads:\n- name: w\n  \
@@ -540,19 +545,22 @@ fn duplicates_name_both_places() {
 
 #[test]
 fn items_without_a_name_are_rejected() {
-    let err = assert_error(
-        "workloads:\n- {}\n",
-        "workloads[0].name",
-        2,
-        "a workload needs a `name` or a `uid`",
-    );
-    assert!(matches!(err, ConfigError::Missing { .. }));
-    assert_error(
-        "services:\n- vips: [/10.0.0.1]\n",
-        "services[0].hostname",
-        2,
-        "a service needs a `hostname` or a `name`",
-    );
+    let cases = [
+        (
+            "workloads:\n- {}\n",
+            "workloads[0].name",
+            "a workload needs a `name` or a `uid`",
+        ),
+        (
+            "services:\n- vips: [/10.0.0.1]\n",
+            "services[0].hostname",
+            "a service needs a `hostname` or a `name`",
+        ),
+    ];
+    for (yaml, field, fragment) in cases {
+        let err = assert_error(yaml, field, 2, fragment);
+        assert!(matches!(err, ConfigError::Missing { .. }), "{err:?}");
+    }
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The outbound SOCKS5 path end to end, in process: a hand-written SOCKS5 client, the proxy's
+//! The outbound SOCKS5 path end to end, in process: the test kit's SOCKS5 client, the proxy's
 //! [`Outbound`] with a real HBONE pool and certificate manager over a local CA, an HBONE server with
 //! mTLS on loopback, and TCP echo servers.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -20,21 +20,20 @@ use meshwire_dataplane::watch::{Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::{Pool, PoolConfig};
-use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+use meshwire_hbone::server::ServeOptions;
 use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::manager::{CertManager, ManagerConfig};
 use meshwire_identity::source::local_ca::LocalCa;
-use meshwire_identity::tls::{self, TrustDomains};
+use meshwire_testkit::data::{Fnv, pattern};
+use meshwire_testkit::net::{LoopbackHandler, echo_server_on, hbone_server_with, tcp_server_on};
+use meshwire_testkit::pki::{CLIENT, SERVER, id, server_config};
+use meshwire_testkit::socks5::{self, Failure, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
-const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::new(s).unwrap()
-}
+/// The client TLS of the outbound proxy: from a certificate manager over a local CA.
+type Tls = CertManagerTls<Arc<LocalCa>, TokioTimer>;
 
 /// What the HBONE server's handler saw.
 #[derive(Debug, Clone)]
@@ -44,89 +43,26 @@ struct Seen {
     forwarded: Option<String>,
 }
 
-/// Connects to the authority on loopback; 401 for port 1.
-#[derive(Default)]
-struct TestHandler {
-    seen: Mutex<Vec<Seen>>,
+/// A new local CA for `cluster.local`.
+fn new_ca() -> Arc<LocalCa> {
+    Arc::new(LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap())
 }
 
-impl Handler for TestHandler {
-    type Upstream = TcpStream;
-
-    async fn connect(&self, request: &InboundRequest) -> Result<Connected<TcpStream>, Refusal> {
-        self.seen.lock().unwrap().push(Seen {
-            peer: request.peer.clone(),
-            authority: request.authority.to_string(),
-            forwarded: request.metadata.forwarded.as_ref().map(|f| format!("{f:?}")),
-        });
-        let addr = request
-            .authority
-            .as_socket_addr()
-            .ok_or_else(|| Refusal::bad_request("not an address"))?;
-        if addr.port() == 1 {
-            return Err(Refusal::unauthorized("port 1 is forbidden"));
-        }
-        let upstream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))?;
-        Ok(Connected::from(upstream))
-    }
+/// A tokio HBONE pool with client certificates from `manager`.
+fn pool(manager: CertManager<Arc<LocalCa>, TokioTimer>) -> HbonePool<Tls> {
+    let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
+    Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default())
 }
 
-async fn echo_server(ip: &str) -> SocketAddr {
-    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-async fn hbone_server(ca: &LocalCa) -> (SocketAddr, Arc<TestHandler>) {
-    let creds = ca.issue(&id(SERVER)).unwrap();
-    let tls_config = Arc::new(
-        tls::server_config(
-            &creds.svid,
-            &creds.bundles,
-            &TrustDomains::only(ca.trust_domain().clone()),
-            vec![b"h2".to_vec()],
-        )
-        .unwrap(),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handler = Arc::new(TestHandler::default());
-    let h = handler.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tcp.set_nodelay(true).unwrap();
-            let (tls_config, h) = (tls_config.clone(), h.clone());
-            tokio::spawn(async move {
-                let _ = server::serve(
-                    tcp,
-                    tls_config,
-                    &ServeOptions::default(),
-                    &*h,
-                    &TokioTimer,
-                    std::future::pending::<()>(),
-                )
-                .await;
-            });
-        }
-    });
-    (addr, handler)
+/// An outbound proxy with no workloads, for a shared source, and its pool over a new CA.
+fn bare_outbound() -> Outbound<Tls> {
+    Outbound::new(
+        Published::default(),
+        LocalProxy::new(),
+        SourceWorkload::Shared,
+        pool(CertManager::new(new_ca(), TokioTimer, ManagerConfig::default())),
+        CopyConfig::default(),
+    )
 }
 
 struct Fixture {
@@ -139,11 +75,26 @@ struct Fixture {
     capture: SocketAddr,
     echo: SocketAddr,
     plain_echo: SocketAddr,
-    handler: Arc<TestHandler>,
+    handler: Arc<LoopbackHandler>,
     summaries: mpsc::UnboundedReceiver<OutboundSummary>,
     published: Published,
     yaml: String,
     metrics: Arc<Metrics>,
+}
+
+impl Fixture {
+    /// What the HBONE server's handler saw, in order.
+    fn seen(&self) -> Vec<Seen> {
+        let requests = self.handler.requests.lock().unwrap();
+        requests
+            .iter()
+            .map(|request| Seen {
+                peer: request.peer.clone(),
+                authority: request.authority.to_string(),
+                forwarded: request.metadata.forwarded.as_ref().map(|f| format!("{f:?}")),
+            })
+            .collect()
+    }
 }
 
 async fn fixture() -> Fixture {
@@ -174,14 +125,15 @@ where
 }
 
 async fn fixture_with(source: SourceWorkload) -> Fixture {
-    let ca = Arc::new(LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap());
+    let ca = new_ca();
     let manager = CertManager::new(ca.clone(), TokioTimer, ManagerConfig::default());
     let driver = manager.clone();
     tokio::spawn(async move { driver.run().await });
 
-    let (hbone, handler) = hbone_server(&ca).await;
-    let echo = echo_server("127.0.0.1").await;
-    let plain_echo = echo_server("127.0.0.2").await;
+    let server = hbone_server_with(server_config(&ca, SERVER), ServeOptions::default()).await;
+    let (hbone, handler) = (server.addr, server.handler);
+    let echo = echo_server_on([127, 0, 0, 1].into()).await;
+    let plain_echo = echo_server_on([127, 0, 0, 2].into()).await;
     let port = echo.port();
     let yaml = format!(
         r#"
@@ -225,11 +177,9 @@ services:
         .with_addresses([socks.ip()])
         .with_ports([socks.port(), redirected.port(), capture.port()])
         .with_hbone_port(hbone.port());
-    let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
-    let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default());
     let metrics = Arc::new(Metrics::new());
     let outbound = Arc::new(
-        Outbound::new(published.clone(), proxy, source, pool, CopyConfig::default())
+        Outbound::new(published.clone(), proxy, source, pool(manager), CopyConfig::default())
             .with_telemetry(metrics.clone(), LogFormat::Text),
     );
     let (tx, summaries) = mpsc::unbounded_channel();
@@ -264,19 +214,14 @@ services:
     }
 }
 
-enum Dest<'a> {
-    Addr(SocketAddr),
-    Name(&'a str, u16),
-}
-
-/// A SOCKS5 CONNECT by hand: the reply code and the stream.
-async fn socks_connect(proxy: SocketAddr, dest: Dest<'_>) -> (u8, TcpStream) {
-    socks_connect_from(proxy, None, dest).await
+/// A SOCKS5 CONNECT to `target` through the proxy's listener `proxy`: the stream on reply 0.
+async fn socks_connect(proxy: SocketAddr, target: impl Into<Target>) -> Result<TcpStream, Failure> {
+    socks_connect_from(proxy, None, target.into()).await
 }
 
 /// [`socks_connect`] from the source address `from`.
-async fn socks_connect_from(proxy: SocketAddr, from: Option<IpAddr>, dest: Dest<'_>) -> (u8, TcpStream) {
-    let mut tcp = match from {
+async fn socks_connect_from(proxy: SocketAddr, from: Option<IpAddr>, target: Target) -> Result<TcpStream, Failure> {
+    let tcp = match from {
         None => TcpStream::connect(proxy).await.unwrap(),
         Some(ip) => {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -284,60 +229,18 @@ async fn socks_connect_from(proxy: SocketAddr, from: Option<IpAddr>, dest: Dest<
             socket.connect(proxy).await.unwrap()
         }
     };
-    tcp.write_all(&[5, 1, 0]).await.unwrap();
-    let mut method = [0u8; 2];
-    tcp.read_exact(&mut method).await.unwrap();
-    assert_eq!(method, [5, 0]);
-    let mut request = vec![5, 1, 0];
-    let port = match dest {
-        Dest::Addr(SocketAddr::V4(addr)) => {
-            request.push(1);
-            request.extend_from_slice(&addr.ip().octets());
-            addr.port()
-        }
-        Dest::Addr(SocketAddr::V6(addr)) => {
-            request.push(4);
-            request.extend_from_slice(&addr.ip().octets());
-            addr.port()
-        }
-        Dest::Name(name, port) => {
-            request.push(3);
-            request.push(u8::try_from(name.len()).unwrap());
-            request.extend_from_slice(name.as_bytes());
-            port
-        }
-    };
-    request.extend_from_slice(&port.to_be_bytes());
-    tcp.write_all(&request).await.unwrap();
-    let mut head = [0u8; 4];
-    tcp.read_exact(&mut head).await.unwrap();
-    assert_eq!(head[0], 5);
-    let rest = match head[3] {
-        1 => 4 + 2,
-        4 => 16 + 2,
-        other => panic!("unexpected ATYP {other} in the reply"),
-    };
-    let mut bound = vec![0u8; rest];
-    tcp.read_exact(&mut bound).await.unwrap();
-    (head[1], tcp)
+    socks5::connect(tcp, &target).await
 }
 
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
+/// A host name as a SOCKS5 destination.
+fn name(host: &str, port: u16) -> Target {
+    Target::Domain(host.to_owned(), port)
 }
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    let mut sum = Fnv::new();
+    sum.update(data);
+    sum.0
 }
 
 /// Sends `len` bytes through `tcp`, half-closes, and checks the echo matches.
@@ -366,8 +269,7 @@ async fn next_summary(f: &mut Fixture) -> OutboundSummary {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_mesh_workload_goes_through_hbone() {
     let mut f = fixture().await;
-    let (code, tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect(f.socks, f.echo).await.expect("SOCKS5 reply 0");
     echo_through(tcp, 1 << 20).await;
 
     let summary = next_summary(&mut f).await;
@@ -377,7 +279,7 @@ async fn connect_to_mesh_workload_goes_through_hbone() {
     assert_eq!(summary.received, 1 << 20);
     assert!(matches!(summary.reply, Some(Reply::Succeeded { .. })));
 
-    let seen = f.handler.seen.lock().unwrap().clone();
+    let seen = f.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].peer, id(CLIENT));
     assert_eq!(seen[0].authority, f.echo.to_string());
@@ -387,28 +289,28 @@ async fn connect_to_mesh_workload_goes_through_hbone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_non_mesh_workload_passes_through() {
     let mut f = fixture().await;
-    let (code, tcp) = socks_connect(f.socks, Dest::Addr(f.plain_echo)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect(f.socks, f.plain_echo).await.expect("SOCKS5 reply 0");
     echo_through(tcp, 64 * 1024).await;
 
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.route, Some(RouteKind::Passthrough));
     assert!(summary.error.is_none(), "{:?}", summary.error);
     assert_eq!(summary.sent, 64 * 1024);
-    assert!(f.handler.seen.lock().unwrap().is_empty());
+    assert!(f.seen().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_hostname_resolves_through_its_vip() {
     let mut f = fixture().await;
-    let (code, tcp) = socks_connect(f.socks, Dest::Name("echo.example", 80)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect(f.socks, name("echo.example", 80))
+        .await
+        .expect("SOCKS5 reply 0");
     echo_through(tcp, 4096).await;
 
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.route, Some(RouteKind::Hbone));
     assert_eq!(summary.dst, Some("127.10.0.1:80".parse().unwrap()));
-    let seen = f.handler.seen.lock().unwrap().clone();
+    let seen = f.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].authority, f.echo.to_string());
     assert!(seen[0].forwarded.as_deref().unwrap().contains("echo.example"));
@@ -417,8 +319,8 @@ async fn service_hostname_resolves_through_its_vip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_hostname_is_host_unreachable() {
     let mut f = fixture().await;
-    let (code, _tcp) = socks_connect(f.socks, Dest::Name("nowhere.example", 80)).await;
-    assert_eq!(code, 0x04);
+    let failure = socks_connect(f.socks, name("nowhere.example", 80)).await.unwrap_err();
+    assert_eq!(failure, Failure::Reply(0x04));
     let summary = next_summary(&mut f).await;
     assert!(summary.error.is_some());
     assert_eq!(summary.route, None);
@@ -427,43 +329,36 @@ async fn unknown_hostname_is_host_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_refused_by_the_hbone_server_is_not_allowed() {
     let mut f = fixture().await;
-    let (code, _tcp) = socks_connect(f.socks, Dest::Addr("127.0.0.1:1".parse().unwrap())).await;
-    assert_eq!(code, 0x02);
+    let failure = socks_connect(f.socks, "127.0.0.1:1".parse::<SocketAddr>().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(failure, Failure::Reply(0x02));
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.route, Some(RouteKind::Hbone));
     assert_eq!(summary.reply, Some(Reply::NotAllowed));
-    assert_eq!(f.handler.seen.lock().unwrap().len(), 1);
+    assert_eq!(f.seen().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_looping_into_the_proxy_fails() {
     let mut f = fixture().await;
-    let (code, _tcp) = socks_connect(f.socks, Dest::Addr(f.socks)).await;
-    assert_ne!(code, 0);
+    let failure = socks_connect(f.socks, f.socks).await.unwrap_err();
+    assert!(matches!(failure, Failure::Reply(_)), "{failure}");
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.route, Some(RouteKind::Refused));
-    assert!(f.handler.seen.lock().unwrap().is_empty());
+    assert!(f.seen().is_empty());
 }
 
 /// A server on `ip` that reads everything the client sends, then answers `reply_len` bytes and
 /// closes: the two directions carry different byte counts.
 async fn asymmetric_server(ip: &str, reply_len: usize) -> SocketAddr {
-    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut sink = Vec::new();
-                let _ = tcp.read_to_end(&mut sink).await;
-                let _ = tcp.write_all(&vec![b'r'; reply_len]).await;
-                let _ = tcp.shutdown().await;
-            });
-        }
-    });
-    addr
+    tcp_server_on(ip.parse().unwrap(), move |mut tcp| async move {
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink).await;
+        let _ = tcp.write_all(&vec![b'r'; reply_len]).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await
 }
 
 /// Sends `len` bytes, half-closes, and returns how many bytes came back.
@@ -493,8 +388,7 @@ async fn outbound_metrics_count_the_bytes_each_way_with_reporter_source() {
     let mut f = fixture().await;
     // Over HBONE: the mesh workload "server" is 127.0.0.1.
     let mesh = asymmetric_server("127.0.0.1", 777).await;
-    let (code, tcp) = socks_connect(f.socks, Dest::Addr(mesh)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect(f.socks, mesh).await.expect("SOCKS5 reply 0");
     assert_eq!(upload(tcp, 10_000).await, 777);
     let summary = next_summary(&mut f).await;
     assert_eq!((summary.sent, summary.received), (10_000, 777));
@@ -513,8 +407,7 @@ async fn outbound_metrics_count_the_bytes_each_way_with_reporter_source() {
 
     // Passthrough to the TCP workload 127.0.0.2: not mutual TLS, no principals.
     let plain = asymmetric_server("127.0.0.2", 55).await;
-    let (code, tcp) = socks_connect(f.socks, Dest::Addr(plain)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect(f.socks, plain).await.expect("SOCKS5 reply 0");
     assert_eq!(upload(tcp, 3000).await, 55);
     next_summary(&mut f).await;
     let passthrough = [
@@ -543,7 +436,7 @@ async fn redirected_connection_goes_through_hbone_without_a_socks_reply() {
     assert_eq!(summary.reply, None);
     assert_eq!(summary.source, Some(id(CLIENT)));
     assert_eq!((summary.sent, summary.received), (64 * 1024, 64 * 1024));
-    let seen = f.handler.seen.lock().unwrap().clone();
+    let seen = f.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].peer, id(CLIENT));
     let labels = ["reporter=\"source\"", "connection_security_policy=\"mutual_tls\""];
@@ -583,7 +476,7 @@ async fn redirected_connection_refused_by_routing_is_reset_and_counted() {
         "{:?}",
         summary.error
     );
-    assert!(f.handler.seen.lock().unwrap().is_empty());
+    assert!(f.seen().is_empty());
     let closed = ["reporter=\"source\"", "response_flags=\"CONNECT\""];
     assert_eq!(sample(&f.metrics, "istio_tcp_connections_closed_total", &closed), 1);
 
@@ -615,7 +508,7 @@ async fn capture_listener_refuses_a_connection_that_was_not_redirected() {
         "{error}"
     );
     assert_eq!(summary.route, None, "routed");
-    assert!(f.handler.seen.lock().unwrap().is_empty());
+    assert!(f.seen().is_empty());
     assert!(!f.metrics.render().contains("istio_tcp_connections_opened_total{"));
 }
 
@@ -626,8 +519,8 @@ async fn dedicated_source_is_looked_up_in_each_snapshot() {
         name: "late".into(),
     })
     .await;
-    let (code, _tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
-    assert_eq!(code, 0x01, "no workload default/late yet");
+    let failure = socks_connect(f.socks, f.echo).await.unwrap_err();
+    assert_eq!(failure, Failure::Reply(0x01), "no workload default/late yet");
     let summary = next_summary(&mut f).await;
     let error = summary.error.expect("refused");
     assert!(
@@ -648,30 +541,29 @@ async fn dedicated_source_is_looked_up_in_each_snapshot() {
     let yaml = format!("{}{late}{}", &f.yaml[..at], &f.yaml[at..]);
     f.published
         .publish(LocalConfig::parse(&yaml).unwrap(), None, SystemTime::now());
-    let (code, tcp) = socks_connect(f.socks, Dest::Addr(f.echo)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect(f.socks, f.echo).await.expect("SOCKS5 reply 0");
     echo_through(tcp, 1024).await;
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.source, Some(id("spiffe://cluster.local/ns/default/sa/late")));
-    assert_eq!(
-        f.handler.seen.lock().unwrap()[0].peer,
-        id("spiffe://cluster.local/ns/default/sa/late")
-    );
+    assert_eq!(f.seen()[0].peer, id("spiffe://cluster.local/ns/default/sa/late"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_source_is_the_workload_with_the_client_address() {
     let mut f = fixture_with(SourceWorkload::Shared).await;
     // 127.0.0.3 is the workload "client".
-    let (code, tcp) = socks_connect_from(f.socks, Some("127.0.0.3".parse().unwrap()), Dest::Addr(f.echo)).await;
-    assert_eq!(code, 0);
+    let tcp = socks_connect_from(f.socks, Some("127.0.0.3".parse().unwrap()), f.echo.into())
+        .await
+        .expect("SOCKS5 reply 0");
     echo_through(tcp, 4096).await;
     let summary = next_summary(&mut f).await;
     assert_eq!(summary.source, Some(id(CLIENT)));
-    assert_eq!(f.handler.seen.lock().unwrap()[0].peer, id(CLIENT));
+    assert_eq!(f.seen()[0].peer, id(CLIENT));
     // 127.0.0.5 is no workload.
-    let (code, _tcp) = socks_connect_from(f.socks, Some("127.0.0.5".parse().unwrap()), Dest::Addr(f.echo)).await;
-    assert_eq!(code, 0x01);
+    let failure = socks_connect_from(f.socks, Some("127.0.0.5".parse().unwrap()), f.echo.into())
+        .await
+        .unwrap_err();
+    assert_eq!(failure, Failure::Reply(0x01));
     let summary = next_summary(&mut f).await;
     assert!(
         matches!(summary.error, Some(OutboundError::UnknownSource { .. })),
@@ -685,17 +577,7 @@ async fn shared_source_is_the_workload_with_the_client_address() {
 /// ceiling keeps them from growing unnoticed.
 #[tokio::test]
 async fn per_connection_futures_stay_small() {
-    let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap();
-    let manager = CertManager::new(Arc::new(ca), TokioTimer, ManagerConfig::default());
-    let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
-    let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default());
-    let outbound = Outbound::new(
-        Published::default(),
-        LocalProxy::new(),
-        SourceWorkload::Shared,
-        pool,
-        CopyConfig::default(),
-    );
+    let outbound = bare_outbound();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sizes = [
@@ -724,27 +606,20 @@ async fn per_connection_futures_stay_small() {
 /// does not speak SOCKS5 at once; each refusal is counted under its reason.
 #[tokio::test(start_paused = true)]
 async fn failed_socks5_handshakes_are_counted_as_refusals() {
-    let ca = Arc::new(LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap());
-    let manager = CertManager::new(ca, TokioTimer, ManagerConfig::default());
-    let connector = TokioConnector::new(CertManagerTls::new(manager), ConnectorConfig::default());
-    let pool: HbonePool<_> = Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default());
     let metrics = Arc::new(Metrics::new());
-    let outbound = Outbound::new(
-        Published::default(),
-        LocalProxy::new(),
-        SourceWorkload::Shared,
-        pool,
-        CopyConfig::default(),
-    )
-    .with_telemetry(metrics.clone(), LogFormat::Text)
-    .with_handshake_timeout(Duration::from_secs(5));
+    let outbound = bare_outbound()
+        .with_telemetry(metrics.clone(), LogFormat::Text)
+        .with_handshake_timeout(Duration::from_secs(5));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let serve_next = || async {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        outbound.serve_socks5(tcp, peer).await
+    };
 
     // Silent.
     let _silent = TcpStream::connect(addr).await.unwrap();
-    let (tcp, peer) = listener.accept().await.unwrap();
-    let summary = outbound.serve_socks5(tcp, peer).await;
+    let summary = serve_next().await;
     assert!(
         matches!(summary.error, Some(OutboundError::HandshakeTimeout(_))),
         "{summary:?}"
@@ -755,8 +630,7 @@ async fn failed_socks5_handshakes_are_counted_as_refusals() {
     // SOCKS4.
     let mut socks4 = TcpStream::connect(addr).await.unwrap();
     socks4.write_all(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).await.unwrap();
-    let (tcp, peer) = listener.accept().await.unwrap();
-    let summary = outbound.serve_socks5(tcp, peer).await;
+    let summary = serve_next().await;
     assert!(
         matches!(summary.error, Some(OutboundError::Handshake(_))),
         "{summary:?}"

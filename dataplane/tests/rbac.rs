@@ -11,6 +11,9 @@ use meshwire_dataplane::rbac::{
     ServiceAccountMatch, StringMatch, WorkloadRef,
 };
 use meshwire_identity::id::{IstioIdentity, SpiffeId};
+use meshwire_tests::fixtures::{
+    IDS, IPS, NAMES, NAMESPACES, NETS, PORTS, SERVICE_ACCOUNTS, STRINGS, naive_string_match,
+};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -1137,49 +1140,7 @@ impl WorkloadSpec {
     }
 }
 
-const NAMESPACES: &[&str] = &["a", "b", "team-a"];
-const NAMES: &[&str] = &["p1", "p2", "p3"];
-const STRINGS: &[&str] = &[
-    "",
-    "a",
-    "b",
-    "team-",
-    "-a",
-    "t",
-    "td",
-    "td/",
-    "td/ns/a",
-    "td/ns/a/sa/x",
-    "/sa/x",
-    "x",
-    "example.org/w",
-];
-const IDS: &[&str] = &[
-    "spiffe://td/ns/a/sa/x",
-    "spiffe://td/ns/b/sa/y",
-    "spiffe://td/ns/team-a/sa/x",
-    "spiffe://cluster.local/ns/a/sa/y",
-    "spiffe://example.org/w",
-];
-const IPS: &[&str] = &[
-    "10.0.0.1",
-    "10.0.1.1",
-    "192.168.1.1",
-    "fd00::1",
-    "fd00:1::1",
-    "::ffff:10.0.0.1",
-];
-const NETS: &[&str] = &[
-    "10.0.0.0/24",
-    "10.0.0.0/8",
-    "10.0.0.1/32",
-    "192.168.0.0/16",
-    "fd00::/64",
-    "fd00::/16",
-    "0.0.0.0/0",
-    "::/0",
-];
-const PORTS: &[u16] = &[80, 443, 8080];
+// The values come from the pools the `authz` fuzz target draws from too.
 
 fn string_match() -> impl Strategy<Value = StringMatch> {
     let s = || prop::sample::select(STRINGS).prop_map(String::from);
@@ -1192,7 +1153,7 @@ fn string_match() -> impl Strategy<Value = StringMatch> {
 }
 
 fn sa_match() -> impl Strategy<Value = ServiceAccountMatch> {
-    (prop::sample::select(NAMESPACES), prop::sample::select(&["x", "y"][..])).prop_map(|(n, s)| sa(n, s))
+    (prop::sample::select(NAMESPACES), prop::sample::select(SERVICE_ACCOUNTS)).prop_map(|(n, s)| sa(n, s))
 }
 
 fn net_strategy() -> impl Strategy<Value = IpNet> {
@@ -1267,7 +1228,7 @@ fn authorization() -> impl Strategy<Value = Authorization> {
 }
 
 fn conn_spec() -> impl Strategy<Value = ConnSpec> {
-    let ip = || prop::sample::select(IPS).prop_map(|s| s.parse::<std::net::IpAddr>().unwrap());
+    let ip = || prop::sample::select(IPS);
     (
         prop::option::weighted(0.8, prop::sample::select(IDS).prop_map(id)),
         ip(),
@@ -1295,17 +1256,6 @@ fn workload_spec() -> impl Strategy<Value = WorkloadSpec> {
 
 // A naive model, written from ztunnel's code rather than from the implementation: strings are built,
 // the Istio identity is parsed by meshwire-identity, addresses are canonicalised.
-
-fn naive_string(m: &StringMatch, value: Option<&str>) -> bool {
-    let Some(v) = value else { return false };
-    match m {
-        StringMatch::Exact(s) => v == s,
-        StringMatch::Prefix(s) => v.starts_with(s.as_str()),
-        StringMatch::Suffix(s) => v.ends_with(s.as_str()),
-        StringMatch::Presence => !v.is_empty(),
-        _ => unreachable!(),
-    }
-}
 
 fn naive_field<T>(pos: &[T], neg: &[T], f: impl Fn(&T) -> bool) -> bool {
     let p = if pos.is_empty() { true } else { pos.iter().any(&f) };
@@ -1340,9 +1290,9 @@ fn naive_matches(p: &Authorization, c: &ConnSpec) -> bool {
                         .is_some_and(|i| i.namespace() == s.namespace && i.service_account() == s.service_account)
                 });
                 ok &= naive_field(&m.principals, &m.not_principals, |s| {
-                    naive_string(s, principal.as_deref())
+                    naive_string_match(s, principal.as_deref())
                 });
-                ok &= naive_field(&m.namespaces, &m.not_namespaces, |s| naive_string(s, ns));
+                ok &= naive_field(&m.namespaces, &m.not_namespaces, |s| naive_string_match(s, ns));
                 if ok {
                     clause_match = true;
                     break;

@@ -17,7 +17,7 @@ use meshwire_dataplane::rt::tokio::{
 use meshwire_hbone::ConnectError;
 use meshwire_hbone::pool::PoolKey;
 use meshwire_hbone::rt::{Executor, Timer};
-use meshwire_identity::id::SpiffeId;
+use meshwire_testkit::pki::{CLIENT, SERVER, id};
 use socket2::SockRef;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -60,13 +60,7 @@ async fn reporting_server() -> (SocketAddr, mpsc::UnboundedReceiver<(tokio::net:
 }
 
 fn key(destination: SocketAddr, source_ip: Option<IpAddr>) -> PoolKey {
-    let id = |s: &str| SpiffeId::new(s).unwrap();
-    PoolKey::new(
-        id("spiffe://cluster.local/ns/default/sa/client"),
-        vec![id("spiffe://cluster.local/ns/default/sa/server")],
-        destination,
-        source_ip,
-    )
+    PoolKey::new(id(CLIENT), vec![id(SERVER)], destination, source_ip)
 }
 
 #[tokio::test]
@@ -523,7 +517,7 @@ async fn tokio_connector_reports_tcp_errors_naming_the_destination() {
     let ConnectError::Tcp { peer, source } = &e else {
         panic!("not a TCP error: {e}");
     };
-    assert_eq!(peer, &closed.to_string());
+    assert_eq!(peer, &closed);
     assert_eq!(source.kind(), io::ErrorKind::ConnectionRefused);
     assert_eq!(context(source).op, SocketOp::Connect);
     assert_eq!(
@@ -535,51 +529,18 @@ async fn tokio_connector_reports_tcp_errors_naming_the_destination() {
     );
 }
 
-/// Echoes every tunnel back through an in-memory pipe.
-struct EchoHandler;
-
-impl meshwire_hbone::server::Handler for EchoHandler {
-    type Upstream = tokio::io::DuplexStream;
-
-    async fn connect(
-        &self,
-        _request: &meshwire_hbone::server::InboundRequest,
-    ) -> Result<meshwire_hbone::server::Connected<Self::Upstream>, meshwire_hbone::server::Refusal> {
-        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(&mut theirs);
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-        Ok(ours.into())
-    }
-}
-
 #[tokio::test]
 async fn hbone_pool_tunnels_through_the_tokio_connector() {
     use meshwire_hbone::client::ConnectRequest;
     use meshwire_hbone::pool::{Pool, PoolConfig};
-    use meshwire_identity::id::TrustDomain;
-    use meshwire_identity::source::local_ca::LocalCa;
-    use meshwire_identity::tls::{self, TrustDomains};
+    use meshwire_identity::tls;
+    use meshwire_testkit::net::EchoHandler;
+    use meshwire_testkit::pki::Pki;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let id = |s: &str| SpiffeId::new(s).unwrap();
-    let (client_id, server_id) = (
-        id("spiffe://cluster.local/ns/default/sa/client"),
-        id("spiffe://cluster.local/ns/default/sa/server"),
-    );
-    let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local").unwrap()).unwrap();
-    let server = ca.issue(&server_id).unwrap();
-    let server_tls = Arc::new(
-        tls::server_config(
-            &server.svid,
-            &server.bundles,
-            &TrustDomains::only(ca.trust_domain().clone()),
-            vec![b"h2".to_vec()],
-        )
-        .unwrap(),
-    );
+    let (client_id, server_id) = (id(CLIENT), id(SERVER));
+    let Pki { ca, server_tls, .. } = Pki::new();
     let client = ca.issue(&client_id).unwrap();
 
     let listener = bind_listener(&DefaultSocketFactory, any_port(LOCALHOST), &SocketOptions::default()).unwrap();
@@ -596,7 +557,7 @@ async fn hbone_pool_tunnels_through_the_tokio_connector() {
                     tcp,
                     tls,
                     &options,
-                    &EchoHandler,
+                    &EchoHandler::default(),
                     &TokioTimer,
                     std::future::pending(),
                 )

@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use meshwire_dataplane::socks5::{self, DomainError, Handshake, Phase, Progress, Reply, Request, Socks5Error, Target};
+use meshwire_tests::fixtures::socks5_request;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,31 +34,6 @@ const METHOD_SELECTED: [u8; 2] = [5, 0];
 /// The failure reply with REP `code` and BND 0.0.0.0:0.
 fn failure(code: u8) -> [u8; 10] {
     [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
-}
-
-/// The client's request bytes for CONNECT (or another command) to `target`.
-fn encode_request(command: u8, target: &Target) -> Vec<u8> {
-    let mut out = vec![5, command, 0];
-    let port = match target {
-        Target::Addr(SocketAddr::V4(addr)) => {
-            out.push(1);
-            out.extend_from_slice(&addr.ip().octets());
-            addr.port()
-        }
-        Target::Addr(SocketAddr::V6(addr)) => {
-            out.push(4);
-            out.extend_from_slice(&addr.ip().octets());
-            addr.port()
-        }
-        Target::Domain { name, port } => {
-            out.push(3);
-            out.push(u8::try_from(name.len()).unwrap());
-            out.extend_from_slice(name.as_bytes());
-            *port
-        }
-    };
-    out.extend_from_slice(&port.to_be_bytes());
-    out
 }
 
 fn domain(name: &str, port: u16) -> Target {
@@ -105,7 +81,7 @@ async fn connect_over_tcp(target: Target) {
     let client_side = async {
         // The client waits for the method selection before sending its request, as real clients do.
         client.read_exact(&mut selected).await.unwrap();
-        client.write_all(&encode_request(1, &target)).await.unwrap();
+        client.write_all(&socks5_request(1, &target)).await.unwrap();
         let mut reply = [0; 10];
         client.read_exact(&mut reply).await.unwrap();
         reply
@@ -145,7 +121,7 @@ async fn ip_literal_in_domain_field_becomes_an_address() {
     ];
     for (name, expected) in cases {
         let mut bytes = GREETING.to_vec();
-        bytes.extend(encode_request(1, &domain(name, 80)));
+        bytes.extend(socks5_request(1, &domain(name, 80)));
         let (result, received) = exchange_tcp(&bytes).await;
         assert_eq!(
             result.unwrap().target,
@@ -159,7 +135,7 @@ async fn ip_literal_in_domain_field_becomes_an_address() {
 #[tokio::test]
 async fn greeting_with_several_methods_including_no_auth() {
     let mut bytes = vec![5, 4, 0x02, 0x01, 0x80, 0x00];
-    bytes.extend(encode_request(1, &Target::Addr("1.2.3.4:5".parse().unwrap())));
+    bytes.extend(socks5_request(1, &Target::Addr("1.2.3.4:5".parse().unwrap())));
     let (result, received) = exchange_tcp(&bytes).await;
     assert_eq!(result.unwrap().target, Target::Addr("1.2.3.4:5".parse().unwrap()));
     assert_eq!(received, METHOD_SELECTED);
@@ -235,7 +211,7 @@ async fn wrong_version_in_request_fails_without_reply() {
 #[tokio::test]
 async fn bind_gets_command_not_supported() {
     let mut bytes = GREETING.to_vec();
-    bytes.extend(encode_request(2, &Target::Addr("1.2.3.4:80".parse().unwrap())));
+    bytes.extend(socks5_request(2, &Target::Addr("1.2.3.4:80".parse().unwrap())));
     let (result, received) = exchange_tcp(&bytes).await;
     assert_eq!(received, [&METHOD_SELECTED[..], &failure(0x07)].concat());
     let error = result.unwrap_err();
@@ -250,7 +226,7 @@ async fn bind_gets_command_not_supported() {
 async fn udp_associate_gets_command_not_supported() {
     for target in [Target::Addr("[::]:0".parse().unwrap()), domain("example.com", 53)] {
         let mut bytes = GREETING.to_vec();
-        bytes.extend(encode_request(3, &target));
+        bytes.extend(socks5_request(3, &target));
         let (result, received) = exchange_tcp(&bytes).await;
         assert_eq!(received, [&METHOD_SELECTED[..], &failure(0x07)].concat());
         let error = result.unwrap_err();
@@ -268,7 +244,7 @@ async fn unsupported_command_reads_the_whole_request_first() {
     // The 0x07 reply comes after the whole request is read: nothing of the request is left in the stream.
     let (mut client, mut proxy) = tokio::io::duplex(64);
     let mut bytes = GREETING.to_vec();
-    bytes.extend(encode_request(2, &domain("example.com", 80)));
+    bytes.extend(socks5_request(2, &domain("example.com", 80)));
     bytes.extend(b"after");
     client.write_all(&bytes).await.unwrap();
     let error = bounded(socks5::accept(&mut proxy)).await.unwrap_err();
@@ -299,7 +275,7 @@ async fn non_zero_reserved_byte_gets_general_failure() {
         domain("example.com", 80),
     ] {
         for reserved in [1, 0x80, 0xff] {
-            let mut request = encode_request(1, &target);
+            let mut request = socks5_request(1, &target);
             request[2] = reserved;
             let bytes = [&GREETING[..], &request].concat();
             let (result, received) = exchange_tcp(&bytes).await;
@@ -387,7 +363,7 @@ async fn invalid_domain_names_get_host_unreachable() {
     ] {
         let mut handshake = Handshake::new();
         let mut bytes = GREETING.to_vec();
-        bytes.extend(encode_request(1, &domain(name, 80)));
+        bytes.extend(socks5_request(1, &domain(name, 80)));
         let error = handshake.feed(&bytes).unwrap_err();
         assert!(
             matches!(error, Socks5Error::InvalidDomain { reason: got, .. } if got == reason),
@@ -399,7 +375,7 @@ async fn invalid_domain_names_get_host_unreachable() {
 #[tokio::test]
 async fn invalid_domain_error_names_the_domain() {
     let mut bytes = GREETING.to_vec();
-    bytes.extend(encode_request(1, &domain("bad_name.example", 80)));
+    bytes.extend(socks5_request(1, &domain("bad_name.example", 80)));
     let (result, _) = exchange_tcp(&bytes).await;
     assert_eq!(
         result.unwrap_err().to_string(),
@@ -413,7 +389,7 @@ async fn longest_valid_domain_is_accepted() {
     assert_eq!(name.len(), 253);
     for name in [name.clone(), format!("{name}.")] {
         let mut bytes = GREETING.to_vec();
-        bytes.extend(encode_request(1, &domain(&name, 443)));
+        bytes.extend(socks5_request(1, &domain(&name, 443)));
         let (result, _) = exchange_tcp(&bytes).await;
         assert_eq!(result.unwrap().target, domain(&name, 443));
     }
@@ -435,7 +411,7 @@ async fn peer_closing_mid_greeting_is_unexpected_eof() {
 
 #[tokio::test]
 async fn peer_closing_mid_request_is_unexpected_eof() {
-    let full = encode_request(1, &domain("example.com", 80));
+    let full = socks5_request(1, &domain("example.com", 80));
     for cut in 0..full.len() {
         let mut bytes = GREETING.to_vec();
         bytes.extend(&full[..cut]);
@@ -513,7 +489,7 @@ async fn request_split_byte_by_byte_still_parses() {
     ];
     for target in targets {
         let mut bytes = vec![5, 3, 0x01, 0x00, 0x02];
-        bytes.extend(encode_request(1, &target));
+        bytes.extend(socks5_request(1, &target));
         // One-byte writes through a one-byte pipe: every read of the proxy gets a single byte.
         let (request, _) = accept_fragmented(&bytes, 1, 1).await;
         assert_eq!(request.target, target);
@@ -529,7 +505,7 @@ async fn request_split_over_tcp_writes_still_parses() {
     client.set_nodelay(true).unwrap();
     let target = domain("example.com", 80);
     let mut bytes = GREETING.to_vec();
-    bytes.extend(encode_request(1, &target));
+    bytes.extend(socks5_request(1, &target));
     let client_side = async {
         for byte in &bytes {
             client.write_all(std::slice::from_ref(byte)).await.unwrap();
@@ -550,7 +526,7 @@ async fn pipelined_payload_is_not_lost_over_tcp() {
     let payload: Vec<u8> = (0..=255).cycle().take(4000).collect();
     for target in [Target::Addr("10.0.0.1:80".parse().unwrap()), domain("example.com", 80)] {
         let mut bytes = GREETING.to_vec();
-        bytes.extend(encode_request(1, &target));
+        bytes.extend(socks5_request(1, &target));
         bytes.extend(&payload);
         // Greeting, request and payload in one write, before the proxy reads anything.
         client.write_all(&bytes).await.unwrap();
@@ -576,7 +552,7 @@ async fn pipelined_payload_is_not_lost_over_tcp() {
 #[tokio::test]
 async fn pipelined_payload_is_not_lost_over_fragmenting_pipe() {
     let mut bytes = GREETING.to_vec();
-    bytes.extend(encode_request(1, &Target::Addr("[::1]:80".parse().unwrap())));
+    bytes.extend(socks5_request(1, &Target::Addr("[::1]:80".parse().unwrap())));
     bytes.extend(b"hello, upstream");
     let (request, rest) = accept_fragmented(&bytes, 4, 7).await;
     assert_eq!(request.target, Target::Addr("[::1]:80".parse().unwrap()));
@@ -642,7 +618,7 @@ fn handshake_consumes_only_the_handshake() {
     let mut handshake = Handshake::new();
     assert_eq!(handshake.bytes_wanted(), 2);
     let mut bytes = vec![5, 2, 1, 0];
-    bytes.extend(encode_request(1, &Target::Addr("[::1]:9".parse().unwrap())));
+    bytes.extend(socks5_request(1, &Target::Addr("[::1]:9".parse().unwrap())));
     let handshake_len = bytes.len();
     bytes.extend(b"payload");
     let feed = handshake.feed(&bytes).unwrap();
@@ -804,7 +780,7 @@ proptest! {
         mutations in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
         cuts in prop::collection::vec(any::<usize>(), 0..8),
     ) {
-        let mut request = encode_request(1, &target);
+        let mut request = socks5_request(1, &target);
         for (at, byte) in mutations {
             *at.get_mut(&mut request) = byte;
         }
@@ -822,8 +798,8 @@ proptest! {
         trailing in prop::collection::vec(any::<u8>(), 0..32),
         cuts in prop::collection::vec(any::<usize>(), 0..8),
     ) {
-        let handshake_len = greeting.len() + encode_request(1, &target).len();
-        let bytes = [greeting, encode_request(1, &target), trailing].concat();
+        let handshake_len = greeting.len() + socks5_request(1, &target).len();
+        let bytes = [greeting, socks5_request(1, &target), trailing].concat();
         let (outcome, consumed, output) = feed_in_pieces(&bytes, &cuts);
         match outcome {
             Ok(Progress::Complete(request)) => prop_assert_eq!(request.target, target),
@@ -840,7 +816,7 @@ proptest! {
         reserved in 1u8..=255,
         cuts in prop::collection::vec(any::<usize>(), 0..8),
     ) {
-        let mut request = encode_request(1, &target);
+        let mut request = socks5_request(1, &target);
         request[2] = reserved;
         let bytes = [greeting, request].concat();
         let (outcome, _, output) = feed_in_pieces(&bytes, &cuts);

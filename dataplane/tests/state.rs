@@ -8,115 +8,12 @@ use std::sync::Arc;
 
 use meshwire_dataplane::state::{LocalProxy, OutboundRoute, Refusal, State};
 use meshwire_dataplane::xds::{LocalConfig, NamespacedHostname, Workload};
+use meshwire_tests::fixtures;
 use proptest::prelude::*;
 
-const MESH: &str = r#"
-workloads:
-- name: client
-  workloadIps: [10.0.0.1]
-  protocol: HBONE
-  node: node1
-- name: server-a
-  serviceAccount: server
-  workloadIps: [10.0.1.1]
-  protocol: HBONE
-  node: node2
-  capacity: 3
-  services:
-    "default/server.example": {80: 9090}
-- name: server-b
-  serviceAccount: server
-  workloadIps: [10.0.1.2]
-  protocol: HBONE
-  node: node2
-  services:
-    "default/server.example": {}
-- name: server-sick
-  workloadIps: [10.0.1.3]
-  protocol: HBONE
-  status: Unhealthy
-  services:
-    "default/server.example": {}
-- name: server-far
-  network: far
-  workloadIps: [10.0.1.4]
-  protocol: HBONE
-  services:
-    "default/server.example": {}
-- name: legacy
-  workloadIps: [10.0.2.1]
-  protocol: TCP
-  services:
-    "default/legacy.example": {80: 8081}
-- name: named-without-port
-  workloadIps: [10.0.2.2]
-  protocol: HBONE
-  services:
-    "default/named.example": {}
-- name: waypoint
-  serviceAccount: waypoint
-  workloadIps: [10.0.3.1]
-  protocol: HBONE
-  services:
-    "default/waypoint.default.svc.cluster.local": {}
-- name: behind-waypoint
-  workloadIps: [10.0.4.1]
-  protocol: HBONE
-  waypoint: {destination: "/10.0.30.1"}
-- name: behind-missing-waypoint
-  workloadIps: [10.0.4.2]
-  protocol: HBONE
-  waypoint: {destination: "/10.0.99.99"}
-- name: waypoint-pod
-  serviceAccount: waypoint-pod
-  workloadIps: [10.0.4.3]
-  protocol: HBONE
-- name: behind-pod-waypoint
-  workloadIps: [10.0.4.4]
-  protocol: TCP
-  waypoint: {destination: "/10.0.4.3", hboneMtlsPort: 15009}
-- name: dual-stack
-  workloadIps: [10.0.5.1, "fd00::5:1"]
-  protocol: HBONE
-  services:
-    "default/dual.example": {}
-- name: host-networked
-  networkMode: HostNetwork
-  workloadIps: [10.0.0.1]
-  protocol: HBONE
-services:
-- hostname: server.example
-  vips: [/10.0.10.1, far/10.0.10.1]
-  ports: {80: 8080, 8443: 8443}
-  subjectAltNames: [spiffe://cluster.local/ns/default/sa/extra]
-- hostname: legacy.example
-  vips: [/10.0.10.2]
-  ports: {80: 8080}
-- hostname: empty.example
-  vips: [/10.0.10.3]
-  ports: {80: 8080}
-- hostname: named.example
-  vips: [/10.0.10.5]
-  ports: {80: 0}
-- hostname: waypoint.default.svc.cluster.local
-  vips: [/10.0.30.1]
-  ports: {}
-- hostname: waypointed.example
-  vips: [/10.0.10.4]
-  ports: {80: 8080}
-  waypoint: {destination: "default/waypoint.default.svc.cluster.local"}
-- hostname: dual.example
-  vips: [/10.0.10.6, "/fd00::10:6"]
-  ports: {80: 8080}
-policies:
-- name: p
-  namespace: default
-  scope: Namespace
-  action: Allow
-"#;
-
+/// The state of the shared routing mesh.
 fn state() -> State {
-    State::new(LocalConfig::parse(MESH).unwrap())
+    fixtures::mesh_state()
 }
 
 fn ip(s: &str) -> IpAddr {

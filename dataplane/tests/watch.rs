@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
+use meshwire_dataplane::rt::tokio::TokioTimer;
 use meshwire_dataplane::watch::{
     CloseReason, CloseSignal, ConfigWatcher, ConnectionAttrs, ConnectionRegistry, PollOutcome, Published, Snapshot,
 };
@@ -22,50 +23,34 @@ use meshwire_identity::time::Timer;
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
-/// A timer over tokio's clock.
-struct TokioTimer;
-
-impl Timer for TokioTimer {
-    type Sleep = tokio::time::Sleep;
-
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline))
-    }
+/// The workload `shop/cart` on 10.0.0.2: the `workloads` section of the configurations below.
+macro_rules! shop {
+    () => {
+        r#"
+workloads:
+- name: cart
+  namespace: shop
+  serviceAccount: cart
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+"#
+    };
 }
 
-const SHOP: &str = r#"
-workloads:
-- name: cart
-  namespace: shop
-  serviceAccount: cart
-  workloadIps: ["10.0.0.2"]
-  protocol: HBONE
-"#;
+const SHOP: &str = shop!();
 
 /// SHOP with a namespace DENY policy for the `frontend` identity.
-const SHOP_DENY_FRONTEND: &str = r#"
-workloads:
-- name: cart
-  namespace: shop
-  serviceAccount: cart
-  workloadIps: ["10.0.0.2"]
-  protocol: HBONE
-policies:
+const SHOP_DENY_FRONTEND: &str = concat!(
+    shop!(),
+    r#"policies:
 - name: deny-frontend
   namespace: shop
   scope: Namespace
   action: Deny
   rules:
   - - - principals: [!Exact cluster.local/ns/shop/sa/frontend]
-"#;
+"#
+);
 
 /// Line 7 holds an address that does not parse.
 const INVALID: &str = r#"
@@ -489,39 +474,22 @@ fn poll_settled_waits_for_the_same_content_over_the_settle_period() {
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     let wall = SystemTime::UNIX_EPOCH;
+    let poll = |ms: u64| watcher.poll_settled_at(at(ms), wall, settle);
 
-    assert!(matches!(
-        watcher.poll_settled_at(at(0), wall, settle),
-        PollOutcome::Unchanged
-    ));
+    assert!(matches!(poll(0), PollOutcome::Unchanged));
     write(&path, &SHOP.replace("10.0.0.2", "10.0.0.3"));
-    assert!(matches!(
-        watcher.poll_settled_at(at(100), wall, settle),
-        PollOutcome::Settling
-    ));
-    assert!(matches!(
-        watcher.poll_settled_at(at(2_099), wall, settle),
-        PollOutcome::Settling
-    ));
+    assert!(matches!(poll(100), PollOutcome::Settling));
+    assert!(matches!(poll(2_099), PollOutcome::Settling));
     assert_eq!(published.generation(), 1);
-    assert_eq!(applied(watcher.poll_settled_at(at(2_100), wall, settle)), 2);
+    assert_eq!(applied(poll(2_100)), 2);
     // Back to a known content: nothing settles.
     write(&path, SHOP);
-    assert!(matches!(
-        watcher.poll_settled_at(at(3_000), wall, settle),
-        PollOutcome::Settling
-    ));
+    assert!(matches!(poll(3_000), PollOutcome::Settling));
     write(&path, &SHOP.replace("10.0.0.2", "10.0.0.3"));
-    assert!(matches!(
-        watcher.poll_settled_at(at(6_000), wall, settle),
-        PollOutcome::Unchanged
-    ));
+    assert!(matches!(poll(6_000), PollOutcome::Unchanged));
     // A direct look applies at once (the caller knows the writer is done).
     write(&path, SHOP);
-    assert!(matches!(
-        watcher.poll_settled_at(at(7_000), wall, settle),
-        PollOutcome::Settling
-    ));
+    assert!(matches!(poll(7_000), PollOutcome::Settling));
     assert_eq!(applied(watcher.poll_once()), 3);
 }
 
@@ -780,14 +748,9 @@ async fn a_policy_newly_selecting_the_workload_is_seen_through_its_uid() {
     ));
 
     // The workload now selects a DENY policy of another namespace for peers of namespace `other`.
-    let changed = r#"
-workloads:
-- name: cart
-  namespace: shop
-  serviceAccount: cart
-  workloadIps: ["10.0.0.2"]
-  protocol: HBONE
-  authorizationPolicies: ["security/no-other"]
+    let changed = concat!(
+        shop!(),
+        r#"  authorizationPolicies: ["security/no-other"]
 policies:
 - name: no-other
   namespace: security
@@ -795,7 +758,8 @@ policies:
   action: Deny
   rules:
   - - - namespaces: [!Exact other]
-"#;
+"#
+    );
     let snapshot = published.publish(LocalConfig::parse(changed).unwrap(), None, SystemTime::UNIX_EPOCH);
     assert_eq!(registry.reevaluate(&snapshot), 1);
     let CloseReason::PolicyDenied { policy, .. } = closes(&mut signal).await else {

@@ -13,9 +13,10 @@ use meshwire_hbone::headers::{Authority, Baggage, Forwarded, Metadata, TracePare
 use meshwire_hbone::{ConnectError, Settings};
 use meshwire_identity::id::{SpiffeId, parse_spiffe_id};
 use meshwire_identity::tls::{IdentityMismatch, find_cause};
+use meshwire_rt::TokioTimer;
 use tokio::net::TcpStream;
 
-use crate::context::{Shared, TokioTimer};
+use crate::context::Shared;
 use crate::error::{Failure, MeshwireStatus};
 
 /// The longest a dial takes, from the TCP connect to the peer's answer to the CONNECT.
@@ -88,7 +89,7 @@ fn parse_metadata(headers: &[(&str, &str)]) -> Result<Metadata, Failure> {
 /// The status and message of a failed tunnel.
 fn connect_failure(e: &ConnectError) -> Failure {
     let status = match e {
-        ConnectError::Tcp { .. } => MeshwireStatus::MESHWIRE_ERR_CONNECT,
+        ConnectError::Tcp { .. } | ConnectError::HandshakeAbandoned => MeshwireStatus::MESHWIRE_ERR_CONNECT,
         ConnectError::Tls { source } => {
             if find_cause::<IdentityMismatch>(source.as_ref()).is_some() {
                 MeshwireStatus::MESHWIRE_ERR_PEER_IDENTITY
@@ -98,7 +99,7 @@ fn connect_failure(e: &ConnectError) -> Failure {
         }
         ConnectError::HandshakeTimeout(_) => MeshwireStatus::MESHWIRE_ERR_TIMEOUT,
         ConnectError::Refused { .. } => MeshwireStatus::MESHWIRE_ERR_REFUSED,
-        ConnectError::Settings(_) | ConnectError::InvalidRequest(_) => MeshwireStatus::MESHWIRE_ERR_INVALID_ARGUMENT,
+        ConnectError::InvalidRequest(_) => MeshwireStatus::MESHWIRE_ERR_INVALID_ARGUMENT,
         _ => MeshwireStatus::MESHWIRE_ERR_PROTOCOL,
     };
     let mut message = e.to_string();

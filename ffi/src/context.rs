@@ -4,40 +4,20 @@ use std::ffi::CString;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use meshwire_identity::id::{SpiffeId, parse_spiffe_id};
 use meshwire_identity::manager::{CertHandle, CertManager, ManagerConfig, Priority};
+use meshwire_identity::source::LocalCaOrFiles;
 use meshwire_identity::source::files::{FilePaths, FileSource};
 use meshwire_identity::source::local_ca::LocalCa;
-use meshwire_identity::source::{CertSource, Credentials, SourceError};
-use meshwire_identity::time::Timer;
+use meshwire_rt::TokioTimer;
 use tokio::runtime::{Handle, Runtime};
 
 use crate::error::{Failure, MeshwireStatus};
 
 /// How long freeing a context waits for meshwire's threads to stop.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
-
-/// The timer of the certificate manager and of HBONE: tokio's clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct TokioTimer;
-
-impl Timer for TokioTimer {
-    type Sleep = tokio::time::Sleep;
-
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        tokio::time::sleep_until(deadline.into())
-    }
-}
 
 /// Blocks SIGPIPE on the calling thread (one of meshwire's). A Rust program ignores SIGPIPE, but a C
 /// host usually does not, and a write to a socket whose peer is gone would then kill the process;
@@ -53,34 +33,11 @@ fn block_sigpipe() {
     }
 }
 
-/// Where the context's certificate comes from.
-#[derive(Debug)]
-pub(crate) enum Source {
-    LocalCa(LocalCa),
-    Files(FileSource),
-}
-
-impl CertSource for Source {
-    async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
-        match self {
-            Self::LocalCa(ca) => ca.fetch(id).await,
-            Self::Files(files) => files.fetch(id).await,
-        }
-    }
-
-    fn poll_interval(&self) -> Option<Duration> {
-        match self {
-            Self::LocalCa(ca) => ca.poll_interval(),
-            Self::Files(files) => files.poll_interval(),
-        }
-    }
-}
-
 /// What the context's servers and dials share.
 pub(crate) struct Shared {
     pub(crate) handle: Handle,
     pub(crate) certs: CertHandle,
-    manager: CertManager<Source, TokioTimer>,
+    manager: CertManager<LocalCaOrFiles, TokioTimer>,
 }
 
 impl Shared {
@@ -121,7 +78,7 @@ pub struct MeshwireContext {
 }
 
 impl MeshwireContext {
-    fn start(source: Source, id: SpiffeId) -> Result<Self, Failure> {
+    fn start(source: LocalCaOrFiles, id: SpiffeId) -> Result<Self, Failure> {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
@@ -179,7 +136,7 @@ impl MeshwireContext {
         }
         let ca = LocalCa::load_or_create(Path::new(ca_dir), id.trust_domain().clone())
             .map_err(|e| Failure::new(MeshwireStatus::MESHWIRE_ERR_IDENTITY, e.to_string()))?;
-        Self::start(Source::LocalCa(ca), id)
+        Self::start(LocalCaOrFiles::LocalCa(ca), id)
     }
 
     /// A context whose identity is the SVID in the given files (reloaded when they change).
@@ -193,7 +150,7 @@ impl MeshwireContext {
             .load(SystemTime::now())
             .map_err(|e| Failure::new(MeshwireStatus::MESHWIRE_ERR_IDENTITY, e.to_string()))?;
         let id = creds.svid.spiffe_id().clone();
-        Self::start(Source::Files(source), id)
+        Self::start(LocalCaOrFiles::Files(source), id)
     }
 
     /// Stops the certificate manager and the runtime: every task (servers, tunnels) ends.

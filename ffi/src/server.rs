@@ -10,11 +10,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use http::StatusCode;
 use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
+use meshwire_rt::TokioTimer;
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::context::{Shared, TokioTimer};
+use crate::context::Shared;
 use crate::error::{Failure, MeshwireStatus};
 
 /// The accept callback: `peer_identity` (the client's verified SPIFFE ID) and `authority` (the
@@ -113,10 +114,10 @@ impl Handler for CallbackHandler {
             .map_err(|e| unavailable("accept callback", e))?;
         match decision {
             Decision::Accept => Ok(Connected::from(ours)),
-            Decision::Refuse(status) => Err(Refusal {
+            Decision::Refuse(status) => Err(Refusal::new(
                 status,
-                reason: format!("refused by the accept callback with {status}"),
-            }),
+                format!("refused by the accept callback with {status}"),
+            )),
         }
     }
 

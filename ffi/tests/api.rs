@@ -151,6 +151,41 @@ fn echo_through(mut stream: UnixStream, message: &[u8]) {
     assert_eq!(back, message);
 }
 
+/// The arguments of one `meshwire_dial` call, as C passes them.
+#[derive(Clone, Copy)]
+struct DialArgs {
+    context: *const MeshwireContext,
+    peer: *const c_char,
+    authority: *const c_char,
+    ids: *const *const c_char,
+    ids_len: usize,
+    metadata: *const MeshwireHeader,
+    metadata_len: usize,
+    out_fd: *mut c_int,
+}
+
+impl DialArgs {
+    /// Calls `meshwire_dial` with these arguments.
+    ///
+    /// # Safety
+    ///
+    /// Each pointer is NULL or valid for the call, as `meshwire_dial` asks.
+    unsafe fn call(self) -> MeshwireStatus {
+        unsafe {
+            meshwire_dial(
+                self.context,
+                self.peer,
+                self.authority,
+                self.ids,
+                self.ids_len,
+                self.metadata,
+                self.metadata_len,
+                self.out_fd,
+            )
+        }
+    }
+}
+
 #[test]
 fn null_arguments_are_errors_naming_the_argument() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,17 +215,21 @@ fn null_arguments_are_errors_naming_the_argument() {
             "server",
         );
         let mut fd = -1;
-        let s = meshwire_dial(
-            ptr::null(),
-            id.as_ptr(),
-            id.as_ptr(),
-            ptr::null(),
-            0,
-            ptr::null(),
-            0,
-            &mut fd,
+        let no_context = DialArgs {
+            context: ptr::null(),
+            peer: id.as_ptr(),
+            authority: id.as_ptr(),
+            ids: ptr::null(),
+            ids_len: 0,
+            metadata: ptr::null(),
+            metadata_len: 0,
+            out_fd: &mut fd,
+        };
+        expect_error(
+            no_context.call(),
+            MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT,
+            "context is NULL",
         );
-        expect_error(s, MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, "context is NULL");
         meshwire_context_free(ptr::null_mut());
         meshwire_server_free(ptr::null_mut());
     }
@@ -201,97 +240,77 @@ fn null_arguments_are_errors_naming_the_argument() {
     let expected = [c(SERVER_ID)];
     let ids = [expected[0].as_ptr()];
     let mut fd = -1;
-    unsafe {
-        let s = meshwire_dial(
-            ctx.0,
-            ptr::null(),
-            authority.as_ptr(),
-            ids.as_ptr(),
-            1,
-            ptr::null(),
-            0,
-            &mut fd,
-        );
-        expect_error(s, MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, "peer_address is NULL");
-        let s = meshwire_dial(
-            ctx.0,
-            peer.as_ptr(),
-            ptr::null(),
-            ids.as_ptr(),
-            1,
-            ptr::null(),
-            0,
-            &mut fd,
-        );
-        expect_error(s, MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, "authority is NULL");
-        let s = meshwire_dial(
-            ctx.0,
-            peer.as_ptr(),
-            authority.as_ptr(),
-            ptr::null(),
-            1,
-            ptr::null(),
-            0,
-            &mut fd,
-        );
-        expect_error(s, MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, "peer_identities");
-        let null_id = [ptr::null()];
-        let s = meshwire_dial(
-            ctx.0,
-            peer.as_ptr(),
-            authority.as_ptr(),
-            null_id.as_ptr(),
-            1,
-            ptr::null(),
-            0,
-            &mut fd,
-        );
-        expect_error(
-            s,
-            MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT,
+    let null_id = [ptr::null()];
+    let header = [MeshwireHeader {
+        name: ptr::null(),
+        value: peer.as_ptr(),
+    }];
+    let valid = DialArgs {
+        context: ctx.0,
+        peer: peer.as_ptr(),
+        authority: authority.as_ptr(),
+        ids: ids.as_ptr(),
+        ids_len: 1,
+        metadata: ptr::null(),
+        metadata_len: 0,
+        out_fd: &mut fd,
+    };
+    let cases = [
+        (
+            DialArgs {
+                peer: ptr::null(),
+                ..valid
+            },
+            "peer_address is NULL",
+        ),
+        (
+            DialArgs {
+                authority: ptr::null(),
+                ..valid
+            },
+            "authority is NULL",
+        ),
+        (
+            DialArgs {
+                ids: ptr::null(),
+                ..valid
+            },
+            "peer_identities",
+        ),
+        (
+            DialArgs {
+                ids: null_id.as_ptr(),
+                ..valid
+            },
             "peer_identities[0] is NULL",
-        );
-        let s = meshwire_dial(
-            ctx.0,
-            peer.as_ptr(),
-            authority.as_ptr(),
-            ids.as_ptr(),
-            1,
-            ptr::null(),
-            2,
-            &mut fd,
-        );
-        expect_error(s, MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, "metadata");
-        let header = [MeshwireHeader {
-            name: ptr::null(),
-            value: peer.as_ptr(),
-        }];
-        let s = meshwire_dial(
-            ctx.0,
-            peer.as_ptr(),
-            authority.as_ptr(),
-            ids.as_ptr(),
-            1,
-            header.as_ptr(),
-            1,
-            &mut fd,
-        );
-        expect_error(
-            s,
-            MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT,
+        ),
+        (
+            DialArgs {
+                metadata_len: 2,
+                ..valid
+            },
+            "metadata",
+        ),
+        (
+            DialArgs {
+                metadata: header.as_ptr(),
+                metadata_len: 1,
+                ..valid
+            },
             "metadata[0].name is NULL",
-        );
-        let s = meshwire_dial(
-            ctx.0,
-            peer.as_ptr(),
-            authority.as_ptr(),
-            ids.as_ptr(),
-            1,
-            ptr::null(),
-            0,
-            ptr::null_mut(),
-        );
-        expect_error(s, MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, "out_fd is NULL");
+        ),
+        (
+            DialArgs {
+                out_fd: ptr::null_mut(),
+                ..valid
+            },
+            "out_fd is NULL",
+        ),
+    ];
+    unsafe {
+        for (args, mentions) in cases {
+            expect_error(args.call(), MeshwireStatus::MESHWIRE_ERR_NULL_ARGUMENT, mentions);
+        }
         let s = meshwire_dial_async(
             ctx.0,
             peer.as_ptr(),

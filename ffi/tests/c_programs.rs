@@ -7,18 +7,17 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use meshwire_hbone::client::{self, ConnectRequest};
-use meshwire_hbone::rt::Timer;
-use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
 use meshwire_hbone::{ConnectError, Settings};
-use meshwire_identity::id::{SpiffeId, TrustDomain};
+use meshwire_identity::id::TrustDomain;
 use meshwire_identity::source::local_ca::LocalCa;
-use meshwire_identity::tls::{self, TrustDomains};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::{TcpListener, TcpStream};
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::net::echo_hbone_server;
+use meshwire_testkit::pki::{client_config, id, server_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// How long one C program may run before the test kills it and fails.
 const PROGRAM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -183,83 +182,12 @@ fn c_program_under_valgrind_leaks_nothing() {
 const SERVER_ID: &str = "spiffe://cluster.local/ns/test/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/test/sa/client";
 
-#[derive(Clone, Copy)]
-struct TokioTimer;
-
-impl Timer for TokioTimer {
-    type Sleep = tokio::time::Sleep;
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        tokio::time::sleep_until(deadline.into())
-    }
-}
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::new(s).unwrap()
-}
-
-/// Echoes each tunnel through an in-memory pipe, recording who asked for what.
-#[derive(Default)]
-struct EchoHandler {
-    seen: Mutex<Vec<InboundRequest>>,
-}
-
-impl Handler for EchoHandler {
-    type Upstream = DuplexStream;
-
-    async fn connect(&self, request: &InboundRequest) -> Result<Connected<DuplexStream>, Refusal> {
-        self.seen.lock().unwrap().push(request.clone());
-        let (upstream, mut echo) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(&mut echo);
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-            let _ = w.shutdown().await;
-        });
-        Ok(Connected::from(upstream))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_client_against_an_hbone_crate_server() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
     let ca = LocalCa::load_or_create(&ca_dir, TrustDomain::new("cluster.local").unwrap()).unwrap();
-    let creds = ca.issue(&id(SERVER_ID)).unwrap();
-    let tls = Arc::new(
-        tls::server_config(
-            &creds.svid,
-            &creds.bundles,
-            &TrustDomains::only(ca.trust_domain().clone()),
-            vec![b"h2".to_vec()],
-        )
-        .unwrap(),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handler = Arc::new(EchoHandler::default());
-    let serving = handler.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (tls, handler) = (tls.clone(), serving.clone());
-            tokio::spawn(async move {
-                let _ = server::serve(
-                    tcp,
-                    tls,
-                    &ServeOptions::default(),
-                    &*handler,
-                    &TokioTimer,
-                    std::future::pending(),
-                )
-                .await;
-            });
-        }
-    });
+    let (addr, handler) = echo_hbone_server(server_config(&ca, SERVER_ID)).await;
 
     for link in [Link::Shared, Link::Static] {
         let out_dir = dir.path().to_owned();
@@ -283,7 +211,7 @@ async fn c_client_against_an_hbone_crate_server() {
             describe(&out)
         );
     }
-    let seen = handler.seen.lock().unwrap();
+    let seen = handler.requests.lock().unwrap();
     assert_eq!(seen.len(), 2);
     for request in seen.iter() {
         assert_eq!(request.peer, id(CLIENT_ID));
@@ -295,11 +223,10 @@ async fn c_client_against_an_hbone_crate_server() {
 
 /// Opens a tunnel to the C server as `client_id`.
 async fn open(ca: &LocalCa, port: u16, client_id: &str, authority: &str) -> Result<client::Tunnel, ConnectError> {
-    let creds = ca.issue(&id(client_id)).unwrap();
-    let config = tls::client_config(&creds.svid, &creds.bundles, vec![id(SERVER_ID)], vec![b"h2".to_vec()]).unwrap();
+    let config = client_config(ca, client_id, SERVER_ID);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    let (conn, driver) = client::handshake(tcp, Arc::new(config), &Settings::default(), TokioTimer).await?;
+    let (conn, driver) = client::handshake(tcp, config, &Settings::default(), TokioTimer).await?;
     tokio::spawn(driver);
     let tunnel = conn.open(&ConnectRequest::new(authority.parse().unwrap())).await?;
     assert_eq!(tunnel.peer_identity(), &id(SERVER_ID));

@@ -15,7 +15,7 @@
 //!   every field, with and without a peer identity;
 //! - nothing panics.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use arbitrary::Arbitrary;
 use ipnet::IpNet;
@@ -25,61 +25,12 @@ use meshwire_dataplane::rbac::{
     StringMatch, WorkloadRef,
 };
 use meshwire_identity::id::SpiffeId;
+use meshwire_tests::fixtures::{
+    IDS, IPS, NAMES, NAMESPACES, NETS, PORTS, SERVICE_ACCOUNTS, STRINGS, naive_string_match,
+};
 
 // ---------------------------------------------------------------------------------------------
-// Value pools
-
-const NAMESPACES: &[&str] = &["a", "b", "team-a", "default"];
-const NAMES: &[&str] = &["p1", "p2", "p3"];
-const SERVICE_ACCOUNTS: &[&str] = &["x", "y", "default"];
-const STRINGS: &[&str] = &[
-    "",
-    "a",
-    "b",
-    "team-",
-    "-a",
-    "t",
-    "td",
-    "td/",
-    "td/ns/a",
-    "td/ns/a/sa/x",
-    "/sa/x",
-    "x",
-    "example.org/w",
-    "cluster.local/ns/default/",
-    "cluster.local/ns/a/sa/y",
-];
-const IDS: &[&str] = &[
-    "spiffe://td/ns/a/sa/x",
-    "spiffe://td/ns/b/sa/y",
-    "spiffe://td/ns/team-a/sa/x",
-    "spiffe://cluster.local/ns/a/sa/y",
-    "spiffe://cluster.local/ns/default/sa/default",
-    "spiffe://example.org/w",
-    "spiffe://example.org/ns/a/sa/x/extra",
-    "spiffe://example.org",
-];
-const IPS: &[IpAddr] = &[
-    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-    IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
-    IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)),
-    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
-    IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1)),
-    // ::ffff:10.0.0.1, matched as 10.0.0.1.
-    IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001)),
-];
-const NETS: &[&str] = &[
-    "10.0.0.0/24",
-    "10.0.0.0/8",
-    "10.0.0.1/32",
-    "192.168.0.0/16",
-    "fd00::/64",
-    "fd00::/16",
-    "0.0.0.0/0",
-    "::/0",
-    "::ffff:10.0.0.0/120",
-];
-const PORTS: &[u16] = &[80, 443, 8080, 0];
+// Value pools (shared with the dataplane's tests)
 
 fn pick<T: Copy>(pool: &[T], index: u8) -> T {
     pool[usize::from(index) % pool.len()]
@@ -137,18 +88,27 @@ impl SaIn {
     }
 }
 
+/// A value from a pool, or any value.
 #[derive(Debug, Arbitrary)]
-enum IpIn {
+enum Pooled<T> {
     Pool(u8),
-    Any(IpAddr),
+    Any(T),
 }
+
+impl<T: Copy> Pooled<T> {
+    fn get(&self, pool: &[T]) -> T {
+        match self {
+            Pooled::Pool(i) => pick(pool, *i),
+            Pooled::Any(value) => *value,
+        }
+    }
+}
+
+type IpIn = Pooled<IpAddr>;
 
 impl IpIn {
     fn build(&self) -> IpAddr {
-        match self {
-            IpIn::Pool(i) => pick(IPS, *i),
-            IpIn::Any(ip) => *ip,
-        }
+        self.get(IPS)
     }
 }
 
@@ -171,18 +131,11 @@ impl NetIn {
     }
 }
 
-#[derive(Debug, Arbitrary)]
-enum PortIn {
-    Pool(u8),
-    Any(u16),
-}
+type PortIn = Pooled<u16>;
 
 impl PortIn {
     fn build(&self) -> u16 {
-        match self {
-            PortIn::Pool(i) => pick(PORTS, *i),
-            PortIn::Any(p) => *p,
-        }
+        self.get(PORTS)
     }
 }
 
@@ -310,34 +263,27 @@ enum FieldIn {
     DestinationPorts(Vec<PortIn>),
 }
 
+/// `values` twice: for a field and for its `not_` form.
+fn both<T: Clone>(values: Vec<T>) -> (Vec<T>, Vec<T>) {
+    (values.clone(), values)
+}
+
 impl FieldIn {
     /// The match with only the field, and the match with only its `not_` form.
     fn build(&self) -> (RbacMatch, RbacMatch) {
         let (mut pos, mut neg) = (RbacMatch::default(), RbacMatch::default());
+        let strings = |v: &[StrMatchIn]| both(v.iter().map(StrMatchIn::build).collect());
+        let nets = |v: &[NetIn]| both(v.iter().map(NetIn::build).collect());
         match self {
-            FieldIn::Namespaces(v) => {
-                pos.namespaces = v.iter().map(StrMatchIn::build).collect();
-                neg.not_namespaces = pos.namespaces.clone();
-            }
+            FieldIn::Namespaces(v) => (pos.namespaces, neg.not_namespaces) = strings(v),
             FieldIn::ServiceAccounts(v) => {
-                pos.service_accounts = v.iter().map(SaIn::build).collect();
-                neg.not_service_accounts = pos.service_accounts.clone();
+                (pos.service_accounts, neg.not_service_accounts) = both(v.iter().map(SaIn::build).collect())
             }
-            FieldIn::Principals(v) => {
-                pos.principals = v.iter().map(StrMatchIn::build).collect();
-                neg.not_principals = pos.principals.clone();
-            }
-            FieldIn::SourceIps(v) => {
-                pos.source_ips = v.iter().map(NetIn::build).collect();
-                neg.not_source_ips = pos.source_ips.clone();
-            }
-            FieldIn::DestinationIps(v) => {
-                pos.destination_ips = v.iter().map(NetIn::build).collect();
-                neg.not_destination_ips = pos.destination_ips.clone();
-            }
+            FieldIn::Principals(v) => (pos.principals, neg.not_principals) = strings(v),
+            FieldIn::SourceIps(v) => (pos.source_ips, neg.not_source_ips) = nets(v),
+            FieldIn::DestinationIps(v) => (pos.destination_ips, neg.not_destination_ips) = nets(v),
             FieldIn::DestinationPorts(v) => {
-                pos.destination_ports = v.iter().map(PortIn::build).collect();
-                neg.not_destination_ports = pos.destination_ports.clone();
+                (pos.destination_ports, neg.not_destination_ports) = both(v.iter().map(PortIn::build).collect())
             }
         }
         (pos, neg)
@@ -402,17 +348,6 @@ impl Model {
         }
     }
 
-    fn string(m: &StringMatch, value: Option<&str>) -> bool {
-        let Some(v) = value else { return false };
-        match m {
-            StringMatch::Exact(s) => v == s,
-            StringMatch::Prefix(s) => v.starts_with(s.as_str()),
-            StringMatch::Suffix(s) => v.ends_with(s.as_str()),
-            StringMatch::Presence => !v.is_empty(),
-            other => panic!("a string match this target does not know: {other:?}"),
-        }
-    }
-
     fn field<T>(pos: &[T], neg: &[T], f: impl Fn(&T) -> bool) -> bool {
         let p = pos.is_empty() || pos.iter().any(&f);
         let n = !neg.iter().any(&f);
@@ -420,20 +355,14 @@ impl Model {
     }
 
     fn one(&self, m: &RbacMatch) -> bool {
-        let ns = self
-            .peer
-            .as_ref()
-            .and_then(|p| p.istio.as_ref())
-            .map(|(ns, _)| ns.as_str());
-        Self::field(&m.namespaces, &m.not_namespaces, |s| Self::string(s, ns))
+        let istio = self.peer.as_ref().and_then(|p| p.istio.as_ref());
+        let ns = istio.map(|(ns, _)| ns.as_str());
+        Self::field(&m.namespaces, &m.not_namespaces, |s| naive_string_match(s, ns))
             && Self::field(&m.service_accounts, &m.not_service_accounts, |s| {
-                self.peer
-                    .as_ref()
-                    .and_then(|p| p.istio.as_ref())
-                    .is_some_and(|(ns, sa)| *ns == s.namespace && *sa == s.service_account)
+                istio.is_some_and(|(ns, sa)| *ns == s.namespace && *sa == s.service_account)
             })
             && Self::field(&m.principals, &m.not_principals, |s| {
-                Self::string(s, self.peer.as_ref().map(|p| p.principal.as_str()))
+                naive_string_match(s, self.peer.as_ref().map(|p| p.principal.as_str()))
             })
             && Self::field(&m.source_ips, &m.not_source_ips, |n| n.contains(&self.src))
             && Self::field(&m.destination_ips, &m.not_destination_ips, |n| n.contains(&self.dst))

@@ -49,48 +49,24 @@ use std::io;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use meshwire_hbone::Settings;
 use meshwire_hbone::copy::CopyConfig;
-use meshwire_hbone::rt::Timer;
 use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
 use meshwire_identity::id::SpiffeId;
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::h2::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 const PEER: &str = "spiffe://cluster.local/ns/default/sa/client";
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How long the client waits for answers, in virtual time.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The server's concurrency limit: small, so that REFUSED_STREAM is reachable.
 const MAX_STREAMS: u32 = 8;
-
-// Frame types, flags, settings (RFC 9113 6).
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const PRIORITY_FRAME: u8 = 0x2;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PUSH_PROMISE: u8 = 0x5;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
-const SETTINGS_ENABLE_PUSH: u16 = 0x2;
-const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
-const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
-const MAX_WINDOW: u32 = (1 << 31) - 1;
-/// The largest error code RFC 9113 7 defines (HTTP_1_1_REQUIRED).
-const MAX_ERROR_CODE: u32 = 0xd;
 
 // ---------------------------------------------------------------------------------------------------------
 // The input
@@ -341,62 +317,8 @@ impl Request {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Frames and HPACK encoding
+// Frames
 // ---------------------------------------------------------------------------------------------------------
-
-struct Frame {
-    kind: u8,
-    flags: u8,
-    stream: u32,
-    payload: Vec<u8>,
-}
-
-impl Frame {
-    fn new(kind: u8, flags: u8, stream: u32, payload: Vec<u8>) -> Self {
-        Self {
-            kind,
-            flags,
-            stream,
-            payload,
-        }
-    }
-
-    fn write(&self, out: &mut Vec<u8>) {
-        let len = u32::try_from(self.payload.len()).expect("small frames");
-        out.extend_from_slice(&len.to_be_bytes()[1..]);
-        out.extend_from_slice(&[self.kind, self.flags]);
-        out.extend_from_slice(&self.stream.to_be_bytes());
-        out.extend_from_slice(&self.payload);
-    }
-}
-
-fn encode_int(out: &mut Vec<u8>, prefix: u32, mut value: usize) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(value as u8);
-        return;
-    }
-    out.push(max as u8);
-    value -= max;
-    while value >= 0x80 {
-        out.push(0x80 | (value & 0x7f) as u8);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-/// Literal header fields without indexing, literal names, no Huffman coding (RFC 7541 6.2.2).
-fn encode(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, value) in fields {
-        out.push(0x00);
-        encode_int(&mut out, 7, name.len());
-        out.extend_from_slice(name);
-        encode_int(&mut out, 7, value.len());
-        out.extend_from_slice(value);
-    }
-    out
-}
 
 fn padded(pad: Option<u8>, flags: &mut u8, body: Vec<u8>) -> Vec<u8> {
     let Some(pad) = pad else { return body };
@@ -484,7 +406,7 @@ impl Op {
 
 /// The request of a good stream, as ztunnel writes it.
 fn good_request(id: u32, ping: &[u8]) -> Vec<u8> {
-    let fields: Vec<(Vec<u8>, Vec<u8>)> = [
+    let fields = [
         (":method", "CONNECT"),
         (":authority", "10.0.0.1:8080"),
         ("forwarded", "for=\"10.0.0.2:41234\""),
@@ -494,10 +416,7 @@ fn good_request(id: u32, ping: &[u8]) -> Vec<u8> {
              service.name=sleep,service.version=v1",
         ),
         ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-    ]
-    .iter()
-    .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-    .collect();
+    ];
     let mut out = Vec::new();
     Frame::new(HEADERS, END_HEADERS, id, encode(&fields)).write(&mut out);
     Frame::new(DATA, END_STREAM, id, ping.to_vec()).write(&mut out);
@@ -550,9 +469,8 @@ impl Plan {
                 }
                 GOAWAY => plan.client_goaway = true,
                 SETTINGS if f.flags & ACK == 0 && id == 0 => {
-                    for pair in f.payload.chunks_exact(6) {
-                        let value = u32::from_be_bytes([pair[2], pair[3], pair[4], pair[5]]);
-                        match u16::from_be_bytes([pair[0], pair[1]]) {
+                    for (setting, value) in settings_pairs(&f.payload) {
+                        match setting {
                             SETTINGS_HEADER_TABLE_SIZE => plan.header_table = plan.header_table.max(value),
                             SETTINGS_MAX_FRAME_SIZE => plan.max_frame = plan.max_frame.max(value),
                             _ => {}
@@ -585,24 +503,8 @@ impl Plan {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The server's handler, upstreams and timer
+// The server's handler and upstreams
 // ---------------------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy)]
-struct TokioTimer;
-
-impl Timer for TokioTimer {
-    type Sleep = tokio::time::Sleep;
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-    fn system_now(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
-    }
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        tokio::time::sleep_until(deadline.into())
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -736,265 +638,6 @@ impl Handler for FuzzHandler {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// HPACK decoding (RFC 7541), failing with a message instead of panicking
-// ---------------------------------------------------------------------------------------------------------
-
-const STATIC_TABLE: [(&str, &str); 61] = [
-    (":authority", ""),
-    (":method", "GET"),
-    (":method", "POST"),
-    (":path", "/"),
-    (":path", "/index.html"),
-    (":scheme", "http"),
-    (":scheme", "https"),
-    (":status", "200"),
-    (":status", "204"),
-    (":status", "206"),
-    (":status", "304"),
-    (":status", "400"),
-    (":status", "404"),
-    (":status", "500"),
-    ("accept-charset", ""),
-    ("accept-encoding", "gzip, deflate"),
-    ("accept-language", ""),
-    ("accept-ranges", ""),
-    ("accept", ""),
-    ("access-control-allow-origin", ""),
-    ("age", ""),
-    ("allow", ""),
-    ("authorization", ""),
-    ("cache-control", ""),
-    ("content-disposition", ""),
-    ("content-encoding", ""),
-    ("content-language", ""),
-    ("content-length", ""),
-    ("content-location", ""),
-    ("content-range", ""),
-    ("content-type", ""),
-    ("cookie", ""),
-    ("date", ""),
-    ("etag", ""),
-    ("expect", ""),
-    ("expires", ""),
-    ("from", ""),
-    ("host", ""),
-    ("if-match", ""),
-    ("if-modified-since", ""),
-    ("if-none-match", ""),
-    ("if-range", ""),
-    ("if-unmodified-since", ""),
-    ("last-modified", ""),
-    ("link", ""),
-    ("location", ""),
-    ("max-forwards", ""),
-    ("proxy-authenticate", ""),
-    ("proxy-authorization", ""),
-    ("range", ""),
-    ("referer", ""),
-    ("refresh", ""),
-    ("retry-after", ""),
-    ("server", ""),
-    ("set-cookie", ""),
-    ("strict-transport-security", ""),
-    ("transfer-encoding", ""),
-    ("user-agent", ""),
-    ("vary", ""),
-    ("via", ""),
-    ("www-authenticate", ""),
-];
-
-/// Code lengths of the HPACK Huffman code (RFC 7541 Appendix B) for the bytes 0..=255; the code is
-/// canonical, so the codes follow from the lengths in order of (length, byte).
-const HUFFMAN_LENGTHS: [u8; 256] = [
-    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, //
-    28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28, //
-    6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6, //
-    5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, //
-    13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, //
-    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, //
-    15, 5, 6, 5, 6, 5, 6, 6, 6, 5, 7, 7, 6, 6, 6, 5, //
-    6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, //
-    20, 22, 20, 20, 22, 22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23, //
-    24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24, //
-    22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, //
-    21, 21, 22, 21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, //
-    26, 26, 20, 19, 22, 23, 22, 25, 26, 26, 26, 27, 27, 26, 24, 25, //
-    19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, //
-    20, 24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, //
-    26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26, //
-];
-
-/// The canonical code by length: for each length, its first code, and where its bytes start in the
-/// bytes sorted by (length, byte).
-struct Huffman {
-    first: [u32; 31],
-    count: [u32; 31],
-    offset: [usize; 31],
-    sorted: Vec<u8>,
-}
-
-fn huffman() -> &'static Huffman {
-    static TABLE: OnceLock<Huffman> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut sorted: Vec<u8> = (0..=255).collect();
-        sorted.sort_by_key(|&b| (HUFFMAN_LENGTHS[usize::from(b)], b));
-        let mut h = Huffman {
-            first: [0; 31],
-            count: [0; 31],
-            offset: [0; 31],
-            sorted,
-        };
-        let (mut code, mut len) = (0u32, 0u8);
-        for (i, &b) in h.sorted.iter().enumerate() {
-            let l = HUFFMAN_LENGTHS[usize::from(b)];
-            code <<= l - len;
-            len = l;
-            if h.count[usize::from(l)] == 0 {
-                h.first[usize::from(l)] = code;
-                h.offset[usize::from(l)] = i;
-            }
-            h.count[usize::from(l)] += 1;
-            code += 1;
-        }
-        h
-    })
-}
-
-fn huffman_decode(src: &[u8]) -> Result<Vec<u8>, String> {
-    let h = huffman();
-    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0usize);
-    for byte in src {
-        for i in (0..8).rev() {
-            acc = (acc << 1) | u32::from((byte >> i) & 1);
-            bits += 1;
-            let k = acc.wrapping_sub(h.first[bits]);
-            if h.count[bits] > 0 && acc >= h.first[bits] && k < h.count[bits] {
-                out.push(h.sorted[h.offset[bits] + k as usize]);
-                (acc, bits) = (0, 0);
-            } else if bits >= 30 {
-                return Err("invalid Huffman code".into());
-            }
-        }
-    }
-    if bits >= 8 || acc != (1 << bits) - 1 {
-        return Err("invalid Huffman padding".into());
-    }
-    Ok(out)
-}
-
-struct Decoder {
-    table: VecDeque<(String, String)>,
-    size: usize,
-    max_size: usize,
-}
-
-impl Decoder {
-    fn new() -> Self {
-        Self {
-            table: VecDeque::new(),
-            size: 0,
-            max_size: 4096,
-        }
-    }
-
-    /// Decodes a header block; `limit` is the largest table size the decoder (the client) allowed.
-    fn decode(&mut self, block: &[u8], limit: usize) -> Result<Vec<(String, String)>, String> {
-        let mut fields = Vec::new();
-        let mut pos = 0;
-        while pos < block.len() {
-            let first = block[pos];
-            if first & 0x80 != 0 {
-                let index = decode_int(block, &mut pos, 7)?;
-                fields.push(self.entry(index)?);
-            } else if first & 0x40 != 0 {
-                let field = self.literal(block, &mut pos, 6)?;
-                self.size += field.0.len() + field.1.len() + 32;
-                self.table.push_front(field.clone());
-                self.evict();
-                fields.push(field);
-            } else if first & 0x20 != 0 {
-                if !fields.is_empty() {
-                    return Err("dynamic table size update after a field".into());
-                }
-                let size = decode_int(block, &mut pos, 5)?;
-                if size > limit {
-                    return Err(format!("dynamic table size {size} over the allowed {limit}"));
-                }
-                self.max_size = size;
-                self.evict();
-            } else {
-                fields.push(self.literal(block, &mut pos, 4)?);
-            }
-        }
-        Ok(fields)
-    }
-
-    fn literal(&self, block: &[u8], pos: &mut usize, prefix: u32) -> Result<(String, String), String> {
-        let name = match decode_int(block, pos, prefix)? {
-            0 => decode_string(block, pos)?,
-            index => self.entry(index)?.0,
-        };
-        Ok((name, decode_string(block, pos)?))
-    }
-
-    fn entry(&self, index: usize) -> Result<(String, String), String> {
-        match index {
-            0 => Err("HPACK index 0".into()),
-            1..=61 => {
-                let (name, value) = STATIC_TABLE[index - 1];
-                Ok((name.into(), value.into()))
-            }
-            _ => self
-                .table
-                .get(index - 62)
-                .cloned()
-                .ok_or_else(|| format!("HPACK index {index} beyond the dynamic table")),
-        }
-    }
-
-    fn evict(&mut self) {
-        while self.size > self.max_size {
-            let Some((name, value)) = self.table.pop_back() else {
-                break;
-            };
-            self.size -= name.len() + value.len() + 32;
-        }
-    }
-}
-
-fn decode_int(buf: &[u8], pos: &mut usize, prefix: u32) -> Result<usize, String> {
-    let max = (1usize << prefix) - 1;
-    let first = *buf.get(*pos).ok_or("truncated integer")?;
-    let mut value = usize::from(first) & max;
-    *pos += 1;
-    if value < max {
-        return Ok(value);
-    }
-    let mut shift = 0;
-    loop {
-        let b = *buf.get(*pos).ok_or("truncated integer")?;
-        *pos += 1;
-        if shift > 28 {
-            return Err("integer too large".into());
-        }
-        value += usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-}
-
-fn decode_string(buf: &[u8], pos: &mut usize) -> Result<String, String> {
-    let huffman = *buf.get(*pos).ok_or("truncated string")? & 0x80 != 0;
-    let len = decode_int(buf, pos, 7)?;
-    let raw = buf.get(*pos..*pos + len).ok_or("truncated string")?;
-    *pos += len;
-    let bytes = if huffman { huffman_decode(raw)? } else { raw.to_vec() };
-    String::from_utf8(bytes).map_err(|e| e.to_string())
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // The client: what the server sent, checked frame by frame
 // ---------------------------------------------------------------------------------------------------------
 
@@ -1009,9 +652,9 @@ struct Seen {
 struct Client {
     input: Vec<u8>,
     frames: usize,
+    /// Decodes with the largest table size the client allowed.
     hpack: Decoder,
-    /// Client limits the server must respect.
-    header_table: usize,
+    /// The largest frame the client allows.
     max_frame: usize,
     /// The largest stream id the client used.
     max_client_id: u32,
@@ -1034,23 +677,20 @@ impl Client {
     /// Parses what arrived, checking each frame.
     fn parse(&mut self) {
         let mut at = 0;
-        while self.input.len() - at >= 9 {
-            let head = &self.input[at..at + 9];
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            if self.input.len() - at < 9 + len {
-                break;
-            }
-            let (kind, flags) = (head[3], head[4]);
-            let raw_id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
-            let payload = self.input[at + 9..at + 9 + len].to_vec();
-            at += 9 + len;
+        while let Some((frame, len)) = Frame::parse(&self.input[at..]) {
+            at += len;
+            let len = frame.payload.len();
             assert!(
                 len <= self.max_frame,
                 "server frame of {len} bytes over the client's max {}",
                 self.max_frame
             );
-            assert_eq!(raw_id & !MAX_WINDOW, 0, "server set the reserved bit of the stream id");
-            self.on_frame(kind, flags, raw_id, &payload);
+            assert_eq!(
+                frame.stream & !MAX_WINDOW,
+                0,
+                "server set the reserved bit of the stream id"
+            );
+            self.on_frame(frame.kind, frame.flags, frame.stream, &frame.payload);
         }
         self.input.drain(..at);
     }
@@ -1087,10 +727,7 @@ impl Client {
                 let s = self.stream(id);
                 assert!(s.status.is_none(), "a second header block on stream {id}");
                 assert!(!s.ended && s.reset.is_none(), "HEADERS on closed stream {id}");
-                let mut fragment = unpad(flags, payload).expect("bad HEADERS padding");
-                if flags & PRIORITY != 0 {
-                    fragment = fragment.get(5..).expect("HEADERS too short for its priority");
-                }
+                let fragment = header_fragment(flags, payload).unwrap_or_else(|e| panic!("{e} on stream {id}"));
                 self.partial = Some((id, flags, fragment.to_vec()));
             }
             PRIORITY_FRAME => assert!(id != 0 && payload.len() == 5, "bad PRIORITY"),
@@ -1112,12 +749,11 @@ impl Client {
                     assert!(payload.is_empty(), "SETTINGS ACK with a payload");
                 } else {
                     assert_eq!(payload.len() % 6, 0, "SETTINGS of {} bytes", payload.len());
-                    for pair in payload.chunks_exact(6) {
-                        let value = u32::from_be_bytes([pair[2], pair[3], pair[4], pair[5]]);
-                        match u16::from_be_bytes([pair[0], pair[1]]) {
+                    for (setting, value) in settings_pairs(payload) {
+                        match setting {
                             SETTINGS_ENABLE_PUSH => assert!(value <= 1),
                             SETTINGS_INITIAL_WINDOW_SIZE => assert!(value <= MAX_WINDOW),
-                            SETTINGS_MAX_FRAME_SIZE => assert!((16_384..=16_777_215).contains(&value)),
+                            SETTINGS_MAX_FRAME_SIZE => assert!((16_384..=MAX_FRAME_SIZE).contains(&value)),
                             _ => {}
                         }
                     }
@@ -1153,7 +789,7 @@ impl Client {
             };
             let fields = self
                 .hpack
-                .decode(&block, self.header_table)
+                .decode(&block)
                 .unwrap_or_else(|e| panic!("undecodable header block on stream {id}: {e}"));
             let pseudo: Vec<&(String, String)> = fields.iter().filter(|(n, _)| n.starts_with(':')).collect();
             assert!(
@@ -1173,29 +809,6 @@ impl Client {
             s.ended |= flags & END_STREAM != 0;
         }
     }
-}
-
-/// `bytes` as a sequence of whole frames, if it is one.
-fn split_frames(mut bytes: &[u8]) -> Option<Vec<Frame>> {
-    let mut frames = Vec::new();
-    while !bytes.is_empty() {
-        let head = bytes.get(..9)?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let payload = bytes.get(9..9 + len)?.to_vec();
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
-        frames.push(Frame::new(head[3], head[4], stream, payload));
-        bytes = &bytes[9 + len..];
-    }
-    Some(frames)
-}
-
-/// The payload without its padding, or `None` if the padding is longer than the frame.
-fn unpad(flags: u8, payload: &[u8]) -> Option<&[u8]> {
-    if flags & PADDED == 0 {
-        return Some(payload);
-    }
-    let pad = usize::from(*payload.first()?);
-    payload.get(1..payload.len().checked_sub(pad)?)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1223,11 +836,11 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 fn options() -> ServeOptions {
     ServeOptions {
-        settings: Settings {
-            max_concurrent_streams: MAX_STREAMS,
-            server_max_header_list_size: 2048,
-            ..Settings::default()
-        },
+        settings: Settings::builder()
+            .max_concurrent_streams(MAX_STREAMS)
+            .server_max_header_list_size(2048)
+            .build()
+            .expect("valid settings"),
         copy: CopyConfig {
             initial_buffer: 512,
             max_buffer: 4096,
@@ -1257,7 +870,7 @@ fn run(input: Input) {
             (bytes, Some(plan))
         }
         // Raw bytes that split exactly into frames are checked like structured ones.
-        Input::Raw(bytes) => (bytes.clone(), split_frames(bytes).map(|frames| Plan::of(&frames))),
+        Input::Raw(bytes) => (bytes.clone(), Frame::split(bytes).map(|frames| Plan::of(&frames))),
     };
     // The second good stream: above every id the fuzzed frames used (raw bytes: the largest id).
     let good2 = match &plan {
@@ -1277,9 +890,10 @@ fn run(input: Input) {
     let client = RefCell::new(Client {
         input: Vec::new(),
         frames: 0,
-        hpack: Decoder::new(),
-        header_table: plan.as_ref().map_or(u32::MAX, |p| p.header_table) as usize,
-        max_frame: plan.as_ref().map_or(16_777_215, |p| p.max_frame.min(16_777_215)) as usize,
+        hpack: Decoder::new(plan.as_ref().map_or(u32::MAX, |p| p.header_table) as usize),
+        max_frame: plan
+            .as_ref()
+            .map_or(MAX_FRAME_SIZE, |p| p.max_frame.min(MAX_FRAME_SIZE)) as usize,
         max_client_id,
         partial: None,
         streams: HashMap::new(),
@@ -1304,14 +918,7 @@ fn run(input: Input) {
             ),
         );
         let writer = async {
-            let mut hello = PREFACE.to_vec();
-            let mut settings = Vec::new();
-            for (id, value) in [(SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW)] {
-                settings.extend_from_slice(&id.to_be_bytes());
-                settings.extend_from_slice(&value.to_be_bytes());
-            }
-            Frame::new(SETTINGS, 0, 0, settings).write(&mut hello);
-            Frame::new(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - 65_535).to_be_bytes().to_vec()).write(&mut hello);
+            let mut hello = client_hello();
             hello.extend(good_request(1, PING1));
             if wr.write_all(&hello).await.is_ok() {
                 while !client.borrow().settings && !reader_done.get() {
@@ -1487,11 +1094,7 @@ mod seeds {
     }
 
     fn headers(id: u32, flags: u8, fields: &[(&str, &str)]) -> Frame {
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = fields
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect();
-        Frame::new(HEADERS, flags, id, encode(&fields))
+        Frame::new(HEADERS, flags, id, encode(fields))
     }
 
     pub(super) fn write(dir: &std::path::Path) {
@@ -1509,12 +1112,7 @@ mod seeds {
             ),
             ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         ];
-        let block = encode(
-            &ztunnel
-                .iter()
-                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect::<Vec<_>>(),
-        );
+        let block = encode(&ztunnel);
         let seeds: Vec<(&str, Vec<Frame>)> = vec![
             (
                 "connect-ztunnel-metadata",

@@ -14,6 +14,8 @@
 //! Seeds (`corpus/metadata_headers/`): the headers ztunnel and meshwire write on a CONNECT, and the
 //! examples of the Forwarded (RFC 7239), W3C Baggage and W3C Trace Context specifications.
 
+use std::fmt::Debug;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use meshwire_hbone::headers::{Authority, Baggage, Forwarded, Metadata, TraceParent};
@@ -41,26 +43,18 @@ fuzz_target!(|data: &[u8]| {
 fn check_value(name: &HeaderName, value: &HeaderValue) {
     match name.as_str() {
         "forwarded" => {
-            if let Ok(forwarded) = Forwarded::from_header_value(value) {
-                if let Ok(written) = forwarded.to_header_value() {
-                    assert_eq!(
-                        Forwarded::from_header_value(&written).as_ref(),
-                        Ok(&forwarded),
-                        "{written:?}"
-                    );
-                    assert_eq!(written.as_bytes(), forwarded.to_string().as_bytes());
-                }
+            if let Ok(forwarded) = Forwarded::from_header_value(value)
+                && let Ok(written) = forwarded.to_header_value()
+            {
+                parses_back(Forwarded::from_header_value, &forwarded, &written);
+                assert_eq!(written.as_bytes(), forwarded.to_string().as_bytes());
             }
         }
         "baggage" => {
-            if let Ok(baggage) = Baggage::from_header_value(value) {
-                if let Ok(written) = baggage.to_header_value() {
-                    assert_eq!(
-                        Baggage::from_header_value(&written).as_ref(),
-                        Ok(&baggage),
-                        "{written:?}"
-                    );
-                }
+            if let Ok(baggage) = Baggage::from_header_value(value)
+                && let Ok(written) = baggage.to_header_value()
+            {
+                parses_back(Baggage::from_header_value, &baggage, &written);
             }
         }
         "traceparent" => {
@@ -68,7 +62,7 @@ fn check_value(name: &HeaderName, value: &HeaderValue) {
                 let written = traceparent
                     .to_header_value()
                     .unwrap_or_else(|e| panic!("an accepted traceparent {traceparent} cannot be written: {e}"));
-                assert_eq!(TraceParent::from_header_value(&written).as_ref(), Ok(&traceparent));
+                parses_back(TraceParent::from_header_value, &traceparent, &written);
                 assert_eq!(written.as_bytes(), traceparent.to_string().as_bytes());
             }
         }
@@ -86,6 +80,15 @@ fn check_value(name: &HeaderName, value: &HeaderValue) {
             }
         }
     }
+}
+
+/// `written`, the value `parsed` wrote, parses back to `parsed`.
+fn parses_back<T: PartialEq + Debug, E: PartialEq + Debug>(
+    parse: impl Fn(&HeaderValue) -> Result<T, E>,
+    parsed: &T,
+    written: &HeaderValue,
+) {
+    assert_eq!(parse(written).as_ref(), Ok(parsed), "{written:?}");
 }
 
 /// The whole map, as a CONNECT request's headers.

@@ -31,17 +31,18 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use meshwire_dataplane::proxy::{NotRedirected, canonical, check_redirect};
 use meshwire_dataplane::state::{DEFAULT_PROXY_PORTS, LocalProxy, OutboundRoute, Refusal, State};
-use meshwire_dataplane::xds::{GatewayDestination, HealthStatus, LocalConfig, Protocol, Workload};
+use meshwire_dataplane::xds::{GatewayDestination, HealthStatus, Protocol, Workload};
+use meshwire_tests::fixtures;
 
 const EXAMPLE: &str = include_str!("../../dataplane/examples/localhost.yaml");
 
-/// A mesh that exercises every branch of the routing decision.
-const MESH: &str = r#"
+/// Laid over the shared routing mesh (`meshwire_tests::fixtures::MESH`) so that every branch of the
+/// routing decision is reachable: workloads and services at the proxy's own addresses and ports, a
+/// network gateway for the far endpoint, zero-capacity endpoints, a waypoint whose HBONE port is
+/// mapped, a dual-stack pod waypoint, waypoints by hostname and on the proxy's own listener, an
+/// IPv6-only endpoint, and a service whose SANs repeat an endpoint's identity.
+const MESH_OVERLAY: &str = r#"
 workloads:
-- name: client
-  workloadIps: [10.0.0.1]
-  protocol: HBONE
-  node: node1
 - name: local
   workloadIps: [127.0.0.1, "::1"]
   protocol: HBONE
@@ -54,27 +55,6 @@ workloads:
   node: node1
   services:
     "default/self.example": {80: 15006}
-- name: server-a
-  serviceAccount: server
-  workloadIps: [10.0.1.1]
-  protocol: HBONE
-  node: node2
-  capacity: 3
-  services:
-    "default/server.example": {80: 9090}
-- name: server-b
-  serviceAccount: server
-  workloadIps: [10.0.1.2]
-  protocol: HBONE
-  node: node2
-  services:
-    "default/server.example": {}
-- name: server-sick
-  workloadIps: [10.0.1.3]
-  protocol: HBONE
-  status: Unhealthy
-  services:
-    "default/server.example": {}
 - name: server-far
   network: far
   workloadIps: [10.0.1.4]
@@ -94,38 +74,16 @@ workloads:
   capacity: 0
   services:
     "default/zero.example": {}
-- name: legacy
-  workloadIps: [10.0.2.1]
-  protocol: TCP
-  services:
-    "default/legacy.example": {80: 8081}
-- name: named-without-port
-  workloadIps: [10.0.2.2]
-  protocol: HBONE
-  services:
-    "default/named.example": {}
 - name: waypoint
   serviceAccount: waypoint
   workloadIps: [10.0.3.1]
   protocol: HBONE
   services:
     "default/waypoint.default.svc.cluster.local": {15008: 15018}
-- name: behind-waypoint
-  workloadIps: [10.0.4.1]
-  protocol: HBONE
-  waypoint: {destination: "/10.0.30.1"}
-- name: behind-missing-waypoint
-  workloadIps: [10.0.4.2]
-  protocol: HBONE
-  waypoint: {destination: "/10.0.99.99"}
 - name: waypoint-pod
   serviceAccount: waypoint-pod
   workloadIps: [10.0.4.3, "fd00::4:3"]
   protocol: HBONE
-- name: behind-pod-waypoint
-  workloadIps: [10.0.4.4]
-  protocol: TCP
-  waypoint: {destination: "/10.0.4.3", hboneMtlsPort: 15009}
 - name: behind-hostname-waypoint
   workloadIps: [10.0.4.5]
   protocol: HBONE
@@ -134,44 +92,16 @@ workloads:
   workloadIps: [10.0.4.6]
   protocol: HBONE
   waypoint: {destination: "/127.0.0.2", hboneMtlsPort: 15001}
-- name: dual-stack
-  workloadIps: [10.0.5.1, "fd00::5:1"]
-  protocol: HBONE
-  services:
-    "default/dual.example": {}
 - name: v6-only
   workloadIps: ["fd00::5:2"]
   protocol: TCP
   services:
     "default/dual.example": {}
-- name: host-networked
-  networkMode: HostNetwork
-  workloadIps: [10.0.0.1]
-  protocol: HBONE
 services:
 - hostname: server.example
   vips: [/10.0.10.1, far/10.0.10.1]
   ports: {80: 8080, 8443: 8443}
   subjectAltNames: [spiffe://cluster.local/ns/default/sa/extra, spiffe://cluster.local/ns/default/sa/server]
-- hostname: legacy.example
-  vips: [/10.0.10.2]
-  ports: {80: 8080}
-- hostname: empty.example
-  vips: [/10.0.10.3]
-  ports: {80: 8080}
-- hostname: named.example
-  vips: [/10.0.10.5]
-  ports: {80: 0}
-- hostname: waypoint.default.svc.cluster.local
-  vips: [/10.0.30.1]
-  ports: {}
-- hostname: waypointed.example
-  vips: [/10.0.10.4]
-  ports: {80: 8080}
-  waypoint: {destination: "default/waypoint.default.svc.cluster.local"}
-- hostname: dual.example
-  vips: [/10.0.10.6, "/fd00::10:6"]
-  ports: {80: 8080}
 - hostname: zero.example
   vips: [/10.0.10.7]
   ports: {80: 8080}
@@ -189,8 +119,9 @@ struct Fixture {
 fn fixtures() -> &'static [Fixture; 2] {
     static FIXTURES: OnceLock<[Fixture; 2]> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        [EXAMPLE, MESH].map(|yaml| {
-            let state = State::new(LocalConfig::parse(yaml).expect("the fixture parses"));
+        let mesh = fixtures::overlay(fixtures::config(fixtures::MESH), fixtures::config(MESH_OVERLAY));
+        [fixtures::config(EXAMPLE), mesh].map(|config| {
+            let state = State::new(config);
             let mut ips: Vec<IpAddr> = vec![
                 Ipv4Addr::LOCALHOST.into(),
                 Ipv4Addr::UNSPECIFIED.into(),

@@ -87,24 +87,28 @@
 use std::error::Error;
 use std::fmt::Display;
 use std::future::{Future, pending};
+use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 use meshwire_hbone::Settings;
 use meshwire_hbone::client::{self, ClientConnection, ConnectRequest};
 use meshwire_hbone::copy::{self, CopyConfig};
 use meshwire_hbone::headers::Authority;
-use meshwire_hbone::rt::Timer;
 use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions, StreamReport};
 use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::source::local_ca::LocalCa;
 use meshwire_identity::tls::{self, TrustDomains};
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::measure::{
+    Cpu, Summary, clock_ticks, current_tid, json_summary, kernel_release, process_cpu, seconds_argument, summarize,
+    thread_cpu, tls_handshake, unix_time, write_results,
+};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -114,8 +118,6 @@ type Result<T, E = BoxError> = std::result::Result<T, E>;
 
 const ROUNDS: usize = 3;
 const DEFAULT_SECONDS: f64 = 3.0;
-/// Clock ticks per second of `/proc/self/stat` (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
-const CLOCK_TICKS: f64 = 100.0;
 /// Size of each write of the load generator.
 const CHUNK: usize = 128 * 1024;
 /// Size of the sink's read buffer.
@@ -137,57 +139,6 @@ fn nodelay() -> bool {
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
-
-// ---------------------------------------------------------------------------------------------
-// CPU time
-
-/// CPU time in seconds.
-#[derive(Debug, Clone, Copy)]
-struct Cpu {
-    user: f64,
-    sys: f64,
-}
-
-impl Cpu {
-    fn total(self) -> f64 {
-        self.user + self.sys
-    }
-    fn since(self, earlier: Cpu) -> Cpu {
-        Cpu {
-            user: self.user - earlier.user,
-            sys: self.sys - earlier.sys,
-        }
-    }
-}
-
-/// CPU time (user, system) from a `/proc/.../stat` file, or `None` where unavailable.
-fn cpu_seconds_of(path: &str) -> Option<Cpu> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: split after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // `rest` starts at field 3 (state): field 14 (utime) is the 12th, field 15 (stime) the 13th.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Cpu {
-        user: utime as f64 / CLOCK_TICKS,
-        sys: stime as f64 / CLOCK_TICKS,
-    })
-}
-
-fn process_cpu() -> Option<Cpu> {
-    cpu_seconds_of("/proc/self/stat")
-}
-
-fn thread_cpu(tid: u32) -> Option<Cpu> {
-    cpu_seconds_of(&format!("/proc/self/task/{tid}/stat"))
-}
-
-/// The kernel thread id of the calling thread (`/proc/thread-self` -> `<pid>/task/<tid>`).
-fn current_tid() -> Option<u32> {
-    let link = std::fs::read_link("/proc/thread-self").ok()?;
-    link.file_name()?.to_str()?.parse().ok()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shared state of one measurement
@@ -251,20 +202,30 @@ impl Future for YieldNow {
     }
 }
 
+/// Counts a task's writes or reads and yields to the executor after every [`YIELD_EVERY`].
+#[derive(Default)]
+struct Budget(u32);
+
+impl Budget {
+    async fn spend(&mut self) {
+        self.0 += 1;
+        if self.0 == YIELD_EVERY {
+            self.0 = 0;
+            YieldNow(false).await;
+        }
+    }
+}
+
 /// The load generator: writes 128 KiB chunks until the measurement stops or the stream fails.
 async fn write_forever<W: AsyncWrite + Unpin>(mut w: W, ctx: Arc<Ctx>) {
     let chunk = vec![0x5a_u8; CHUNK];
-    let mut n = 0u32;
+    let mut budget = Budget::default();
     while !ctx.stopping() {
         if let Err(e) = w.write_all(&chunk).await {
             ctx.error(format!("writer: {e}"));
             return;
         }
-        n += 1;
-        if n == YIELD_EVERY {
-            n = 0;
-            YieldNow(false).await;
-        }
+        budget.spend().await;
     }
 }
 
@@ -272,7 +233,7 @@ async fn write_forever<W: AsyncWrite + Unpin>(mut w: W, ctx: Arc<Ctx>) {
 async fn sink<R: AsyncRead + Unpin>(mut r: R, ctx: Arc<Ctx>) {
     let counter = ctx.new_flow();
     let mut buf = vec![0u8; SINK_BUFFER];
-    let mut n = 0u32;
+    let mut budget = Budget::default();
     loop {
         match r.read(&mut buf).await {
             Ok(0) => return,
@@ -284,11 +245,7 @@ async fn sink<R: AsyncRead + Unpin>(mut r: R, ctx: Arc<Ctx>) {
                 return;
             }
         }
-        n += 1;
-        if n == YIELD_EVERY {
-            n = 0;
-            YieldNow(false).await;
-        }
+        budget.spend().await;
     }
 }
 
@@ -336,30 +293,7 @@ impl Pki {
 fn negotiated(client_tls: &Arc<ClientConfig>, server_tls: &Arc<ServerConfig>) -> Result<String> {
     let mut c = rustls::ClientConnection::new(client_tls.clone(), tls::server_name())?;
     let mut s = rustls::ServerConnection::new(server_tls.clone())?;
-    let mut buf = Vec::new();
-    for _ in 0..16 {
-        if !(c.is_handshaking() || s.is_handshaking()) {
-            break;
-        }
-        buf.clear();
-        while c.wants_write() {
-            c.write_tls(&mut buf)?;
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd)?;
-            s.process_new_packets()?;
-        }
-        buf.clear();
-        while s.wants_write() {
-            s.write_tls(&mut buf)?;
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd)?;
-            c.process_new_packets()?;
-        }
-    }
+    tls_handshake(&mut c, &mut s)?;
     let version = c.protocol_version().map(|v| format!("{v:?}"));
     let suite = c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()));
     let kx = c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
@@ -509,38 +443,34 @@ struct Running {
 }
 
 // ---------------------------------------------------------------------------------------------
-// tokio
+// Both runtimes
 
-#[derive(Clone, Copy)]
-struct TokioTimer;
+/// What the proxies under test take from a runtime: its TCP sockets and its timer.
+trait Net {
+    /// A TCP connection.
+    type Tcp: AsyncRead + AsyncWrite + Unpin;
+    /// The timer of the HBONE client and server.
+    type Timer: meshwire_rt::Timer + Default;
 
-impl Timer for TokioTimer {
-    type Sleep = tokio::time::Sleep;
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        tokio::time::sleep_until(deadline.into())
-    }
+    /// Connects; `proxy`: the socket is one of a proxy's (the TCP_NODELAY setting applies).
+    fn connect(addr: SocketAddr, proxy: bool) -> impl Future<Output = std::io::Result<Self::Tcp>>;
 }
 
-/// Connects every CONNECT to its authority on loopback.
-struct TokioHandler {
+/// Connects every CONNECT to its authority on loopback, with the sockets of `N`.
+struct LoopbackHandler<N> {
     ctx: Arc<Ctx>,
+    net: PhantomData<N>,
 }
 
-impl Handler for TokioHandler {
-    type Upstream = tokio::net::TcpStream;
+impl<N: Net> Handler for LoopbackHandler<N> {
+    type Upstream = N::Tcp;
 
     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
         let addr = request
             .authority
             .as_socket_addr()
             .ok_or_else(|| Refusal::bad_request("not an address"))?;
-        tokio_connect(addr, true)
+        N::connect(addr, true)
             .await
             .map(Connected::from)
             .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))
@@ -552,6 +482,49 @@ impl Handler for TokioHandler {
         } else if let Some(r) = report.refusal {
             self.ctx.error(format!("HBONE server refused: {r}"));
         }
+    }
+}
+
+/// The HBONE server's work for one accepted connection.
+async fn serve_hbone<N: Net>(tcp: N::Tcp, tls: Arc<ServerConfig>, ctx: Arc<Ctx>) {
+    let options = ServeOptions {
+        settings: bench_settings(),
+        ..ServeOptions::default()
+    };
+    let handler = LoopbackHandler::<N> {
+        ctx: ctx.clone(),
+        net: PhantomData,
+    };
+    if let Err(e) = server::serve(tcp, tls, &options, &handler, &N::Timer::default(), pending::<()>()).await {
+        ctx.error(format!("HBONE serve: {e}"));
+    }
+}
+
+/// The plain proxy's work for one accepted connection: connects to the sink, copies both ways.
+async fn splice<N: Net>(mut down: N::Tcp, sink_addr: SocketAddr, ctx: Arc<Ctx>) {
+    match N::connect(sink_addr, true).await {
+        Ok(mut up) => {
+            let outcome = copy::bidirectional(&mut down, &mut up, CopyConfig::default()).await;
+            if let Some(e) = outcome.error {
+                ctx.error(format!("proxy copy: {e}"));
+            }
+        }
+        Err(e) => ctx.error(format!("proxy connect: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tokio
+
+/// tokio's sockets and timer.
+struct TokioNet;
+
+impl Net for TokioNet {
+    type Tcp = tokio::net::TcpStream;
+    type Timer = TokioTimer;
+
+    fn connect(addr: SocketAddr, proxy: bool) -> impl Future<Output = std::io::Result<Self::Tcp>> {
+        tokio_connect(addr, proxy)
     }
 }
 
@@ -591,19 +564,7 @@ async fn tokio_tcp_proxy(sink_addr: SocketAddr, ctx: &Arc<Ctx>) -> Result<Socket
     let ctx = ctx.clone();
     tokio::spawn(async move {
         while let Ok((down, _)) = listener.accept().await {
-            let mut down = tokio_accepted(down);
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                match tokio_connect(sink_addr, true).await {
-                    Ok(mut up) => {
-                        let outcome = copy::bidirectional(&mut down, &mut up, CopyConfig::default()).await;
-                        if let Some(e) = outcome.error {
-                            ctx.error(format!("proxy copy: {e}"));
-                        }
-                    }
-                    Err(e) => ctx.error(format!("proxy connect: {e}")),
-                }
-            });
+            tokio::spawn(splice::<TokioNet>(tokio_accepted(down), sink_addr, ctx.clone()));
         }
     });
     Ok(addr)
@@ -614,18 +575,7 @@ async fn tokio_hbone_server(tls: Arc<ServerConfig>, ctx: &Arc<Ctx>) -> Result<So
     let ctx = ctx.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let tcp = tokio_accepted(tcp);
-            let (ctx, tls) = (ctx.clone(), tls.clone());
-            tokio::spawn(async move {
-                let options = ServeOptions {
-                    settings: bench_settings(),
-                    ..ServeOptions::default()
-                };
-                let handler = TokioHandler { ctx: ctx.clone() };
-                if let Err(e) = server::serve(tcp, tls, &options, &handler, &TokioTimer, pending::<()>()).await {
-                    ctx.error(format!("HBONE serve: {e}"));
-                }
-            });
+            tokio::spawn(serve_hbone::<TokioNet>(tokio_accepted(tcp), tls.clone(), ctx.clone()));
         }
     });
     Ok(addr)
@@ -709,7 +659,7 @@ fn tokio_start(scenario: &Scenario, pki: &Pki) -> Result<Running> {
 // ---------------------------------------------------------------------------------------------
 // glommio
 
-use meshwire_dataplane_uring::rt::GlommioTimer;
+use meshwire_rt::GlommioTimer;
 
 type GlommioTcp = Compat<glommio::net::TcpStream>;
 
@@ -729,31 +679,15 @@ fn glommio_accepted(tcp: glommio::net::TcpStream) -> GlommioTcp {
     tcp.compat()
 }
 
-/// Connects every CONNECT to its authority on loopback, with glommio sockets.
-struct GlommioHandler {
-    ctx: Arc<Ctx>,
-}
+/// glommio's sockets (through `tokio_util::compat`) and timer.
+struct GlommioNet;
 
-impl Handler for GlommioHandler {
-    type Upstream = GlommioTcp;
+impl Net for GlommioNet {
+    type Tcp = GlommioTcp;
+    type Timer = GlommioTimer;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
-        let addr = request
-            .authority
-            .as_socket_addr()
-            .ok_or_else(|| Refusal::bad_request("not an address"))?;
-        glommio_connect(addr, true)
-            .await
-            .map(Connected::from)
-            .map_err(|e| Refusal::unavailable(format!("connect {addr}: {e}")))
-    }
-
-    fn finished(&self, report: StreamReport) {
-        if let Some(e) = report.error {
-            self.ctx.error(format!("HBONE server stream: {e}"));
-        } else if let Some(r) = report.refusal {
-            self.ctx.error(format!("HBONE server refused: {r}"));
-        }
+    fn connect(addr: SocketAddr, proxy: bool) -> impl Future<Output = std::io::Result<Self::Tcp>> {
+        glommio_connect(addr, proxy)
     }
 }
 
@@ -798,30 +732,14 @@ async fn glommio_server(
             let (ctx, tls) = (c.clone(), tls.clone());
             glommio::spawn_local(async move {
                 if path == Path::Hbone {
-                    let options = ServeOptions {
-                        settings: bench_settings(),
-                        ..ServeOptions::default()
-                    };
-                    let handler = GlommioHandler { ctx: ctx.clone() };
-                    if let Err(e) = server::serve(tcp, tls, &options, &handler, &GlommioTimer, pending::<()>()).await {
-                        ctx.error(format!("HBONE serve: {e}"));
-                    }
+                    serve_hbone::<GlommioNet>(tcp, tls, ctx).await;
                     return;
                 }
                 let Some(&sink_addr) = ctx.sink.get() else {
                     ctx.error("proxy: no sink address");
                     return;
                 };
-                match glommio_connect(sink_addr, true).await {
-                    Ok(mut up) => {
-                        let mut down = tcp;
-                        let outcome = copy::bidirectional(&mut down, &mut up, CopyConfig::default()).await;
-                        if let Some(e) = outcome.error {
-                            ctx.error(format!("proxy copy: {e}"));
-                        }
-                    }
-                    Err(e) => ctx.error(format!("proxy connect: {e}")),
-                }
+                splice::<GlommioNet>(tcp, sink_addr, ctx).await;
             })
             .detach();
         }
@@ -998,18 +916,6 @@ impl Round {
     fn per_gb(&self, cpu: Option<f64>) -> Option<f64> {
         cpu.filter(|_| self.bytes() > 0).map(|c| c / self.gb())
     }
-    fn cpu_per_gb(&self) -> Option<f64> {
-        self.per_gb(self.cpu.map(Cpu::total))
-    }
-    fn user_per_gb(&self) -> Option<f64> {
-        self.per_gb(self.cpu.map(|c| c.user))
-    }
-    fn sys_per_gb(&self) -> Option<f64> {
-        self.per_gb(self.cpu.map(|c| c.sys))
-    }
-    fn cores(&self) -> Option<f64> {
-        self.cpu.map(|c| c.total() / self.wall)
-    }
     /// The slowest flow's bytes over the mean flow's, with several flows.
     fn slowest_share(&self) -> Option<f64> {
         if self.flow_bytes.len() < 2 || self.bytes() == 0 {
@@ -1144,32 +1050,62 @@ fn run_all(scenarios: &[Scenario], pki: &Pki, ramp: Duration, warmup: Duration, 
 // ---------------------------------------------------------------------------------------------
 // Reporting
 
-/// Median, min and max of a statistic across rounds.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    median: f64,
-    min: f64,
-    max: f64,
+/// A statistic across rounds: its value in each round, and their summary.
+struct Stat {
+    per_round: Vec<Option<f64>>,
+    summary: Option<Summary>,
 }
 
-/// `None` unless every round has the value.
-fn summarize(values: impl IntoIterator<Item = Option<f64>>) -> Option<Summary> {
-    let mut v: Vec<f64> = values.into_iter().collect::<Option<Vec<f64>>>()?;
-    if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
-        return None;
+impl Stat {
+    fn of(rounds: &[Round], f: impl Fn(&Round) -> Option<f64>) -> Stat {
+        let per_round: Vec<Option<f64>> = rounds.iter().map(f).collect();
+        let summary = summarize(per_round.iter().copied());
+        Stat { per_round, summary }
     }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some(Summary {
-        median,
-        min: v[0],
-        max: v[n - 1],
-    })
+
+    fn json(&self, unit: &str) -> serde_json::Value {
+        json_summary(unit, self.summary, &self.per_round)
+    }
+}
+
+/// The CPU cost of a measurement, the whole process's or one thread's: CPU seconds per GB (and
+/// their user and system parts), and cores.
+struct CpuStats {
+    per_gb: Stat,
+    user: Stat,
+    sys: Stat,
+    cores: Stat,
+}
+
+impl CpuStats {
+    /// The statistics of the CPU time `cpu` takes from each round.
+    fn of(rounds: &[Round], cpu: impl Fn(&Round) -> Option<Cpu>) -> CpuStats {
+        CpuStats {
+            per_gb: Stat::of(rounds, |r| r.per_gb(cpu(r).map(Cpu::total))),
+            user: Stat::of(rounds, |r| r.per_gb(cpu(r).map(|c| c.user))),
+            sys: Stat::of(rounds, |r| r.per_gb(cpu(r).map(|c| c.sys))),
+            cores: Stat::of(rounds, |r| cpu(r).map(|c| c.total() / r.wall)),
+        }
+    }
+
+    /// The CPU-s/GB, (user+sys) and cores columns of the table.
+    fn cells(&self) -> String {
+        format!(
+            "{:<24} {:>11} {:>5}",
+            cell(self.per_gb.summary, 3),
+            split(self.user.summary, self.sys.summary),
+            short(self.cores.summary, 2)
+        )
+    }
+
+    fn json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut json = serde_json::Map::new();
+        json.insert("cpu_s_per_gb".to_owned(), self.per_gb.json("CPU-s/GB"));
+        json.insert("user_cpu_s_per_gb".to_owned(), self.user.json("CPU-s/GB"));
+        json.insert("sys_cpu_s_per_gb".to_owned(), self.sys.json("CPU-s/GB"));
+        json.insert("cores".to_owned(), self.cores.json("CPU-s/s"));
+        json
+    }
 }
 
 fn cell(s: Option<Summary>, decimals: usize) -> String {
@@ -1191,60 +1127,14 @@ fn short(s: Option<Summary>, decimals: usize) -> String {
     s.map_or_else(|| "-".to_owned(), |s| format!("{:.d$}", s.median, d = decimals))
 }
 
-fn json_summary(s: Option<Summary>, unit: &str, per_round: Vec<Option<f64>>) -> serde_json::Value {
-    let finite = |x: Option<f64>| x.filter(|x| x.is_finite());
-    serde_json::json!({
-        "unit": unit,
-        "median": s.map(|s| s.median),
-        "min": s.map(|s| s.min),
-        "max": s.map(|s| s.max),
-        "per_round": per_round.into_iter().map(finite).collect::<Vec<_>>(),
-    })
-}
-
-fn bench_seconds() -> Result<f64> {
-    // `cargo bench` passes `--bench` to the program: take the first argument that is a number.
-    let arg = std::env::args().skip(1).find_map(|a| a.parse::<f64>().ok());
-    let secs = match arg {
-        Some(s) => s,
-        None => match std::env::var("BENCH_SECONDS") {
-            Ok(v) => v
-                .trim()
-                .parse::<f64>()
-                .map_err(|e| format!("BENCH_SECONDS={v:?}: {e}"))?,
-            Err(_) => DEFAULT_SECONDS,
-        },
-    };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("the duration per round must be a positive number of seconds, not {secs}").into());
-    }
-    Ok(secs)
-}
-
-/// `target/bench-hbone.json` in the workspace target directory.
-fn json_path() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir).join("bench-hbone.json");
-    }
-    // The program runs as <target>/<profile>/deps/throughput-<hash> (or <target>/<triple>/...).
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(target) = exe.ancestors().find(|p| p.file_name().is_some_and(|n| n == "target"))
-    {
-        return target.join("bench-hbone.json");
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-hbone.json")
-}
-
 fn main() -> Result<()> {
-    let secs = bench_seconds()?;
+    let secs = seconds_argument(DEFAULT_SECONDS)?;
     let duration = Duration::from_secs_f64(secs);
     let warmup = Duration::from_secs_f64((secs / 4.0).clamp(0.25, 1.0));
     let ramp = RAMP;
     let pki = Pki::new()?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
+    let kernel = kernel_release();
 
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let scenarios: Vec<Scenario> = SCENARIOS
@@ -1263,8 +1153,9 @@ fn main() -> Result<()> {
         warmup.as_secs_f64()
     );
     println!(
-        "  {cpus} CPUs, Linux {kernel}; CPU from /proc/self/stat ({CLOCK_TICKS} Hz ticks), whole process \
-         (writers and sink included)"
+        "  {cpus} CPUs, Linux {kernel}; CPU from /proc/self/stat ({} Hz ticks), whole process \
+         (writers and sink included)",
+        clock_ticks()
     );
     println!(
         "  writes of {} KiB, sink reads of {} KiB, TCP_NODELAY on proxy sockets: {}; HBONE: {}, \
@@ -1294,103 +1185,62 @@ fn main() -> Result<()> {
             );
             continue;
         }
-        let gbit: Vec<Option<f64>> = m.rounds.iter().map(|r| Some(r.gbit_per_sec())).collect();
-        let per_gb: Vec<Option<f64>> = m.rounds.iter().map(Round::cpu_per_gb).collect();
-        let user: Vec<Option<f64>> = m.rounds.iter().map(Round::user_per_gb).collect();
-        let sys: Vec<Option<f64>> = m.rounds.iter().map(Round::sys_per_gb).collect();
-        let (u, y) = (summarize(user.clone()), summarize(sys.clone()));
-        let cores: Vec<Option<f64>> = m.rounds.iter().map(Round::cores).collect();
-        let slowest: Vec<Option<f64>> = m.rounds.iter().map(Round::slowest_share).collect();
-        let (g, c, k, sl) = (
-            summarize(gbit.clone()),
-            summarize(per_gb.clone()),
-            summarize(cores.clone()),
-            summarize(slowest.clone()),
-        );
+        let gbit = Stat::of(&m.rounds, |r| Some(r.gbit_per_sec()));
+        let cpu = CpuStats::of(&m.rounds, |r| r.cpu);
+        let slowest = Stat::of(&m.rounds, Round::slowest_share);
         println!(
-            "{runtime:<8} {:<30} {:>5}  {:<24} {:<24} {:>11} {:>5} {:>7}",
+            "{runtime:<8} {:<30} {:>5}  {:<24} {} {:>7}",
             s.title,
             s.flows(),
-            cell(g, 2),
-            cell(c, 3),
-            split(u, y),
-            short(k, 2),
-            short(sl, 2)
+            cell(gbit.summary, 2),
+            cpu.cells(),
+            short(slowest.summary, 2)
         );
         let mut threads_json = Vec::new();
         for (i, label) in m.threads.iter().enumerate() {
-            let thread = |r: &Round| r.thread_cpu.get(i).copied().flatten();
-            let t_per_gb: Vec<Option<f64>> = m.rounds.iter().map(|r| r.per_gb(thread(r).map(Cpu::total))).collect();
-            let t_user: Vec<Option<f64>> = m.rounds.iter().map(|r| r.per_gb(thread(r).map(|c| c.user))).collect();
-            let t_sys: Vec<Option<f64>> = m.rounds.iter().map(|r| r.per_gb(thread(r).map(|c| c.sys))).collect();
-            let t_cores: Vec<Option<f64>> = m.rounds.iter().map(|r| thread(r).map(|c| c.total() / r.wall)).collect();
-            let (tc, tu, ts, tk) = (
-                summarize(t_per_gb.clone()),
-                summarize(t_user.clone()),
-                summarize(t_sys.clone()),
-                summarize(t_cores.clone()),
-            );
-            println!(
-                "{:<8}   {:<34}  {:<24} {:<24} {:>11} {:>5}",
-                "",
-                label,
-                "",
-                cell(tc, 3),
-                split(tu, ts),
-                short(tk, 2)
-            );
-            threads_json.push(serde_json::json!({
-                "thread": label,
-                "cpu_s_per_gb": json_summary(tc, "CPU-s/GB", t_per_gb),
-                "user_cpu_s_per_gb": json_summary(tu, "CPU-s/GB", t_user),
-                "sys_cpu_s_per_gb": json_summary(ts, "CPU-s/GB", t_sys),
-                "cores": json_summary(tk, "CPU-s/s", t_cores),
-            }));
+            let thread = CpuStats::of(&m.rounds, |r| r.thread_cpu.get(i).copied().flatten());
+            println!("{:<8}   {:<34}  {:<24} {}", "", label, "", thread.cells());
+            let mut json = thread.json();
+            json.insert("thread".to_owned(), label.as_str().into());
+            threads_json.push(json);
         }
         for e in &m.errors {
             println!("{:<8}   error: {e}", "");
         }
-        json_results.insert(
-            s.key.to_owned(),
-            serde_json::json!({
-                "description": s.title,
-                "runtime": runtime,
-                "path": format!("{:?}", s.path),
-                "connections": s.connections,
-                "streams_per_connection": s.streams,
-                "flows": s.flows(),
-                "bytes_per_round": m.rounds.iter().map(Round::bytes).collect::<Vec<_>>(),
-                "flow_bytes_per_round": m.rounds.iter().map(|r| r.flow_bytes.clone()).collect::<Vec<_>>(),
-                "wall_seconds_per_round": m.rounds.iter().map(|r| r.wall).collect::<Vec<_>>(),
-                "cpu_seconds_per_round": m.rounds.iter().map(|r| r.cpu.map(Cpu::total)).collect::<Vec<_>>(),
-                "user_cpu_seconds_per_round": m.rounds.iter().map(|r| r.cpu.map(|c| c.user)).collect::<Vec<_>>(),
-                "sys_cpu_seconds_per_round": m.rounds.iter().map(|r| r.cpu.map(|c| c.sys)).collect::<Vec<_>>(),
-                "gbit_per_sec": json_summary(g, "Gbit/s", gbit),
-                "cpu_s_per_gb": json_summary(c, "CPU-s/GB", per_gb),
-                "user_cpu_s_per_gb": json_summary(u, "CPU-s/GB", user),
-                "sys_cpu_s_per_gb": json_summary(y, "CPU-s/GB", sys),
-                "cores": json_summary(k, "CPU-s/s", cores),
-                "slowest_flow_over_mean": json_summary(sl, "ratio", slowest),
-                "threads": threads_json,
-                "errors": m.errors,
-            }),
-        );
+        let serde_json::Value::Object(mut entry) = serde_json::json!({
+            "description": s.title,
+            "runtime": runtime,
+            "path": format!("{:?}", s.path),
+            "connections": s.connections,
+            "streams_per_connection": s.streams,
+            "flows": s.flows(),
+            "bytes_per_round": m.rounds.iter().map(Round::bytes).collect::<Vec<_>>(),
+            "flow_bytes_per_round": m.rounds.iter().map(|r| r.flow_bytes.clone()).collect::<Vec<_>>(),
+            "wall_seconds_per_round": m.rounds.iter().map(|r| r.wall).collect::<Vec<_>>(),
+            "cpu_seconds_per_round": m.rounds.iter().map(|r| r.cpu.map(Cpu::total)).collect::<Vec<_>>(),
+            "user_cpu_seconds_per_round": m.rounds.iter().map(|r| r.cpu.map(|c| c.user)).collect::<Vec<_>>(),
+            "sys_cpu_seconds_per_round": m.rounds.iter().map(|r| r.cpu.map(|c| c.sys)).collect::<Vec<_>>(),
+            "gbit_per_sec": gbit.json("Gbit/s"),
+            "slowest_flow_over_mean": slowest.json("ratio"),
+            "threads": threads_json,
+            "errors": m.errors,
+        }) else {
+            unreachable!("a JSON object")
+        };
+        entry.extend(cpu.json());
+        json_results.insert(s.key.to_owned(), entry.into());
     }
 
-    let unix = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let json = serde_json::json!({
         "benchmark": "meshwire-hbone/throughput",
-        "unix_time": unix,
+        "unix_time": unix_time(),
         "seconds_per_round": secs,
         "warmup_seconds": warmup.as_secs_f64(),
         "ramp_seconds": ramp.as_secs_f64(),
         "rounds": ROUNDS,
         "cpus": cpus,
         "kernel": kernel,
-        "cpu_clock_ticks_per_sec": CLOCK_TICKS,
+        "cpu_clock_ticks_per_sec": clock_ticks(),
         "write_bytes": CHUNK,
         "sink_read_bytes": SINK_BUFFER,
         "tls": pki.negotiated,
@@ -1398,23 +1248,16 @@ fn main() -> Result<()> {
         "proxy_sockets_tcp_nodelay": nodelay(),
         "results": json_results,
     });
-    let json = serde_json::to_string_pretty(&json)? + "\n";
-    let path = json_path();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, json)?;
-    println!();
-    println!("results written to {}", path.display());
+    write_results("bench-hbone.json", &json)?;
     Ok(())
 }
 
 /// The HBONE settings of both ends: the defaults, with `BENCH_READ_AHEAD=<bytes>` overriding the
 /// read-ahead under TLS (0 turns it off) for A/B runs.
 fn bench_settings() -> Settings {
-    let mut s = Settings::default();
+    let mut s = Settings::builder();
     if let Some(v) = std::env::var("BENCH_READ_AHEAD").ok().and_then(|v| v.parse().ok()) {
-        s.read_ahead = v;
+        s = s.read_ahead(v);
     }
-    s
+    s.build().expect("a read-ahead is always valid")
 }

@@ -4,12 +4,13 @@
 //! proxy (in the copy loop and in HTTP/2's send buffer) for as long as the peer lets it. A
 //! [`BufferBudget`] caps those bytes: a stream takes a [`Lease`] of a fixed size (its largest read
 //! buffer plus its HTTP/2 send buffer) from its connection's budget and from the process's before it
-//! reads from its upstream, and gives it back when the upstream has nothing more to send or the
-//! stream ends. When a budget is spent, streams wait for a lease instead of reading: back-pressure
-//! reaches the upstream through TCP, and no byte already read is dropped.
+//! reads from its upstream, and gives it back when the upstream has nothing more to send (paused or
+//! ended) and HTTP/2 has let go of every byte the stream read: bytes HTTP/2 still queues for a peer
+//! that does not read stay under the lease. When a budget is spent, streams wait for a lease instead
+//! of reading: back-pressure reaches the upstream through TCP, and no byte already read is dropped.
 //!
-//! Accounting costs two atomic operations when a stream starts a burst and two when it ends one,
-//! none per chunk. A lease is all or nothing, so streams waiting for one never hold part of a
+//! Accounting costs two atomic operations when a stream starts a burst and two when it ends one;
+//! per chunk, only the stream's own count of chunks HTTP/2 holds. A lease is all or nothing, so streams waiting for one never hold part of a
 //! budget, and a budget at least one lease large always lets one stream through.
 //!
 //! ```
@@ -203,7 +204,7 @@ pub const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
 /// the part of its configured window above HTTP/2's 64 KiB default when it is set up, takes what the
 /// budget has left if that is less, and advertises only what it got: the connection window is
 /// [`HTTP2_DEFAULT_WINDOW`] plus the lease, and each stream's window at most a quarter of it (the
-/// ratio [`Settings::validate`] asks of the configured windows, so that one stalled stream does not
+/// ratio [`SettingsBuilder::build`] asks of the configured windows, so that one stalled stream does not
 /// stall its siblings). A connection thus always works, and every connection together holds at most
 /// the budget plus 64 KiB each. A connection that got less than it wanted leases the rest when the
 /// budget has room again ([`WindowLease::top_up`]; the server tries at each new stream). Dropping
@@ -220,13 +221,13 @@ pub const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
 /// let settings = Settings::default(); // 16 MiB connection window, 4 MiB stream windows
 /// let lease = WindowLease::take(&budget, &settings);
 /// assert_eq!(lease.leased(), 1 << 20, "what the budget had");
-/// assert_eq!(lease.apply(&settings).connection_window, HTTP2_DEFAULT_WINDOW + (1 << 20));
+/// assert_eq!(lease.apply(&settings).connection_window(), HTTP2_DEFAULT_WINDOW + (1 << 20));
 /// assert_eq!(budget.used(), 1 << 20);
 /// drop(lease);
 /// assert_eq!(budget.used(), 0);
 /// ```
 ///
-/// [`Settings::validate`]: crate::settings::Settings::validate
+/// [`SettingsBuilder::build`]: crate::settings::SettingsBuilder::build
 #[derive(Debug)]
 pub struct WindowLease {
     budget: Arc<BufferBudget>,
@@ -236,7 +237,7 @@ pub struct WindowLease {
 impl WindowLease {
     /// Leases the windows of `settings` from `budget`, as much of them as it has.
     pub fn take(budget: &Arc<BufferBudget>, settings: &Settings) -> Self {
-        let wanted = settings.connection_window.saturating_sub(HTTP2_DEFAULT_WINDOW);
+        let wanted = settings.connection_window().saturating_sub(HTTP2_DEFAULT_WINDOW);
         Self {
             budget: budget.clone(),
             leased: budget.charge_up_to(wanted as usize),
@@ -248,7 +249,7 @@ impl WindowLease {
     /// nothing once the lease is whole, one atomic operation otherwise.
     pub fn top_up(&mut self, settings: &Settings) -> Option<Settings> {
         let wanted =
-            (settings.connection_window.saturating_sub(HTTP2_DEFAULT_WINDOW) as usize).saturating_sub(self.leased);
+            (settings.connection_window().saturating_sub(HTTP2_DEFAULT_WINDOW) as usize).saturating_sub(self.leased);
         if wanted == 0 {
             return None;
         }
@@ -269,11 +270,7 @@ impl WindowLease {
     /// lease allows.
     pub fn apply(&self, settings: &Settings) -> Settings {
         let (connection_window, stream_window) = leased_windows(settings, self.leased);
-        Settings {
-            connection_window,
-            stream_window,
-            ..settings.clone()
-        }
+        settings.with_windows(connection_window, stream_window)
     }
 }
 
@@ -289,12 +286,12 @@ impl Drop for WindowLease {
 pub fn leased_windows(settings: &Settings, leased: usize) -> (u32, u32) {
     let leased = u32::try_from(leased).unwrap_or(u32::MAX);
     let connection = settings
-        .connection_window
+        .connection_window()
         .min(HTTP2_DEFAULT_WINDOW.saturating_add(leased));
-    let stream = if connection == settings.connection_window {
-        settings.stream_window
+    let stream = if connection == settings.connection_window() {
+        settings.stream_window()
     } else {
-        settings.stream_window.min(connection / 4).max(1)
+        settings.stream_window().min(connection / 4).max(1)
     };
     (connection, stream)
 }
@@ -424,7 +421,7 @@ mod tests {
     fn window_leases_take_the_part_above_http2_default_and_give_it_back() {
         const MIB: usize = 1 << 20;
         let settings = Settings::default();
-        let configured = settings.connection_window as usize - HTTP2_DEFAULT_WINDOW as usize;
+        let configured = settings.connection_window() as usize - HTTP2_DEFAULT_WINDOW as usize;
         let budget = Arc::new(BufferBudget::new(2 * configured + MIB));
         let first = WindowLease::take(&budget, &settings);
         let second = WindowLease::take(&budget, &settings);
@@ -438,8 +435,8 @@ mod tests {
         assert_eq!(third.leased(), MIB);
         assert_eq!(
             (
-                third.apply(&settings).connection_window,
-                third.apply(&settings).stream_window
+                third.apply(&settings).connection_window(),
+                third.apply(&settings).stream_window()
             ),
             (
                 HTTP2_DEFAULT_WINDOW + MIB as u32,
@@ -450,14 +447,14 @@ mod tests {
         assert_eq!(fourth.leased(), 0);
         assert_eq!(
             (
-                fourth.apply(&settings).connection_window,
-                fourth.apply(&settings).stream_window
+                fourth.apply(&settings).connection_window(),
+                fourth.apply(&settings).stream_window()
             ),
             (HTTP2_DEFAULT_WINDOW, HTTP2_DEFAULT_WINDOW / 4)
         );
         assert_eq!(
-            fourth.apply(&settings).send_buffer,
-            settings.send_buffer,
+            fourth.apply(&settings).send_buffer(),
+            settings.send_buffer(),
             "other settings kept"
         );
         assert_eq!(budget.used(), budget.limit());
@@ -470,7 +467,7 @@ mod tests {
     #[test]
     fn a_short_lease_is_topped_up_when_the_budget_has_room_again() {
         let settings = Settings::default();
-        let wanted = settings.connection_window as usize - HTTP2_DEFAULT_WINDOW as usize;
+        let wanted = settings.connection_window() as usize - HTTP2_DEFAULT_WINDOW as usize;
         let budget = Arc::new(BufferBudget::new(wanted + 1000));
         let first = WindowLease::take(&budget, &settings);
         let mut second = WindowLease::take(&budget, &settings);
@@ -488,29 +485,29 @@ mod tests {
 
     #[test]
     fn leased_windows_never_exceed_the_configured_ones() {
-        let small = Settings {
-            connection_window: 40_000,
-            stream_window: 10_000,
-            ..Settings::default()
-        };
+        let small = Settings::builder()
+            .connection_window(40_000)
+            .stream_window(10_000)
+            .build()
+            .unwrap();
         // A configured window under HTTP/2's default leases nothing and is advertised as it is.
         let budget = Arc::new(BufferBudget::new(1 << 30));
         let lease = WindowLease::take(&budget, &small);
         assert_eq!(lease.leased(), 0);
         assert_eq!(lease.apply(&small), small);
         // Stream windows stay at most a quarter of the connection's, however small.
-        let ratio = Settings {
-            connection_window: 16 << 20,
-            stream_window: 1 << 10,
-            ..Settings::default()
-        };
+        let ratio = Settings::builder()
+            .connection_window(16 << 20)
+            .stream_window(1 << 10)
+            .build()
+            .unwrap();
         assert_eq!(leased_windows(&ratio, 0), (HTTP2_DEFAULT_WINDOW, 1 << 10));
         assert_eq!(leased_windows(&ratio, usize::MAX), (16 << 20, 1 << 10));
         let default = Settings::default();
         for leased in [0, 1, 1000, 1 << 20, 15 << 20, 16 << 20, usize::MAX] {
             let (connection, stream) = leased_windows(&default, leased);
-            assert!(connection <= default.connection_window && connection >= HTTP2_DEFAULT_WINDOW);
-            assert!(stream <= default.stream_window && stream <= connection / 4 && stream >= 1);
+            assert!(connection <= default.connection_window() && connection >= HTTP2_DEFAULT_WINDOW);
+            assert!(stream <= default.stream_window() && stream <= connection / 4 && stream >= 1);
         }
     }
 

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,8 +74,8 @@ pub enum ConnectError {
     /// The TCP connection could not be made (from the caller's connector).
     #[error("TCP connect to {peer}: {source}")]
     Tcp {
-        /// The address.
-        peer: String,
+        /// The address connected to.
+        peer: SocketAddr,
         /// The error.
         source: Arc<io::Error>,
     },
@@ -119,12 +120,14 @@ pub enum ConnectError {
         /// The authority asked for.
         authority: String,
     },
-    /// The settings are not usable.
-    #[error("invalid HBONE settings: {0}")]
-    Settings(#[from] crate::settings::SettingsError),
     /// The request could not be built (an authority or header that is not valid HTTP).
     #[error("invalid CONNECT request: {0}")]
     InvalidRequest(String),
+    /// A [`Pool`](crate::pool::Pool) handshake this request waited for was abandoned: the
+    /// [`Pool::connect`](crate::pool::Pool::connect) call leading it was dropped before it finished.
+    /// Nothing is known about the peer; a new request makes a new handshake.
+    #[error("the HBONE handshake this request waited for was abandoned: the request leading it was dropped")]
+    HandshakeAbandoned,
 }
 
 impl ConnectError {
@@ -172,14 +175,86 @@ impl ConnectRequest {
     }
 }
 
+/// A stream's place in a count of streams (a pooled connection's), taken when it is made and given
+/// back when the tunnel holding it is dropped.
+pub(crate) struct StreamLease {
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StreamLease {
+    /// A place already counted in `active`.
+    pub(crate) fn new(active: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Self { active }
+    }
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// An open CONNECT stream: bytes both ways; `shutdown` sends END_STREAM (a half close); dropping it
 /// before both directions ended resets the stream.
+///
+/// # Example
+///
+/// ```
+/// use meshwire_hbone::client::{self, ConnectRequest};
+/// use meshwire_hbone::copy::CopyConfig;
+/// use meshwire_hbone::{Settings, headers::Authority};
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// # use std::sync::Arc;
+/// # use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+/// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+/// # use meshwire_rt::TokioTimer;
+/// # /// Refuses port 1 (401); else connects an upstream, here an in-process echo.
+/// # struct Echo;
+/// # impl Handler for Echo {
+/// #     type Upstream = tokio::io::DuplexStream;
+/// #     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+/// #         if request.authority.as_socket_addr().is_some_and(|a| a.port() == 1) {
+/// #             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
+/// #         }
+/// #         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+/// #         let (mut r, mut w) = tokio::io::split(echo);
+/// #         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; w.shutdown().await });
+/// #         Ok(upstream.into())
+/// #     }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// # let server = ca.issue(&server_id)?;
+/// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+/// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+/// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+/// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+/// # let (io, server_io) = tokio::io::duplex(1 << 20);
+/// # tokio::spawn(async move { server::serve(server_io, server_tls, &ServeOptions::default(), &Echo, &TokioTimer, std::future::pending()).await });
+/// # let (connection, driver) = client::handshake(io, client_tls, &Settings::default(), TokioTimer).await?;
+/// # tokio::spawn(driver);
+/// let mut tunnel = connection.open(&ConnectRequest::new(Authority::parse("10.0.0.2:8080")?)).await?;
+/// assert_eq!(tunnel.peer_identity().to_string(), "spiffe://cluster.local/ns/default/sa/server");
+/// // A proxy splices the tunnel to the connection of the workload that opened it.
+/// let (mut workload, mut downstream) = tokio::io::duplex(64 * 1024);
+/// let splice = tokio::spawn(async move { tunnel.splice(&mut downstream, CopyConfig::default()).await });
+/// workload.write_all(b"hello").await?;
+/// workload.shutdown().await?;
+/// let mut echoed = Vec::new();
+/// workload.read_to_end(&mut echoed).await?;
+/// let outcome = splice.await?;
+/// assert_eq!((echoed.as_slice(), outcome.a_to_b, outcome.b_to_a), (&b"hello"[..], 5, 5));
+/// # Ok(())
+/// # }
+/// ```
 pub struct Tunnel {
     io: H2Io,
     peer: Arc<SpiffeId>,
     response_headers: HeaderMap,
     /// For a pooled tunnel: its place in the connection's stream count, given back on drop.
-    pub(crate) lease: Option<crate::pool::StreamLease>,
+    pub(crate) lease: Option<StreamLease>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -292,6 +367,54 @@ impl ClientConnection {
     }
 
     /// Opens a CONNECT stream; returns once the peer answered 200.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use meshwire_hbone::client::{self, ConnectError, ConnectRequest};
+    /// use meshwire_hbone::{Settings, headers::Authority};
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// # use std::sync::Arc;
+    /// # use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+    /// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+    /// # use meshwire_rt::TokioTimer;
+    /// # /// Refuses port 1 (401); else connects an upstream, here an in-process echo.
+    /// # struct Echo;
+    /// # impl Handler for Echo {
+    /// #     type Upstream = tokio::io::DuplexStream;
+    /// #     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+    /// #         if request.authority.as_socket_addr().is_some_and(|a| a.port() == 1) {
+    /// #             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
+    /// #         }
+    /// #         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+    /// #         let (mut r, mut w) = tokio::io::split(echo);
+    /// #         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; w.shutdown().await });
+    /// #         Ok(upstream.into())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+    /// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+    /// # let server = ca.issue(&server_id)?;
+    /// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+    /// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+    /// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+    /// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+    /// # let (io, server_io) = tokio::io::duplex(1 << 20);
+    /// # tokio::spawn(async move { server::serve(server_io, server_tls, &ServeOptions::default(), &Echo, &TokioTimer, std::future::pending()).await });
+    /// let (connection, driver) = client::handshake(io, client_tls, &Settings::default(), TokioTimer).await?;
+    /// tokio::spawn(driver);
+    /// // Streams share the connection, and so do its clones.
+    /// let _first = connection.open(&ConnectRequest::new(Authority::parse("10.0.0.2:8080")?)).await?;
+    /// let _second = connection.clone().open(&ConnectRequest::new(Authority::parse("[fd00::2]:8080")?)).await?;
+    /// // A refusal carries the peer's status.
+    /// let refused = connection.open(&ConnectRequest::new(Authority::parse("10.0.0.2:1")?)).await.unwrap_err();
+    /// assert!(matches!(refused, ConnectError::Refused { kind: client::Refusal::Unauthorized, .. }), "{refused}");
+    /// assert_eq!(refused.status(), Some(http::StatusCode::UNAUTHORIZED));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn open(&self, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
         let http = request.to_http()?;
         let mut send = self.send.clone().ready().await.map_err(ConnectError::h2)?;
@@ -358,6 +481,53 @@ impl ClientConnection {
 ///
 /// Returns the connection and its [`ConnectionDriver`], which must be run until it completes (it
 /// completes when the connection closes, with the reason): spawn it.
+///
+/// # Example
+///
+/// ```
+/// use meshwire_hbone::client::{self, ConnectRequest};
+/// use meshwire_hbone::{Settings, headers::Authority};
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// # use std::sync::Arc;
+/// # use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+/// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+/// # use meshwire_rt::TokioTimer;
+/// # struct Echo;
+/// # impl Handler for Echo {
+/// #     type Upstream = tokio::io::DuplexStream;
+/// #     async fn connect(&self, _: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+/// #         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+/// #         let (mut r, mut w) = tokio::io::split(echo);
+/// #         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; tokio::io::AsyncWriteExt::shutdown(&mut w).await });
+/// #         Ok(upstream.into())
+/// #     }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// # let server = ca.issue(&server_id)?;
+/// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+/// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+/// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+/// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+/// # let (io, server_io) = tokio::io::duplex(1 << 20);
+/// # let options = ServeOptions::default();
+/// # tokio::spawn(async move { server::serve(server_io, server_tls, &options, &Echo, &TokioTimer, std::future::pending()).await });
+/// // `io` is connected to the peer's HBONE port (usually a `TcpStream` with `TCP_NODELAY`), and
+/// // `client_tls` presents our SVID and expects the peer's identity.
+/// let (connection, driver) = client::handshake(io, client_tls, &Settings::default(), TokioTimer).await?;
+/// tokio::spawn(driver); // runs the connection until it closes
+/// assert_eq!(connection.peer_identity().to_string(), "spiffe://cluster.local/ns/default/sa/server");
+/// let mut tunnel = connection.open(&ConnectRequest::new(Authority::parse("10.0.0.2:8080")?)).await?;
+/// tunnel.write_all(b"hello").await?;
+/// tunnel.shutdown().await?; // END_STREAM
+/// let mut echoed = Vec::new();
+/// tunnel.read_to_end(&mut echoed).await?;
+/// assert_eq!(echoed, b"hello");
+/// # Ok(())
+/// # }
+/// ```
 pub async fn handshake<IO, T>(
     io: IO,
     tls_config: Arc<ClientConfig>,
@@ -368,11 +538,10 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     T: Timer,
 {
-    settings.validate()?;
-    let limit = settings.handshake_timeout;
+    let limit = settings.handshake_timeout();
     // Boxed: the handshake state is large and short-lived; callers' futures stay small.
     let hs = async {
-        let io = crate::readahead::ReadAhead::new(io, settings.read_ahead);
+        let io = crate::readahead::ReadAhead::new(io, settings.read_ahead());
         let tls_stream = tokio_rustls::TlsConnector::from(tls_config)
             .connect(tls::server_name(), io)
             .await
@@ -391,15 +560,15 @@ where
         .await
         .ok_or(ConnectError::HandshakeTimeout(limit))??;
     let ping = connection.ping_pong();
-    let first = Box::pin(timer.sleep_until(timer.now() + settings.ping_interval));
+    let first = Box::pin(timer.sleep_until(timer.now() + settings.ping_interval()));
     let probe = Arc::new(Probe::default());
     let driver = ConnectionDriver {
         connection,
         ping,
         keepalive: KeepAlive::Idle(first),
         timer,
-        interval: settings.ping_interval,
-        timeout: settings.ping_timeout,
+        interval: settings.ping_interval(),
+        timeout: settings.ping_timeout(),
         probe: probe.clone(),
         probing: None,
     };

@@ -138,6 +138,34 @@ impl Half {
 
 /// Copies `a` to `b` and `b` to `a` until both directions reached end of input (each half-closed
 /// on the other side) or one fails.
+///
+/// # Example
+///
+/// ```
+/// use meshwire_hbone::copy::{self, CopyConfig};
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A client's connection and the upstream it is proxied to (here in-memory pipes).
+/// let (mut client, mut from_client) = tokio::io::duplex(1024);
+/// let (mut to_upstream, mut upstream) = tokio::io::duplex(1024);
+/// let proxy = tokio::spawn(async move {
+///     copy::bidirectional(&mut from_client, &mut to_upstream, CopyConfig::default()).await
+/// });
+/// client.write_all(b"ping").await?;
+/// client.shutdown().await?; // a half close: the upstream reads the end, and can still answer
+/// let mut request = Vec::new();
+/// upstream.read_to_end(&mut request).await?;
+/// upstream.write_all(b"pong!").await?;
+/// upstream.shutdown().await?;
+/// let mut answer = Vec::new();
+/// client.read_to_end(&mut answer).await?;
+/// let outcome = proxy.await?;
+/// assert_eq!((request.as_slice(), answer.as_slice()), (&b"ping"[..], &b"pong!"[..]));
+/// assert_eq!((outcome.a_to_b, outcome.b_to_a, outcome.error.is_none()), (4, 5, true));
+/// # Ok(())
+/// # }
+/// ```
 pub async fn bidirectional<A, B>(a: &mut A, b: &mut B, config: CopyConfig) -> CopyOutcome
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,

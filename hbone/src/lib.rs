@@ -30,4 +30,10 @@ pub mod settings;
 mod stream;
 
 pub use client::{ConnectError, Tunnel};
+
+/// The repository's README, whose Rust example (opening a tunnel, in the meshwire-hbone section)
+/// runs as a doc test, so that the README and the API cannot drift apart.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
 pub use settings::Settings;

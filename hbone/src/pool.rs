@@ -34,7 +34,7 @@ use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::budget::{BufferBudget, WindowLease};
-use crate::client::{self, ClientConnection, ConnectError, ConnectRequest, ConnectionDriver, Tunnel};
+use crate::client::{self, ClientConnection, ConnectError, ConnectRequest, ConnectionDriver, StreamLease, Tunnel};
 use crate::rt::{Executor, Timer};
 use crate::settings::Settings;
 
@@ -118,17 +118,6 @@ impl Default for PoolConfig {
     }
 }
 
-/// A stream's place in its connection's count; given back when the tunnel is dropped.
-pub(crate) struct StreamLease {
-    active: Arc<AtomicUsize>,
-}
-
-impl Drop for StreamLease {
-    fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// One handshake in flight for a key, and the callers waiting for it.
 #[derive(Default)]
 struct Handshake {
@@ -189,6 +178,76 @@ struct Inner<C, E, T> {
 }
 
 /// A pool of HBONE connections. Cheap to clone; clones share the pool.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use meshwire_hbone::ConnectError;
+/// use meshwire_hbone::pool::{Connector, Pool, PoolConfig, PoolKey};
+/// use meshwire_rt::{TokioExecutor, TokioTimer};
+/// use tokio::net::TcpStream;
+/// # use tokio::io::AsyncWriteExt;
+/// # use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+/// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+/// # /// Refuses port 1 (401); else connects an upstream, here an in-process echo.
+/// # struct Echo;
+/// # impl Handler for Echo {
+/// #     type Upstream = tokio::io::DuplexStream;
+/// #     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+/// #         if request.authority.as_socket_addr().is_some_and(|a| a.port() == 1) {
+/// #             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
+/// #         }
+/// #         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+/// #         let (mut r, mut w) = tokio::io::split(echo);
+/// #         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; w.shutdown().await });
+/// #         Ok(upstream.into())
+/// #     }
+/// # }
+///
+/// /// Connects over TCP and presents one client config (a node proxy picks it by `key.source`).
+/// struct Tcp(Arc<rustls::ClientConfig>);
+/// impl Connector for Tcp {
+///     type Io = TcpStream;
+///     async fn connect(&self, key: &PoolKey) -> Result<(TcpStream, Arc<rustls::ClientConfig>), ConnectError> {
+///         let tcp_error = |e| ConnectError::Tcp { peer: key.destination, source: Arc::new(e) };
+///         let tcp = TcpStream::connect(key.destination).await.map_err(tcp_error)?;
+///         tcp.set_nodelay(true).map_err(tcp_error)?;
+///         Ok((tcp, self.0.clone()))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// # let server = ca.issue(&server_id)?;
+/// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+/// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+/// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+/// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let peer = listener.local_addr()?;
+/// # tokio::spawn(async move {
+/// #     while let Ok((tcp, _)) = listener.accept().await {
+/// #         let tls = server_tls.clone();
+/// #         tokio::spawn(async move { server::serve(tcp, tls, &ServeOptions::default(), &Echo, &TokioTimer, std::future::pending()).await });
+/// #     }
+/// # });
+/// let pool = Pool::new(Tcp(client_tls), TokioExecutor::new(), TokioTimer, PoolConfig::default());
+/// # let client_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// // Who we are, whom we expect, where their HBONE port is, and no chosen source IP.
+/// let key = PoolKey::new(client_id, vec![server_id], peer, None);
+/// # use meshwire_hbone::{client::ConnectRequest, headers::Authority};
+/// # let request = ConnectRequest::new(Authority::parse("10.0.0.2:8080")?);
+/// let (first, second) = tokio::join!(pool.connect(&key, &request), pool.connect(&key, &request));
+/// // Both streams went over one connection: the second request waited for the first handshake.
+/// assert_eq!(pool.handshakes(), 1);
+/// drop((first?, second?));
+/// # Ok(())
+/// # }
+/// ```
 pub struct Pool<C, E, T> {
     inner: Arc<Inner<C, E, T>>,
 }
@@ -232,7 +291,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, T: Timer> Future for PooledDriver<IO, T
     }
 }
 
-/// Ends a handshake as abandoned if its leader is dropped before finishing, so waiters retry.
+/// Ends a handshake as abandoned ([`ConnectError::HandshakeAbandoned`]) if its leader is dropped
+/// before finishing, so that its waiters do not wait forever.
 struct LeadGuard<'a, C, E, T> {
     pool: &'a Pool<C, E, T>,
     key: &'a PoolKey,
@@ -248,8 +308,7 @@ impl<C, E, T> Drop for LeadGuard<'_, C, E, T> {
                 entry.connecting = None;
             }
             drop(keys);
-            self.handshake
-                .complete(Err(ConnectError::InvalidRequest("handshake abandoned".into())));
+            self.handshake.complete(Err(ConnectError::HandshakeAbandoned));
         }
     }
 }
@@ -274,7 +333,8 @@ where
     E: Executor<PooledDriver<C::Io, T>>,
     T: Timer + Clone,
 {
-    /// A pool connecting through `connector`, running connections on `executor`.
+    /// A pool connecting through `connector`, running connections on `executor` (see the example
+    /// on [`Pool`]).
     pub fn new(connector: C, executor: E, timer: T, config: PoolConfig) -> Self {
         Self::with_receive_budget(
             connector,
@@ -308,7 +368,8 @@ where
         }
     }
 
-    /// Opens a tunnel to `request.authority` through a connection of `key`, making one if needed.
+    /// Opens a tunnel to `request.authority` through a connection of `key`, making one if needed
+    /// (see the example on [`Pool`]).
     pub async fn connect(&self, key: &PoolKey, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
         // A connection that closed between our look and our use is retried once. A stream the peer
         // refused unprocessed (REFUSED_STREAM: more streams than it allows, sent before its SETTINGS
@@ -369,13 +430,7 @@ where
             if c.active.load(Ordering::Acquire) < limit && !c.client.is_probed() {
                 c.active.fetch_add(1, Ordering::AcqRel);
                 c.idle_since = None;
-                return Step::Use(
-                    c.client.clone(),
-                    StreamLease {
-                        active: c.active.clone(),
-                    },
-                    c.closed.clone(),
-                );
+                return Step::Use(c.client.clone(), StreamLease::new(c.active.clone()), c.closed.clone());
             }
         }
         if let Some(h) = &entry.connecting {

@@ -27,6 +27,7 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -63,38 +64,112 @@ pub struct InboundRequest {
     pub headers: HeaderMap,
 }
 
+/// Why a CONNECT was refused: the reasons the library itself refuses for, the ones a node proxy
+/// refuses for, and free text for any other handler. Its `Display` is the text logged (the reason
+/// is never sent to the client: only the status is).
+///
+/// ```
+/// use meshwire_hbone::server::{Refusal, RefusalReason};
+///
+/// let refusal = Refusal::unavailable(RefusalReason::Loop("10.0.0.1:15008".parse()?));
+/// assert_eq!(refusal.status, http::StatusCode::SERVICE_UNAVAILABLE);
+/// assert_eq!(
+///     refusal.reason.to_string(),
+///     "10.0.0.1:15008 is one of the proxy's own ports: the connection would loop"
+/// );
+/// // A handler with its own words refuses with free text.
+/// let other = Refusal::unauthorized("port 1 is denied");
+/// assert!(matches!(other.reason, RefusalReason::Other(ref text) if text == "port 1 is denied"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// The request's method is not CONNECT (refused by the library with 400).
+    #[error("method {0} is not CONNECT")]
+    NotConnect(Method),
+    /// The `:authority` is not a valid CONNECT authority (refused by the library with 400).
+    #[error("{0}")]
+    InvalidAuthority(#[from] crate::headers::AuthorityError),
+    /// The request has no `:authority` (refused by the library with 400).
+    #[error("CONNECT without :authority")]
+    MissingAuthority,
+    /// The authority is a host name, which the handler does not serve.
+    #[error("hostname authorities are not served yet: {0}")]
+    HostnameAuthority(Authority),
+    /// The authority's IP is not the address the connection arrived on.
+    #[error("authority IP {authority} is not the address the connection arrived on, {arrived_on}")]
+    AuthorityMismatch {
+        /// The IP asked for.
+        authority: IpAddr,
+        /// The local address of the connection.
+        arrived_on: IpAddr,
+    },
+    /// The destination is one of the proxy's own ports: connecting would loop back into it.
+    #[error("{0} is one of the proxy's own ports: the connection would loop")]
+    Loop(SocketAddr),
+    /// No workload the handler serves has the destination IP.
+    #[error("no workload served by this proxy has the IP {0}")]
+    NoWorkload(IpAddr),
+    /// Authorization denied the connection; the text is the decision as the policy engine words it.
+    #[error("{0}")]
+    Denied(String),
+    /// The upstream connection failed.
+    #[error("{source}")]
+    UpstreamConnect {
+        /// The destination.
+        destination: SocketAddr,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// Any other reason, in the handler's words.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for RefusalReason {
+    fn from(text: String) -> Self {
+        Self::Other(text)
+    }
+}
+
+impl From<&str> for RefusalReason {
+    fn from(text: &str) -> Self {
+        Self::Other(text.to_owned())
+    }
+}
+
 /// A handler's refusal: the status to answer and why (logged, not sent).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Refusal {
     /// The status of the response.
     pub status: StatusCode,
     /// Why, for the log.
-    pub reason: String,
+    pub reason: RefusalReason,
 }
 
 impl Refusal {
-    /// 400 Bad Request.
-    pub fn bad_request(reason: impl Into<String>) -> Self {
+    /// A refusal with any status (a handler should use a 4xx or 5xx one).
+    pub fn new(status: StatusCode, reason: impl Into<RefusalReason>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             reason: reason.into(),
         }
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(reason: impl Into<RefusalReason>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, reason)
     }
 
     /// 401 Unauthorized: authorization denied.
-    pub fn unauthorized(reason: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::UNAUTHORIZED,
-            reason: reason.into(),
-        }
+    pub fn unauthorized(reason: impl Into<RefusalReason>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, reason)
     }
 
     /// 503 Service Unavailable: the upstream could not be reached.
-    pub fn unavailable(reason: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: reason.into(),
-        }
+    pub fn unavailable(reason: impl Into<RefusalReason>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, reason)
     }
 }
 
@@ -127,7 +202,7 @@ pub struct StreamReport {
     /// The status answered.
     pub status: StatusCode,
     /// Why the stream was refused, if it was.
-    pub refusal: Option<String>,
+    pub refusal: Option<RefusalReason>,
     /// Bytes from the client to the upstream.
     pub to_upstream: u64,
     /// Bytes from the upstream to the client.
@@ -137,6 +212,58 @@ pub struct StreamReport {
 }
 
 /// Decides what to do with each CONNECT.
+///
+/// # Example
+///
+/// ```
+/// use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal};
+/// use tokio::io::AsyncWriteExt;
+/// # use tokio::io::AsyncReadExt;
+///
+/// /// Refuses port 1 (401); else connects an upstream, here an in-process echo.
+/// struct Echo;
+/// impl Handler for Echo {
+///     type Upstream = tokio::io::DuplexStream;
+///     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+///         if request.authority.as_socket_addr().is_some_and(|a| a.port() == 1) {
+///             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
+///         }
+///         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+///         let (mut r, mut w) = tokio::io::split(echo);
+///         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; w.shutdown().await });
+///         Ok(upstream.into())
+///     }
+/// }
+///
+/// # use std::sync::Arc;
+/// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+/// # use meshwire_rt::TokioTimer;
+/// # use meshwire_hbone::server::{self, ServeOptions};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// # let server = ca.issue(&server_id)?;
+/// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+/// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+/// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+/// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+/// # let (io, server_io) = tokio::io::duplex(1 << 20);
+/// # tokio::spawn(async move { server::serve(server_io, server_tls, &ServeOptions::default(), &Echo, &TokioTimer, std::future::pending()).await });
+/// # let (connection, driver) = meshwire_hbone::client::handshake(io, client_tls, &Default::default(), TokioTimer).await?;
+/// # tokio::spawn(driver);
+/// # use meshwire_hbone::{client::ConnectRequest, headers::Authority};
+/// # let refused = connection.open(&ConnectRequest::new(Authority::parse("10.0.0.2:1")?)).await.unwrap_err();
+/// # assert_eq!(refused.status(), Some(http::StatusCode::UNAUTHORIZED));
+/// # let mut tunnel = connection.open(&ConnectRequest::new(Authority::parse("10.0.0.2:80")?)).await?;
+/// # tunnel.write_all(b"hi").await?;
+/// # tunnel.shutdown().await?;
+/// # let mut echoed = Vec::new();
+/// # tunnel.read_to_end(&mut echoed).await?;
+/// # assert_eq!(echoed, b"hi");
+/// # Ok(())
+/// # }
+/// ```
 pub trait Handler {
     /// The upstream connection the tunnel is spliced to.
     type Upstream: AsyncRead + AsyncWrite + Unpin;
@@ -161,7 +288,7 @@ pub enum ServeError {
     /// [`serve_established`].
     #[error("TLS and HTTP/2 handshakes did not finish within {0:?}")]
     HandshakeTimeout(std::time::Duration),
-    /// The settings are not usable.
+    /// The options are not usable: a budget too small for one stream (see [`ServeOptions::validate`]).
     #[error("invalid HBONE settings: {0}")]
     Settings(#[from] crate::settings::SettingsError),
     /// The HTTP/2 connection failed.
@@ -230,9 +357,9 @@ impl ServeOptions {
         stream_lease(&self.settings, &self.copy)
     }
 
-    /// Checks the settings, and that each budget lets at least one stream through.
+    /// Checks that each budget lets at least one stream through (the settings are valid by
+    /// construction).
     pub fn validate(&self) -> Result<(), crate::settings::SettingsError> {
-        self.settings.validate()?;
         let lease = self.stream_lease();
         for (budget, value) in [
             ("connection_buffer", self.connection_buffer),
@@ -249,7 +376,7 @@ impl ServeOptions {
 /// What one stream holds of the budgets while its upstream sends, for `settings` and `copy`.
 pub fn stream_lease(settings: &Settings, copy: &CopyConfig) -> usize {
     settings
-        .send_buffer
+        .send_buffer()
         .saturating_add(copy.max_buffer.max(copy.initial_buffer))
 }
 
@@ -258,7 +385,63 @@ pub fn stream_lease(settings: &Settings, copy: &CopyConfig) -> usize {
 /// Set `TCP_NODELAY` on the accepted socket first (see [`crate::client::handshake`]): without it the
 /// server's WINDOW_UPDATE frames wait behind Nagle's algorithm and a bulk upload crawls.
 ///
-/// `options.settings.handshake_timeout` covers the TLS and HTTP/2 handshakes together.
+/// `options.settings.handshake_timeout()` covers the TLS and HTTP/2 handshakes together.
+///
+/// # Example
+///
+/// ```
+/// use meshwire_hbone::server::{self, ServeOptions};
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// # use std::sync::Arc;
+/// # use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal};
+/// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+/// # use meshwire_rt::TokioTimer;
+/// # /// Refuses port 1 (401); else connects an upstream, here an in-process echo.
+/// # struct Echo;
+/// # impl Handler for Echo {
+/// #     type Upstream = tokio::io::DuplexStream;
+/// #     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+/// #         if request.authority.as_socket_addr().is_some_and(|a| a.port() == 1) {
+/// #             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
+/// #         }
+/// #         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+/// #         let (mut r, mut w) = tokio::io::split(echo);
+/// #         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; w.shutdown().await });
+/// #         Ok(upstream.into())
+/// #     }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// # let server = ca.issue(&server_id)?;
+/// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+/// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+/// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+/// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let addr = listener.local_addr()?;
+/// # let client_task = tokio::spawn(async move {
+/// #     let (connection, driver) = meshwire_hbone::client::handshake(tokio::net::TcpStream::connect(addr).await?, client_tls, &Default::default(), TokioTimer).await?;
+/// #     tokio::spawn(driver);
+/// #     let request = meshwire_hbone::client::ConnectRequest::new(meshwire_hbone::headers::Authority::parse("10.0.0.2:8080")?);
+/// #     let mut tunnel = connection.open(&request).await?;
+/// #     tunnel.write_all(b"hello").await?;
+/// #     tunnel.shutdown().await?;
+/// #     let mut echoed = Vec::new();
+/// #     tunnel.read_to_end(&mut echoed).await?;
+/// #     assert_eq!(echoed, b"hello");
+/// #     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+/// # });
+/// let (tcp, _) = listener.accept().await?;
+/// tcp.set_nodelay(true)?;
+/// // Until the client closes the connection (a shutdown future would drain it first).
+/// let summary = server::serve(tcp, server_tls, &ServeOptions::default(), &Echo, &TokioTimer, std::future::pending()).await?;
+/// assert_eq!(summary.streams, 1);
+/// # client_task.await.unwrap().unwrap();
+/// # Ok(())
+/// # }
+/// ```
 pub async fn serve<IO, H, T, S>(
     io: IO,
     tls_config: Arc<ServerConfig>,
@@ -274,7 +457,7 @@ where
     S: Future<Output = ()>,
 {
     let handshake = async move {
-        let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead);
+        let io = crate::readahead::ReadAhead::new(io, options.settings.read_ahead());
         let accept = tokio_rustls::TlsAcceptor::from(tls_config).accept(io).into_fallible();
         let tls_stream = match accept.await {
             Ok(tls_stream) => tls_stream,
@@ -305,8 +488,64 @@ where
 /// a rustls connection built with [`meshwire_identity::tls::server_config`]). The server does not check
 /// it; it hands it to the [`Handler`] in every [`InboundRequest`], where authorization relies on it.
 ///
-/// `options.settings.handshake_timeout` covers the HTTP/2 handshake alone; `read_ahead` does not apply
+/// `options.settings.handshake_timeout()` covers the HTTP/2 handshake alone; `read_ahead` does not apply
 /// (it is a layer under TLS).
+///
+/// # Example
+///
+/// ```
+/// use meshwire_hbone::server::{self, ServeOptions};
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// # use std::sync::Arc;
+/// # use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal};
+/// # use meshwire_identity::{id::{SpiffeId, TrustDomain}, source::local_ca::LocalCa, tls};
+/// # use meshwire_rt::TokioTimer;
+/// # /// Refuses port 1 (401); else connects an upstream, here an in-process echo.
+/// # struct Echo;
+/// # impl Handler for Echo {
+/// #     type Upstream = tokio::io::DuplexStream;
+/// #     async fn connect(&self, request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+/// #         if request.authority.as_socket_addr().is_some_and(|a| a.port() == 1) {
+/// #             return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
+/// #         }
+/// #         let (upstream, echo) = tokio::io::duplex(64 * 1024);
+/// #         let (mut r, mut w) = tokio::io::split(echo);
+/// #         tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await?; w.shutdown().await });
+/// #         Ok(upstream.into())
+/// #     }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ca = LocalCa::ephemeral(TrustDomain::new("cluster.local")?)?;
+/// # let server_id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/server")?;
+/// # let server = ca.issue(&server_id)?;
+/// # let client = ca.issue(&SpiffeId::new("spiffe://cluster.local/ns/default/sa/client")?)?;
+/// # let domains = tls::TrustDomains::only(ca.trust_domain().clone());
+/// # let server_tls = Arc::new(tls::server_config(&server.svid, &server.bundles, &domains, vec![b"h2".to_vec()])?);
+/// # let client_tls = Arc::new(tls::client_config(&client.svid, &client.bundles, vec![server_id], vec![b"h2".to_vec()])?);
+/// # let (io, server_io) = tokio::io::duplex(1 << 20);
+/// # let client_task = tokio::spawn(async move {
+/// #     let (connection, driver) = meshwire_hbone::client::handshake(io, client_tls, &Default::default(), TokioTimer).await?;
+/// #     tokio::spawn(driver);
+/// #     let request = meshwire_hbone::client::ConnectRequest::new(meshwire_hbone::headers::Authority::parse("10.0.0.2:8080")?);
+/// #     let mut tunnel = connection.open(&request).await?;
+/// #     tunnel.write_all(b"hello").await?;
+/// #     tunnel.shutdown().await?;
+/// #     let mut echoed = Vec::new();
+/// #     tunnel.read_to_end(&mut echoed).await?;
+/// #     assert_eq!(echoed, b"hello");
+/// #     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+/// # });
+/// // The caller terminates TLS and verifies the client identity itself.
+/// let tls_stream = tokio_rustls::TlsAcceptor::from(server_tls).accept(server_io).await?;
+/// let peer = tls::peer_identity(tls_stream.get_ref().1)?;
+/// let options = ServeOptions::default();
+/// let summary = server::serve_established(tls_stream, peer, &options, &Echo, &TokioTimer, std::future::pending()).await?;
+/// assert_eq!(summary.streams, 1);
+/// # client_task.await.unwrap().unwrap();
+/// # Ok(())
+/// # }
+/// ```
 pub async fn serve_established<IO, H, T, S>(
     io: IO,
     peer: SpiffeId,
@@ -372,7 +611,7 @@ where
         process: &options.process_budget,
     };
     let lease = options.stream_lease();
-    let limit = options.settings.handshake_timeout;
+    let limit = options.settings.handshake_timeout();
     let (mut conn, peer, mut window) = with_timeout(timer, limit, handshake)
         .await
         .ok_or(ServeError::HandshakeTimeout(limit))??;
@@ -400,10 +639,10 @@ where
                         // A connection set up when the receive budget was short grows its windows
                         // once the budget has room again.
                         if let Some(grown) = window.top_up(&options.settings) {
-                            conn.set_target_window_size(grown.connection_window);
+                            conn.set_target_window_size(grown.connection_window());
                             // Refused while an earlier SETTINGS change waits for its ACK: the stream
                             // windows then stay as they were (still within the connection window).
-                            if let Err(e) = conn.set_initial_window_size(grown.stream_window) {
+                            if let Err(e) = conn.set_initial_window_size(grown.stream_window()) {
                                 tracing::debug!(peer = %peer_ref, error = %e, "stream windows not grown");
                             }
                         }
@@ -507,21 +746,21 @@ async fn handle_stream<H: Handler>(
         refuse(
             &mut report,
             &mut respond,
-            Refusal::bad_request(format!("method {} is not CONNECT", parts.method)),
+            Refusal::bad_request(RefusalReason::NotConnect(parts.method.clone())),
         );
         return report;
     }
     let authority = match parts.uri.authority().map(|a| Authority::parse(a.as_str())) {
         Some(Ok(a)) => a,
         Some(Err(e)) => {
-            refuse(&mut report, &mut respond, Refusal::bad_request(e.to_string()));
+            refuse(&mut report, &mut respond, Refusal::bad_request(e));
             return report;
         }
         None => {
             refuse(
                 &mut report,
                 &mut respond,
-                Refusal::bad_request("CONNECT without :authority"),
+                Refusal::bad_request(RefusalReason::MissingAuthority),
             );
             return report;
         }

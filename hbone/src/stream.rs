@@ -4,9 +4,12 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
+use futures_util::task::AtomicWaker;
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
@@ -142,16 +145,93 @@ impl AsyncWrite for H2Io {
 /// One direction of a splice: upstream bytes handed to h2 without a copy.
 struct ToH2<'a> {
     /// What the direction holds of its budgets: taken before it reads from the upstream, given
-    /// back when the upstream has nothing more to send (or on drop, when the splice ends).
+    /// back once the upstream has nothing more to send and HTTP/2 has let go of every byte read
+    /// (or on drop, when the splice ends).
     lease: Option<Lease<'a>>,
-    /// Read buffer; filled bytes are split off and given to h2 as they are.
-    buf: BytesMut,
+    /// Read buffer; a read that fills most of it is given to h2 as it is.
+    buf: Vec<u8>,
     /// Bytes read and not yet accepted by h2 (waiting for flow-control capacity).
     pending: Bytes,
+    /// The chunks h2 still holds (in its send queue or being written to the connection).
+    flight: Arc<InFlight>,
     size: usize,
     read_done: bool,
+    /// END_STREAM was queued; the direction ends once h2 holds none of its bytes.
+    eos_sent: bool,
     shut_down: bool,
     count: u64,
+}
+
+impl ToH2<'_> {
+    /// The bytes just read, as a chunk h2 can hold: a read that filled at least half of the buffer
+    /// takes the buffer (its unused tail given back), a smaller one is copied out so that the buffer
+    /// serves the next read and h2 never pins a large allocation for a few bytes.
+    fn take_read(&mut self) -> Bytes {
+        let data = if self.buf.len() * 2 >= self.buf.capacity() {
+            let mut data = std::mem::take(&mut self.buf);
+            data.shrink_to_fit();
+            data
+        } else {
+            let data = self.buf.clone();
+            self.buf.clear();
+            data
+        };
+        self.flight.chunk(data)
+    }
+}
+
+/// Counts the chunks of one direction that HTTP/2 still holds, and wakes the direction when it lets
+/// go of the last: h2 keeps up to a send buffer of a stream's bytes queued while its connection
+/// cannot write (a peer that does not read), and those bytes stay under the stream's lease.
+#[derive(Debug, Default)]
+struct InFlight {
+    chunks: AtomicUsize,
+    drained: AtomicWaker,
+}
+
+impl InFlight {
+    /// Ready once h2 holds no chunk of this direction; otherwise the task is woken when it does.
+    fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.chunks.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(());
+        }
+        self.drained.register(cx.waker());
+        // The last chunk may have gone between the load and the registration.
+        if self.chunks.load(Ordering::Acquire) == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Wraps `data` so that dropping its last reference (h2 wrote or discarded it) counts it out.
+    fn chunk(self: &Arc<Self>, data: Vec<u8>) -> Bytes {
+        self.chunks.fetch_add(1, Ordering::AcqRel);
+        Bytes::from_owner(Chunk {
+            data,
+            flight: self.clone(),
+        })
+    }
+}
+
+/// Bytes read from an upstream, as h2 holds them.
+struct Chunk {
+    data: Vec<u8>,
+    flight: Arc<InFlight>,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        if self.flight.chunks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.flight.drained.wake();
+        }
+    }
 }
 
 /// The other direction: DATA received from h2 written to the upstream straight from h2's buffers.
@@ -183,10 +263,12 @@ impl H2Io {
         let max = config.max_buffer.max(config.initial_buffer).max(1);
         let mut out = ToH2 {
             lease,
-            buf: BytesMut::new(),
+            buf: Vec::new(),
             pending: Bytes::new(),
+            flight: Arc::default(),
             size: config.initial_buffer.max(1),
             read_done: false,
+            eos_sent: false,
             shut_down: self.send_done,
             count: 0,
         };
@@ -256,11 +338,17 @@ impl H2Io {
                 }
             }
             if st.read_done {
-                self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-                st.shut_down = true;
+                if !st.eos_sent {
+                    self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                    st.eos_sent = true;
+                }
+                // The lease covers what h2 still holds of the stream's bytes: the direction ends
+                // once h2 let go of them (written, or discarded when the stream or connection ends).
                 if let Some(lease) = st.lease.as_mut() {
+                    ready!(st.flight.poll_drained(cx));
                     lease.release();
                 }
+                st.shut_down = true;
                 return Poll::Ready(Ok(()));
             }
             // Hold the lease before reading: a spent budget stops the reads, and TCP pushes back
@@ -279,13 +367,15 @@ impl H2Io {
                     if n == st.size && st.size < max {
                         st.size = (st.size * 2).min(max);
                     }
-                    st.pending = st.buf.split().freeze();
+                    st.pending = st.take_read();
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Idle: give the buffer and the lease back.
-                    st.buf = BytesMut::new();
-                    if let Some(lease) = st.lease.as_mut() {
+                    // Idle: give the buffer back, and the lease once h2 holds none of the bytes.
+                    st.buf = Vec::new();
+                    if let Some(lease) = st.lease.as_mut()
+                        && st.flight.poll_drained(cx).is_ready()
+                    {
                         lease.release();
                     }
                     return Poll::Pending;

@@ -3,29 +3,21 @@
 //! workload's own identity; metadata headers arrive parsed at the server.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::*;
 use meshwire_hbone::client::{self, ConnectRequest};
 use meshwire_hbone::headers::{Authority, Baggage, Forwarded, Metadata, TraceParent};
-use meshwire_hbone::rt::Executor;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_hbone::{Settings, double};
+use meshwire_rt::TokioExecutor;
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::data::*;
+use meshwire_testkit::net::*;
+use meshwire_testkit::pki::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GATEWAY: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest-gateway";
-
-#[derive(Clone)]
-struct Tokio;
-
-impl<F: std::future::Future<Output = ()> + Send + 'static> Executor<F> for Tokio {
-    fn execute(&self, future: F) {
-        tokio::spawn(future);
-    }
-}
 
 fn to(addr: SocketAddr) -> ConnectRequest {
     ConnectRequest::new(Authority::parse(&addr.to_string()).unwrap())
@@ -56,7 +48,7 @@ async fn double_hbone_reaches_a_workload_behind_a_gateway() {
         &inner_request,
         &Settings::default(),
         TokioTimer,
-        &Tokio,
+        &TokioExecutor::new(),
     )
     .await
     .unwrap();

@@ -9,8 +9,6 @@
 //! tokio's paused clock only moves when every task waits.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
-
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,24 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use common::*;
 use meshwire_hbone::ConnectError;
 use meshwire_hbone::client::ConnectRequest;
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::pool::{Connector, Pool, PoolConfig, PoolKey};
-use meshwire_hbone::rt::Executor;
 use meshwire_hbone::server::{self, Connected, Handler, InboundRequest, Refusal, ServeOptions};
+use meshwire_rt::TokioExecutor;
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::pki::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::time::Instant;
-
-#[derive(Clone)]
-struct Tokio;
-
-impl<F: std::future::Future<Output = ()> + Send + 'static> Executor<F> for Tokio {
-    fn execute(&self, future: F) {
-        tokio::spawn(future);
-    }
-}
 
 /// Freezes every connection of the peer at once, as `kill -STOP` freezes its process.
 #[derive(Default)]
@@ -149,7 +139,7 @@ impl Connector for PipeConnector {
 }
 
 struct Peer {
-    pool: Pool<PipeConnector, Tokio, TokioTimer>,
+    pool: Pool<PipeConnector, TokioExecutor, TokioTimer>,
     gate: Arc<Gate>,
     handler: Arc<EchoHandler>,
     key: PoolKey,
@@ -165,7 +155,7 @@ fn peer() -> Peer {
         handler: handler.clone(),
     };
     Peer {
-        pool: Pool::new(connector, Tokio, TokioTimer, PoolConfig::default()),
+        pool: Pool::new(connector, TokioExecutor::new(), TokioTimer, PoolConfig::default()),
         gate,
         handler,
         key: PoolKey::new(id(CLIENT), vec![id(SERVER)], "127.0.0.2:15008".parse().unwrap(), None),
@@ -208,7 +198,7 @@ async fn a_frozen_peer_fails_a_pooled_connect_within_the_response_and_probe_time
     let started = Instant::now();
     let err = peer.pool.connect(&peer.key, &request()).await.unwrap_err();
     assert!(matches!(err, ConnectError::HandshakeTimeout(_)), "{err}");
-    assert_eq!(started.elapsed(), defaults.settings.handshake_timeout);
+    assert_eq!(started.elapsed(), defaults.settings.handshake_timeout());
 
     // Thawed, the peer is used again, on a new connection.
     peer.gate.thaw();

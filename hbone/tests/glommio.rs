@@ -7,22 +7,22 @@
 //! instead of hanging it.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
-#[path = "common/glommio.rs"]
-mod glommio_common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{CLIENT, Pki, SERVER, TokioTimer, id, pattern};
 use glommio::Placement;
-use glommio_common::*;
 use meshwire_hbone::client::{self, ClientConnection, ConnectRequest, Refusal};
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::pool::{Pool, PoolConfig, PoolKey};
 use meshwire_hbone::server::ServeOptions;
 use meshwire_hbone::{ConnectError, Settings, Tunnel};
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::data::{self, pattern};
+use meshwire_testkit::glommio::*;
+use meshwire_testkit::net;
+use meshwire_testkit::pki::{CLIENT, Pki, SERVER, id};
+use meshwire_testkit::upstream::count_to_end;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn to(addr: SocketAddr) -> ConnectRequest {
@@ -36,7 +36,7 @@ async fn connect(pki: &Pki, server: SocketAddr) -> ClientConnection {
 }
 
 async fn read_all<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
-    within(LIMIT, "read to the end", common::read_all(r)).await
+    within(LIMIT, "read to the end", data::read_all(r)).await
 }
 
 /// Writes `msg`, reads it back from an echo.
@@ -45,6 +45,13 @@ async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &
     let mut buf = vec![0u8; msg.len()];
     within(LIMIT, "echo", s.read_exact(&mut buf)).await.unwrap();
     assert_eq!(buf, msg);
+}
+
+/// A fresh PKI and the server side (HBONE, echo and sink servers) on an executor thread of its own.
+fn server_side(name: &str, placement: Placement) -> (Pki, ServerThread) {
+    let pki = Pki::new();
+    let server = server_thread(name, placement, pki.server_tls.clone(), ServeOptions::default());
+    (pki, server)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -91,7 +98,7 @@ fn half_close_from_the_upstream_keeps_the_other_direction_open() {
             let mut tcp = accept(&listener).await.unwrap();
             tcp.write_all(b"greeting").await.unwrap();
             tcp.shutdown().await.unwrap();
-            common::read_all(&mut tcp).await.unwrap().len()
+            data::read_all(&mut tcp).await.unwrap().len()
         });
         let conn = connect(&pki, server.addr).await;
         let mut tunnel = within(LIMIT, "open", conn.open(&to(upstream))).await.unwrap();
@@ -163,17 +170,7 @@ fn dropping_the_tunnel_resets_the_stream_and_the_upstream_sees_the_end() {
         let pki = Pki::new();
         let server = spawn_hbone_server(pki.server_tls.clone(), ServeOptions::default());
         let (listener, upstream) = listen();
-        let seen = glommio::spawn_local(async move {
-            let mut tcp = accept(&listener).await.unwrap();
-            let mut buf = vec![0u8; 65536];
-            let mut total = 0;
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => return total,
-                    Ok(n) => total += n,
-                }
-            }
-        });
+        let seen = glommio::spawn_local(async move { count_to_end(&mut accept(&listener).await.unwrap()).await });
         let conn = connect(&pki, server.addr).await;
         let mut tunnel = within(LIMIT, "open", conn.open(&to(upstream))).await.unwrap();
         tunnel.write_all(&pattern(100_000, 2)).await.unwrap();
@@ -296,14 +293,8 @@ fn drain_lets_open_streams_finish_and_refuses_new_ones() {
 
 #[test]
 fn one_gibibyte_through_one_tunnel_arrives_intact() {
-    let pki = Pki::new();
     // The server side on its own executor, so client and server each have a core.
-    let server = server_thread(
-        "gib-server",
-        Placement::Unbound,
-        pki.server_tls.clone(),
-        ServeOptions::default(),
-    );
+    let (pki, server) = server_side("gib-server", Placement::Unbound);
     let (hbone, sink, tls) = (server.hbone, server.sink, pki.client_tls.clone());
     run("gib-client", Placement::Unbound, move || async move {
         let conn = within(LIMIT, "handshake", glommio_client(hbone, tls)).await.unwrap();
@@ -323,6 +314,10 @@ fn one_gibibyte_through_one_tunnel_arrives_intact() {
 // ---------------------------------------------------------------------------------------------
 
 type GlommioPool = Pool<GlommioConnector, GlommioExecutor, GlommioTimer>;
+
+fn glommio_pool(tls: Arc<rustls::ClientConfig>, config: PoolConfig) -> GlommioPool {
+    Pool::new(GlommioConnector { tls }, GlommioExecutor, GlommioTimer, config)
+}
 
 fn key(dest: SocketAddr) -> PoolKey {
     PoolKey::new(id(CLIENT), vec![id(SERVER)], dest, None)
@@ -346,21 +341,10 @@ async fn open_many(pool: &GlommioPool, key: &PoolKey, echo: SocketAddr, n: usize
 
 #[test]
 fn a_thousand_concurrent_streams_use_ten_connections() {
-    let pki = Pki::new();
-    let server = server_thread(
-        "pool-server",
-        Placement::Unbound,
-        pki.server_tls.clone(),
-        ServeOptions::default(),
-    );
+    let (pki, server) = server_side("pool-server", Placement::Unbound);
     let (hbone, echo, tls) = (server.hbone, server.echo, pki.client_tls.clone());
     run("pool-client", Placement::Unbound, move || async move {
-        let pool: GlommioPool = Pool::new(
-            GlommioConnector { tls },
-            GlommioExecutor,
-            GlommioTimer,
-            PoolConfig::default(),
-        );
+        let pool = glommio_pool(tls, PoolConfig::default());
         let k = key(hbone);
         let mut tunnels = open_many(&pool, &k, echo, 1000).await;
         assert_eq!(pool.connections(&k), 10, "ceil(1000 / 100) connections");
@@ -382,20 +366,14 @@ fn a_thousand_concurrent_streams_use_ten_connections() {
 
 #[test]
 fn two_hundred_requests_for_a_new_key_cause_one_handshake() {
-    let pki = Pki::new();
-    let server = server_thread(
-        "pool-server",
-        Placement::Unbound,
-        pki.server_tls.clone(),
-        ServeOptions::default(),
-    );
+    let (pki, server) = server_side("pool-server", Placement::Unbound);
     let (hbone, echo, tls) = (server.hbone, server.echo, pki.client_tls.clone());
     run("pool-client", Placement::Unbound, move || async move {
         let config = PoolConfig {
             max_streams_per_connection: 1000,
             ..PoolConfig::default()
         };
-        let pool: GlommioPool = Pool::new(GlommioConnector { tls }, GlommioExecutor, GlommioTimer, config);
+        let pool = glommio_pool(tls, config);
         let k = key(hbone);
         let mut tunnels = open_many(&pool, &k, echo, 200).await;
         assert_eq!(pool.handshakes(), 1);
@@ -430,13 +408,7 @@ where
 
 #[test]
 fn a_tokio_client_talks_to_a_glommio_server() {
-    let pki = Pki::new();
-    let server = server_thread(
-        "interop-server",
-        Placement::Unbound,
-        pki.server_tls.clone(),
-        ServeOptions::default(),
-    );
+    let (pki, server) = server_side("interop-server", Placement::Unbound);
     let (hbone, echo, sink, tls) = (server.hbone, server.echo, server.sink, pki.client_tls.clone());
     on_tokio_thread(async move {
         let tcp = tokio::net::TcpStream::connect(hbone).await.unwrap();
@@ -459,7 +431,7 @@ fn a_tokio_client_talks_to_a_glommio_server() {
             .unwrap();
         assert_eq!(&buf, b"tokio -> glommio");
         t.shutdown().await.unwrap();
-        let rest = tokio::time::timeout(LIMIT, common::read_all(&mut t))
+        let rest = tokio::time::timeout(LIMIT, data::read_all(&mut t))
             .await
             .unwrap()
             .unwrap();
@@ -476,7 +448,7 @@ fn a_tokio_client_talks_to_a_glommio_server() {
     drop(server);
 }
 
-/// A tokio HBONE server (`common::hbone_server_with`: an accept loop calling `server::serve`),
+/// A tokio HBONE server (`net::hbone_server_with`: an accept loop calling `server::serve`),
 /// a tokio echo server and a tokio sink, on a tokio runtime in their own thread.
 struct TokioServerThread {
     hbone: SocketAddr,
@@ -496,8 +468,8 @@ fn tokio_server_thread(tls: Arc<rustls::ServerConfig>) -> TokioServerThread {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let server = common::hbone_server_with(tls, ServeOptions::default()).await;
-            let echo = common::echo_server().await;
+            let server = net::hbone_server_with(tls, ServeOptions::default()).await;
+            let echo = net::echo_server().await;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let sink_addr = listener.local_addr().unwrap();
             tokio::spawn(async move {
@@ -568,13 +540,7 @@ fn two_glommio_executors_pinned_to_different_cores() {
         eprintln!("skipped: needs 2 cores, have {cores}");
         return;
     }
-    let pki = Pki::new();
-    let server = server_thread(
-        "core-0",
-        Placement::Fixed(0),
-        pki.server_tls.clone(),
-        ServeOptions::default(),
-    );
+    let (pki, server) = server_side("core-0", Placement::Fixed(0));
     assert_eq!(server.cpus, "0", "the server executor is pinned to core 0");
     let (hbone, echo, tls) = (server.hbone, server.echo, pki.client_tls.clone());
     run("core-1", Placement::Fixed(1), move || async move {
@@ -599,20 +565,14 @@ fn two_glommio_executors_pinned_to_different_cores() {
 /// PINGs: the connection fails within the ping timeout, and its streams with it. Nothing hangs.
 #[test]
 fn a_peer_that_vanishes_mid_transfer_is_reported_not_hung() {
-    let pki = Pki::new();
-    let server = server_thread(
-        "doomed",
-        Placement::Unbound,
-        pki.server_tls.clone(),
-        ServeOptions::default(),
-    );
+    let (pki, server) = server_side("doomed", Placement::Unbound);
     let (hbone, echo, tls) = (server.hbone, server.echo, pki.client_tls.clone());
     run("survivor", Placement::Unbound, move || async move {
-        let settings = Settings {
-            ping_interval: Duration::from_millis(200),
-            ping_timeout: Duration::from_millis(500),
-            ..Settings::default()
-        };
+        let settings = Settings::builder()
+            .ping_interval(Duration::from_millis(200))
+            .ping_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
         let tcp = tcp_connect(hbone).await.unwrap();
         let (conn, driver) = within(LIMIT, "handshake", client::handshake(tcp, tls, &settings, GlommioTimer))
             .await

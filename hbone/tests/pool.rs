@@ -3,34 +3,27 @@
 //! one failed handshake reported to every waiter.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use futures_util::FutureExt;
 use meshwire_hbone::client::ConnectRequest;
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::pool::{Connector, Pool, PoolConfig, PoolKey};
-use meshwire_hbone::rt::{Executor, Timer};
+use meshwire_hbone::rt::Timer;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_hbone::{ConnectError, Settings};
+use meshwire_rt::TokioExecutor;
+use meshwire_testkit::data::*;
+use meshwire_testkit::net::*;
+use meshwire_testkit::pki::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-#[derive(Clone)]
-struct Tokio;
-
-impl<F: std::future::Future<Output = ()> + Send + 'static> Executor<F> for Tokio {
-    fn execute(&self, future: F) {
-        tokio::spawn(future);
-    }
-}
 
 /// The real clock, plus an offset the test can move forward (idle release without waiting).
 #[derive(Clone, Default)]
@@ -69,14 +62,14 @@ impl Connector for TcpConnector {
         let tcp = TcpStream::connect(key.destination)
             .await
             .map_err(|e| ConnectError::Tcp {
-                peer: key.destination.to_string(),
+                peer: key.destination,
                 source: Arc::new(e),
             })?;
         Ok((tcp, self.tls.clone()))
     }
 }
 
-type TestPool = Pool<TcpConnector, Tokio, JumpTimer>;
+type TestPool = Pool<TcpConnector, TokioExecutor, JumpTimer>;
 
 fn pool(pki: &Pki, config: PoolConfig) -> (TestPool, JumpTimer) {
     let timer = JumpTimer::default();
@@ -85,7 +78,7 @@ fn pool(pki: &Pki, config: PoolConfig) -> (TestPool, JumpTimer) {
             TcpConnector {
                 tls: pki.client_tls.clone(),
             },
-            Tokio,
+            TokioExecutor::new(),
             timer.clone(),
             config,
         ),
@@ -172,10 +165,7 @@ async fn two_hundred_requests_for_a_new_key_cause_one_handshake() {
 async fn the_peers_stream_limit_is_respected() {
     let pki = Pki::new();
     let options = ServeOptions {
-        settings: Settings {
-            max_concurrent_streams: 10,
-            ..Settings::default()
-        },
+        settings: Settings::builder().max_concurrent_streams(10).build().unwrap(),
         ..Default::default()
     };
     let server = hbone_server(&pki, options).await;
@@ -196,7 +186,12 @@ async fn a_failed_handshake_is_reported_to_every_waiter() {
     let timer = JumpTimer::default();
     // The client expects another identity: every handshake fails.
     let wrong = pki.client_expecting("spiffe://cluster.local/ns/default/sa/other");
-    let pool: TestPool = Pool::new(TcpConnector { tls: wrong }, Tokio, timer, PoolConfig::default());
+    let pool: TestPool = Pool::new(
+        TcpConnector { tls: wrong },
+        TokioExecutor::new(),
+        timer,
+        PoolConfig::default(),
+    );
     let k = key(server.addr);
     let echo = echo_server().await;
     let tasks: Vec<_> = (0..50)
@@ -218,6 +213,25 @@ async fn a_failed_handshake_is_reported_to_every_waiter() {
         "waiters shared handshakes: {}",
         pool.handshakes()
     );
+}
+
+#[tokio::test]
+async fn a_waiter_learns_that_its_handshake_was_abandoned() {
+    let pki = Pki::new();
+    // A peer that never answers: the handshake waits until its leader is dropped.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (pool, _timer) = pool(&pki, PoolConfig::default());
+    let k = key(silent.local_addr().unwrap());
+    let request = to(silent.local_addr().unwrap());
+    let mut leader = Box::pin(pool.connect(&k, &request));
+    let mut waiter = Box::pin(pool.connect(&k, &request));
+    assert!(leader.as_mut().now_or_never().is_none());
+    assert!(waiter.as_mut().now_or_never().is_none());
+    drop(leader);
+    match timeout(LIMIT, waiter).await.unwrap() {
+        Err(e @ ConnectError::HandshakeAbandoned) => assert!(e.to_string().contains("abandoned"), "{e}"),
+        other => panic!("expected an abandoned handshake, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -310,11 +324,11 @@ async fn unanswered_pings_retire_the_connection() {
     let server = hbone_server(&pki, ServeOptions::default()).await;
     let echo = echo_server().await;
     let (relay, frozen) = freezable_relay(server.addr).await;
-    let settings = Settings {
-        ping_interval: Duration::from_millis(100),
-        ping_timeout: Duration::from_millis(300),
-        ..Settings::default()
-    };
+    let settings = Settings::builder()
+        .ping_interval(Duration::from_millis(100))
+        .ping_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let (pool, _) = pool(
         &pki,
         PoolConfig {
@@ -357,7 +371,7 @@ async fn pooled_connections_lease_their_windows_and_give_them_back() {
         TcpConnector {
             tls: pki.client_tls.clone(),
         },
-        Tokio,
+        TokioExecutor::new(),
         timer.clone(),
         config.clone(),
         receive.clone(),

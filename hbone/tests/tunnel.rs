@@ -3,15 +3,17 @@
 //! gibibyte through one tunnel with a checksum at the far end.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use meshwire_hbone::client::{self, ConnectRequest, Refusal};
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_hbone::{ConnectError, Settings};
+use meshwire_rt::TokioTimer;
+use meshwire_testkit::data::*;
+use meshwire_testkit::net::*;
+use meshwire_testkit::pki::*;
+use meshwire_testkit::upstream::count_to_end;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -188,17 +190,7 @@ async fn dropping_the_tunnel_resets_the_stream_and_the_upstream_sees_the_end() {
     let server = hbone_server(&pki, ServeOptions::default()).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
-    let seen = tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0;
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => total += n,
-            }
-        }
-    });
+    let seen = tokio::spawn(async move { count_to_end(&mut listener.accept().await.unwrap().0).await });
     let conn = connect(&pki, &server).await;
     let mut tunnel = conn.open(&to(upstream)).await.unwrap();
     tunnel.write_all(&pattern(100_000, 2)).await.unwrap();
@@ -377,10 +369,10 @@ async fn a_silent_server_times_the_handshake_out() {
         drop(tcp);
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let settings = Settings {
-        handshake_timeout: Duration::from_millis(200),
-        ..Settings::default()
-    };
+    let settings = Settings::builder()
+        .handshake_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
     let err = client::handshake(tcp, pki.client_tls.clone(), &settings, TokioTimer)
         .await
         .err()
@@ -438,41 +430,11 @@ async fn one_gibibyte_through_one_tunnel_arrives_intact() {
     assert_eq!(u64::from_be_bytes(reply), sent.0);
 }
 
-#[tokio::test]
-async fn invalid_settings_are_an_error_not_a_panic() {
-    let pki = Pki::new();
-    let server = hbone_server(&pki, ServeOptions::default()).await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let settings = Settings {
-        max_frame_size: 100,
-        ..Settings::default()
-    };
-    let err = client::handshake(tcp, pki.client_tls.clone(), &settings, TokioTimer)
-        .await
-        .err()
-        .unwrap();
-    assert!(matches!(err, ConnectError::Settings(_)), "{err}");
+#[test]
+fn invalid_settings_are_an_error_when_built_not_a_panic_on_connect() {
+    let err = Settings::builder().max_frame_size(100).build().unwrap_err();
     assert!(err.to_string().contains("max_frame_size"), "{err}");
-
-    let (a, _b) = tokio::io::duplex(64);
-    let options = ServeOptions {
-        settings: Settings {
-            connection_window: 1,
-            ..Settings::default()
-        },
-        ..Default::default()
-    };
-    let handler = LoopbackHandler::default();
-    let err = meshwire_hbone::server::serve(
-        a,
-        pki.server_tls.clone(),
-        &options,
-        &handler,
-        &TokioTimer,
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
+    let err = Settings::builder().connection_window(1).build().unwrap_err();
     assert!(err.to_string().contains("connection window"), "{err}");
 }
 

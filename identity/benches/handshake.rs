@@ -37,33 +37,27 @@
 
 use std::error::Error;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use meshwire_identity::id::{SpiffeId, TrustDomain};
 use meshwire_identity::source::Credentials;
 use meshwire_identity::source::local_ca::LocalCa;
 use meshwire_identity::tls;
+use meshwire_testkit::measure::{
+    Cpu, Summary, clock_ticks, json_summary, process_cpu, seconds_argument, summarize, tls_handshake, tls_read,
+    tls_write, unix_time, write_results,
+};
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 const ROUNDS: usize = 5;
 const DEFAULT_SECONDS: f64 = 2.0;
-/// Clock ticks per second of `/proc/self/stat` (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
-const CLOCK_TICKS: f64 = 100.0;
 
 /// Process CPU time (user + system), in seconds, or `None` where `/proc` is unavailable.
 fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: split after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // `rest` starts at field 3 (state): field 14 (utime) is the 12th, field 15 (stime) the 13th.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / CLOCK_TICKS)
+    process_cpu().map(Cpu::total)
 }
 
 /// One round of one measurement.
@@ -138,37 +132,10 @@ fn measure(
     Ok(rounds)
 }
 
-/// Median, min and max of a statistic across rounds.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn summarize(values: impl IntoIterator<Item = f64>) -> Option<Summary> {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some(Summary {
-        median,
-        min: v[0],
-        max: v[n - 1],
-    })
-}
-
 /// A row of the table / an entry of the JSON file.
 struct Stat {
     key: &'static str,
-    label: &'static str,
+    label: String,
     unit: &'static str,
     summary: Option<Summary>,
     per_round: Vec<Option<f64>>,
@@ -176,20 +143,16 @@ struct Stat {
 
 fn stat(
     key: &'static str,
-    label: &'static str,
+    label: impl Into<String>,
     unit: &'static str,
     rounds: &[Round],
     f: impl Fn(&Round) -> Option<f64>,
 ) -> Stat {
     let per_round: Vec<Option<f64>> = rounds.iter().map(&f).collect();
-    let summary = if per_round.iter().all(Option::is_some) {
-        summarize(per_round.iter().flatten().copied())
-    } else {
-        None
-    };
+    let summary = summarize(per_round.iter().copied());
     Stat {
         key,
-        label,
+        label: label.into(),
         unit,
         summary,
         per_round,
@@ -201,6 +164,35 @@ struct Bench {
     title: &'static str,
     rounds: Vec<Round>,
     stats: Vec<Stat>,
+}
+
+impl Bench {
+    /// The statistics every measurement has, of operations called `noun` (`handshake`): their rate,
+    /// wall time per operation, CPU per 1000 and CPU utilisation.
+    fn new(key: &'static str, title: &'static str, noun: &str, rounds: Vec<Round>) -> Bench {
+        let stats = vec![
+            stat("ops_per_sec", format!("{noun}s/s"), "1/s", &rounds, |r| {
+                Some(r.ops_per_sec())
+            }),
+            stat("us_per_op", format!("wall per {noun}"), "us", &rounds, |r| {
+                Some(r.us_per_op())
+            }),
+            stat(
+                "cpu_s_per_1000",
+                format!("CPU per 1000 {noun}s"),
+                "CPU-s",
+                &rounds,
+                Round::cpu_per_1000,
+            ),
+            stat("cpu_utilization", "CPU / wall", "ratio", &rounds, Round::cpu_util),
+        ];
+        Bench {
+            key,
+            title,
+            rounds,
+            stats,
+        }
+    }
 }
 
 /// Four significant figures, no exponent.
@@ -231,71 +223,24 @@ fn handshake(client_cfg: &Arc<ClientConfig>, server_cfg: &Arc<ServerConfig>, buf
             return Err("handshake does not complete".into());
         }
         // Client -> server.
-        buf.clear();
         let t = Instant::now();
-        while c.wants_write() {
-            c.write_tls(buf)?;
-        }
+        tls_write(&mut c, buf)?;
         client_t += t.elapsed();
         let t = Instant::now();
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd)?;
-            s.process_new_packets()?;
-        }
+        tls_read(&mut s, buf)?;
         // Server -> client.
-        buf.clear();
-        while s.wants_write() {
-            s.write_tls(buf)?;
-        }
+        tls_write(&mut s, buf)?;
         server_t += t.elapsed();
         let t = Instant::now();
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd)?;
-            c.process_new_packets()?;
-        }
+        tls_read(&mut c, buf)?;
         client_t += t.elapsed();
     }
     black_box((&c, &s));
     Ok((client_t.as_secs_f64(), server_t.as_secs_f64()))
 }
 
-fn bench_seconds() -> Result<f64> {
-    // `cargo bench` passes `--bench` to the program: take the first argument that is a number.
-    let arg = std::env::args().skip(1).find_map(|a| a.parse::<f64>().ok());
-    let secs = match arg {
-        Some(s) => s,
-        None => match std::env::var("BENCH_SECONDS") {
-            Ok(v) => v
-                .trim()
-                .parse::<f64>()
-                .map_err(|e| format!("BENCH_SECONDS={v:?}: {e}"))?,
-            Err(_) => DEFAULT_SECONDS,
-        },
-    };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("the duration per round must be a positive number of seconds, not {secs}").into());
-    }
-    Ok(secs)
-}
-
-/// `target/bench-identity.json` in the workspace target directory.
-fn json_path() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir).join("bench-identity.json");
-    }
-    // The program runs as <target>/<profile>/deps/handshake-<hash> (or <target>/<triple>/...).
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(target) = exe.ancestors().find(|p| p.file_name().is_some_and(|n| n == "target"))
-    {
-        return target.join("bench-identity.json");
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-identity.json")
-}
-
 fn main() -> Result<()> {
-    let secs = bench_seconds()?;
+    let secs = seconds_argument(DEFAULT_SECONDS)?;
     let duration = Duration::from_secs_f64(secs);
     let warmup = Duration::from_secs_f64((secs / 4.0).clamp(0.05, 0.5));
 
@@ -325,17 +270,7 @@ fn main() -> Result<()> {
     let (version, suite, kx) = {
         let mut c = ClientConnection::new(client_cfg.clone(), tls::server_name())?;
         let mut s = ServerConnection::new(server_cfg.clone())?;
-        let mut buf = Vec::new();
-        while c.is_handshaking() || s.is_handshaking() {
-            buf.clear();
-            c.write_tls(&mut buf)?;
-            s.read_tls(&mut &buf[..])?;
-            s.process_new_packets()?;
-            buf.clear();
-            s.write_tls(&mut buf)?;
-            c.read_tls(&mut &buf[..])?;
-            c.process_new_packets()?;
-        }
+        tls_handshake(&mut c, &mut s)?;
         assert_eq!(tls::peer_identity(&s)?, client_id);
         assert_eq!(tls::peer_identity(&c)?, server_id);
         assert_eq!(s.alpn_protocol(), Some(&b"h2"[..]));
@@ -352,7 +287,7 @@ fn main() -> Result<()> {
     println!(
         "  {ROUNDS} rounds x {secs} s per measurement, warm-up {:.2} s; one thread; CPU from /proc/self/stat ({} Hz ticks)",
         warmup.as_secs_f64(),
-        CLOCK_TICKS
+        clock_ticks()
     );
     println!(
         "  handshake: {version}, {suite}, key exchange {kx}, ECDSA P-256 SVIDs, mutual auth, no resumption, in-memory"
@@ -378,60 +313,26 @@ fn main() -> Result<()> {
     })?;
     eprintln!();
 
+    let mut handshakes = Bench::new("handshake", "mTLS handshake (client+server)", "handshake", hs);
+    let split = [
+        stat("client_us_per_op", "  client side", "us", &handshakes.rounds, |r| {
+            Some(r.client_us())
+        }),
+        stat("server_us_per_op", "  server side", "us", &handshakes.rounds, |r| {
+            Some(r.server_us())
+        }),
+    ];
+    // After the wall time per handshake.
+    handshakes.stats.splice(2..2, split);
     let benches = vec![
-        Bench {
-            key: "handshake",
-            title: "mTLS handshake (client+server)",
-            stats: vec![
-                stat("ops_per_sec", "handshakes/s", "1/s", &hs, |r| Some(r.ops_per_sec())),
-                stat("us_per_op", "wall per handshake", "us", &hs, |r| Some(r.us_per_op())),
-                stat("client_us_per_op", "  client side", "us", &hs, |r| Some(r.client_us())),
-                stat("server_us_per_op", "  server side", "us", &hs, |r| Some(r.server_us())),
-                stat(
-                    "cpu_s_per_1000",
-                    "CPU per 1000 handshakes",
-                    "CPU-s",
-                    &hs,
-                    Round::cpu_per_1000,
-                ),
-                stat("cpu_utilization", "CPU / wall", "ratio", &hs, Round::cpu_util),
-            ],
-            rounds: hs,
-        },
-        Bench {
-            key: "issue",
-            title: "LocalCa::issue (keygen+sign+validate)",
-            stats: vec![
-                stat("ops_per_sec", "issues/s", "1/s", &issue, |r| Some(r.ops_per_sec())),
-                stat("us_per_op", "wall per issue", "us", &issue, |r| Some(r.us_per_op())),
-                stat(
-                    "cpu_s_per_1000",
-                    "CPU per 1000 issues",
-                    "CPU-s",
-                    &issue,
-                    Round::cpu_per_1000,
-                ),
-                stat("cpu_utilization", "CPU / wall", "ratio", &issue, Round::cpu_util),
-            ],
-            rounds: issue,
-        },
-        Bench {
-            key: "client_config",
-            title: "tls::client_config + Arc::new (per destination)",
-            stats: vec![
-                stat("ops_per_sec", "builds/s", "1/s", &config, |r| Some(r.ops_per_sec())),
-                stat("us_per_op", "wall per build", "us", &config, |r| Some(r.us_per_op())),
-                stat(
-                    "cpu_s_per_1000",
-                    "CPU per 1000 builds",
-                    "CPU-s",
-                    &config,
-                    Round::cpu_per_1000,
-                ),
-                stat("cpu_utilization", "CPU / wall", "ratio", &config, Round::cpu_util),
-            ],
-            rounds: config,
-        },
+        handshakes,
+        Bench::new("issue", "LocalCa::issue (keygen+sign+validate)", "issue", issue),
+        Bench::new(
+            "client_config",
+            "tls::client_config + Arc::new (per destination)",
+            "build",
+            config,
+        ),
     ];
 
     // Table.
@@ -466,10 +367,6 @@ fn main() -> Result<()> {
     }
 
     // JSON.
-    let unix = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let finite = |x: Option<f64>| x.filter(|x| x.is_finite());
     let results: serde_json::Map<String, serde_json::Value> = benches
         .iter()
@@ -481,39 +378,25 @@ fn main() -> Result<()> {
                 "cpu_seconds_per_round": b.rounds.iter().map(|r| finite(r.cpu)).collect::<Vec<_>>(),
             });
             for s in &b.stats {
-                entry[s.key] = serde_json::json!({
-                    "unit": s.unit,
-                    "median": finite(s.summary.map(|x| x.median)),
-                    "min": finite(s.summary.map(|x| x.min)),
-                    "max": finite(s.summary.map(|x| x.max)),
-                    "per_round": s.per_round.iter().map(|v| finite(*v)).collect::<Vec<_>>(),
-                });
+                entry[s.key] = json_summary(s.unit, s.summary, &s.per_round);
             }
             (b.key.to_owned(), entry)
         })
         .collect();
     let json = serde_json::json!({
         "benchmark": "meshwire-identity/handshake",
-        "unix_time": unix,
+        "unix_time": unix_time(),
         "seconds_per_round": secs,
         "warmup_seconds": warmup.as_secs_f64(),
         "rounds": ROUNDS,
         "threads": 1,
-        "cpu_clock_ticks_per_sec": CLOCK_TICKS,
+        "cpu_clock_ticks_per_sec": clock_ticks(),
         "tls": {
             "version": version, "cipher_suite": suite, "key_exchange": kx,
             "certificates": "ECDSA P-256", "mutual": true, "resumption": false,
         },
         "results": results,
     });
-    let json = serde_json::to_string_pretty(&json)? + "\n";
-
-    let path = json_path();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, json)?;
-    println!();
-    println!("results written to {}", path.display());
+    write_results("bench-identity.json", &json)?;
     Ok(())
 }

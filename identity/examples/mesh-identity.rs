@@ -10,30 +10,14 @@
 #![allow(missing_docs)]
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use meshwire_identity::id::{DEFAULT_TRUST_DOMAIN, IstioIdentity, parse_trust_domain};
 use meshwire_identity::manager::{CertManager, ManagerConfig, Priority};
 use meshwire_identity::source::local_ca::LocalCa;
-use meshwire_identity::time::Timer;
 use meshwire_identity::tls;
+use meshwire_rt::TokioTimer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-#[derive(Clone)]
-struct TokioTimer;
-
-impl Timer for TokioTimer {
-    type Sleep = tokio::time::Sleep;
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-    fn sleep_until(&self, deadline: Instant) -> Self::Sleep {
-        tokio::time::sleep_until(deadline.into())
-    }
-}
 
 fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}\nusage: mesh-identity [--state-dir DIR] [--trust-domain TD]");

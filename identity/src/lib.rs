@@ -6,7 +6,8 @@
 //!   `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`;
 //! - [`svid`]: X.509-SVIDs parsed from PEM or DER and validated per the SPIFFE X.509-SVID specification;
 //! - [`bundle`]: trust bundles per trust domain and bundle sets for federation;
-//! - [`tls`]: rustls server and client configurations (ring, TLS 1.3 only) that verify SPIFFE peers;
+//! - [`crypto`]: the crypto provider (ring, TLS 1.3 only) of every TLS config and certificate check;
+//! - [`tls`]: rustls server and client configurations that verify SPIFFE peers;
 //! - [`source`]: certificate sources behind one small trait: a built-in local CA and files on disk;
 //! - [`manager`]: a certificate manager for many identities at once, with de-duplicated fetches,
 //!   priorities, a fetch budget, refresh at half-life and exponential back-off;
@@ -28,6 +29,7 @@
 //! ```
 
 pub mod bundle;
+pub mod crypto;
 pub mod id;
 pub mod manager;
 pub mod source;

@@ -21,20 +21,11 @@
 //! the caller runs it on its executor. Time comes from a [`Timer`], so tests run rotation in virtual time.
 //!
 //! ```
-//! use std::time::{Instant, SystemTime};
 //! use meshwire_identity::id::{SpiffeId, TrustDomain};
 //! use meshwire_identity::manager::{CertManager, ManagerConfig, Priority};
 //! use meshwire_identity::source::local_ca::LocalCa;
-//! use meshwire_identity::time::Timer;
-//!
-//! #[derive(Clone)]
-//! struct TokioTimer;
-//! impl Timer for TokioTimer {
-//!     type Sleep = tokio::time::Sleep;
-//!     fn now(&self) -> Instant { tokio::time::Instant::now().into_std() }
-//!     fn system_now(&self) -> SystemTime { SystemTime::now() }
-//!     fn sleep_until(&self, d: Instant) -> Self::Sleep { tokio::time::sleep_until(d.into()) }
-//! }
+//! // The timer over tokio's clock (`meshwire-rt` with its `tokio` feature).
+//! use meshwire_rt::TokioTimer;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {

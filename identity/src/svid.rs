@@ -200,7 +200,7 @@ pub(crate) fn verify_chain(
     let leaf = chain.first().ok_or(ChainError::Webpki(webpki::Error::BadDer))?;
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(ChainError::Webpki)?;
     ee.verify_for_usage(
-        crate::tls::provider().signature_verification_algorithms.all,
+        crate::crypto::provider().signature_verification_algorithms.all,
         bundle.anchors(),
         &chain[1..],
         now,

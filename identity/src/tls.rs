@@ -45,7 +45,7 @@
 use std::collections::BTreeSet;
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -62,22 +62,7 @@ use crate::id::{SpiffeId, TrustDomain};
 use crate::svid::{self, ChainError, SvidError, X509Svid};
 use crate::x509;
 
-/// The crypto provider of every meshwire TLS config: ring, with TLS 1.3 AES-256-GCM and AES-128-GCM.
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| {
-            use rustls::crypto::ring::{self, cipher_suite};
-            Arc::new(CryptoProvider {
-                cipher_suites: vec![
-                    cipher_suite::TLS13_AES_256_GCM_SHA384,
-                    cipher_suite::TLS13_AES_128_GCM_SHA256,
-                ],
-                ..ring::default_provider()
-            })
-        })
-        .clone()
-}
+pub use crate::crypto::provider;
 
 /// The server name handed to rustls on the client side. SNI is disabled, so it never reaches the
 /// wire, and the verifiers check SPIFFE IDs, not names.

@@ -169,6 +169,11 @@ fn leaf_err(ca: &Ca, params: &CertificateParams) -> SvidError {
     ca.issue(params).svid().unwrap_err()
 }
 
+/// `err` is a PEM error about `what`.
+fn assert_pem_error(err: &SvidError, what: &str) {
+    assert!(matches!(err, SvidError::Pem { what: w, .. } if *w == what), "{err:?}");
+}
+
 fn assert_names(err: &SvidError, parts: &[&str]) {
     let message = err.to_string();
     for part in parts {
@@ -709,55 +714,19 @@ fn garbage_pem_and_keys_are_refused() {
 
     let bad_chain = "-----BEGIN CERTIFICATE-----\n%%% not base64 %%%\n-----END CERTIFICATE-----\n";
     let err = X509Svid::from_pem(bad_chain.as_bytes(), key_pem.as_bytes()).unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            SvidError::Pem {
-                what: "certificate chain",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_pem_error(&err, "certificate chain");
     assert_names(&err, &["certificate chain"]);
 
     // No key at all.
     let err = X509Svid::from_pem(chain_pem.as_bytes(), b"garbage").unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            SvidError::Pem {
-                what: "private key",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_pem_error(&err, "private key");
     assert_names(&err, &["private key"]);
     // A certificate where the key should be.
     let err = X509Svid::from_pem(chain_pem.as_bytes(), chain_pem.as_bytes()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SvidError::Pem {
-                what: "private key",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_pem_error(&err, "private key");
     let bad_key = "-----BEGIN PRIVATE KEY-----\n%%%\n-----END PRIVATE KEY-----\n";
     let err = X509Svid::from_pem(chain_pem.as_bytes(), bad_key.as_bytes()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SvidError::Pem {
-                what: "private key",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_pem_error(&err, "private key");
 
     // Well-formed PEM holding bytes that are no key.
     let junk_key = "-----BEGIN PRIVATE KEY-----\nAAECAwQFBgcICQ==\n-----END PRIVATE KEY-----\n";

@@ -87,7 +87,7 @@ impl HboneClient {
         let runtime = self.runtime.clone();
         self.runtime.block_on(async move {
             let tcp_error = |source: io::Error| ConnectError::Tcp {
-                peer: proxy.to_string(),
+                peer: proxy,
                 source: Arc::new(source),
             };
             let socket = match proxy {

@@ -6,17 +6,24 @@
 //! - [`mesh`]: a mesh on loopback: a shared state directory (one local CA), a live local
 //!   configuration file, and proxy processes with free ports;
 //! - [`pair`]: the usual scenario, a client and a server workload each with its proxy;
-//! - [`net`]: blocking clients and servers (echo, SOCKS5, HTTP/1.1) and checksums;
+//! - [`policy`]: the scenario of the authorization tests, one workload under its namespace's policies;
+//! - [`net`]: blocking servers (echo, whoami), the SOCKS5 client, raw exchanges and checksums;
 //! - [`netns`]: network namespaces joined by veth pairs, for capture and multi-host scenarios;
+//! - [`fixtures`]: the routing mesh, authorization value pools and SOCKS5 requests that the
+//!   dataplane's own tests and the fuzz targets share;
 //! - [`hbone`]: an HBONE client with certificates from the mesh's CA, to talk to a proxy's inbound
 //!   listener directly as any identity and from any loopback address.
+//! - [`seam`]: the per-connection proxy logic on any runtime: one scenario both builds run.
 //!
 //! The binaries are found in the target directory next to the test executables (`cargo test
 //! --workspace` builds them); `MESHWIRE_BIN_DIR` overrides the directory.
 
 pub mod binary;
+pub mod fixtures;
 pub mod hbone;
 pub mod mesh;
 pub mod net;
 pub mod netns;
 pub mod pair;
+pub mod policy;
+pub mod seam;

@@ -15,12 +15,23 @@ use std::time::{Duration, Instant};
 
 use meshwire_identity::id::TrustDomain;
 use meshwire_identity::source::local_ca::LocalCa;
+use meshwire_testkit::http;
 
 use crate::binary::{self, Binary};
 use crate::net;
 
 /// How long a proxy may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many times a proxy on free ports is started when another process took one of them.
+pub const PORT_ATTEMPTS: u32 = 3;
+
+/// What a proxy logs when it exits because a port it was given is in use.
+const PORT_IN_USE: &str = "the port is in use by another process";
+
+/// The proxy process exited while the harness waited for it.
+#[derive(Debug)]
+struct Exited;
 
 /// A state directory, a configuration file and an HBONE port shared by the proxies of a test.
 #[derive(Debug)]
@@ -166,6 +177,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Takes over from an instance on the same ports (`--handover`, waiting up to `within`, in
+    /// whole seconds, for it to release the control ports).
+    pub fn handover(self, within: Duration) -> Self {
+        self.arg("--handover").arg(format!("{}s", within.as_secs()))
+    }
+
     /// The log filter (default `info`, which includes the access log).
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_owned();
@@ -188,25 +205,22 @@ impl ProxyBuilder {
     /// namespace: until it logs that it listens); panics with its log if it exits or is not ready
     /// within [`START_TIMEOUT`].
     pub fn spawn(self) -> Proxy {
-        let mut proxy = self.start();
-        proxy.wait_ready();
-        proxy
+        self.start_until("before it was ready", Proxy::wait_ready)
     }
 
     /// Starts the process and waits only until it logs that its listeners are bound (it may not be
     /// ready: a certificate it cannot obtain, say).
     pub fn spawn_listening(self) -> Proxy {
-        let mut proxy = self.start();
-        proxy.wait_logged_listening();
-        proxy
+        self.start_until("before listening", Proxy::wait_logged_listening)
     }
 
     /// Starts the process and waits until it logs a line containing every one of `needles` (a
     /// proxy taking over from another, say, which is not ready before the other one has drained).
     pub fn spawn_until_log(self, needles: &[&str]) -> Proxy {
-        let mut proxy = self.start();
-        proxy.expect_log(needles, &needles.join(" "));
-        proxy
+        let what = needles.join(" ");
+        self.start_until(&format!("while waiting for {what}"), |proxy| {
+            proxy.wait_log(needles, &what).map(drop)
+        })
     }
 
     /// Starts the process and waits up to `within` for it to exit, for a proxy expected to fail at
@@ -219,7 +233,33 @@ impl ProxyBuilder {
         }
     }
 
-    fn start(self) -> Proxy {
+    /// Starts the process and `wait`s for it; panics with its log, saying it exited `when`, if it
+    /// exits first. Free ports are picked before the proxy binds them, so another process may take
+    /// one in between: when the proxy exits because a port it was given is in use, it starts again
+    /// on other free ports (up to [`PORT_ATTEMPTS`] times), unless the test chose its ports.
+    fn start_until(self, when: &str, wait: impl Fn(&mut Proxy) -> Result<(), Exited>) -> Proxy {
+        let mut attempt = 1;
+        loop {
+            let mut proxy = self.start();
+            let Err(Exited) = wait(&mut proxy) else {
+                return proxy;
+            };
+            let port_taken = proxy.log().contains(PORT_IN_USE);
+            if self.ports.is_none() && port_taken && attempt < PORT_ATTEMPTS {
+                eprintln!(
+                    "{}: another process took a free port before the proxy bound it; starting it again on \
+                     other ports\n{}",
+                    self.binary,
+                    proxy.describe()
+                );
+                attempt += 1;
+                continue;
+            }
+            panic!("the proxy exited {when}:\n{}", proxy.describe());
+        }
+    }
+
+    fn start(&self) -> Proxy {
         let ports = self.ports.unwrap_or_else(|| Ports::free(self.ip, self.hbone_port));
         let mut cmd = match &self.netns {
             Some(netns) => {
@@ -401,15 +441,34 @@ impl Proxy {
     /// Waits up to 20 s until a log line contains every one of `needles`; panics naming `what`, with
     /// the log, if none does (or the proxy exits first).
     pub fn expect_log(&mut self, needles: &[&str], what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_log(needles, what)
+            .unwrap_or_else(|Exited| panic!("the proxy exited while waiting for {what}:\n{}", self.describe()))
+    }
+
+    /// [`Proxy::expect_log`], with `Err` when the proxy exits first.
+    fn wait_log(&mut self, needles: &[&str], what: &str) -> Result<String, Exited> {
+        self.poll(Duration::from_secs(20), |proxy| {
+            proxy
+                .log_lines(needles)
+                .into_iter()
+                .next()
+                .ok_or_else(|| format!("no {what} in time"))
+        })
+    }
+
+    /// Calls `check` every 20 ms until it gives a value; `Err` when the process exits first. Panics
+    /// with the message of `check`'s last `Err` and the log after `within`.
+    fn poll<T>(&mut self, within: Duration, mut check: impl FnMut(&Self) -> Result<T, String>) -> Result<T, Exited> {
+        let deadline = Instant::now() + within;
         loop {
-            if let Some(line) = self.log_lines(needles).into_iter().next() {
-                return line;
-            }
+            let missing = match check(self) {
+                Ok(value) => return Ok(value),
+                Err(missing) => missing,
+            };
             if !self.is_running() {
-                panic!("the proxy exited while waiting for {what}:\n{}", self.describe());
+                return Err(Exited);
             }
-            assert!(Instant::now() < deadline, "no {what} in time:\n{}", self.describe());
+            assert!(Instant::now() < deadline, "{missing}:\n{}", self.describe());
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -462,46 +521,33 @@ impl Proxy {
     }
 
     /// Waits until the proxy logs that it listens (once every listener is bound).
-    fn wait_logged_listening(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        {
-            let inbound = self.ports.inbound.to_string();
-            while self.log_lines(&["listening", &inbound]).is_empty() {
-                if !self.is_running() {
-                    panic!("the proxy exited before listening:\n{}", self.describe());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the proxy does not listen after {START_TIMEOUT:?}:\n{}",
-                    self.describe()
-                );
-                thread::sleep(Duration::from_millis(20));
+    fn wait_logged_listening(&mut self) -> Result<(), Exited> {
+        let inbound = self.ports.inbound.to_string();
+        self.poll(START_TIMEOUT, |proxy| {
+            if proxy.log_lines(&["listening", &inbound]).is_empty() {
+                Err(format!("the proxy does not listen after {START_TIMEOUT:?}"))
+            } else {
+                Ok(())
             }
-        }
+        })
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the proxy is ready: listeners bound, configuration loaded, the workload's
+    /// certificate obtained.
+    fn wait_ready(&mut self) -> Result<(), Exited> {
         if self.in_netns {
             // Its addresses are not reachable from here.
             return self.wait_logged_listening();
         }
-        let deadline = Instant::now() + START_TIMEOUT;
-        // Ready: listeners bound, configuration loaded, the workload's certificate obtained.
-        loop {
-            let answer = net::http(self.ports.readiness, "GET", "/healthz/ready");
-            if answer.as_ref().is_ok_and(|r| r.status == 200) {
-                return;
+        let readiness = self.ports.readiness;
+        self.poll(START_TIMEOUT, |_| {
+            match http::request_blocking(readiness, "GET", "/healthz/ready") {
+                Ok(answer) if answer.status == 200 => Ok(()),
+                answer => Err(format!(
+                    "the proxy is not ready after {START_TIMEOUT:?} (last answer {answer:?})"
+                )),
             }
-            if !self.is_running() {
-                panic!("the proxy exited before it was ready:\n{}", self.describe());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy is not ready after {START_TIMEOUT:?} (last answer {answer:?}):\n{}",
-                self.describe()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 }
 
@@ -607,7 +653,7 @@ impl Proxy {
 
     /// The text of its `/metrics` endpoint; panics with its log unless it answers 200.
     pub fn metrics(&self) -> String {
-        let response = net::http(self.ports.metrics, "GET", "/metrics")
+        let response = http::request_blocking(self.ports.metrics, "GET", "/metrics")
             .unwrap_or_else(|e| panic!("scraping {}: {e}\n{}", self.ports.metrics, self.describe()));
         assert_eq!(response.status, 200, "{}", response.body);
         response.body

@@ -1,5 +1,7 @@
-//! Blocking network helpers: servers on loopback, a SOCKS5 client, an HTTP/1.1 client, payloads and
-//! checksums. Every blocking read has a timeout so a broken proxy fails a test instead of hanging it.
+//! Blocking network helpers: servers on loopback, the testkit's SOCKS5 client with this harness's
+//! timeout, raw exchanges, payloads and checksums. Every blocking read has a timeout so a broken
+//! proxy fails a test instead of hanging it. (The HTTP/1.1 client is the testkit's
+//! [`meshwire_testkit::http`].)
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -7,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
+
+use meshwire_testkit::socks5;
 
 /// How long a blocking read may wait before the helpers give up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -222,20 +226,18 @@ pub fn echo_exchange(stream: TcpStream, len: usize) -> io::Result<Echoed> {
     })
 }
 
-/// A SOCKS5 destination.
-#[derive(Debug, Clone)]
-pub enum Socks5Target {
-    /// An address.
-    Addr(SocketAddr),
-    /// A host name and port.
-    Domain(String, u16),
-}
+/// A SOCKS5 destination (the testkit's client).
+pub use meshwire_testkit::socks5::Target as Socks5Target;
+
+/// Why a SOCKS5 CONNECT did not succeed (the testkit's client).
+pub use meshwire_testkit::socks5::Failure as Socks5Failure;
 
 /// A SOCKS5 CONNECT through the proxy's SOCKS5 listener at `proxy`. `Ok` with the connected stream
-/// on reply 0; `Err` with the reply code otherwise (or an IO error as code 255 with its message).
+/// (reads time out after [`IO_TIMEOUT`]) on reply 0; `Err` with the reply code otherwise (or an IO
+/// error as code 255 with its message).
 pub fn socks5_connect(proxy: SocketAddr, target: &Socks5Target) -> Result<TcpStream, Socks5Failure> {
     let tcp = TcpStream::connect(proxy).map_err(|e| Socks5Failure::Io(e.to_string()))?;
-    socks5_handshake(tcp, target)
+    socks5::connect_blocking(tcp, target, IO_TIMEOUT)
 }
 
 /// [`socks5_connect`] from the local address `from` (port chosen by the kernel): the address a
@@ -245,128 +247,19 @@ pub fn socks5_connect_from(from: IpAddr, proxy: SocketAddr, target: &Socks5Targe
     let socket = socket2::Socket::new(socket2::Domain::for_address(proxy), socket2::Type::STREAM, None).map_err(io)?;
     socket.bind(&SocketAddr::new(from, 0).into()).map_err(io)?;
     socket.connect(&proxy.into()).map_err(io)?;
-    socks5_handshake(socket.into(), target)
+    socks5::connect_blocking(socket.into(), target, IO_TIMEOUT)
 }
 
-fn socks5_handshake(mut tcp: TcpStream, target: &Socks5Target) -> Result<TcpStream, Socks5Failure> {
-    let io = |e: io::Error| Socks5Failure::Io(e.to_string());
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    tcp.write_all(&[5, 1, 0]).map_err(io)?;
-    let mut choice = [0u8; 2];
-    tcp.read_exact(&mut choice).map_err(io)?;
-    if choice != [5, 0] {
-        return Err(Socks5Failure::Io(format!("method selection answered {choice:?}")));
-    }
-    let mut request = vec![5, 1, 0];
-    match target {
-        Socks5Target::Addr(SocketAddr::V4(v4)) => {
-            request.push(1);
-            request.extend_from_slice(&v4.ip().octets());
-            request.extend_from_slice(&v4.port().to_be_bytes());
-        }
-        Socks5Target::Addr(SocketAddr::V6(v6)) => {
-            request.push(4);
-            request.extend_from_slice(&v6.ip().octets());
-            request.extend_from_slice(&v6.port().to_be_bytes());
-        }
-        Socks5Target::Domain(name, port) => {
-            request.push(3);
-            request.push(u8::try_from(name.len()).map_err(|_| Socks5Failure::Io("name too long".into()))?);
-            request.extend_from_slice(name.as_bytes());
-            request.extend_from_slice(&port.to_be_bytes());
-        }
-    }
-    tcp.write_all(&request).map_err(io)?;
-    let mut head = [0u8; 4];
-    tcp.read_exact(&mut head).map_err(io)?;
-    if head[1] != 0 {
-        return Err(Socks5Failure::Reply(head[1]));
-    }
-    let rest = match head[3] {
-        1 => 4 + 2,
-        4 => 16 + 2,
-        3 => {
-            let mut len = [0u8; 1];
-            tcp.read_exact(&mut len).map_err(io)?;
-            usize::from(len[0]) + 2
-        }
-        other => return Err(Socks5Failure::Io(format!("bad address type {other} in the reply"))),
-    };
-    let mut bound = vec![0u8; rest];
-    tcp.read_exact(&mut bound).map_err(io)?;
-    Ok(tcp)
-}
-
-/// Why a SOCKS5 CONNECT did not succeed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Socks5Failure {
-    /// The proxy answered with this reply code.
-    Reply(u8),
-    /// The exchange failed (the message says how).
-    Io(String),
-}
-
-/// An HTTP/1.1 response: status and body.
-#[derive(Debug, Clone)]
-pub struct HttpResponse {
-    /// The status code.
-    pub status: u16,
-    /// The headers, as `name: value` lines (names lower-cased).
-    pub headers: Vec<(String, String)>,
-    /// The body.
-    pub body: String,
-}
-
-impl HttpResponse {
-    /// The first header called `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
-
-/// Sends one HTTP/1.1 request (`Connection: close`) and reads the whole response.
-pub fn http(addr: SocketAddr, method: &str, path: &str) -> io::Result<HttpResponse> {
-    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        tcp,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::other(format!("no end of headers in {text:?}")))?;
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
-    Ok(HttpResponse { status, headers, body })
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
+/// Sends raw bytes to `addr`, half-closes, and returns what came back before the peer closed (or
+/// before a read waited [`IO_TIMEOUT`]): how a test speaks a broken protocol to a listener.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+    tcp.write_all(bytes).unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+    // The client is done: the peer sees the end of its input (mid-handshake for short inputs). (A
+    // peer that already answered and closed makes this fail with ENOTCONN: nothing to do then.)
+    let _ = tcp.shutdown(Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    answer
 }

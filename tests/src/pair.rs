@@ -8,6 +8,7 @@
 //! - `legacy` on 127.0.0.3: not in the mesh (plain TCP), no proxy.
 
 use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use crate::binary::Binary;
 use crate::mesh::{Mesh, Proxy, ProxyBuilder};
@@ -88,7 +89,7 @@ impl Pair {
     ) -> Pair {
         let echo = EchoServer::start(lo(2));
         let mesh = Mesh::new(&config(echo.addr().port(), extra));
-        let server = configure(mesh.proxy(server, lo(2)).dedicated("default/server/server")).spawn();
+        let server = configure(server_proxy(&mesh, server)).spawn();
         let client = configure(mesh.proxy(client, lo(1)).dedicated("default/client/client")).spawn();
         Pair {
             mesh,
@@ -114,8 +115,42 @@ impl Pair {
         self.socks5(Socks5Target::Addr(self.echo.addr()))
     }
 
+    /// Whether a SOCKS5 connection through the client's proxy to the echo server carries 1 KiB
+    /// back and forth intact (`false` on any failure, the CONNECT's included).
+    pub fn echo_works(&self) -> bool {
+        net::socks5_connect(self.client.ports().socks5, &Socks5Target::Addr(self.echo.addr()))
+            .ok()
+            .and_then(|stream| net::echo_exchange(stream, 1024).ok())
+            .is_some_and(|echoed| echoed.intact())
+    }
+
+    /// Checks that a good connection still works: a SOCKS5 connection to the echo server carries
+    /// `len` bytes back and forth intact; panics naming `context` (with both logs) otherwise.
+    pub fn still_serves(&self, context: &str, len: usize) {
+        let stream = net::socks5_connect(self.client.ports().socks5, &Socks5Target::Addr(self.echo.addr()))
+            .unwrap_or_else(|e| panic!("{context}: SOCKS5 no longer works: {e:?}\n{}", self.logs()));
+        let echoed = net::echo_exchange(stream, len).unwrap_or_else(|e| panic!("{context}: the echo: {e}"));
+        assert!(echoed.intact(), "{context}: {echoed:?}");
+    }
+
     /// The echo service's VIP and port.
     pub fn vip() -> SocketAddr {
         SocketAddr::new(ECHO_VIP.parse().expect("VIP"), 80)
     }
+}
+
+/// A proxy of `binary` for the server workload (dedicated mode, on 127.0.0.2), to configure and
+/// start: a second instance next to [`Pair::server`], say.
+pub fn server_proxy(mesh: &Mesh, binary: &Binary) -> ProxyBuilder {
+    mesh.proxy(binary, lo(2)).dedicated("default/server/server")
+}
+
+/// Starts a second instance of the server workload's proxy on the ports of `old` with `--handover
+/// 60s`, and waits until it logs that it is taking over (it shares the data ports at once and binds
+/// the control ports once `old` has drained).
+pub fn take_over(mesh: &Mesh, binary: &Binary, old: &Proxy) -> Proxy {
+    server_proxy(mesh, binary)
+        .same_ports_as(old)
+        .handover(Duration::from_secs(60))
+        .spawn_until_log(&["taking over"])
 }

@@ -12,40 +12,7 @@ use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::hbone::{HboneClient, spiffe};
 use meshwire_tests::mesh::{Mesh, Proxy};
 use meshwire_tests::net::{self, EchoServer, lo};
-
-const WORKLOAD: &str = r#"
-workloads:
-  - uid: cluster1//v1/Pod/prod/server
-    name: server
-    namespace: prod
-    serviceAccount: server
-    workloadIps: ["127.0.0.2"]
-    protocol: HBONE
-"#;
-
-/// A namespace-scoped policy of `prod` with one rule of one clause of one match (`fields`, a YAML
-/// flow mapping body such as `principals: [!Exact cluster.local/ns/prod/sa/frontend]`).
-fn policy(name: &str, action: &str, dry_run: bool, fields: &str) -> String {
-    format!(
-        r#"
-  - name: {name}
-    namespace: prod
-    scope: Namespace
-    action: {action}
-    dryRun: {dry_run}
-    rules:
-      - - - {{ {fields} }}
-"#
-    )
-}
-
-fn config(policies: &[String]) -> String {
-    if policies.is_empty() {
-        WORKLOAD.to_owned()
-    } else {
-        format!("{WORKLOAD}policies:{}", policies.concat())
-    }
-}
+use meshwire_tests::policy::{self, allow, config, deny};
 
 /// A client of the test: identity and source address.
 #[derive(Debug, Clone, Copy)]
@@ -84,7 +51,7 @@ fn echo_servers() -> [EchoServer; 2] {
 
 fn server<'e>(binary: &Binary, policies: &[String], echo: &'e [EchoServer; 2]) -> Server<'e> {
     let mesh = Mesh::new(&config(policies));
-    let proxy = mesh.proxy(binary, lo(2)).dedicated("prod/server/server").spawn();
+    let proxy = policy::server_proxy(&mesh, binary);
     Server { mesh, proxy, echo }
 }
 
@@ -133,63 +100,49 @@ fn cases(ports: [u16; 2]) -> Vec<Case> {
         },
         Case {
             name: "allow one principal",
-            policies: vec![policy(
-                "allow",
-                "Allow",
-                false,
-                "principals: [!Exact cluster.local/ns/prod/sa/frontend]",
-            )],
+            policies: vec![allow("allow", "principals: [!Exact cluster.local/ns/prod/sa/frontend]")],
             expect: vec![(FRONTEND, 0, true), (BATCH, 0, false), (ATTACKER, 0, false)],
         },
         Case {
             name: "allow a principal prefix",
-            policies: vec![policy(
-                "allow",
-                "Allow",
-                false,
-                "principals: [!Prefix cluster.local/ns/prod/]",
-            )],
+            policies: vec![allow("allow", "principals: [!Prefix cluster.local/ns/prod/]")],
             expect: vec![(FRONTEND, 0, true), (BATCH, 0, true), (ATTACKER, 0, false)],
         },
         Case {
             name: "allow a principal suffix and presence",
             policies: vec![
-                policy("suffix", "Allow", false, "principals: [!Suffix /sa/batch]"),
-                policy("present", "Deny", false, "notPrincipals: [!Presence []]"),
+                allow("suffix", "principals: [!Suffix /sa/batch]"),
+                deny("present", "notPrincipals: [!Presence []]"),
             ],
             expect: vec![(BATCH, 0, true), (FRONTEND, 0, false)],
         },
         Case {
             name: "deny a namespace",
-            policies: vec![policy("deny", "Deny", false, "namespaces: [!Exact evil]")],
+            policies: vec![deny("deny", "namespaces: [!Exact evil]")],
             expect: vec![(FRONTEND, 0, true), (ATTACKER, 0, false)],
         },
         Case {
             name: "deny wins over allow",
             policies: vec![
-                policy("allow-prod", "Allow", false, "namespaces: [!Exact prod]"),
-                policy("deny-batch", "Deny", false, "principals: [!Suffix /sa/batch]"),
+                allow("allow-prod", "namespaces: [!Exact prod]"),
+                deny("deny-batch", "principals: [!Suffix /sa/batch]"),
             ],
             expect: vec![(FRONTEND, 0, true), (BATCH, 0, false), (ATTACKER, 0, false)],
         },
         Case {
             name: "not namespaces",
-            policies: vec![policy("allow", "Allow", false, "notNamespaces: [!Exact evil]")],
+            policies: vec![allow("allow", "notNamespaces: [!Exact evil]")],
             expect: vec![(FRONTEND, 0, true), (ATTACKER, 0, false)],
         },
         Case {
             name: "service accounts and their not form",
             policies: vec![
-                policy(
+                allow(
                     "allow",
-                    "Allow",
-                    false,
                     "serviceAccounts: [{namespace: prod, serviceAccount: frontend}, {namespace: prod, serviceAccount: batch}]",
                 ),
-                policy(
+                deny(
                     "deny",
-                    "Deny",
-                    false,
                     "notServiceAccounts: [{namespace: prod, serviceAccount: frontend}], namespaces: [!Exact prod]",
                 ),
             ],
@@ -197,43 +150,41 @@ fn cases(ports: [u16; 2]) -> Vec<Case> {
         },
         Case {
             name: "source CIDR",
-            policies: vec![policy("allow", "Allow", false, "sourceIps: [127.0.0.5/32]")],
+            policies: vec![allow("allow", "sourceIps: [127.0.0.5/32]")],
             expect: vec![(FRONTEND, 0, true), (FRONTEND_OTHER_IP, 0, false)],
         },
         Case {
             name: "not source CIDR",
-            policies: vec![policy("deny", "Deny", false, "notSourceIps: [127.0.0.5/32]")],
+            policies: vec![deny("deny", "notSourceIps: [127.0.0.5/32]")],
             expect: vec![(FRONTEND, 0, true), (FRONTEND_OTHER_IP, 0, false)],
         },
         Case {
             name: "destination port",
-            policies: vec![policy("allow", "Allow", false, &format!("destinationPorts: [{p0}]"))],
+            policies: vec![allow("allow", &format!("destinationPorts: [{p0}]"))],
             expect: vec![(FRONTEND, 0, true), (FRONTEND, 1, false)],
         },
         Case {
             name: "not destination port",
-            policies: vec![policy("deny", "Deny", false, &format!("notDestinationPorts: [{p0}]"))],
+            policies: vec![deny("deny", &format!("notDestinationPorts: [{p0}]"))],
             expect: vec![(FRONTEND, 0, true), (FRONTEND, 1, false)],
         },
         Case {
             name: "destination CIDR and its not form",
             policies: vec![
-                policy("allow", "Allow", false, "destinationIps: [127.0.0.0/24]"),
-                policy("deny", "Deny", false, "notDestinationIps: [127.0.0.2/32]"),
+                allow("allow", "destinationIps: [127.0.0.0/24]"),
+                deny("deny", "notDestinationIps: [127.0.0.2/32]"),
             ],
             expect: vec![(FRONTEND, 0, true)],
         },
         Case {
             name: "destination CIDR that does not match",
-            policies: vec![policy("allow", "Allow", false, "destinationIps: [10.0.0.0/8]")],
+            policies: vec![allow("allow", "destinationIps: [10.0.0.0/8]")],
             expect: vec![(FRONTEND, 0, false)],
         },
         Case {
             name: "fields of a match are AND-ed",
-            policies: vec![policy(
+            policies: vec![allow(
                 "allow",
-                "Allow",
-                false,
                 &format!("principals: [!Exact cluster.local/ns/prod/sa/frontend], destinationPorts: [{p0}]"),
             )],
             expect: vec![(FRONTEND, 0, true), (FRONTEND, 1, false), (BATCH, 0, false)],
@@ -241,13 +192,13 @@ fn cases(ports: [u16; 2]) -> Vec<Case> {
         Case {
             name: "dry-run policies are not enforced",
             policies: vec![
-                policy(
+                policy::policy(
                     "would-deny",
                     "Deny",
                     true,
                     "principals: [!Exact cluster.local/ns/prod/sa/frontend]",
                 ),
-                policy(
+                policy::policy(
                     "would-allow-only-batch",
                     "Allow",
                     true,
@@ -293,11 +244,7 @@ fn policies_give_the_istio_answers() {
 fn a_denied_connection_is_logged_and_counted_as_such() {
     for binary in binary::all() {
         let echo = echo_servers();
-        let server = server(
-            &binary,
-            &[policy("deny", "Deny", false, "namespaces: [!Exact evil]")],
-            &echo,
-        );
+        let server = server(&binary, &[deny("deny", "namespaces: [!Exact evil]")], &echo);
         assert!(!server.allowed(ATTACKER, 0));
         let lines = server.proxy.wait_access_lines("inbound", 1, Duration::from_secs(5));
         assert_eq!(lines.len(), 1, "{}", server.proxy.describe());
@@ -331,10 +278,8 @@ fn a_new_deny_closes_an_established_connection() {
         // A connection of another identity stays open.
         let other = server.client(BATCH).open(server.proxy.ports().inbound, dst).unwrap();
 
-        server.mesh.write_config(&config(&[policy(
+        server.mesh.write_config(&config(&[deny(
             "deny-frontend",
-            "Deny",
-            false,
             "principals: [!Exact cluster.local/ns/prod/sa/frontend]",
         )]));
         // The proxy polls the file every second; then the connection is closed: reads end.

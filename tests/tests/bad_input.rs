@@ -3,8 +3,7 @@
 //! authority, and clients whose certificates the mesh does not trust.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshwire_hbone::client::ConnectError;
@@ -15,14 +14,6 @@ use meshwire_tests::binary;
 use meshwire_tests::hbone::{HboneClient, spiffe};
 use meshwire_tests::net::{self, Socks5Failure, Socks5Target, lo};
 use meshwire_tests::pair::{self, ECHO_VIP, Pair};
-
-/// A good connection still works.
-fn still_serves(pair: &Pair, context: &str) {
-    let stream = net::socks5_connect(pair.client.ports().socks5, &Socks5Target::Addr(pair.echo.addr()))
-        .unwrap_or_else(|e| panic!("{context}: SOCKS5 no longer works: {e:?}\n{}", pair.logs()));
-    let echoed = net::echo_exchange(stream, 32 * 1024).unwrap();
-    assert!(echoed.intact(), "{context}: {echoed:?}");
-}
 
 #[test]
 fn an_invalid_config_change_is_rejected_and_the_old_state_kept() {
@@ -35,7 +26,7 @@ fn an_invalid_config_change_is_rejected_and_the_old_state_kept() {
             .wait_for_log(&["rejected an invalid change"], Duration::from_secs(10));
         let rejected = rejected.unwrap_or_else(|| panic!("no rejection logged\n{}", s.logs()));
         assert!(rejected.contains("workloads[0].workloadIps[0]"), "{rejected}");
-        still_serves(&s, "after an invalid change");
+        s.still_serves("after an invalid change", 32 * 1024);
         // The service VIP of the old state still resolves.
         let stream = s.socks5(Socks5Target::Addr(Pair::vip()));
         assert!(net::echo_exchange(stream, 1024).unwrap().intact());
@@ -54,41 +45,31 @@ fn an_invalid_config_change_is_rejected_and_the_old_state_kept() {
     }
 }
 
-/// Sends raw SOCKS5 bytes and returns what the proxy answered before closing.
-fn raw_socks5(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(proxy).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    tcp.write_all(bytes).unwrap();
-    // The client is done: the proxy sees the end of its input (mid-handshake for short inputs).
-    // (A proxy that already answered and closed makes this fail with ENOTCONN: nothing to do then.)
-    let _ = tcp.shutdown(std::net::Shutdown::Write);
-    let mut answer = Vec::new();
-    let _ = tcp.read_to_end(&mut answer);
-    answer
-}
-
 #[test]
 fn broken_socks5_handshakes_get_their_replies() {
     for (a, b) in binary::pairs() {
         let s = Pair::start(&a, &b);
         let socks = s.client.ports().socks5;
         // SOCKS4: no reply, closed.
-        assert_eq!(raw_socks5(socks, &[4, 1, 0, 80, 127, 0, 0, 2, 0]), Vec::<u8>::new());
+        assert_eq!(
+            net::raw_exchange(socks, &[4, 1, 0, 80, 127, 0, 0, 2, 0]),
+            Vec::<u8>::new()
+        );
         // No acceptable method (only username/password offered): 0xFF.
-        assert_eq!(raw_socks5(socks, &[5, 1, 2]), vec![5, 0xff]);
+        assert_eq!(net::raw_exchange(socks, &[5, 1, 2]), vec![5, 0xff]);
         // BIND: command not supported (7).
-        let answer = raw_socks5(socks, &[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 2, 0, 80]);
+        let answer = net::raw_exchange(socks, &[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 2, 0, 80]);
         assert_eq!(answer[..2], [5, 0], "{answer:?}");
         assert_eq!(answer[2..4], [5, 7], "{answer:?}");
         // Address type 9: not supported (8).
-        let answer = raw_socks5(socks, &[5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4]);
+        let answer = net::raw_exchange(socks, &[5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4]);
         assert_eq!(answer[2..4], [5, 8], "{answer:?}");
         // A client that vanishes mid-handshake.
-        drop(raw_socks5(socks, &[5, 1]));
+        drop(net::raw_exchange(socks, &[5, 1]));
         // A name that no service has: host unreachable (4).
         let failure = net::socks5_connect(socks, &Socks5Target::Domain("nowhere.example".into(), 80)).unwrap_err();
         assert_eq!(failure, Socks5Failure::Reply(4));
-        still_serves(&s, "after broken SOCKS5 handshakes");
+        s.still_serves("after broken SOCKS5 handshakes", 32 * 1024);
     }
 }
 
@@ -122,7 +103,7 @@ fn connects_with_a_wrong_authority_get_400_or_503() {
         // And the right one works.
         let opened = client.open(inbound, s.echo.addr()).unwrap();
         assert!(net::echo_exchange(opened.stream, 1024).unwrap().intact());
-        still_serves(&s, "after wrong authorities");
+        s.still_serves("after wrong authorities", 32 * 1024);
     }
 }
 
@@ -168,6 +149,6 @@ fn clients_with_untrusted_certificates_are_refused() {
             "the refusal is logged\n{}",
             s.server.describe()
         );
-        still_serves(&s, "after untrusted clients");
+        s.still_serves("after untrusted clients", 32 * 1024);
     }
 }

@@ -21,6 +21,7 @@ use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::mesh::{Mesh, Ports, Proxy, repo_path};
 use meshwire_tests::net;
 use meshwire_tests::netns::{self, Netns};
+use meshwire_tests::policy;
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -36,26 +37,9 @@ fn config_yaml(policies: &str) -> String {
     format!(
         r#"
 workloads:
-- uid: client
-  name: client
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["{POD_IP}"]
-  protocol: HBONE
-  node: pod
-- uid: server
-  name: server
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["{SERVER_IP}"]
-  protocol: HBONE
-  node: peer
-- uid: plain
-  name: plain
-  namespace: default
-  workloadIps: ["{PLAIN_IP}"]
-  protocol: TCP
-  node: peer
+- {{uid: client, name: client, namespace: default, serviceAccount: client, workloadIps: ["{POD_IP}"], protocol: HBONE, node: pod}}
+- {{uid: server, name: server, namespace: default, serviceAccount: server, workloadIps: ["{SERVER_IP}"], protocol: HBONE, node: peer}}
+- {{uid: plain, name: plain, namespace: default, workloadIps: ["{PLAIN_IP}"], protocol: TCP, node: peer}}
 {policies}
 "#
     )
@@ -253,17 +237,14 @@ fn inbound_plaintext_is_authorized_without_a_peer_identity() {
         held.write_all(b"ping").unwrap();
         let mut pong = [0u8; 4];
         held.read_exact(&mut pong).unwrap();
-        capture.rewrite_config(
-            r#"
-policies:
-- name: mesh-only
-  namespace: default
-  scope: Namespace
-  action: Allow
-  rules:
-  - - - principals: [!Prefix cluster.local/ns/]
-"#,
+        let mesh_only = policy::namespace_policy(
+            "default",
+            "mesh-only",
+            "Allow",
+            false,
+            "principals: [!Prefix cluster.local/ns/]",
         );
+        capture.rewrite_config(&format!("policies:{mesh_only}"));
         assert!(
             net::refused(held),
             "{a}: the established plaintext connection was not closed by the new policy\n{}",

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::source::Credentials;
 use meshwire_identity::tls;
+use meshwire_testkit::http;
 use meshwire_tests::binary;
 use meshwire_tests::hbone::spiffe;
 use meshwire_tests::mesh::{Mesh, Proxy, ProxyBuilder};
@@ -33,7 +34,7 @@ fn client_id() -> SpiffeId {
 
 /// The readiness answer: status and body.
 fn readiness(proxy: &Proxy) -> (u16, String) {
-    match net::http(proxy.ports().readiness, "GET", "/healthz/ready") {
+    match http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready") {
         Ok(r) => (r.status, r.body),
         Err(e) => (0, e.to_string()),
     }
@@ -58,7 +59,7 @@ fn wait_readiness(proxy: &Proxy, what: &str, accept: impl Fn(u16, &str) -> bool)
 
 /// The `/config_dump` entry of `id`'s certificate.
 fn dumped_certificate(proxy: &Proxy, id: &SpiffeId) -> Option<Value> {
-    let dump = net::http(proxy.ports().admin, "GET", "/config_dump").ok()?;
+    let dump = http::request_blocking(proxy.ports().admin, "GET", "/config_dump").ok()?;
     let dump: Value = serde_json::from_str(&dump.body).ok()?;
     dump["certificates"]
         .as_array()?

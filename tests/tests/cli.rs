@@ -10,6 +10,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
+use meshwire_testkit::http;
 use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::mesh::{Mesh, Ports, Proxy, metric_sum, repo_path};
 use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
@@ -34,13 +35,30 @@ fn example_proxy(mesh: &Mesh, binary: &Binary, state: &Path) -> Proxy {
         .spawn()
 }
 
+/// Checks that `proxy`, told to stop by `what`, exits with status 0 within the drain deadline (and
+/// a margin).
+fn exits_0_after_draining(proxy: &mut Proxy, binary: &Binary, what: &str) {
+    let status = proxy
+        .wait_exit(DRAIN_DEADLINE + Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{binary}: still running after {what}\n{}", proxy.describe()));
+    assert_eq!(status.code(), Some(0), "{}", proxy.describe());
+}
+
+/// Checks that the log of `proxy` contains every one of `needles`.
+fn assert_logged(proxy: &Proxy, needles: &[&str]) {
+    let log = proxy.log();
+    for needle in needles {
+        assert!(log.contains(needle), "{needle:?} missing from: {log}");
+    }
+}
+
 #[test]
 fn socks5_through_hbone_to_echo_is_counted_then_sigterm_drains() {
     for binary in binary::all() {
         let mesh = example_mesh();
         let state = tempfile::tempdir().unwrap();
         let mut proxy = example_proxy(&mesh, &binary, state.path());
-        let ready = net::http(proxy.ports().readiness, "GET", "/healthz/ready").unwrap();
+        let ready = http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready").unwrap();
         assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"), "{binary}");
 
         // 1 MiB through SOCKS5 -> HBONE -> inbound -> echo.
@@ -79,14 +97,9 @@ fn socks5_through_hbone_to_echo_is_counted_then_sigterm_drains() {
 
         // SIGTERM: drain and exit 0 within the deadline (plus a margin).
         proxy.signal("TERM");
-        let status = proxy
-            .wait_exit(DRAIN_DEADLINE + Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("{binary}: still running after SIGTERM\n{}", proxy.describe()));
-        assert_eq!(status.code(), Some(0), "{}", proxy.describe());
-        let log = proxy.log();
-        assert!(log.contains("listening"), "{log}");
+        exits_0_after_draining(&mut proxy, &binary, "SIGTERM");
         // The connection went through the inbound HBONE listener, which logs it.
-        assert!(log.contains("direction=\"inbound\""), "{log}");
+        assert_logged(&proxy, &["listening", "direction=\"inbound\""]);
     }
 }
 
@@ -99,7 +112,7 @@ fn quitquitquit_drains_and_exits_0() {
         let admin = proxy.ports().admin;
 
         // The admin listener is on loopback and answers; GET does not shut down.
-        let dump = net::http(admin, "GET", "/config_dump").unwrap();
+        let dump = http::request_blocking(admin, "GET", "/config_dump").unwrap();
         assert_eq!(dump.status, 200, "{binary}: {}", dump.body);
         assert!(
             dump.body.contains("\"spiffe://cluster.local/ns/default/sa/default\""),
@@ -107,7 +120,7 @@ fn quitquitquit_drains_and_exits_0() {
             dump.body
         );
         assert_eq!(
-            net::http(admin, "GET", "/quitquitquit").unwrap().status,
+            http::request_blocking(admin, "GET", "/quitquitquit").unwrap().status,
             405,
             "{binary}"
         );
@@ -118,14 +131,11 @@ fn quitquitquit_drains_and_exits_0() {
         );
 
         assert_eq!(
-            net::http(admin, "POST", "/quitquitquit").unwrap().status,
+            http::request_blocking(admin, "POST", "/quitquitquit").unwrap().status,
             200,
             "{binary}"
         );
-        let status = proxy
-            .wait_exit(DRAIN_DEADLINE + Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("{binary}: still running after /quitquitquit\n{}", proxy.describe()));
-        assert_eq!(status.code(), Some(0), "{}", proxy.describe());
+        exits_0_after_draining(&mut proxy, &binary, "/quitquitquit");
         assert!(proxy.log().contains("/quitquitquit"), "{}", proxy.describe());
     }
 }
@@ -157,9 +167,7 @@ fn invalid_local_config_exits_non_zero_naming_field_and_line() {
         );
         let (status, proxy) = mesh.proxy(&binary, lo(1)).spawn_to_exit(EXIT_TIMEOUT);
         assert!(!status.success(), "{}", proxy.describe());
-        let log = proxy.log();
-        assert!(log.contains("workloads[1].workloadIps[0]"), "{log}");
-        assert!(log.contains("line 5"), "{log}");
+        assert_logged(&proxy, &["workloads[1].workloadIps[0]", "line 5"]);
     }
 }
 

@@ -10,39 +10,25 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use meshwire_hbone::client::ConnectError;
+use meshwire_testkit::http;
 use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::hbone::{HboneClient, spiffe};
 use meshwire_tests::mesh::{Mesh, Proxy};
 use meshwire_tests::net::{self, EchoServer, lo};
-
-const WORKLOAD: &str = r#"
-workloads:
-  - uid: cluster1//v1/Pod/prod/server
-    name: server
-    namespace: prod
-    serviceAccount: server
-    workloadIps: ["127.0.0.2"]
-    protocol: HBONE
-"#;
+use meshwire_tests::policy::{self, WORKLOAD};
 
 /// A namespace DENY policy of `prod` for the identity `prod/<service_account>`.
 fn deny(service_account: &str) -> String {
-    format!(
-        r#"
-  - name: deny-{service_account}
-    namespace: prod
-    scope: Namespace
-    action: Deny
-    rules:
-      - - - {{ principals: [!Exact cluster.local/ns/prod/sa/{service_account}] }}
-"#
+    policy::deny(
+        &format!("deny-{service_account}"),
+        &format!("principals: [!Exact cluster.local/ns/prod/sa/{service_account}]"),
     )
 }
 
 /// The workload with DENY policies for `denied`.
 fn config(denied: &[&str]) -> String {
-    let policies: String = denied.iter().map(|sa| deny(sa)).collect();
-    format!("{WORKLOAD}policies:{policies}")
+    let policies: Vec<String> = denied.iter().map(|sa| deny(sa)).collect();
+    policy::config(&policies)
 }
 
 /// How long a whole-proxy change may take to show on a loaded machine.
@@ -58,7 +44,7 @@ impl Server {
     fn start(binary: &Binary, yaml: &str) -> Server {
         let echo = EchoServer::start(lo(2));
         let mesh = Mesh::new(yaml);
-        let proxy = mesh.proxy(binary, lo(2)).dedicated("prod/server/server").spawn();
+        let proxy = policy::server_proxy(&mesh, binary);
         Server { mesh, proxy, echo }
     }
 
@@ -84,7 +70,7 @@ impl Server {
 
     /// The body of `/config_dump`.
     fn dump(&self) -> String {
-        let reply = net::http(self.proxy.ports().admin, "GET", "/config_dump")
+        let reply = http::request_blocking(self.proxy.ports().admin, "GET", "/config_dump")
             .unwrap_or_else(|e| panic!("/config_dump: {e}\n{}", self.proxy.describe()));
         assert_eq!(reply.status, 200, "{}", reply.body);
         reply.body
@@ -276,7 +262,7 @@ fn a_configmap_style_symlink_swap_applies() {
         std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/mesh.yaml", root.join("mesh.yaml.link")).unwrap();
         std::fs::rename(root.join("mesh.yaml.link"), mesh.config_path()).unwrap();
-        let proxy = mesh.proxy(&binary, lo(2)).dedicated("prod/server/server").spawn();
+        let proxy = policy::server_proxy(&mesh, &binary);
         let server = Server { mesh, proxy, echo };
         assert!(server.allowed("batch"), "{binary}");
         let generation = server.generation();
@@ -325,9 +311,9 @@ fn dumping_ten_thousand_workloads_costs_bounded_memory() {
     const BOUND_KIB: u64 = 20 * 1024;
     for binary in binary::all() {
         let mesh = Mesh::new(&many_workloads(WORKLOADS));
-        let proxy = mesh.proxy(&binary, lo(2)).dedicated("prod/server/server").spawn();
+        let proxy = policy::server_proxy(&mesh, &binary);
         let dump = || {
-            let reply = net::http(proxy.ports().admin, "GET", "/config_dump")
+            let reply = http::request_blocking(proxy.ports().admin, "GET", "/config_dump")
                 .unwrap_or_else(|e| panic!("/config_dump: {e}\n{}", proxy.describe()));
             assert_eq!(reply.status, 200);
             reply.body

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use meshwire_testkit::http;
 use meshwire_tests::binary;
 use meshwire_tests::mesh::{Mesh, ProxyBuilder};
 use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
@@ -158,7 +159,7 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
             Duration::from_secs(10),
         );
         assert!(complaint.is_some(), "the mismatch is named\n{}", wrong.describe());
-        let ready = net::http(wrong.ports().readiness, "GET", "/healthz/ready").unwrap();
+        let ready = http::request_blocking(wrong.ports().readiness, "GET", "/healthz/ready").unwrap();
         assert_eq!(ready.status, 503, "not ready without its certificate: {}", ready.body);
         assert!(ready.body.contains("certificate"), "{}", ready.body);
     }

@@ -16,6 +16,8 @@ use meshwire_dataplane::rt::tokio::TokioTimer;
 use meshwire_hbone::client::{self, ConnectRequest, Tunnel};
 use meshwire_hbone::headers::Authority;
 use meshwire_hbone::settings::Settings;
+use meshwire_testkit::http;
+use meshwire_testkit::upstream::NeverRead;
 use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::hbone::{HboneClient, spiffe};
 use meshwire_tests::mesh::{Mesh, Proxy};
@@ -118,15 +120,11 @@ async fn raw_connection(
     )
     .unwrap();
     // The largest windows HTTP/2 allows, so that only the server's own limits hold its buffers.
-    let settings = Settings {
-        stream_window: (1 << 31) - 1,
-        connection_window: (1 << 31) - 1,
-        ..Settings::default()
-    };
-    let settings = Settings {
-        stream_window: settings.connection_window / 4,
-        ..settings
-    };
+    let settings = Settings::builder()
+        .stream_window(((1 << 31) - 1) / 4)
+        .connection_window((1 << 31) - 1)
+        .build()
+        .unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(lo(1), 0)).unwrap();
     let tcp = socket.connect(proxy.ports().inbound).await.unwrap();
@@ -185,21 +183,17 @@ fn peak_rss_until_stalled(proxy: &Proxy, progress: &AtomicU64, what: &str) -> u6
 
 fn attack(binary: &Binary) {
     let what = binary.name();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let firehose = Firehose::start(&runtime, lo(2));
-    let mesh = Mesh::new(&pair::config(firehose.addr.port(), ""));
-    let server = mesh
-        .proxy(binary, lo(2))
-        .dedicated("default/server/server")
-        .env("MESHWIRE_HBONE_BUFFER_BUDGET", &PROCESS_BUDGET.to_string())
-        .env("MESHWIRE_HBONE_CONNECTION_BUFFER", &CONNECTION_BUDGET.to_string())
-        .env("MESHWIRE_HBONE_STREAM_SEND_BUFFER", &STREAM_SEND_BUFFER.to_string())
-        .spawn();
-    let before = warmed_up_rss(&mesh, &server, what);
+    let (mesh, server, before) = attacked_server(
+        binary,
+        firehose.addr,
+        &[
+            ("MESHWIRE_HBONE_BUFFER_BUDGET", PROCESS_BUDGET),
+            ("MESHWIRE_HBONE_CONNECTION_BUFFER", CONNECTION_BUDGET),
+            ("MESHWIRE_HBONE_STREAM_SEND_BUFFER", STREAM_SEND_BUFFER),
+        ],
+    );
 
     let mut hostile: Vec<Hostile> = (0..CONNECTIONS)
         .map(|_| hostile_connection(&runtime, &mesh, &server, firehose.addr))
@@ -227,18 +221,53 @@ fn attack(binary: &Binary) {
         after,
         firehose.written.load(Ordering::Relaxed) / MIB,
     );
-    let bound = before + (PROCESS_BUDGET + ALLOWANCE) / 1024;
+    assert_peak_within(&server, before, peak, PROCESS_BUDGET + ALLOWANCE, "the budget", what);
+    assert_came_back(before, after, slack, what);
+    // Nothing stays charged once the streams are gone.
+    wait_until_returned(&server, "processBuffered", what);
+}
+
+/// A runtime for the attackers and their servers.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A mesh of the usual pair's configuration (its service on `upstream`'s port) and the server
+/// workload's proxy of `binary` with the environment variables `env`, ready; and its RSS once
+/// [`warmed_up_rss`].
+fn attacked_server(binary: &Binary, upstream: SocketAddr, env: &[(&str, u64)]) -> (Mesh, Proxy, u64) {
+    let mesh = Mesh::new(&pair::config(upstream.port(), ""));
+    let server = env
+        .iter()
+        .fold(pair::server_proxy(&mesh, binary), |builder, (name, value)| {
+            builder.env(name, &value.to_string())
+        })
+        .spawn();
+    let before = warmed_up_rss(&mesh, &server, binary.name());
+    (mesh, server, before)
+}
+
+/// Checks that the `peak` RSS of `proxy` (KiB) stayed within `before` plus `bound` bytes (`budget`
+/// plus its allowance, `budget` naming it for the failure message).
+fn assert_peak_within(proxy: &Proxy, before: u64, peak: u64, bound: u64, budget: &str, what: &str) {
+    let bound = before + bound / 1024;
     assert!(
         peak <= bound,
-        "{what}: RSS grew from {before} KiB to {peak} KiB, over the budget plus allowance ({bound} KiB)\n{}",
-        server.describe()
+        "{what}: RSS grew from {before} KiB to {peak} KiB, over {budget} plus allowance ({bound} KiB)\n{}",
+        proxy.describe()
     );
+}
+
+/// Checks that the RSS `after` every connection closed came back within `slack` of `before` (KiB).
+fn assert_came_back(before: u64, after: u64, slack: u64, what: &str) {
     assert!(
         after <= before + slack,
         "{what}: RSS {after} KiB after every connection closed, more than {slack} KiB over the {before} KiB before"
     );
-    // Nothing stays charged once the streams are gone.
-    wait_until_returned(&server, "processBuffered", what);
 }
 
 /// The proxy's RSS (KiB) once one tunnel carried 1 MiB each way, so that what any first connection
@@ -287,7 +316,7 @@ fn wait_until_returned(server: &Proxy, key: &str, what: &str) {
 
 /// The `buffers` section of the proxy's `/config_dump`.
 fn config_dump_buffers(proxy: &Proxy) -> serde_json::Value {
-    let answer = net::http(proxy.ports().admin, "GET", "/config_dump").expect("/config_dump");
+    let answer = http::request_blocking(proxy.ports().admin, "GET", "/config_dump").expect("/config_dump");
     assert_eq!(answer.status, 200, "{}", answer.body);
     let dump: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
     dump["buffers"].clone()
@@ -393,26 +422,6 @@ struct HostileServer {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-struct NeverRead {
-    accepted: Arc<AtomicU64>,
-    /// The far ends of the upstreams, kept open.
-    kept: std::sync::Mutex<Vec<tokio::io::DuplexStream>>,
-}
-
-impl meshwire_hbone::server::Handler for NeverRead {
-    type Upstream = tokio::io::DuplexStream;
-
-    async fn connect(
-        &self,
-        _: &meshwire_hbone::server::InboundRequest,
-    ) -> Result<meshwire_hbone::server::Connected<Self::Upstream>, meshwire_hbone::server::Refusal> {
-        let (near, far) = tokio::io::duplex(1024);
-        self.kept.lock().unwrap().push(far);
-        self.accepted.fetch_add(1, Ordering::SeqCst);
-        Ok(near.into())
-    }
-}
-
 fn hostile_server(runtime: &tokio::runtime::Runtime, mesh: &Mesh, addr: SocketAddr) -> HostileServer {
     let credentials = mesh.ca().issue(&spiffe("default", "server")).unwrap();
     let tls = meshwire_identity::tls::server_config(
@@ -423,15 +432,16 @@ fn hostile_server(runtime: &tokio::runtime::Runtime, mesh: &Mesh, addr: SocketAd
     )
     .unwrap();
     let tls = Arc::new(tls);
-    let mut options = meshwire_hbone::server::ServeOptions::default();
-    options.settings.connection_window = (1 << 31) - 1;
-    options.settings.stream_window = options.settings.connection_window / 4;
-    let options = Arc::new(options);
-    let accepted = Arc::new(AtomicU64::new(0));
-    let handler = Arc::new(NeverRead {
-        accepted: accepted.clone(),
-        kept: std::sync::Mutex::new(Vec::new()),
+    let options = Arc::new(meshwire_hbone::server::ServeOptions {
+        settings: Settings::builder()
+            .stream_window(((1 << 31) - 1) / 4)
+            .connection_window((1 << 31) - 1)
+            .build()
+            .unwrap(),
+        ..Default::default()
     });
+    let handler = Arc::new(NeverRead::new(1024));
+    let accepted = handler.accepted.clone();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
     runtime.spawn(async move {
@@ -468,11 +478,7 @@ fn a_server_that_never_reads_is_held_to_the_buffer_budget() {
     const TUNNELS: usize = 400;
     for binary in binary::all() {
         let what = binary.name();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let mesh = Mesh::new(&pair::config(9, ""));
         let hostile = hostile_server(&runtime, &mesh, SocketAddr::new(lo(2), mesh.hbone_port()));
         let client = mesh
@@ -509,28 +515,14 @@ fn a_server_that_never_reads_is_held_to_the_buffer_budget() {
                 })
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let (mut peak, mut last, mut still) = (0, u64::MAX, 0);
-        while still < 6 {
-            assert!(Instant::now() < deadline, "{what}: the apps never stalled");
-            thread::sleep(Duration::from_millis(500));
-            peak = client.rss_kib().unwrap().max(peak);
-            let now = sent.load(Ordering::Relaxed);
-            still = if now == last { still + 1 } else { 0 };
-            last = now;
-        }
+        let peak = peak_rss_until_stalled(&client, &sent, what);
         let buffered = config_dump_buffers(&client);
         eprintln!(
             "{what} (outbound): RSS before {before} KiB, peak {peak} KiB (+{} KiB for {TUNNELS} tunnels); apps sent {} MiB; dump {buffered}",
             peak.saturating_sub(before),
             sent.load(Ordering::Relaxed) / MIB,
         );
-        let bound = before + (PROCESS_BUDGET + ALLOWANCE) / 1024;
-        assert!(
-            peak <= bound,
-            "{what}: RSS grew from {before} KiB to {peak} KiB, over the budget plus allowance ({bound} KiB)\n{}",
-            client.describe()
-        );
+        assert_peak_within(&client, before, peak, PROCESS_BUDGET + ALLOWANCE, "the budget", what);
         for writer in writers {
             writer.abort();
         }
@@ -634,19 +626,10 @@ impl Uploader {
 /// send, and those windows come from a process-wide budget.
 fn upload_attack(binary: &Binary) {
     let what = binary.name();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let sink = Sink::start(&runtime, lo(2));
-    let mesh = Mesh::new(&pair::config(sink.addr.port(), ""));
-    let server = mesh
-        .proxy(binary, lo(2))
-        .dedicated("default/server/server")
-        .env("MESHWIRE_HBONE_RECEIVE_BUDGET", &RECEIVE_BUDGET.to_string())
-        .spawn();
-    let before = warmed_up_rss(&mesh, &server, what);
+    let (mesh, server, before) =
+        attacked_server(binary, sink.addr, &[("MESHWIRE_HBONE_RECEIVE_BUDGET", RECEIVE_BUDGET)]);
 
     let sent = Arc::new(AtomicU64::new(0));
     let uploaders: Vec<Uploader> = (0..UPLOAD_CONNECTIONS)
@@ -670,21 +653,20 @@ fn upload_attack(binary: &Binary) {
         peak.saturating_sub(before),
         sent.load(Ordering::Relaxed) / MIB,
     );
-    let bound = before + (RECEIVE_BUDGET + UPLOAD_ALLOWANCE) / 1024;
-    assert!(
-        peak <= bound,
-        "{what}: RSS grew from {before} KiB to {peak} KiB, over the receive budget plus allowance ({bound} KiB)\n{}",
-        server.describe()
+    assert_peak_within(
+        &server,
+        before,
+        peak,
+        RECEIVE_BUDGET + UPLOAD_ALLOWANCE,
+        "the receive budget",
+        what,
     );
     let leased = buffered["receiveLeased"].as_u64().expect("receiveLeased in the dump");
     assert!(
         leased <= RECEIVE_BUDGET,
         "{what}: {leased} bytes of windows leased, over the {RECEIVE_BUDGET} budget"
     );
-    assert!(
-        after <= before + slack,
-        "{what}: RSS {after} KiB after every connection closed, more than {slack} KiB over the {before} KiB before"
-    );
+    assert_came_back(before, after, slack, what);
     // Every window goes back when its connection closes.
     wait_until_returned(&server, "receiveLeased", what);
     drop(runtime);

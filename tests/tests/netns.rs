@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use meshwire_tests::binary;
+use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::mesh::{Mesh, Ports, repo_path};
 use meshwire_tests::net;
 use meshwire_tests::netns::{self, Netns};
@@ -57,18 +57,16 @@ fn captured_traffic_crosses_hosts_over_hbone_with_the_workloads_identities() {
 
         let mesh = Mesh::new(CONFIG);
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let server = mesh
-            .proxy(&b, any)
-            .dedicated("default/server/server")
-            .with_ports(Ports::ztunnel_defaults(any))
-            .in_netns(&server_ns)
-            .spawn();
-        let client = mesh
-            .proxy(&a, any)
-            .dedicated("default/client/client")
-            .with_ports(Ports::ztunnel_defaults(any))
-            .in_netns(&client_ns)
-            .spawn();
+        // Each proxy on ztunnel's ports in its workload's namespace.
+        let proxy = |binary: &Binary, workload: &str, ns: &Netns| {
+            mesh.proxy(binary, any)
+                .dedicated(workload)
+                .with_ports(Ports::ztunnel_defaults(any))
+                .in_netns(ns)
+                .spawn()
+        };
+        let server = proxy(&b, "default/server/server", &server_ns);
+        let client = proxy(&a, "default/client/client", &client_ns);
         let script = repo_path("dataplane/scripts/redirect.sh");
         netns::run(script.to_str().unwrap(), &["up", "--netns", client_ns.name()]);
         let logs = || format!("{}\n{}", client.describe(), server.describe());

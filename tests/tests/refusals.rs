@@ -33,14 +33,6 @@ const CLOSED: &str = "istio_tcp_connections_closed_total";
 /// Generous: the machine running the tests may be loaded.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A good connection still works.
-fn still_serves(pair: &Pair, context: &str) {
-    let stream = net::socks5_connect(pair.client.ports().socks5, &Socks5Target::Addr(pair.echo.addr()))
-        .unwrap_or_else(|e| panic!("{context}: SOCKS5 no longer works: {e:?}\n{}", pair.logs()));
-    let echoed = net::echo_exchange(stream, 16 * 1024).unwrap();
-    assert!(echoed.intact(), "{context}: {echoed:?}");
-}
-
 /// Scrapes `proxy` until the sum of `metric` with `labels` is at least `at_least`; returns that sum,
 /// and panics with the scrape and the log after [`DEADLINE`].
 fn wait_metric_at_least(proxy: &Proxy, metric: &str, labels: &[&str], at_least: u64) -> u64 {
@@ -60,17 +52,6 @@ fn wait_metric_at_least(proxy: &Proxy, metric: &str, labels: &[&str], at_least: 
     }
 }
 
-/// Sends raw bytes to `addr`, half-closes, and returns what came back before the close.
-fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
-    tcp.write_all(bytes).unwrap();
-    let _ = tcp.shutdown(std::net::Shutdown::Write);
-    let mut answer = Vec::new();
-    let _ = tcp.read_to_end(&mut answer);
-    answer
-}
-
 /// A plaintext client on the HBONE port and a SOCKS4 client on the SOCKS5 port are refused, and
 /// each refusal is counted under its listener and reason.
 #[test]
@@ -81,7 +62,7 @@ fn tls_and_socks5_refusals_are_counted() {
             |listener: &str, reason: &str| [format!("listener=\"{listener}\""), format!("reason=\"{reason}\"")];
 
         // Not TLS: the handshake fails.
-        let answer = raw_exchange(s.server.ports().inbound, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let answer = net::raw_exchange(s.server.ports().inbound, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(!answer.starts_with(b"HTTP"), "{binary}: {answer:?}");
         let tls = labels("inbound", "tls_handshake");
         let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
@@ -89,7 +70,7 @@ fn tls_and_socks5_refusals_are_counted() {
 
         // Not SOCKS5: no reply, closed.
         assert_eq!(
-            raw_exchange(s.client.ports().socks5, &[4, 1, 0, 80, 127, 0, 0, 2, 0]),
+            net::raw_exchange(s.client.ports().socks5, &[4, 1, 0, 80, 127, 0, 0, 2, 0]),
             b""
         );
         let socks = labels("socks5", "socks5_handshake");
@@ -101,7 +82,7 @@ fn tls_and_socks5_refusals_are_counted() {
         assert_eq!(metric_sum(&text, REFUSED, &tls), 0, "{binary}: {text}");
         assert_eq!(metric_sum(&text, OPENED, &[]), 0, "{binary}: {text}");
         assert_eq!(metric_sum(&s.server.metrics(), REFUSED, &socks), 0, "{binary}");
-        still_serves(&s, &format!("{binary}: after the refusals"));
+        s.still_serves(&format!("{binary}: after the refusals"), 16 * 1024);
     }
 }
 
@@ -173,7 +154,7 @@ fn fd_exhaustion_names_the_listener_and_is_counted() {
             0,
             "{binary}: only the listener that could not accept counts\n{text}"
         );
-        still_serves(&s, &format!("{binary}: after running out of descriptors"));
+        s.still_serves(&format!("{binary}: after running out of descriptors"), 16 * 1024);
     }
 }
 
@@ -277,7 +258,7 @@ fn an_upstream_reset_reaches_the_socks5_client() {
                 ),
             }
         }
-        still_serves(&s, &format!("{a} -> {b}: after the resets"));
+        s.still_serves(&format!("{a} -> {b}: after the resets"), 16 * 1024);
     }
 }
 
@@ -455,7 +436,7 @@ fn a_socks5_request_with_a_non_zero_reserved_byte_is_refused() {
         let mut request = vec![5, 1, 0, 5, 1, 0x01, 1];
         request.extend_from_slice(&echo.ip().octets());
         request.extend_from_slice(&echo.port().to_be_bytes());
-        let answer = raw_exchange(s.client.ports().socks5, &request);
+        let answer = net::raw_exchange(s.client.ports().socks5, &request);
         assert_eq!(answer, [5, 0, 5, 1, 0, 1, 0, 0, 0, 0, 0, 0], "{binary}");
         assert_eq!(s.echo.accepted(), 0, "{binary}: the request was served");
         let line = s
@@ -463,7 +444,7 @@ fn a_socks5_request_with_a_non_zero_reserved_byte_is_refused() {
             .wait_for_log(&["reserved byte (RSV)"], DEADLINE)
             .unwrap_or_else(|| panic!("{binary}: the refusal is not logged\n{}", s.client.describe()));
         assert!(line.contains("0x01"), "{binary}: {line}");
-        still_serves(&s, &format!("{binary}: after the bad request"));
+        s.still_serves(&format!("{binary}: after the bad request"), 16 * 1024);
         assert_eq!(s.echo.accepted(), 1, "{binary}");
     }
 }

@@ -6,9 +6,24 @@
 use std::time::Duration;
 
 use meshwire_tests::binary;
-use meshwire_tests::mesh::metric_sum as sum;
+use meshwire_tests::mesh::{Proxy, metric_sum as sum};
 use meshwire_tests::net;
 use meshwire_tests::pair::Pair;
+
+/// Waits until `proxy` counts `count` closed connections with `labels`, then checks that it counts
+/// as many opened, and `total` bytes each way.
+fn assert_totals(proxy: &Proxy, labels: &[&str], count: u64, total: u64, context: &str) {
+    let text = proxy.wait_metric("istio_tcp_connections_closed_total", labels, count);
+    let context = format!("{context}\n{text}\n{}", proxy.describe());
+    for (metric, expected) in [
+        ("istio_tcp_connections_opened_total", count),
+        ("istio_tcp_connections_closed_total", count),
+        ("istio_tcp_received_bytes_total", total),
+        ("istio_tcp_sent_bytes_total", total),
+    ] {
+        assert_eq!(sum(&text, metric, labels), expected, "{metric}: {context}");
+    }
+}
 
 #[test]
 fn counters_and_byte_totals_equal_what_was_sent() {
@@ -30,36 +45,10 @@ fn counters_and_byte_totals_equal_what_was_sent() {
             "destination_workload=\"server\"",
             "connection_security_policy=\"mutual_tls\"",
         ];
-        let text = server.wait_metric("istio_tcp_connections_closed_total", &dst, count);
-        let context = format!("{a} -> {b}\n{text}\n{}", server.describe());
-        assert_eq!(
-            sum(&text, "istio_tcp_connections_opened_total", &dst),
-            count,
-            "{context}"
-        );
-        assert_eq!(
-            sum(&text, "istio_tcp_connections_closed_total", &dst),
-            count,
-            "{context}"
-        );
-        assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &dst), total, "{context}");
-        assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &dst), total, "{context}");
+        assert_totals(server, &dst, count, total, &format!("{a} -> {b}"));
 
         let src = ["reporter=\"source\"", "destination_workload=\"server\""];
-        let text = client.wait_metric("istio_tcp_connections_closed_total", &src, count);
-        let context = format!("{a} -> {b}\n{text}\n{}", client.describe());
-        assert_eq!(
-            sum(&text, "istio_tcp_connections_opened_total", &src),
-            count,
-            "{context}"
-        );
-        assert_eq!(
-            sum(&text, "istio_tcp_connections_closed_total", &src),
-            count,
-            "{context}"
-        );
-        assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &src), total, "{context}");
-        assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &src), total, "{context}");
+        assert_totals(client, &src, count, total, &format!("{a} -> {b}"));
 
         // One access-log line per connection on each side, with the bytes of that connection.
         for (proxy, direction) in [(server, "inbound"), (client, "outbound")] {

@@ -65,14 +65,14 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
 /// connections lease now.
 pub fn buffers_dump(serve: &meshwire_hbone::server::ServeOptions) -> Value {
     json!({
-        "streamSendBuffer": serve.settings.send_buffer,
+        "streamSendBuffer": serve.settings.send_buffer(),
         "streamCopyBuffer": serve.copy.max_buffer.max(serve.copy.initial_buffer),
         "streamLease": serve.stream_lease(),
         "connectionBudget": serve.connection_buffer,
         "processBudget": serve.process_budget.limit(),
         "processBuffered": serve.process_budget.used(),
-        "streamWindow": serve.settings.stream_window,
-        "connectionWindow": serve.settings.connection_window,
+        "streamWindow": serve.settings.stream_window(),
+        "connectionWindow": serve.settings.connection_window(),
         "receiveBudget": serve.receive_budget.limit(),
         "receiveLeased": serve.receive_budget.used(),
     })

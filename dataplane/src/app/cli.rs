@@ -1,6 +1,6 @@
-//! What both binaries' `main` does around the proxy: reading the configuration with ztunnel's
-//! exit codes, installing the log subscriber whose filter `/logging` changes, and waiting for the
-//! signal to drain.
+//! What both binaries' `main` does around the proxy ([`main`]): reading the configuration with
+//! ztunnel's exit codes, installing the log subscriber whose filter `/logging` changes, building the control
+//! thread's runtime, and waiting for the signal to drain.
 
 use std::process::ExitCode;
 
@@ -9,6 +9,33 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::admin::{LogControl, ShutdownTrigger};
 use crate::config::{Config, Error as ConfigError, LogFormat};
+
+/// jemalloc, the allocator of both binaries (of every program linking this library with the
+/// `jemalloc` feature): large buffers freed and allocated again at a high rate (the data path's
+/// copy buffers and HBONE frames) stay mapped, where glibc's malloc gives them back to the kernel
+/// and faults them in again. [`return_freed_memory`] sets how it returns memory.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// A binary's `main`: reads the configuration ([`load_config`]; exits with its code when there is
+/// none), installs the log subscriber ([`init_logging`]), lets jemalloc return freed memory
+/// ([`return_freed_memory`]), and runs `run`; an error is printed on stderr and exits 1.
+pub fn main<E: std::fmt::Display>(run: impl FnOnce(Config, LogControl) -> Result<ExitCode, E>) -> ExitCode {
+    let config = match load_config() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let logging = init_logging(&config);
+    return_freed_memory();
+    match run(config, logging) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// The configuration from the process's arguments and environment, with its files checked; or the
 /// exit code after printing why not: 0 for `--help` and `--version` (printed on stdout), 2 for an
@@ -49,7 +76,7 @@ pub fn init_logging(config: &Config) -> LogControl {
     let registry = Registry::default().with(filter);
     match config.log_format {
         LogFormat::Json => registry.with(fmt.json()).init(),
-        _ => registry.with(fmt).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
     for name in &config.ignored_env {
         tracing::warn!(
@@ -58,6 +85,15 @@ pub fn init_logging(config: &Config) -> LogControl {
         );
     }
     LogControl::new(handle, level)
+}
+
+/// The runtime of the control thread (configuration, certificates, readiness, admin, metrics):
+/// tokio's current-thread runtime, with IO and time, for the calling thread to `block_on`.
+pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .thread_name("ztunnel-control")
+        .enable_all()
+        .build()
 }
 
 /// Resolves on the first SIGTERM or SIGINT, or when `/quitquitquit` pulls `trigger`. Call inside a

@@ -5,11 +5,15 @@
 //!   the [`ProxyContext`] every connection reads) and the readiness, admin and metrics listeners.
 //! - [`worker`]: the serving of accepted connections written once over
 //!   [`Runtime`](crate::rt::Runtime): a [`Worker`] per runtime (tokio) or per core (io_uring).
-//! - [`Proxy`] (here): the tokio binary `ztunnel`, one worker on a multi-thread runtime.
+//! - [`lifecycle`]: what both binaries do around the workers, written once: the data listener
+//!   set, the start sequence, the accept loops and the dispatch by listener kind, readiness, and
+//!   the drain; a binary supplies its runtime's [`Acceptor`].
+//! - [`Proxy`] (here): the tokio binary `ztunnel`, one worker on a multi-thread runtime (the
+//!   control plane on a runtime of its own with [`Proxy::start_on`]), and the tokio [`Acceptor`].
 //!
 //! [`Proxy::start`] loads the local configuration (and keeps watching it), opens the certificate
-//! source, starts the certificate manager, decides the packet mark, binds the listeners and spawns
-//! their accept loops (one per listener); it must be called inside a tokio runtime with IO and time
+//! source, starts the certificate manager, decides the packet mark, binds the listeners and serves
+//! them (one accept loop per listener); it must be called inside a tokio runtime with IO and time
 //! enabled. Every listener is bound before any is served (but for a hand-over, whose control
 //! listeners follow once the replaced instance releases them): one that cannot be bound (a port in
 //! use) fails the start. [`Proxy::drain`] stops accepting, tells the HBONE connections to drain, and waits
@@ -54,64 +58,55 @@
 //! [`Outbound::serve_socks5`]: crate::proxy::outbound::Outbound::serve_socks5
 //! [`config::PacketMark`]: crate::config::PacketMark
 
-use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, LogControl, MetricsHandler, Readiness};
 use crate::config::{Config, Listener};
-use crate::proxy::canonical;
-use crate::rt::tokio::{TokioConnector, TokioExecutor, TokioRuntime};
+use crate::rt::tokio::{Tokio, TokioConnector, TokioExecutor, TokioRuntime};
 use crate::telemetry::metrics::Metrics;
 use crate::watch::ConnectionRegistry;
 
 pub mod cli;
+pub mod lifecycle;
 pub mod plane;
 pub mod worker;
 
+pub use lifecycle::{ACCEPT_RETRY, Acceptor, Connection, Drained, Lifecycle, Phase, Starting, log_listeners, reached};
 pub use plane::{
     CONFIG_POLL_INTERVAL, Certificates, Control, ControlListeners, ControlPlane, Manager, ProxyContext, ProxyTls,
-    StartError, bind_tokio, data_listeners, shutdown_signal,
+    StartError, bind_tokio, shutdown_signal,
 };
 pub use worker::Worker;
 
-/// A running proxy: its listeners, background tasks and drain machinery.
+/// A running proxy: its [`Lifecycle`], and the task of its worker.
+#[derive(Debug)]
 pub struct Proxy {
-    listeners: Vec<(Listener, SocketAddr)>,
-    shutdown: watch::Sender<bool>,
-    accept_loops: Vec<JoinHandle<()>>,
-    /// Every connection task holds a clone; `recv` returns `None` once all are gone.
-    connections: mpsc::Receiver<()>,
-    plane: ControlPlane,
-    drain_deadline: Duration,
-    control: Control,
-}
-
-impl std::fmt::Debug for Proxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy")
-            .field("listeners", &self.listeners)
-            .field("drain_deadline", &self.drain_deadline)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How a drain ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drained {
-    /// Every connection ended before the deadline.
-    Complete,
-    /// The deadline passed with connections still open; they are abandoned.
-    DeadlineReached,
+    lifecycle: Lifecycle,
+    worker: JoinHandle<()>,
 }
 
 /// The worker of the tokio binary: one for the whole multi-thread runtime.
 type TokioWorker = Worker<TokioRuntime>;
+
+impl Acceptor for Tokio {
+    type Listener = TcpListener;
+    type Shared = Arc<TokioWorker>;
+
+    async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, Option<SocketAddr>)> {
+        let (tcp, peer) = listener.accept().await?;
+        Ok((tcp, Some(peer)))
+    }
+
+    fn spawn(connection: Connection<Self>) {
+        tokio::spawn(connection.serve());
+    }
+}
 
 impl Proxy {
     /// Starts the proxy of `config`: loads the local configuration, opens certificates, decides the
@@ -125,9 +120,18 @@ impl Proxy {
     /// [`Proxy::start`], with the handle through which the admin `/logging` endpoint reads and
     /// changes the process's log filter.
     pub async fn start_with_logging(config: Config, logging: Option<LogControl>) -> Result<Proxy, StartError> {
+        Self::start_on(config, logging, Handle::current()).await
+    }
+
+    /// [`Proxy::start_with_logging`] with the data path on the runtime of `data`: the data
+    /// listeners, their accept loops and the connections run there, while the control plane
+    /// (configuration watcher, certificate manager, readiness, admin and metrics) runs on the
+    /// runtime this is called in. The `ztunnel` binary calls it on a small control thread with a
+    /// multi-thread runtime for the data path.
+    pub async fn start_on(config: Config, logging: Option<LogControl>, data: Handle) -> Result<Proxy, StartError> {
         let registry = ConnectionRegistry::new();
-        let plane = ControlPlane::start(&config, std::slice::from_ref(&registry)).await?;
-        let context = plane.context().clone();
+        let starting = Starting::begin(&config, std::slice::from_ref(&registry)).await?;
+        let context = starting.plane().context().clone();
         let metrics = Arc::new(Metrics::new());
         let connector = TokioConnector::new(context.client_tls(), context.connector_config());
         let worker = Arc::new(Worker::new(
@@ -138,186 +142,53 @@ impl Proxy {
             metrics.clone(),
             registry,
         ));
-        // Idle HBONE connections are released after the pool's idle timeout.
-        let pool = worker.outbound().pool().clone();
-        let maintenance = tokio::spawn(async move { pool.maintain().await });
 
-        let (shutdown, _) = watch::channel(false);
-        let (conn_tx, connections) = mpsc::channel::<()>(1);
-        let mut listeners = Vec::new();
-        // Every listener is bound before any is served, so that a port in use fails the start; the
-        // control listeners first, so that a second instance binds nothing (unless it takes over).
-        let early_control = ControlListeners::bind_before_data(&config, &mut listeners)?;
-        let inbound = bind_tokio(Listener::Inbound, config.listeners.inbound, &mut listeners)?;
-        let plaintext = bind_tokio(
-            Listener::InboundPlaintext,
-            config.listeners.inbound_plaintext,
-            &mut listeners,
-        )?;
-        let capture = bind_tokio(Listener::Outbound, config.listeners.outbound, &mut listeners)?;
-        let socks = config
-            .listeners
-            .socks5
-            .map(|addr| bind_tokio(Listener::Socks5, addr, &mut listeners))
-            .transpose()?;
-
-        let loops = Loops {
-            shutdown: &shutdown,
-            connections: &conn_tx,
-        };
-        let mut accept_loops = vec![maintenance];
-        let stop = shutdown.subscribe();
-        accept_loops.push(loops.spawn(Listener::Inbound, inbound, &worker, move |w, tcp, peer| {
-            let stop = stop.clone();
-            async move { w.serve_inbound_hbone(tcp, peer, shutdown_signal(stop)).await }
-        }));
-        accept_loops.push(loops.spawn(
-            Listener::InboundPlaintext,
-            plaintext,
-            &worker,
-            |w, tcp, peer| async move { w.serve_inbound_plaintext(tcp, peer).await },
-        ));
-        accept_loops.push(
-            loops.spawn(Listener::Outbound, capture, &worker, |w, tcp, peer| async move {
-                w.serve_capture(tcp, peer).await
-            }),
-        );
-        if let Some(socks) = socks {
-            accept_loops.push(
-                loops.spawn(Listener::Socks5, socks, &worker, |w, tcp, peer| async move {
-                    w.serve_socks5(tcp, peer).await
-                }),
-            );
+        // Every data listener is bound before any is served, so that a port in use fails the start;
+        // with the data runtime's IO driver.
+        let mut bound = Vec::new();
+        let mut sockets = Vec::new();
+        {
+            let _data = data.enter();
+            for &(listener, addr) in starting.data() {
+                match bind_tokio(listener, addr, &mut bound) {
+                    Ok(tcp) => sockets.push((listener, tcp)),
+                    Err(error) => {
+                        starting.abandon();
+                        return Err(error);
+                    }
+                }
+            }
         }
-        drop(conn_tx);
-
+        let worker = data.spawn(lifecycle::serve::<Tokio>(worker, sockets, starting.phase()));
         // Readiness, admin and metrics; the proxy is ready once this function returns.
-        let control_listeners = ControlListeners::bind_after_data(&config, &mut listeners, early_control).await?;
-        let (control, listeners_bound) =
-            plane.serve_control(&config, control_listeners, MetricsHandler::new(metrics), logging);
-        log_listeners(&config, &listeners);
-        listeners_bound.ready();
-        Ok(Proxy {
-            listeners,
-            shutdown,
-            accept_loops,
-            connections,
-            plane,
-            drain_deadline: config.drain_deadline,
-            control,
-        })
+        let lifecycle = starting
+            .serve(&config, bound, MetricsHandler::new(metrics), logging)
+            .await?;
+        Ok(Proxy { lifecycle, worker })
     }
 
     /// The listeners being served, with the addresses they are bound to.
     pub fn listeners(&self) -> &[(Listener, SocketAddr)] {
-        &self.listeners
+        self.lifecycle.listeners()
     }
 
-    /// The trigger `POST /quitquitquit` pulls: resolves [`admin::ShutdownTrigger::triggered`] when
-    /// the process should drain and exit. Signal handlers may pull it too.
+    /// The trigger `POST /quitquitquit` pulls: see [`Lifecycle::shutdown_trigger`].
     pub fn shutdown_trigger(&self) -> admin::ShutdownTrigger {
-        self.control.trigger().clone()
+        self.lifecycle.shutdown_trigger()
     }
 
     /// Whether the proxy is ready (what the readiness endpoint answers).
     pub fn readiness(&self) -> &Readiness {
-        self.control.readiness()
+        self.lifecycle.readiness()
     }
 
     /// Stops accepting, asks the HBONE connections to drain, and waits up to the drain deadline
     /// for every connection to end; then stops the background tasks and the control listeners
-    /// (readiness answers 503 from the start of the drain).
-    pub async fn drain(mut self) -> Drained {
-        tracing::info!(deadline = ?self.drain_deadline, "draining");
-        self.control.readiness().set_draining();
-        let _ = self.shutdown.send(true);
-        let mut loops = self.accept_loops.drain(..);
-        // The first task is the pool's maintenance, which does not end by itself.
-        if let Some(maintenance) = loops.next() {
-            maintenance.abort();
-        }
-        for accept in loops {
-            let _ = accept.await;
-        }
-        let outcome = match tokio::time::timeout(self.drain_deadline, self.connections.recv()).await {
-            Ok(_) => Drained::Complete,
-            Err(_) => Drained::DeadlineReached,
+    /// (readiness answers 503 from the start of the drain): [`Lifecycle::drain`].
+    pub async fn drain(self) -> Drained {
+        let ended = async {
+            let _ = self.worker.await;
         };
-        self.plane.stop();
-        self.control.stop().await;
-        outcome
-    }
-}
-
-/// Logs the listeners bound, and those of `config` that are not served.
-pub fn log_listeners(config: &Config, listeners: &[(Listener, SocketAddr)]) {
-    for (listener, addr) in listeners {
-        tracing::info!(%listener, %addr, "listening");
-    }
-    let skipped: Vec<String> = config
-        .listeners
-        .iter()
-        .filter(|(l, _)| !listeners.iter().any(|(bound, _)| bound == l))
-        .map(|(l, a)| format!("{l} ({a})"))
-        .collect();
-    if !skipped.is_empty() {
-        tracing::info!(not_served = %skipped.join(", "), "listeners not implemented yet, not bound");
-    }
-}
-
-/// How long an accept loop waits after a failed accept (out of descriptors, for one) before the
-/// next.
-pub const ACCEPT_RETRY: Duration = Duration::from_millis(50);
-
-/// Spawns the accept loop of each listener; every connection task holds a clone of `connections`,
-/// and every loop stops when `shutdown` says so.
-struct Loops<'a> {
-    shutdown: &'a watch::Sender<bool>,
-    connections: &'a mpsc::Sender<()>,
-}
-
-impl Loops<'_> {
-    /// Accepts connections on `listener` until shutdown, and spawns `serve` for each (with
-    /// `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4).
-    fn spawn<F, Fut>(
-        &self,
-        which: Listener,
-        listener: TcpListener,
-        worker: &Arc<TokioWorker>,
-        serve: F,
-    ) -> JoinHandle<()>
-    where
-        F: Fn(Arc<TokioWorker>, TcpStream, SocketAddr) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let shutdown = self.shutdown.subscribe();
-        let connections = self.connections.clone();
-        let worker = worker.clone();
-        tokio::spawn(async move {
-            let stop = shutdown_signal(shutdown);
-            tokio::pin!(stop);
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    () = &mut stop => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => {
-                            worker.accept_failed(which, &error);
-                            tokio::time::sleep(ACCEPT_RETRY).await;
-                            continue;
-                        }
-                    },
-                };
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
-                }
-                let guard = connections.clone();
-                let task = serve(worker.clone(), tcp, canonical(peer));
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    task.await;
-                });
-            }
-        })
+        self.lifecycle.drain(ended, async {}).await
     }
 }

@@ -18,9 +18,9 @@ use meshwire_hbone::pool::PoolConfig;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, ManagerConfig};
+use meshwire_identity::source::LocalCaOrFiles;
 use meshwire_identity::source::files::{FilePaths, FileSource};
 use meshwire_identity::source::local_ca::{LocalCa, LocalCaError};
-use meshwire_identity::source::{CertSource, Credentials, SourceError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -103,47 +103,21 @@ impl From<ConfigError> for StartError {
 }
 
 /// The certificate source the binaries use: the local CA or PEM files.
-#[derive(Debug, Clone)]
-pub enum Certificates {
-    /// A CA kept in the state directory.
-    LocalCa(Arc<LocalCa>),
-    /// Certificates read from files.
-    Files(Arc<FileSource>),
-}
+pub type Certificates = LocalCaOrFiles;
 
-impl CertSource for Certificates {
-    async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
-        match self {
-            Certificates::LocalCa(ca) => ca.fetch(id).await,
-            Certificates::Files(files) => files.fetch(id).await,
-        }
-    }
-
-    fn poll_interval(&self) -> Option<Duration> {
-        match self {
-            Certificates::LocalCa(ca) => ca.poll_interval(),
-            Certificates::Files(files) => files.poll_interval(),
-        }
-    }
-}
-
-impl Certificates {
-    /// Opens the source `config` names: loads (or creates) the local CA in its directory, issuing
-    /// certificates for [`Config::cert_ttl`], or prepares reading the certificate files.
-    pub fn open(config: &Config) -> Result<Self, StartError> {
-        Ok(match &config.certificates {
-            CertificateSource::LocalCa { dir } => Certificates::LocalCa(Arc::new(
-                LocalCa::load_or_create(dir, config.trust_domain.clone())?.with_lifetime(config.cert_ttl),
-            )),
-            CertificateSource::Files { chain, key, bundle } => {
-                Certificates::Files(Arc::new(FileSource::new(FilePaths {
-                    cert_chain: chain.clone(),
-                    private_key: key.clone(),
-                    trust_bundle: bundle.clone(),
-                })))
-            }
-        })
-    }
+/// Opens the certificate source `config` names: loads (or creates) the local CA in its directory,
+/// issuing certificates for [`Config::cert_ttl`], or prepares reading the certificate files.
+pub fn open_certificates(config: &Config) -> Result<Certificates, StartError> {
+    Ok(match &config.certificates {
+        CertificateSource::LocalCa { dir } => Certificates::LocalCa(
+            LocalCa::load_or_create(dir, config.trust_domain.clone())?.with_lifetime(config.cert_ttl),
+        ),
+        CertificateSource::Files { chain, key, bundle } => Certificates::Files(FileSource::new(FilePaths {
+            cert_chain: chain.clone(),
+            private_key: key.clone(),
+            trust_bundle: bundle.clone(),
+        })),
+    })
 }
 
 /// The certificate manager of the binaries; its driver runs on the control plane's runtime, and
@@ -281,7 +255,7 @@ impl ControlPlane {
         };
 
         // Certificates.
-        let certificates = Certificates::open(config)?;
+        let certificates = open_certificates(config)?;
         let manager: Manager = CertManager::new(certificates, TokioTimer, ManagerConfig::default());
         let driver = manager.clone();
         background.push(tokio::spawn(async move { driver.run().await }));
@@ -292,7 +266,7 @@ impl ControlPlane {
                     .identity(&config.trust_domain)
                     .map_err(|e| StartError::Identity(format!("{workload}: {e}")))?,
             )),
-            _ => None,
+            ProxyMode::Shared { .. } => None,
         };
         if let Some(id) = &dedicated {
             manager.warm_up(id);
@@ -316,7 +290,7 @@ impl ControlPlane {
                     name: workload.name.clone(),
                 }
             }
-            _ => SourceWorkload::Shared,
+            ProxyMode::Shared { .. } => SourceWorkload::Shared,
         };
 
         let upstream = SocketOptions {
@@ -325,7 +299,7 @@ impl ControlPlane {
         };
         let log_format = match config.log_format {
             config::LogFormat::Json => accesslog::LogFormat::Json,
-            _ => accesslog::LogFormat::Text,
+            config::LogFormat::Text => accesslog::LogFormat::Text,
         };
         let context = Arc::new(ProxyContext {
             proxy: config.local_proxy(),
@@ -413,18 +387,6 @@ fn bind_error(listener: Listener, addr: SocketAddr, source: io::Error) -> StartE
     }
 }
 
-/// The data listeners of `config` (inbound HBONE, inbound plaintext, outbound capture, SOCKS5 if
-/// enabled), in the order the binaries bind them.
-pub fn data_listeners(config: &Config) -> Vec<(Listener, SocketAddr)> {
-    let mut data = vec![
-        (Listener::Inbound, config.listeners.inbound),
-        (Listener::InboundPlaintext, config.listeners.inbound_plaintext),
-        (Listener::Outbound, config.listeners.outbound),
-    ];
-    data.extend(config.listeners.socks5.map(|addr| (Listener::Socks5, addr)));
-    data
-}
-
 /// How often a taking-over instance tries again to bind a control listener the other instance
 /// still holds.
 const HANDOVER_RETRY: Duration = Duration::from_millis(100);
@@ -472,7 +434,7 @@ impl ControlListeners {
             return Ok(None);
         }
         let control = Self::bind(config, bound)?;
-        for (listener, addr) in data_listeners(config) {
+        for (listener, addr) in config.listeners.data() {
             check_port_free(addr).map_err(|source| bind_error(listener, addr, source))?;
         }
         Ok(Some(control))

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meshwire_hbone::copy::CopyConfig;
-use meshwire_hbone::pool::{Connector, Pool};
+use meshwire_hbone::pool::Pool;
 use meshwire_hbone::server::{self, ServeError};
 use meshwire_identity::manager::Priority;
 
@@ -28,8 +28,8 @@ use crate::watch::ConnectionRegistry;
 pub type WorkerOutbound<R> = Outbound<ProxyTls, R>;
 
 /// What the connections accepted on one runtime (or one core) share: the context, their metrics
-/// and registry, and the outbound path with its HBONE pool. The accept loops of each binary hand
-/// every accepted connection to one of its `serve_*` methods.
+/// and registry, and the outbound path with its HBONE pool. The accept loops of [`lifecycle`](super::lifecycle)
+/// hand every accepted connection to one of its `serve_*` methods.
 pub struct Worker<R: Runtime> {
     context: Arc<ProxyContext>,
     runtime: R,
@@ -44,7 +44,7 @@ pub struct Worker<R: Runtime> {
 }
 
 /// How often a worker logs that it is out of file descriptors at most (its accept loops retry
-/// every [`ACCEPT_RETRY`](super::ACCEPT_RETRY); the refusal counter counts every failed accept).
+/// every [`ACCEPT_RETRY`](super::lifecycle::ACCEPT_RETRY); the refusal counter counts every failed accept).
 const FD_WARNING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl<R: Runtime> std::fmt::Debug for Worker<R> {
@@ -58,7 +58,6 @@ impl<R: Runtime> std::fmt::Debug for Worker<R> {
 impl<R> Worker<R>
 where
     R: Runtime + Clone,
-    R::Connector<ProxyTls>: Connector<Io = R::Stream>,
 {
     /// A worker on `runtime` counting in `metrics` and `registry`, whose HBONE pool connects with
     /// `connector` (made from [`ProxyContext::client_tls`] and [`ProxyContext::connector_config`])
@@ -106,6 +105,11 @@ where
     /// The outbound path (SOCKS5 and capture listeners) and its HBONE pool.
     pub fn outbound(&self) -> &WorkerOutbound<R> {
         &self.outbound
+    }
+
+    /// The runtime the worker's connections run on.
+    pub fn runtime(&self) -> &R {
+        &self.runtime
     }
 
     /// The metrics the worker's connections are counted in.
@@ -183,7 +187,7 @@ where
     }
 
     /// What the accept loops of both binaries do when accepting on `listener` failed with `error`,
-    /// before they wait [`ACCEPT_RETRY`](super::ACCEPT_RETRY) and accept again: log it, naming the
+    /// before they wait [`ACCEPT_RETRY`](super::lifecycle::ACCEPT_RETRY) and accept again: log it, naming the
     /// listener, and when the process is out of file descriptors (`EMFILE`, `ENFILE`) say so and
     /// count it (`istio_tcp_connections_refused_total{reason="fd_exhausted"}`): the connection waits
     /// in the listen queue until a descriptor is free. That warning is logged once a second at most

@@ -47,7 +47,7 @@ use std::time::Instant;
 
 use meshwire_hbone::copy::{self, CopyConfig};
 use meshwire_hbone::headers::Authority;
-use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal, StreamReport};
+use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal, RefusalReason, StreamReport};
 use meshwire_identity::id::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -161,7 +161,7 @@ impl<R: Runtime> InboundHandler<R> {
         let summary = recorder.finish(flags);
         let entry = entry
             .with_transfer(summary.sent, summary.received)
-            .with_error(refusal.reason.clone());
+            .with_error(&refusal.reason);
         accesslog::emit(&entry, self.log_format);
         refusal
     }
@@ -173,17 +173,12 @@ impl<R: Runtime> InboundHandler<R> {
     pub async fn open(&self, dst: SocketAddr, peer: Option<&SpiffeId>) -> Result<InboundUpstream<R>, Refusal> {
         let dst = canonical(dst);
         if self.proxy.ports.contains(&dst.port()) {
-            return Err(Refusal::unavailable(format!(
-                "{dst} is one of the proxy's own ports: the connection would loop"
-            )));
+            return Err(Refusal::unavailable(RefusalReason::Loop(dst)));
         }
 
         let snapshot = self.published.load();
         let Some(workload) = snapshot.state.inbound_workload(&self.proxy, dst.ip()) else {
-            return Err(Refusal::bad_request(format!(
-                "no workload served by this proxy has the IP {}",
-                dst.ip()
-            )));
+            return Err(Refusal::bad_request(RefusalReason::NoWorkload(dst.ip())));
         };
         let source = snapshot
             .state
@@ -240,7 +235,7 @@ impl<R: Runtime> InboundHandler<R> {
                 self.metrics.open(labels.with_response_flags(flags)),
                 entry,
                 flags,
-                Refusal::unauthorized(reason),
+                Refusal::unauthorized(RefusalReason::Denied(reason)),
             ));
         }
         let recorder = self.metrics.open(labels);
@@ -253,7 +248,10 @@ impl<R: Runtime> InboundHandler<R> {
                     recorder,
                     entry,
                     ResponseFlags::ConnectionFailure,
-                    Refusal::unavailable(e.to_string()),
+                    Refusal::unavailable(RefusalReason::UpstreamConnect {
+                        destination: dst,
+                        source: Arc::new(e),
+                    }),
                 ));
             }
         };
@@ -359,22 +357,17 @@ impl<R: Runtime> Handler for InboundHandler<R> {
         let dst = match &request.authority {
             Authority::SocketAddr(addr) => canonical(*addr),
             other => {
-                return Err(Refusal::bad_request(format!(
-                    "hostname authorities are not served yet: {other}"
-                )));
+                return Err(Refusal::bad_request(RefusalReason::HostnameAuthority(other.clone())));
             }
         };
         if dst.ip() != self.arrived_on.ip() {
-            return Err(Refusal::bad_request(format!(
-                "authority IP {} is not the address the connection arrived on, {}",
-                dst.ip(),
-                self.arrived_on.ip()
-            )));
+            return Err(Refusal::bad_request(RefusalReason::AuthorityMismatch {
+                authority: dst.ip(),
+                arrived_on: self.arrived_on.ip(),
+            }));
         }
         if dst.port() == self.arrived_on.port() {
-            return Err(Refusal::unavailable(format!(
-                "{dst} is one of the proxy's own ports: the connection would loop"
-            )));
+            return Err(Refusal::unavailable(RefusalReason::Loop(dst)));
         }
         self.open(dst, Some(&request.peer)).await.map(Connected::from)
     }
@@ -386,7 +379,7 @@ impl<R: Runtime> Handler for InboundHandler<R> {
             peer = %report.peer,
             authority = ?report.authority.as_ref().map(ToString::to_string),
             status = %report.status,
-            refusal = ?report.refusal,
+            refusal = ?report.refusal.as_ref().map(ToString::to_string),
             to_upstream = report.to_upstream,
             from_upstream = report.from_upstream,
             error = ?report.error.as_ref().map(ToString::to_string),

@@ -53,7 +53,7 @@ use meshwire_hbone::budget::BufferBudget;
 use meshwire_hbone::client::{ConnectError, ConnectRequest, Tunnel};
 use meshwire_hbone::copy::{self, CopyConfig, CopyOutcome};
 use meshwire_hbone::headers::{Authority, Forwarded, Metadata};
-use meshwire_hbone::pool::{Connector, Pool, PoolKey};
+use meshwire_hbone::pool::{Pool, PoolKey};
 use meshwire_hbone::rt::timeout;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, Priority};
@@ -510,7 +510,7 @@ enum Upstream<T> {
 }
 
 /// The outbound proxy: the shared path of the SOCKS5 and capture listeners, on the runtime `R`.
-pub struct Outbound<S, R: Runtime = TokioRuntime> {
+pub struct Outbound<S: ClientTlsSource, R: Runtime = TokioRuntime> {
     runtime: R,
     published: Published,
     proxy: LocalProxy,
@@ -527,7 +527,7 @@ pub struct Outbound<S, R: Runtime = TokioRuntime> {
     budget: Option<(Arc<BufferBudget>, usize)>,
 }
 
-impl<S, R: Runtime> fmt::Debug for Outbound<S, R> {
+impl<S: ClientTlsSource, R: Runtime> fmt::Debug for Outbound<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Outbound")
             .field("proxy", &self.proxy)
@@ -558,7 +558,6 @@ impl<S, R> Outbound<S, R>
 where
     S: ClientTlsSource,
     R: Runtime,
-    R::Connector<S>: Connector<Io = R::Stream>,
 {
     /// [`Outbound::new`] on `runtime`, which makes the passthrough connections.
     pub fn with_runtime(

@@ -72,7 +72,7 @@ where
 {
     let peer = key.destination;
     let tcp_error = |source: io::Error| ConnectError::Tcp {
-        peer: peer.to_string(),
+        peer,
         source: Arc::new(source),
     };
     let socket = factory

@@ -7,12 +7,18 @@
 //! - [`Runtime`]: what the per-connection logic ([`Outbound`], [`InboundHandler`]) needs from a
 //!   runtime: its TCP stream type, a timer, the HBONE pool's executor and connector, connecting
 //!   through the socket factory, and the socket operations on a stream.
-//! - [`tokio`]: [`tokio::TokioRuntime`] (the [`Runtime`] of the `ztunnel` binary),
-//!   [`tokio::TokioTimer`], [`tokio::TokioExecutor`], the conversion of the factory's sockets into
-//!   tokio listeners and streams, and [`tokio::TokioConnector`] for the HBONE pool.
+//! - [`native`]: the [`Runtime`] ([`native::ProxyRuntime`]) and the HBONE pool connector
+//!   ([`native::PoolConnector`]) written once over [`native::Native`], what a runtime does its own
+//!   way (stream, timer, executor, connecting a socket, socket operations on a stream).
+//! - [`tokio`]: [`tokio::Tokio`] (tokio's [`native::Native`]), hence [`tokio::TokioRuntime`] (the
+//!   [`Runtime`] of the `ztunnel` binary) and [`tokio::TokioConnector`] for the HBONE pool, the
+//!   conversion of the factory's sockets into tokio listeners and streams; [`tokio::TokioTimer`]
+//!   and [`tokio::TokioExecutor`] are re-exported from `meshwire-rt`.
 //!
-//! The io_uring build supplies its own counterpart of [`tokio`] (a [`Runtime`] on glommio) and
-//! shares [`socket`] and everything written over [`Runtime`].
+//! The timer and executor traits, and their tokio and glommio implementations, live in
+//! `meshwire-rt`, the bottom of the crate graph. The io_uring build supplies its own counterpart of
+//! [`tokio`] (glommio's [`native::Native`]) and shares [`socket`], [`native`] and everything
+//! written over [`Runtime`].
 //!
 //! [`Outbound`]: crate::proxy::outbound::Outbound
 //! [`InboundHandler`]: crate::proxy::inbound::InboundHandler
@@ -23,12 +29,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ::tokio::io::{AsyncRead, AsyncWrite};
-use meshwire_hbone::pool::PooledDriver;
+use meshwire_hbone::pool::{Connector, PooledDriver};
 use meshwire_hbone::rt::{Executor, Timer};
 
+use self::connector::ClientTlsSource;
 use self::socket::SocketOptions;
 
 pub mod connector;
+pub mod native;
 pub mod socket;
 pub mod tokio;
 
@@ -97,11 +105,9 @@ pub trait Runtime: 'static {
     type Executor: Executor<PooledDriver<Self::Stream, Self::Timer>>;
 
     /// The HBONE pool's connector with client TLS configs from `S`: for every
-    /// [`ClientTlsSource`](tokio::ClientTlsSource) `S` it must implement
-    /// [`meshwire_hbone::pool::Connector`] with `Io = Self::Stream` (the proxy logic asks for that
-    /// where it uses the pool). It connects through the socket factory like
-    /// [`connect`](Self::connect).
-    type Connector<S>;
+    /// [`ClientTlsSource`] `S`, a [`meshwire_hbone::pool::Connector`] of the runtime's streams. It
+    /// connects through the socket factory like [`connect`](Self::connect).
+    type Connector<S: ClientTlsSource>: Connector<Io = Self::Stream>;
 
     /// The timer (a clock handle: cheap to get).
     fn timer(&self) -> Self::Timer;

@@ -313,6 +313,27 @@ pub fn reset_on_close<S: AsFd>(stream: &S) -> io::Result<()> {
     SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
+/// The local address of a connected TCP stream: for an accepted connection, the address it
+/// arrived on.
+pub fn local_addr<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {
+    inet(SockRef::from(stream).local_addr()?)
+}
+
+/// The peer address of a connected TCP stream.
+pub fn peer_addr<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {
+    inet(SockRef::from(stream).peer_addr()?)
+}
+
+/// Turns `TCP_NODELAY` on for `stream`.
+pub fn set_nodelay<S: AsFd>(stream: &S) -> io::Result<()> {
+    SockRef::from(stream).set_tcp_nodelay(true)
+}
+
+fn inet(addr: SockAddr) -> io::Result<SocketAddr> {
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IPv4 or IPv6 socket"))
+}
+
 /// A socket option set by a [`SocketFactory`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

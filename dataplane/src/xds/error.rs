@@ -1,37 +1,14 @@
-//! Configuration errors, field paths and their rendering.
+//! Configuration errors and the rendering of field paths.
 
-use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use meshwire_identity::id::IdError;
 
+pub use super::locate::Location;
+use super::locate::{Seg, locate};
 use super::{NamespacedHostname, NetworkAddress};
-
-/// A position in the configuration document: line and column, both starting at 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Location {
-    /// The line, from 1.
-    pub line: usize,
-    /// The column, from 1.
-    pub column: usize,
-}
-
-impl Location {
-    pub(super) fn from_yaml(location: &serde_yaml_ng::Location) -> Self {
-        Self {
-            line: location.line(),
-            column: location.column(),
-        }
-    }
-}
-
-impl fmt::Display for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}, column {}", self.line, self.column)
-    }
-}
 
 /// ` (line L, column C)` when the location is known, else nothing.
 fn at(location: &Option<Location>) -> String {
@@ -197,29 +174,10 @@ impl ConfigError {
     }
 }
 
-/// One step of a field path: a mapping key or a sequence index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Seg {
-    Key(String),
-    Index(usize),
-}
-
-impl From<&str> for Seg {
-    fn from(key: &str) -> Self {
-        Seg::Key(key.to_owned())
-    }
-}
-
-impl From<usize> for Seg {
-    fn from(index: usize) -> Self {
-        Seg::Index(index)
-    }
-}
-
 /// A field path from keys and indexes: `field_path!["workloads", 2, "workloadIps", 0]`.
 macro_rules! field_path {
     ($($seg:expr),* $(,)?) => {
-        vec![$($crate::xds::error::Seg::from($seg)),*]
+        vec![$($crate::xds::locate::Seg::from($seg)),*]
     };
 }
 pub(super) use field_path;
@@ -287,7 +245,7 @@ impl Pending {
     pub(super) fn locate(mut self, yaml: &str) -> ConfigError {
         let found = (0..=self.path.len())
             .rev()
-            .find_map(|len| super::locate::locate(yaml, &self.path[..len]));
+            .find_map(|len| locate(yaml, &self.path[..len]));
         if let Some(slot) = self.error.location_mut() {
             *slot = found;
         }

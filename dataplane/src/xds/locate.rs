@@ -1,4 +1,4 @@
-//! Finds the line and column of a field path in a YAML document.
+//! Field paths and positions in a YAML document, and how to find the line and column of a path.
 //!
 //! serde_yaml_ng records where a value starts only in the errors it returns, so the document is
 //! walked again along the path and a marker error is raised at the value: the parser stamps it with
@@ -8,7 +8,48 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::error::{Location, Seg};
+/// A position in the configuration document: line and column, both starting at 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Location {
+    /// The line, from 1.
+    pub line: usize,
+    /// The column, from 1.
+    pub column: usize,
+}
+
+impl Location {
+    pub(super) fn from_yaml(location: &serde_yaml_ng::Location) -> Self {
+        Self {
+            line: location.line(),
+            column: location.column(),
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)
+    }
+}
+
+/// One step of a field path: a mapping key or a sequence index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl From<&str> for Seg {
+    fn from(key: &str) -> Self {
+        Seg::Key(key.to_owned())
+    }
+}
+
+impl From<usize> for Seg {
+    fn from(index: usize) -> Self {
+        Seg::Index(index)
+    }
+}
 
 const FOUND: &str = "meshwire-locate: found the value";
 

@@ -9,7 +9,8 @@ use meshwire_identity::id::{IdError, IstioIdentity, parse_spiffe_id, parse_trust
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 
-use super::error::{Pending, Seg, field_name, field_path};
+use super::error::{Pending, field_name, field_path};
+use super::locate::Seg;
 use super::{
     ApplicationTunnel, ConfigError, DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_ID, DEFAULT_HBONE_PORT, DEFAULT_NAMESPACE,
     DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, GatewayAddress, GatewayDestination, HealthStatus, LocalConfig,

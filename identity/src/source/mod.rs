@@ -108,3 +108,31 @@ impl<S: CertSource + ?Sized> CertSource for Arc<S> {
         (**self).poll_interval()
     }
 }
+
+/// The local CA or certificate files, chosen at run time: the source of a program that takes either
+/// from its configuration (the proxy binaries, `libmeshwire` contexts).
+#[cfg(all(feature = "files", feature = "local-ca"))]
+#[derive(Debug)]
+pub enum LocalCaOrFiles {
+    /// Certificates issued by a local CA.
+    LocalCa(local_ca::LocalCa),
+    /// Certificates read from PEM files.
+    Files(files::FileSource),
+}
+
+#[cfg(all(feature = "files", feature = "local-ca"))]
+impl CertSource for LocalCaOrFiles {
+    async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
+        match self {
+            Self::LocalCa(ca) => ca.fetch(id).await,
+            Self::Files(files) => files.fetch(id).await,
+        }
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        match self {
+            Self::LocalCa(ca) => ca.poll_interval(),
+            Self::Files(files) => files.poll_interval(),
+        }
+    }
+}

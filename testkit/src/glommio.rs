@@ -4,7 +4,6 @@
 //!
 //! Everything here is thread-local (`Rc`, `Cell`, `spawn_local`), as a thread-per-core proxy would
 //! be; only addresses, TLS configs and stop signals cross threads.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, missing_docs)]
 
 use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
@@ -28,7 +27,7 @@ use meshwire_hbone::{ConnectError, Settings};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
-use crate::common::{Fnv, pattern};
+use crate::data::{Fnv, pattern};
 
 /// A glommio TCP stream seen through the `tokio::io` traits.
 pub type GlommioTcp = Compat<TcpStream>;
@@ -40,10 +39,11 @@ pub const LIMIT: Duration = Duration::from_secs(20);
 // The runtime seam
 // ---------------------------------------------------------------------------------------------
 
-pub use meshwire_dataplane_uring::rt::{GlommioExecutor, GlommioTimer};
+pub use meshwire_rt::{GlommioExecutor, GlommioTimer};
 
 /// Pool connector: a glommio TCP connection to the key's destination, and a fixed client config.
 pub struct GlommioConnector {
+    /// The client config every connection uses.
     pub tls: Arc<rustls::ClientConfig>,
 }
 
@@ -52,7 +52,7 @@ impl Connector for GlommioConnector {
 
     async fn connect(&self, key: &PoolKey) -> Result<(GlommioTcp, Arc<rustls::ClientConfig>), ConnectError> {
         let tcp = tcp_connect(key.destination).await.map_err(|e| ConnectError::Tcp {
-            peer: key.destination.to_string(),
+            peer: key.destination,
             source: Arc::new(e),
         })?;
         Ok((tcp, self.tls.clone()))
@@ -121,12 +121,14 @@ pub fn allowed_cpus() -> String {
 pub struct Drain(Rc<DrainState>);
 
 #[derive(Default)]
+/// The state a [`Drain`] shares: fired or not, and who waits.
 pub struct DrainState {
     fired: Cell<bool>,
     wakers: RefCell<Vec<Waker>>,
 }
 
 impl Drain {
+    /// Fires the drain: every `wait` future completes.
     pub fn fire(&self) {
         self.0.fired.set(true);
         for w in self.0.wakers.take() {
@@ -134,6 +136,7 @@ impl Drain {
         }
     }
 
+    /// Completes once the drain has fired.
     pub fn wait(&self) -> impl Future<Output = ()> + 'static {
         let state = self.0.clone();
         poll_fn(move |cx| {
@@ -273,7 +276,9 @@ pub fn spawn_sink_server() -> SocketAddr {
 /// Connects to the authority on loopback with glommio: 401 for port 1, 503 when the connect fails.
 #[derive(Default)]
 pub struct GlommioHandler {
+    /// What every finished stream reported.
     pub reports: RefCell<Vec<StreamReport>>,
+    /// How many streams finished.
     pub finished: Cell<u64>,
 }
 
@@ -281,13 +286,7 @@ impl Handler for GlommioHandler {
     type Upstream = GlommioTcp;
 
     async fn connect(&self, request: &InboundRequest) -> Result<Connected<GlommioTcp>, Refusal> {
-        let addr = request
-            .authority
-            .as_socket_addr()
-            .ok_or_else(|| Refusal::bad_request("not an address"))?;
-        if addr.port() == 1 {
-            return Err(Refusal::unauthorized(format!("{} may not reach port 1", request.peer)));
-        }
+        let addr = crate::net::loopback_destination(request)?;
         tcp_connect(addr)
             .await
             .map(Connected::from)
@@ -302,8 +301,11 @@ impl Handler for GlommioHandler {
 
 /// An HBONE server on the current glommio executor; `drain.fire()` drains every connection.
 pub struct GlommioHboneServer {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Its handler: what the streams did.
     pub handler: Rc<GlommioHandler>,
+    /// Fire to drain every connection.
     pub drain: Drain,
     /// Connections served to their end without error.
     pub served: Rc<RefCell<Vec<ServeSummary>>>,
@@ -364,8 +366,11 @@ pub async fn glommio_client(
 /// A whole server side (HBONE server, echo server, sink) on its own glommio executor thread.
 /// Stopped (and joined) on drop.
 pub struct ServerThread {
+    /// The HBONE server.
     pub hbone: SocketAddr,
+    /// The TCP echo server.
     pub echo: SocketAddr,
+    /// The checksumming sink.
     pub sink: SocketAddr,
     /// The CPUs the executor thread may run on (`Cpus_allowed_list` of `/proc/thread-self/status`).
     pub cpus: String,

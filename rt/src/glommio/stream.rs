@@ -25,7 +25,7 @@
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -33,7 +33,12 @@ use futures_util::io::{AsyncRead as FuturesRead, AsyncWrite as FuturesWrite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The size of the per-thread buffer that a read into uninitialised memory uses when it has to
-/// go through glommio (the socket had nothing to read when asked directly).
+/// go through glommio (the socket had nothing to read when asked directly). A read through glommio
+/// fills at most this much of the caller's buffer.
+///
+/// ```
+/// assert_eq!(meshwire_rt::glommio::stream::STAGING, 64 * 1024);
+/// ```
 pub const STAGING: usize = 64 * 1024;
 
 thread_local! {
@@ -45,7 +50,17 @@ thread_local! {
 }
 
 /// An owned duplicate of the descriptor `fd` of this process (`pidfd_getfd(2)`, through a pidfd
-/// kept per thread): options set on it are the original socket's.
+/// kept per thread): options set on it are the original socket's. Needs no glommio executor.
+///
+/// ```
+/// use std::os::fd::AsRawFd;
+/// use meshwire_rt::glommio::stream::duplicate;
+///
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let same = socket2::Socket::from(duplicate(listener.as_raw_fd())?);
+/// assert_eq!(same.local_addr()?.as_socket(), Some(listener.local_addr()?));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
     PIDFD.with(|cell| {
         let mut pidfd = cell.borrow_mut();
@@ -64,7 +79,28 @@ pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
     })
 }
 
-/// A glommio TCP stream with the `tokio::io` traits: see the [module](self) documentation.
+/// A glommio TCP stream with the `tokio::io` traits: see the [module](self) documentation. Must be
+/// used on a glommio executor thread.
+///
+/// ```
+/// use glommio::LocalExecutorBuilder;
+/// use glommio::net::{TcpListener, TcpStream};
+/// use meshwire_rt::glommio::UringStream;
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+///
+/// let handle = LocalExecutorBuilder::default().spawn(|| async {
+///     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+///     let addr = listener.local_addr().unwrap();
+///     let mut client = UringStream::new(TcpStream::connect(addr).await.unwrap());
+///     let mut server = UringStream::new(listener.accept().await.unwrap());
+///     assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+///     client.write_all(b"ping").await.unwrap();
+///     let mut buf = [0; 4];
+///     server.read_exact(&mut buf).await.unwrap();
+///     assert_eq!(&buf, b"ping");
+/// });
+/// handle.unwrap().join().unwrap();
+/// ```
 #[derive(Debug)]
 pub struct UringStream {
     inner: glommio::net::TcpStream,
@@ -99,6 +135,14 @@ impl UringStream {
     /// A short-lived duplicate of the socket, for socket options ([`duplicate`]).
     pub fn socket(&self) -> io::Result<socket2::Socket> {
         duplicate(self.inner.as_raw_fd()).map(socket2::Socket::from)
+    }
+}
+
+/// The stream's socket, borrowed: socket options read or set through it (with `socket2::SockRef`)
+/// are the stream's own.
+impl AsFd for UringStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        borrow_fd(&self.inner)
     }
 }
 

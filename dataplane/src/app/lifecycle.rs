@@ -1,0 +1,391 @@
+//! The proxy's lifecycle, written once for both binaries: which data listeners a configuration
+//! asks for, the start sequence around them, the accept loops, the dispatch of an accepted
+//! connection to its [`Worker`] method, and the bounded drain.
+//!
+//! A binary supplies only what its runtime does differently, through [`Acceptor`] (how a listener
+//! accepts, how `TCP_NODELAY` is set on a stream, how a connection's task is spawned), and where
+//! its workers and listeners live: `ztunnel` binds one tokio listener per data listener and runs
+//! one [`serve`] on its multi-thread runtime; the io_uring build binds them on every core (with
+//! `SO_REUSEPORT`) and runs one [`serve`] per core.
+//!
+//! **Start.** [`Starting::begin`] starts the [`ControlPlane`] and binds the control listeners before
+//! any data listener ([`ControlListeners::bind_before_data`]: exclusively, so that a second instance
+//! fails there binding nothing; a hand-over binds them last). The binary then binds the data
+//! listeners of [`Starting::data`] with `SO_REUSEPORT` and starts its workers' [`serve`], which wait
+//! for the [`Phase::Serving`] phase. [`Starting::serve`] enters it, binds the control listeners of a
+//! hand-over ([`ControlListeners::bind_after_data`]), serves readiness, admin and metrics, logs the
+//! listeners and marks the listeners ready. A failure on the way ([`Starting::abandon`], or
+//! [`Starting::serve`] failing) moves to [`Phase::Abandoned`]: nothing is served.
+//!
+//! **Serving.** Every accept loop retries [`ACCEPT_RETRY`] after a failed accept (after
+//! [`Worker::accept_failed`]), turns `TCP_NODELAY` on, takes the peer address with IPv4-mapped
+//! addresses as IPv4 ([`canonical`]), and spawns a [`Connection`] holding a guard the drain waits on;
+//! [`Connection::serve`] dispatches it by its listener with an exhaustive match: a new kind of
+//! [`Listener`] does not compile until it is served or named as not served here.
+//!
+//! **Drain.** [`Lifecycle::drain`] answers 503 on readiness, moves to [`Phase::Draining`] (the accept
+//! loops stop, inbound HBONE connections get GOAWAY), waits up to the drain deadline for the
+//! connections to end, then moves to [`Phase::Abandoned`] (what is left is abandoned) and stops the
+//! control plane and its listeners.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::pin::pin;
+use std::time::Duration;
+
+use futures_util::future::{Either, join_all, select};
+use meshwire_hbone::rt::Timer;
+use tokio::sync::{mpsc, watch};
+
+use super::plane::{Control, ControlListeners, ControlPlane, StartError};
+use super::worker::Worker;
+use crate::admin::{self, LogControl, MetricsHandler, Readiness};
+use crate::config::{Config, Listener};
+use crate::proxy::canonical;
+use crate::rt::Runtime;
+use crate::rt::native::{Native, ProxyRuntime};
+use crate::rt::socket;
+use crate::watch::ConnectionRegistry;
+
+/// How long an accept loop waits after a failed accept (out of descriptors, for one) before the
+/// next.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Logs the listeners bound, and those of `config` that are not served.
+pub fn log_listeners(config: &Config, listeners: &[(Listener, SocketAddr)]) {
+    for (listener, addr) in listeners {
+        tracing::info!(%listener, %addr, "listening");
+    }
+    let skipped: Vec<String> = config
+        .listeners
+        .iter()
+        .filter(|(l, _)| !listeners.iter().any(|(bound, _)| bound == l))
+        .map(|(l, a)| format!("{l} ({a})"))
+        .collect();
+    if !skipped.is_empty() {
+        tracing::info!(not_served = %skipped.join(", "), "listeners not implemented yet, not bound");
+    }
+}
+
+/// The phases of the proxy, as every worker sees them (through a `watch` channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Binding listeners; nothing is served yet.
+    Starting,
+    /// Every listener is bound: serve.
+    Serving,
+    /// Stop accepting; let the connections finish.
+    Draining,
+    /// The drain deadline passed (or the start failed): stop now.
+    Abandoned,
+}
+
+/// Resolves once the phase is `at_least` or later (or the proxy is gone). Runtime-independent.
+pub async fn reached(mut phase: watch::Receiver<Phase>, at_least: Phase) {
+    let _ = phase.wait_for(|p| *p >= at_least).await;
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection ended before the deadline.
+    Complete,
+    /// The deadline passed with connections still open; they are abandoned.
+    DeadlineReached,
+}
+
+/// What the lifecycle needs from a runtime beyond [`Native`]: the few things the accept loops do
+/// differently on tokio and on glommio. The tokio implementation is
+/// [`Tokio`](crate::rt::tokio::Tokio)'s (here); the io_uring build implements it for its glommio
+/// marker. The workers run the proxy's [`ProxyRuntime`] over the same marker.
+pub trait Acceptor: Native + Sized {
+    /// A bound, listening socket of the runtime.
+    type Listener: 'static;
+
+    /// How the connection tasks of a worker share it: `Arc` on a multi-thread runtime, `Rc` on a
+    /// core.
+    type Shared: Deref<Target = Worker<ProxyRuntime<Self>>> + Clone + 'static;
+
+    /// Accepts a connection on `listener`: the stream, and the client's address when the accept
+    /// learned it (when it did not, the accept loop asks the socket: [`socket::peer_addr`]).
+    fn accept(listener: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, Option<SocketAddr>)>>;
+
+    /// Spawns the task of `connection` ([`Connection::serve`]) on this runtime (this core), detached.
+    fn spawn(connection: Connection<Self>);
+}
+
+/// An accepted connection, ready to be served by its listener's [`Worker`] method.
+pub struct Connection<R: Acceptor> {
+    listener: Listener,
+    worker: R::Shared,
+    stream: R::Stream,
+    peer: SocketAddr,
+    phase: watch::Receiver<Phase>,
+    /// Held until the connection ends: the drain waits for every guard to be gone.
+    guard: mpsc::Sender<()>,
+}
+
+impl<R: Acceptor> std::fmt::Debug for Connection<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("listener", &self.listener)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Acceptor> Connection<R> {
+    /// Serves the connection with the [`Worker`] method of its listener; an inbound HBONE
+    /// connection is asked to drain (GOAWAY) from [`Phase::Draining`] on.
+    pub async fn serve(self) {
+        let Connection {
+            listener,
+            worker,
+            stream,
+            peer,
+            phase,
+            guard,
+        } = self;
+        let _guard = guard;
+        match listener {
+            Listener::Inbound => {
+                worker
+                    .serve_inbound_hbone(stream, peer, reached(phase, Phase::Draining))
+                    .await;
+            }
+            Listener::InboundPlaintext => worker.serve_inbound_plaintext(stream, peer).await,
+            Listener::Outbound => worker.serve_capture(stream, peer).await,
+            Listener::Socks5 => worker.serve_socks5(stream, peer).await,
+            // Not in `Listeners::data`, so never accepted here: the control listeners are served by
+            // the control plane, and the DNS proxy is not served yet.
+            Listener::Dns | Listener::Readiness | Listener::Admin | Listener::Metrics => {
+                tracing::error!(%listener, %peer, "connection on a listener that is not a data listener: closed");
+            }
+        }
+    }
+}
+
+/// Serves `listeners` with `worker` once `phase` is [`Phase::Serving`] (nothing if the start is
+/// abandoned): accepts on every listener and runs the HBONE pool's maintenance until
+/// [`Phase::Draining`], then resolves once every connection accepted here has ended, or at
+/// [`Phase::Abandoned`]. One per worker: the whole tokio proxy, or one core of the io_uring build.
+pub async fn serve<R: Acceptor>(
+    worker: R::Shared,
+    listeners: Vec<(Listener, R::Listener)>,
+    phase: watch::Receiver<Phase>,
+) {
+    let started = phase.clone().wait_for(|p| *p != Phase::Starting).await.map(|p| *p);
+    if !matches!(started, Ok(Phase::Serving)) {
+        return;
+    }
+    // Idle HBONE connections are released after the pool's idle timeout.
+    let pool = worker.outbound().pool().clone();
+    let (connections, mut ended) = mpsc::channel::<()>(1);
+    let loops = join_all(listeners.into_iter().map(|(listener, socket)| {
+        accept_loop::<R>(listener, socket, worker.clone(), phase.clone(), connections.clone())
+    }));
+    drop(connections);
+    drop(worker);
+    // The accept loops end at the drain; the maintenance does not end by itself.
+    let _ = select(pin!(loops), pin!(pool.maintain())).await;
+    // Every connection task holds a sender: `recv` returns `None` once they all ended.
+    let _ = select(pin!(ended.recv()), pin!(reached(phase, Phase::Abandoned))).await;
+}
+
+/// Accepts connections on `socket` until [`Phase::Draining`], and spawns a [`Connection`] for each
+/// (with `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4).
+async fn accept_loop<R: Acceptor>(
+    listener: Listener,
+    socket: R::Listener,
+    worker: R::Shared,
+    phase: watch::Receiver<Phase>,
+    connections: mpsc::Sender<()>,
+) {
+    let timer = worker.runtime().timer();
+    let mut stop = pin!(reached(phase.clone(), Phase::Draining));
+    loop {
+        let accept = pin!(R::accept(&socket));
+        let (stream, peer) = match select(stop.as_mut(), accept).await {
+            Either::Left(_) => return,
+            Either::Right((Ok(accepted), _)) => accepted,
+            Either::Right((Err(error), _)) => {
+                worker.accept_failed(listener, &error);
+                timer.sleep_until(timer.now() + ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let peer = match peer.map_or_else(|| socket::peer_addr(&stream), Ok) {
+            Ok(peer) => canonical(peer),
+            Err(error) => {
+                tracing::debug!(%listener, %error, "accepted connection already gone");
+                continue;
+            }
+        };
+        if let Err(error) = socket::set_nodelay(&stream) {
+            tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
+        }
+        R::spawn(Connection {
+            listener,
+            worker: worker.clone(),
+            stream,
+            peer,
+            phase: phase.clone(),
+            guard: connections.clone(),
+        });
+    }
+}
+
+/// A proxy being started: its control plane running, its control listeners bound (but for a
+/// hand-over), its data listeners to be bound by the binary.
+#[derive(Debug)]
+pub struct Starting {
+    plane: ControlPlane,
+    /// The listeners bound so far, with their addresses.
+    listeners: Vec<(Listener, SocketAddr)>,
+    early_control: Option<ControlListeners>,
+    data: Vec<(Listener, SocketAddr)>,
+    phase: watch::Sender<Phase>,
+}
+
+impl Starting {
+    /// Starts the control plane of `config` (connections counted in `registries`, one per worker)
+    /// and binds the control listeners before the data listeners
+    /// ([`ControlListeners::bind_before_data`]). Call inside a tokio runtime with IO and time enabled.
+    pub async fn begin(config: &Config, registries: &[ConnectionRegistry]) -> Result<Starting, StartError> {
+        let plane = ControlPlane::start(config, registries).await?;
+        let mut listeners = Vec::new();
+        // The control listeners first, so that a second instance binds nothing (unless it takes over).
+        let early_control = match ControlListeners::bind_before_data(config, &mut listeners) {
+            Ok(early) => early,
+            Err(error) => {
+                plane.stop();
+                return Err(error);
+            }
+        };
+        let (phase, _) = watch::channel(Phase::Starting);
+        Ok(Starting {
+            plane,
+            listeners,
+            early_control,
+            data: config.listeners.data(),
+            phase,
+        })
+    }
+
+    /// The control plane.
+    pub fn plane(&self) -> &ControlPlane {
+        &self.plane
+    }
+
+    /// The data listeners to bind ([`Listeners::data`](crate::config::Listeners::data)), in order.
+    pub fn data(&self) -> &[(Listener, SocketAddr)] {
+        &self.data
+    }
+
+    /// The phase, for a worker's [`serve`].
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Gives the start up: the workers see [`Phase::Abandoned`], the control plane stops.
+    pub fn abandon(self) {
+        let _ = self.phase.send(Phase::Abandoned);
+        self.plane.stop();
+    }
+
+    /// Serves: `data` are the data listeners the binary bound, with their addresses; the workers
+    /// start accepting, the control listeners of a hand-over are bound, readiness, admin and
+    /// metrics (from `metrics`; `/logging` through `logging`) are served, the listeners are logged
+    /// and the proxy is ready once the configuration and certificates are. On failure the start is
+    /// abandoned.
+    pub async fn serve(
+        self,
+        config: &Config,
+        data: Vec<(Listener, SocketAddr)>,
+        metrics: MetricsHandler,
+        logging: Option<LogControl>,
+    ) -> Result<Lifecycle, StartError> {
+        let Starting {
+            plane,
+            mut listeners,
+            early_control,
+            phase,
+            data: _,
+        } = self;
+        listeners.extend(data);
+        let _ = phase.send(Phase::Serving);
+        let control_listeners = match ControlListeners::bind_after_data(config, &mut listeners, early_control).await {
+            Ok(control) => control,
+            Err(error) => {
+                let _ = phase.send(Phase::Abandoned);
+                plane.stop();
+                return Err(error);
+            }
+        };
+        let (control, listeners_bound) = plane.serve_control(config, control_listeners, metrics, logging);
+        log_listeners(config, &listeners);
+        listeners_bound.ready();
+        Ok(Lifecycle {
+            listeners,
+            phase,
+            plane,
+            control,
+            drain_deadline: config.drain_deadline,
+        })
+    }
+}
+
+/// A running proxy's lifecycle: its listeners, control plane and control listeners, and the phase
+/// its workers follow.
+#[derive(Debug)]
+pub struct Lifecycle {
+    listeners: Vec<(Listener, SocketAddr)>,
+    phase: watch::Sender<Phase>,
+    plane: ControlPlane,
+    control: Control,
+    drain_deadline: Duration,
+}
+
+impl Lifecycle {
+    /// The listeners being served, with the addresses they are bound to.
+    pub fn listeners(&self) -> &[(Listener, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The trigger `POST /quitquitquit` pulls: resolves [`admin::ShutdownTrigger::triggered`] when
+    /// the process should drain and exit. Signal handlers may pull it too.
+    pub fn shutdown_trigger(&self) -> admin::ShutdownTrigger {
+        self.control.trigger().clone()
+    }
+
+    /// Whether the proxy is ready (what the readiness endpoint answers).
+    pub fn readiness(&self) -> &Readiness {
+        self.control.readiness()
+    }
+
+    /// Stops accepting and asks the HBONE connections to drain ([`Phase::Draining`]), and waits up
+    /// to the drain deadline for `ended` (every worker's connections ended); then abandons what is
+    /// left ([`Phase::Abandoned`]), waits for `stopped` (the workers' threads, say), stops the
+    /// control plane and its listeners, and logs how the drain ended. Readiness answers 503 from
+    /// the start.
+    pub async fn drain(self, ended: impl Future<Output = ()>, stopped: impl Future<Output = ()>) -> Drained {
+        tracing::info!(deadline = ?self.drain_deadline, "draining");
+        self.control.readiness().set_draining();
+        let _ = self.phase.send(Phase::Draining);
+        let outcome = match tokio::time::timeout(self.drain_deadline, ended).await {
+            Ok(()) => Drained::Complete,
+            Err(_) => Drained::DeadlineReached,
+        };
+        let _ = self.phase.send(Phase::Abandoned);
+        stopped.await;
+        self.plane.stop();
+        self.control.stop().await;
+        match outcome {
+            Drained::Complete => tracing::info!("drained: every connection ended"),
+            Drained::DeadlineReached => tracing::warn!("drain deadline reached: closing remaining connections"),
+        }
+        outcome
+    }
+}

@@ -1,0 +1,484 @@
+//! The proxy's own configuration: one validated, immutable [`Config`] read from command-line flags and
+//! environment variables, shared as `Arc<Config>` by everything that runs.
+//!
+//! Every flag can also be set through an environment variable. Where ztunnel reads a variable for the
+//! same setting, meshwire reads that variable with the same name, values and default, so a ztunnel
+//! Deployment or DaemonSet keeps working; settings ztunnel cannot change (every port, the certificate
+//! files, the state directory) get a `MESHWIRE_` variable. A flag wins over its variables; of several
+//! variables the first one listed wins; an empty variable counts as unset (as Kubernetes sets optional
+//! fields). `--help` lists each flag with its variables and default.
+//!
+//! Reading the configuration is pure: [`Config::from_args_and_env`] takes the argument vector and a
+//! function that looks up variables, so tests inject both and never touch the process environment, and
+//! it never touches the filesystem ([`Config::check_files`] does, separately). Errors name the flag or
+//! variable the bad value came from, and the value.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use meshwire_dataplane::config::{Config, Listener, ProxyMode};
+//!
+//! let env = HashMap::from([
+//!     ("PROXY_MODE", "dedicated"),
+//!     ("PROXY_WORKLOAD_INFO", "default/client-7d9f/client"),
+//!     ("MESHWIRE_ADMIN_PORT", "16000"),
+//! ]);
+//! let config = Config::from_args_and_env(
+//!     ["ztunnel", "--config", "local.yaml", "--admin-port", "17000", "--drain-deadline", "500ms"],
+//!     &|name| env.get(name).map(|v| v.to_string()),
+//! )?;
+//! let ProxyMode::Dedicated { workload } = &config.mode else { panic!("dedicated") };
+//! assert_eq!(workload.service_account, "client");
+//! assert_eq!(config.listeners.admin.to_string(), "127.0.0.1:17000"); // the flag beats the variable
+//! assert_eq!(config.listeners.get(Listener::Inbound).map(|a| a.port()), Some(15008));
+//! assert_eq!(config.drain_deadline.as_millis(), 500);
+//!
+//! let err = Config::from_args_and_env(["ztunnel", "--inbound-port", "15001"], &|_| None).unwrap_err();
+//! assert!(err.to_string().contains("port 15001 is used by both"), "{err}");
+//! # Ok::<(), meshwire_dataplane::config::Error>(())
+//! ```
+//!
+//! # Flags and variables
+//!
+//! | flag | variables (first wins) | default |
+//! |---|---|---|
+//! | `--config FILE` | `LOCAL_XDS_PATH`; `LOCAL_XDS` holds the YAML inline | none |
+//! | `--mode shared\|dedicated` | `PROXY_MODE` | `shared` (`dedicated` if a workload is given) |
+//! | `--workload NS/NAME/SA` | `PROXY_WORKLOAD_INFO` | none; required in dedicated mode |
+//! | `--node-name` | `NODE_NAME` | none (serve every node) |
+//! | `--instance-ip` | `INSTANCE_IP` | none |
+//! | `--cluster-id` | `ISTIO_META_CLUSTER_ID`, `CLUSTER_ID` | `Kubernetes` |
+//! | `--cluster-domain` | `CLUSTER_DOMAIN` | `cluster.local` |
+//! | `--trust-domain` | `TRUST_DOMAIN` | `cluster.local` |
+//! | `--network` | `NETWORK` | the default network (`""`) |
+//! | `--state-dir` | `MESHWIRE_STATE_DIR`, `STATE_DIRECTORY` (systemd) | `.meshwire` |
+//! | `--cert-chain` | `MESHWIRE_CERT_CHAIN` | none: the local CA |
+//! | `--cert-key` | `MESHWIRE_CERT_KEY` | none |
+//! | `--trust-bundle` | `MESHWIRE_TRUST_BUNDLE` | none |
+//! | `--cert-ttl` | `SECRET_TTL` | `24h` |
+//! | `--bind-address` | `MESHWIRE_BIND_ADDRESS` | `::`, or `0.0.0.0` if `IPV6_ENABLED=false` |
+//! | `--ipv6` | `IPV6_ENABLED` | `true` |
+//! | `--inbound-port` (HBONE) | `MESHWIRE_INBOUND_PORT` | 15008 |
+//! | `--inbound-plaintext-port` | `MESHWIRE_INBOUND_PLAINTEXT_PORT` | 15006 |
+//! | `--outbound-port` | `MESHWIRE_OUTBOUND_PORT` | 15001 |
+//! | `--socks5 BOOL` | `UNSTABLE_ENABLE_SOCKS5` | `true` |
+//! | `--socks5-port` | `MESHWIRE_SOCKS5_PORT` | 15080 |
+//! | `--socks5-address` | `MESHWIRE_SOCKS5_ADDRESS` | 127.0.0.1 |
+//! | `--dns-proxy BOOL` | `ISTIO_META_DNS_CAPTURE`, `PROXY_CONFIG` `proxyMetadata.DNS_CAPTURE` | `true` |
+//! | `--dns-port` | `MESHWIRE_DNS_PORT`; `ISTIO_META_DNS_PROXY_ADDR` | 15053 |
+//! | `--dns-address` | `MESHWIRE_DNS_ADDRESS`; `ISTIO_META_DNS_PROXY_ADDR` | 127.0.0.1 |
+//! | `--readiness-port` | `MESHWIRE_READINESS_PORT` | 15021 |
+//! | `--admin-port` | `MESHWIRE_ADMIN_PORT`, `PROXY_CONFIG` `proxyAdminPort` | 15000 |
+//! | `--admin-address` | `MESHWIRE_ADMIN_ADDRESS` | 127.0.0.1 |
+//! | `--metrics-port` | `MESHWIRE_METRICS_PORT`, `PROXY_CONFIG` `statsPort` | 15020 |
+//! | `--http2-stream-window` | `HTTP2_STREAM_WINDOW_SIZE` | 4194304 |
+//! | `--http2-connection-window` | `HTTP2_CONNECTION_WINDOW_SIZE` | 16777216 |
+//! | `--http2-frame-size` | `HTTP2_FRAME_SIZE` | 1048576 |
+//! | `--hbone-stream-send-buffer` | `MESHWIRE_HBONE_STREAM_SEND_BUFFER` | 409600 |
+//! | `--hbone-connection-buffer` | `MESHWIRE_HBONE_CONNECTION_BUFFER` | 67108864 |
+//! | `--hbone-buffer-budget` | `MESHWIRE_HBONE_BUFFER_BUDGET` | 1073741824 |
+//! | `--hbone-receive-budget` | `MESHWIRE_HBONE_RECEIVE_BUDGET` | 1073741824 |
+//! | `--pool-max-streams-per-connection` | `POOL_MAX_STREAMS_PER_CONNECTION` | 100 |
+//! | `--pool-unused-release-timeout` | `POOL_UNUSED_RELEASE_TIMEOUT` | `5m` |
+//! | `--pool-response-timeout` | `MESHWIRE_POOL_RESPONSE_TIMEOUT` | `3s` |
+//! | `--pool-probe-timeout` | `MESHWIRE_POOL_PROBE_TIMEOUT` | `2s` |
+//! | `--worker-threads N\|N%` | `ZTUNNEL_WORKER_THREADS`, `PROXY_CONFIG` `concurrency` | 2 (`ztunnel-uring`: one per CPU) |
+//! | `--drain-deadline` | `CONNECTION_TERMINATION_DEADLINE`; from `TERMINATION_GRACE_PERIOD_SECONDS` | `5s` |
+//! | `--handover DURATION` | `MESHWIRE_HANDOVER` | none: the ports must be free |
+//! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
+//! | `--log-level` | `RUST_LOG` | `info` |
+//! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
+//! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `round-robin` (`ztunnel-uring` only) |
+//!
+//! As in ztunnel: `PROXY_CONFIG` is Istio's ProxyConfig as YAML or JSON, of which `proxyAdminPort`,
+//! `statsPort`, `concurrency` and `proxyMetadata` (`DNS_CAPTURE`, `DNS_PROXY_ADDR`) are read;
+//! `ISTIO_META_<KEY>` variables override `proxyMetadata`; a percentage of worker threads is taken of
+//! `ZTUNNEL_CPU_LIMIT` (or of the CPUs available); without `CONNECTION_TERMINATION_DEADLINE`, a
+//! `TERMINATION_GRACE_PERIOD_SECONDS` of more than 10 gives a drain deadline 5 s shorter, of 10 or less
+//! one 1 s shorter (at least 1 s), so that connections are closed before Kubernetes kills the process.
+//! `FAKE_CA=true` asks for what is the default here (a local CA). Durations are Go-style (`500ms`,
+//! `1m30s`, `1.5h`, units `ns` `us` `ms` `s` `m` `h` `d`) or a number of seconds.
+//!
+//! Differences from ztunnel, all where ztunnel has no setting: every port can be moved; the SOCKS5
+//! listener is on unless `UNSTABLE_ENABLE_SOCKS5=false` (it listens on loopback only); certificates come
+//! from a local CA or from files instead of istiod. ztunnel variables meshwire does not implement (xDS
+//! and CA clients, in-pod mode, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
+//! that are set end up in [`Config::ignored_env`] for the binary to warn about.
+//!
+//! **Buffer budgets.** What the proxy holds for an HBONE peer that does not read is bounded by
+//! these settings, not by the windows the peer advertises: per stream, the HTTP/2 send buffer
+//! (`--hbone-stream-send-buffer`) plus the largest copy buffer (256 KiB), and the stream window of
+//! bytes the peer sent that the upstream did not take; per connection, `--hbone-connection-buffer`
+//! of upstream bytes and the connection window; per process, `--hbone-buffer-budget` over every
+//! HBONE tunnel, inbound (upstream bytes) and outbound (the client's bytes, where the per-stream
+//! part bounds a peer that does not read too). A stream that finds a budget spent stops reading its
+//! upstream until another stream gives bytes back (see [`meshwire_hbone::budget`]).
+//!
+//! The other direction, what peers send that the destination does not take, is bounded by the
+//! windows the proxy advertises: per stream the stream window, per connection the connection window,
+//! and per process `--hbone-receive-budget`: every HBONE connection, inbound (once its client is
+//! authenticated) and outbound (pooled), leases the part of its connection window above HTTP/2's
+//! 64 KiB default from it for the connection's life, and advertises only what it got (stream windows
+//! at most a quarter of that). A separate budget, not `--hbone-buffer-budget`: a window is reserved
+//! for a connection's whole life, idle or not, and would otherwise starve the streams that move
+//! bytes. Every connection together holds at most the budget plus 64 KiB each.
+//!
+//! **Packet mark.** The proxy's own upstream connections (HBONE to peers, passthrough, connections
+//! to local workloads) carry the firewall mark of `--packet-mark` (`SO_MARK`, ztunnel's 0x539 = 1337 by
+//! default), so that the redirection rules of `scripts/redirect.sh` let them out instead of capturing
+//! them again. Setting a mark needs `CAP_NET_ADMIN`. By default ([`PacketMark::Auto`]) the proxy checks
+//! at startup whether it may set the mark, and if it may not (an unprivileged run on loopback, as in
+//! the README) it warns once and runs without marks; such a run must not be combined with redirection
+//! rules. A mark given explicitly ([`PacketMark::Set`]) that cannot be set fails the start instead.
+//! `0`, `none` or `off` turns marking off. Values are decimal or `0x` hexadecimal.
+//!
+//! The state directory defaults to `.meshwire` in the working directory, so that an unprivileged run
+//! needs no setup. Deployments should give an absolute path on persistent storage (`/var/lib/meshwire`,
+//! or systemd's `StateDirectory=`, which sets `STATE_DIRECTORY`): not `/var/run`, a tmpfs cleared at boot,
+//! since the local CA's key must outlive restarts for the certificates it issued to stay trusted.
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Command;
+use clap::error::ErrorKind;
+use meshwire_hbone::Settings;
+use meshwire_hbone::pool::PoolConfig;
+use meshwire_identity::id::TrustDomain;
+
+use crate::state::LocalProxy;
+
+// One module per group of options: each holds its options' flags, variables, defaults and help, the
+// types they set and the code that reads them. The flags table above is checked against them.
+mod command;
+mod error;
+mod hbone;
+mod identity;
+mod listeners;
+mod mode;
+mod options;
+mod runtime;
+mod values;
+
+pub use error::{Error, Origin};
+pub use hbone::BufferLimits;
+pub use identity::{CertificateSource, MIN_CERT_TTL};
+pub use listeners::{Listener, Listeners};
+pub use mode::{LocalConfigSource, ProxyMode, WorkloadInfo};
+pub use runtime::{ConnectionBalance, LogFormat, PacketMark};
+
+use command::command;
+use options::{Inputs, program_name};
+
+/// ztunnel environment variables that meshwire recognises but does not implement. Those that are set
+/// are listed in [`Config::ignored_env`].
+pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
+    "XDS_ADDRESS",
+    "XDS_ROOT_CA",
+    "ALT_XDS_HOSTNAME",
+    "XDS_ON_DEMAND",
+    "CA_ADDRESS",
+    "CA_ROOT_CA",
+    "ALT_CA_HOSTNAME",
+    "AUTH_TOKEN",
+    "INPOD_UDS",
+    "INPOD_PORT_REUSE",
+    "ENABLE_ORIG_SRC",
+    "ENABLE_PROXY",
+    "TRANSPARENT_NETWORK_POLICIES",
+    "PREFERED_SERVICE_NAMESPACE",
+    "LOCALHOST_APP_TUNNEL",
+    "KEEPALIVE_TIME",
+    "KEEPALIVE_INTERVAL",
+    "KEEPALIVE_RETRIES",
+    "KEEPALIVE_ENABLED",
+    "USER_TIMEOUT_ENABLED",
+];
+
+/// The configuration of a running proxy. Built and validated by [`Config::from_args_and_env`]; then
+/// immutable, shared as `Arc<Config>`.
+///
+/// [`Config::default`] is what an empty command line and an empty environment give.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Whom the proxy serves.
+    pub mode: ProxyMode,
+    /// The local configuration file (workloads, services, policies), if any.
+    pub local_config: Option<LocalConfigSource>,
+    /// Where the proxy keeps state that must outlive a restart (the local CA).
+    pub state_dir: PathBuf,
+    /// Where workload certificates come from.
+    pub certificates: CertificateSource,
+    /// The trust domain of the mesh (`cluster.local`).
+    pub trust_domain: TrustDomain,
+    /// The cluster this proxy runs in (`Kubernetes`).
+    pub cluster_id: String,
+    /// The DNS domain of the cluster (`cluster.local`).
+    pub cluster_domain: String,
+    /// The network this proxy is in; `""` is the default network.
+    pub network: String,
+    /// The proxy's own address (`INSTANCE_IP`), if known.
+    pub instance_ip: Option<IpAddr>,
+    /// The address of every listener.
+    pub listeners: Listeners,
+    /// The HBONE connection pool, with the HTTP/2 settings of every HBONE connection (see
+    /// [`Config::http2`]).
+    pub pool: PoolConfig,
+    /// The budgets of bytes inbound HBONE connections hold for their peers.
+    pub buffers: BufferLimits,
+    /// How long draining connections are given at shutdown before they are closed.
+    pub drain_deadline: Duration,
+    /// `Some` when this instance takes over from one still running on the same ports: it shares
+    /// the data listeners at once (`SO_REUSEPORT`) and waits up to this long for the other instance
+    /// to release the control listeners (readiness, admin, metrics). `None`: every port must be
+    /// free, and a port in use fails the start.
+    pub handover: Option<Duration>,
+    /// Threads of the data path (the tokio build's workers, the io_uring build's executors).
+    pub worker_threads: usize,
+    /// Whether `worker_threads` was given (flag, variable or `PROXY_CONFIG`) rather than defaulted:
+    /// the io_uring build's default is one executor per CPU of the process's CPU set instead.
+    pub worker_threads_given: bool,
+    /// Lifetime of the certificates the local CA issues (ztunnel's `SECRET_TTL`: the requested
+    /// workload certificate lifetime), at least [`MIN_CERT_TTL`]. They are refreshed at half-life.
+    pub cert_ttl: Duration,
+    /// Format of the log and access log lines.
+    pub log_format: LogFormat,
+    /// The log filter, in `tracing_subscriber::EnvFilter` syntax (`info`, `meshwire=debug,h2=warn`).
+    pub log_level: String,
+    /// The firewall mark of the proxy's own upstream connections.
+    pub packet_mark: PacketMark,
+    /// How the io_uring build spreads new connections over its cores (the tokio build has one
+    /// listening socket per port and ignores it).
+    pub connection_balance: ConnectionBalance,
+    /// ztunnel variables that were set but that meshwire does not implement (from
+    /// [`UNSUPPORTED_ZTUNNEL_ENV`]), for the binary to warn about.
+    pub ignored_env: Vec<&'static str>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        match Self::from_args_and_env(["ztunnel"], &|_| None) {
+            Ok(config) => config,
+            // The defaults are valid, as the tests check.
+            Err(err) => unreachable!("the defaults are invalid: {err}"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration from an argument vector (program name first, as `std::env::args_os`
+    /// gives it) and environment variables looked up through `env`, and validates it. Touches neither
+    /// the process environment nor the filesystem.
+    pub fn from_args_and_env<I, T>(args: I, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let name = program_name(args.first());
+        let matches = command()
+            .name(name)
+            .try_get_matches_from(args)
+            .map_err(|err| Error::Cli {
+                kind: err.kind(),
+                message: err.render().to_string(),
+            })?;
+        if matches.get_one::<String>("command").map(String::as_str) == Some("version") {
+            return Err(Error::Cli {
+                kind: ErrorKind::DisplayVersion,
+                message: format!("{name} (meshwire) {}\n", env!("CARGO_PKG_VERSION")),
+            });
+        }
+        Inputs::new(matches, env)?.config()
+    }
+
+    /// [`Config::from_args_and_env`] with the process's arguments and environment.
+    pub fn from_process() -> Result<Config, Error> {
+        Self::from_args_and_env(std::env::args_os(), &|name| std::env::var(name).ok())
+    }
+
+    /// The command line definition, for rendering help or completions.
+    pub fn command() -> Command {
+        command()
+    }
+
+    /// The HTTP/2 settings of HBONE connections, client and server side.
+    pub fn http2(&self) -> &Settings {
+        &self.pool.settings
+    }
+
+    /// Checks a configuration built by hand as [`Config::from_args_and_env`] checks what it reads:
+    /// ports non-zero and distinct, budgets that let a stream through, worker threads and pool streams
+    /// at least 1 (HTTP/2 settings are valid by construction).
+    pub fn validate(&self) -> Result<(), Error> {
+        self.validate_with(&|l| Origin::Flag(l.port_flag()), hbone::flag_origins())
+    }
+
+    /// `buffers` is where the stream send buffer, the connection buffer and the process budget came
+    /// from.
+    fn validate_with(&self, port_origin: &dyn Fn(Listener) -> Origin, buffers: [Origin; 3]) -> Result<(), Error> {
+        self.listeners.check_ports(port_origin)?;
+        hbone::check(self, buffers)?;
+        for (value, flag) in [
+            (self.worker_threads, runtime::WORKER_THREADS.flag),
+            (self.pool.max_streams_per_connection, hbone::POOL_MAX_STREAMS.flag),
+        ] {
+            if value == 0 {
+                return Err(Error::Invalid {
+                    origin: Origin::Flag(flag),
+                    value: "0".to_owned(),
+                    reason: "must be at least 1".to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the files the configuration names exist and are files: the local configuration
+    /// file and the certificate files. Run by the binary at startup, after parsing.
+    pub fn check_files(&self) -> Result<(), Error> {
+        let mut files: Vec<(&'static str, &Path)> = Vec::new();
+        if let Some(LocalConfigSource::File(path)) = &self.local_config {
+            files.push(("--config", path));
+        }
+        if let CertificateSource::Files { chain, key, bundle } = &self.certificates {
+            files.extend([
+                ("--cert-chain", chain.as_path()),
+                ("--cert-key", key.as_path()),
+                ("--trust-bundle", bundle.as_path()),
+            ]);
+        }
+        for (flag, path) in files {
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => {
+                    return Err(Error::File {
+                        flag,
+                        path: path.to_owned(),
+                        reason: "not a regular file".to_owned(),
+                    });
+                }
+                Err(err) => {
+                    return Err(Error::File {
+                        flag,
+                        path: path.to_owned(),
+                        reason: err.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The proxy as routing sees it ([`LocalProxy`]): its node (shared mode), network, own address,
+    /// listening ports, and the HBONE port, taken to be the same on every node.
+    pub fn local_proxy(&self) -> LocalProxy {
+        let mut proxy = LocalProxy::new();
+        if let ProxyMode::Shared { node: Some(node) } = &self.mode {
+            proxy = proxy.with_node(node.clone());
+        }
+        proxy.network = self.network.clone();
+        proxy.addresses = self.instance_ip.into_iter().collect();
+        proxy.ports = self.listeners.ports();
+        proxy.hbone_port = self.listeners.inbound.port();
+        proxy
+    }
+}
+
+impl Inputs<'_> {
+    /// Reads every option, in an order that decides which of several bad values is reported, and
+    /// validates the whole.
+    fn config(&self) -> Result<Config, Error> {
+        let trust_domain = self.trust_domain()?;
+        let mode = self.mode(&trust_domain)?;
+        let state_dir = self.state_dir()?;
+        let certificates = self.certificates(&state_dir)?;
+        let cert_ttl = self.cert_ttl()?;
+        let hbone = self.hbone()?;
+        let (listeners, port_origins) = self.listeners()?;
+        let worker_threads = self.worker_threads()?;
+        let config = Config {
+            mode,
+            local_config: self.local_config()?,
+            state_dir,
+            certificates,
+            trust_domain,
+            cluster_id: self.cluster_id()?,
+            cluster_domain: self.cluster_domain()?,
+            network: self.network()?,
+            instance_ip: self.instance_ip()?,
+            listeners,
+            pool: hbone.pool,
+            buffers: hbone.buffers,
+            drain_deadline: self.drain_deadline()?,
+            handover: self.handover()?,
+            worker_threads: worker_threads.0,
+            worker_threads_given: worker_threads.1,
+            cert_ttl,
+            log_format: self.log_format()?,
+            log_level: self.log_level()?,
+            packet_mark: self.packet_mark()?,
+            connection_balance: self.connection_balance()?,
+            ignored_env: UNSUPPORTED_ZTUNNEL_ENV
+                .iter()
+                .copied()
+                .filter(|name| self.env(name).is_some())
+                .collect(),
+        };
+        let port_origin = |l: Listener| {
+            port_origins
+                .iter()
+                .find(|(listener, _)| *listener == l)
+                .map_or(Origin::Flag(l.port_flag()), |(_, origin)| *origin)
+        };
+        config.validate_with(&port_origin, hbone.buffer_origins)?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command::OPTS;
+    use super::options::Key;
+
+    /// The flags table of the module documentation, the operator's reference, has a row for every
+    /// option, in order, naming its variables and its default.
+    #[test]
+    fn the_flags_table_matches_the_options() {
+        let rows: Vec<&str> = include_str!("mod.rs")
+            .lines()
+            .filter_map(|line| line.strip_prefix("//! | `--"))
+            .collect();
+        assert_eq!(rows.len(), OPTS.len(), "one row per option");
+        for (row, opt) in rows.iter().zip(OPTS) {
+            let flag = opt.id();
+            assert!(
+                row.starts_with(&format!("{flag}`")) || row.starts_with(&format!("{flag} ")),
+                "the row of {} is --{row}",
+                opt.flag
+            );
+            for key in opt.keys {
+                let (Key::Env(name) | Key::ProxyConfig(name)) = key;
+                assert!(
+                    row.contains(&format!("`{name}`")),
+                    "{name} is missing in the row of {}",
+                    opt.flag
+                );
+            }
+            if let Some(default) = opt.default {
+                let default_cell = row
+                    .trim_end()
+                    .trim_end_matches('|')
+                    .rsplit('|')
+                    .next()
+                    .unwrap_or_default();
+                assert!(
+                    default_cell.contains(default),
+                    "{default} is missing in the row of {}",
+                    opt.flag
+                );
+            }
+        }
+    }
+}
