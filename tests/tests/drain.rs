@@ -8,8 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshwire_tests::binary::{self, Binary};
-use meshwire_tests::net::{self, Socks5Target, lo};
-use meshwire_tests::pair::Pair;
+use meshwire_tests::net::{self, Socks5Target};
+use meshwire_tests::pair::{self, Pair};
 
 fn pair(client: &Binary, server: &Binary, deadline: Duration) -> Pair {
     Pair::start_with(client, server, "", |proxy| proxy.drain_deadline(deadline))
@@ -155,13 +155,7 @@ fn a_second_instance_on_the_same_ports_takes_over_without_refusing_connections()
         } = pair(&a, &b, Duration::from_secs(2));
         // The new instance takes over: it shares the data ports while the old one still runs
         // (SO_REUSEPORT), and binds the control ports once the old one has drained.
-        let new = mesh
-            .proxy(&b, lo(2))
-            .dedicated("default/server/server")
-            .same_ports_as(&old)
-            .arg("--handover")
-            .arg("60s")
-            .spawn_until_log(&["taking over"]);
+        let new = pair::take_over(&mesh, &b, &old);
 
         let socks = client.ports().socks5;
         let target = Socks5Target::Addr(echo.addr());
@@ -198,7 +192,7 @@ fn a_second_instance_on_the_same_ports_takes_over_without_refusing_connections()
         );
         assert!(ok > 10, "{ok} connections");
         assert!(
-            !new.access_lines("inbound").is_empty(),
+            !new.wait_access_lines("inbound", 1, Duration::from_secs(10)).is_empty(),
             "the new instance served connections\n{}",
             new.describe()
         );

@@ -9,10 +9,11 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use meshwire_testkit::http;
 use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::mesh::Proxy;
-use meshwire_tests::net::{self, Socks5Target, lo};
-use meshwire_tests::pair::Pair;
+use meshwire_tests::net::{self, Socks5Target};
+use meshwire_tests::pair::{self, Pair};
 
 /// Polls `check` every 100 ms until it holds; panics with `what` after `within`.
 fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
@@ -23,44 +24,36 @@ fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// A SOCKS5 connection through the pair's client proxy to the echo server carries bytes.
-fn echo_works(pair: &Pair) -> bool {
-    net::socks5_connect(pair.client.ports().socks5, &Socks5Target::Addr(pair.echo.addr()))
-        .ok()
-        .and_then(|stream| net::echo_exchange(stream, 1024).ok())
-        .is_some_and(|echoed| echoed.intact())
-}
-
 /// Starts the server workload's proxy a second time on `lo(2)`; `same_ports` takes every port of
 /// the running one, otherwise only the inbound HBONE port is the same (the mesh's HBONE port).
-fn second_server(pair: &Pair, binary: &Binary, same_ports: bool) -> (std::process::ExitStatus, Proxy) {
-    let builder = pair.mesh.proxy(binary, lo(2)).dedicated("default/server/server");
+/// Checks that it exits with status 1, logging `error` and that the port is in use (`port` says
+/// which kind of port, for the failure message); returns it, for its log.
+fn second_server_fails(pair: &Pair, b: &Binary, same_ports: bool, error: &str, port: &str) -> Proxy {
+    let builder = pair::server_proxy(&pair.mesh, b);
     let builder = if same_ports {
         builder.same_ports_as(&pair.server)
     } else {
         builder
     };
-    builder.spawn_to_exit(Duration::from_secs(30))
+    let (status, proxy) = builder.spawn_to_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{b}: {}", proxy.describe());
+    assert!(
+        proxy.log().contains(error) && proxy.log().contains("in use"),
+        "{b}: the error names the {port}\n{}",
+        proxy.describe()
+    );
+    proxy
 }
 
 #[test]
 fn a_second_instance_on_the_same_ports_fails_at_start_naming_the_port() {
     for b in binary::all() {
         let pair = Pair::start(&b, &b);
-        assert!(echo_works(&pair), "{b}: the pair serves\n{}", pair.logs());
+        assert!(pair.echo_works(), "{b}: the pair serves\n{}", pair.logs());
 
         // Every port in use: the first control port bound names it, and nothing is bound.
-        let (status, second) = second_server(&pair, &b, true);
-        assert_eq!(status.code(), Some(1), "{b}: {}", second.describe());
-        let readiness = pair.server.ports().readiness.to_string();
-        assert!(
-            second
-                .log()
-                .contains(&format!("cannot listen for readiness on {readiness}"))
-                && second.log().contains("in use"),
-            "{b}: the error names the port\n{}",
-            second.describe()
-        );
+        let readiness = format!("cannot listen for readiness on {}", pair.server.ports().readiness);
+        let second = second_server_fails(&pair, &b, true, &readiness, "port");
         assert!(
             second.log_lines(&["listening"]).is_empty(),
             "{b}: nothing was served\n{}",
@@ -68,21 +61,12 @@ fn a_second_instance_on_the_same_ports_fails_at_start_naming_the_port() {
         );
 
         // Only a data port in use (its own control ports are free): it fails too, naming it.
-        let (status, third) = second_server(&pair, &b, false);
-        assert_eq!(status.code(), Some(1), "{b}: {}", third.describe());
-        let inbound = pair.server.ports().inbound.to_string();
-        assert!(
-            third
-                .log()
-                .contains(&format!("cannot listen for inbound HBONE on {inbound}"))
-                && third.log().contains("in use"),
-            "{b}: the error names the data port\n{}",
-            third.describe()
-        );
+        let inbound = format!("cannot listen for inbound HBONE on {}", pair.server.ports().inbound);
+        let _third = second_server_fails(&pair, &b, false, &inbound, "data port");
 
         // The first instance still has everything: traffic, metrics, readiness, admin.
         for _ in 0..10 {
-            assert!(echo_works(&pair), "{b}: the first instance serves\n{}", pair.logs());
+            assert!(pair.echo_works(), "{b}: the first instance serves\n{}", pair.logs());
         }
         let inbound_lines = pair
             .server
@@ -98,7 +82,7 @@ fn a_second_instance_on_the_same_ports_fails_at_start_naming_the_port() {
             (pair.server.ports().metrics, "/metrics"),
             (pair.server.ports().admin, "/config_dump"),
         ] {
-            let answer = net::http(addr, "GET", path).unwrap();
+            let answer = http::request_blocking(addr, "GET", path).unwrap();
             assert_eq!(answer.status, 200, "{b}: {path}");
         }
     }
@@ -113,17 +97,16 @@ fn a_handover_takes_the_control_ports_once_the_old_instance_has_drained() {
             server: mut old,
             echo,
         } = Pair::start(&b, &b);
-        let mut new = mesh
-            .proxy(&b, lo(2))
-            .dedicated("default/server/server")
-            .same_ports_as(&old)
-            .arg("--handover")
-            .arg("60s")
-            .spawn_until_log(&["taking over"]);
+        let mut new = pair::take_over(&mesh, &b, &old);
 
         // The old instance still holds the control ports while it runs: its admin answers.
         let ports = *old.ports();
-        assert_eq!(net::http(ports.readiness, "GET", "/healthz/ready").unwrap().status, 200);
+        assert_eq!(
+            http::request_blocking(ports.readiness, "GET", "/healthz/ready")
+                .unwrap()
+                .status,
+            200
+        );
         old.signal("TERM");
         let status = old.wait_exit(Duration::from_secs(20)).expect("the old instance exits");
         assert_eq!(status.code(), Some(0), "{}", old.describe());
@@ -134,13 +117,23 @@ fn a_handover_takes_the_control_ports_once_the_old_instance_has_drained() {
             "the control ports",
         );
         wait_until(Duration::from_secs(20), "the new instance ready", || {
-            net::http(ports.readiness, "GET", "/healthz/ready").is_ok_and(|r| r.status == 200)
+            http::request_blocking(ports.readiness, "GET", "/healthz/ready").is_ok_and(|r| r.status == 200)
         });
         let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(echo.addr())).unwrap();
         assert!(net::echo_exchange(stream, 1024).unwrap().intact());
-        assert!(!new.access_lines("inbound").is_empty(), "{}", new.describe());
+        // The access line is written when the connection ends, which may be just after the echo.
+        assert!(
+            !new.wait_access_lines("inbound", 1, Duration::from_secs(10)).is_empty(),
+            "{}",
+            new.describe()
+        );
         // Its admin is its own: /quitquitquit stops it.
-        assert_eq!(net::http(ports.admin, "POST", "/quitquitquit").unwrap().status, 200);
+        assert_eq!(
+            http::request_blocking(ports.admin, "POST", "/quitquitquit")
+                .unwrap()
+                .status,
+            200
+        );
         let status = new.wait_exit(Duration::from_secs(20)).expect("the new instance exits");
         assert_eq!(status.code(), Some(0), "{}", new.describe());
     }
@@ -150,13 +143,9 @@ fn a_handover_takes_the_control_ports_once_the_old_instance_has_drained() {
 fn a_handover_gives_up_when_the_old_instance_keeps_the_control_ports() {
     for b in binary::all() {
         let pair = Pair::start(&b, &b);
-        let (status, new) = pair
-            .mesh
-            .proxy(&b, lo(2))
-            .dedicated("default/server/server")
+        let (status, new) = pair::server_proxy(&pair.mesh, &b)
             .same_ports_as(&pair.server)
-            .arg("--handover")
-            .arg("1s")
+            .handover(Duration::from_secs(1))
             .spawn_to_exit(Duration::from_secs(30));
         assert_eq!(status.code(), Some(1), "{b}: {}", new.describe());
         let readiness = pair.server.ports().readiness.to_string();
@@ -167,7 +156,7 @@ fn a_handover_gives_up_when_the_old_instance_keeps_the_control_ports() {
             "{b}: {}",
             new.describe()
         );
-        assert!(echo_works(&pair), "{b}: the old instance serves on\n{}", pair.logs());
+        assert!(pair.echo_works(), "{b}: the old instance serves on\n{}", pair.logs());
     }
 }
 
@@ -208,7 +197,7 @@ fn a_frozen_peer_fails_new_connections_within_the_bound_and_they_work_again_afte
         let pair = Pair::start(&b, &b);
         // Pooled tunnels to the server's proxy (on every core of the io_uring build).
         for _ in 0..4 {
-            assert!(echo_works(&pair), "{b}: the pair serves\n{}", pair.logs());
+            assert!(pair.echo_works(), "{b}: the pair serves\n{}", pair.logs());
         }
 
         let frozen = Frozen::new(&pair.server);
@@ -240,10 +229,10 @@ fn a_frozen_peer_fails_new_connections_within_the_bound_and_they_work_again_afte
 
         drop(frozen);
         wait_until(Duration::from_secs(30), "connections after the peer runs again", || {
-            echo_works(&pair)
+            pair.echo_works()
         });
         for _ in 0..4 {
-            assert!(echo_works(&pair), "{b}: the pair serves again\n{}", pair.logs());
+            assert!(pair.echo_works(), "{b}: the pair serves again\n{}", pair.logs());
         }
     }
 }
