@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshwire_dataplane::config::{
-    CertificateSource, Config, ConnectionBalance, Error, Listener, LocalConfigSource, LogFormat, Origin, PacketMark,
-    ProxyMode, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo,
+    AuthToken, CertificateSource, Config, ConnectionBalance, Error, Listener, LocalConfigSource, LogFormat, Origin,
+    PacketMark, ProxyMode, Roots, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo,
 };
 use meshwire_dataplane::state::{DEFAULT_PROXY_PORTS, LocalProxy};
 use meshwire_hbone::Settings;
@@ -22,9 +22,21 @@ use proptest::prelude::*;
 
 /// Parses `args` (after the program name) with exactly the variables of `env`.
 fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, Error> {
-    let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let argv = std::iter::once("ztunnel").chain(args.iter().copied());
-    Config::from_args_and_env(argv, &|name| env.get(name).cloned())
+    let from_vars = Config::from_args_and_vars(argv.clone(), vars.clone());
+    // The lookup-only reader agrees wherever no family of prefixed variables is involved.
+    if !env
+        .iter()
+        .any(|(k, _)| k.starts_with("ISTIO_META") || k.contains("_HEADER_"))
+    {
+        let env: HashMap<String, String> = vars.into_iter().collect();
+        assert_eq!(
+            Config::from_args_and_env(argv, &|name| env.get(name).cloned()),
+            from_vars
+        );
+    }
+    from_vars
 }
 
 fn ok(args: &[&str], env: &[(&str, &str)]) -> Config {
@@ -372,10 +384,39 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
             ],
             |c| c.listeners.admin.port() == 16000 && c.listeners.dns.is_some(),
         ),
+        (vec![("INPOD_UDS", "/x")], |c| c.ignored_env == vec!["INPOD_UDS"]),
+        // istiod: xDS, then the CA at istiod's address unless told otherwise.
         (
-            vec![("XDS_ADDRESS", "https://istiod:15012"), ("INPOD_UDS", "/x")],
-            |c| c.ignored_env == vec!["XDS_ADDRESS", "INPOD_UDS"],
+            vec![
+                ("XDS_ADDRESS", "https://istiod:15012"),
+                ("XDS_ROOT_CA", "/etc/istio/root.pem"),
+                ("AUTH_TOKEN", "/etc/istio/token"),
+                ("POD_NAME", "ztunnel-1"),
+                ("POD_NAMESPACE", "istio-system"),
+                ("SERVICE_ACCOUNT", "ztunnel"),
+            ],
+            |c| {
+                let xds = c.istio.xds.as_ref().unwrap();
+                xds.address == "https://istiod:15012"
+                    && xds.roots == Roots::File("/etc/istio/root.pem".into())
+                    && c.istio.token == AuthToken::File("/etc/istio/token".into())
+                    && c.istio.pod_name.as_deref() == Some("ztunnel-1")
+                    && c.istio.pod_namespace.as_deref() == Some("istio-system")
+                    && c.istio.service_account.as_deref() == Some("ztunnel")
+                    && matches!(&c.certificates, CertificateSource::IstioCa(ca) if ca.address == xds.address)
+            },
         ),
+        (
+            vec![
+                ("XDS_ADDRESS", "istiod:15012"),
+                ("CA_ADDRESS", "ca.example:15012"),
+                ("CA_ROOT_CA", "SYSTEM"),
+            ],
+            |c| matches!(&c.certificates, CertificateSource::IstioCa(ca) if ca.address == "ca.example:15012" && ca.roots == Roots::System),
+        ),
+        (vec![("XDS_ADDRESS", "istiod:15012"), ("FAKE_CA", "true")], |c| {
+            matches!(&c.certificates, CertificateSource::LocalCa { .. }) && c.istio.xds.is_some()
+        }),
         (vec![("PACKET_MARK", "0x10")], |c| c.packet_mark == PacketMark::Set(16)),
         (vec![("PACKET_MARK", "1337")], |c| {
             c.packet_mark == PacketMark::Set(0x539)

@@ -117,6 +117,12 @@ pub fn open_certificates(config: &Config) -> Result<Certificates, StartError> {
             private_key: key.clone(),
             trust_bundle: bundle.clone(),
         })),
+        CertificateSource::IstioCa(ca) => {
+            return Err(StartError::Identity(format!(
+                "the Istio CA at {} is not supported by this build",
+                ca.address
+            )));
+        }
     })
 }
 

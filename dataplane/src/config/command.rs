@@ -4,7 +4,7 @@
 use clap::{Arg, Command};
 
 use super::options::Opt;
-use super::{hbone, identity, listeners, mode, runtime};
+use super::{hbone, identity, istio, listeners, mode, runtime};
 
 /// Every option, in the order of `--help` and of the flags table of the [module documentation](super).
 pub(super) const OPTS: &[&Opt] = &[
@@ -22,6 +22,14 @@ pub(super) const OPTS: &[&Opt] = &[
     &identity::CERT_KEY,
     &identity::TRUST_BUNDLE,
     &identity::CERT_TTL,
+    &istio::XDS_ADDRESS,
+    &istio::XDS_ROOT_CA,
+    &istio::CA_ADDRESS,
+    &istio::CA_ROOT_CA,
+    &istio::AUTH_TOKEN,
+    &istio::POD_NAME,
+    &istio::POD_NAMESPACE,
+    &istio::SERVICE_ACCOUNT,
     &listeners::BIND_ADDRESS,
     &listeners::IPV6,
     &listeners::INBOUND_PORT,

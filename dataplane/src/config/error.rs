@@ -54,6 +54,16 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A variable of a family (`ISTIO_METAJSON_*`, `XDS_HEADER_*`) has a value that cannot be used.
+    #[error("invalid value {value:?} for environment variable {name}: {reason}")]
+    InvalidVariable {
+        /// The variable.
+        name: String,
+        /// Its value.
+        value: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// Two listeners on one port.
     #[error("port {port} is used by both {first} and {second}: two listeners cannot share a port")]
     DuplicatePort {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use meshwire_identity::id::{TrustDomain, parse_trust_domain};
 
 use super::error::{Error, Origin};
+use super::istio::ControlPlane;
 use super::options::Key::Env;
 use super::options::{Found, H_MODE, Inputs, Opt, parse_found};
 use super::values::{non_empty, parse_bool, parse_duration};
@@ -30,6 +31,9 @@ pub enum CertificateSource {
         /// The trusted CA certificates.
         bundle: PathBuf,
     },
+    /// The Istio CA (istiod's `CreateCertificate`), at `CA_ADDRESS` or istiod's xDS address: the
+    /// default when `XDS_ADDRESS` is set.
+    IstioCa(ControlPlane),
 }
 
 pub(super) const TRUST_DOMAIN: Opt = Opt {
@@ -122,7 +126,11 @@ impl Inputs<'_> {
         Ok(self.required(&CERT_TTL, cert_ttl)?.value)
     }
 
-    pub(super) fn certificates(&self, state_dir: &Path) -> Result<CertificateSource, Error> {
+    pub(super) fn certificates(
+        &self,
+        state_dir: &Path,
+        xds: Option<&ControlPlane>,
+    ) -> Result<CertificateSource, Error> {
         let path = |s: &str| non_empty(s).map(PathBuf::from);
         let chain = self.get(&CERT_CHAIN, path)?;
         let key = self.get(&CERT_KEY, path)?;
@@ -131,11 +139,22 @@ impl Inputs<'_> {
             .env("FAKE_CA")
             .map(|raw| parse_found(raw, Origin::Env("FAKE_CA"), parse_bool))
             .transpose()?;
+        let istio_ca = self.istio_ca(xds)?;
         match (chain, key, bundle) {
-            (None, None, None) => Ok(CertificateSource::LocalCa {
-                dir: state_dir.join("ca"),
-            }),
+            (None, None, None) => match (fake_ca, istio_ca) {
+                (Some(Found { value: true, .. }), _) | (_, None) => Ok(CertificateSource::LocalCa {
+                    dir: state_dir.join("ca"),
+                }),
+                (_, Some((ca, _))) => Ok(CertificateSource::IstioCa(ca)),
+            },
             (Some(chain), Some(key), Some(bundle)) => {
+                if let Some((_, origin @ (Origin::Flag(_) | Origin::Env("CA_ADDRESS")))) = istio_ca {
+                    return Err(Error::Conflict {
+                        first: origin,
+                        second: chain.origin,
+                        reason: "the Istio CA and certificate files are two sources of certificates: give one",
+                    });
+                }
                 if let Some(Found { value: true, origin }) = fake_ca {
                     return Err(Error::Conflict {
                         first: origin,

@@ -55,6 +55,14 @@
 //! | `--cert-key` | `MESHWIRE_CERT_KEY` | none |
 //! | `--trust-bundle` | `MESHWIRE_TRUST_BUNDLE` | none |
 //! | `--cert-ttl` | `SECRET_TTL` | `24h` |
+//! | `--xds-address` | `XDS_ADDRESS` | none: the local configuration only |
+//! | `--xds-root-ca` | `XDS_ROOT_CA` | `/var/run/secrets/istio/root-cert.pem` |
+//! | `--ca-address` | `CA_ADDRESS` | the xDS address |
+//! | `--ca-root-ca` | `CA_ROOT_CA` | `/var/run/secrets/istio/root-cert.pem` |
+//! | `--auth-token` | `AUTH_TOKEN` | `/var/run/secrets/tokens/istio-token` |
+//! | `--pod-name` | `POD_NAME` | none |
+//! | `--pod-namespace` | `POD_NAMESPACE` | none |
+//! | `--service-account` | `SERVICE_ACCOUNT` | none |
 //! | `--bind-address` | `MESHWIRE_BIND_ADDRESS` | `::`, or `0.0.0.0` if `IPV6_ENABLED=false` |
 //! | `--ipv6` | `IPV6_ENABLED` | `true` |
 //! | `--inbound-port` (HBONE) | `MESHWIRE_INBOUND_PORT` | 15008 |
@@ -95,13 +103,16 @@
 //! `ZTUNNEL_CPU_LIMIT` (or of the CPUs available); without `CONNECTION_TERMINATION_DEADLINE`, a
 //! `TERMINATION_GRACE_PERIOD_SECONDS` of more than 10 gives a drain deadline 5 s shorter, of 10 or less
 //! one 1 s shorter (at least 1 s), so that connections are closed before Kubernetes kills the process.
-//! `FAKE_CA=true` asks for what is the default here (a local CA). Durations are Go-style (`500ms`,
+//! `FAKE_CA=true` asks for the local CA even when istiod is configured. `ISTIO_META_<KEY>` and
+//! `ISTIO_METAJSON_<KEY>` become the metadata of the proxy's `Node` in xDS, `XDS_HEADER_<NAME>` and
+//! `CA_HEADER_<NAME>` headers of every request to istiod (see [`IstioConfig`]). Durations are Go-style (`500ms`,
 //! `1m30s`, `1.5h`, units `ns` `us` `ms` `s` `m` `h` `d`) or a number of seconds.
 //!
-//! Differences from ztunnel, all where ztunnel has no setting: every port can be moved; the SOCKS5
-//! listener is on unless `UNSTABLE_ENABLE_SOCKS5=false` (it listens on loopback only); certificates come
-//! from a local CA or from files instead of istiod. ztunnel variables meshwire does not implement (xDS
-//! and CA clients, in-pod mode, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
+//! Differences from ztunnel: every port can be moved; the SOCKS5 listener is on unless
+//! `UNSTABLE_ENABLE_SOCKS5=false` (it listens on loopback only); without `XDS_ADDRESS` the proxy runs
+//! on its local configuration and its local CA (ztunnel defaults to istiod's address), so that a run
+//! outside a cluster needs no setup; certificates can also come from files. ztunnel variables
+//! meshwire does not implement (in-pod mode, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
 //! that are set end up in [`Config::ignored_env`] for the binary to warn about.
 //!
 //! **Buffer budgets.** What the proxy holds for an HBONE peer that does not read is bounded by
@@ -154,6 +165,7 @@ mod command;
 mod error;
 mod hbone;
 mod identity;
+mod istio;
 mod listeners;
 mod mode;
 mod options;
@@ -163,6 +175,10 @@ mod values;
 pub use error::{Error, Origin};
 pub use hbone::BufferLimits;
 pub use identity::{CertificateSource, MIN_CERT_TTL};
+pub use istio::{
+    AuthToken, CA_HEADER_PREFIX, ControlPlane, DEFAULT_AUTH_TOKEN, DEFAULT_ROOT_CA, IstioConfig, META_JSON_PREFIX,
+    META_PREFIX, Roots, XDS_HEADER_PREFIX, check_address,
+};
 pub use listeners::{Listener, Listeners};
 pub use mode::{LocalConfigSource, ProxyMode, WorkloadInfo};
 pub use runtime::{ConnectionBalance, LogFormat, PacketMark};
@@ -173,14 +189,9 @@ use options::{Inputs, program_name};
 /// ztunnel environment variables that meshwire recognises but does not implement. Those that are set
 /// are listed in [`Config::ignored_env`].
 pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
-    "XDS_ADDRESS",
-    "XDS_ROOT_CA",
     "ALT_XDS_HOSTNAME",
     "XDS_ON_DEMAND",
-    "CA_ADDRESS",
-    "CA_ROOT_CA",
     "ALT_CA_HOSTNAME",
-    "AUTH_TOKEN",
     "INPOD_UDS",
     "INPOD_PORT_REUSE",
     "ENABLE_ORIG_SRC",
@@ -194,6 +205,38 @@ pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
     "KEEPALIVE_ENABLED",
     "USER_TIMEOUT_ENABLED",
 ];
+
+/// Variables the proxy reads besides those of its options (`--help` lists those).
+const OTHER_ENV: &[&str] = &[
+    "LOCAL_XDS",
+    "FAKE_CA",
+    "PROXY_CONFIG",
+    "TERMINATION_GRACE_PERIOD_SECONDS",
+    "ZTUNNEL_CPU_LIMIT",
+];
+
+/// Whether the proxy reads the environment variable `name`: a variable of one of its options, one
+/// of the few others it reads ([`Config::from_process`]), or one of the families known by their
+/// prefix (`ISTIO_META_*`, `ISTIO_METAJSON_*`, `XDS_HEADER_*`, `CA_HEADER_*`). Deployment manifests
+/// are checked against it, so that a variable they set is never silently ignored.
+///
+/// ```
+/// use meshwire_dataplane::config::reads_env;
+///
+/// assert!(reads_env("XDS_ADDRESS"));
+/// assert!(reads_env("ISTIO_META_CLUSTER_ID"));
+/// assert!(!reads_env("XDS_ADRESS"));
+/// ```
+pub fn reads_env(name: &str) -> bool {
+    let option = command::OPTS
+        .iter()
+        .flat_map(|opt| opt.keys)
+        .any(|key| matches!(key, options::Key::Env(n) if *n == name));
+    let prefixed = [META_PREFIX, META_JSON_PREFIX, XDS_HEADER_PREFIX, CA_HEADER_PREFIX]
+        .iter()
+        .any(|prefix| name.len() > prefix.len() && name.starts_with(prefix));
+    option || prefixed || OTHER_ENV.contains(&name)
+}
 
 /// The configuration of a running proxy. Built and validated by [`Config::from_args_and_env`]; then
 /// immutable, shared as `Arc<Config>`.
@@ -210,6 +253,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where workload certificates come from.
     pub certificates: CertificateSource,
+    /// istiod: its xDS service (when set, the source of workloads and policies), the token and the
+    /// proxy's own names.
+    pub istio: IstioConfig,
     /// The trust domain of the mesh (`cluster.local`).
     pub trust_domain: TrustDomain,
     /// The cluster this proxy runs in (`Kubernetes`).
@@ -275,7 +321,27 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        Self::read(args.into_iter().map(Into::into).collect(), env, Vec::new())
+    }
+
+    /// [`Config::from_args_and_env`] with the environment given as every variable's name and value,
+    /// which also reads the families of variables known by their prefix (`ISTIO_META_*`,
+    /// `ISTIO_METAJSON_*`, `XDS_HEADER_*`, `CA_HEADER_*`).
+    pub fn from_args_and_vars<I, T, V>(args: I, vars: V) -> Result<Config, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+        V: IntoIterator<Item = (String, String)>,
+    {
+        let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
+        let names = vars.keys().cloned().collect();
+        let env = |name: &str| vars.get(name).cloned();
+        Self::read(args.into_iter().map(Into::into).collect(), &env, names)
+    }
+
+    /// Parses the command line, then reads and validates every option; `names` are the variables'
+    /// names where known.
+    fn read(args: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>, names: Vec<String>) -> Result<Config, Error> {
         let name = program_name(args.first());
         let matches = command()
             .name(name)
@@ -290,12 +356,14 @@ impl Config {
                 message: format!("{name} (meshwire) {}\n", env!("CARGO_PKG_VERSION")),
             });
         }
-        Inputs::new(matches, env)?.config()
+        Inputs::new(matches, env, names)?.config()
     }
 
-    /// [`Config::from_args_and_env`] with the process's arguments and environment.
+    /// [`Config::from_args_and_vars`] with the process's arguments and environment (variables whose
+    /// name or value is not UTF-8 are left out).
     pub fn from_process() -> Result<Config, Error> {
-        Self::from_args_and_env(std::env::args_os(), &|name| std::env::var(name).ok())
+        let vars = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        Self::from_args_and_vars(std::env::args_os(), vars)
     }
 
     /// The command line definition, for rendering help or completions.
@@ -393,16 +461,27 @@ impl Inputs<'_> {
         let trust_domain = self.trust_domain()?;
         let mode = self.mode(&trust_domain)?;
         let state_dir = self.state_dir()?;
-        let certificates = self.certificates(&state_dir)?;
+        let xds = self.xds()?;
+        let local_config = self.local_config()?;
+        if xds.is_some() && local_config.is_some() {
+            return Err(Error::Conflict {
+                first: Origin::Env("XDS_ADDRESS"),
+                second: self.local_config_origin(),
+                reason: "the proxy takes its workloads and policies from istiod or from a local configuration, not both",
+            });
+        }
+        let certificates = self.certificates(&state_dir, xds.as_ref())?;
+        let istio = self.istio(xds)?;
         let cert_ttl = self.cert_ttl()?;
         let hbone = self.hbone()?;
         let (listeners, port_origins) = self.listeners()?;
         let worker_threads = self.worker_threads()?;
         let config = Config {
             mode,
-            local_config: self.local_config()?,
+            local_config,
             state_dir,
             certificates,
+            istio,
             trust_domain,
             cluster_id: self.cluster_id()?,
             cluster_domain: self.cluster_domain()?,

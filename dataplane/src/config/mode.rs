@@ -220,6 +220,15 @@ impl Inputs<'_> {
         }
     }
 
+    /// Where the local configuration was given (for errors), `--config` if nowhere.
+    pub(super) fn local_config_origin(&self) -> Origin {
+        match self.given(&CONFIG) {
+            Some((_, origin)) => origin,
+            None if self.env("LOCAL_XDS").is_some() => Origin::Env("LOCAL_XDS"),
+            None => Origin::Flag(CONFIG.flag),
+        }
+    }
+
     pub(super) fn cluster_id(&self) -> Result<String, Error> {
         Ok(self.required(&CLUSTER_ID, non_empty)?.value)
     }

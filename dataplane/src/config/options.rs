@@ -116,20 +116,33 @@ pub(super) struct Found<T> {
 pub(super) struct Inputs<'a> {
     matches: ArgMatches,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// The names of every variable, where known (for the prefixed ones: `ISTIO_META_*`, ...).
+    names: Vec<String>,
     proxy_config: HashMap<&'static str, String>,
 }
 
 impl<'a> Inputs<'a> {
-    pub(super) fn new(matches: ArgMatches, env: &'a dyn Fn(&str) -> Option<String>) -> Result<Self, Error> {
+    pub(super) fn new(
+        matches: ArgMatches,
+        env: &'a dyn Fn(&str) -> Option<String>,
+        mut names: Vec<String>,
+    ) -> Result<Self, Error> {
+        names.sort();
         let mut inputs = Self {
             matches,
             env,
+            names,
             proxy_config: HashMap::new(),
         };
         if let Some(raw) = inputs.env("PROXY_CONFIG") {
             inputs.proxy_config = parse_proxy_config(&raw)?;
         }
         Ok(inputs)
+    }
+
+    /// The names of every variable (sorted), where the caller gave them.
+    pub(super) fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// A variable; empty counts as unset.
