@@ -377,6 +377,21 @@ fn the_streamed_config_dump_is_the_document_byte_for_byte_in_bounded_chunks() {
             assert_eq!(dump["policies"][0]["name"], "allow-frontend");
         }
     }
+    // With the `istio` and `buffers` sections: still the document, keys in serde_json's order.
+    let snapshot = Arc::new(Snapshot::new(many_workloads(2), 3, None, wall));
+    let istio = serde_json::json!({ "xds": { "address": "istiod:15012", "connected": true } });
+    let buffers = serde_json::json!({ "budget": 1 });
+    let mut whole = admin::config_dump(&snapshot, &[], now, wall);
+    whole["istio"] = istio.clone();
+    whole["buffers"] = buffers.clone();
+    let whole = serde_json::to_vec_pretty(&whole).unwrap();
+    let streamed = admin::Body::Chunks(Box::new(
+        admin::config_dump_chunks(snapshot, &[], now, wall)
+            .with_istio(istio)
+            .with_buffers(buffers),
+    ))
+    .collect();
+    assert_eq!(String::from_utf8_lossy(&streamed), String::from_utf8_lossy(&whole));
     // An empty snapshot, before any configuration.
     let empty = Arc::new(Snapshot::empty());
     let whole = serde_json::to_vec_pretty(&admin::config_dump(&empty, &[], now, wall)).unwrap();

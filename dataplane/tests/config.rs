@@ -411,8 +411,16 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
                 ("XDS_ADDRESS", "istiod:15012"),
                 ("CA_ADDRESS", "ca.example:15012"),
                 ("CA_ROOT_CA", "SYSTEM"),
+                ("ALT_XDS_HOSTNAME", "istiod.istio-system.svc"),
+                ("ALT_CA_HOSTNAME", "ca.istio-system.svc"),
             ],
-            |c| matches!(&c.certificates, CertificateSource::IstioCa(ca) if ca.address == "ca.example:15012" && ca.roots == Roots::System),
+            |c| {
+                c.istio.xds.as_ref().unwrap().server_name.as_deref() == Some("istiod.istio-system.svc")
+                    && matches!(&c.certificates, CertificateSource::IstioCa(ca)
+                        if ca.address == "ca.example:15012"
+                            && ca.roots == Roots::System
+                            && ca.server_name.as_deref() == Some("ca.istio-system.svc"))
+            },
         ),
         (vec![("XDS_ADDRESS", "istiod:15012"), ("FAKE_CA", "true")], |c| {
             matches!(&c.certificates, CertificateSource::LocalCa { .. }) && c.istio.xds.is_some()

@@ -94,7 +94,7 @@ impl Mesh {
         ProxyBuilder {
             binary: binary.clone(),
             ip,
-            config: self.config_path(),
+            config: Some(self.config_path()),
             state_dir: self.state_dir(),
             hbone_port: self.hbone_port,
             mode: Mode::Shared,
@@ -119,7 +119,8 @@ enum Mode {
 pub struct ProxyBuilder {
     binary: Binary,
     ip: IpAddr,
-    config: PathBuf,
+    /// The local configuration file; `None` for a proxy configured by istiod.
+    config: Option<PathBuf>,
     state_dir: PathBuf,
     hbone_port: u16,
     mode: Mode,
@@ -132,6 +133,13 @@ pub struct ProxyBuilder {
 }
 
 impl ProxyBuilder {
+    /// Starts the proxy without the mesh's local configuration file (for a proxy that istiod
+    /// configures: set `XDS_ADDRESS` and the rest with [`ProxyBuilder::env`]).
+    pub fn without_local_config(mut self) -> Self {
+        self.config = None;
+        self
+    }
+
     /// Runs the proxy inside the network namespace `netns` (`ip netns exec`).
     pub fn in_netns(mut self, netns: &crate::netns::Netns) -> Self {
         self.netns = Some(netns.name().to_owned());
@@ -270,7 +278,9 @@ impl ProxyBuilder {
             None => Command::new(self.binary.path()),
         };
         binary::clear_env(&mut cmd);
-        cmd.arg("--config").arg(&self.config);
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
         cmd.arg("--state-dir").arg(&self.state_dir);
         match &self.mode {
             Mode::Shared => cmd.args(["--mode", "shared"]),

@@ -177,6 +177,7 @@ enum Part {
     Buffers,
     Certificates,
     Config,
+    Istio,
     Policies,
     Services,
     Workloads,
@@ -193,6 +194,8 @@ pub struct ConfigDumpChunks {
     snapshot: std::sync::Arc<Snapshot>,
     /// The `buffers` section ([`buffers_dump`]), when the dump has one.
     buffers: Option<Value>,
+    /// The `istio` section (istiod's xDS and CA), when the proxy is configured by istiod.
+    istio: Option<Value>,
     certificates: Vec<Value>,
     part: Part,
     /// Whether the document's opening brace was written.
@@ -223,6 +226,7 @@ pub fn config_dump_chunks(
     ConfigDumpChunks {
         snapshot,
         buffers: None,
+        istio: None,
         certificates: certificates.iter().map(|c| certificate(c, now, wall_now)).collect(),
         part: Part::Certificates,
         opened: false,
@@ -237,6 +241,13 @@ impl ConfigDumpChunks {
     pub fn with_buffers(mut self, buffers: Value) -> Self {
         self.buffers = Some(buffers);
         self.part = Part::Buffers;
+        self
+    }
+
+    /// The dump with an `istio` section (between `config` and `policies`, as `serde_json` orders
+    /// keys): the state of istiod's xDS stream and CA.
+    pub fn with_istio(mut self, istio: Value) -> Self {
+        self.istio = Some(istio);
         self
     }
 
@@ -268,7 +279,7 @@ impl ConfigDumpChunks {
                 .map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
             Part::Services => state.services().get(index).map(service),
             Part::Workloads => state.workloads().get(index).map(workload),
-            Part::Buffers | Part::Config | Part::End => None,
+            Part::Buffers | Part::Config | Part::Istio | Part::End => None,
         }
     }
 
@@ -277,6 +288,7 @@ impl ConfigDumpChunks {
             Part::Buffers => b"  \"buffers\": ",
             Part::Certificates => b"  \"certificates\": ",
             Part::Config => b"  \"config\": ",
+            Part::Istio => b"  \"istio\": ",
             Part::Policies => b"  \"policies\": ",
             Part::Services => b"  \"services\": ",
             Part::Workloads => b"  \"workloads\": ",
@@ -284,11 +296,12 @@ impl ConfigDumpChunks {
         }
     }
 
-    fn next_part(part: Part) -> Part {
+    fn next_part(&self, part: Part) -> Part {
         match part {
             Part::Buffers => Part::Certificates,
             Part::Certificates => Part::Config,
-            Part::Config => Part::Policies,
+            Part::Config if self.istio.is_some() => Part::Istio,
+            Part::Config | Part::Istio => Part::Policies,
             Part::Policies => Part::Services,
             Part::Services => Part::Workloads,
             Part::Workloads | Part::End => Part::End,
@@ -313,7 +326,13 @@ impl ConfigDumpChunks {
         if part == Part::Buffers {
             let buffers = self.buffers.take().unwrap_or(Value::Null);
             self.pretty(&buffers, b"  ", out);
-            self.part = Self::next_part(part);
+            self.part = self.next_part(part);
+            return true;
+        }
+        if part == Part::Istio {
+            let istio = self.istio.take().unwrap_or(Value::Null);
+            self.pretty(&istio, b"  ", out);
+            self.part = self.next_part(part);
             return true;
         }
         if part == Part::Config {
@@ -324,7 +343,7 @@ impl ConfigDumpChunks {
                 "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
             });
             self.pretty(&config, b"  ", out);
-            self.part = Self::next_part(part);
+            self.part = self.next_part(part);
             return true;
         }
         match self.array_item(part, self.index) {
@@ -336,7 +355,7 @@ impl ConfigDumpChunks {
             None => {
                 out.extend_from_slice(if self.index == 0 { b"[]" } else { b"\n  ]" });
                 self.index = 0;
-                self.part = Self::next_part(part);
+                self.part = self.next_part(part);
                 if self.part == Part::End {
                     out.extend_from_slice(b"\n}");
                 }

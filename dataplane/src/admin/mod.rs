@@ -423,7 +423,11 @@ pub struct AdminHandler {
     shutdown: ShutdownTrigger,
     logging: Option<LogControl>,
     buffers: Option<meshwire_hbone::server::ServeOptions>,
+    istio: Option<IstioDump>,
 }
+
+/// What renders the `istio` section of `/config_dump`, at each request.
+pub type IstioDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl AdminHandler {
     /// The admin endpoints over the configuration in `published`, the certificates of
@@ -436,7 +440,15 @@ impl AdminHandler {
             shutdown,
             logging: None,
             buffers: None,
+            istio: None,
         }
+    }
+
+    /// Adds an `istio` section to `/config_dump`, rendered by `istio` at each request (the state of
+    /// istiod's xDS stream and CA).
+    pub fn with_istio(mut self, istio: IstioDump) -> Self {
+        self.istio = Some(istio);
+        self
     }
 
     /// Adds the buffer budgets of `serve` (and the bytes they hold now) to `/config_dump`, as
@@ -468,6 +480,9 @@ impl AdminHandler {
         let mut chunks = config_dump_chunks(snapshot, &certificates, Instant::now(), SystemTime::now());
         if let Some(serve) = &self.buffers {
             chunks = chunks.with_buffers(buffers_dump(serve));
+        }
+        if let Some(istio) = &self.istio {
+            chunks = chunks.with_istio(istio());
         }
         let mut response = Response::new(Body::Chunks(Box::new(chunks)));
         response

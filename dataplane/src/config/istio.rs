@@ -47,6 +47,14 @@ pub(super) const XDS_ROOT_CA: Opt = Opt {
     help: "Roots that authenticate istiod's xDS server: a PEM file (re-read at each connection), SYSTEM for the system roots, or inline PEM",
     ..Opt::new(H_ISTIO)
 };
+pub(super) const ALT_XDS_HOSTNAME: Opt = Opt {
+    flag: "--alt-xds-hostname",
+    value_name: "NAME",
+    keys: &[Env("ALT_XDS_HOSTNAME")],
+    default_note: Some("the host of the xDS address"),
+    help: "The name istiod's xDS certificate must carry, when it is not the host of the address",
+    ..Opt::new(H_ISTIO)
+};
 pub(super) const CA_ADDRESS: Opt = Opt {
     flag: "--ca-address",
     value_name: "HOST:PORT",
@@ -61,6 +69,14 @@ pub(super) const CA_ROOT_CA: Opt = Opt {
     keys: &[Env("CA_ROOT_CA")],
     default: Some(DEFAULT_ROOT_CA),
     help: "Roots that authenticate the Istio CA, as --xds-root-ca",
+    ..Opt::new(H_ISTIO)
+};
+pub(super) const ALT_CA_HOSTNAME: Opt = Opt {
+    flag: "--alt-ca-hostname",
+    value_name: "NAME",
+    keys: &[Env("ALT_CA_HOSTNAME")],
+    default_note: Some("the host of the CA address"),
+    help: "The name the Istio CA's certificate must carry, when it is not the host of the address",
     ..Opt::new(H_ISTIO)
 };
 pub(super) const AUTH_TOKEN: Opt = Opt {
@@ -158,6 +174,9 @@ pub struct ControlPlane {
     pub address: String,
     /// The roots that authenticate the server.
     pub roots: Roots,
+    /// The name the server's certificate must carry; `None`: the host of the address
+    /// (`ALT_XDS_HOSTNAME` / `ALT_CA_HOSTNAME`).
+    pub server_name: Option<String>,
     /// Extra request headers (`XDS_HEADER_<NAME>` / `CA_HEADER_<NAME>`), names lower-cased.
     pub headers: Vec<(String, String)>,
 }
@@ -230,10 +249,17 @@ impl Inputs<'_> {
         Ok(headers)
     }
 
-    fn control_plane(&self, address: Found<String>, roots: &Opt, prefix: &str) -> Result<ControlPlane, Error> {
+    fn control_plane(
+        &self,
+        address: Found<String>,
+        roots: &Opt,
+        server_name: &Opt,
+        prefix: &str,
+    ) -> Result<ControlPlane, Error> {
         Ok(ControlPlane {
             address: address.value,
             roots: self.required(roots, Roots::parse)?.value,
+            server_name: self.get(server_name, |s| non_empty(s.trim()))?.map(|f| f.value),
             headers: self.headers(prefix)?,
         })
     }
@@ -241,7 +267,7 @@ impl Inputs<'_> {
     /// The xDS service, if `XDS_ADDRESS` is set.
     pub(super) fn xds(&self) -> Result<Option<ControlPlane>, Error> {
         self.get(&XDS_ADDRESS, check_address)?
-            .map(|address| self.control_plane(address, &XDS_ROOT_CA, XDS_HEADER_PREFIX))
+            .map(|address| self.control_plane(address, &XDS_ROOT_CA, &ALT_XDS_HOSTNAME, XDS_HEADER_PREFIX))
             .transpose()
     }
 
@@ -259,7 +285,7 @@ impl Inputs<'_> {
         };
         let origin = address.origin;
         Ok(Some((
-            self.control_plane(address, &CA_ROOT_CA, CA_HEADER_PREFIX)?,
+            self.control_plane(address, &CA_ROOT_CA, &ALT_CA_HOSTNAME, CA_HEADER_PREFIX)?,
             origin,
         )))
     }

@@ -57,8 +57,10 @@
 //! | `--cert-ttl` | `SECRET_TTL` | `24h` |
 //! | `--xds-address` | `XDS_ADDRESS` | none: the local configuration only |
 //! | `--xds-root-ca` | `XDS_ROOT_CA` | `/var/run/secrets/istio/root-cert.pem` |
+//! | `--alt-xds-hostname` | `ALT_XDS_HOSTNAME` | the host of the xDS address |
 //! | `--ca-address` | `CA_ADDRESS` | the xDS address |
 //! | `--ca-root-ca` | `CA_ROOT_CA` | `/var/run/secrets/istio/root-cert.pem` |
+//! | `--alt-ca-hostname` | `ALT_CA_HOSTNAME` | the host of the CA address |
 //! | `--auth-token` | `AUTH_TOKEN` | `/var/run/secrets/tokens/istio-token` |
 //! | `--pod-name` | `POD_NAME` | none |
 //! | `--pod-namespace` | `POD_NAMESPACE` | none |
@@ -189,9 +191,8 @@ use options::{Inputs, program_name};
 /// ztunnel environment variables that meshwire recognises but does not implement. Those that are set
 /// are listed in [`Config::ignored_env`].
 pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
-    "ALT_XDS_HOSTNAME",
     "XDS_ON_DEMAND",
-    "ALT_CA_HOSTNAME",
+    "INPOD_ENABLED",
     "INPOD_UDS",
     "INPOD_PORT_REUSE",
     "ENABLE_ORIG_SRC",
