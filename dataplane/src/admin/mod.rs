@@ -221,6 +221,21 @@ pub struct MetricsHandler {
     buffers: Option<Arc<BufferGauges>>,
     /// Metrics of the binary itself (the io_uring build's per-core counters).
     extra: Option<Arc<prometheus_client::registry::Registry>>,
+    /// Metrics brought up to date at each scrape (istiod's xDS stream).
+    refreshed: Vec<Refreshed>,
+}
+
+/// A registry whose metrics `refresh` brings up to date before each scrape encodes them.
+#[derive(Clone)]
+struct Refreshed {
+    registry: Arc<prometheus_client::registry::Registry>,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Refreshed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refreshed").field("registry", &self.registry).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -253,7 +268,19 @@ impl MetricsHandler {
             proxy: None,
             buffers: None,
             extra: None,
+            refreshed: Vec::new(),
         }
+    }
+
+    /// Adds the metrics of `registry`, which `refresh` brings up to date before each scrape (for
+    /// values kept elsewhere, such as the state of istiod's xDS stream).
+    pub fn with_refreshed(
+        mut self,
+        registry: Arc<prometheus_client::registry::Registry>,
+        refresh: Arc<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        self.refreshed.push(Refreshed { registry, refresh });
+        self
     }
 
     /// Adds the metrics of `registry` to every answer.
@@ -373,6 +400,10 @@ impl MetricsHandler {
         }
         if let Some(extra) = &self.extra {
             encoded = encoded.and_then(|()| encode_registry(&mut text, extra));
+        }
+        for refreshed in &self.refreshed {
+            (refreshed.refresh)();
+            encoded = encoded.and_then(|()| encode_registry(&mut text, &refreshed.registry));
         }
         let encoded = encoded.and_then(|()| encode_eof(&mut text));
         debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");

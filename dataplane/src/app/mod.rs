@@ -73,6 +73,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::watch::ConnectionRegistry;
 
 pub mod cli;
+pub mod istio;
 pub mod lifecycle;
 pub mod plane;
 pub mod worker;

@@ -18,13 +18,15 @@ use meshwire_hbone::pool::PoolConfig;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, ManagerConfig};
-use meshwire_identity::source::LocalCaOrFiles;
+use meshwire_identity::source::istio_ca::{self, IstioCa};
+use meshwire_identity::source::{CertSource, Credentials, LocalCaOrFiles, SourceError};
 use meshwire_identity::source::files::{FilePaths, FileSource};
 use meshwire_identity::source::local_ca::{LocalCa, LocalCaError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::istio::{self as istiod, IstioCaClient, Xds};
 use crate::admin::{self, AdminHandler, LogControl, MetricsHandler, Readiness, ReadinessHandler, ReadyBlocker};
 use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, PacketMark, ProxyMode};
 use crate::proxy::outbound::{CertManagerTls, SourceWorkload};
@@ -53,6 +55,14 @@ pub enum StartError {
     /// The dedicated workload has no valid identity.
     #[error("workload identity: {0}")]
     Identity(String),
+    /// istiod's xDS or CA client cannot be set up from the configuration.
+    #[error("istiod at {address}: {reason}")]
+    Istiod {
+        /// istiod's address, as configured.
+        address: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The packet mark was given explicitly and cannot be set (it needs `CAP_NET_ADMIN`).
     #[error("cannot set the packet mark {mark:#x} (--packet-mark, PACKET_MARK): {source}")]
     PacketMark {
@@ -102,26 +112,66 @@ impl From<ConfigError> for StartError {
     }
 }
 
-/// The certificate source the binaries use: the local CA or PEM files.
-pub type Certificates = LocalCaOrFiles;
+/// The certificate source the binaries use: the local CA, PEM files, or the Istio CA.
+#[derive(Debug)]
+pub enum Certificates {
+    /// The local CA or PEM files.
+    Local(LocalCaOrFiles),
+    /// istiod's CA (`CreateCertificate`), asked over gRPC.
+    Istio(IstioCa<IstioCaClient, TokioTimer>),
+}
+
+impl CertSource for Certificates {
+    async fn fetch(&self, id: &SpiffeId) -> Result<Credentials, SourceError> {
+        match self {
+            Self::Local(local) => local.fetch(id).await,
+            Self::Istio(ca) => ca.fetch(id).await,
+        }
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        match self {
+            Self::Local(local) => local.poll_interval(),
+            Self::Istio(ca) => ca.poll_interval(),
+        }
+    }
+}
+
+impl Certificates {
+    /// The Istio CA's address, when certificates come from it.
+    pub fn istio_ca(&self) -> Option<String> {
+        match self {
+            Self::Istio(ca) => Some(ca.authority().address()),
+            Self::Local(_) => None,
+        }
+    }
+}
 
 /// Opens the certificate source `config` names: loads (or creates) the local CA in its directory,
-/// issuing certificates for [`Config::cert_ttl`], or prepares reading the certificate files.
+/// issuing certificates for [`Config::cert_ttl`], prepares reading the certificate files, or sets up
+/// the Istio CA client (certificates asked for [`Config::cert_ttl`], impersonating the workloads of
+/// the node in shared mode).
 pub fn open_certificates(config: &Config) -> Result<Certificates, StartError> {
     Ok(match &config.certificates {
-        CertificateSource::LocalCa { dir } => Certificates::LocalCa(
+        CertificateSource::LocalCa { dir } => Certificates::Local(LocalCaOrFiles::LocalCa(
             LocalCa::load_or_create(dir, config.trust_domain.clone())?.with_lifetime(config.cert_ttl),
-        ),
-        CertificateSource::Files { chain, key, bundle } => Certificates::Files(FileSource::new(FilePaths {
-            cert_chain: chain.clone(),
-            private_key: key.clone(),
-            trust_bundle: bundle.clone(),
-        })),
+        )),
+        CertificateSource::Files { chain, key, bundle } => {
+            Certificates::Local(LocalCaOrFiles::Files(FileSource::new(FilePaths {
+                cert_chain: chain.clone(),
+                private_key: key.clone(),
+                trust_bundle: bundle.clone(),
+            })))
+        }
         CertificateSource::IstioCa(ca) => {
-            return Err(StartError::Identity(format!(
-                "the Istio CA at {} is not supported by this build",
-                ca.address
-            )));
+            let mode = match config.mode {
+                ProxyMode::Shared { .. } => istio_ca::ProxyMode::Shared,
+                ProxyMode::Dedicated { .. } => istio_ca::ProxyMode::Dedicated,
+            };
+            tracing::info!(ca = %ca.address, ?mode, "certificates come from the Istio CA");
+            Certificates::Istio(
+                IstioCa::new(IstioCaClient::new(config, ca)?, TokioTimer, mode).with_validity(config.cert_ttl),
+            )
         }
     })
 }
@@ -148,6 +198,10 @@ pub struct ProxyContext {
     /// Options of the proxy's upstream connections (the packet mark).
     upstream: SocketOptions,
     pool: PoolConfig,
+    /// istiod's xDS stream, when it configures the proxy.
+    xds: Option<meshwire_control::ads::AdsStatus>,
+    /// The Istio CA's address, when certificates come from it.
+    istio_ca: Option<String>,
 }
 
 impl std::fmt::Debug for ProxyContext {
@@ -202,6 +256,11 @@ impl ProxyContext {
         &self.upstream
     }
 
+    /// The status of istiod's xDS stream, when istiod configures the proxy.
+    pub fn xds(&self) -> Option<&meshwire_control::ads::AdsStatus> {
+        self.xds.as_ref()
+    }
+
     /// The HBONE pool's settings.
     pub fn pool_config(&self) -> &PoolConfig {
         &self.pool
@@ -228,6 +287,7 @@ impl ProxyContext {
 pub struct ControlPlane {
     context: Arc<ProxyContext>,
     background: Vec<JoinHandle<()>>,
+    xds: Option<Xds>,
 }
 
 impl ControlPlane {
@@ -254,17 +314,28 @@ impl ControlPlane {
                 let parsed = LocalConfig::parse(yaml)?;
                 Published::new(Snapshot::new(parsed, 1, None, SystemTime::now()))
             }
+            None if config.istio.xds.is_some() => Published::default(),
             None => {
-                tracing::warn!("no local configuration (--config, LOCAL_XDS_PATH): serving no workloads");
+                tracing::warn!(
+                    "no local configuration (--config, LOCAL_XDS_PATH) and no istiod (XDS_ADDRESS): serving no \
+                     workloads"
+                );
                 Published::default()
             }
         };
 
         // Certificates.
         let certificates = open_certificates(config)?;
+        let istio_ca = certificates.istio_ca();
         let manager: Manager = CertManager::new(certificates, TokioTimer, ManagerConfig::default());
         let driver = manager.clone();
         background.push(tokio::spawn(async move { driver.run().await }));
+
+        // istiod's workloads and policies.
+        let xds = match &config.istio.xds {
+            Some(plane) => Some(Xds::start(config, plane, published.clone(), registries, manager.clone())?),
+            None => None,
+        };
 
         let dedicated = match &config.mode {
             ProxyMode::Dedicated { workload } => Some(SpiffeId::from(
@@ -323,8 +394,14 @@ impl ControlPlane {
             log_format,
             upstream,
             pool: config.pool.clone(),
+            xds: xds.as_ref().map(|x| x.status().clone()),
+            istio_ca,
         });
-        Ok(ControlPlane { context, background })
+        Ok(ControlPlane {
+            context,
+            background,
+            xds,
+        })
     }
 
     /// The context connections read.
@@ -351,6 +428,9 @@ impl ControlPlane {
     /// Stops the configuration watcher and the certificate manager.
     pub fn stop(self) {
         self.context.manager.shutdown();
+        if let Some(xds) = &self.xds {
+            xds.stop();
+        }
         for task in &self.background {
             task.abort();
         }
@@ -522,6 +602,10 @@ impl Control {
             let manager = context.manager.clone();
             readiness.check(move || admin::certificate_pending(&id, manager.status_for(&id), SystemTime::now()));
         }
+        // Configured by istiod: ready once a first push of every type was accepted (ACKed).
+        if let Some(status) = context.xds.clone() {
+            readiness.check(move || istiod::not_ready(&status));
+        }
         if let SourceWorkload::Dedicated { namespace, name } = &context.source {
             let (namespace, name) = (namespace.clone(), name.clone());
             let published = context.published.clone();
@@ -541,6 +625,15 @@ impl Control {
             admin = admin.with_logging(logging);
         }
         admin = admin.with_buffers(context.serve_options.clone());
+        let mut metrics = metrics;
+        if let Some(status) = &context.xds {
+            admin = admin.with_istio(istiod::dump(status.clone(), context.istio_ca.clone()));
+            let (registry, refresh) = istiod::metrics(status.clone());
+            metrics = metrics.with_refreshed(registry, refresh);
+        } else if let Some(ca) = &context.istio_ca {
+            let ca = ca.clone();
+            admin = admin.with_istio(Arc::new(move || serde_json::json!({ "xds": null, "ca": { "address": ca } })));
+        }
         let (stop, _) = watch::channel(false);
         let servers = vec![
             Self::serve(
