@@ -342,7 +342,7 @@ async fn issues_an_svid_for_the_csr_key_that_verifies_against_the_returned_root(
     );
     assert!(creds.svid.certified_key().keys_match().is_ok());
     creds.svid.verify(&creds.bundles, clock.get()).unwrap();
-    assert_eq!(creds.bundles.get(&td()).unwrap().roots(), &[root.der.clone()]);
+    assert_eq!(creds.bundles.get(&td()).unwrap().roots(), std::slice::from_ref(&root.der));
     assert_eq!(ca.trusted_roots(&td(), clock.get()), vec![root.der.clone()]);
     // The lifetime asked for by default: ztunnel's 24 h, back-dated a minute by the CA.
     assert_eq!(seen[0].validity, DEFAULT_VALIDITY);
@@ -470,7 +470,8 @@ async fn garbage_answers_are_refused_with_clear_errors() {
     let leaf_pem = pem::encode(&pem::Pem::new("CERTIFICATE", good.svid.leaf().to_vec()));
     let bad_base64 = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_owned();
     let not_der = pem::encode(&pem::Pem::new("CERTIFICATE", b"not DER at all".to_vec()));
-    let cases: Vec<(Vec<String>, fn(&AnswerError) -> bool)> = vec![
+    type Expect = fn(&AnswerError) -> bool;
+    let cases: Vec<(Vec<String>, Expect)> = vec![
         (vec![], |e| *e == AnswerError::Empty),
         (vec!["hello".into()], |e| *e == AnswerError::NoRoots),
         (vec!["hello".into(), root.pem.clone()], |e| {
@@ -586,7 +587,7 @@ async fn rotated_roots_stay_trusted_until_they_expire() {
     clock.advance(Duration::from_secs(6 * 3600 + 1));
     assert_eq!(ca.trusted_roots(&td(), clock.get()), vec![new.der.clone()]);
     let later = ca.fetch(&id("b")).await.unwrap();
-    assert_eq!(later.bundles.get(&td()).unwrap().roots(), &[new.der.clone()]);
+    assert_eq!(later.bundles.get(&td()).unwrap().roots(), std::slice::from_ref(&new.der));
     let err = signed_by_old.svid.verify(&later.bundles, clock.get()).unwrap_err();
     assert!(matches!(err, SvidError::UntrustedChain { .. }), "{err}");
 }
