@@ -342,7 +342,10 @@ async fn issues_an_svid_for_the_csr_key_that_verifies_against_the_returned_root(
     );
     assert!(creds.svid.certified_key().keys_match().is_ok());
     creds.svid.verify(&creds.bundles, clock.get()).unwrap();
-    assert_eq!(creds.bundles.get(&td()).unwrap().roots(), std::slice::from_ref(&root.der));
+    assert_eq!(
+        creds.bundles.get(&td()).unwrap().roots(),
+        std::slice::from_ref(&root.der)
+    );
     assert_eq!(ca.trusted_roots(&td(), clock.get()), vec![root.der.clone()]);
     // The lifetime asked for by default: ztunnel's 24 h, back-dated a minute by the CA.
     assert_eq!(seen[0].validity, DEFAULT_VALIDITY);
@@ -587,7 +590,10 @@ async fn rotated_roots_stay_trusted_until_they_expire() {
     clock.advance(Duration::from_secs(6 * 3600 + 1));
     assert_eq!(ca.trusted_roots(&td(), clock.get()), vec![new.der.clone()]);
     let later = ca.fetch(&id("b")).await.unwrap();
-    assert_eq!(later.bundles.get(&td()).unwrap().roots(), std::slice::from_ref(&new.der));
+    assert_eq!(
+        later.bundles.get(&td()).unwrap().roots(),
+        std::slice::from_ref(&new.der)
+    );
     let err = signed_by_old.svid.verify(&later.bundles, clock.get()).unwrap_err();
     assert!(matches!(err, SvidError::UntrustedChain { .. }), "{err}");
 }
