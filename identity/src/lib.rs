@@ -8,7 +8,9 @@
 //! - [`bundle`]: trust bundles per trust domain and bundle sets for federation;
 //! - [`crypto`]: the crypto provider (ring, TLS 1.3 only) of every TLS config and certificate check;
 //! - [`tls`]: rustls server and client configurations that verify SPIFFE peers;
-//! - [`source`]: certificate sources behind one small trait: a built-in local CA and files on disk;
+//! - [`source`]: certificate sources behind one small trait: a built-in local CA, files on disk and
+//!   the Istio CA (behind a transport trait, so no gRPC dependency here);
+//! - `csr` (feature `istio-ca`): certificate signing requests for a SPIFFE ID;
 //! - [`manager`]: a certificate manager for many identities at once, with de-duplicated fetches,
 //!   priorities, a fetch budget, refresh at half-life and exponential back-off;
 //! - [`time`]: the timer seam through which the manager sees time, so rotation runs in virtual time in tests.
@@ -30,6 +32,8 @@
 
 pub mod bundle;
 pub mod crypto;
+#[cfg(feature = "istio-ca")]
+pub mod csr;
 pub mod id;
 pub mod manager;
 pub mod source;

@@ -2,8 +2,9 @@
 //!
 //! Every source implements [`CertSource`]: given a SPIFFE ID, it delivers [`Credentials`] (an SVID for
 //! that ID and the trust bundles to verify peers with) or a [`SourceError`]. The trait is async and
-//! leaves key generation to the source, so that a CSR-based CA client (Istio CA, SPIFFE Workload
-//! API) fits as well as the built-in [`local_ca::LocalCa`] and [`files::FileSource`].
+//! leaves key generation to the source, so that a CSR-based CA client (the Istio CA,
+//! `istio_ca::IstioCa`; the SPIFFE Workload API) fits as well as the built-in [`local_ca::LocalCa`]
+//! and [`files::FileSource`].
 //! [`crate::manager::CertManager`] drives sources and never needs to know which one it has.
 
 use std::future::Future;
@@ -16,6 +17,8 @@ use crate::svid::{SvidError, X509Svid};
 
 #[cfg(feature = "files")]
 pub mod files;
+#[cfg(feature = "istio-ca")]
+pub mod istio_ca;
 #[cfg(feature = "local-ca")]
 pub mod local_ca;
 
@@ -67,6 +70,16 @@ pub enum SourceError {
         id: SpiffeId,
         /// What the authority said.
         message: String,
+    },
+    /// The authority answered with certificates that fail the checks of
+    /// [`istio_ca::check_answer`] (another identity, another key, a chain that does not verify).
+    #[cfg(feature = "istio-ca")]
+    #[error("refused the certificate authority's answer for {id}: {source}")]
+    RefusedAnswer {
+        /// The identity asked for.
+        id: SpiffeId,
+        /// What is wrong with the answer.
+        source: Box<istio_ca::AnswerError>,
     },
 }
 
