@@ -21,6 +21,7 @@
 pub mod binary;
 pub mod fixtures;
 pub mod hbone;
+pub mod istio;
 pub mod mesh;
 pub mod net;
 pub mod netns;

@@ -1,0 +1,234 @@
+//! Proxies configured and certified by istiod: two proxies of each binary (and a shared node proxy)
+//! subscribe to one fake istiod (a real gRPC server over TLS, `meshwire_tests::istio::Istiod`), get
+//! the mesh of the pair scenario over delta xDS and their certificates from its CA, carry traffic
+//! with mutual TLS, and apply a pushed policy to new and established connections.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::{Duration, Instant};
+
+use meshwire_dataplane::xds::LocalConfig;
+use meshwire_tests::binary::{self, Binary};
+use meshwire_tests::istio::{AUTHORIZATION, Istiod};
+use meshwire_tests::mesh::{Mesh, Proxy, metric_sum};
+use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
+use meshwire_tests::pair;
+use meshwire_testkit::http;
+use serde_json::Value;
+
+fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ready(proxy: &Proxy) -> bool {
+    http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready").is_ok_and(|r| r.status == 200)
+}
+
+fn config_dump(proxy: &Proxy) -> Value {
+    let answer = http::request_blocking(proxy.ports().admin, "GET", "/config_dump").unwrap();
+    assert_eq!(answer.status, 200);
+    serde_json::from_str(&answer.body).unwrap()
+}
+
+/// The pair scenario's mesh, its echo server and a fake istiod serving it.
+struct IstioPair {
+    mesh: Mesh,
+    istiod: Istiod,
+    echo: EchoServer,
+    config: LocalConfig,
+}
+
+impl IstioPair {
+    fn new() -> IstioPair {
+        let echo = EchoServer::start(lo(2));
+        let yaml = pair::config(echo.addr().port(), "");
+        let config = LocalConfig::parse(&yaml).unwrap();
+        IstioPair {
+            mesh: Mesh::new(&yaml),
+            istiod: Istiod::start(&config),
+            echo,
+            config,
+        }
+    }
+
+    /// A proxy of `binary` on `ip` configured by istiod (no local configuration, no local CA).
+    fn proxy(&self, binary: &Binary, ip: std::net::IpAddr, pod: &str) -> meshwire_tests::mesh::ProxyBuilder {
+        let mut builder = self.mesh.proxy(binary, ip).without_local_config();
+        for (name, value) in self.istiod.env(pod, ip) {
+            builder = builder.env(&name, &value);
+        }
+        builder
+    }
+}
+
+#[test]
+fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
+    for b in binary::all() {
+        let mesh = IstioPair::new();
+        let server = mesh
+            .proxy(&b, lo(2), "ztunnel-b")
+            .dedicated("default/server/server")
+            .spawn_listening();
+        let client = mesh
+            .proxy(&b, lo(1), "ztunnel-a")
+            .dedicated("default/client/client")
+            .spawn_listening();
+        let logs = || format!("{}\n{}", client.describe(), server.describe());
+        wait_until(Duration::from_secs(20), "both proxies ready", || ready(&client) && ready(&server));
+
+        // Each proxy ACKed a first push of both types, and nothing was NACKed.
+        let answers = mesh.istiod.answers();
+        assert!(answers.iter().all(|(_, nack)| nack.is_none()), "{answers:?}");
+        assert!(answers.len() >= 4, "{answers:?}\n{}", logs());
+
+        // Traffic: SOCKS5 -> HBONE (certificates from istiod's CA) -> the echo server.
+        let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr()))
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()));
+        assert!(net::echo_exchange(stream, 64 * 1024).unwrap().intact());
+        let inbound = server.wait_access_lines("inbound", 1, Duration::from_secs(10));
+        assert_eq!(
+            inbound[0].get("src.identity"),
+            Some("spiffe://cluster.local/ns/default/sa/client"),
+            "{}",
+            logs()
+        );
+
+        // The CA was asked for both identities, with the token and the cluster, without
+        // impersonation (dedicated proxies ask for their own identity).
+        let requests = mesh.istiod.ca_requests();
+        for id in [
+            "spiffe://cluster.local/ns/default/sa/client",
+            "spiffe://cluster.local/ns/default/sa/server",
+        ] {
+            let request = requests
+                .iter()
+                .find(|r| r.uri_san.as_deref() == Some(id))
+                .unwrap_or_else(|| panic!("no certificate request for {id}: {requests:?}"));
+            assert_eq!(request.headers["authorization"], "Bearer test-token");
+            assert_eq!(request.headers["clusterid"], "Kubernetes");
+            assert_eq!(request.impersonated, None);
+        }
+
+        // /config_dump: the workloads istiod sent and the stream's state; the terminations metric.
+        let dump = config_dump(&server);
+        assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(3), "{dump}");
+        assert_eq!(dump["istio"]["xds"]["connected"], true, "{dump}");
+        assert_eq!(dump["istio"]["xds"]["ready"], true, "{dump}");
+        assert_eq!(
+            dump["istio"]["ca"]["address"],
+            mesh.istiod.address().to_string(),
+            "{dump}"
+        );
+        let metrics = server.metrics();
+        assert!(metrics.contains("istio_xds_connection_terminations_total"), "{metrics}");
+
+        // A pushed DENY of the client closes its established connection and refuses new ones.
+        let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr())).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        writer.write_all(b"before\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "before\n");
+        let deny = format!(
+            "{}policies:\n  - name: deny-client\n    namespace: default\n    scope: Namespace\n    action: Deny\n    \
+             rules: [[[{{principals: [!Exact cluster.local/ns/default/sa/client]}}]]]\n",
+            pair::config(mesh.echo.addr().port(), "")
+        );
+        let mut denied = mesh.config.clone();
+        denied.policies = LocalConfig::parse(&deny).unwrap().policies;
+        mesh.istiod.serve(&denied);
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let outcome = reader.read_to_end(&mut rest);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the denied connection was not closed\n{}",
+            logs()
+        );
+        assert!(rest.is_empty() || outcome.is_err(), "{outcome:?} {rest:?}");
+        let refused = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr()))
+            .ok()
+            .and_then(|s| net::echo_exchange(s, 1024).ok())
+            .is_none_or(|e| !e.intact());
+        assert!(refused, "a new connection of the denied client went through\n{}", logs());
+        let answers = mesh
+            .istiod
+            .wait_answers(Duration::from_secs(10), |a| a.iter().filter(|(t, _)| t == AUTHORIZATION).count() >= 4);
+        assert!(answers.iter().all(|(_, nack)| nack.is_none()), "{answers:?}");
+    }
+}
+
+#[test]
+fn a_node_proxy_fetches_the_certificates_of_its_node_as_istiod_names_them() {
+    for b in binary::all() {
+        let mesh = IstioPair::new();
+        // A shared proxy for node-b, where the server workload runs.
+        let node = mesh
+            .proxy(&b, lo(2), "ztunnel-b")
+            .shared()
+            .env("NODE_NAME", "node-b")
+            .spawn_listening();
+        wait_until(Duration::from_secs(20), "the node proxy ready", || ready(&node));
+        // Before any connection, it asked for the server's certificate, impersonating it.
+        wait_until(Duration::from_secs(20), "the server's certificate asked for", || {
+            mesh.istiod
+                .ca_requests()
+                .iter()
+                .any(|r| r.uri_san.as_deref() == Some("spiffe://cluster.local/ns/default/sa/server"))
+        });
+        let requests = mesh.istiod.ca_requests();
+        assert!(
+            requests.iter().all(|r| r.impersonated == r.uri_san),
+            "a node proxy impersonates the identity it asks for: {requests:?}"
+        );
+        assert!(
+            requests
+                .iter()
+                .all(|r| r.uri_san.as_deref() != Some("spiffe://cluster.local/ns/default/sa/client")),
+            "the client runs on another node: {requests:?}\n{}",
+            node.describe()
+        );
+        let dump = config_dump(&node);
+        let certificates = dump["certificates"].as_array().cloned().unwrap_or_default();
+        assert!(
+            certificates
+                .iter()
+                .any(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/server"),
+            "{dump}"
+        );
+        // A metric of the stream, scraped: no termination yet.
+        assert_eq!(
+            metric_sum(&node.metrics(), "istio_xds_connection_terminations_total", &[]),
+            0
+        );
+    }
+}
+
+#[test]
+fn a_proxy_given_a_wrong_root_for_istiod_is_not_ready_and_says_why() {
+    for b in binary::all() {
+        let mesh = IstioPair::new();
+        let wrong = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(wrong.path(), mesh.istiod.other_root_pem()).unwrap();
+        let proxy = mesh
+            .proxy(&b, lo(2), "ztunnel-b")
+            .dedicated("default/server/server")
+            .env("XDS_ROOT_CA", wrong.path().to_str().unwrap())
+            .spawn_listening();
+        let mut answer = None;
+        wait_until(Duration::from_secs(20), "a readiness answer", || {
+            answer = http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready").ok();
+            answer.is_some()
+        });
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 503, "{}", proxy.describe());
+        let logged = proxy.wait_for_log(&[&mesh.istiod.address().to_string()], Duration::from_secs(20));
+        assert!(logged.is_some(), "the log names istiod's address\n{}", proxy.describe());
+        assert!(answer.body.contains("istiod"), "{}", answer.body);
+    }
+}
