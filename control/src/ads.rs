@@ -232,7 +232,10 @@ enum End {
     /// The connection could not be made.
     Connect(ChannelError),
     /// The stream ended; `status` is `None` for OK.
-    Stream { status: Option<tonic::Status>, got_response: bool },
+    Stream {
+        status: Option<tonic::Status>,
+        got_response: bool,
+    },
 }
 
 /// The delta ADS client. Build it with [`AdsClient::new`], adjust with the `with_*` methods, keep
@@ -406,7 +409,11 @@ impl<T: Timer> AdsClient<T> {
     }
 
     /// Applies one response and builds its ACK or NACK.
-    fn on_response<H: XdsHandler>(&mut self, handler: &mut H, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    fn on_response<H: XdsHandler>(
+        &mut self,
+        handler: &mut H,
+        response: DeltaDiscoveryResponse,
+    ) -> DeltaDiscoveryRequest {
         let DeltaDiscoveryResponse {
             type_url,
             nonce,

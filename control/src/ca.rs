@@ -120,7 +120,12 @@ impl<T: Timer> CaClient<T> {
         }
     }
 
-    async fn call(&self, csr: String, validity: Duration, impersonated: Option<String>) -> Result<Vec<String>, CaError> {
+    async fn call(
+        &self,
+        csr: String,
+        validity: Duration,
+        impersonated: Option<String>,
+    ) -> Result<Vec<String>, CaError> {
         let address = self.address();
         let (service, connection) = self
             .channel

@@ -663,7 +663,15 @@ mod tests {
         let a = Address::parse("[fd00::1]:15012").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.host(), "fd00::1");
         assert_eq!(a.to_string(), "[fd00::1]:15012");
-        for bad in ["", "istiod", "http://istiod:15012", "istiod:http", "istiod:0", "istiod:15012/x", "[zz]:1"] {
+        for bad in [
+            "",
+            "istiod",
+            "http://istiod:15012",
+            "istiod:http",
+            "istiod:0",
+            "istiod:15012/x",
+            "[zz]:1",
+        ] {
             let e = Address::parse(bad).err().unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
         }

@@ -97,7 +97,11 @@ where
     let ip = required("INSTANCE_IP")?;
     let pod = required("POD_NAME")?;
     let ns = required("POD_NAMESPACE")?;
-    let ips = plain.get("INSTANCE_IPS").filter(|v| !v.is_empty()).cloned().unwrap_or(ip.clone());
+    let ips = plain
+        .get("INSTANCE_IPS")
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .unwrap_or(ip.clone());
     metadata.insert("NAME".to_string(), string(&pod));
     metadata.insert("NAMESPACE".to_string(), string(&ns));
     metadata.insert("INSTANCE_IPS".to_string(), string(&ips));
@@ -161,7 +165,10 @@ mod tests {
         vars.push(("ISTIO_META_CLUSTER_ID", "c1"));
         vars.push(("ISTIO_METAJSON_LABELS", r#"{"a":"b","n":[1,true,null]}"#));
         let node = node_from_env(vars).unwrap();
-        assert_eq!(node.id, "ztunnel~10.1.2.3~ztunnel-1.istio-system~istio-system.svc.cluster.local");
+        assert_eq!(
+            node.id,
+            "ztunnel~10.1.2.3~ztunnel-1.istio-system~istio-system.svc.cluster.local"
+        );
         let s = |k| match get(&node, k) {
             Some(Kind::StringValue(s)) => s.clone(),
             other => panic!("{k}: {other:?}"),
@@ -189,7 +196,10 @@ mod tests {
         let mut vars = env();
         vars.push(("ISTIO_METAJSON_BAD", "{not json"));
         let e = node_from_env(vars).unwrap_err();
-        assert!(matches!(&e, NodeError::Json { name, .. } if name == "ISTIO_METAJSON_BAD"), "{e}");
+        assert!(
+            matches!(&e, NodeError::Json { name, .. } if name == "ISTIO_METAJSON_BAD"),
+            "{e}"
+        );
         assert!(e.to_string().contains("ISTIO_METAJSON_BAD"));
         let vars: Vec<_> = env().into_iter().filter(|(k, _)| *k != "POD_NAMESPACE").collect();
         assert_eq!(

@@ -106,7 +106,10 @@ fn any(name: &str) -> prost_types::Any {
 }
 
 fn res(items: &[(&str, &str)]) -> Vec<(String, String, prost_types::Any)> {
-    items.iter().map(|(n, v)| (n.to_string(), v.to_string(), any(n))).collect()
+    items
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string(), any(n)))
+        .collect()
 }
 
 /// Reads the two initial requests of a stream, keyed by type.
@@ -136,7 +139,11 @@ async fn subscribe_ack_partial_nack_readiness_and_reconnect_with_versions() {
     let first = initial(&mut s).await;
     for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
         let r = &first[type_url];
-        assert_eq!(r.node.as_ref().unwrap().id, node().id, "{type_url}: the first request carries the Node");
+        assert_eq!(
+            r.node.as_ref().unwrap().id,
+            node().id,
+            "{type_url}: the first request carries the Node"
+        );
         assert!(r.resource_names_subscribe.is_empty(), "wildcard");
         assert!(r.initial_resource_versions.is_empty());
         assert!(r.response_nonce.is_empty() && r.error_detail.is_none());
@@ -146,7 +153,10 @@ async fn subscribe_ack_partial_nack_readiness_and_reconnect_with_versions() {
     // ACK: type and nonce, no Node, no error.
     s.send(response(ADDRESS_TYPE, "a1", res(&[("w1", "1"), ("w2", "1")]), vec![]));
     let ack = s.expect("the ACK of a1").await;
-    assert_eq!((ack.type_url.as_str(), ack.response_nonce.as_str()), (ADDRESS_TYPE, "a1"));
+    assert_eq!(
+        (ack.type_url.as_str(), ack.response_nonce.as_str()),
+        (ADDRESS_TYPE, "a1")
+    );
     assert!(ack.error_detail.is_none() && ack.node.is_none());
     let snap = status.snapshot();
     assert!(snap.connected);
@@ -173,9 +183,15 @@ async fn subscribe_ack_partial_nack_readiness_and_reconnect_with_versions() {
         vec![],
     ));
     let nack = s.expect("the NACK of p2").await;
-    assert_eq!(nack.error_detail.unwrap().message, "ns/bad: bad ns/bad; ns/worse: bad ns/worse");
+    assert_eq!(
+        nack.error_detail.unwrap().message,
+        "ns/bad: bad ns/bad; ns/worse: bad ns/worse"
+    );
     let snap = status.snapshot();
-    assert_eq!(snap.types[AUTHORIZATION_TYPE].last_nack.as_deref(), Some("ns/bad: bad ns/bad; ns/worse: bad ns/worse"));
+    assert_eq!(
+        snap.types[AUTHORIZATION_TYPE].last_nack.as_deref(),
+        Some("ns/bad: bad ns/bad; ns/worse: bad ns/worse")
+    );
     assert_eq!(snap.types[AUTHORIZATION_TYPE].resources, 1);
     assert!(!status.ready());
 
@@ -201,7 +217,10 @@ async fn subscribe_ack_partial_nack_readiness_and_reconnect_with_versions() {
         versions(&[("ns/good", "1"), ("ns/other", "7")]),
         "NACKed names left out"
     );
-    assert!(again.values().all(|r| r.node.is_some()), "each type's first request on the new stream carries the Node");
+    assert!(
+        again.values().all(|r| r.node.is_some()),
+        "each type's first request on the new stream carries the Node"
+    );
 
     let snap = status.snapshot();
     assert_eq!(snap.terminations(TerminationReason::Reconnect), 1);
@@ -210,7 +229,11 @@ async fn subscribe_ack_partial_nack_readiness_and_reconnect_with_versions() {
     assert_eq!(snap.consecutive_failures, 0);
     assert!(snap.last_error.is_none());
     assert!(status.ready(), "readiness survives a reconnect");
-    assert_eq!(handler.calls().len(), calls_before, "the handler is not told anything on a disconnect");
+    assert_eq!(
+        handler.calls().len(),
+        calls_before,
+        "the handler is not told anything on a disconnect"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -256,7 +279,10 @@ async fn refused_connections_back_off_with_full_jitter_in_virtual_time() {
         let ceiling = backoff.ceiling(failures);
         assert!(*delay <= ceiling + tick, "delay {i}: {delay:?} > {ceiling:?}");
         let drawn = backoff.delay(failures, &mut rng);
-        assert!(*delay >= drawn && *delay <= drawn + tick, "delay {i}: {delay:?}, drawn {drawn:?}");
+        assert!(
+            *delay >= drawn && *delay <= drawn + tick,
+            "delay {i}: {delay:?}, drawn {drawn:?}"
+        );
     }
     let ceilings: Vec<u64> = (1..ATTEMPTS as u32).map(|n| backoff.ceiling(n).as_secs()).collect();
     assert_eq!(ceilings, [1, 2, 4, 8, 16, 16, 16, 16]);
@@ -279,7 +305,11 @@ async fn refused_connections_back_off_with_full_jitter_in_virtual_time() {
     initial(&mut s).await;
     s.send(response(ADDRESS_TYPE, "a1", vec![], vec![]));
     s.expect("the ACK").await;
-    assert_eq!(status.snapshot().consecutive_failures, ATTEMPTS as u32, "reset when the stream ends, not before");
+    assert_eq!(
+        status.snapshot().consecutive_failures,
+        ATTEMPTS as u32,
+        "reset when the stream ends, not before"
+    );
     let closed_at = Instant::now();
     s.close(Code::Internal, "boom");
     let mut s = fake.next_stream().await;

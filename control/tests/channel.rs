@@ -115,14 +115,21 @@ async fn connect_errors_name_the_address() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     drop(listener);
-    let channel =
-        Channel::new(ChannelConfig::new(Address::parse(&address).unwrap(), Roots::Pem(String::new()))).unwrap();
+    let channel = Channel::new(ChannelConfig::new(
+        Address::parse(&address).unwrap(),
+        Roots::Pem(String::new()),
+    ))
+    .unwrap();
     let err = channel.connect(&TokioTimer).await.unwrap_err();
     // Empty roots: the roots fail before the dial, and say where they came from.
     assert!(err.to_string().contains("inline PEM"), "{err}");
 
     let fake = FakeIstiod::start().await;
-    let channel = Channel::new(ChannelConfig::new(Address::parse(&address).unwrap(), Roots::Pem(fake.root_pem()))).unwrap();
+    let channel = Channel::new(ChannelConfig::new(
+        Address::parse(&address).unwrap(),
+        Roots::Pem(fake.root_pem()),
+    ))
+    .unwrap();
     let err = channel.connect(&TokioTimer).await.unwrap_err();
     assert!(matches!(err, ChannelError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains(&address), "{err}");

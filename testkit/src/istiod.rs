@@ -28,9 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshwire_control::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use meshwire_control::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use meshwire_control::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use meshwire_control::proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -179,7 +177,9 @@ pub struct FakeIstiod {
 
 impl std::fmt::Debug for FakeIstiod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeIstiod").field("address", &self.address).finish_non_exhaustive()
+        f.debug_struct("FakeIstiod")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
     }
 }
 
@@ -193,10 +193,16 @@ impl Drop for FakeIstiod {
 fn new_ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::OrganizationName, "cluster.local");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "cluster.local");
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let cert = params.self_signed(&key).unwrap();
     (Issuer::new(params, key), cert.pem())
 }
@@ -208,9 +214,12 @@ impl FakeIstiod {
         let (issuer, root_pem) = new_ca("fake istiod root");
         let (_other, other_root_pem) = new_ca("another root");
         let server_key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec![ISTIOD_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
+        let mut params = CertificateParams::new(vec![
+            ISTIOD_NAME.to_string(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .unwrap();
         params.distinguished_name.push(DnType::CommonName, ISTIOD_NAME);
         let server_cert = params.signed_by(&server_key, &issuer).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -420,7 +429,9 @@ impl IstioCertificateService for Ca {
         }
         let csr = csr.map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let Some(san) = uri_san.filter(|s| s.starts_with("spiffe://")) else {
-            return Err(Status::invalid_argument("the CSR must hold exactly one spiffe:// URI SAN"));
+            return Err(Status::invalid_argument(
+                "the CSR must hold exactly one spiffe:// URI SAN",
+            ));
         };
         if let Some(id) = &impersonated
             && *id != san
