@@ -40,6 +40,10 @@ pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// The type URL of L4 authorization policies (`istio.security.Authorization`).
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
 
+/// The largest response accepted by default: istiod's first push to a node of a large mesh is
+/// far above tonic's 4 MiB default (ztunnel allows 200 MiB too).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
+
 /// The gRPC code of a NACK's `error_detail` (INVALID_ARGUMENT).
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -247,6 +251,7 @@ pub struct AdsClient<T> {
     timer: T,
     rng: fastrand::Rng,
     backoff: Backoff,
+    max_message_size: usize,
     status: AdsStatus,
     /// Per type: name -> version of each accepted resource.
     versions: HashMap<String, HashMap<String, String>>,
@@ -265,6 +270,7 @@ impl<T: Timer> AdsClient<T> {
             timer,
             rng: fastrand::Rng::new(),
             backoff: Backoff::DEFAULT,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             status,
             versions: HashMap::new(),
         }
@@ -273,6 +279,12 @@ impl<T: Timer> AdsClient<T> {
     /// Sets the backoff.
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Sets the largest response accepted ([`DEFAULT_MAX_MESSAGE_SIZE`] unless set).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 
@@ -379,7 +391,8 @@ impl<T: Timer> AdsClient<T> {
             let _ = tx.send(self.initial_request(type_url));
         }
         let outbound = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut client = AggregatedDiscoveryServiceClient::with_origin(service, self.channel.origin());
+        let mut client = AggregatedDiscoveryServiceClient::with_origin(service, self.channel.origin())
+            .max_decoding_message_size(self.max_message_size);
         let mut got_response = false;
         let stream = async {
             let response = client.delta_aggregated_resources(outbound).await?;

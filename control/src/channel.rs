@@ -9,8 +9,8 @@
 //! - [`ChannelConfig`] and [`Channel`]: the validated configuration, and [`Channel::connect`], which
 //!   dials, handshakes TLS and HTTP/2, and hands back a [`GrpcService`] (a tower service that the
 //!   generated clients take) and the [`Connection`] future that the caller drives (the channel
-//!   never spawns it; hyper itself spawns the request-body pumps of HTTP/2 on tokio, so a tokio
-//!   runtime must be current);
+//!   never spawns it; hyper itself spawns the request-body pumps of HTTP/2 on tokio and keeps its
+//!   keepalive timers on tokio's clock, so a tokio runtime must be current);
 //! - [`HeadersLayer`] / [`Headers`]: the tower layer that puts `authorization`, `clusterid` and the
 //!   extra headers on every request.
 //!
@@ -50,6 +50,13 @@ use tokio_rustls::TlsConnector;
 
 /// The default connect timeout: TCP, TLS and HTTP/2 handshakes together.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default interval of HTTP/2 keepalive pings (a silently dead connection is noticed within
+/// this interval plus [`DEFAULT_KEEPALIVE_TIMEOUT`]).
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The default time a keepalive ping may wait for its answer before the connection is closed.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default value of the `clusterid` header.
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
@@ -327,6 +334,9 @@ pub struct ChannelConfig {
     pub headers: Vec<(String, String)>,
     /// The connect timeout ([`DEFAULT_CONNECT_TIMEOUT`] unless set).
     pub connect_timeout: Duration,
+    /// HTTP/2 keepalive: ping interval and answer timeout (defaults
+    /// [`DEFAULT_KEEPALIVE_INTERVAL`], [`DEFAULT_KEEPALIVE_TIMEOUT`]); `None` disables pings.
+    pub keepalive: Option<(Duration, Duration)>,
 }
 
 impl ChannelConfig {
@@ -341,6 +351,7 @@ impl ChannelConfig {
             cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             headers: Vec::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            keepalive: Some((DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT)),
         }
     }
 
@@ -373,6 +384,12 @@ impl ChannelConfig {
         self.connect_timeout = timeout;
         self
     }
+
+    /// Sets the HTTP/2 keepalive (ping interval, answer timeout), or disables it.
+    pub fn keepalive(mut self, keepalive: Option<(Duration, Duration)>) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
 }
 
 /// The headers put on every request: see [`HeadersLayer`].
@@ -397,6 +414,7 @@ struct ChannelInner {
     headers: Arc<HeaderSet>,
     origin: http::Uri,
     connect_timeout: Duration,
+    keepalive: Option<(Duration, Duration)>,
 }
 
 impl Channel {
@@ -450,6 +468,7 @@ impl Channel {
                 }),
                 origin,
                 connect_timeout: config.connect_timeout,
+                keepalive: config.keepalive,
             }),
         })
     }
@@ -518,7 +537,15 @@ impl Channel {
                 server_name: inner.server_name_text.clone(),
                 reason: e.to_string(),
             })?;
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        if let Some((interval, timeout)) = inner.keepalive {
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
+        let (send, conn) = builder
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ChannelError::Http2 {

@@ -76,19 +76,28 @@ impl XdsHandler for Recorder {
     }
 }
 
-fn channel(fake: &FakeIstiod) -> Channel {
+/// A channel to `fake`. Without HTTP/2 keepalive unless asked: under a paused clock, a pending
+/// ping timer lets tokio jump the clock to it whenever every task waits on a socket for a moment,
+/// which would blur the delays measured here (in real time the same exchanges take milliseconds).
+fn channel(fake: &FakeIstiod, keepalive: bool) -> Channel {
     let address = Address::parse(&fake.address().to_string()).unwrap();
-    Channel::new(
-        ChannelConfig::new(address, Roots::Pem(fake.root_pem()))
-            .server_name(ISTIOD_NAME)
-            .token(Token::Static("t0k3n".into())),
-    )
-    .unwrap()
+    let mut config = ChannelConfig::new(address, Roots::Pem(fake.root_pem()))
+        .server_name(ISTIOD_NAME)
+        .token(Token::Static("t0k3n".into()));
+    if !keepalive {
+        config = config.keepalive(None);
+    }
+    Channel::new(config).unwrap()
 }
 
-/// Starts a client on `fake` in a task; returns its status.
-fn start(fake: &FakeIstiod, backoff: Backoff, mut handler: Recorder) -> AdsStatus {
-    let mut client = AdsClient::new(channel(fake), node(), TokioTimer)
+/// Starts a client on `fake` in a task (no keepalive); returns its status.
+fn start(fake: &FakeIstiod, backoff: Backoff, handler: Recorder) -> AdsStatus {
+    start_on(channel(fake, false), backoff, handler)
+}
+
+/// Starts a client on `channel` in a task; returns its status.
+fn start_on(channel: Channel, backoff: Backoff, mut handler: Recorder) -> AdsStatus {
+    let mut client = AdsClient::new(channel, node(), TokioTimer)
         .with_backoff(backoff)
         .with_rng(fastrand::Rng::with_seed(SEED));
     let status = client.status();
@@ -344,4 +353,38 @@ async fn an_error_before_any_response_counts_and_backs_off() {
     assert!(times[1] - times[0] <= Backoff::DEFAULT.ceiling(1) + tick);
     assert!(times[2] - times[1] <= Backoff::DEFAULT.ceiling(2) + tick);
     assert!(snap.last_error.unwrap().contains("Unavailable"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn large_responses_and_idle_streams_are_kept() {
+    let fake = FakeIstiod::start().await;
+    let handler = Recorder::default();
+    let status = start_on(channel(&fake, true), Backoff::DEFAULT, handler.clone());
+    let mut s = fake.next_stream().await;
+    initial(&mut s).await;
+
+    // Above tonic's 4 MiB default: a large mesh's first push.
+    let big = prost_types::Any {
+        type_url: ADDRESS_TYPE.to_string(),
+        value: vec![7; 6 * 1024 * 1024],
+    };
+    s.send(response(
+        ADDRESS_TYPE,
+        "big",
+        vec![("w-big".into(), "1".into(), big)],
+        vec![],
+    ));
+    let ack = s.expect("the ACK of a 6 MiB response").await;
+    assert!(ack.error_detail.is_none());
+    assert_eq!(handler.calls()[0].names, ["w-big"]);
+
+    // Ten idle minutes (virtual): keepalive pings are answered, the stream stays.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let snap = status.snapshot();
+    assert!(snap.connected);
+    assert_eq!(snap.terminations.values().sum::<u64>(), 0, "{snap:?}");
+    assert_eq!(fake.connection_times().len(), 1);
+    s.send(response(AUTHORIZATION_TYPE, "p1", vec![], vec![]));
+    assert_eq!(s.expect("the ACK of p1").await.response_nonce, "p1");
+    assert!(status.ready());
 }
