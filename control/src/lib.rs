@@ -17,7 +17,15 @@
 //! `tonic::client::GrpcService`, the servers are `tower` services; no `connect` helpers, so no tonic
 //! transport (and no second TLS stack) comes with it. The tests in `tests/wire.rs` decode bytes
 //! built by hand from the field numbers of the control-plane contract, so a wrong number in a proto
-//! fails there. The delta xDS and CA clients that use these types come next.
+//! fails there.
+//!
+//! Built on them, the clients of istiod:
+//! - [`channel`]: the gRPC channel (HTTP/2 over TLS 1.3 on rustls/ring, bearer token, `clusterid`
+//!   and extra headers on every request);
+//! - [`node`]: the envoy `Node` istiod expects of a ztunnel, from environment variables;
+//! - [`ads`]: the delta xDS client (wildcard subscriptions, ACK and partial NACK, reconnects with
+//!   `initial_resource_versions`, jittered backoff, readiness and termination counters);
+//! - [`ca`]: the Istio CA client (`CreateCertificate`).
 //!
 //! ```
 //! use meshwire_control::proto::istio::workload::zds::{Ack, WorkloadResponse, workload_response::Payload};
@@ -27,6 +35,11 @@
 //! let ack = WorkloadResponse { payload: Some(Payload::Ack(Ack { error: String::new() })) };
 //! assert_eq!(ack.encode_to_vec(), [0x0a, 0x00]);
 //! ```
+
+pub mod ads;
+pub mod ca;
+pub mod channel;
+pub mod node;
 
 /// The generated messages and gRPC stubs, one module per protobuf package.
 pub mod proto {

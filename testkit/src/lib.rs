@@ -19,6 +19,7 @@ pub mod data;
 pub mod glommio;
 pub mod h2;
 pub mod http;
+pub mod istiod;
 pub mod measure;
 pub mod net;
 pub mod pki;
