@@ -7,6 +7,8 @@
 //!   admin), the proxy lifecycle both binaries share (listeners, accept loops, drain), and the
 //!   tokio binary.
 //! - [`config`]: the proxy's validated configuration, from flags and ztunnel's environment variables.
+//! - [`istio`]: configuration from istiod (delta xDS workloads, services and policies), converted
+//!   into the local configuration's model.
 //! - [`xds`]: the local configuration file (ztunnel's `LOCAL_XDS_PATH` YAML: workloads, services,
 //!   policies), parsed forgivingly with errors naming the field and line.
 //! - [`state`]: an immutable snapshot of workloads, services and policies with the lookups routing
@@ -23,6 +25,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod istio;
 pub mod proxy;
 pub mod rbac;
 pub mod rt;
