@@ -450,6 +450,12 @@ impl IstioCertificateService for Ca {
         params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(60));
         params.not_after = time::OffsetDateTime::from(now + validity);
         params.is_ca = IsCa::NoCa;
+        // As Istio's CA issues workload certificates.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         if let CaMode::WrongIdentity(other) = &mode {
             let uri = other

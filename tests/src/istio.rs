@@ -69,12 +69,10 @@ fn gateway(gateway: &GatewayAddress) -> pw::GatewayAddress {
             address: ip_bytes(address.address),
             length: None,
         }),
-        GatewayDestination::Hostname(host) => {
-            pw::gateway_address::Destination::Hostname(pw::NamespacedHostname {
-                namespace: host.namespace.clone(),
-                hostname: host.hostname.clone(),
-            })
-        }
+        GatewayDestination::Hostname(host) => pw::gateway_address::Destination::Hostname(pw::NamespacedHostname {
+            namespace: host.namespace.clone(),
+            hostname: host.hostname.clone(),
+        }),
         other => panic!("a gateway destination this test kit does not know: {other:?}"),
     };
     pw::GatewayAddress {
@@ -304,7 +302,9 @@ pub struct Istiod {
 
 impl std::fmt::Debug for Istiod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Istiod").field("address", &self.fake.address()).finish_non_exhaustive()
+        f.debug_struct("Istiod")
+            .field("address", &self.fake.address())
+            .finish_non_exhaustive()
     }
 }
 
@@ -404,7 +404,12 @@ impl Istiod {
     /// Pushes the difference between what is served and `config`.
     pub fn serve(&self, config: &LocalConfig) {
         let next = resources(config);
-        let current = self.served.lock().unwrap_or_else(PoisonError::into_inner).resources.clone();
+        let current = self
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .resources
+            .clone();
         for (type_url, now, then) in [
             (ADDRESS, &next.addresses, &current.addresses),
             (AUTHORIZATION, &next.policies, &current.policies),
@@ -423,7 +428,11 @@ impl Istiod {
 
     /// The ACKs and NACKs received so far: (type URL, the NACK's message or `None` for an ACK).
     pub fn answers(&self) -> Vec<(String, Option<String>)> {
-        self.served.lock().unwrap_or_else(PoisonError::into_inner).answers.clone()
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .answers
+            .clone()
     }
 
     /// How many ADS streams were opened.
@@ -464,7 +473,13 @@ fn next_nonce(served: &Mutex<Served>) -> String {
     format!("n{}", served.nonce)
 }
 
-fn respond(stream: &istiod::StreamHandle, served: &Mutex<Served>, type_url: &str, resources: Vec<Named>, removed: Vec<String>) {
+fn respond(
+    stream: &istiod::StreamHandle,
+    served: &Mutex<Served>,
+    type_url: &str,
+    resources: Vec<Named>,
+    removed: Vec<String>,
+) {
     let nonce = next_nonce(served);
     let items = resources
         .into_iter()

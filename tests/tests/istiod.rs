@@ -7,12 +7,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use meshwire_dataplane::xds::LocalConfig;
+use meshwire_testkit::http;
 use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::istio::{AUTHORIZATION, Istiod};
 use meshwire_tests::mesh::{Mesh, Proxy, metric_sum};
 use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
 use meshwire_tests::pair;
-use meshwire_testkit::http;
 use serde_json::Value;
 
 fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
@@ -20,6 +20,22 @@ fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_until_or(within: Duration, what: &str, mut check: impl FnMut() -> bool, explain: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", explain());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The readiness answer of `proxy` (status and body), for failure messages.
+fn readiness(proxy: &Proxy) -> String {
+    match http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready") {
+        Ok(answer) => format!("{}: {} {}", proxy.ports().readiness, answer.status, answer.body),
+        Err(err) => format!("{}: {err}", proxy.ports().readiness),
     }
 }
 
@@ -77,7 +93,12 @@ fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
             .dedicated("default/client/client")
             .spawn_listening();
         let logs = || format!("{}\n{}", client.describe(), server.describe());
-        wait_until(Duration::from_secs(20), "both proxies ready", || ready(&client) && ready(&server));
+        wait_until_or(
+            Duration::from_secs(20),
+            "both proxies ready",
+            || ready(&client) && ready(&server),
+            || format!("{}\n{}\n{}", readiness(&client), readiness(&server), logs()),
+        );
 
         // Each proxy ACKed a first push of both types, and nothing was NACKed.
         let answers = mesh.istiod.answers();
@@ -155,10 +176,14 @@ fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
             .ok()
             .and_then(|s| net::echo_exchange(s, 1024).ok())
             .is_none_or(|e| !e.intact());
-        assert!(refused, "a new connection of the denied client went through\n{}", logs());
-        let answers = mesh
-            .istiod
-            .wait_answers(Duration::from_secs(10), |a| a.iter().filter(|(t, _)| t == AUTHORIZATION).count() >= 4);
+        assert!(
+            refused,
+            "a new connection of the denied client went through\n{}",
+            logs()
+        );
+        let answers = mesh.istiod.wait_answers(Duration::from_secs(10), |a| {
+            a.iter().filter(|(t, _)| t == AUTHORIZATION).count() >= 4
+        });
         assert!(answers.iter().all(|(_, nack)| nack.is_none()), "{answers:?}");
     }
 }

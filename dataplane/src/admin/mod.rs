@@ -234,7 +234,9 @@ struct Refreshed {
 
 impl std::fmt::Debug for Refreshed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Refreshed").field("registry", &self.registry).finish_non_exhaustive()
+        f.debug_struct("Refreshed")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
     }
 }
 

@@ -21,8 +21,8 @@ use meshwire_control::ads::{AdsClient, AdsStatus, Rejected, TerminationReason, X
 use meshwire_control::ca::CaClient;
 use meshwire_control::channel::{self, Address, Channel, ChannelConfig, Token};
 use meshwire_control::node::node_from_env;
-use meshwire_control::proto::envoy::service::discovery::v3::Resource;
 use meshwire_control::proto::envoy::config::core::v3::Node;
+use meshwire_control::proto::envoy::service::discovery::v3::Resource;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::source::istio_ca::{CertificateAuthority, CertificateRequest};
 use prometheus_client::metrics::counter::Counter;
@@ -50,22 +50,10 @@ pub(crate) fn channel(config: &Config, plane: &ControlPlane) -> Result<Channel, 
         Roots::File(path) => channel::Roots::File(path.clone()),
         Roots::System => channel::Roots::System,
         Roots::Pem(pem) => channel::Roots::Pem(pem.clone()),
-        other => {
-            return Err(StartError::Istiod {
-                address: plane.address.clone(),
-                reason: format!("unsupported roots {other:?}"),
-            });
-        }
     };
     let token = match &config.istio.token {
         AuthToken::File(path) => Token::File(path.clone()),
         AuthToken::Static(token) => Token::Static(token.clone()),
-        _ => {
-            return Err(StartError::Istiod {
-                address: plane.address.clone(),
-                reason: "unsupported token source".to_owned(),
-            });
-        }
     };
     let mut channel = ChannelConfig::new(address, roots)
         .token(token)
@@ -201,10 +189,7 @@ impl XdsHandler for Handler {
         } else {
             tracing::info!(istiod = %self.address, %type_url, changed, "first push of one type; waiting for the other before serving");
         }
-        rejected
-            .into_iter()
-            .map(|r| Rejected::new(r.name, r.reason))
-            .collect()
+        rejected.into_iter().map(|r| Rejected::new(r.name, r.reason)).collect()
     }
 }
 
@@ -272,7 +257,10 @@ pub(crate) fn not_ready(status: &AdsStatus) -> Option<String> {
         "istiod at {}: no accepted push yet of {} ({})",
         snapshot.address,
         waiting.join(", "),
-        snapshot.last_error.as_deref().unwrap_or(if snapshot.connected { "connected" } else { "connecting" })
+        snapshot
+            .last_error
+            .as_deref()
+            .unwrap_or(if snapshot.connected { "connected" } else { "connecting" })
     ))
 }
 
@@ -314,7 +302,7 @@ pub(crate) fn dump(status: AdsStatus, ca: Option<String>) -> IstioDump {
                 "lastError": s.last_error,
                 "backoffMs": s.backoff.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             },
-            "ca": ca.map(|address| json!({ "address": address })),
+            "ca": ca.as_ref().map(|address| json!({ "address": address })),
         })
     })
 }

@@ -18,10 +18,10 @@ use meshwire_hbone::pool::PoolConfig;
 use meshwire_hbone::server::ServeOptions;
 use meshwire_identity::id::SpiffeId;
 use meshwire_identity::manager::{CertManager, ManagerConfig};
-use meshwire_identity::source::istio_ca::{self, IstioCa};
-use meshwire_identity::source::{CertSource, Credentials, LocalCaOrFiles, SourceError};
 use meshwire_identity::source::files::{FilePaths, FileSource};
+use meshwire_identity::source::istio_ca::{self, IstioCa};
 use meshwire_identity::source::local_ca::{LocalCa, LocalCaError};
+use meshwire_identity::source::{CertSource, Credentials, LocalCaOrFiles, SourceError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -333,7 +333,13 @@ impl ControlPlane {
 
         // istiod's workloads and policies.
         let xds = match &config.istio.xds {
-            Some(plane) => Some(Xds::start(config, plane, published.clone(), registries, manager.clone())?),
+            Some(plane) => Some(Xds::start(
+                config,
+                plane,
+                published.clone(),
+                registries,
+                manager.clone(),
+            )?),
             None => None,
         };
 
@@ -632,7 +638,9 @@ impl Control {
             metrics = metrics.with_refreshed(registry, refresh);
         } else if let Some(ca) = &context.istio_ca {
             let ca = ca.clone();
-            admin = admin.with_istio(Arc::new(move || serde_json::json!({ "xds": null, "ca": { "address": ca } })));
+            admin = admin.with_istio(Arc::new(
+                move || serde_json::json!({ "xds": null, "ca": { "address": ca } }),
+            ));
         }
         let (stop, _) = watch::channel(false);
         let servers = vec![

@@ -11,6 +11,8 @@
 
 use std::path::PathBuf;
 
+use meshwire_control::channel::Address;
+
 use super::error::{Error, Origin};
 use super::options::Key::Env;
 use super::options::{Found, Inputs, Opt};
@@ -201,25 +203,16 @@ pub struct IstioConfig {
     pub metadata_json: Vec<(String, String)>,
 }
 
-/// Checks an istiod address: `host:port`, optionally after `https://` (or `http://`, which is
-/// refused: istiod is always reached over TLS).
+/// Checks an istiod address as the client parses it ([`Address::parse`]): `host:port`, optionally
+/// after `https://` (`http://` is refused: istiod is always reached over TLS).
 pub fn check_address(s: &str) -> Result<String, String> {
     let s = s.trim();
     if s.starts_with("http://") {
         return Err("istiod is reached over TLS: use host:port or https://host:port".to_owned());
     }
-    let rest = s.strip_prefix("https://").unwrap_or(s).trim_end_matches('/');
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| "expected host:port (istiod.istio-system.svc:15012)".to_owned())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
-        return Err(format!("{host:?} is not a host name or address"));
-    }
-    match port.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{port:?} is not a port")),
-        Ok(_) => Ok(s.to_owned()),
-    }
+    Address::parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|err| format!("{err} (expected host:port, such as istiod.istio-system.svc:15012)"))
 }
 
 /// The variables whose names start with `prefix`, the prefix stripped, in name order.
