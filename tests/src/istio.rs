@@ -278,13 +278,22 @@ pub fn resources(config: &LocalConfig) -> Resources {
     Resources { addresses, policies }
 }
 
-/// A change pushed to every stream: (type URL, resources added or changed, names removed).
-type Push = (String, Vec<Named>, Vec<String>);
+/// What every stream is told: a change (type URL, resources added or changed, names removed), or
+/// to end with a status.
+#[derive(Clone)]
+enum Push {
+    Change(String, Vec<Named>, Vec<String>),
+    End(tonic::Code, String),
+}
 
 struct Served {
     resources: Resources,
     /// ACK or NACK of each response, in order: (type URL, error detail message if a NACK).
     answers: Vec<(String, Option<String>)>,
+    /// Per subscription: its type URL and how many resource versions it said it held.
+    resumes: Vec<(String, usize)>,
+    /// Per response: its type URL and how many resources it carried.
+    sent: Vec<(String, usize)>,
     streams: usize,
     nonce: u64,
 }
@@ -320,6 +329,8 @@ impl Istiod {
         let served = Arc::new(Mutex::new(Served {
             resources: resources(config),
             answers: Vec::new(),
+            resumes: Vec::new(),
+            sent: Vec::new(),
             streams: 0,
             nonce: 0,
         }));
@@ -398,7 +409,33 @@ impl Istiod {
             list.retain(|r| !removed.contains(&r.name) && !resources.iter().any(|n| n.name == r.name));
             list.extend(resources.iter().cloned());
         }
-        let _ = self.pushes.send((type_url.to_owned(), resources, removed));
+        let _ = self.pushes.send(Push::Change(type_url.to_owned(), resources, removed));
+    }
+
+    /// Ends every open stream with `code` (UNAVAILABLE is what istiod sends at MaxConnectionAge) and,
+    /// with `refuse`, closes every new connection from now on, as an unreachable istiod would.
+    pub fn disconnect(&self, code: tonic::Code, refuse: bool) {
+        self.fake.refuse_connections(refuse);
+        let _ = self.pushes.send(Push::End(code, "closed by the test".to_owned()));
+    }
+
+    /// Serves new connections again after [`Istiod::disconnect`].
+    pub fn accept_again(&self) {
+        self.fake.refuse_connections(false);
+    }
+
+    /// The `initial_resource_versions` of every subscription received, per type URL, in order.
+    pub fn resumes(&self) -> Vec<(String, usize)> {
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .resumes
+            .clone()
+    }
+
+    /// How many resources were sent in all, per response, in order: (type URL, count).
+    pub fn sent(&self) -> Vec<(String, usize)> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner).sent.clone()
     }
 
     /// Pushes the difference between what is served and `config`.
@@ -481,6 +518,11 @@ fn respond(
     removed: Vec<String>,
 ) {
     let nonce = next_nonce(served);
+    served
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .sent
+        .push((type_url.to_owned(), resources.len()));
     let items = resources
         .into_iter()
         .map(|n| {
@@ -503,7 +545,11 @@ async fn serve(mut stream: istiod::StreamHandle, served: Arc<Mutex<Served>>, mut
             }
             push = pushes.recv() => {
                 match push {
-                    Ok((type_url, resources, removed)) => respond(&stream, &served, &type_url, resources, removed),
+                    Ok(Push::Change(type_url, resources, removed)) => respond(&stream, &served, &type_url, resources, removed),
+                    Ok(Push::End(code, message)) => {
+                        stream.close(code, &message);
+                        return;
+                    }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
@@ -523,6 +569,11 @@ fn on_request(stream: &istiod::StreamHandle, served: &Mutex<Served>, request: De
             }
         };
         let held = &request.initial_resource_versions;
+        served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .resumes
+            .push((request.type_url.clone(), held.len()));
         // What the client holds that is gone is removed, as istiod does on a resumed stream.
         let removed: Vec<String> = held
             .keys()

@@ -257,3 +257,87 @@ fn a_proxy_given_a_wrong_root_for_istiod_is_not_ready_and_says_why() {
         assert!(answer.body.contains("istiod"), "{}", answer.body);
     }
 }
+
+#[test]
+fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_was() {
+    for b in binary::all() {
+        let mesh = IstioPair::new();
+        let server = mesh
+            .proxy(&b, lo(2), "ztunnel-b")
+            .dedicated("default/server/server")
+            .spawn_listening();
+        let client = mesh
+            .proxy(&b, lo(1), "ztunnel-a")
+            .dedicated("default/client/client")
+            .spawn_listening();
+        let logs = || format!("{}\n{}", client.describe(), server.describe());
+        wait_until(Duration::from_secs(20), "both proxies ready", || {
+            ready(&client) && ready(&server)
+        });
+        let echo = |what: &str| {
+            let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr()))
+                .unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", logs()));
+            assert!(net::echo_exchange(stream, 4096).unwrap().intact(), "{what}");
+        };
+        echo("before");
+
+        // istiod goes away: streams end with an error and new connections are refused.
+        mesh.istiod.disconnect(tonic::Code::Internal, true);
+        wait_until(Duration::from_secs(10), "the streams' end counted", || {
+            metric_sum(
+                &client.metrics(),
+                "istio_xds_connection_terminations_total",
+                &["reason=\"Error\""],
+            ) >= 1
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        echo("while istiod is unreachable");
+        assert!(ready(&client) && ready(&server), "readiness holds\n{}", logs());
+        let dump = config_dump(&client);
+        assert_eq!(dump["istio"]["xds"]["connected"], false, "{dump}");
+        assert!(dump["istio"]["xds"]["lastError"].is_string(), "{dump}");
+
+        // istiod is back: each proxy resumes, naming the versions it holds; nothing unchanged is
+        // sent again.
+        let sent_before = mesh.istiod.sent().len();
+        mesh.istiod.accept_again();
+        wait_until(Duration::from_secs(30), "both proxies resumed", || {
+            // Both proxies resubscribe to both types; only workloads and services are held (the
+            // mesh has no policy).
+            mesh.istiod.resumes().iter().filter(|(_, held)| *held > 0).count() >= 2
+                && mesh.istiod.resumes().len() >= 8
+        });
+        let resumed: Vec<(String, usize)> = mesh
+            .istiod
+            .resumes()
+            .into_iter()
+            .filter(|(_, held)| *held > 0)
+            .collect();
+        assert!(
+            resumed.iter().any(|(t, held)| t.ends_with("Address") && *held == 4),
+            "{resumed:?}"
+        );
+        let sent_after: Vec<(String, usize)> = mesh.istiod.sent().into_iter().skip(sent_before).collect();
+        assert!(
+            sent_after.iter().all(|(_, count)| *count == 0),
+            "unchanged resources were sent again: {sent_after:?}"
+        );
+        echo("after istiod came back");
+
+        // MaxConnectionAge: istiod ends the stream with UNAVAILABLE; the proxy reconnects at once.
+        let streams = mesh.istiod.streams();
+        mesh.istiod.disconnect(tonic::Code::Unavailable, false);
+        wait_until(Duration::from_secs(10), "both proxies reconnected", || {
+            mesh.istiod.streams() >= streams + 2
+        });
+        assert!(
+            metric_sum(
+                &client.metrics(),
+                "istio_xds_connection_terminations_total",
+                &["reason=\"Reconnect\""]
+            ) >= 1,
+            "{}",
+            client.metrics()
+        );
+    }
+}
