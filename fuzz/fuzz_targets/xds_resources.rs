@@ -121,13 +121,19 @@ fn check_config(config: &LocalConfig) {
         assert_eq!(state.workload_by_uid(&w.uid).map(|found| &found.uid), Some(&w.uid));
         if w.network_mode != NetworkMode::HostNetwork {
             for ip in &w.workload_ips {
-                assert_eq!(state.workload_by_ip(&w.network, *ip).map(|found| &found.uid), Some(&w.uid));
+                assert_eq!(
+                    state.workload_by_ip(&w.network, *ip).map(|found| &found.uid),
+                    Some(&w.uid)
+                );
             }
         }
     }
     for s in &config.services {
         for vip in &s.vips {
-            assert_eq!(state.service_by_vip(&vip.network, vip.address).map(|found| found.key()), Some(s.key()));
+            assert_eq!(
+                state.service_by_vip(&vip.network, vip.address).map(|found| found.key()),
+                Some(s.key())
+            );
         }
     }
     let loaded = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);

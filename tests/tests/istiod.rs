@@ -2,6 +2,7 @@
 //! subscribe to one fake istiod (a real gRPC server over TLS, `meshwire_tests::istio::Istiod`), get
 //! the mesh of the pair scenario over delta xDS and their certificates from its CA, carry traffic
 //! with mutual TLS, and apply a pushed policy to new and established connections.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
@@ -304,8 +305,7 @@ fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_wa
         wait_until(Duration::from_secs(30), "both proxies resumed", || {
             // Both proxies resubscribe to both types; only workloads and services are held (the
             // mesh has no policy).
-            mesh.istiod.resumes().iter().filter(|(_, held)| *held > 0).count() >= 2
-                && mesh.istiod.resumes().len() >= 8
+            mesh.istiod.resumes().iter().filter(|(_, held)| *held > 0).count() >= 2 && mesh.istiod.resumes().len() >= 8
         });
         let resumed: Vec<(String, usize)> = mesh
             .istiod

@@ -37,7 +37,7 @@ use crate::config::{self, AuthToken, Config, ControlPlane, ProxyMode, Roots};
 use crate::istio::XdsConfig;
 use crate::rt::tokio::TokioTimer;
 use crate::state::LocalProxy;
-use crate::watch::{ConnectionRegistry, Published};
+use crate::watch::{ConnectionRegistry, Published, Snapshot};
 
 /// A channel to one of istiod's services as the configuration describes it.
 pub(crate) fn channel(config: &Config, plane: &ControlPlane) -> Result<Channel, StartError> {
@@ -134,7 +134,35 @@ struct Handler {
     address: String,
     /// The identities whose certificates were fetched ahead of need (a node proxy's workloads).
     prefetched: BTreeSet<SpiffeId>,
+    retired: Retired,
 }
+
+/// Replaced snapshots, kept until no connection reads them any more and then freed here, on the
+/// control thread. A snapshot of a large mesh takes milliseconds to free; without this, the data-path
+/// thread that happens to drop the last reference would pay for it in the middle of a connection.
+#[derive(Clone, Default)]
+struct Retired(Arc<std::sync::Mutex<Vec<Arc<Snapshot>>>>);
+
+impl Retired {
+    fn retire(&self, snapshot: Arc<Snapshot>) {
+        let mut retired = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        retired.push(snapshot);
+        Self::sweep_locked(&mut retired);
+    }
+
+    /// Frees the snapshots only this list still holds.
+    fn sweep(&self) {
+        let mut retired = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::sweep_locked(&mut retired);
+    }
+
+    fn sweep_locked(retired: &mut Vec<Arc<Snapshot>>) {
+        retired.retain(|snapshot| Arc::strong_count(snapshot) > 1);
+    }
+}
+
+/// How often replaced snapshots still read by connections are looked at again.
+const RETIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Handler {
     /// A node proxy (shared mode with a node name) fetches the certificates of the workloads on its
@@ -171,9 +199,11 @@ impl XdsHandler for Handler {
             .iter()
             .all(|t| self.store.received(t));
         if complete {
+            let previous = self.published.load();
             let snapshot = self
                 .published
                 .publish(self.store.to_local_config(), None, SystemTime::now());
+            self.retired.retire(previous);
             let closed: usize = self.registries.iter().map(|r| r.reevaluate(&snapshot)).sum();
             tracing::info!(
                 istiod = %self.address,
@@ -223,9 +253,20 @@ impl Xds {
             proxy: config.local_proxy(),
             address: plane.address.clone(),
             prefetched: BTreeSet::new(),
+            retired: Retired::default(),
         };
+        let retired = handler.retired.clone();
         let task = tokio::spawn(async move {
-            client.run(&mut handler).await;
+            let mut sweep = tokio::time::interval(RETIRED_SWEEP);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let run = client.run(&mut handler);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    _ = &mut run => return,
+                    _ = sweep.tick() => retired.sweep(),
+                }
+            }
         });
         Ok(Xds { status, task })
     }
@@ -328,4 +369,25 @@ pub(crate) fn metrics(status: AdsStatus) -> (Arc<Registry>, Arc<dyn Fn() + Send 
     };
     refresh();
     (Arc::new(registry), Arc::new(refresh))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_snapshot_is_freed_by_the_sweep_once_no_connection_reads_it() {
+        let retired = Retired::default();
+        let read_by_a_connection = Arc::new(Snapshot::empty());
+        let weak = Arc::downgrade(&read_by_a_connection);
+        retired.retire(Arc::clone(&read_by_a_connection));
+        retired.sweep();
+        assert!(weak.upgrade().is_some(), "still read: kept");
+        // The connection ends: its reference goes, the snapshot is not freed there...
+        drop(read_by_a_connection);
+        assert!(weak.upgrade().is_some(), "the list still holds it");
+        // ...but by the sweep.
+        retired.sweep();
+        assert!(weak.upgrade().is_none());
+    }
 }

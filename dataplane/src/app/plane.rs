@@ -115,8 +115,9 @@ impl From<ConfigError> for StartError {
 /// The certificate source the binaries use: the local CA, PEM files, or the Istio CA.
 #[derive(Debug)]
 pub enum Certificates {
-    /// The local CA or PEM files.
-    Local(LocalCaOrFiles),
+    /// The local CA or PEM files (boxed: the variants differ much in size, and the source is built
+    /// once).
+    Local(Box<LocalCaOrFiles>),
     /// istiod's CA (`CreateCertificate`), asked over gRPC.
     Istio(IstioCa<IstioCaClient, TokioTimer>),
 }
@@ -153,15 +154,15 @@ impl Certificates {
 /// the node in shared mode).
 pub fn open_certificates(config: &Config) -> Result<Certificates, StartError> {
     Ok(match &config.certificates {
-        CertificateSource::LocalCa { dir } => Certificates::Local(LocalCaOrFiles::LocalCa(
+        CertificateSource::LocalCa { dir } => Certificates::Local(Box::new(LocalCaOrFiles::LocalCa(
             LocalCa::load_or_create(dir, config.trust_domain.clone())?.with_lifetime(config.cert_ttl),
-        )),
+        ))),
         CertificateSource::Files { chain, key, bundle } => {
-            Certificates::Local(LocalCaOrFiles::Files(FileSource::new(FilePaths {
+            Certificates::Local(Box::new(LocalCaOrFiles::Files(FileSource::new(FilePaths {
                 cert_chain: chain.clone(),
                 private_key: key.clone(),
                 trust_bundle: bundle.clone(),
-            })))
+            }))))
         }
         CertificateSource::IstioCa(ca) => {
             let mode = match config.mode {
