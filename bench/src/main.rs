@@ -20,6 +20,7 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 mod client;
+mod istiod;
 mod load;
 mod plot;
 mod proxy;
@@ -27,6 +28,7 @@ mod report;
 mod server;
 mod shapes;
 mod sys;
+mod xds;
 
 use proxy::{Binary, Pair, PairOptions, Workdir};
 use report::Table;
@@ -61,6 +63,10 @@ struct Cli {
     /// Idle connections held open in the idle shape. Default 10000 (300 with --quick).
     #[arg(long, value_name = "N")]
     idle_connections: Option<usize>,
+    /// Workloads of the xds shape's mesh (and a tenth as many services). Default 10000 (1000 with
+    /// --quick).
+    #[arg(long, value_name = "N")]
+    xds_workloads: Option<usize>,
     /// Connections opened with a full mTLS handshake each, per run. Default 300 (30 with --quick).
     #[arg(long, value_name = "N")]
     handshake_connections: Option<usize>,
@@ -89,6 +95,8 @@ enum Shape {
     Connections,
     /// 5. Idle connections: memory per connection.
     Idle,
+    /// 7. istiod's pushes of a 10,000-workload mesh applied (not in the default set: about a minute).
+    Xds,
 }
 
 /// Everything written with `--json`.
@@ -107,6 +115,8 @@ struct Report {
     connections: Option<Vec<shapes::ConnRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     idle: Option<Vec<shapes::IdleRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xds: Option<xds::XdsReport>,
     total_seconds: f64,
 }
 
@@ -162,7 +172,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let binaries = binaries(&cli)?;
     let plan = plan(&cli);
     let shapes: Vec<Shape> = if cli.only.is_empty() {
-        Shape::value_variants().to_vec()
+        Shape::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| *s != Shape::Xds)
+            .collect()
     } else {
         cli.only.clone()
     };
@@ -208,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         request_response: None,
         connections: None,
         idle: None,
+        xds: None,
         total_seconds: 0.0,
     };
     let tmp = tempfile::Builder::new()
@@ -260,6 +275,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Shape::Rr => keep(&mut report.request_response, shapes::request_response(&bench).await?),
                 Shape::Connections => keep(&mut report.connections, shapes::connections(&bench).await?),
                 Shape::Idle => keep(&mut report.idle, shapes::idle(&bench).await?),
+                Shape::Xds => {
+                    let (xds, tables, verdict) = xds::xds(&bench).await?;
+                    for table in tables {
+                        println!("{}", table.render());
+                    }
+                    println!("{verdict}\n");
+                    report.xds = Some(xds);
+                    continue;
+                }
             };
             println!("{}", table.render());
         }
@@ -305,6 +329,8 @@ fn plan(cli: &Cli) -> Plan {
         churn_concurrency: 4,
         handshake_connections: cli.handshake_connections.unwrap_or(if quick { 30 } else { 300 }).max(1),
         idle_connections: cli.idle_connections.unwrap_or(if quick { 300 } else { 10_000 }).max(1),
+        xds_workloads: cli.xds_workloads.unwrap_or(if quick { 1000 } else { 10_000 }).max(1),
+        xds_rr_s: if quick { 1.0 } else { 5.0 },
     }
 }
 

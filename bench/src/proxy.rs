@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::client::Route;
+use crate::istiod::Istiod;
 use crate::load;
 use crate::server::SERVER_IP;
 use crate::sys;
@@ -148,6 +149,8 @@ pub(crate) struct Pair {
     b: Proc,
     socks: SocketAddr,
     inbound: SocketAddrV4,
+    /// The metrics listeners of A and B.
+    metrics: [SocketAddr; 2],
 }
 
 /// The ports of one pair, each free on both 127.0.0.1 and 127.0.0.2 when chosen.
@@ -190,9 +193,23 @@ impl Pair {
         label: &str,
         server: SocketAddr,
     ) -> anyhow::Result<Pair> {
+        Self::start_configured(work, binary, options, label, server, None).await
+    }
+
+    /// [`Pair::start`], both proxies configured and certified by `istiod` when given (its
+    /// environment, no local configuration; each waits until ready, that is until istiod's first
+    /// push of both types is applied) instead of by the local configuration file and CA.
+    pub(crate) async fn start_configured(
+        work: &Workdir,
+        binary: &Binary,
+        options: PairOptions,
+        label: &str,
+        server: SocketAddr,
+        istiod: Option<&Istiod>,
+    ) -> anyhow::Result<Pair> {
         let mut last = None;
         for attempt in 1..=START_ATTEMPTS {
-            match Self::try_start(work, binary, options, label, server, attempt).await {
+            match Self::try_start(work, binary, options, label, server, attempt, istiod).await {
                 Ok(pair) => return Ok(pair),
                 Err(err) if format!("{err:#}").contains("cannot listen") && attempt < START_ATTEMPTS => {
                     last = Some(err);
@@ -210,6 +227,7 @@ impl Pair {
         label: &str,
         server: SocketAddr,
         attempt: usize,
+        istiod: Option<&Istiod>,
     ) -> anyhow::Result<Pair> {
         let ports = free_ports()?;
         let slug: String = label
@@ -217,10 +235,17 @@ impl Pair {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
         let common = |cmd: &mut Command, workload: &str, bind: Ipv4Addr, p: [u16; 5]| {
-            cmd.env_clear()
-                .arg("--config")
-                .arg(&work.config)
-                .arg("--state-dir")
+            cmd.env_clear();
+            match istiod {
+                Some(istiod) => {
+                    let pod = workload.rsplit('/').next().unwrap_or(workload);
+                    cmd.envs(istiod.env(&format!("ztunnel-{pod}"), bind.into()));
+                }
+                None => {
+                    cmd.arg("--config").arg(&work.config);
+                }
+            }
+            cmd.arg("--state-dir")
                 .arg(&work.state)
                 .args(["--mode", "dedicated", "--workload", workload])
                 .args(["--bind-address", &bind.to_string()])
@@ -264,6 +289,9 @@ impl Pair {
         )?;
         let socks = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.socks));
         wait_listening(&a, &[socks, SocketAddr::from((Ipv4Addr::LOCALHOST, ports.inbound))]).await?;
+        if istiod.is_some() {
+            wait_ready(&a, SocketAddr::from((Ipv4Addr::LOCALHOST, ports.a[2]))).await?;
+        }
 
         let mut b = command();
         common(&mut b, "default/server/server", SERVER_IP, ports.b);
@@ -276,6 +304,9 @@ impl Pair {
         )?;
         let inbound = SocketAddrV4::new(SERVER_IP, ports.inbound);
         wait_listening(&b, &[SocketAddr::V4(inbound)]).await?;
+        if istiod.is_some() {
+            wait_ready(&b, SocketAddr::from((SERVER_IP, ports.b[2]))).await?;
+        }
 
         let pair = Pair {
             label: label.to_owned(),
@@ -283,6 +314,10 @@ impl Pair {
             b,
             socks,
             inbound,
+            metrics: [
+                SocketAddr::from((Ipv4Addr::LOCALHOST, ports.a[4])),
+                SocketAddr::from((SERVER_IP, ports.b[4])),
+            ],
         };
         pair.guard(load::open_echoed(pair.route(), server))
             .await
@@ -305,6 +340,11 @@ impl Pair {
     pub(crate) fn rss(&self) -> anyhow::Result<(u64, u64)> {
         self.check()?;
         Ok((sys::rss_bytes(self.a.pid)?, sys::rss_bytes(self.b.pid)?))
+    }
+
+    /// The metrics listeners of A and of B.
+    pub(crate) fn metrics(&self) -> [SocketAddr; 2] {
+        self.metrics
     }
 
     /// HBONE connections B holds (established TCP connections on its inbound listener).
@@ -361,6 +401,37 @@ fn spawn(mut cmd: Command, role: &'static str, log: &Path, binary: &Binary) -> a
         child: Mutex::new(child),
         log: log.to_owned(),
     })
+}
+
+/// Waits until `proc` answers 200 on its readiness probe at `addr`.
+async fn wait_ready(proc: &Proc, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(why) = proc.exited() {
+            bail!("{why}");
+        }
+        let answer = tokio::time::timeout(
+            Duration::from_secs(1),
+            meshwire_testkit::http::request(addr, "GET", "/healthz/ready", &[]),
+        )
+        .await;
+        let last = match answer {
+            Ok(Ok(answer)) if answer.status == 200 => return Ok(()),
+            Ok(Ok(answer)) => format!("{} {}", answer.status, answer.body),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "no answer within 1 s".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "proxy {} (pid {}) not ready at {addr} after {READY_TIMEOUT:?} ({last}); last lines of {}:\n{}",
+                proc.role,
+                proc.pid,
+                proc.log.display(),
+                log_tail(&proc.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn wait_listening(proc: &Proc, addrs: &[SocketAddr]) -> anyhow::Result<()> {

@@ -41,6 +41,10 @@ pub(crate) struct Plan {
     pub(crate) handshake_connections: usize,
     /// Idle connections held open.
     pub(crate) idle_connections: usize,
+    /// Workloads of the xds shape's mesh.
+    pub(crate) xds_workloads: usize,
+    /// Seconds of each request/response run of the xds shape (before and during pushes).
+    pub(crate) xds_rr_s: f64,
 }
 
 fn secs(s: f64) -> Duration {

@@ -227,6 +227,59 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     }
 }
 
+/// The xds shape (not in the default set) with a small mesh: every figure of the in-process part and
+/// of each binary is there, each push was answered, pushes ran during the request stream.
+#[test]
+fn quick_xds_run_reports_pushes_in_process_and_through_each_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))
+        .args(["--quick", "--only", "xds", "--xds-workloads", "500"])
+        .arg("--binary")
+        .arg(format!("ztunnel={}", proxy("ztunnel").display()))
+        .arg("--binary")
+        .arg(format!("ztunnel-uring={}", proxy("ztunnel-uring").display()))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    for title in [
+        "7a. xDS push applied in this process",
+        "7b. xDS push through",
+        "7c. 1 KiB",
+        "verdict (",
+    ] {
+        assert!(stdout.contains(title), "no {title:?} in:\n{stdout}");
+    }
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let xds = &report["xds"];
+    let in_process = &xds["in_process"];
+    assert_eq!(in_process["mesh"]["workloads"], 500);
+    for key in ["decode_convert_ms", "state_build_ms", "total_ms"] {
+        positive(&in_process["median"][key], key);
+    }
+    positive(&in_process["update_median"]["total_ms"], "update");
+    positive(&in_process["encoded_bytes"], "encoded bytes");
+    let proxies = rows(xds, "proxies");
+    assert_eq!(proxies.len(), 2, "one row per binary");
+    for row in proxies {
+        for push in ["full_push", "change_push"] {
+            for key in ["ack_address_ms", "ack_all_ms", "generation_ms"] {
+                positive(&row[push][key], key);
+            }
+        }
+        positive(&row["rss_after"]["a_mb"], "RSS");
+        positive(&row["rr_before"]["p99_us"], "p99 before");
+        for (rr, pushes) in [("rr_paced", "pushes_paced"), ("rr_during", "pushes_during")] {
+            positive(&row[rr]["p99_us"], rr);
+            assert!(row[pushes].as_u64().unwrap() >= 1, "{row}");
+        }
+    }
+}
+
 fn bench_fails(args: &[&str]) -> String {
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))

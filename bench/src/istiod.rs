@@ -1,0 +1,246 @@
+//! A fake istiod for the xds shape: `meshwire_testkit::istiod::FakeIstiod` (a real gRPC server over
+//! TLS, and a CA) serving one mesh over delta xDS to every proxy that subscribes, and timing pushes:
+//! each push gets a nonce, and every ACK or NACK is recorded with the stream, the nonce and when it
+//! arrived.
+//!
+//! `meshwire_tests::istio::Istiod` does the same for the whole-proxy tests, but its `serve` and
+//! `push` compare the new resources with the served ones pairwise (quadratic: seconds for a mesh of
+//! 10,000 workloads, which would be timed as the push) and its answers carry no nonce or time.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use meshwire_control::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use meshwire_testkit::istiod::{FakeIstiod, ISTIOD_NAME, StreamHandle};
+use meshwire_tests::istio::{ADDRESS, AUTHORIZATION, Named, Resources};
+use tokio::sync::broadcast;
+
+/// One push: its type, nonce and resources (added or changed).
+struct Push {
+    type_url: String,
+    nonce: String,
+    resources: Vec<Resource>,
+}
+
+/// An ACK or NACK.
+#[derive(Debug, Clone)]
+pub(crate) struct Answer {
+    /// The nonce it answers.
+    pub(crate) nonce: String,
+    /// The NACK's message; `None` for an ACK.
+    pub(crate) nack: Option<String>,
+    /// When it arrived.
+    pub(crate) at: Instant,
+}
+
+struct Served {
+    /// Per type URL: every resource by name (what a new subscription gets).
+    resources: BTreeMap<String, BTreeMap<String, Resource>>,
+    answers: Vec<Answer>,
+    nonce: u64,
+}
+
+/// The fake istiod; stops when dropped.
+pub(crate) struct Istiod {
+    fake: Arc<FakeIstiod>,
+    served: Arc<Mutex<Served>>,
+    pushes: broadcast::Sender<Arc<Push>>,
+    root: PathBuf,
+    token: PathBuf,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Istiod {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
+    served.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `named` as the resources of a response, each with `version`.
+pub(crate) fn resources(named: Vec<Named>, version: &str) -> Vec<Resource> {
+    named
+        .into_iter()
+        .map(|n| Resource {
+            name: n.name,
+            version: version.to_owned(),
+            resource: Some(n.any),
+            ..Default::default()
+        })
+        .collect()
+}
+
+impl Istiod {
+    /// Starts serving `initial` (on the current tokio runtime); writes its root and the proxies'
+    /// token into `dir`.
+    pub(crate) async fn start(dir: &Path, initial: Resources) -> anyhow::Result<Istiod> {
+        let fake = Arc::new(FakeIstiod::start().await);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let root = dir.join("root-cert.pem");
+        let token = dir.join("istio-token");
+        std::fs::write(&root, fake.root_pem()).with_context(|| format!("writing {}", root.display()))?;
+        std::fs::write(&token, "bench-token\n").with_context(|| format!("writing {}", token.display()))?;
+        let by_name = |named: Vec<Named>| -> BTreeMap<String, Resource> {
+            resources(named, "initial")
+                .into_iter()
+                .map(|r| (r.name.clone(), r))
+                .collect()
+        };
+        let served = Arc::new(Mutex::new(Served {
+            resources: BTreeMap::from([
+                (ADDRESS.to_owned(), by_name(initial.addresses)),
+                (AUTHORIZATION.to_owned(), by_name(initial.policies)),
+            ]),
+            answers: Vec::new(),
+            nonce: 0,
+        }));
+        let (pushes, _) = broadcast::channel(16);
+        let (f, s, p) = (Arc::clone(&fake), Arc::clone(&served), pushes.clone());
+        let acceptor = tokio::spawn(async move {
+            loop {
+                let stream = f.next_stream().await;
+                tokio::spawn(serve(stream, Arc::clone(&s), p.subscribe()));
+            }
+        });
+        Ok(Istiod {
+            fake,
+            served,
+            pushes,
+            root,
+            token,
+            acceptor,
+        })
+    }
+
+    /// The environment of a proxy that istiod configures and certifies (as ztunnel's DaemonSet
+    /// sets it).
+    pub(crate) fn env(&self, pod: &str, instance_ip: IpAddr) -> Vec<(String, String)> {
+        let address = self.fake.address().to_string();
+        let root = self.root.display().to_string();
+        [
+            ("XDS_ADDRESS", address.clone()),
+            ("CA_ADDRESS", address),
+            ("XDS_ROOT_CA", root.clone()),
+            ("CA_ROOT_CA", root),
+            ("ALT_XDS_HOSTNAME", ISTIOD_NAME.to_owned()),
+            ("ALT_CA_HOSTNAME", ISTIOD_NAME.to_owned()),
+            ("AUTH_TOKEN", self.token.display().to_string()),
+            ("POD_NAME", pod.to_owned()),
+            ("POD_NAMESPACE", "istio-system".to_owned()),
+            ("INSTANCE_IP", instance_ip.to_string()),
+            ("SERVICE_ACCOUNT", "ztunnel".to_owned()),
+            ("ISTIO_META_CLUSTER_ID", "Kubernetes".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Sends `resources` of `type_url` (added or changed) to every stream and keeps them for the
+    /// streams to come. Returns the push's nonce and when it was handed to the streams (after
+    /// keeping the resources).
+    pub(crate) fn push(&self, type_url: &str, resources: Vec<Resource>) -> (String, Instant) {
+        let nonce = {
+            let mut served = lock(&self.served);
+            let kept = served.resources.entry(type_url.to_owned()).or_default();
+            for r in &resources {
+                kept.insert(r.name.clone(), r.clone());
+            }
+            served.nonce += 1;
+            format!("push-{}", served.nonce)
+        };
+        let at = Instant::now();
+        let _ = self.pushes.send(Arc::new(Push {
+            type_url: type_url.to_owned(),
+            nonce: nonce.clone(),
+            resources,
+        }));
+        (nonce, at)
+    }
+
+    /// Waits until `count` streams have answered `nonce` (up to `within`); returns their answers.
+    /// A NACK is an error.
+    pub(crate) async fn answers(&self, nonce: &str, count: usize, within: Duration) -> anyhow::Result<Vec<Answer>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let answers: Vec<Answer> = lock(&self.served)
+                .answers
+                .iter()
+                .filter(|a| a.nonce == nonce)
+                .cloned()
+                .collect();
+            if let Some(nack) = answers.iter().find_map(|a| a.nack.as_ref()) {
+                bail!("a proxy rejected push {nonce}: {nack}");
+            }
+            if answers.len() >= count {
+                return Ok(answers);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} of {count} proxies answered push {nonce} within {within:?}",
+                    answers.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+fn response(type_url: &str, nonce: &str, resources: Vec<Resource>) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: type_url.to_owned(),
+        nonce: nonce.to_owned(),
+        resources,
+        ..Default::default()
+    }
+}
+
+/// Serves one stream: everything of each type it subscribes to, then every push; records its
+/// answers.
+async fn serve(mut stream: StreamHandle, served: Arc<Mutex<Served>>, mut pushes: broadcast::Receiver<Arc<Push>>) {
+    loop {
+        tokio::select! {
+            request = stream.recv() => {
+                let Some(request) = request else { return };
+                on_request(&stream, &served, request);
+            }
+            push = pushes.recv() => match push {
+                Ok(push) => {
+                    stream.send(response(&push.type_url, &push.nonce, push.resources.clone()));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+fn on_request(stream: &StreamHandle, served: &Mutex<Served>, request: DeltaDiscoveryRequest) {
+    let at = Instant::now();
+    let mut served = lock(served);
+    if request.response_nonce.is_empty() {
+        // A subscription (or a resumed one): everything of the type.
+        let all: Vec<Resource> = served
+            .resources
+            .get(&request.type_url)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        served.nonce += 1;
+        let nonce = format!("subscribe-{}", served.nonce);
+        drop(served);
+        stream.send(response(&request.type_url, &nonce, all));
+    } else {
+        served.answers.push(Answer {
+            nonce: request.response_nonce,
+            nack: request.error_detail.map(|status| status.message),
+            at,
+        });
+    }
+}
