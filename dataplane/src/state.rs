@@ -183,7 +183,7 @@ pub enum OutboundRoute {
         /// SANs.
         expected_identities: Vec<SpiffeId>,
         /// The service the client addressed: the outer CONNECT's `:authority` is its hostname and
-        /// [`port`](OutboundRoute::DoubleHbone::port), as ztunnel sends it, and the gateway routes
+        /// `port`, as ztunnel sends it, and the gateway routes
         /// on it.
         service: NamespacedHostname,
         /// The service port the client addressed.
