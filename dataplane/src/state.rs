@@ -168,6 +168,31 @@ pub enum OutboundRoute {
         /// The waypoint workload's uid.
         waypoint: String,
     },
+    /// Double HBONE (multi-network): open an HBONE tunnel to the network gateway of the
+    /// destination's network, and inside it a second HBONE connection, with mTLS end to end, to the
+    /// destination workload's node proxy. The gateway only splices the outer stream to the
+    /// destination; it never sees inside the inner TLS.
+    DoubleHbone {
+        /// Where to connect: the gateway's address and HBONE (mTLS) port.
+        gateway: SocketAddr,
+        /// The identities the gateway may present (its workload's, then its service's extra SANs).
+        gateway_identities: Vec<SpiffeId>,
+        /// The inner CONNECT `:authority`: the destination workload's IP and the target port.
+        authority: SocketAddr,
+        /// The identities the destination may present: the workload's, then its service's extra
+        /// SANs.
+        expected_identities: Vec<SpiffeId>,
+        /// The service the client addressed: the outer CONNECT's `:authority` is its hostname and
+        /// `port`, as ztunnel sends it, and the gateway routes
+        /// on it.
+        service: NamespacedHostname,
+        /// The service port the client addressed.
+        port: u16,
+        /// The destination workload's uid.
+        workload: String,
+        /// The destination workload's network.
+        network: String,
+    },
     /// Connect directly, in plain TCP: the destination is not in the mesh (a `TCP` workload or an
     /// address the mesh does not know).
     Passthrough {
@@ -203,13 +228,35 @@ pub enum Refusal {
         /// The port the client addressed.
         port: u16,
     },
-    /// No healthy endpoint of the service, in the source's network, serves the port.
+    /// No healthy endpoint of the service serves the port: none in the source's network, nor any
+    /// in another network (with or without a network gateway).
     #[error("service {service} has no healthy endpoint for port {port}")]
     NoEndpoint {
         /// The service.
         service: NamespacedHostname,
         /// The port the client addressed.
         port: u16,
+    },
+    /// No endpoint in the source's network serves the port, and those of other networks that do
+    /// have no network gateway to reach them through.
+    #[error(
+        "service {service} port {port} is served only on network {network:?}, by endpoints without a network gateway"
+    )]
+    NoNetworkGateway {
+        /// The service.
+        service: NamespacedHostname,
+        /// The port the client addressed.
+        port: u16,
+        /// The network of (the first of) those endpoints.
+        network: String,
+    },
+    /// The network gateway of the chosen endpoint is not a known workload, nor a service with a
+    /// VIP or endpoint the source can reach: its identity, which the outer mTLS must verify, is
+    /// unknown (ztunnel refuses such a connection too).
+    #[error("network gateway {gateway} is unknown or has no healthy endpoint")]
+    UnknownNetworkGateway {
+        /// The gateway.
+        gateway: GatewayAddress,
     },
     /// The destination's waypoint is not a known workload or a service with an endpoint.
     #[error("waypoint {waypoint} is unknown or has no healthy endpoint")]
@@ -397,6 +444,16 @@ impl State {
     /// total weight chooses one, so a caller passing a counter gets weighted round robin and a caller
     /// passing a hash of the connection gets a stable choice.
     ///
+    /// **Multi-network.** Only when no endpoint in the source's network serves the port (Istio's
+    /// default preference for the local network) are `HBONE` endpoints of other networks that have a
+    /// network gateway eligible, chosen the same way, and reached by
+    /// [`OutboundRoute::DoubleHbone`] through their gateway (see `resolve_network_gateway` for how
+    /// a gateway address and its identity are found). Endpoints of another network without a gateway
+    /// are never chosen ([`Refusal::NoNetworkGateway`] when only they would serve the port); a
+    /// gateway whose identity is unknown is refused ([`Refusal::UnknownNetworkGateway`]), as ztunnel
+    /// refuses it. A workload IP of another network is not addressable (it is not found in the
+    /// source's network): only services cross networks.
+    ///
     /// No route leads back into the proxy: a service endpoint whose address and target port are one of
     /// the proxy's own listeners, or a waypoint reached at one of them other than the HBONE port, is
     /// refused as a loop too ([`Refusal::Loop`], naming the original destination). An HBONE tunnel to
@@ -452,15 +509,10 @@ impl State {
                 },
             };
         }
-        let Some((workload, ip, target_port)) = self.pick_endpoint(source, service, &key, dst, Some(dst.port()), pick)
+        let Some((workload, ip, target_port)) =
+            self.pick_endpoint(source, service, &key, dst, Some(dst.port()), Reach::Local, pick)
         else {
-            return OutboundRoute::Refused {
-                dst,
-                reason: Refusal::NoEndpoint {
-                    service: key,
-                    port: dst.port(),
-                },
-            };
+            return self.through_gateway(proxy, source, service, key, dst, pick);
         };
         let authority = SocketAddr::new(ip, target_port);
         if proxy.is_own(authority) {
@@ -483,6 +535,128 @@ impl State {
                 workload: Some(workload.uid.clone()),
             },
         }
+    }
+
+    /// The route to an endpoint of another network, for a service none of whose endpoints in the
+    /// source's network serves the port: double HBONE through the endpoint's network gateway.
+    fn through_gateway(
+        &self,
+        proxy: &LocalProxy,
+        source: &Workload,
+        service: &Service,
+        key: NamespacedHostname,
+        dst: SocketAddr,
+        pick: u64,
+    ) -> OutboundRoute {
+        let port = dst.port();
+        let picked = self.pick_endpoint(source, service, &key, dst, Some(port), Reach::ThroughGateway, pick);
+        let Some((workload, ip, target_port, gateway)) =
+            picked.and_then(|(workload, ip, target)| Some((workload, ip, target, workload.network_gateway.as_ref()?)))
+        else {
+            // Name the network of an endpoint that would serve the port but has no gateway, if any.
+            let stranded = self
+                .workloads_of_service(&key)
+                .filter(|w| w.status == HealthStatus::Healthy && w.network != source.network)
+                .find(|w| target_port(w, service, &key, port).is_some());
+            let reason = match stranded {
+                Some(w) => Refusal::NoNetworkGateway {
+                    service: key,
+                    port,
+                    network: w.network.clone(),
+                },
+                None => Refusal::NoEndpoint { service: key, port },
+            };
+            return OutboundRoute::Refused { dst, reason };
+        };
+        match self.resolve_network_gateway(source, gateway, dst, pick) {
+            None => OutboundRoute::Refused {
+                dst,
+                reason: Refusal::UnknownNetworkGateway {
+                    gateway: gateway.clone(),
+                },
+            },
+            Some((at, _)) if proxy.is_own(at) => OutboundRoute::Refused {
+                dst,
+                reason: Refusal::Loop,
+            },
+            Some((at, gateway_identities)) => OutboundRoute::DoubleHbone {
+                gateway: at,
+                gateway_identities,
+                authority: SocketAddr::new(ip, target_port),
+                expected_identities: identities(workload, Some(service)),
+                service: key,
+                port,
+                workload: workload.uid.clone(),
+                network: workload.network.clone(),
+            },
+        }
+    }
+
+    /// Where a network gateway is reached from `source` and the identities it may present.
+    ///
+    /// - `<network>/<ip>`: that IP at the gateway's HBONE port. Its identity is that of the
+    ///   workload with the IP in that network, else those of the endpoints of the service with that
+    ///   VIP (any of them may answer behind a VIP), plus the service's extra SANs.
+    /// - `<namespace>/<hostname>`: the service's VIP in the source's network, at the HBONE port,
+    ///   with the identities of all its endpoints and its extra SANs; without such a VIP, one of its
+    ///   endpoints in the source's network (chosen by `pick`), at its target port for the HBONE port
+    ///   (the HBONE port itself without a mapping), with that endpoint's identity and the SANs.
+    ///
+    /// `None` when no identity is known: the outer mTLS could verify nothing.
+    fn resolve_network_gateway(
+        &self,
+        source: &Workload,
+        gateway: &GatewayAddress,
+        dst: SocketAddr,
+        pick: u64,
+    ) -> Option<(SocketAddr, Vec<SpiffeId>)> {
+        let port = gateway.hbone_mtls_port;
+        let (at, ids) = match &gateway.destination {
+            GatewayDestination::Address(address) => {
+                let at = SocketAddr::new(address.address, port);
+                if let Some(workload) = self.workload_by_ip(&address.network, address.address) {
+                    (at, identities(workload, None))
+                } else {
+                    let service = self.service_by_vip(&address.network, address.address)?;
+                    (at, self.service_identities(service))
+                }
+            }
+            GatewayDestination::Hostname(key) => {
+                let service = self.service_by_hostname(key)?;
+                let vip = service
+                    .vips
+                    .iter()
+                    .filter(|vip| vip.network == source.network)
+                    .find(|vip| vip.address.is_ipv6() == dst.is_ipv6())
+                    .or_else(|| service.vips.iter().find(|vip| vip.network == source.network));
+                match vip {
+                    Some(vip) => (SocketAddr::new(vip.address, port), self.service_identities(service)),
+                    None => {
+                        let (workload, ip, _) =
+                            self.pick_endpoint(source, service, key, dst, None, Reach::Local, pick)?;
+                        let target = target_port(workload, service, key, port).unwrap_or(port);
+                        (SocketAddr::new(ip, target), identities(workload, Some(service)))
+                    }
+                }
+            }
+        };
+        (!ids.is_empty()).then_some((at, ids))
+    }
+
+    /// The identities of a service's healthy endpoints, in uid order, then its extra SANs, without
+    /// repeats.
+    fn service_identities(&self, service: &Service) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = Vec::new();
+        let members = self
+            .workloads_of_service(&service.key())
+            .filter(|w| w.status == HealthStatus::Healthy)
+            .map(Workload::spiffe_id);
+        for id in members.chain(&service.subject_alt_names) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
     }
 
     fn route_to_workload(
@@ -570,7 +744,7 @@ impl State {
         };
         // A waypoint need not declare its HBONE port: without a mapping, the port is used as is.
         let key = service.key();
-        let (workload, ip, _) = self.pick_endpoint(source, service, &key, dst, None, pick)?;
+        let (workload, ip, _) = self.pick_endpoint(source, service, &key, dst, None, Reach::Local, pick)?;
         let port = target_port(workload, service, &key, waypoint.hbone_mtls_port).unwrap_or(waypoint.hbone_mtls_port);
         Some((workload, SocketAddr::new(ip, port), Some(service)))
     }
@@ -586,8 +760,10 @@ impl State {
         }
     }
 
-    /// Chooses an endpoint of `service`: the workload, its IP and the target port. With `port`, only
-    /// workloads with a target port for it; without, any (the port is then the service's own).
+    /// Chooses an endpoint of `service` among those `reach` admits: the workload, its IP and the
+    /// target port. With `port`, only workloads with a target port for it; without, any (the port
+    /// is then the service's own).
+    #[allow(clippy::too_many_arguments)]
     fn pick_endpoint<'a>(
         &'a self,
         source: &Workload,
@@ -595,13 +771,14 @@ impl State {
         key: &NamespacedHostname,
         dst: SocketAddr,
         port: Option<u16>,
+        reach: Reach,
         pick: u64,
     ) -> Option<(&'a Workload, IpAddr, u16)> {
         // Two passes over the members (weights, then the choice) rather than a collected list: no
         // allocation per connection.
         let eligible = || {
             self.workloads_of_service(key)
-                .filter(|workload| workload.status == HealthStatus::Healthy && workload.network == source.network)
+                .filter(move |workload| workload.status == HealthStatus::Healthy && reach.admits(source, workload))
                 .filter_map(move |workload| {
                     let ip = pick_ip(workload, dst.ip())?;
                     let target = match port {
@@ -628,6 +805,28 @@ impl State {
             remaining -= weight;
             false
         })
+    }
+}
+
+/// Which endpoints of a service a connection may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Those in the source's network, reached directly.
+    Local,
+    /// `HBONE` ones in another network that have a network gateway (double HBONE through it).
+    ThroughGateway,
+}
+
+impl Reach {
+    fn admits(self, source: &Workload, endpoint: &Workload) -> bool {
+        match self {
+            Reach::Local => endpoint.network == source.network,
+            Reach::ThroughGateway => {
+                endpoint.network != source.network
+                    && endpoint.network_gateway.is_some()
+                    && endpoint.protocol == Protocol::Hbone
+            }
+        }
     }
 }
 
@@ -673,8 +872,282 @@ impl fmt::Display for OutboundRoute {
                 waypoint,
                 ..
             } => write!(f, "HBONE to waypoint {waypoint} at {endpoint} for {authority}"),
+            OutboundRoute::DoubleHbone {
+                gateway,
+                authority,
+                network,
+                ..
+            } => write!(
+                f,
+                "double HBONE through gateway {gateway} to {authority} in network {network:?}"
+            ),
             OutboundRoute::Passthrough { dst, .. } => write!(f, "plain TCP to {dst}"),
             OutboundRoute::Refused { dst, reason } => write!(f, "refused {dst}: {reason}"),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    //! The multi-network decision: local endpoints first, remote ones through their network gateway.
+
+    use super::*;
+
+    const MESH: &str = r#"
+workloads:
+- name: client
+  serviceAccount: client
+  workloadIps: ["10.0.0.1"]
+  protocol: HBONE
+  network: net-a
+- name: local-server
+  serviceAccount: local
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+  network: net-a
+  services: {"default/both.example": {80: 8080}}
+- name: remote-server
+  serviceAccount: remote
+  workloadIps: ["10.1.0.2"]
+  protocol: HBONE
+  network: net-b
+  networkGateway: {destination: "net-b/10.1.0.100", hboneMtlsPort: 15009}
+  services:
+    "default/both.example": {80: 8080}
+    "default/remote.example": {80: 8080}
+- name: eastwest
+  namespace: istio-system
+  serviceAccount: eastwest
+  workloadIps: ["10.1.0.100"]
+  protocol: HBONE
+  network: net-b
+- name: stranded
+  serviceAccount: stranded
+  workloadIps: ["10.2.0.2"]
+  protocol: HBONE
+  network: net-c
+  services: {"default/stranded.example": {80: 8080}}
+- name: unknown-gateway
+  workloadIps: ["10.3.0.2"]
+  protocol: HBONE
+  network: net-d
+  networkGateway: {destination: "net-d/10.3.0.100"}
+  services: {"default/unknown-gateway.example": {80: 8080}}
+- name: behind-vip
+  serviceAccount: behind-vip
+  workloadIps: ["10.4.0.2"]
+  protocol: HBONE
+  network: net-e
+  networkGateway: {destination: "istio-system/ew-vip.example"}
+  services: {"default/by-vip.example": {80: 8080}}
+- name: ew-vip-pod
+  namespace: istio-system
+  serviceAccount: ew-vip
+  workloadIps: ["10.4.0.100"]
+  protocol: HBONE
+  network: net-e
+  services: {"istio-system/ew-vip.example": {15008: 15008}}
+- name: behind-endpoint
+  serviceAccount: behind-endpoint
+  workloadIps: ["10.5.0.2"]
+  protocol: HBONE
+  network: net-f
+  networkGateway: {destination: "istio-system/ew-pods.example", hboneMtlsPort: 15008}
+  services: {"default/by-endpoint.example": {80: 8080}}
+- name: ew-pod
+  namespace: istio-system
+  serviceAccount: ew-pods
+  workloadIps: ["10.0.8.8"]
+  protocol: HBONE
+  network: net-a
+  services: {"istio-system/ew-pods.example": {15008: 15099}}
+services:
+- hostname: both.example
+  vips: ["net-a/10.9.0.1"]
+  ports: {80: 8080}
+- hostname: remote.example
+  vips: ["net-a/10.9.0.2", "net-b/10.9.1.2"]
+  ports: {80: 8080}
+- hostname: stranded.example
+  vips: ["net-a/10.9.0.3"]
+  ports: {80: 8080}
+- hostname: unknown-gateway.example
+  vips: ["net-a/10.9.0.4"]
+  ports: {80: 8080}
+- hostname: by-vip.example
+  vips: ["net-a/10.9.0.5"]
+  ports: {80: 8080}
+- hostname: by-endpoint.example
+  vips: ["net-a/10.9.0.6"]
+  ports: {80: 8080}
+- namespace: istio-system
+  hostname: ew-vip.example
+  vips: ["net-a/10.9.0.100"]
+  subjectAltNames: ["spiffe://cluster.local/ns/istio-system/sa/ew-extra"]
+  ports: {15008: 15008}
+- namespace: istio-system
+  hostname: ew-pods.example
+  vips: ["net-f/10.9.5.100"]
+  ports: {15008: 15099}
+"#;
+
+    fn state() -> State {
+        State::new(LocalConfig::parse(MESH).expect("the test mesh parses"))
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn id(namespace: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new(format!("spiffe://cluster.local/ns/{namespace}/sa/{sa}")).unwrap()
+    }
+
+    fn key(s: &str) -> NamespacedHostname {
+        s.parse().unwrap()
+    }
+
+    fn route(state: &State, source: &str, dst: &str, pick: u64) -> OutboundRoute {
+        let source = state.workload_by_name("default", source).expect("source");
+        state.route_outbound(
+            &LocalProxy::new().with_network(&source.network),
+            source,
+            addr(dst),
+            pick,
+        )
+    }
+
+    fn uid(state: &State, namespace: &str, name: &str) -> String {
+        state.workload_by_name(namespace, name).unwrap().uid.clone()
+    }
+
+    #[test]
+    fn a_local_endpoint_is_preferred_to_a_remote_one() {
+        let state = state();
+        for pick in 0..8 {
+            let OutboundRoute::Hbone {
+                endpoint, authority, ..
+            } = route(&state, "client", "10.9.0.1:80", pick)
+            else {
+                panic!("expected HBONE to the local endpoint");
+            };
+            assert_eq!((endpoint, authority), (addr("10.0.0.2:15008"), addr("10.0.0.2:8080")));
+        }
+    }
+
+    #[test]
+    fn a_remote_endpoint_is_reached_through_its_gateway_by_address() {
+        let state = state();
+        let route = route(&state, "client", "10.9.0.2:80", 0);
+        assert_eq!(
+            route,
+            OutboundRoute::DoubleHbone {
+                gateway: addr("10.1.0.100:15009"),
+                gateway_identities: vec![id("istio-system", "eastwest")],
+                authority: addr("10.1.0.2:8080"),
+                expected_identities: vec![id("default", "remote")],
+                service: key("default/remote.example"),
+                port: 80,
+                workload: uid(&state, "default", "remote-server"),
+                network: "net-b".into(),
+            }
+        );
+        assert_eq!(
+            route.to_string(),
+            r#"double HBONE through gateway 10.1.0.100:15009 to 10.1.0.2:8080 in network "net-b""#
+        );
+    }
+
+    #[test]
+    fn from_the_endpoints_own_network_the_route_is_plain_hbone() {
+        let state = state();
+        let source = state.workload_by_name("istio-system", "eastwest").unwrap();
+        let proxy = LocalProxy::new().with_network("net-b");
+        let OutboundRoute::Hbone { authority, .. } = state.route_outbound(&proxy, source, addr("10.9.1.2:80"), 0)
+        else {
+            panic!("expected HBONE within net-b");
+        };
+        assert_eq!(authority, addr("10.1.0.2:8080"));
+    }
+
+    #[test]
+    fn a_remote_endpoint_without_a_gateway_is_never_chosen() {
+        let state = state();
+        let route = route(&state, "client", "10.9.0.3:80", 0);
+        assert_eq!(
+            route,
+            OutboundRoute::Refused {
+                dst: addr("10.9.0.3:80"),
+                reason: Refusal::NoNetworkGateway {
+                    service: key("default/stranded.example"),
+                    port: 80,
+                    network: "net-c".into(),
+                },
+            }
+        );
+        assert_eq!(
+            route.to_string(),
+            "refused 10.9.0.3:80: service default/stranded.example port 80 is served only on network \"net-c\", \
+             by endpoints without a network gateway"
+        );
+        // Nor is a workload of another network addressable by its IP.
+        assert!(matches!(
+            self::route(&state, "client", "10.1.0.2:8080", 0),
+            OutboundRoute::Passthrough { workload: None, .. }
+        ));
+    }
+
+    #[test]
+    fn a_gateway_of_unknown_identity_is_refused() {
+        let state = state();
+        let OutboundRoute::Refused {
+            reason: Refusal::UnknownNetworkGateway { gateway },
+            ..
+        } = route(&state, "client", "10.9.0.4:80", 0)
+        else {
+            panic!("expected a refusal");
+        };
+        assert_eq!(gateway.to_string(), "net-d/10.3.0.100 port 15008");
+    }
+
+    #[test]
+    fn a_gateway_by_hostname_is_its_vip_in_the_sources_network() {
+        let state = state();
+        let OutboundRoute::DoubleHbone {
+            gateway,
+            gateway_identities,
+            authority,
+            expected_identities,
+            ..
+        } = route(&state, "client", "10.9.0.5:80", 0)
+        else {
+            panic!("expected double HBONE");
+        };
+        assert_eq!(gateway, addr("10.9.0.100:15008"));
+        assert_eq!(
+            gateway_identities,
+            [id("istio-system", "ew-vip"), id("istio-system", "ew-extra")]
+        );
+        assert_eq!(authority, addr("10.4.0.2:8080"));
+        assert_eq!(expected_identities, [id("default", "behind-vip")]);
+    }
+
+    #[test]
+    fn a_gateway_by_hostname_without_a_local_vip_is_one_of_its_local_endpoints() {
+        let state = state();
+        let OutboundRoute::DoubleHbone {
+            gateway,
+            gateway_identities,
+            network,
+            ..
+        } = route(&state, "client", "10.9.0.6:80", 0)
+        else {
+            panic!("expected double HBONE");
+        };
+        // The endpoint's own target port for the gateway service's HBONE port.
+        assert_eq!(gateway, addr("10.0.8.8:15099"));
+        assert_eq!(gateway_identities, [id("istio-system", "ew-pods")]);
+        assert_eq!(network, "net-f");
     }
 }

@@ -471,6 +471,7 @@ fn check_route(ctx: &Ctx<'_>, source: &Workload, dst: SocketAddr, pick: u64) {
                     let unchecked = state.route_outbound(&open, source, dst, pick);
                     let into_proxy = match &unchecked {
                         OutboundRoute::Hbone { authority, .. } => ctx.own(*authority),
+                        OutboundRoute::DoubleHbone { gateway, .. } => ctx.own(*gateway),
                         OutboundRoute::Passthrough { dst: to, .. } => ctx.own(*to),
                         OutboundRoute::Waypoint { endpoint, .. } => {
                             ctx.own(*endpoint) && endpoint.port() != ctx.proxy.hbone_port
@@ -489,6 +490,14 @@ fn check_route(ctx: &Ctx<'_>, source: &Workload, dst: SocketAddr, pick: u64) {
                     assert_eq!((&s.key(), *port), (service, dst.port()));
                     assert!(s.ports.contains_key(port));
                 }
+                Refusal::NoNetworkGateway { service, port, network } => {
+                    let s = vip_service.expect("a service refusal is for a VIP");
+                    assert_eq!((&s.key(), *port), (service, dst.port()));
+                    assert_ne!(network, &source.network);
+                }
+                Refusal::UnknownNetworkGateway { .. } => {
+                    assert!(vip_service.is_some(), "only a service crosses networks");
+                }
                 Refusal::NoWaypoint { .. } => {
                     assert!(
                         vip_service.is_some_and(|s| s.waypoint.is_some())
@@ -497,6 +506,35 @@ fn check_route(ctx: &Ctx<'_>, source: &Workload, dst: SocketAddr, pick: u64) {
                 }
                 other => panic!("a refusal this target does not know: {other:?}"),
             }
+        }
+        OutboundRoute::DoubleHbone {
+            gateway,
+            gateway_identities,
+            authority,
+            expected_identities,
+            service,
+            port,
+            workload,
+            network,
+        } => {
+            // Only a service crosses networks, to a healthy HBONE endpoint of another network that
+            // has a gateway, and only when no endpoint of the source's network serves the port.
+            let s = vip_service.expect("a service route is for a VIP");
+            assert_eq!(&s.key(), service);
+            assert_eq!(*port, dst.port());
+            let chosen = state.workload_by_uid(workload).expect("the chosen workload exists");
+            assert_eq!(chosen.protocol, Protocol::Hbone);
+            assert_eq!(chosen.status, HealthStatus::Healthy);
+            assert_ne!(chosen.network, source.network);
+            assert_eq!(&chosen.network, network);
+            assert!(chosen.network_gateway.is_some());
+            assert!(chosen.services.contains_key(service));
+            assert!(chosen.workload_ips.contains(&authority.ip()));
+            assert!(!ctx.own(*gateway), "double HBONE through the proxy's own {gateway}");
+            assert_eq!(&expected_identities[0], chosen.spiffe_id());
+            check_identities(expected_identities);
+            assert!(!gateway_identities.is_empty());
+            check_identities(gateway_identities);
         }
         other => panic!("a route this target does not know: {other:?}"),
     }

@@ -535,4 +535,20 @@ where
     pub fn handshakes(&self) -> usize {
         self.inner.handshakes.load(Ordering::Relaxed)
     }
+
+    /// The connector the pool makes its connections with.
+    pub fn connector(&self) -> &C {
+        &self.inner.connector
+    }
+
+    /// The executor the pool runs its connection drivers on (also fit, when it is generic over
+    /// the future, for the inner connections of [`double`](crate::double) HBONE).
+    pub fn executor(&self) -> &E {
+        &self.inner.executor
+    }
+
+    /// The pool's settings.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
 }

@@ -11,6 +11,7 @@
 //! - [`netns`]: network namespaces joined by veth pairs, for capture and multi-host scenarios;
 //! - [`fixtures`]: the routing mesh, authorization value pools and SOCKS5 requests that the
 //!   dataplane's own tests and the fuzz targets share;
+//! - [`gateway`]: an east-west gateway (the outer tunnel of double HBONE) for multi-network scenarios;
 //! - [`hbone`]: an HBONE client with certificates from the mesh's CA, to talk to a proxy's inbound
 //!   listener directly as any identity and from any loopback address.
 //! - [`seam`]: the per-connection proxy logic on any runtime: one scenario both builds run.
@@ -20,6 +21,7 @@
 
 pub mod binary;
 pub mod fixtures;
+pub mod gateway;
 pub mod hbone;
 pub mod istio;
 pub mod mesh;

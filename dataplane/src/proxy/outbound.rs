@@ -17,7 +17,10 @@
 //! a FIN: a clean end of stream would pass for a complete response.
 //! Then, for both: the routing decision ([`State::route_outbound`]), an HBONE tunnel from the pool
 //! (keyed by the source workload's SPIFFE ID, to the destination's node proxy or its waypoint), a
-//! plain TCP connection (passthrough), or a refusal; the copy; and the telemetry.
+//! double-HBONE tunnel through the network gateway of another network (an outer stream from the
+//! pool to the gateway carrying an inner mTLS connection to the destination; see
+//! [`OutboundRoute::DoubleHbone`]), a plain TCP connection (passthrough), or a refusal; the copy;
+//! and the telemetry.
 //!
 //! A connection to the capture listener that was not redirected (no original destination, or the
 //! listener itself as the original destination) is refused with a log line naming it, never routed:
@@ -52,6 +55,7 @@ use std::time::{Duration, Instant};
 use meshwire_hbone::budget::BufferBudget;
 use meshwire_hbone::client::{ConnectError, ConnectRequest, Tunnel};
 use meshwire_hbone::copy::{self, CopyConfig, CopyOutcome};
+use meshwire_hbone::double;
 use meshwire_hbone::headers::{Authority, Forwarded, Metadata};
 use meshwire_hbone::pool::{Pool, PoolKey};
 use meshwire_hbone::rt::timeout;
@@ -187,6 +191,9 @@ pub enum RouteKind {
     Hbone,
     /// An HBONE tunnel to the destination's waypoint.
     Waypoint,
+    /// Double HBONE: an inner HBONE tunnel to the destination inside an outer one to the network
+    /// gateway of its network.
+    DoubleHbone,
     /// Plain TCP to the destination.
     Passthrough,
     /// Refused by the routing decision.
@@ -198,6 +205,7 @@ impl fmt::Display for RouteKind {
         f.write_str(match self {
             RouteKind::Hbone => "hbone",
             RouteKind::Waypoint => "waypoint",
+            RouteKind::DoubleHbone => "double-hbone",
             RouteKind::Passthrough => "passthrough",
             RouteKind::Refused => "refused",
         })
@@ -294,10 +302,14 @@ pub fn reply_for_hbone_error(error: &ConnectError) -> Reply {
 
 /// The metric labels of an outbound connection (`reporter="source"`) from `source`, routed by
 /// `route`: `mutual_tls` and the source's identity as `source_principal` over HBONE (to the
-/// destination or its waypoint), `unknown` for passthrough; the destination workload and service as
-/// far as `state` knows them.
+/// destination or its waypoint, or double HBONE through a network gateway: the mTLS is end to
+/// end), `unknown` for passthrough; the destination workload and service as far as `state` knows
+/// them.
 pub fn outbound_labels(state: &State, source: &Workload, route: &OutboundRoute) -> ConnectionLabels {
-    let mtls = matches!(route, OutboundRoute::Hbone { .. } | OutboundRoute::Waypoint { .. });
+    let mtls = matches!(
+        route,
+        OutboundRoute::Hbone { .. } | OutboundRoute::Waypoint { .. } | OutboundRoute::DoubleHbone { .. }
+    );
     let security = if mtls {
         SecurityPolicy::MutualTls
     } else {
@@ -310,11 +322,12 @@ pub fn outbound_labels(state: &State, source: &Workload, route: &OutboundRoute) 
         OutboundRoute::Hbone { service, .. }
         | OutboundRoute::Waypoint { service, .. }
         | OutboundRoute::Passthrough { service, .. } => service.as_ref(),
+        OutboundRoute::DoubleHbone { service, .. } => Some(service),
         _ => None,
     };
     labels = labels.with_destination_service(service.and_then(|key| state.service_by_hostname(key)));
     match route {
-        OutboundRoute::Hbone { workload, .. } => {
+        OutboundRoute::Hbone { workload, .. } | OutboundRoute::DoubleHbone { workload, .. } => {
             labels = labels.with_destination(state.workload_by_uid(workload));
         }
         OutboundRoute::Waypoint {
@@ -336,8 +349,9 @@ pub fn outbound_labels(state: &State, source: &Workload, route: &OutboundRoute) 
 
 /// The access log entry of an outbound connection from `peer` to the original destination `dst`,
 /// routed by `route`, with `labels` from [`outbound_labels`]: `dst.addr` is the address the proxy
-/// connects to (the HBONE endpoint, or the passthrough destination), `dst.hbone_addr` the CONNECT
-/// target inside the tunnel.
+/// connects to (the HBONE endpoint, the network gateway of double HBONE, or the passthrough
+/// destination), `dst.hbone_addr` the CONNECT target inside the tunnel (for double HBONE, the inner
+/// CONNECT's: the destination workload's address, as ztunnel logs the target and the gateway).
 pub fn outbound_log_entry(
     state: &State,
     labels: &ConnectionLabels,
@@ -348,12 +362,16 @@ pub fn outbound_log_entry(
 ) -> AccessLogEntry {
     let to = match route {
         OutboundRoute::Hbone { endpoint, .. } | OutboundRoute::Waypoint { endpoint, .. } => *endpoint,
+        OutboundRoute::DoubleHbone { gateway, .. } => *gateway,
         OutboundRoute::Passthrough { dst, .. } => *dst,
         _ => dst,
     };
     let entry = AccessLogEntry::from_labels(labels, peer, to).with_source_workload(Some(source));
     match route {
         OutboundRoute::Hbone {
+            authority, workload, ..
+        }
+        | OutboundRoute::DoubleHbone {
             authority, workload, ..
         } => entry
             .with_destination_workload(state.workload_by_uid(workload))
@@ -841,6 +859,32 @@ where
                     }
                 }
             }
+            OutboundRoute::DoubleHbone {
+                gateway,
+                gateway_identities,
+                authority,
+                expected_identities,
+                service,
+                port,
+                ..
+            } => {
+                let legs = DoubleHbone {
+                    gateway,
+                    gateway_identities,
+                    authority,
+                    expected_identities,
+                    service,
+                    port,
+                };
+                // Boxed: a rare path whose state would otherwise enlarge every connection's future.
+                match Box::pin(self.double_hbone(peer, source, legs)).await {
+                    Ok(tunnel) => Ok(Upstream::Tunnel(tunnel)),
+                    Err(error) => {
+                        let reply = reply_for_hbone_error(&error);
+                        Err((error.into(), reply))
+                    }
+                }
+            }
             OutboundRoute::Passthrough { dst, .. } => {
                 match self.runtime.connect(dst, &self.socket, self.connect_timeout).await {
                     Ok(tcp) => Ok(Upstream::Tcp(tcp)),
@@ -855,12 +899,107 @@ where
     }
 }
 
+/// The parts of an [`OutboundRoute::DoubleHbone`] the data path uses.
+struct DoubleHbone {
+    gateway: SocketAddr,
+    gateway_identities: Vec<SpiffeId>,
+    authority: SocketAddr,
+    expected_identities: Vec<SpiffeId>,
+    service: crate::xds::NamespacedHostname,
+    port: u16,
+}
+
+impl<S, R> Outbound<S, R>
+where
+    S: ClientTlsSource,
+    R: Runtime,
+{
+    /// Opens a double-HBONE tunnel for the client at `peer` of `source`:
+    ///
+    /// 1. the inner connection's client TLS config (the source's certificate, accepting only the
+    ///    destination's identities), from the pool connector's source of configs, fetched first so
+    ///    that no stream is held open while a certificate is fetched;
+    /// 2. the outer stream, from the pool: mTLS to the gateway (accepting only its identities) and
+    ///    a CONNECT to `<service hostname>:<service port>`, which is what ztunnel sends and what an
+    ///    east-west gateway routes on;
+    /// 3. inside it ([`double::connect`]): mTLS to the destination, HTTP/2, and a CONNECT to the
+    ///    destination workload's `<ip>:<target port>` with `forwarded` and `x-forwarded-network`
+    ///    (the source's network). Its driver runs on the pool's executor; dropping the returned
+    ///    tunnel ends the inner connection and then the outer stream.
+    ///
+    /// The outer connections are pooled like any HBONE connection (keyed by the source identity,
+    /// the gateway's identities and address), so that tunnels to one gateway share them; the inner
+    /// connection is one per tunnel and never pooled, as in ztunnel: the gateway may route each
+    /// outer stream to another endpoint, so an inner connection cannot be reused for another
+    /// tunnel. The inner handshake and CONNECT are bounded by the connect timeout.
+    async fn double_hbone(
+        &self,
+        peer: SocketAddr,
+        source: &Workload,
+        legs: DoubleHbone,
+    ) -> Result<Tunnel, ConnectError> {
+        let DoubleHbone {
+            gateway,
+            gateway_identities,
+            authority,
+            expected_identities,
+            service,
+            port,
+        } = legs;
+        let source_id = source.spiffe_id();
+        let Some(tls) = R::client_tls(self.pool.connector()) else {
+            return Err(tls_error(io::Error::other(
+                "double HBONE: this runtime's HBONE connector gives no client TLS configs",
+            )));
+        };
+        let inner_key = PoolKey::new(source_id.clone(), expected_identities, authority, None);
+        let inner_tls = tls.client_config(&inner_key).await?;
+
+        let forwarded = Forwarded::new(peer).with_host(service.hostname.clone());
+        let outer_authority = Authority::host(&service.hostname, port)
+            .map_err(|error| ConnectError::InvalidRequest(format!("service hostname {}: {error}", service.hostname)))?;
+        let outer_request = ConnectRequest {
+            authority: outer_authority,
+            metadata: Metadata {
+                forwarded: Some(forwarded.clone()),
+                ..Metadata::default()
+            },
+        };
+        let outer_key = PoolKey::new(source_id.clone(), gateway_identities, gateway, None);
+        let outer = self.pool.connect(&outer_key, &outer_request).await?;
+
+        let inner_request = ConnectRequest {
+            authority: Authority::SocketAddr(authority),
+            metadata: Metadata {
+                forwarded: Some(forwarded),
+                x_forwarded_network: (!source.network.is_empty()).then(|| source.network.clone()),
+                ..Metadata::default()
+            },
+        };
+        let timer = self.runtime.timer();
+        let settings = &self.pool.config().settings;
+        let inner = double::connect(
+            outer,
+            inner_tls,
+            &inner_request,
+            settings,
+            timer.clone(),
+            self.pool.executor(),
+        );
+        match timeout(&timer, self.connect_timeout, inner).await {
+            Some(result) => result,
+            None => Err(ConnectError::HandshakeTimeout(self.connect_timeout)),
+        }
+    }
+}
+
 impl RouteKind {
     /// The kind of `route`.
     pub fn of(route: &OutboundRoute) -> Self {
         match route {
             OutboundRoute::Hbone { .. } => RouteKind::Hbone,
             OutboundRoute::Waypoint { .. } => RouteKind::Waypoint,
+            OutboundRoute::DoubleHbone { .. } => RouteKind::DoubleHbone,
             OutboundRoute::Passthrough { .. } => RouteKind::Passthrough,
             _ => RouteKind::Refused,
         }

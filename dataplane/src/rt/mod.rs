@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ::tokio::io::{AsyncRead, AsyncWrite};
+use meshwire_hbone::double::InnerDriver;
 use meshwire_hbone::pool::{Connector, PooledDriver};
 use meshwire_hbone::rt::{Executor, Timer};
 
@@ -101,8 +102,9 @@ pub trait Runtime: 'static {
     /// pool's timer.
     type Timer: Timer + Clone;
 
-    /// Where the HBONE pool runs the drivers of its connections (a task per connection).
-    type Executor: Executor<PooledDriver<Self::Stream, Self::Timer>>;
+    /// Where the HBONE pool runs the drivers of its connections (a task per connection), and the
+    /// outbound path the drivers of the inner connections of double HBONE.
+    type Executor: Executor<PooledDriver<Self::Stream, Self::Timer>> + Executor<InnerDriver<Self::Timer>>;
 
     /// The HBONE pool's connector with client TLS configs from `S`: for every
     /// [`ClientTlsSource`] `S`, a [`meshwire_hbone::pool::Connector`] of the runtime's streams. It
@@ -111,6 +113,15 @@ pub trait Runtime: 'static {
 
     /// The timer (a clock handle: cheap to get).
     fn timer(&self) -> Self::Timer;
+
+    /// The source of client TLS configs inside a pool connector of this runtime: double HBONE
+    /// takes the config of its inner connection (the source's certificate, the destination's
+    /// identities) from the same source as the pool's connections. `None` (the default) when the
+    /// connector does not expose it: double HBONE then fails with a TLS error naming the cause.
+    fn client_tls<S: ClientTlsSource>(connector: &Self::Connector<S>) -> Option<&S> {
+        let _ = connector;
+        None
+    }
 
     /// A TCP connection to `dst` made through the runtime's socket factory with `opts`, failing
     /// with [`io::ErrorKind::TimedOut`] after `timeout`. Errors carry a

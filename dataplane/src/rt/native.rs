@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use ::tokio::io::{AsyncRead, AsyncWrite};
 use meshwire_hbone::ConnectError;
+use meshwire_hbone::double::InnerDriver;
 use meshwire_hbone::pool::{Connector, PoolKey, PooledDriver};
 use meshwire_hbone::rt::{Executor, Timer};
 use rustls::ClientConfig;
@@ -37,8 +38,9 @@ pub trait Native: 'static {
     /// The runtime's clock: [`Runtime::Timer`]; a handle made with `Default`.
     type Timer: Timer + Clone + Default;
 
-    /// Where the HBONE pool runs its connection drivers: [`Runtime::Executor`].
-    type Executor: Executor<PooledDriver<Self::Stream, Self::Timer>>;
+    /// Where the HBONE pool runs its connection drivers, and the outbound path those of the inner
+    /// connections of double HBONE: [`Runtime::Executor`].
+    type Executor: Executor<PooledDriver<Self::Stream, Self::Timer>> + Executor<InnerDriver<Self::Timer>>;
 
     /// Connects an unconnected socket (as made by [`SocketFactory::stream`]) to `peer`, keeping
     /// its options and bind, failing with [`io::ErrorKind::TimedOut`] after `timeout`; errors
@@ -104,6 +106,10 @@ impl<N: Native, F: SocketFactory + 'static> Runtime for ProxyRuntime<N, F> {
 
     fn timer(&self) -> N::Timer {
         N::Timer::default()
+    }
+
+    fn client_tls<S: ClientTlsSource>(connector: &PoolConnector<N, S, F>) -> Option<&S> {
+        Some(connector.tls())
     }
 
     async fn connect(&self, dst: SocketAddr, opts: &SocketOptions, timeout: Duration) -> io::Result<N::Stream> {
