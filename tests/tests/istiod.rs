@@ -281,6 +281,8 @@ fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_wa
             assert!(net::echo_exchange(stream, 4096).unwrap().intact(), "{what}");
         };
         echo("before");
+        let generation = metric_sum(&client.metrics(), "meshwire_config_generation", &[]);
+        assert!(generation >= 1, "{}", client.metrics());
 
         // istiod goes away: streams end with an error and new connections are refused.
         mesh.istiod.disconnect(tonic::Code::Internal, true);
@@ -323,6 +325,13 @@ fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_wa
             "unchanged resources were sent again: {sent_after:?}"
         );
         echo("after istiod came back");
+        // Nothing changed: no new state was built.
+        assert_eq!(
+            metric_sum(&client.metrics(), "meshwire_config_generation", &[]),
+            generation,
+            "{}",
+            logs()
+        );
 
         // MaxConnectionAge: istiod ends the stream with UNAVAILABLE; the proxy reconnects at once.
         let streams = mesh.istiod.streams();

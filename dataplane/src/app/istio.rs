@@ -135,6 +135,8 @@ struct Handler {
     /// The identities whose certificates were fetched ahead of need (a node proxy's workloads).
     prefetched: BTreeSet<SpiffeId>,
     retired: Retired,
+    /// A state from istiod was published.
+    served: bool,
 }
 
 /// Replaced snapshots, kept until no connection reads them any more and then freed here, on the
@@ -198,7 +200,12 @@ impl XdsHandler for Handler {
         let complete = [crate::istio::ADDRESS_TYPE_URL, crate::istio::AUTHORIZATION_TYPE_URL]
             .iter()
             .all(|t| self.store.received(t));
-        if complete {
+        if complete && self.served && changed == 0 && gone == 0 {
+            // Nothing changed (a resumed stream that holds every version): the state stays as it is,
+            // no rebuild, no new generation.
+            tracing::debug!(istiod = %self.address, %type_url, "a push without changes");
+        } else if complete {
+            self.served = true;
             let previous = self.published.load();
             let snapshot = self
                 .published
@@ -254,6 +261,7 @@ impl Xds {
             address: plane.address.clone(),
             prefetched: BTreeSet::new(),
             retired: Retired::default(),
+            served: false,
         };
         let retired = handler.retired.clone();
         let task = tokio::spawn(async move {
