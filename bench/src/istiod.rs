@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use meshwire_control::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use meshwire_testkit::istiod::{FakeIstiod, ISTIOD_NAME, StreamHandle};
+use meshwire_testkit::istiod::{FakeIstiod, StreamHandle};
 use meshwire_tests::istio::{ADDRESS, AUTHORIZATION, Named, Resources};
 use tokio::sync::broadcast;
 
@@ -122,25 +122,7 @@ impl Istiod {
     /// The environment of a proxy that istiod configures and certifies (as ztunnel's DaemonSet
     /// sets it).
     pub(crate) fn env(&self, pod: &str, instance_ip: IpAddr) -> Vec<(String, String)> {
-        let address = self.fake.address().to_string();
-        let root = self.root.display().to_string();
-        [
-            ("XDS_ADDRESS", address.clone()),
-            ("CA_ADDRESS", address),
-            ("XDS_ROOT_CA", root.clone()),
-            ("CA_ROOT_CA", root),
-            ("ALT_XDS_HOSTNAME", ISTIOD_NAME.to_owned()),
-            ("ALT_CA_HOSTNAME", ISTIOD_NAME.to_owned()),
-            ("AUTH_TOKEN", self.token.display().to_string()),
-            ("POD_NAME", pod.to_owned()),
-            ("POD_NAMESPACE", "istio-system".to_owned()),
-            ("INSTANCE_IP", instance_ip.to_string()),
-            ("SERVICE_ACCOUNT", "ztunnel".to_owned()),
-            ("ISTIO_META_CLUSTER_ID", "Kubernetes".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        meshwire_testkit::istiod::proxy_env(self.fake.address(), &self.root, &self.token, pod, instance_ip)
     }
 
     /// Sends `resources` of `type_url` (added or changed) to every stream and keeps them for the

@@ -46,6 +46,37 @@ use tonic::{Code, Request, Response, Status, Streaming};
 /// The server name in the fake's certificate (what clients verify).
 pub const ISTIOD_NAME: &str = "istiod.istio-system.svc";
 
+/// The environment of a proxy that the fake istiod at `address` configures and certifies, as
+/// ztunnel's DaemonSet sets it: xDS and CA at `address`, verified as [`ISTIOD_NAME`] with the roots
+/// in `root_file`, the token in `token_file`, and the pod's own names (`pod` in `istio-system`,
+/// service account `ztunnel`, `instance_ip`).
+pub fn proxy_env(
+    address: SocketAddr,
+    root_file: &std::path::Path,
+    token_file: &std::path::Path,
+    pod: &str,
+    instance_ip: std::net::IpAddr,
+) -> Vec<(String, String)> {
+    let root = root_file.display().to_string();
+    [
+        ("XDS_ADDRESS", address.to_string()),
+        ("CA_ADDRESS", address.to_string()),
+        ("XDS_ROOT_CA", root.clone()),
+        ("CA_ROOT_CA", root),
+        ("ALT_XDS_HOSTNAME", ISTIOD_NAME.to_owned()),
+        ("ALT_CA_HOSTNAME", ISTIOD_NAME.to_owned()),
+        ("AUTH_TOKEN", token_file.display().to_string()),
+        ("POD_NAME", pod.to_owned()),
+        ("POD_NAMESPACE", "istio-system".to_owned()),
+        ("INSTANCE_IP", instance_ip.to_string()),
+        ("SERVICE_ACCOUNT", "ztunnel".to_owned()),
+        ("ISTIO_META_CLUSTER_ID", "Kubernetes".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// The metadata key of node-mode certificate requests.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 

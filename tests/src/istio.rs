@@ -377,24 +377,7 @@ impl Istiod {
     /// The environment of a proxy that istiod configures and certifies, as ztunnel's DaemonSet sets
     /// it (the pod's own names included).
     pub fn env(&self, pod: &str, instance_ip: IpAddr) -> Vec<(String, String)> {
-        let root = self.root_file().display().to_string();
-        [
-            ("XDS_ADDRESS", self.address().to_string()),
-            ("CA_ADDRESS", self.address().to_string()),
-            ("XDS_ROOT_CA", root.clone()),
-            ("CA_ROOT_CA", root),
-            ("ALT_XDS_HOSTNAME", istiod::ISTIOD_NAME.to_owned()),
-            ("ALT_CA_HOSTNAME", istiod::ISTIOD_NAME.to_owned()),
-            ("AUTH_TOKEN", self.token_file().display().to_string()),
-            ("POD_NAME", pod.to_owned()),
-            ("POD_NAMESPACE", "istio-system".to_owned()),
-            ("INSTANCE_IP", instance_ip.to_string()),
-            ("SERVICE_ACCOUNT", "ztunnel".to_owned()),
-            ("ISTIO_META_CLUSTER_ID", "Kubernetes".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        istiod::proxy_env(self.address(), &self.root_file(), &self.token_file(), pod, instance_ip)
     }
 
     /// Sends `resources` of `type_url` (added or changed) and the removal of `removed` to every
@@ -406,7 +389,12 @@ impl Istiod {
                 ADDRESS => &mut served.resources.addresses,
                 _ => &mut served.resources.policies,
             };
-            list.retain(|r| !removed.contains(&r.name) && !resources.iter().any(|n| n.name == r.name));
+            let replaced: std::collections::HashSet<&str> = removed
+                .iter()
+                .map(String::as_str)
+                .chain(resources.iter().map(|n| n.name.as_str()))
+                .collect();
+            list.retain(|r| !replaced.contains(r.name.as_str()));
             list.extend(resources.iter().cloned());
         }
         let _ = self.pushes.send(Push::Change(type_url.to_owned(), resources, removed));
@@ -451,10 +439,16 @@ impl Istiod {
             (ADDRESS, &next.addresses, &current.addresses),
             (AUTHORIZATION, &next.policies, &current.policies),
         ] {
-            let changed: Vec<Named> = now.iter().filter(|n| !then.contains(n)).cloned().collect();
+            let served: std::collections::HashMap<&str, &Named> = then.iter().map(|t| (t.name.as_str(), t)).collect();
+            let wanted: std::collections::HashSet<&str> = now.iter().map(|n| n.name.as_str()).collect();
+            let changed: Vec<Named> = now
+                .iter()
+                .filter(|n| served.get(n.name.as_str()) != Some(n))
+                .cloned()
+                .collect();
             let removed: Vec<String> = then
                 .iter()
-                .filter(|t| !now.iter().any(|n| n.name == t.name))
+                .filter(|t| !wanted.contains(t.name.as_str()))
                 .map(|t| t.name.clone())
                 .collect();
             if !changed.is_empty() || !removed.is_empty() {

@@ -16,12 +16,8 @@ use meshwire_tests::net::{self, EchoServer, Socks5Target, lo};
 use meshwire_tests::pair;
 use serde_json::Value;
 
-fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(within: Duration, what: &str, check: impl FnMut() -> bool) {
+    wait_until_or(within, what, check, String::new);
 }
 
 fn wait_until_or(within: Duration, what: &str, mut check: impl FnMut() -> bool, explain: impl Fn() -> String) {
@@ -79,27 +75,42 @@ impl IstioPair {
         }
         builder
     }
+
+    /// The client's and the server's dedicated proxies of `binary`, configured by istiod, once both
+    /// are ready (panics with their readiness answers and logs otherwise).
+    fn dedicated_pair(&self, binary: &Binary) -> (Proxy, Proxy) {
+        let server = self
+            .proxy(binary, lo(2), "ztunnel-b")
+            .dedicated("default/server/server")
+            .spawn_listening();
+        let client = self
+            .proxy(binary, lo(1), "ztunnel-a")
+            .dedicated("default/client/client")
+            .spawn_listening();
+        wait_until_or(
+            Duration::from_secs(20),
+            "both proxies ready",
+            || ready(&client) && ready(&server),
+            || {
+                format!(
+                    "{}\n{}\n{}\n{}",
+                    readiness(&client),
+                    readiness(&server),
+                    client.describe(),
+                    server.describe()
+                )
+            },
+        );
+        (client, server)
+    }
 }
 
 #[test]
 fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
     for b in binary::all() {
         let mesh = IstioPair::new();
-        let server = mesh
-            .proxy(&b, lo(2), "ztunnel-b")
-            .dedicated("default/server/server")
-            .spawn_listening();
-        let client = mesh
-            .proxy(&b, lo(1), "ztunnel-a")
-            .dedicated("default/client/client")
-            .spawn_listening();
+        let (client, server) = mesh.dedicated_pair(&b);
         let logs = || format!("{}\n{}", client.describe(), server.describe());
-        wait_until_or(
-            Duration::from_secs(20),
-            "both proxies ready",
-            || ready(&client) && ready(&server),
-            || format!("{}\n{}\n{}", readiness(&client), readiness(&server), logs()),
-        );
 
         // Each proxy ACKed a first push of both types, and nothing was NACKed.
         let answers = mesh.istiod.answers();
@@ -263,18 +274,8 @@ fn a_proxy_given_a_wrong_root_for_istiod_is_not_ready_and_says_why() {
 fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_was() {
     for b in binary::all() {
         let mesh = IstioPair::new();
-        let server = mesh
-            .proxy(&b, lo(2), "ztunnel-b")
-            .dedicated("default/server/server")
-            .spawn_listening();
-        let client = mesh
-            .proxy(&b, lo(1), "ztunnel-a")
-            .dedicated("default/client/client")
-            .spawn_listening();
+        let (client, server) = mesh.dedicated_pair(&b);
         let logs = || format!("{}\n{}", client.describe(), server.describe());
-        wait_until(Duration::from_secs(20), "both proxies ready", || {
-            ready(&client) && ready(&server)
-        });
         let echo = |what: &str| {
             let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr()))
                 .unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", logs()));
