@@ -17,13 +17,13 @@ use anyhow::{Context, bail};
 use meshwire_control::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use meshwire_testkit::istiod::{FakeIstiod, StreamHandle};
 use meshwire_tests::istio::{ADDRESS, AUTHORIZATION, Named, Resources};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// One push: its type, nonce and resources (added or changed).
 struct Push {
     type_url: String,
     nonce: String,
-    resources: Vec<Resource>,
+    resources: Arc<Vec<Resource>>,
 }
 
 /// An ACK or NACK.
@@ -37,31 +37,41 @@ pub(crate) struct Answer {
     pub(crate) at: Instant,
 }
 
+/// What the bench reads and istiod's thread writes: held only briefly, so that the bench's runtime
+/// (where the timed clients run) never waits on istiod's work.
 struct Served {
-    /// Per type URL: every resource by name (what a new subscription gets).
-    resources: BTreeMap<String, BTreeMap<String, Resource>>,
     answers: Vec<Answer>,
     nonce: u64,
 }
+
+/// Per type URL: every resource by name (what a new subscription gets); only istiod's thread
+/// touches it.
+type Kept = Arc<Mutex<BTreeMap<String, BTreeMap<String, Resource>>>>;
 
 /// The fake istiod; stops when dropped.
 pub(crate) struct Istiod {
     fake: Arc<FakeIstiod>,
     served: Arc<Mutex<Served>>,
-    pushes: broadcast::Sender<Arc<Push>>,
+    pushes: mpsc::UnboundedSender<Push>,
     root: PathBuf,
     token: PathBuf,
-    acceptor: tokio::task::JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Istiod {
     fn drop(&mut self) {
-        self.acceptor.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
-fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
-    served.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `named` as the resources of a response, each with `version`.
@@ -78,44 +88,97 @@ pub(crate) fn resources(named: Vec<Named>, version: &str) -> Vec<Resource> {
 }
 
 impl Istiod {
-    /// Starts serving `initial` (on the current tokio runtime); writes its root and the proxies'
-    /// token into `dir`.
+    /// Starts serving `initial` on a thread of its own, at `SCHED_IDLE` (its own tokio runtime:
+    /// istiod's encoding and TLS work does not run on the bench's runtime, where the clients it
+    /// times run, and takes only CPU time nothing else wants, as istiod on another machine would);
+    /// writes its root and the proxies' token into `dir`.
     pub(crate) async fn start(dir: &Path, initial: Resources) -> anyhow::Result<Istiod> {
-        let fake = Arc::new(FakeIstiod::start().await);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let root = dir.join("root-cert.pem");
-        let token = dir.join("istio-token");
-        std::fs::write(&root, fake.root_pem()).with_context(|| format!("writing {}", root.display()))?;
-        std::fs::write(&token, "bench-token\n").with_context(|| format!("writing {}", token.display()))?;
         let by_name = |named: Vec<Named>| -> BTreeMap<String, Resource> {
             resources(named, "initial")
                 .into_iter()
                 .map(|r| (r.name.clone(), r))
                 .collect()
         };
+        let kept: Kept = Arc::new(Mutex::new(BTreeMap::from([
+            (ADDRESS.to_owned(), by_name(initial.addresses)),
+            (AUTHORIZATION.to_owned(), by_name(initial.policies)),
+        ])));
         let served = Arc::new(Mutex::new(Served {
-            resources: BTreeMap::from([
-                (ADDRESS.to_owned(), by_name(initial.addresses)),
-                (AUTHORIZATION.to_owned(), by_name(initial.policies)),
-            ]),
             answers: Vec::new(),
             nonce: 0,
         }));
-        let (pushes, _) = broadcast::channel(16);
-        let (f, s, p) = (Arc::clone(&fake), Arc::clone(&served), pushes.clone());
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let stream = f.next_stream().await;
-                tokio::spawn(serve(stream, Arc::clone(&s), p.subscribe()));
-            }
-        });
+        let (pushes, mut queued) = mpsc::unbounded_channel::<Push>();
+        let (started, fake) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let s = Arc::clone(&served);
+        let thread = std::thread::Builder::new()
+            .name("fake-istiod".to_owned())
+            .spawn(move || {
+                // istiod runs on other machines of a real mesh: here it takes only the CPU time
+                // the proxies and the bench's clients leave (its pushes cost it tens of
+                // milliseconds each, which would otherwise be counted against the proxies' latency).
+                if let Err(error) = thread_priority::set_thread_priority_and_policy(
+                    thread_priority::thread_native_id(),
+                    thread_priority::ThreadPriority::Min,
+                    thread_priority::ThreadSchedulePolicy::Normal(thread_priority::NormalThreadSchedulePolicy::Idle),
+                ) {
+                    eprintln!(
+                        "warning: the fake istiod's thread stays at the default policy (SCHED_IDLE refused: {error:?})"
+                    );
+                }
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = started.send(Err(anyhow::anyhow!("the fake istiod's runtime: {err}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let fake = Arc::new(FakeIstiod::start().await);
+                    let (broadcast, _) = broadcast::channel::<Arc<Push>>(16);
+                    let (f, b) = (Arc::clone(&fake), broadcast.clone());
+                    let (served, k) = (Arc::clone(&s), Arc::clone(&kept));
+                    tokio::spawn(async move {
+                        loop {
+                            let stream = f.next_stream().await;
+                            tokio::spawn(serve(stream, Arc::clone(&served), Arc::clone(&k), b.subscribe()));
+                        }
+                    });
+                    // Pushes are kept for the streams to come and handed to every stream here, on
+                    // istiod's thread.
+                    tokio::spawn(async move {
+                        while let Some(push) = queued.recv().await {
+                            {
+                                let mut kept = lock(&kept);
+                                let kept = kept.entry(push.type_url.clone()).or_default();
+                                for r in push.resources.iter() {
+                                    kept.insert(r.name.clone(), r.clone());
+                                }
+                            }
+                            let _ = broadcast.send(Arc::new(push));
+                        }
+                    });
+                    if started.send(Ok(fake)).is_err() {
+                        return;
+                    }
+                    let _ = stopped.await;
+                });
+            })
+            .context("starting the fake istiod's thread")?;
+        let fake = fake.await.context("the fake istiod's thread ended")??;
+        let root = dir.join("root-cert.pem");
+        let token = dir.join("istio-token");
+        std::fs::write(&root, fake.root_pem()).with_context(|| format!("writing {}", root.display()))?;
+        std::fs::write(&token, "bench-token\n").with_context(|| format!("writing {}", token.display()))?;
         Ok(Istiod {
             fake,
             served,
             pushes,
             root,
             token,
-            acceptor,
+            stop: Some(stop),
+            thread: Some(thread),
         })
     }
 
@@ -126,24 +189,19 @@ impl Istiod {
     }
 
     /// Sends `resources` of `type_url` (added or changed) to every stream and keeps them for the
-    /// streams to come. Returns the push's nonce and when it was handed to the streams (after
-    /// keeping the resources).
-    pub(crate) fn push(&self, type_url: &str, resources: Vec<Resource>) -> (String, Instant) {
+    /// streams to come (on istiod's thread). Returns the push's nonce and when it was handed over.
+    pub(crate) fn push(&self, type_url: &str, resources: Arc<Vec<Resource>>) -> (String, Instant) {
         let nonce = {
             let mut served = lock(&self.served);
-            let kept = served.resources.entry(type_url.to_owned()).or_default();
-            for r in &resources {
-                kept.insert(r.name.clone(), r.clone());
-            }
             served.nonce += 1;
             format!("push-{}", served.nonce)
         };
         let at = Instant::now();
-        let _ = self.pushes.send(Arc::new(Push {
+        let _ = self.pushes.send(Push {
             type_url: type_url.to_owned(),
             nonce: nonce.clone(),
             resources,
-        }));
+        });
         (nonce, at)
     }
 
@@ -186,16 +244,21 @@ fn response(type_url: &str, nonce: &str, resources: Vec<Resource>) -> DeltaDisco
 
 /// Serves one stream: everything of each type it subscribes to, then every push; records its
 /// answers.
-async fn serve(mut stream: StreamHandle, served: Arc<Mutex<Served>>, mut pushes: broadcast::Receiver<Arc<Push>>) {
+async fn serve(
+    mut stream: StreamHandle,
+    served: Arc<Mutex<Served>>,
+    kept: Kept,
+    mut pushes: broadcast::Receiver<Arc<Push>>,
+) {
     loop {
         tokio::select! {
             request = stream.recv() => {
                 let Some(request) = request else { return };
-                on_request(&stream, &served, request);
+                on_request(&stream, &served, &kept, request);
             }
             push = pushes.recv() => match push {
                 Ok(push) => {
-                    stream.send(response(&push.type_url, &push.nonce, push.resources.clone()));
+                    stream.send(response(&push.type_url, &push.nonce, push.resources.to_vec()));
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -204,22 +267,21 @@ async fn serve(mut stream: StreamHandle, served: Arc<Mutex<Served>>, mut pushes:
     }
 }
 
-fn on_request(stream: &StreamHandle, served: &Mutex<Served>, request: DeltaDiscoveryRequest) {
+fn on_request(stream: &StreamHandle, served: &Mutex<Served>, kept: &Kept, request: DeltaDiscoveryRequest) {
     let at = Instant::now();
-    let mut served = lock(served);
     if request.response_nonce.is_empty() {
         // A subscription (or a resumed one): everything of the type.
-        let all: Vec<Resource> = served
-            .resources
+        let all: Vec<Resource> = lock(kept)
             .get(&request.type_url)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
+        let mut served = lock(served);
         served.nonce += 1;
         let nonce = format!("subscribe-{}", served.nonce);
         drop(served);
         stream.send(response(&request.type_url, &nonce, all));
     } else {
-        served.answers.push(Answer {
+        lock(served).answers.push(Answer {
             nonce: request.response_nonce,
             nack: request.error_detail.map(|status| status.message),
             at,

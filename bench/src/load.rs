@@ -150,6 +150,9 @@ fn nanos(d: Duration) -> u64 {
 pub(crate) struct Exchanges {
     pub(crate) latency: Histogram<u64>,
     pub(crate) elapsed: Duration,
+    /// Each exchange: when its request was written, and its latency in nanoseconds (open-loop runs
+    /// only; empty otherwise).
+    pub(crate) timeline: Vec<(Instant, u64)>,
 }
 
 /// 1 KiB requests on one connection at `rate` per second for `duration`, sent on schedule whatever the
@@ -179,6 +182,7 @@ pub(crate) async fn request_response_fixed(
         anyhow::Ok(writer)
     });
     let mut latency = histogram();
+    let mut timeline = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let mut buf = vec![0u8; MESSAGE];
     for i in 0..count {
         timed("reading a response", reader.read_exact(&mut buf)).await?;
@@ -187,13 +191,19 @@ pub(crate) async fn request_response_fixed(
         if seq != i {
             bail!("response {seq} arrived where {i} was expected");
         }
-        latency.saturating_record(now.saturating_sub(sent_at).max(1));
+        let took = now.saturating_sub(sent_at).max(1);
+        latency.saturating_record(took);
+        timeline.push((epoch + Duration::from_nanos(sent_at), took));
     }
     let elapsed = start.elapsed();
     if let Some(task) = sender.join_next().await {
         drop(task.context("the request sender panicked")??);
     }
-    Ok(Exchanges { latency, elapsed })
+    Ok(Exchanges {
+        latency,
+        elapsed,
+        timeline,
+    })
 }
 
 /// 1 KiB requests on one connection, each sent when the previous response arrived, for `duration`.
@@ -222,6 +232,7 @@ pub(crate) async fn request_response_closed(
     Ok(Exchanges {
         latency,
         elapsed: start.elapsed(),
+        timeline: Vec::new(),
     })
 }
 

@@ -67,6 +67,10 @@ struct Cli {
     /// --quick).
     #[arg(long, value_name = "N")]
     xds_workloads: Option<usize>,
+    /// `--xds-priority` of the xds shape's proxies (the thread that applies pushes at SCHED_IDLE, or
+    /// at the default policy). Default: the proxies' default (idle).
+    #[arg(long, value_name = "idle|normal", value_parser = ["idle", "normal"])]
+    xds_priority: Option<String>,
     /// Connections opened with a full mTLS handshake each, per run. Default 300 (30 with --quick).
     #[arg(long, value_name = "N")]
     handshake_connections: Option<usize>,
@@ -331,6 +335,11 @@ fn plan(cli: &Cli) -> Plan {
         idle_connections: cli.idle_connections.unwrap_or(if quick { 300 } else { 10_000 }).max(1),
         xds_workloads: cli.xds_workloads.unwrap_or(if quick { 1000 } else { 10_000 }).max(1),
         xds_rr_s: if quick { 1.0 } else { 5.0 },
+        xds_priority: match cli.xds_priority.as_deref() {
+            Some("normal") => Some("normal"),
+            Some(_) => Some("idle"),
+            None => None,
+        },
     }
 }
 

@@ -65,6 +65,8 @@ pub(crate) struct PairOptions {
     pub(crate) cpus: Option<usize>,
     /// `--pool-max-streams-per-connection` of proxy A (the client side), if not the default (100).
     pub(crate) max_streams: Option<usize>,
+    /// `--xds-priority` of both proxies (`idle` or `normal`), if not their default.
+    pub(crate) xds_priority: Option<&'static str>,
 }
 
 impl Default for PairOptions {
@@ -73,6 +75,7 @@ impl Default for PairOptions {
             workers: 2,
             cpus: None,
             max_streams: None,
+            xds_priority: None,
         }
     }
 }
@@ -258,6 +261,9 @@ impl Pair {
                 .arg("--dns-proxy=false")
                 .args(["--worker-threads", &options.workers.to_string()])
                 .args(["--drain-deadline", "1s", "--log-level", "warn"]);
+            if let Some(priority) = options.xds_priority {
+                cmd.args(["--xds-priority", priority]);
+            }
         };
 
         let pinned = options.cpus.map(sys::first_cpus).transpose()?;

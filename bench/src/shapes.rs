@@ -45,6 +45,8 @@ pub(crate) struct Plan {
     pub(crate) xds_workloads: usize,
     /// Seconds of each request/response run of the xds shape (before and during pushes).
     pub(crate) xds_rr_s: f64,
+    /// `--xds-priority` of the xds shape's proxies; `None`: their default.
+    pub(crate) xds_priority: Option<&'static str>,
 }
 
 fn secs(s: f64) -> Duration {
@@ -281,6 +283,7 @@ pub(crate) async fn parallel(bench: &Bench) -> anyhow::Result<(Parallel, Table)>
                     workers: cores,
                     cpus: Some(cores),
                     max_streams,
+                    ..PairOptions::default()
                 };
                 let pair = Pair::start(&bench.work, binary, options, &label, bench.server.addr()).await?;
                 if max_streams.is_some() {

@@ -40,6 +40,28 @@ fn ready(proxy: &Proxy) -> bool {
     http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready").is_ok_and(|r| r.status == 200)
 }
 
+/// Linux's scheduling policies, as `/proc/<pid>/task/<tid>/stat` shows them.
+const SCHED_OTHER: u32 = 0;
+const SCHED_IDLE: u32 = 5;
+
+/// The scheduling policy (field 41 of `/proc/<pid>/task/<tid>/stat`) of the thread of `pid` named
+/// `name`, if there is one.
+fn thread_policy(pid: u32, name: &str) -> Option<u32> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // The fields after the command (which may hold spaces) start at field 3.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            return rest.split(' ').nth(41 - 3)?.parse().ok();
+        }
+    }
+    None
+}
+
 fn config_dump(proxy: &Proxy) -> Value {
     let answer = http::request_blocking(proxy.ports().admin, "GET", "/config_dump").unwrap();
     assert_eq!(answer.status, 200);
@@ -77,7 +99,8 @@ impl IstioPair {
     }
 
     /// The client's and the server's dedicated proxies of `binary`, configured by istiod, once both
-    /// are ready (panics with their readiness answers and logs otherwise).
+    /// are ready (panics with their readiness answers and logs otherwise). The server applies
+    /// istiod's pushes at the default `--xds-priority` (idle), the client at `normal`.
     fn dedicated_pair(&self, binary: &Binary) -> (Proxy, Proxy) {
         let server = self
             .proxy(binary, lo(2), "ztunnel-b")
@@ -86,6 +109,7 @@ impl IstioPair {
         let client = self
             .proxy(binary, lo(1), "ztunnel-a")
             .dedicated("default/client/client")
+            .env("MESHWIRE_XDS_PRIORITY", "normal")
             .spawn_listening();
         wait_until_or(
             Duration::from_secs(20),
@@ -157,6 +181,22 @@ fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
         );
         let metrics = server.metrics();
         assert!(metrics.contains("istio_xds_connection_terminations_total"), "{metrics}");
+
+        // The pushes were applied on the xDS thread, at SCHED_IDLE by default and at the default
+        // policy when asked (the client).
+        for (proxy, priority, policy) in [(&server, "idle", SCHED_IDLE), (&client, "normal", SCHED_OTHER)] {
+            let dump = config_dump(proxy);
+            let apply = &dump["istio"]["xds"]["apply"];
+            assert_eq!(apply["priority"], priority, "{dump}");
+            assert_eq!(apply["thread"], "ztunnel-xds", "{dump}");
+            assert!(apply["lastPublished"]["tookMs"].is_number(), "{dump}");
+            assert_eq!(
+                thread_policy(proxy.pid(), "ztunnel-xds"),
+                Some(policy),
+                "{}: {priority}",
+                b.name()
+            );
+        }
 
         // A pushed DENY of the client closes its established connection and refuses new ones.
         let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr())).unwrap();

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use meshwire_control::ads::{AdsClient, AdsStatus, Rejected, TerminationReason, XdsHandler};
 use meshwire_control::ca::CaClient;
@@ -29,11 +29,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::plane::{Manager, StartError};
 use crate::admin::{IstioDump, rfc3339};
-use crate::config::{self, AuthToken, Config, ControlPlane, ProxyMode, Roots};
+use crate::config::{self, AuthToken, Config, ControlPlane, ProxyMode, Roots, XdsPriority};
 use crate::istio::XdsConfig;
 use crate::rt::tokio::TokioTimer;
 use crate::state::LocalProxy;
@@ -124,24 +125,60 @@ impl CertificateAuthority for IstioCaClient {
     }
 }
 
-/// What the xDS stream feeds: the store of istiod's resources, and what a new state is published to.
+/// What the xDS stream feeds, on the xDS thread ([`Xds::start`]): the store of istiod's resources,
+/// and what a new state is published to. What it did goes to the control thread as [`Event`]s.
 struct Handler {
     store: XdsConfig,
     published: Published,
-    registries: Vec<ConnectionRegistry>,
-    manager: Manager,
     proxy: LocalProxy,
-    address: String,
-    /// The identities whose certificates were fetched ahead of need (a node proxy's workloads).
-    prefetched: BTreeSet<SpiffeId>,
     retired: Retired,
     /// A state from istiod was published.
     served: bool,
+    events: mpsc::UnboundedSender<Event>,
+    stats: ApplyStats,
 }
 
-/// Replaced snapshots, kept until no connection reads them any more and then freed here, on the
-/// control thread. A snapshot of a large mesh takes milliseconds to free; without this, the data-path
-/// thread that happens to drop the last reference would pay for it in the middle of a connection.
+/// What the xDS thread tells the control thread, which logs it, re-checks the established
+/// connections and asks for certificates: the xDS thread takes no lock a data-path thread or the
+/// control thread may wait for while it is preempted (the connection registries, the certificate
+/// manager, the log output), since at [`XdsPriority::Idle`] it may stay preempted for long.
+#[derive(Debug)]
+enum Event {
+    /// Resources of a push were rejected (the others apply).
+    Rejected {
+        type_url: String,
+        rejected: Vec<crate::istio::Rejected>,
+    },
+    /// The first push of one type arrived; nothing is served before the other's.
+    Waiting { type_url: String, changed: usize },
+    /// A push was applied and its state published.
+    Published {
+        type_url: String,
+        changed: usize,
+        removed: usize,
+        rejected: usize,
+        generation: u64,
+        took: Duration,
+        /// The identities of the workloads this proxy serves on its node (`None` for a proxy
+        /// without a node name, which fetches on first use only).
+        local_identities: Option<BTreeSet<SpiffeId>>,
+    },
+}
+
+/// How often replaced snapshots still read by connections are looked at again.
+const RETIRED_SWEEP: Duration = Duration::from_secs(1);
+
+/// A push that took longer than this is logged at warning level (at [`XdsPriority::Idle`] it means
+/// the data path kept every CPU busy).
+const SLOW_APPLY: Duration = Duration::from_secs(5);
+
+/// The name of the xDS thread.
+pub const XDS_THREAD: &str = "ztunnel-xds";
+
+/// Replaced snapshots, kept until no connection reads them any more and then freed on the xDS
+/// thread. A snapshot of a large mesh takes milliseconds to free; without this, the data-path thread
+/// that happens to drop the last reference would pay for it in the middle of a connection. (Only
+/// the xDS thread touches the list: the handler and the periodic sweep.)
 #[derive(Clone, Default)]
 struct Retired(Arc<std::sync::Mutex<Vec<Arc<Snapshot>>>>);
 
@@ -163,22 +200,132 @@ impl Retired {
     }
 }
 
-/// How often replaced snapshots still read by connections are looked at again.
-const RETIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl Handler {
+    fn tell(&self, event: Event) {
+        // The control thread goes only when the proxy stops.
+        let _ = self.events.send(event);
+    }
+}
+
+impl XdsHandler for Handler {
+    fn apply(&mut self, type_url: &str, resources: Vec<Resource>, removed: Vec<String>) -> Vec<Rejected> {
+        let started = Instant::now();
+        let (changed, gone) = (resources.len(), removed.len());
+        let rejected = self.store.apply(type_url, resources, removed);
+        let answer: Vec<Rejected> = rejected
+            .iter()
+            .map(|r| Rejected::new(r.name.clone(), r.reason.clone()))
+            .collect();
+        let count = rejected.len();
+        if !rejected.is_empty() {
+            self.tell(Event::Rejected {
+                type_url: type_url.to_owned(),
+                rejected,
+            });
+        }
+        let complete = [crate::istio::ADDRESS_TYPE_URL, crate::istio::AUTHORIZATION_TYPE_URL]
+            .iter()
+            .all(|t| self.store.received(t));
+        if complete && self.served && changed == 0 && gone == 0 {
+            // Nothing changed (a resumed stream that holds every version): the state stays as it is,
+            // no rebuild, no new generation.
+        } else if complete {
+            self.served = true;
+            let previous = self.published.load();
+            let snapshot = self
+                .published
+                .publish(self.store.to_local_config(), None, SystemTime::now());
+            self.retired.retire(previous);
+            let local_identities = self.proxy.node.is_some().then(|| {
+                snapshot
+                    .state
+                    .local_identities(&self.proxy)
+                    .into_iter()
+                    .map(SpiffeId::from)
+                    .collect()
+            });
+            let took = started.elapsed();
+            self.stats.record(took);
+            self.tell(Event::Published {
+                type_url: type_url.to_owned(),
+                changed,
+                removed: gone,
+                rejected: count,
+                generation: snapshot.generation,
+                took,
+                local_identities,
+            });
+        } else {
+            self.tell(Event::Waiting {
+                type_url: type_url.to_owned(),
+                changed,
+            });
+        }
+        answer
+    }
+}
+
+/// The control thread's side of the xDS stream: what follows each push.
+struct Follower {
+    address: String,
+    published: Published,
+    registries: Vec<ConnectionRegistry>,
+    manager: Manager,
+    /// The identities whose certificates were fetched ahead of need (a node proxy's workloads).
+    prefetched: BTreeSet<SpiffeId>,
+}
+
+impl Follower {
+    fn on(&mut self, event: Event) {
+        let address = &self.address;
+        match event {
+            Event::Rejected { type_url, rejected } => {
+                for r in &rejected {
+                    tracing::warn!(istiod = %address, %type_url, resource = %r.name, reason = %r.reason, "rejected a resource istiod sent");
+                }
+            }
+            Event::Waiting { type_url, changed } => {
+                tracing::info!(istiod = %address, %type_url, changed, "first push of one type; waiting for the other before serving");
+            }
+            Event::Published {
+                type_url,
+                changed,
+                removed,
+                rejected,
+                generation,
+                took,
+                local_identities,
+            } => {
+                // The current state: a newer one may have been published meanwhile.
+                let snapshot = self.published.load();
+                let closed: usize = self.registries.iter().map(|r| r.reevaluate(&snapshot)).sum();
+                drop(snapshot);
+                tracing::info!(
+                    istiod = %address,
+                    %type_url,
+                    changed,
+                    removed,
+                    rejected,
+                    generation,
+                    took_ms = took.as_millis(),
+                    closed,
+                    "applied a push from istiod"
+                );
+                if took > SLOW_APPLY {
+                    tracing::warn!(istiod = %address, ?took,
+                        "a push from istiod took long to apply: the data path keeps the CPUs busy (see --xds-priority)");
+                }
+                if let Some(wanted) = local_identities {
+                    self.prefetch(wanted);
+                }
+            }
+        }
+    }
+
     /// A node proxy (shared mode with a node name) fetches the certificates of the workloads on its
     /// node as soon as istiod names them, and stops keeping those of workloads that left. A proxy
     /// without a node name serves every node: it fetches on first use only.
-    fn prefetch(&mut self, state: &crate::state::State) {
-        if self.proxy.node.is_none() {
-            return;
-        }
-        let wanted: BTreeSet<SpiffeId> = state
-            .local_identities(&self.proxy)
-            .into_iter()
-            .map(SpiffeId::from)
-            .collect();
+    fn prefetch(&mut self, wanted: BTreeSet<SpiffeId>) {
         for id in wanted.difference(&self.prefetched) {
             self.manager.warm_up(id);
         }
@@ -190,56 +337,90 @@ impl Handler {
     }
 }
 
-impl XdsHandler for Handler {
-    fn apply(&mut self, type_url: &str, resources: Vec<Resource>, removed: Vec<String>) -> Vec<Rejected> {
-        let (changed, gone) = (resources.len(), removed.len());
-        let rejected = self.store.apply(type_url, resources, removed);
-        for r in &rejected {
-            tracing::warn!(istiod = %self.address, %type_url, resource = %r.name, reason = %r.reason, "rejected a resource istiod sent");
-        }
-        let complete = [crate::istio::ADDRESS_TYPE_URL, crate::istio::AUTHORIZATION_TYPE_URL]
-            .iter()
-            .all(|t| self.store.received(t));
-        if complete && self.served && changed == 0 && gone == 0 {
-            // Nothing changed (a resumed stream that holds every version): the state stays as it is,
-            // no rebuild, no new generation.
-            tracing::debug!(istiod = %self.address, %type_url, "a push without changes");
-        } else if complete {
-            self.served = true;
-            let previous = self.published.load();
-            let snapshot = self
-                .published
-                .publish(self.store.to_local_config(), None, SystemTime::now());
-            self.retired.retire(previous);
-            let closed: usize = self.registries.iter().map(|r| r.reevaluate(&snapshot)).sum();
-            tracing::info!(
-                istiod = %self.address,
-                %type_url,
-                changed,
-                removed = gone,
-                rejected = rejected.len(),
-                generation = snapshot.generation,
-                closed,
-                "applied a push from istiod"
-            );
-            self.prefetch(&snapshot.state);
-        } else {
-            tracing::info!(istiod = %self.address, %type_url, changed, "first push of one type; waiting for the other before serving");
-        }
-        rejected.into_iter().map(|r| Rejected::new(r.name, r.reason)).collect()
+/// How long the last push took to apply (for `/config_dump`).
+#[derive(Debug, Clone, Default)]
+struct ApplyStats(Arc<std::sync::Mutex<Option<(SystemTime, Duration)>>>);
+
+impl ApplyStats {
+    fn record(&self, took: Duration) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((SystemTime::now(), took));
+    }
+
+    fn last(&self) -> Option<(SystemTime, Duration)> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// istiod's xDS stream, running.
+/// Runs `task` on a thread named `name` with a current-thread tokio runtime of its own, at
+/// `priority`, until `task` ends or `stop` is dropped or fires.
+fn spawn_thread<F>(
+    name: &str,
+    priority: XdsPriority,
+    stop: oneshot::Receiver<()>,
+    task: impl FnOnce() -> F + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: Future<Output = ()>,
+{
+    std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        if priority == XdsPriority::Idle {
+            set_idle_priority();
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(%error, "cannot start the xDS thread's runtime: istiod's pushes are not applied");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            tokio::select! {
+                () = task() => {}
+                _ = stop => {}
+            }
+        });
+    })
+}
+
+/// Puts the calling thread in Linux's `SCHED_IDLE` policy; logs why not when it cannot.
+fn set_idle_priority() {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    // For SCHED_IDLE the nice value has no influence; the lowest is asked for.
+    if let Err(error) = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        ThreadPriority::Min,
+        policy,
+    ) {
+        tracing::warn!(
+            ?error,
+            "cannot put the xDS thread at SCHED_IDLE: applying istiod's pushes competes with the data path"
+        );
+    }
+}
+
+/// istiod's xDS stream, running on a thread of its own: the client (TLS, HTTP/2, decoding), the
+/// store of istiod's resources, the conversion and the state build of each push, the publication,
+/// and the freeing of replaced states. At [`XdsPriority::Idle`] (the default) that thread is in
+/// Linux's `SCHED_IDLE` policy: a push of a large mesh costs tens of milliseconds of CPU, which on
+/// the control thread or at the default policy would hold a CPU a data-path thread waits for (the
+/// scheduler lets a waking thread preempt a running one of the same policy only after that one's
+/// time slice); at `SCHED_IDLE` a waking data-path thread preempts it at once. What follows a push
+/// (re-checking connections, certificates, log lines) runs on the control thread.
 #[derive(Debug)]
 pub struct Xds {
     status: AdsStatus,
-    task: JoinHandle<()>,
+    /// Firing or dropping it stops the xDS thread.
+    stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    follower: JoinHandle<()>,
+    stats: ApplyStats,
+    priority: XdsPriority,
 }
 
 impl Xds {
-    /// Starts the xDS client of `config` (which has `XDS_ADDRESS`) on the current tokio runtime;
-    /// what it receives is published to `published`.
+    /// Starts the xDS client of `config` (which has `XDS_ADDRESS`) on its thread, and what follows
+    /// each push on the current tokio runtime (the control thread's); what it receives is
+    /// published to `published`.
     pub(crate) fn start(
         config: &Config,
         plane: &ControlPlane,
@@ -252,19 +433,20 @@ impl Xds {
         tracing::info!(istiod = %plane.address, node = %node.id, "subscribing to istiod's workloads and policies (delta xDS)");
         let mut client = AdsClient::new(channel, node, TokioTimer);
         let status = client.status();
+        let stats = ApplyStats::default();
+        let (events, mut received) = mpsc::unbounded_channel();
         let mut handler = Handler {
             store: XdsConfig::new(),
-            published,
-            registries: registries.to_vec(),
-            manager,
+            published: published.clone(),
             proxy: config.local_proxy(),
-            address: plane.address.clone(),
-            prefetched: BTreeSet::new(),
             retired: Retired::default(),
             served: false,
+            events,
+            stats: stats.clone(),
         };
         let retired = handler.retired.clone();
-        let task = tokio::spawn(async move {
+        let (stop, stopped) = oneshot::channel();
+        spawn_thread(XDS_THREAD, config.xds_priority, stopped, move || async move {
             let mut sweep = tokio::time::interval(RETIRED_SWEEP);
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let run = client.run(&mut handler);
@@ -275,8 +457,30 @@ impl Xds {
                     _ = sweep.tick() => retired.sweep(),
                 }
             }
+        })
+        .map_err(|error| StartError::Istiod {
+            address: plane.address.clone(),
+            reason: format!("cannot start the xDS thread: {error}"),
+        })?;
+        let mut follower = Follower {
+            address: plane.address.clone(),
+            published,
+            registries: registries.to_vec(),
+            manager,
+            prefetched: BTreeSet::new(),
+        };
+        let follower = tokio::spawn(async move {
+            while let Some(event) = received.recv().await {
+                follower.on(event);
+            }
         });
-        Ok(Xds { status, task })
+        Ok(Xds {
+            status,
+            stop: std::sync::Mutex::new(Some(stop)),
+            follower,
+            stats,
+            priority: config.xds_priority,
+        })
     }
 
     /// The stream's status (readiness, metrics, `/config_dump`).
@@ -284,9 +488,31 @@ impl Xds {
         &self.status
     }
 
+    /// How pushes are applied (for `/config_dump`).
+    pub(crate) fn apply_view(&self) -> ApplyView {
+        ApplyView {
+            stats: self.stats.clone(),
+            priority: self.priority,
+        }
+    }
+
     /// Stops the client.
     pub fn stop(&self) {
-        self.task.abort();
+        let stop = self
+            .stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        self.follower.abort();
+    }
+}
+
+impl Drop for Xds {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -313,8 +539,29 @@ pub(crate) fn not_ready(status: &AdsStatus) -> Option<String> {
     ))
 }
 
+/// How istiod's pushes are applied: the [`Applier`]'s priority and its last push.
+#[derive(Debug, Clone)]
+pub(crate) struct ApplyView {
+    stats: ApplyStats,
+    priority: XdsPriority,
+}
+
+impl ApplyView {
+    fn to_json(&self) -> Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        json!({
+            "thread": XDS_THREAD,
+            "priority": self.priority.as_str(),
+            "lastPublished": self.stats.last().map(|(at, took)| json!({
+                "at": rfc3339(at),
+                "tookMs": ms(took),
+            })),
+        })
+    }
+}
+
 /// The `istio` section of `/config_dump`.
-pub(crate) fn dump(status: AdsStatus, ca: Option<String>) -> IstioDump {
+pub(crate) fn dump(status: AdsStatus, apply: Option<ApplyView>, ca: Option<String>) -> IstioDump {
     Arc::new(move || {
         let s = status.snapshot();
         let types: serde_json::Map<String, Value> = s
@@ -350,6 +597,7 @@ pub(crate) fn dump(status: AdsStatus, ca: Option<String>) -> IstioDump {
                 "consecutiveFailures": s.consecutive_failures,
                 "lastError": s.last_error,
                 "backoffMs": s.backoff.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                "apply": apply.as_ref().map(ApplyView::to_json),
             },
             "ca": ca.as_ref().map(|address| json!({ "address": address })),
         })
@@ -380,6 +628,7 @@ pub(crate) fn metrics(status: AdsStatus) -> (Arc<Registry>, Arc<dyn Fn() + Send 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -397,5 +646,51 @@ mod tests {
         // ...but by the sweep.
         retired.sweep();
         assert!(weak.upgrade().is_none());
+    }
+
+    /// The scheduling policy (`/proc/<pid>/task/<tid>/stat`, field 41) of this process's thread named
+    /// `name`, if there is one.
+    fn policy_of_thread(name: &str) -> Option<u32> {
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // Fields after the command (which may hold spaces), from field 3 on.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            return rest.split(' ').nth(41 - 3)?.parse().ok();
+        }
+        None
+    }
+
+    #[test]
+    fn the_xds_thread_runs_at_sched_idle_or_at_the_default_policy_when_asked_and_stops_when_told() {
+        const SCHED_OTHER: u32 = 0;
+        const SCHED_IDLE: u32 = 5;
+        let name = "xds-policy-test";
+        for (priority, policy) in [(XdsPriority::Idle, SCHED_IDLE), (XdsPriority::Normal, SCHED_OTHER)] {
+            let (stop, stopped) = oneshot::channel();
+            let (seen, saw) = std::sync::mpsc::channel();
+            let thread = spawn_thread(name, priority, stopped, move || async move {
+                // What the thread runs sees its own policy, on its own runtime.
+                let _ = seen.send((
+                    policy_of_thread(name),
+                    tokio::runtime::Handle::current().runtime_flavor(),
+                ));
+                std::future::pending::<()>().await;
+            })
+            .unwrap();
+            let (seen, flavor) = saw.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(seen, Some(policy), "{priority:?}");
+            assert_eq!(flavor, tokio::runtime::RuntimeFlavor::CurrentThread);
+            assert!(!thread.is_finished(), "runs until told to stop");
+            stop.send(()).unwrap();
+            thread.join().unwrap();
+            assert_eq!(policy_of_thread(name), None, "gone");
+        }
     }
 }

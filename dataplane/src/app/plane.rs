@@ -201,6 +201,8 @@ pub struct ProxyContext {
     pool: PoolConfig,
     /// istiod's xDS stream, when it configures the proxy.
     xds: Option<meshwire_control::ads::AdsStatus>,
+    /// How istiod's pushes are applied (for `/config_dump`), when istiod configures the proxy.
+    xds_apply: Option<istiod::ApplyView>,
     /// The Istio CA's address, when certificates come from it.
     istio_ca: Option<String>,
 }
@@ -402,6 +404,7 @@ impl ControlPlane {
             upstream,
             pool: config.pool.clone(),
             xds: xds.as_ref().map(|x| x.status().clone()),
+            xds_apply: xds.as_ref().map(Xds::apply_view),
             istio_ca,
         });
         Ok(ControlPlane {
@@ -634,7 +637,11 @@ impl Control {
         admin = admin.with_buffers(context.serve_options.clone());
         let mut metrics = metrics;
         if let Some(status) = &context.xds {
-            admin = admin.with_istio(istiod::dump(status.clone(), context.istio_ca.clone()));
+            admin = admin.with_istio(istiod::dump(
+                status.clone(),
+                context.xds_apply.clone(),
+                context.istio_ca.clone(),
+            ));
             let (registry, refresh) = istiod::metrics(status.clone());
             metrics = metrics.with_refreshed(registry, refresh);
         } else if let Some(ca) = &context.istio_ca {

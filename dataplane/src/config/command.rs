@@ -65,6 +65,7 @@ pub(super) const OPTS: &[&Opt] = &[
     &runtime::LOG_LEVEL,
     &runtime::PACKET_MARK,
     &runtime::CONNECTION_BALANCE,
+    &runtime::XDS_PRIORITY,
 ];
 
 /// The command line: every option in [`OPTS`], plus the positional words Istio passes.

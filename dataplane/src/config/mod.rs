@@ -98,6 +98,7 @@
 //! | `--log-level` | `RUST_LOG` | `info` |
 //! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
 //! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `round-robin` (`ztunnel-uring` only) |
+//! | `--xds-priority idle\|normal` | `MESHWIRE_XDS_PRIORITY` | `idle` |
 //!
 //! As in ztunnel: `PROXY_CONFIG` is Istio's ProxyConfig as YAML or JSON, of which `proxyAdminPort`,
 //! `statsPort`, `concurrency` and `proxyMetadata` (`DNS_CAPTURE`, `DNS_PROXY_ADDR`) are read;
@@ -183,7 +184,7 @@ pub use istio::{
 };
 pub use listeners::{Listener, Listeners};
 pub use mode::{LocalConfigSource, ProxyMode, WorkloadInfo};
-pub use runtime::{ConnectionBalance, LogFormat, PacketMark};
+pub use runtime::{ConnectionBalance, LogFormat, PacketMark, XdsPriority};
 
 use command::command;
 use options::{Inputs, program_name};
@@ -298,6 +299,8 @@ pub struct Config {
     /// How the io_uring build spreads new connections over its cores (the tokio build has one
     /// listening socket per port and ignores it).
     pub connection_balance: ConnectionBalance,
+    /// The scheduling priority of the thread that applies istiod's pushes.
+    pub xds_priority: XdsPriority,
     /// ztunnel variables that were set but that meshwire does not implement (from
     /// [`UNSUPPORTED_ZTUNNEL_ENV`]), for the binary to warn about.
     pub ignored_env: Vec<&'static str>,
@@ -500,6 +503,7 @@ impl Inputs<'_> {
             log_level: self.log_level()?,
             packet_mark: self.packet_mark()?,
             connection_balance: self.connection_balance()?,
+            xds_priority: self.xds_priority()?,
             ignored_env: UNSUPPORTED_ZTUNNEL_ENV
                 .iter()
                 .copied()

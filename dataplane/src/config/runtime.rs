@@ -208,7 +208,64 @@ pub(super) const CONNECTION_BALANCE: Opt = Opt {
     ..Opt::new(H_RUN)
 };
 
+/// The scheduling priority of the thread that applies istiod's pushes (decoding, converting, building
+/// and publishing the new state, re-checking connections).
+///
+/// ```
+/// use meshwire_dataplane::config::XdsPriority;
+/// assert_eq!("idle".parse::<XdsPriority>(), Ok(XdsPriority::Idle));
+/// assert_eq!(" Normal ".parse::<XdsPriority>(), Ok(XdsPriority::Normal));
+/// assert!("high".parse::<XdsPriority>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdsPriority {
+    /// Linux's `SCHED_IDLE`: the thread runs on CPU time the data path leaves, and a data-path
+    /// thread that wakes up preempts it at once, so a large push does not delay traffic. On a node
+    /// whose CPUs the data path keeps fully busy, pushes apply slowly (the thread keeps a small share).
+    #[default]
+    Idle,
+    /// The default policy, as every other thread: a push takes CPUs from the data path while it is
+    /// applied, and is applied as fast under full load.
+    Normal,
+}
+
+impl XdsPriority {
+    /// The name, as parsed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdsPriority::Idle => "idle",
+            XdsPriority::Normal => "normal",
+        }
+    }
+}
+
+impl FromStr for XdsPriority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "idle" => Ok(XdsPriority::Idle),
+            "normal" => Ok(XdsPriority::Normal),
+            _ => Err("expected idle or normal".to_owned()),
+        }
+    }
+}
+
+pub(super) const XDS_PRIORITY: Opt = Opt {
+    flag: "--xds-priority",
+    value_name: "idle|normal",
+    keys: &[Env("MESHWIRE_XDS_PRIORITY")],
+    default: Some("idle"),
+    help: "Scheduling of the thread that applies istiod's pushes: idle (SCHED_IDLE: a push never takes a CPU a \
+           data-path thread wants; under full CPU load pushes apply slowly) or normal (the default policy)",
+    ..Opt::new(H_RUN)
+};
+
 impl Inputs<'_> {
+    pub(super) fn xds_priority(&self) -> Result<XdsPriority, Error> {
+        Ok(self.required(&XDS_PRIORITY, str::parse)?.value)
+    }
+
     pub(super) fn drain_deadline(&self) -> Result<Duration, Error> {
         if let Some(found) = self.get(&DRAIN_DEADLINE, parse_duration)? {
             return Ok(found.value);
