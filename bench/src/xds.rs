@@ -10,7 +10,10 @@
 //!    configures: push -> ACK and push -> `meshwire_config_generation` on /metrics, the proxies' CPU
 //!    and RSS;
 //! 3. pushed again and again (every workload changed each time) while a 1 KiB request/response
-//!    stream runs through the same pair at a fixed rate: latency before and during the pushes.
+//!    stream runs through the same pair at a fixed rate: latency without pushes, with a push each
+//!    second (the exchanges in flight from a push to its last ACK against those between pushes of
+//!    the same run, so that the machine's noise is the same for both), and with pushes back to back.
+//!    `--xds-priority` sets the proxies' option of that name.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use meshwire_dataplane::config::{
     AuthToken, CertificateSource, Config, ConnectionBalance, Error, Listener, LocalConfigSource, LogFormat, Origin,
-    PacketMark, ProxyMode, Roots, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo,
+    PacketMark, ProxyMode, Roots, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo, XdsPriority,
 };
 use meshwire_dataplane::state::{DEFAULT_PROXY_PORTS, LocalProxy};
 use meshwire_hbone::Settings;
@@ -108,6 +108,7 @@ fn defaults_are_ztunnels() {
     assert_eq!(config.log_level, "info");
     assert_eq!(config.packet_mark, PacketMark::Auto);
     assert_eq!(config.connection_balance, ConnectionBalance::RoundRobin);
+    assert_eq!(config.xds_priority, XdsPriority::Idle);
     assert_eq!(config.packet_mark.value(), Some(0x539));
     assert!(config.ignored_env.is_empty());
     assert_eq!(config.validate(), Ok(()));
@@ -439,6 +440,12 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("MESHWIRE_CONNECTION_BALANCE", "hash")], |c| {
             c.connection_balance == ConnectionBalance::Hash
         }),
+        (vec![("MESHWIRE_XDS_PRIORITY", "normal")], |c| {
+            c.xds_priority == XdsPriority::Normal
+        }),
+        (vec![("MESHWIRE_XDS_PRIORITY", "IDLE")], |c| {
+            c.xds_priority == XdsPriority::Idle
+        }),
         (vec![("MESHWIRE_HANDOVER", "45s")], |c| {
             c.handover == Some(Duration::from_secs(45))
         }),
@@ -658,6 +665,11 @@ fn invalid_values_name_their_flag_or_variable_and_the_value() {
             &["MESHWIRE_OUTBOUND_PORT", "70000"],
         ),
         (&["--admin-port", "abc"], &[], &["--admin-port", "abc"]),
+        (
+            &[],
+            &[("MESHWIRE_XDS_PRIORITY", "realtime")],
+            &["MESHWIRE_XDS_PRIORITY", "realtime", "expected idle or normal"],
+        ),
         (
             &[],
             &[("PROXY_CONFIG", "proxyAdminPort: abc")],

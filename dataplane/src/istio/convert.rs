@@ -110,17 +110,18 @@ impl ConvertError {
     }
 }
 
-/// The resource being converted, for errors.
-struct Ctx {
+/// The resource being converted, for errors (borrowed from the resource when it names itself:
+/// conversion runs for every resource of a push, errors are rare).
+struct Ctx<'a> {
     kind: ResourceKind,
-    resource: String,
+    resource: std::borrow::Cow<'a, str>,
 }
 
-impl Ctx {
+impl Ctx<'_> {
     fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConvertError {
         ConvertError {
             kind: self.kind,
-            resource: self.resource.clone(),
+            resource: self.resource.to_string(),
             field: field.into(),
             message: message.into(),
         }
@@ -153,8 +154,18 @@ fn or_default(value: &str, default: &str) -> String {
     }
 }
 
-fn port(ctx: &Ctx, field: impl Into<String>, value: u32) -> Result<u16, ConvertError> {
-    u16::try_from(value).map_err(|_| ctx.err(field, format!("{value} is not a port (0 to 65535)")))
+/// A port; `field` is formatted only for an error (conversion runs for every resource of a push).
+fn port(ctx: &Ctx, field: impl std::fmt::Display, value: u32) -> Result<u16, ConvertError> {
+    u16::try_from(value).map_err(|_| ctx.err(field.to_string(), format!("{value} is not a port (0 to 65535)")))
+}
+
+/// `services["<key>"]`, formatted only when an error names it.
+struct ServiceField<'a>(&'a str);
+
+impl std::fmt::Display for ServiceField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "services[{:?}]", self.0)
+    }
 }
 
 fn unknown_enum(ctx: &Ctx, field: &str, value: i32) -> ConvertError {
@@ -185,7 +196,7 @@ fn gateway(ctx: &Ctx, field: &str, proto: &pw::GatewayAddress) -> Result<Gateway
     };
     let hbone_mtls_port = match proto.hbone_mtls_port {
         0 => DEFAULT_HBONE_PORT,
-        value => port(ctx, format!("{field}.hbone_mtls_port"), value)?,
+        value => port(ctx, format_args!("{field}.hbone_mtls_port"), value)?,
     };
     Ok(GatewayAddress::new(destination, hbone_mtls_port))
 }
@@ -213,16 +224,16 @@ pub fn workload(proto: &pw::Workload) -> Result<Workload, ConvertError> {
     let mut ctx = Ctx {
         kind: ResourceKind::Workload,
         resource: if proto.uid.is_empty() {
-            format!("{namespace}/{}", proto.name)
+            format!("{namespace}/{}", proto.name).into()
         } else {
-            proto.uid.clone()
+            proto.uid.as_str().into()
         },
     };
     let uid = if !proto.uid.is_empty() {
         proto.uid.clone()
     } else if !proto.name.is_empty() {
         let uid = format!("{cluster_id}//v1/Pod/{namespace}/{}", proto.name);
-        ctx.resource = uid.clone();
+        ctx.resource = uid.clone().into();
         uid
     } else {
         return Err(ctx.err("uid", "missing; a workload needs a `uid` or a `name`"));
@@ -275,19 +286,21 @@ pub fn workload(proto: &pw::Workload) -> Result<Workload, ConvertError> {
     keys.sort();
     let mut services = BTreeMap::new();
     for key in keys {
-        let field = format!("services[{key:?}]");
-        let parsed: NamespacedHostname = key.parse().map_err(|err| ctx.err(&field, format!("{err}")))?;
+        let field = ServiceField(key);
+        let parsed: NamespacedHostname = key
+            .parse()
+            .map_err(|err| ctx.err(field.to_string(), format!("{err}")))?;
         let mut ports = BTreeMap::new();
         if let Some(list) = proto.services.get(key) {
             for (i, p) in list.ports.iter().enumerate() {
-                let service_port = port(&ctx, format!("{field}.ports[{i}].service_port"), p.service_port)?;
+                let service_port = port(&ctx, format_args!("{field}.ports[{i}].service_port"), p.service_port)?;
                 if service_port == 0 {
                     return Err(ctx.err(
                         format!("{field}.ports[{i}].service_port"),
                         "service port 0 is not a port clients can connect to (1 to 65535)",
                     ));
                 }
-                let target = port(&ctx, format!("{field}.ports[{i}].target_port"), p.target_port)?;
+                let target = port(&ctx, format_args!("{field}.ports[{i}].target_port"), p.target_port)?;
                 if target != 0 {
                     ports.insert(service_port, target);
                 }
@@ -352,13 +365,13 @@ pub fn service(proto: &pw::Service) -> Result<Service, ConvertError> {
     } else {
         let ctx = Ctx {
             kind: ResourceKind::Service,
-            resource: format!("{namespace}/"),
+            resource: format!("{namespace}/").into(),
         };
         return Err(ctx.err("hostname", "missing; a service needs a `hostname` or a `name`"));
     };
     let ctx = Ctx {
         kind: ResourceKind::Service,
-        resource: format!("{namespace}/{hostname}"),
+        resource: format!("{namespace}/{hostname}").into(),
     };
     let name = if proto.name.is_empty() {
         hostname.split('.').next().unwrap_or_default().to_owned()
@@ -372,14 +385,14 @@ pub fn service(proto: &pw::Service) -> Result<Service, ConvertError> {
     }
     let mut ports = BTreeMap::new();
     for (i, p) in proto.ports.iter().enumerate() {
-        let service_port = port(&ctx, format!("ports[{i}].service_port"), p.service_port)?;
+        let service_port = port(&ctx, format_args!("ports[{i}].service_port"), p.service_port)?;
         if service_port == 0 {
             return Err(ctx.err(
                 format!("ports[{i}].service_port"),
                 "service port 0 is not a port clients can connect to (1 to 65535)",
             ));
         }
-        let target = port(&ctx, format!("ports[{i}].target_port"), p.target_port)?;
+        let target = port(&ctx, format_args!("ports[{i}].target_port"), p.target_port)?;
         // A port listed twice (TCP and UDP of one Kubernetes port): the last one, as ztunnel.
         ports.insert(service_port, target);
     }
@@ -468,7 +481,7 @@ fn ports(ctx: &Ctx, at: &str, name: &str, proto: &[u32]) -> Result<Vec<u16>, Con
     proto
         .iter()
         .enumerate()
-        .map(|(i, p)| port(ctx, format!("{at}.{name}[{i}]"), *p))
+        .map(|(i, p)| port(ctx, format_args!("{at}.{name}[{i}]"), *p))
         .collect()
 }
 
@@ -512,7 +525,7 @@ fn rbac_match(ctx: &Ctx, at: &str, proto: &ps::Match) -> Result<RbacMatch, Conve
 pub fn authorization(proto: &ps::Authorization) -> Result<Authorization, ConvertError> {
     let ctx = Ctx {
         kind: ResourceKind::Policy,
-        resource: format!("{}/{}", proto.namespace, proto.name),
+        resource: format!("{}/{}", proto.namespace, proto.name).into(),
     };
     let scope = scope(proto.scope).ok_or_else(|| unknown_enum(&ctx, "scope", proto.scope))?;
     let action = action(proto.action).ok_or_else(|| unknown_enum(&ctx, "action", proto.action))?;
