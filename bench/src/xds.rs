@@ -12,8 +12,9 @@
 //! 3. pushed again and again (every workload changed each time) while a 1 KiB request/response
 //!    stream runs through the same pair at a fixed rate: latency without pushes, with a push each
 //!    second (the exchanges in flight from a push to its last ACK against those between pushes of
-//!    the same run, so that the machine's noise is the same for both), and with pushes back to back.
-//!    `--xds-priority` sets the proxies' option of that name.
+//!    the same run, so that the machine's noise is the same for both), with pushes back to back,
+//!    and with a push of one workload changed each second (the usual push of a mesh whose pods come
+//!    and go). `--xds-priority` sets the proxies' option of that name.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -418,6 +419,11 @@ pub(crate) struct ProxyRow {
     /// ... and while such pushes follow each other (each as soon as both proxies ACKed the one before).
     pub(crate) rr_during: Percentiles,
     pub(crate) pushes_during: usize,
+    /// ... and while a push of one workload changed starts every [`PACE`]: during such a push and
+    /// between pushes.
+    pub(crate) rr_in_one_push: Percentiles,
+    pub(crate) rr_between_one_pushes: Percentiles,
+    pub(crate) pushes_one: usize,
 }
 
 /// Everything the xds shape reports.
@@ -496,6 +502,9 @@ async fn timed_push(istiod: &Istiod, pair: &Pair, pushes: Vec<(&str, Arc<Vec<Res
 struct Pushes {
     full: (Arc<Vec<Resource>>, Arc<Vec<Resource>>),
     changes: [Arc<Vec<Resource>>; 2],
+    /// One workload changed (revisions 2 and 3, alternately): the usual push of a mesh whose pods
+    /// come and go.
+    one_changed: [Arc<Vec<Resource>>; 2],
 }
 
 impl Pushes {
@@ -507,11 +516,34 @@ impl Pushes {
             config.services.clear();
             Ok(Arc::new(encoded(&config, &revision.to_string()).0))
         };
+        let changes = [change(2)?, change(3)?];
+        // One workload of the mesh (the last: not one the pair's traffic uses), changed.
+        let one = |all: &Arc<Vec<Resource>>| -> anyhow::Result<Arc<Vec<Resource>>> {
+            let last = all.last().context("the mesh has no workload")?;
+            Ok(Arc::new(vec![last.clone()]))
+        };
+        let one_changed = [one(&changes[0])?, one(&changes[1])?];
         Ok(Pushes {
             full,
-            changes: [change(2)?, change(3)?],
+            changes,
+            one_changed,
         })
     }
+
+    /// The k-th push of `what`.
+    fn nth(&self, what: PushKind, k: usize) -> Arc<Vec<Resource>> {
+        match what {
+            PushKind::EveryWorkload => Arc::clone(&self.changes[k % 2]),
+            PushKind::OneWorkload => Arc::clone(&self.one_changed[k % 2]),
+        }
+    }
+}
+
+/// What the pushes during request/response change.
+#[derive(Debug, Clone, Copy)]
+enum PushKind {
+    EveryWorkload,
+    OneWorkload,
 }
 
 /// Pushes every workload changed, again and again, each when both proxies have answered the one
@@ -520,12 +552,13 @@ impl Pushes {
 async fn push_forever(
     istiod: &Istiod,
     pushes: &Pushes,
+    what: PushKind,
     windows: &Mutex<Vec<(Instant, Instant)>>,
     pace: Option<Duration>,
 ) -> anyhow::Result<()> {
     for k in 0.. {
         let started = tokio::time::Instant::now();
-        let (nonce, at) = istiod.push(ADDRESS, Arc::clone(&pushes.changes[k % 2]));
+        let (nonce, at) = istiod.push(ADDRESS, pushes.nth(what, k));
         let answers = istiod.answers(&nonce, 2, PUSH_TIMEOUT).await?;
         let end = answers.iter().map(|a| a.at).max().unwrap_or(at);
         windows.lock().unwrap_or_else(PoisonError::into_inner).push((at, end));
@@ -597,13 +630,13 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             .with_context(|| format!("{label}: request/response {what}"))
     };
     let before = rr("before the pushes").await?;
-    let during = |pace: Option<Duration>| {
+    let during = |what: PushKind, pace: Option<Duration>| {
         let istiod = &istiod;
         async move {
             let windows = Mutex::new(Vec::new());
             let exchanges = tokio::select! {
                 during = rr("during the pushes") => during?,
-                failed = push_forever(istiod, pushes, &windows, pace) => {
+                failed = push_forever(istiod, pushes, what, &windows, pace) => {
                     failed.with_context(|| format!("{label}: pushing during request/response"))?;
                     bail!("{label}: the pushes stopped");
                 }
@@ -613,8 +646,9 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             anyhow::Ok((Percentiles::of(&exchanges.latency), windows.len(), split))
         }
     };
-    let (rr_paced, pushes_paced, (rr_in_push, rr_between_pushes)) = during(Some(PACE)).await?;
-    let (rr_during, pushes_during, _) = during(None).await?;
+    let (rr_paced, pushes_paced, (rr_in_push, rr_between_pushes)) = during(PushKind::EveryWorkload, Some(PACE)).await?;
+    let (rr_during, pushes_during, _) = during(PushKind::EveryWorkload, None).await?;
+    let (_, pushes_one, (rr_in_one_push, rr_between_one_pushes)) = during(PushKind::OneWorkload, Some(PACE)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_end = PairRss::of(pair)?;
     // jemalloc's background threads give back what was freed more than its decay time ago (10 s).
@@ -642,6 +676,9 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         rr_between_pushes,
         rr_during,
         pushes_during,
+        rr_in_one_push,
+        rr_between_one_pushes,
+        pushes_one,
     })
 }
 
@@ -779,7 +816,8 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
         format!(
             "7c. 1 KiB request/response through the pair at {}/s for {} s: without pushes, with a push of every \
              workload changed each {} s (all exchanges; those between pushes; those in flight from a push to its \
-             last ACK), and with such pushes back to back (latency in us; the proxies' --xds-priority: {})",
+             last ACK), with such pushes back to back, and with a push of one workload changed each second (latency \
+             in us; the proxies' --xds-priority: {})",
             plan.rr_rate,
             plan.xds_rr_s,
             PACE.as_secs_f64(),
@@ -794,6 +832,12 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             ("- between pushes", &row.rr_between_pushes, "-".to_owned()),
             ("- during a push", &row.rr_in_push, "-".to_owned()),
             ("pushes back to back", &row.rr_during, row.pushes_during.to_string()),
+            (
+                "1 workload each 1 s: between",
+                &row.rr_between_one_pushes,
+                row.pushes_one.to_string(),
+            ),
+            ("- during a push", &row.rr_in_one_push, "-".to_owned()),
         ] {
             t3.row(vec![
                 row.path.clone(),
@@ -823,24 +867,33 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
         within(held <= BUDGET_STATE_MB),
     );
     for row in &proxies {
-        let ratio = row.rr_in_push.p99_us / row.rr_between_pushes.p99_us.max(1.0);
+        let judge = |between: &Percentiles, during: &Percentiles| -> (f64, String) {
+            let ratio = during.p99_us / between.p99_us.max(1.0);
+            let word = if during.max_us == 0.0 {
+                "no exchange was in flight during a push".to_owned()
+            } else if ratio <= P99_JUMP {
+                "no jump".to_owned()
+            } else {
+                format!("JUMP, over x{P99_JUMP}")
+            };
+            (ratio, word)
+        };
+        let (ratio, word) = judge(&row.rr_between_pushes, &row.rr_in_push);
+        let (one_ratio, one_word) = judge(&row.rr_between_one_pushes, &row.rr_in_one_push);
         verdict.push_str(&format!(
-            "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us between pushes -> {:.0} us during a push (x{:.2}: \
-             {}; {:.0} us without pushes)",
+            "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us between pushes -> {:.0} us during a push of every \
+             workload (x{:.2}: {word}; {:.0} us without pushes), {:.0} -> {:.0} us with one workload (x{:.2}: \
+             {one_word})",
             row.path,
             row.full_push.generation_ms,
             within(row.full_push.generation_ms <= BUDGET_APPLY_S * 1e3),
             row.rr_between_pushes.p99_us,
             row.rr_in_push.p99_us,
             ratio,
-            if row.rr_in_push.max_us == 0.0 {
-                "no exchange was in flight during a push".to_owned()
-            } else if ratio <= P99_JUMP {
-                "no jump".to_owned()
-            } else {
-                format!("JUMP, over x{P99_JUMP}")
-            },
             row.rr_before.p99_us,
+            row.rr_between_one_pushes.p99_us,
+            row.rr_in_one_push.p99_us,
+            one_ratio,
         ));
     }
     let report = XdsReport {
