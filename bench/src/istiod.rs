@@ -118,14 +118,8 @@ impl Istiod {
                 // istiod runs on other machines of a real mesh: here it takes only the CPU time
                 // the proxies and the bench's clients leave (its pushes cost it tens of
                 // milliseconds each, which would otherwise be counted against the proxies' latency).
-                if let Err(error) = thread_priority::set_thread_priority_and_policy(
-                    thread_priority::thread_native_id(),
-                    thread_priority::ThreadPriority::Min,
-                    thread_priority::ThreadSchedulePolicy::Normal(thread_priority::NormalThreadSchedulePolicy::Idle),
-                ) {
-                    eprintln!(
-                        "warning: the fake istiod's thread stays at the default policy (SCHED_IDLE refused: {error:?})"
-                    );
+                if let Err(error) = meshwire_dataplane::app::istio::set_idle_priority() {
+                    eprintln!("warning: the fake istiod's thread stays at the default policy: {error}");
                 }
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => runtime,

@@ -37,14 +37,18 @@ pub fn clock_ticks() -> f64 {
     rustix::param::clock_ticks_per_second().max(1) as f64
 }
 
-/// The CPU time (fields 14 and 15, utime and stime) of the text of a `/proc/.../stat` file.
-fn parse_stat(stat: &str) -> Option<Cpu> {
+/// Field `n` (numbered from 1, as in proc(5), `n >= 3`) of the text of a `/proc/.../stat` file.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // `rest` starts at field 3 (state): field 14 (utime) is the 12th, field 15 (stime) the 13th.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
+    // `rest` starts at field 3 (state).
+    rest.split_whitespace().nth(n.checked_sub(3)?)
+}
+
+/// The CPU time (fields 14 and 15, utime and stime) of the text of a `/proc/.../stat` file.
+fn parse_stat(stat: &str) -> Option<Cpu> {
+    let utime: u64 = stat_field(stat, 14)?.parse().ok()?;
+    let stime: u64 = stat_field(stat, 15)?.parse().ok()?;
     let ticks = clock_ticks();
     Some(Cpu {
         user: utime as f64 / ticks,
@@ -67,6 +71,27 @@ pub fn stat_cpu(path: impl AsRef<Path>) -> io::Result<Cpu> {
             ),
         )
     })
+}
+
+/// Linux's `SCHED_OTHER` (the default policy), as [`thread_policy`] reads it.
+pub const SCHED_OTHER: u32 = 0;
+/// Linux's `SCHED_IDLE`, as [`thread_policy`] reads it.
+pub const SCHED_IDLE: u32 = 5;
+
+/// The scheduling policy (field 41 of `/proc/<pid>/task/<tid>/stat`) of the thread of process `pid`
+/// named `name`; `None` when it has no such thread (or `/proc` cannot be read).
+pub fn thread_policy(pid: u32, name: &str) -> Option<u32> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            return stat_field(&stat, 41)?.parse().ok();
+        }
+    }
+    None
 }
 
 /// The CPU time of process `pid` so far (`/proc/<pid>/stat`).

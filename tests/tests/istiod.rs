@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use meshwire_dataplane::xds::LocalConfig;
-use meshwire_testkit::http;
+use meshwire_testkit::{http, measure};
 use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::istio::{AUTHORIZATION, Istiod};
 use meshwire_tests::mesh::{Mesh, Proxy, metric_sum};
@@ -38,28 +38,6 @@ fn readiness(proxy: &Proxy) -> String {
 
 fn ready(proxy: &Proxy) -> bool {
     http::request_blocking(proxy.ports().readiness, "GET", "/healthz/ready").is_ok_and(|r| r.status == 200)
-}
-
-/// Linux's scheduling policies, as `/proc/<pid>/task/<tid>/stat` shows them.
-const SCHED_OTHER: u32 = 0;
-const SCHED_IDLE: u32 = 5;
-
-/// The scheduling policy (field 41 of `/proc/<pid>/task/<tid>/stat`) of the thread of `pid` named
-/// `name`, if there is one.
-fn thread_policy(pid: u32, name: &str) -> Option<u32> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let dir = task.ok()?.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        if comm.trim_end() == name {
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            // The fields after the command (which may hold spaces) start at field 3.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            return rest.split(' ').nth(41 - 3)?.parse().ok();
-        }
-    }
-    None
 }
 
 fn config_dump(proxy: &Proxy) -> Value {
@@ -184,14 +162,17 @@ fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
 
         // The pushes were applied on the xDS thread, at SCHED_IDLE by default and at the default
         // policy when asked (the client).
-        for (proxy, priority, policy) in [(&server, "idle", SCHED_IDLE), (&client, "normal", SCHED_OTHER)] {
+        for (proxy, priority, policy) in [
+            (&server, "idle", measure::SCHED_IDLE),
+            (&client, "normal", measure::SCHED_OTHER),
+        ] {
             let dump = config_dump(proxy);
             let apply = &dump["istio"]["xds"]["apply"];
             assert_eq!(apply["priority"], priority, "{dump}");
             assert_eq!(apply["thread"], "ztunnel-xds", "{dump}");
             assert!(apply["lastPublished"]["tookMs"].is_number(), "{dump}");
             assert_eq!(
-                thread_policy(proxy.pid(), "ztunnel-xds"),
+                measure::thread_policy(proxy.pid(), "ztunnel-xds"),
                 Some(policy),
                 "{}: {priority}",
                 b.name()

@@ -135,7 +135,6 @@ struct Handler {
     /// A state from istiod was published.
     served: bool,
     events: mpsc::UnboundedSender<Event>,
-    stats: ApplyStats,
 }
 
 /// What the xDS thread tells the control thread, which logs it, re-checks the established
@@ -245,7 +244,6 @@ impl XdsHandler for Handler {
                     .collect()
             });
             let took = started.elapsed();
-            self.stats.record(took);
             self.tell(Event::Published {
                 type_url: type_url.to_owned(),
                 changed,
@@ -273,6 +271,7 @@ struct Follower {
     manager: Manager,
     /// The identities whose certificates were fetched ahead of need (a node proxy's workloads).
     prefetched: BTreeSet<SpiffeId>,
+    stats: ApplyStats,
 }
 
 impl Follower {
@@ -296,6 +295,7 @@ impl Follower {
                 took,
                 local_identities,
             } => {
+                self.stats.record(took);
                 // The current state: a newer one may have been published meanwhile.
                 let snapshot = self.published.load();
                 let closed: usize = self.registries.iter().map(|r| r.reevaluate(&snapshot)).sum();
@@ -337,7 +337,7 @@ impl Follower {
     }
 }
 
-/// How long the last push took to apply (for `/config_dump`).
+/// How long the last push took to apply (for `/config_dump`); written and read on the control thread.
 #[derive(Debug, Clone, Default)]
 struct ApplyStats(Arc<std::sync::Mutex<Option<(SystemTime, Duration)>>>);
 
@@ -363,8 +363,10 @@ where
     F: Future<Output = ()>,
 {
     std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-        if priority == XdsPriority::Idle {
-            set_idle_priority();
+        if priority == XdsPriority::Idle
+            && let Err(error) = set_idle_priority()
+        {
+            tracing::warn!(%error, "applying istiod's pushes competes with the data path");
         }
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime,
@@ -382,21 +384,14 @@ where
     })
 }
 
-/// Puts the calling thread in Linux's `SCHED_IDLE` policy; logs why not when it cannot.
-fn set_idle_priority() {
+/// Puts the calling thread in Linux's `SCHED_IDLE` policy: it runs only on CPU time no other thread
+/// wants, and a thread of another policy that wakes up preempts it at once. The error says why not.
+pub fn set_idle_priority() -> Result<(), String> {
     use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
     let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
     // For SCHED_IDLE the nice value has no influence; the lowest is asked for.
-    if let Err(error) = thread_priority::set_thread_priority_and_policy(
-        thread_priority::thread_native_id(),
-        ThreadPriority::Min,
-        policy,
-    ) {
-        tracing::warn!(
-            ?error,
-            "cannot put the xDS thread at SCHED_IDLE: applying istiod's pushes competes with the data path"
-        );
-    }
+    thread_priority::set_thread_priority_and_policy(thread_priority::thread_native_id(), ThreadPriority::Min, policy)
+        .map_err(|error| format!("cannot put the thread at SCHED_IDLE: {error:?}"))
 }
 
 /// istiod's xDS stream, running on a thread of its own: the client (TLS, HTTP/2, decoding), the
@@ -442,7 +437,6 @@ impl Xds {
             retired: Retired::default(),
             served: false,
             events,
-            stats: stats.clone(),
         };
         let retired = handler.retired.clone();
         let (stop, stopped) = oneshot::channel();
@@ -468,6 +462,7 @@ impl Xds {
             registries: registries.to_vec(),
             manager,
             prefetched: BTreeSet::new(),
+            stats: stats.clone(),
         };
         let follower = tokio::spawn(async move {
             while let Some(event) = received.recv().await {
@@ -648,29 +643,13 @@ mod tests {
         assert!(weak.upgrade().is_none());
     }
 
-    /// The scheduling policy (`/proc/<pid>/task/<tid>/stat`, field 41) of this process's thread named
-    /// `name`, if there is one.
     fn policy_of_thread(name: &str) -> Option<u32> {
-        for task in std::fs::read_dir("/proc/self/task").unwrap() {
-            let dir = task.unwrap().path();
-            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-                continue;
-            };
-            if comm.trim_end() != name {
-                continue;
-            }
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            // Fields after the command (which may hold spaces), from field 3 on.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            return rest.split(' ').nth(41 - 3)?.parse().ok();
-        }
-        None
+        meshwire_testkit::measure::thread_policy(std::process::id(), name)
     }
 
     #[test]
     fn the_xds_thread_runs_at_sched_idle_or_at_the_default_policy_when_asked_and_stops_when_told() {
-        const SCHED_OTHER: u32 = 0;
-        const SCHED_IDLE: u32 = 5;
+        use meshwire_testkit::measure::{SCHED_IDLE, SCHED_OTHER};
         let name = "xds-policy-test";
         for (priority, policy) in [(XdsPriority::Idle, SCHED_IDLE), (XdsPriority::Normal, SCHED_OTHER)] {
             let (stop, stopped) = oneshot::channel();
