@@ -4,8 +4,9 @@
 //! and 2 ports; namespace-scoped ALLOW and DENY policies with principals and ports), encoded as the
 //! resources istiod sends (`meshwire_tests::istio::resources`), is
 //! 1. applied in this process the way the proxy applies a push (`XdsConfig::apply` of both types,
-//!    then `to_local_config` and `Published::publish`), timed step by step, with the memory the
-//!    store and the snapshot hold, and the cost of a one-workload update on top of it;
+//!    then `XdsConfig::take_delta`, `State::update` of the previous state, the policies indexed and
+//!    `Published::publish_parts`), timed step by step, with the memory the store and the snapshot
+//!    hold, and the cost of a one-workload update on top of it;
 //! 2. pushed by a fake istiod ([`crate::istiod`]) to a pair of each proxy binary that istiod
 //!    configures: push -> ACK and push -> `meshwire_config_generation` on /metrics, the proxies' CPU
 //!    and RSS;
@@ -23,7 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use meshwire_control::proto::envoy::service::discovery::v3::Resource;
 use meshwire_dataplane::istio::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, XdsConfig};
-use meshwire_dataplane::watch::Published;
+use meshwire_dataplane::rbac::PolicySet;
+use meshwire_dataplane::state::{Delta, State};
+use meshwire_dataplane::watch::{Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
 use meshwire_testkit::measure::median;
 use meshwire_tests::istio::{ADDRESS, AUTHORIZATION};
@@ -212,13 +215,39 @@ impl Drop for ZeroDecay {
 // ---------------------------------------------------------------------------------------------------
 // 1. In this process.
 
+/// What the proxy's xDS thread keeps between pushes: the last state and its indexed policies, which
+/// each push's delta updates, and the cell it publishes to.
+#[derive(Default)]
+struct Applier {
+    state: Arc<State>,
+    policies: Arc<PolicySet>,
+    published: Published,
+}
+
+impl Applier {
+    fn publish(&mut self, delta: Delta) -> Arc<Snapshot> {
+        if let Some(policies) = delta.policies() {
+            self.policies = Arc::new(PolicySet::new(policies.iter().cloned()));
+        }
+        self.state = Arc::new(self.state.update(delta));
+        self.published.publish_parts(
+            Arc::clone(&self.state),
+            Arc::clone(&self.policies),
+            None,
+            SystemTime::now(),
+        )
+    }
+}
+
 /// Timings of one full apply, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct ApplyRun {
     pub(crate) decode_address_ms: f64,
     pub(crate) decode_authorization_ms: f64,
     pub(crate) decode_convert_ms: f64,
-    pub(crate) to_local_config_ms: f64,
+    /// `take_delta`.
+    pub(crate) delta_ms: f64,
+    /// `State::update`, the policies indexed, `publish_parts`.
     pub(crate) publish_ms: f64,
     pub(crate) state_build_ms: f64,
     pub(crate) total_ms: f64,
@@ -228,7 +257,7 @@ pub(crate) struct ApplyRun {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct UpdateRun {
     pub(crate) apply_ms: f64,
-    /// `to_local_config` + `publish` (which drops the previous snapshot).
+    /// `take_delta`, `State::update`, `publish_parts` (which drops the previous snapshot).
     pub(crate) publish_ms: f64,
     pub(crate) total_ms: f64,
 }
@@ -255,7 +284,7 @@ fn median_apply(runs: &[ApplyRun]) -> ApplyRun {
         decode_address_ms: m(|r| r.decode_address_ms),
         decode_authorization_ms: m(|r| r.decode_authorization_ms),
         decode_convert_ms: m(|r| r.decode_convert_ms),
-        to_local_config_ms: m(|r| r.to_local_config_ms),
+        delta_ms: m(|r| r.delta_ms),
         publish_ms: m(|r| r.publish_ms),
         state_build_ms: m(|r| r.state_build_ms),
         total_ms: m(|r| r.total_ms),
@@ -279,12 +308,12 @@ fn in_process(size: MeshSize, runs: usize, update_runs: usize) -> anyhow::Result
     for _ in 0..runs {
         let (a, p) = (addresses.clone(), policies.clone());
         let mut store = XdsConfig::new();
-        let published = Published::default();
+        let mut proxy = Applier::default();
         let t0 = Instant::now();
         let (t1, t2) = apply_all(&mut store, a, p)?;
-        let local = store.to_local_config();
+        let delta = store.take_delta();
         let t3 = Instant::now();
-        let snapshot = published.publish(local, None, SystemTime::now());
+        let snapshot = proxy.publish(delta);
         let t4 = Instant::now();
         if snapshot.state.workloads().len() != size.workloads || snapshot.state.services().len() != size.services {
             bail!(
@@ -299,7 +328,7 @@ fn in_process(size: MeshSize, runs: usize, update_runs: usize) -> anyhow::Result
             decode_address_ms: ms(t1 - t0),
             decode_authorization_ms: ms(t2 - t1),
             decode_convert_ms: ms(t2 - t0),
-            to_local_config_ms: ms(t3 - t2),
+            delta_ms: ms(t3 - t2),
             publish_ms: ms(t4 - t3),
             state_build_ms: ms(t4 - t2),
             total_ms: ms(t4 - t0),
@@ -307,17 +336,17 @@ fn in_process(size: MeshSize, runs: usize, update_runs: usize) -> anyhow::Result
     }
 
     // Memory: resident memory with jemalloc returning every freed page at once.
-    let (mut store, published, store_bytes, snapshot_bytes) = {
+    let (mut store, mut proxy, store_bytes, snapshot_bytes) = {
         let _zero = ZeroDecay::new();
         let before = rss_self()?;
         let mut store = XdsConfig::new();
         // The copies are freed as they are applied.
         apply_all(&mut store, addresses.clone(), policies.clone())?;
         let with_store = rss_self()?;
-        let published = Published::default();
-        drop(published.publish(store.to_local_config(), None, SystemTime::now()));
+        let mut proxy = Applier::default();
+        drop(proxy.publish(store.take_delta()));
         let with_snapshot = rss_self()?;
-        (store, published, with_store - before, with_snapshot - with_store)
+        (store, proxy, with_store - before, with_snapshot - with_store)
     };
 
     // One workload changed (its revision), on top of the full state.
@@ -332,7 +361,7 @@ fn in_process(size: MeshSize, runs: usize, update_runs: usize) -> anyhow::Result
         let t0 = Instant::now();
         check_accepted("update", &store.apply(ADDRESS_TYPE_URL, resource, Vec::new()))?;
         let t1 = Instant::now();
-        drop(published.publish(store.to_local_config(), None, SystemTime::now()));
+        drop(proxy.publish(store.take_delta()));
         let t2 = Instant::now();
         updates.push(UpdateRun {
             apply_ms: ms(t1 - t0),
@@ -715,8 +744,8 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
         &[
             "step",
             "decode+convert (Address / Authorization)",
-            "to_local_config",
-            "publish (Snapshot::new)",
+            "take_delta",
+            "State::update + publish",
             "state build",
             "total",
             "store MB",
@@ -731,7 +760,7 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             "{:.0} ({:.0} / {:.1})",
             m.decode_convert_ms, m.decode_address_ms, m.decode_authorization_ms
         ),
-        format!("{:.0}", m.to_local_config_ms),
+        format!("{:.0}", m.delta_ms),
         format!("{:.0}", m.publish_ms),
         format!("{:.0}", m.state_build_ms),
         format!("{:.0}", m.total_ms),
@@ -744,7 +773,7 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
         format!("1 workload changed (median of {update_runs})"),
         format!("{:.2}", u.apply_ms),
         "-".to_owned(),
-        format!("{:.0} (with to_local_config)", u.publish_ms),
+        format!("{:.2} (with take_delta)", u.publish_ms),
         "-".to_owned(),
         format!("{:.0}", u.total_ms),
         "-".to_owned(),

@@ -24,11 +24,11 @@
 //!
 //! std::fs::write(&path, "workloads:\n- name: a\n  workloadIps: [\"10.0.0.x\"]\n")?;
 //! assert!(matches!(watcher.poll_once(), PollOutcome::Rejected(_)));
-//! assert_eq!(published.load().state.workloads()[0].workload_ips[0].to_string(), "10.0.0.1");
+//! assert_eq!(published.load().state.workloads().next().unwrap().workload_ips[0].to_string(), "10.0.0.1");
 //!
 //! std::fs::write(&path, "workloads:\n- name: a\n  workloadIps: [\"10.0.0.2\"]\n")?;
 //! assert!(matches!(watcher.poll_once(), PollOutcome::Applied(2)));
-//! assert_eq!(published.load().state.workloads()[0].workload_ips[0].to_string(), "10.0.0.2");
+//! assert_eq!(published.load().state.workloads().next().unwrap().workload_ips[0].to_string(), "10.0.0.2");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -91,6 +91,23 @@ impl Snapshot {
         Self {
             state: Arc::new(State::new(config)),
             policies: Arc::new(policies),
+            generation,
+            source,
+            loaded_at,
+        }
+    }
+
+    /// A snapshot of a state already indexed and its policies (the state's, indexed).
+    pub fn from_parts(
+        state: Arc<State>,
+        policies: Arc<PolicySet>,
+        generation: u64,
+        source: Option<PathBuf>,
+        loaded_at: SystemTime,
+    ) -> Self {
+        Self {
+            state,
+            policies,
             generation,
             source,
             loaded_at,
@@ -177,6 +194,21 @@ impl Published {
         let _writer = lock(&self.inner.writer);
         let generation = self.inner.current.load().generation + 1;
         self.store_locked(Arc::new(Snapshot::new(config, generation, source, loaded_at)))
+    }
+
+    /// Publishes a state already indexed and its policies as the next generation, and returns the
+    /// snapshot (for a source that updates its state incrementally, [`State::update`]).
+    pub fn publish_parts(
+        &self,
+        state: Arc<State>,
+        policies: Arc<PolicySet>,
+        source: Option<PathBuf>,
+        loaded_at: SystemTime,
+    ) -> Arc<Snapshot> {
+        let _writer = lock(&self.inner.writer);
+        let generation = self.inner.current.load().generation + 1;
+        let snapshot = Snapshot::from_parts(state, policies, generation, source, loaded_at);
+        self.store_locked(Arc::new(snapshot))
     }
 
     fn store_locked(&self, snapshot: Arc<Snapshot>) -> Arc<Snapshot> {

@@ -1435,3 +1435,235 @@ fn write_fuzz_seeds() {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Incremental updates: the state a proxy keeps updating push after push is the state a rebuild of
+// the whole configuration gives.
+
+mod incremental {
+    use super::*;
+    use meshwire_dataplane::xds::NamespacedHostname;
+    use proptest::prelude::*;
+
+    /// One change in a push, over small pools of names and addresses so that pushes collide:
+    /// shared IPs and VIPs, names moving between workloads, endpoints coming and going.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Workload {
+            uid: u8,
+            name: u8,
+            ips: Vec<u8>,
+            network: u8,
+            hbone: bool,
+            services: Vec<u8>,
+            healthy: bool,
+            host_network: bool,
+        },
+        RemoveWorkload(u8),
+        Service {
+            key: u8,
+            vips: Vec<u8>,
+        },
+        RemoveService(u8),
+        Policy {
+            name: u8,
+            deny: bool,
+            garbled: bool,
+        },
+        RemovePolicy(u8),
+    }
+
+    /// Even uids are pods (they win a shared IP over the others).
+    fn uid(n: u8) -> String {
+        if n % 2 == 0 {
+            format!("c1//Pod/ns/w{n}")
+        } else {
+            format!("c1//WorkloadEntry/ns/w{n}")
+        }
+    }
+
+    fn service_key(n: u8) -> String {
+        format!("ns/svc{n}.ns.svc.cluster.local")
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (
+                0u8..6,
+                0u8..3,
+                prop::collection::vec(0u8..4, 0..3),
+                0u8..2,
+                prop::bool::ANY,
+                prop::collection::vec(0u8..3, 0..3),
+                prop::bool::weighted(0.8),
+                prop::bool::weighted(0.1),
+            )
+                .prop_map(|(uid, name, ips, network, hbone, services, healthy, host_network)| Op::Workload {
+                    uid,
+                    name,
+                    ips,
+                    network,
+                    hbone,
+                    services,
+                    healthy,
+                    host_network,
+                }),
+            1 => (0u8..6).prop_map(Op::RemoveWorkload),
+            2 => (0u8..3, prop::collection::vec(0u8..3, 0..3)).prop_map(|(key, vips)| Op::Service { key, vips }),
+            1 => (0u8..3).prop_map(Op::RemoveService),
+            1 => (0u8..2, prop::bool::ANY, prop::bool::weighted(0.2))
+                .prop_map(|(name, deny, garbled)| Op::Policy { name, deny, garbled }),
+            1 => (0u8..2).prop_map(Op::RemovePolicy),
+        ]
+    }
+
+    fn workload(op: &Op) -> Resource {
+        let Op::Workload {
+            uid: n,
+            name,
+            ips,
+            network,
+            hbone,
+            services,
+            healthy,
+            host_network,
+        } = op
+        else {
+            unreachable!()
+        };
+        let mut services_map = HashMap::new();
+        for service in services {
+            services_map.insert(
+                service_key(*service),
+                pw::PortList {
+                    ports: ports(&[(80, 8080 + u32::from(*service))]),
+                },
+            );
+        }
+        let w = pw::Workload {
+            uid: uid(*n),
+            name: format!("name{name}"),
+            namespace: s("ns"),
+            addresses: ips.iter().map(|i| ip(&format!("10.0.0.{i}"))).collect(),
+            network: format!("net{network}"),
+            tunnel_protocol: if *hbone { HBONE } else { 0 },
+            services: services_map,
+            status: if *healthy { 0 } else { 1 },
+            network_mode: i32::from(*host_network),
+            ..Default::default()
+        };
+        workload_resource(&w)
+    }
+
+    fn service(key: u8, vips: &[u8]) -> Resource {
+        service_resource(&pw::Service {
+            name: format!("svc{key}"),
+            namespace: s("ns"),
+            hostname: format!("svc{key}.ns.svc.cluster.local"),
+            addresses: vips.iter().map(|v| vip("net0", &format!("10.9.0.{v}"))).collect(),
+            ports: ports(&[(80, 8080)]),
+            ..Default::default()
+        })
+    }
+
+    fn policy_op(name: u8, deny: bool, garbled: bool) -> Resource {
+        let action = if deny { ps::Action::Deny } else { ps::Action::Allow };
+        let p = policy("ns", &format!("p{name}"), ps::Scope::Namespace, action, vec![]);
+        let mut resource = policy_resource(&p);
+        if garbled && let Some(payload) = resource.resource.as_mut() {
+            payload.value = vec![0xff, 0xff];
+        }
+        resource
+    }
+
+    /// Everything a lookup can tell of a state, as text.
+    fn observe(state: &State) -> Vec<String> {
+        let mut seen = Vec::new();
+        seen.extend(state.workloads().map(|w| format!("workload {w:?}")));
+        seen.extend(state.services().map(|s| format!("service {s:?}")));
+        seen.extend(state.policies().iter().map(|p| format!("policy {p:?}")));
+        for network in ["net0", "net1", ""] {
+            for i in 0..4 {
+                let addr: IpAddr = format!("10.0.0.{i}").parse().unwrap();
+                let holder = state.workload_by_ip(network, addr).map(|w| w.uid.clone());
+                seen.push(format!("ip {network}/{addr} -> {holder:?}"));
+                let vip: IpAddr = format!("10.9.0.{i}").parse().unwrap();
+                let holder = state.service_by_vip(network, vip).map(|s| s.key().to_string());
+                seen.push(format!("vip {network}/{vip} -> {holder:?}"));
+            }
+        }
+        for n in 0..6 {
+            let found = state.workload_by_uid(&uid(n)).map(|w| w.name.clone());
+            seen.push(format!("uid {n} -> {found:?}"));
+        }
+        for name in 0..3 {
+            let found = state
+                .workload_by_name("ns", &format!("name{name}"))
+                .map(|w| w.uid.clone());
+            seen.push(format!("name {name} -> {found:?}"));
+        }
+        for key in 0..3 {
+            let key = NamespacedHostname {
+                namespace: s("ns"),
+                hostname: format!("svc{key}.ns.svc.cluster.local"),
+            };
+            let members: Vec<&str> = state.workloads_of_service(&key).map(|w| w.uid.as_str()).collect();
+            seen.push(format!("members {key} -> {members:?}"));
+        }
+        seen
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Push after push (each taken or not before the next), the state updated with each delta
+        /// is the state built from scratch of the whole configuration, and so are its policies.
+        #[test]
+        fn an_updated_state_is_the_state_rebuilt(
+            pushes in prop::collection::vec((prop::collection::vec(op(), 1..5), prop::bool::weighted(0.8)), 1..12),
+        ) {
+            let mut store = XdsConfig::new();
+            let mut state = State::default();
+            let mut policies = PolicySet::default();
+            for (ops, take) in pushes {
+                let mut addresses = Vec::new();
+                let mut removed_addresses = Vec::new();
+                let mut policy_resources = Vec::new();
+                let mut removed_policies = Vec::new();
+                for op in &ops {
+                    match op {
+                        Op::Workload { .. } => addresses.push(workload(op)),
+                        Op::RemoveWorkload(n) => removed_addresses.push(uid(*n)),
+                        Op::Service { key, vips } => addresses.push(service(*key, vips)),
+                        Op::RemoveService(key) => removed_addresses.push(service_key(*key)),
+                        Op::Policy { name, deny, garbled } => policy_resources.push(policy_op(*name, *deny, *garbled)),
+                        Op::RemovePolicy(name) => removed_policies.push(format!("ns/p{name}")),
+                    }
+                }
+                if !addresses.is_empty() || !removed_addresses.is_empty() {
+                    store.apply(ADDRESS_TYPE_URL, addresses, removed_addresses);
+                }
+                if !policy_resources.is_empty() || !removed_policies.is_empty() {
+                    store.apply(AUTHORIZATION_TYPE_URL, policy_resources, removed_policies);
+                }
+                if !take {
+                    continue;
+                }
+                let delta = store.take_delta();
+                if let Some(list) = delta.policies() {
+                    policies = PolicySet::new(list.iter().cloned());
+                }
+                state = state.update(delta);
+                let config = store.to_local_config();
+                assert_unique_addresses(&config);
+                let rebuilt_policies = PolicySet::new(config.policies.iter().cloned());
+                let rebuilt = State::new(config);
+                prop_assert_eq!(observe(&state), observe(&rebuilt));
+                prop_assert!(policies.iter().eq(rebuilt_policies.iter()));
+                // Nothing changed since: an empty delta, and the same state.
+                let again = store.take_delta();
+                prop_assert!(again.is_empty(), "{:?}", again);
+            }
+        }
+    }
+}

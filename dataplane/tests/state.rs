@@ -29,7 +29,7 @@ fn key(s: &str) -> NamespacedHostname {
 }
 
 fn workload<'a>(state: &'a State, name: &str) -> &'a Workload {
-    state.workloads().iter().find(|w| w.name == name).expect(name)
+    state.workloads().find(|w| w.name == name).expect(name)
 }
 
 fn spiffe(sa: &str) -> String {
@@ -503,7 +503,7 @@ proptest! {
         source in 0usize..14,
     ) {
         let state = state();
-        let source = &state.workloads()[source];
+        let source = state.workloads().nth(source).expect("source");
         let dst = SocketAddr::new(IpAddr::from([10, 0, 10, last]), port);
         let proxy = LocalProxy::new().with_addresses([ip("10.0.10.1")]);
         let route = state.route_outbound(&proxy, source, dst, pick);

@@ -78,7 +78,6 @@ fn ips(published: &Published) -> Vec<String> {
         .load()
         .state
         .workloads()
-        .iter()
         .flat_map(|w| w.workload_ips.iter().map(ToString::to_string))
         .collect()
 }
@@ -144,7 +143,7 @@ fn initial_load() {
     let snapshot = published.load();
     assert_eq!(snapshot.generation, 1);
     assert_eq!(snapshot.source.as_deref(), Some(path.as_path()));
-    assert_eq!(snapshot.state.workloads()[0].name, "cart");
+    assert_eq!(snapshot.state.workloads().next().unwrap().name, "cart");
     assert_eq!(snapshot.policies.len(), 1);
     assert!(snapshot.policies.get("shop/deny-frontend").is_some());
     assert_eq!(watcher.path(), path);
@@ -184,7 +183,10 @@ fn valid_change_is_applied() {
     assert_eq!(*changes.borrow_and_update(), 2);
     // A reader that kept the old snapshot still has it.
     assert_eq!(before.generation, 1);
-    assert_eq!(before.state.workloads()[0].workload_ips[0].to_string(), "10.0.0.2");
+    assert_eq!(
+        before.state.workloads().next().unwrap().workload_ips[0].to_string(),
+        "10.0.0.2"
+    );
 
     // Nothing new: nothing published.
     assert!(matches!(watcher.poll_once(), PollOutcome::Unchanged));
@@ -514,7 +516,7 @@ fn an_empty_file_is_an_error_and_the_state_stays() {
     // An explicitly empty configuration is one.
     write(&path, "{}\n");
     assert_eq!(applied(watcher.poll_once()), 2);
-    assert!(published.load().state.workloads().is_empty());
+    assert!(published.load().state.workloads().next().is_none());
 
     // A proxy does not start on an empty file either.
     write(&path, "");
@@ -731,7 +733,7 @@ async fn a_policy_newly_selecting_the_workload_is_seen_through_its_uid() {
     let config = LocalConfig::parse(SHOP).unwrap();
     let published = Published::new(Snapshot::new(config, 1, None, SystemTime::UNIX_EPOCH));
     let registry = ConnectionRegistry::new();
-    let cart = published.load().state.workloads()[0].clone();
+    let cart = published.load().state.workloads().next().expect("a workload").clone();
     let peer = id("spiffe://cluster.local/ns/other/sa/client");
     let (_guard, mut signal) = registry.register(ConnectionAttrs::for_workload(
         &cart,

@@ -28,7 +28,7 @@ use libfuzzer_sys::fuzz_target;
 use meshwire_dataplane::rbac::{Authorization, PolicySet};
 use meshwire_dataplane::state::{LocalProxy, State};
 use meshwire_dataplane::watch::{ConfigWatcher, PollOutcome, Published};
-use meshwire_dataplane::xds::{ConfigError, LocalConfig, NetworkMode};
+use meshwire_dataplane::xds::{ConfigError, LocalConfig, NetworkMode, Service, Workload};
 
 const EXAMPLE: &str = include_str!("../../dataplane/examples/localhost.yaml");
 
@@ -67,8 +67,13 @@ fn now() -> SystemTime {
 /// The snapshot holds exactly `config`.
 fn assert_holds(published: &Published, config: &LocalConfig) {
     let snapshot = published.load();
-    assert_eq!(snapshot.state.workloads(), &config.workloads[..]);
-    assert_eq!(snapshot.state.services(), &config.services[..]);
+    // The state orders workloads by uid and services by key; the parser rejects repeats of either.
+    let mut workloads: Vec<&Workload> = config.workloads.iter().collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut services: Vec<&Service> = config.services.iter().collect();
+    services.sort_by_key(|s| s.key());
+    assert!(snapshot.state.workloads().eq(workloads));
+    assert!(snapshot.state.services().eq(services));
     assert_eq!(snapshot.state.policies(), &config.policies[..]);
     let policies = PolicySet::new(config.policies.iter().cloned());
     assert!(snapshot.policies.iter().eq(policies.iter()));

@@ -557,13 +557,13 @@ fuzz_target!(|input: Input| {
     let fixture = &fixtures()[usize::from(input.mesh)];
     let proxy = build_proxy(&input.proxy, fixture);
     let ctx = Ctx { fixture, proxy: &proxy };
-    let workloads = fixture.state.workloads();
+    let workloads: Vec<&Workload> = fixture.state.workloads().collect();
     let source = match &input.source {
-        SourceIn::Workload(i) => &workloads[usize::from(*i) % workloads.len()],
+        SourceIn::Workload(i) => workloads[usize::from(*i) % workloads.len()],
         SourceIn::Peer(ip) => fixture
             .state
             .workload_by_ip(&proxy.network, ctx.ip(ip).to_canonical())
-            .unwrap_or(&workloads[0]),
+            .unwrap_or(workloads[0]),
     };
     let original = input.original.as_ref().map(|a| ctx.addr(a));
     let local = match &input.local {

@@ -22,7 +22,7 @@
 //!   `istio-system/baseline-deny` or replaced it with a valid version (then the check stops).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
@@ -33,7 +33,7 @@ use meshwire_dataplane::istio::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, XdsCon
 use meshwire_dataplane::rbac::{Connection, PolicySet, WorkloadRef};
 use meshwire_dataplane::state::State;
 use meshwire_dataplane::watch::Snapshot;
-use meshwire_dataplane::xds::{LocalConfig, NetworkMode};
+use meshwire_dataplane::xds::{LocalConfig, NamespacedHostname, NetworkMode};
 use meshwire_identity::id::SpiffeId;
 use prost::Message;
 
@@ -175,10 +175,52 @@ fn check_baseline(config: &LocalConfig) {
     assert!(set.get(BASELINE).is_some(), "the baseline policy is gone");
 }
 
+/// Every address, name and service key a configuration of the run held: where a stale entry of an
+/// updated state would show.
+#[derive(Default)]
+struct Seen {
+    ips: HashSet<(String, IpAddr)>,
+    vips: HashSet<(String, IpAddr)>,
+    names: HashSet<(String, String)>,
+    keys: HashSet<NamespacedHostname>,
+}
+
+/// The state the proxy keeps updating with each push's delta holds what a state built from scratch
+/// of the whole configuration holds, for everything seen so far.
+fn check_incremental(updated: &State, local: &LocalConfig, seen: &mut Seen) {
+    for w in &local.workloads {
+        seen.ips.extend(w.workload_ips.iter().map(|ip| (w.network.clone(), *ip)));
+        seen.names.insert((w.namespace().to_owned(), w.name.clone()));
+        seen.keys.extend(w.services.keys().cloned());
+    }
+    for s in &local.services {
+        seen.vips.extend(s.vips.iter().map(|vip| (vip.network.clone(), vip.address)));
+        seen.keys.insert(s.key());
+    }
+    let rebuilt = State::new(local.clone());
+    assert!(updated.workloads().eq(rebuilt.workloads()), "the updated state's workloads differ");
+    assert!(updated.services().eq(rebuilt.services()), "the updated state's services differ");
+    assert_eq!(updated.policies(), rebuilt.policies());
+    for (network, ip) in &seen.ips {
+        assert_eq!(updated.workload_by_ip(network, *ip), rebuilt.workload_by_ip(network, *ip), "{network}/{ip}");
+    }
+    for (network, vip) in &seen.vips {
+        assert_eq!(updated.service_by_vip(network, *vip), rebuilt.service_by_vip(network, *vip), "{network}/{vip}");
+    }
+    for (namespace, name) in &seen.names {
+        assert_eq!(updated.workload_by_name(namespace, name), rebuilt.workload_by_name(namespace, name));
+    }
+    for key in &seen.keys {
+        assert!(updated.workloads_of_service(key).eq(rebuilt.workloads_of_service(key)), "members of {key}");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut config = baseline();
     let mut baseline_intact = true;
     check_baseline(&config.to_local_config());
+    let mut state = State::default().update(config.take_delta());
+    let mut seen = Seen::default();
     for (type_url, response) in pushes(data) {
         let names: HashSet<String> = response.resources.iter().map(|r| r.name.clone()).collect();
         let sent_baseline = response.resources.iter().filter(|r| r.name == BASELINE).count();
@@ -196,6 +238,8 @@ fuzz_target!(|data: &[u8]| {
         let local = config.to_local_config();
         assert_eq!(local, config.to_local_config(), "to_local_config is not deterministic");
         check_config(&local);
+        state = state.update(config.take_delta());
+        check_incremental(&state, &local, &mut seen);
         if baseline_intact {
             check_baseline(&local);
         }

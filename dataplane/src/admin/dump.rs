@@ -38,8 +38,8 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instan
             "source": snapshot.source.as_ref().map(|p| p.display().to_string()),
             "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
         },
-        "workloads": state.workloads().iter().map(workload).collect::<Vec<_>>(),
-        "services": state.services().iter().map(service).collect::<Vec<_>>(),
+        "workloads": state.workloads().map(workload).collect::<Vec<_>>(),
+        "services": state.services().map(service).collect::<Vec<_>>(),
         "policies": state.policies(),
         "certificates": certificates.iter().map(|c| certificate(c, now, wall_now)).collect::<Vec<_>>(),
     })
@@ -202,6 +202,10 @@ pub struct ConfigDumpChunks {
     opened: bool,
     /// The next item of the current part.
     index: usize,
+    /// The uid of the last workload written (workloads are walked by uid, not by position).
+    after_workload: Option<String>,
+    /// The key of the last service written.
+    after_service: Option<crate::xds::NamespacedHostname>,
     /// Serialises one item (kept to reuse its allocation).
     item: Vec<u8>,
 }
@@ -231,6 +235,8 @@ pub fn config_dump_chunks(
         part: Part::Certificates,
         opened: false,
         index: 0,
+        after_workload: None,
+        after_service: None,
         item: Vec::new(),
     }
 }
@@ -269,16 +275,25 @@ impl ConfigDumpChunks {
     }
 
     /// The `index`th item of an array part, if there is one.
-    fn array_item(&self, part: Part, index: usize) -> Option<Value> {
-        let state = &self.snapshot.state;
+    fn array_item(&mut self, part: Part, index: usize) -> Option<Value> {
+        let snapshot = std::sync::Arc::clone(&self.snapshot);
+        let state = &snapshot.state;
         match part {
             Part::Certificates => self.certificates.get(index).cloned(),
             Part::Policies => state
                 .policies()
                 .get(index)
                 .map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
-            Part::Services => state.services().get(index).map(service),
-            Part::Workloads => state.workloads().get(index).map(workload),
+            Part::Services => {
+                let next = state.next_service(self.after_service.as_ref())?;
+                self.after_service = Some(next.key());
+                Some(service(next))
+            }
+            Part::Workloads => {
+                let next = state.next_workload(self.after_workload.as_deref())?;
+                self.after_workload = Some(next.uid.clone());
+                Some(workload(next))
+            }
             Part::Buffers | Part::Config | Part::Istio | Part::End => None,
         }
     }

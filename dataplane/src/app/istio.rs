@@ -36,8 +36,9 @@ use super::plane::{Manager, StartError};
 use crate::admin::{IstioDump, rfc3339};
 use crate::config::{self, AuthToken, Config, ControlPlane, ProxyMode, Roots, XdsPriority};
 use crate::istio::XdsConfig;
+use crate::rbac::PolicySet;
 use crate::rt::tokio::TokioTimer;
-use crate::state::LocalProxy;
+use crate::state::{LocalProxy, State};
 use crate::watch::{ConnectionRegistry, Published, Snapshot};
 
 /// A channel to one of istiod's services as the configuration describes it.
@@ -129,6 +130,10 @@ impl CertificateAuthority for IstioCaClient {
 /// and what a new state is published to. What it did goes to the control thread as [`Event`]s.
 struct Handler {
     store: XdsConfig,
+    /// The state of the last publication, which the next push updates (never rebuilds).
+    state: Arc<State>,
+    /// Its policies, indexed; rebuilt only by a push of policies.
+    policies: Arc<PolicySet>,
     published: Published,
     proxy: LocalProxy,
     retired: Retired,
@@ -231,9 +236,17 @@ impl XdsHandler for Handler {
         } else if complete {
             self.served = true;
             let previous = self.published.load();
-            let snapshot = self
-                .published
-                .publish(self.store.to_local_config(), None, SystemTime::now());
+            let delta = self.store.take_delta();
+            if let Some(policies) = delta.policies() {
+                self.policies = Arc::new(PolicySet::new(policies.iter().cloned()));
+            }
+            self.state = Arc::new(self.state.update(delta));
+            let snapshot = self.published.publish_parts(
+                Arc::clone(&self.state),
+                Arc::clone(&self.policies),
+                None,
+                SystemTime::now(),
+            );
             self.retired.retire(previous);
             let local_identities = self.proxy.node.is_some().then(|| {
                 snapshot
@@ -432,6 +445,8 @@ impl Xds {
         let (events, mut received) = mpsc::unbounded_channel();
         let mut handler = Handler {
             store: XdsConfig::new(),
+            state: Arc::default(),
+            policies: Arc::default(),
             published: published.clone(),
             proxy: config.local_proxy(),
             retired: Retired::default(),

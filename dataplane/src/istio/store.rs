@@ -51,6 +51,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use meshwire_control::proto::envoy::service::discovery::v3::Resource;
 use meshwire_control::proto::istio::security as ps;
@@ -59,7 +60,8 @@ use prost::Message;
 
 use super::convert;
 use crate::rbac::{Authorization, RbacAction, RbacScope};
-use crate::xds::{LocalConfig, NetworkMode, Protocol, Service, Workload};
+use crate::state::Delta;
+use crate::xds::{LocalConfig, NamespacedHostname, NetworkMode, Protocol, Service, Workload};
 
 /// The type URL of workload and service resources (`istio.workload.Address`).
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
@@ -92,8 +94,8 @@ pub fn nack_message(rejected: &[Rejected]) -> Option<String> {
 
 #[derive(Debug, Clone)]
 enum Address {
-    Workload(Box<Workload>),
-    Service(Service),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
 }
 
 #[derive(Debug, Clone)]
@@ -156,7 +158,20 @@ pub struct XdsConfig {
     seq: u64,
     address_received: bool,
     authorization_received: bool,
+    /// (network, IP) -> the workloads claiming it, ranked as ztunnel ranks them: the last wins.
+    ip_claims: HashMap<(String, IpAddr), BTreeSet<IpRank>>,
+    /// (network, VIP) -> the services claiming it, by when they were applied: the last wins.
+    vip_claims: HashMap<(String, IpAddr), BTreeSet<(u64, String)>>,
+    /// What changed since the last [`XdsConfig::take_delta`]: workload uids and service keys whose
+    /// version in force (after address resolution) may differ.
+    changed_workloads: BTreeSet<String>,
+    changed_services: BTreeMap<String, NamespacedHostname>,
+    policies_changed: bool,
 }
+
+/// A workload's claim on an address: a pod first, then an HBONE workload, then the one applied
+/// last; the name breaks no real tie (sequence numbers are unique) but makes the order total.
+type IpRank = (bool, bool, u64, String);
 
 /// A policy name as a valid key `<namespace>/<name>`: both parts non-empty, neither with a `/`.
 fn policy_key_parts(name: &str) -> Option<(&str, &str)> {
@@ -195,7 +210,7 @@ impl XdsConfig {
             ADDRESS_TYPE_URL => {
                 self.address_received = true;
                 for name in &removed {
-                    self.addresses.remove(name);
+                    self.replace_address(name, None);
                 }
                 resources
                     .into_iter()
@@ -204,6 +219,7 @@ impl XdsConfig {
             }
             AUTHORIZATION_TYPE_URL => {
                 self.authorization_received = true;
+                self.policies_changed = true;
                 for name in &removed {
                     self.policies.remove(name);
                 }
@@ -232,12 +248,12 @@ impl XdsConfig {
             Some(pw::address::Type::Workload(w)) => {
                 let workload = convert::workload(w).map_err(|e| reject(e.detail()))?;
                 let key = workload.uid.clone();
-                (Address::Workload(Box::new(workload)), key)
+                (Address::Workload(Arc::new(workload)), key)
             }
             Some(pw::address::Type::Service(s)) => {
                 let service = convert::service(s).map_err(|e| reject(e.detail()))?;
                 let key = service.key().to_string();
-                (Address::Service(service), key)
+                (Address::Service(Arc::new(service)), key)
             }
             None => return Err(reject("the address is neither a workload nor a service".to_owned())),
         };
@@ -249,15 +265,192 @@ impl XdsConfig {
             return Err(reject(format!("the resource name does not match the {what} {key:?}")));
         }
         self.seq += 1;
-        self.addresses.insert(
-            resource.name,
-            StoredAddress {
-                address,
-                seq: self.seq,
-                version: resource.version,
-            },
-        );
+        let stored = StoredAddress {
+            address,
+            seq: self.seq,
+            version: resource.version,
+        };
+        self.replace_address(&resource.name, Some(stored));
         Ok(())
+    }
+
+    /// Puts `stored` under `name` (or removes the name), keeping the address claims and the record
+    /// of what changed: the name itself, and every workload or service that held or now holds one of
+    /// the addresses the old or new version claims.
+    fn replace_address(&mut self, name: &str, stored: Option<StoredAddress>) {
+        let old = match stored {
+            Some(stored) => {
+                self.mark(name, &stored.address);
+                self.addresses.insert(name.to_owned(), stored)
+            }
+            None => self.addresses.remove(name),
+        };
+        if let Some(old) = &old {
+            self.mark(name, &old.address);
+        }
+        let new = self.addresses.get(name).map(|s| (s.address.clone(), s.seq));
+        let old = old.map(|s| (s.address, s.seq));
+        let mut touched_ips: Vec<(String, IpAddr)> = Vec::new();
+        let mut touched_vips: Vec<(String, IpAddr)> = Vec::new();
+        for (address, _) in old.iter().chain(new.iter()) {
+            match address {
+                Address::Workload(w) if w.network_mode != NetworkMode::HostNetwork => {
+                    touched_ips.extend(w.workload_ips.iter().map(|ip| (w.network.clone(), *ip)));
+                }
+                Address::Workload(_) => {}
+                Address::Service(s) => touched_vips.extend(s.vips.iter().map(|v| (v.network.clone(), v.address))),
+            }
+        }
+        let before = self.holders(&touched_ips, &touched_vips);
+        if let Some((address, seq)) = &old {
+            self.claim(name, address, *seq, false);
+        }
+        if let Some((address, seq)) = &new {
+            self.claim(name, address, *seq, true);
+        }
+        let after = self.holders(&touched_ips, &touched_vips);
+        for holder in before.into_iter().chain(after) {
+            if let Some(stored) = self.addresses.get(&holder) {
+                let address = stored.address.clone();
+                self.mark(&holder, &address);
+            }
+        }
+    }
+
+    /// Adds (or withdraws) the claims of `address`, stored as `name` at `seq`.
+    fn claim(&mut self, name: &str, address: &Address, seq: u64, add: bool) {
+        match address {
+            Address::Workload(w) if w.network_mode != NetworkMode::HostNetwork => {
+                let rank: IpRank = (
+                    w.uid.contains("//Pod/"),
+                    w.protocol == Protocol::Hbone,
+                    seq,
+                    name.to_owned(),
+                );
+                for ip in &w.workload_ips {
+                    let key = (w.network.clone(), *ip);
+                    if add {
+                        self.ip_claims.entry(key).or_default().insert(rank.clone());
+                    } else if let Some(claims) = self.ip_claims.get_mut(&key) {
+                        claims.remove(&rank);
+                        if claims.is_empty() {
+                            self.ip_claims.remove(&key);
+                        }
+                    }
+                }
+            }
+            Address::Workload(_) => {}
+            Address::Service(s) => {
+                for vip in &s.vips {
+                    let key = (vip.network.clone(), vip.address);
+                    let rank = (seq, name.to_owned());
+                    if add {
+                        self.vip_claims.entry(key).or_default().insert(rank);
+                    } else if let Some(claims) = self.vip_claims.get_mut(&key) {
+                        claims.remove(&rank);
+                        if claims.is_empty() {
+                            self.vip_claims.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The names holding these addresses now.
+    fn holders(&self, ips: &[(String, IpAddr)], vips: &[(String, IpAddr)]) -> BTreeSet<String> {
+        let ip_holders = ips
+            .iter()
+            .filter_map(|key| self.ip_claims.get(key)?.last().map(|rank| rank.3.clone()));
+        let vip_holders = vips
+            .iter()
+            .filter_map(|key| self.vip_claims.get(key)?.last().map(|rank| rank.1.clone()));
+        ip_holders.chain(vip_holders).collect()
+    }
+
+    /// Records that `name`, of the kind of `address`, changed.
+    fn mark(&mut self, name: &str, address: &Address) {
+        match address {
+            Address::Workload(_) => {
+                self.changed_workloads.insert(name.to_owned());
+            }
+            Address::Service(s) => {
+                self.changed_services.insert(name.to_owned(), s.key());
+            }
+        }
+    }
+
+    /// Whether `name` holds the address `(network, ip)` of a workload.
+    fn holds_ip(&self, name: &str, network: &str, ip: IpAddr) -> bool {
+        // The key is owned: a borrowed (&str, IpAddr) cannot look up a (String, IpAddr) map.
+        self.ip_claims
+            .get(&(network.to_owned(), ip))
+            .and_then(BTreeSet::last)
+            .is_some_and(|rank| rank.3 == name)
+    }
+
+    fn holds_vip(&self, name: &str, network: &str, ip: IpAddr) -> bool {
+        self.vip_claims
+            .get(&(network.to_owned(), ip))
+            .and_then(BTreeSet::last)
+            .is_some_and(|rank| rank.1 == name)
+    }
+
+    /// The version in force of the workload stored as `name`: without the addresses another
+    /// workload holds, and each address once. The stored workload itself when nothing is taken out.
+    fn effective_workload(&self, name: &str, w: &Arc<Workload>) -> Arc<Workload> {
+        let host = w.network_mode == NetworkMode::HostNetwork;
+        let mut seen = BTreeSet::new();
+        let keep = |ip: &IpAddr, seen: &mut BTreeSet<IpAddr>| {
+            seen.insert(*ip) && (host || self.holds_ip(name, &w.network, *ip))
+        };
+        let mut probe = BTreeSet::new();
+        if w.workload_ips.iter().all(|ip| keep(ip, &mut probe)) {
+            return Arc::clone(w);
+        }
+        let mut workload = Workload::clone(w);
+        workload.workload_ips.retain(|ip| keep(ip, &mut seen));
+        Arc::new(workload)
+    }
+
+    /// The version in force of the service stored as `name`: without the VIPs another service
+    /// holds, and each VIP once.
+    fn effective_service(&self, name: &str, s: &Arc<Service>) -> Arc<Service> {
+        let mut seen = BTreeSet::new();
+        let keep = |vip: &crate::xds::NetworkAddress, seen: &mut BTreeSet<crate::xds::NetworkAddress>| {
+            seen.insert(vip.clone()) && self.holds_vip(name, &vip.network, vip.address)
+        };
+        let mut probe = BTreeSet::new();
+        if s.vips.iter().all(|vip| keep(vip, &mut probe)) {
+            return Arc::clone(s);
+        }
+        let mut service = Service::clone(s);
+        service.vips.retain(|vip| keep(vip, &mut seen));
+        Arc::new(service)
+    }
+
+    /// What changed since the last call (since the store was made, for the first): the workloads
+    /// and services to put or remove, and all the policies when any changed. Applied with
+    /// [`State::update`](crate::state::State::update) to the state of the previous call, it gives the
+    /// state of [`XdsConfig::to_local_config`].
+    pub fn take_delta(&mut self) -> Delta {
+        let mut delta = Delta::new();
+        for name in std::mem::take(&mut self.changed_workloads) {
+            match self.addresses.get(&name).map(|s| &s.address) {
+                Some(Address::Workload(w)) => delta.put_workload(self.effective_workload(&name, w)),
+                _ => delta.remove_workload(name),
+            }
+        }
+        for (name, key) in std::mem::take(&mut self.changed_services) {
+            match self.addresses.get(&name).map(|s| &s.address) {
+                Some(Address::Service(s)) => delta.put_service(self.effective_service(&name, s)),
+                _ => delta.remove_service(key),
+            }
+        }
+        if std::mem::take(&mut self.policies_changed) {
+            delta.set_policies(self.policies.values().map(|p| p.policy().clone()).collect());
+        }
+        delta
     }
 
     fn apply_policy(&mut self, resource: Resource) -> Result<(), Rejected> {
@@ -363,65 +556,12 @@ impl XdsConfig {
     /// [module documentation](self)). It has no repeated uid, workload address, service key, VIP or
     /// policy key: the configuration a local file with the same mesh gives.
     pub fn to_local_config(&self) -> LocalConfig {
-        // (network, ip) -> the winning workload's name, ranked as ztunnel ranks them.
-        let mut ip_owner: HashMap<(&str, IpAddr), (bool, bool, u64, &str)> = HashMap::new();
-        let mut vip_owner: HashMap<(&str, IpAddr), (u64, &str)> = HashMap::new();
-        for (name, stored) in &self.addresses {
-            match &stored.address {
-                Address::Workload(w) if w.network_mode != NetworkMode::HostNetwork => {
-                    let rank = (
-                        w.uid.contains("//Pod/"),
-                        w.protocol == Protocol::Hbone,
-                        stored.seq,
-                        name.as_str(),
-                    );
-                    for ip in &w.workload_ips {
-                        let slot = ip_owner.entry((w.network.as_str(), *ip)).or_insert(rank);
-                        if rank > *slot {
-                            *slot = rank;
-                        }
-                    }
-                }
-                Address::Workload(_) => {}
-                Address::Service(s) => {
-                    for vip in &s.vips {
-                        let slot = vip_owner
-                            .entry((vip.network.as_str(), vip.address))
-                            .or_insert((stored.seq, name.as_str()));
-                        if stored.seq > slot.0 {
-                            *slot = (stored.seq, name.as_str());
-                        }
-                    }
-                }
-            }
-        }
-
         let mut workloads = Vec::new();
         let mut services = Vec::new();
         for (name, stored) in &self.addresses {
             match &stored.address {
-                Address::Workload(w) => {
-                    let mut w = Workload::clone(w);
-                    let mut seen = BTreeSet::new();
-                    let host = w.network_mode == NetworkMode::HostNetwork;
-                    let network = w.network.clone();
-                    w.workload_ips.retain(|ip| {
-                        seen.insert(*ip)
-                            && (host || ip_owner.get(&(network.as_str(), *ip)).is_some_and(|o| o.3 == name))
-                    });
-                    workloads.push(w);
-                }
-                Address::Service(s) => {
-                    let mut s = s.clone();
-                    let mut seen = BTreeSet::new();
-                    s.vips.retain(|vip| {
-                        seen.insert(vip.clone())
-                            && vip_owner
-                                .get(&(vip.network.as_str(), vip.address))
-                                .is_some_and(|o| o.1 == name)
-                    });
-                    services.push(s);
-                }
+                Address::Workload(w) => workloads.push(Workload::clone(&self.effective_workload(name, w))),
+                Address::Service(s) => services.push(Service::clone(&self.effective_service(name, s))),
             }
         }
         // Names are uids and service keys: already in order.

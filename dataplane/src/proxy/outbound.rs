@@ -1081,7 +1081,6 @@ pub fn resolve_in(state: &State, network: &str, name: &str) -> Option<IpAddr> {
     let name = name.strip_suffix('.').unwrap_or(name);
     let service = state
         .services()
-        .iter()
         .find(|s| s.hostname.eq_ignore_ascii_case(name) && !s.vips.is_empty())?;
     service
         .vips
