@@ -276,6 +276,9 @@ pub(crate) struct InProcess {
     pub(crate) snapshot_bytes: i64,
     pub(crate) update_median: UpdateRun,
     pub(crate) update_runs: Vec<UpdateRun>,
+    /// A push of every workload changed (Address only), on top of the full state.
+    pub(crate) all_changed_median: UpdateRun,
+    pub(crate) all_changed_runs: Vec<UpdateRun>,
 }
 
 fn median_apply(runs: &[ApplyRun]) -> ApplyRun {
@@ -369,7 +372,30 @@ fn in_process(size: MeshSize, runs: usize, update_runs: usize) -> anyhow::Result
             total_ms: ms(t2 - t0),
         });
     }
-    let m = |f: fn(&UpdateRun) -> f64| median(updates.iter().map(f)).unwrap_or(0.0);
+    // Every workload changed (their revision), on top of the full state.
+    let mut all_changed = Vec::new();
+    for run in 0..runs {
+        let revision = u32::try_from(3 + run).unwrap_or(u32::MAX);
+        let (resources, _) = encoded(&mesh(size, revision, false)?, &format!("c{run}"));
+        let t0 = Instant::now();
+        check_accepted("changed", &store.apply(ADDRESS_TYPE_URL, resources, Vec::new()))?;
+        let t1 = Instant::now();
+        drop(proxy.publish(store.take_delta()));
+        let t2 = Instant::now();
+        all_changed.push(UpdateRun {
+            apply_ms: ms(t1 - t0),
+            publish_ms: ms(t2 - t1),
+            total_ms: ms(t2 - t0),
+        });
+    }
+    let median_update = |runs: &[UpdateRun]| {
+        let m = |f: fn(&UpdateRun) -> f64| median(runs.iter().map(f)).unwrap_or(0.0);
+        UpdateRun {
+            apply_ms: m(|r| r.apply_ms),
+            publish_ms: m(|r| r.publish_ms),
+            total_ms: m(|r| r.total_ms),
+        }
+    };
     Ok(InProcess {
         mesh: size,
         encoded_bytes,
@@ -377,12 +403,10 @@ fn in_process(size: MeshSize, runs: usize, update_runs: usize) -> anyhow::Result
         runs: samples,
         store_bytes,
         snapshot_bytes,
-        update_median: UpdateRun {
-            apply_ms: m(|r| r.apply_ms),
-            publish_ms: m(|r| r.publish_ms),
-            total_ms: m(|r| r.total_ms),
-        },
+        update_median: median_update(&updates),
         update_runs: updates,
+        all_changed_median: median_update(&all_changed),
+        all_changed_runs: all_changed,
     })
 }
 
@@ -767,6 +791,18 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
         format!("{:.1}", mb(ip.store_bytes)),
         format!("{:.1}", mb(ip.snapshot_bytes)),
         format!("{:.1}", mb(ip.store_bytes + ip.snapshot_bytes)),
+    ]);
+    let u = &ip.all_changed_median;
+    t1.row(vec![
+        format!("every workload changed (median of {runs})"),
+        format!("{:.0}", u.apply_ms),
+        "-".to_owned(),
+        format!("{:.0} (with take_delta)", u.publish_ms),
+        "-".to_owned(),
+        format!("{:.0}", u.total_ms),
+        "-".to_owned(),
+        "-".to_owned(),
+        "-".to_owned(),
     ]);
     let u = &ip.update_median;
     t1.row(vec![

@@ -172,27 +172,34 @@ pub enum OutboundRoute {
     },
     /// Double HBONE (multi-network): open an HBONE tunnel to the network gateway of the
     /// destination's network, and inside it a second HBONE connection, with mTLS end to end, to the
-    /// destination workload's node proxy. The gateway only splices the outer stream to the
-    /// destination; it never sees inside the inner TLS.
+    /// node proxy of an endpoint of the service. The gateway only splices the outer stream; it never
+    /// sees inside the inner TLS.
+    ///
+    /// Both CONNECTs name the service, `:authority <service hostname>:<port>`, as ztunnel sends
+    /// them: the gateway routes the outer stream on it to any endpoint of the service in its network
+    /// (not necessarily `expected_endpoint`), and that endpoint's node proxy resolves the inner one
+    /// to its own workload and target port ([`State::inbound_service_target`]).
     DoubleHbone {
         /// Where to connect: the gateway's address and HBONE (mTLS) port.
         gateway: SocketAddr,
         /// The identities the gateway may present (its workload's, then its service's extra SANs).
         gateway_identities: Vec<SpiffeId>,
-        /// The inner CONNECT `:authority`: the destination workload's IP and the target port.
-        authority: SocketAddr,
-        /// The identities the destination may present: the workload's, then its service's extra
-        /// SANs.
+        /// The endpoint chosen for the connection, `<workload ip>:<target port>`: the one the
+        /// gateway is expected to reach (for logs, and the key of the inner TLS config), although it
+        /// may route the stream to another endpoint of the service behind it.
+        expected_endpoint: SocketAddr,
+        /// The identities the destination may present: those of every healthy endpoint of the
+        /// service in `network` that serves `port` through the same gateway (the gateway may route
+        /// to any of them), in uid order, then the service's extra SANs, without repeats.
         expected_identities: Vec<SpiffeId>,
-        /// The service the client addressed: the outer CONNECT's `:authority` is its hostname and
-        /// `port`, as ztunnel sends it, and the gateway routes
-        /// on it.
+        /// The service the client addressed: the `:authority` of both CONNECTs is its hostname
+        /// and `port`.
         service: NamespacedHostname,
         /// The service port the client addressed.
         port: u16,
-        /// The destination workload's uid.
+        /// The uid of the chosen endpoint's workload.
         workload: String,
-        /// The destination workload's network.
+        /// The chosen endpoint's network.
         network: String,
     },
     /// Connect directly, in plain TCP: the destination is not in the mesh (a `TCP` workload or an
@@ -268,6 +275,54 @@ pub enum Refusal {
     },
 }
 
+/// Where an inbound CONNECT to a service hostname goes ([`State::inbound_service_target`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ServiceTarget<'a> {
+    /// The address the connection arrived on and the workload's target port.
+    pub dst: SocketAddr,
+    /// The workload served at that address.
+    pub workload: &'a Workload,
+    /// The service with the hostname the workload is an endpoint of.
+    pub service: &'a Service,
+}
+
+/// Why an inbound CONNECT to a service hostname has no destination.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceTargetError {
+    /// No workload served by this proxy has the address the connection arrived on.
+    #[error("no workload served by this proxy has the IP {ip}")]
+    NoWorkload {
+        /// The address the connection arrived on.
+        ip: IpAddr,
+    },
+    /// No service has the hostname.
+    #[error("no service has the hostname {hostname:?}")]
+    UnknownHostname {
+        /// The hostname asked for.
+        hostname: String,
+    },
+    /// The workload is not an endpoint of any service with the hostname.
+    #[error("workload {workload} is not an endpoint of a service with the hostname {hostname:?}")]
+    NotAnEndpoint {
+        /// The hostname asked for.
+        hostname: String,
+        /// The workload's uid.
+        workload: String,
+    },
+    /// Neither the workload nor the service has a (non-zero) target port for the port.
+    #[error("service {service} has no target port for port {port} on workload {workload}")]
+    NoTargetPort {
+        /// The service.
+        service: NamespacedHostname,
+        /// The port asked for.
+        port: u16,
+        /// The workload's uid.
+        workload: String,
+    },
+}
+
 /// An immutable snapshot of workloads, services and policies, indexed for routing.
 ///
 /// Its maps are persistent ([`imbl`]): [`State::update`] makes the next state from this one and a
@@ -304,6 +359,9 @@ type Members = Arc<[Arc<Workload>]>;
 /// workload (or service) keeps after the update is ignored (the address stays with its holder).
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
+    /// The delta names every workload and service of the next state: it is built from the delta
+    /// alone (cheaper than patching when most of the state changes).
+    whole: bool,
     workloads: Vec<(String, Option<Arc<Workload>>)>,
     services: Vec<(NamespacedHostname, Option<Arc<Service>>)>,
     policies: Option<Vec<Authorization>>,
@@ -313,6 +371,21 @@ impl Delta {
     /// An empty delta.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty delta that is to name every workload and service of the next state, and its
+    /// policies: [`State::update`] builds the next state from it alone, dropping whatever it does
+    /// not name.
+    pub fn whole() -> Self {
+        Self {
+            whole: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the delta names the whole next state.
+    pub fn is_whole(&self) -> bool {
+        self.whole
     }
 
     /// Adds `workload`, or replaces the one with its uid.
@@ -352,7 +425,7 @@ impl Delta {
 
     /// Whether nothing changes.
     pub fn is_empty(&self) -> bool {
-        self.workloads.is_empty() && self.services.is_empty() && self.policies.is_none()
+        !self.whole && self.workloads.is_empty() && self.services.is_empty() && self.policies.is_none()
     }
 }
 
@@ -374,7 +447,7 @@ impl State {
             policies,
             ..
         } = config;
-        let mut delta = Delta::new();
+        let mut delta = Delta::whole();
         let mut uids = std::collections::HashSet::new();
         for workload in workloads {
             if uids.insert(workload.uid.clone()) {
@@ -392,14 +465,25 @@ impl State {
     }
 
     /// The state after `delta`; `self` is left as it was and shares with the result every part the
-    /// delta does not change. A uid or key named several times in the delta takes its last entry.
+    /// delta does not change. A uid or key named several times in the delta takes its last entry. A
+    /// [whole](Delta::whole) delta gives the state of its content alone (and `self`'s policies
+    /// unless it sets them).
     pub fn update(&self, delta: Delta) -> State {
         let Delta {
+            whole,
             workloads,
             services,
             policies,
         } = delta;
-        let mut next = self.clone();
+        let mut next = if whole {
+            // Built afresh: nothing to unindex, and every map is mutated in place.
+            State {
+                policies: Arc::clone(&self.policies),
+                ..State::default()
+            }
+        } else {
+            self.clone()
+        };
         if let Some(policies) = policies {
             next.policies = Arc::new(policies);
         }
@@ -621,6 +705,15 @@ impl State {
         self.services.get(key).map(|service| &**service)
     }
 
+    /// The services with this hostname, in any namespace, ordered by key. The hostname is compared
+    /// without regard to ASCII case, a trailing dot ignored. A walk over every service: for rare
+    /// lookups, not for every connection.
+    pub fn services_with_hostname<'a>(&'a self, hostname: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
+        let hostname = hostname.strip_suffix('.').unwrap_or(hostname);
+        self.services()
+            .filter(move |service| service.hostname.eq_ignore_ascii_case(hostname))
+    }
+
     /// The workloads that name the service in their `services`, healthy or not, ordered by uid.
     pub fn workloads_of_service<'a>(
         &'a self,
@@ -655,6 +748,103 @@ impl State {
     pub fn inbound_workload(&self, proxy: &LocalProxy, dst_ip: IpAddr) -> Option<&Workload> {
         self.workload_by_ip(&proxy.network, dst_ip)
             .filter(|workload| proxy.serves_node(&workload.node))
+    }
+
+    /// Where an inbound CONNECT to `<hostname>:<port>` that arrived on `arrived_on` goes (the inner
+    /// CONNECT of double HBONE names the service, not the workload): the workload this proxy serves
+    /// at `arrived_on` ([`inbound_workload`](Self::inbound_workload)), the service with that hostname
+    /// it is an endpoint of, and `<arrived_on>:<target port>`, the target port being the workload's
+    /// own port for the service's `port`, else the service's non-zero target port.
+    ///
+    /// Services of several namespaces may share a hostname: among those the workload is an endpoint
+    /// of (its `services` names them), the one in the workload's namespace is preferred, else the
+    /// first in configuration order.
+    ///
+    /// Stricter than ztunnel, which takes the service with the hostname (preferring the workload's
+    /// namespace) without checking that the workload is one of its endpoints: here a hostname whose
+    /// services do not include the workload is refused ([`ServiceTargetError::NotAnEndpoint`]), so
+    /// that a client cannot reach a port of a workload through a service that does not route to it.
+    /// The caller still refuses the proxy's own ports and applies the policies to the result.
+    ///
+    /// ```
+    /// use meshwire_dataplane::state::{LocalProxy, ServiceTargetError, State};
+    /// use meshwire_dataplane::xds::LocalConfig;
+    ///
+    /// let state = State::new(LocalConfig::parse(
+    ///     r#"
+    /// workloads:
+    /// - name: server
+    ///   workloadIps: ["10.0.0.2"]
+    ///   protocol: HBONE
+    ///   services: {"default/server.example": {80: 8080}}
+    /// services:
+    /// - hostname: server.example
+    ///   ports: {80: 9090, 443: 8443}
+    /// - hostname: other.example
+    ///   ports: {80: 8080}
+    /// "#,
+    /// )?);
+    /// let proxy = LocalProxy::new();
+    /// let ip = "10.0.0.2".parse()?;
+    /// let target = state.inbound_service_target(&proxy, ip, "server.example", 80)?;
+    /// assert_eq!(target.dst.to_string(), "10.0.0.2:8080");
+    /// assert_eq!(target.service.hostname, "server.example");
+    /// // The service's own target port where the workload has none.
+    /// assert_eq!(state.inbound_service_target(&proxy, ip, "server.example", 443)?.dst.port(), 8443);
+    /// assert!(matches!(
+    ///     state.inbound_service_target(&proxy, ip, "other.example", 80),
+    ///     Err(ServiceTargetError::NotAnEndpoint { .. })
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn inbound_service_target(
+        &self,
+        proxy: &LocalProxy,
+        arrived_on: IpAddr,
+        hostname: &str,
+        port: u16,
+    ) -> Result<ServiceTarget<'_>, ServiceTargetError> {
+        let arrived_on = arrived_on.to_canonical();
+        let workload = self
+            .inbound_workload(proxy, arrived_on)
+            .ok_or(ServiceTargetError::NoWorkload { ip: arrived_on })?;
+        // The services the workload is an endpoint of (its `services` names them, in key order) with
+        // the hostname: a look at the workload's few services, not at the mesh's.
+        let wanted = hostname.strip_suffix('.').unwrap_or(hostname);
+        let mut named = workload
+            .services
+            .keys()
+            .filter(|key| key.hostname.eq_ignore_ascii_case(wanted))
+            .filter_map(|key| self.service_by_hostname(key));
+        let first = named.next();
+        let chosen = first
+            .filter(|service| service.namespace == workload.namespace())
+            .or_else(|| named.find(|service| service.namespace == workload.namespace()))
+            .or(first);
+        if chosen.is_none() && self.services_with_hostname(hostname).next().is_none() {
+            return Err(ServiceTargetError::UnknownHostname {
+                hostname: hostname.to_owned(),
+            });
+        }
+        let Some(service) = chosen else {
+            return Err(ServiceTargetError::NotAnEndpoint {
+                hostname: hostname.to_owned(),
+                workload: workload.uid.clone(),
+            });
+        };
+        let key = service.key();
+        let Some(target) = target_port(workload, service, &key, port).filter(|target| *target != 0) else {
+            return Err(ServiceTargetError::NoTargetPort {
+                service: key,
+                port,
+                workload: workload.uid.clone(),
+            });
+        };
+        Ok(ServiceTarget {
+            dst: SocketAddr::new(arrived_on, target),
+            workload,
+            service,
+        })
     }
 
     /// Decides where an outbound connection from `source` to `original_dst` goes.
@@ -814,8 +1004,8 @@ impl State {
             Some((at, gateway_identities)) => OutboundRoute::DoubleHbone {
                 gateway: at,
                 gateway_identities,
-                authority: SocketAddr::new(ip, target_port),
-                expected_identities: identities(workload, Some(service)),
+                expected_endpoint: SocketAddr::new(ip, target_port),
+                expected_identities: self.behind_gateway_identities(source, service, &key, workload, port),
                 service: key,
                 port,
                 workload: workload.uid.clone(),
@@ -873,6 +1063,39 @@ impl State {
             }
         };
         (!ids.is_empty()).then_some((at, ids))
+    }
+
+    /// The identities the destination of a double-HBONE connection to `picked` may present. The
+    /// gateway routes the stream by service hostname to any endpoint of the service behind it, so
+    /// they are those of every endpoint `picked` could have been: healthy, with an IP, reachable
+    /// from `source` through a gateway, in `picked`'s network behind the same gateway, serving
+    /// `port`; in uid order, then the service's extra SANs, without repeats.
+    fn behind_gateway_identities(
+        &self,
+        source: &Workload,
+        service: &Service,
+        key: &NamespacedHostname,
+        picked: &Workload,
+        port: u16,
+    ) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = Vec::new();
+        let members = self
+            .workloads_of_service(key)
+            .filter(|w| {
+                w.status == HealthStatus::Healthy
+                    && Reach::ThroughGateway.admits(source, w)
+                    && w.network == picked.network
+                    && w.network_gateway == picked.network_gateway
+                    && !w.workload_ips.is_empty()
+                    && target_port(w, service, key, port).is_some()
+            })
+            .map(Workload::spiffe_id);
+        for id in members.chain(&service.subject_alt_names) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
     }
 
     /// The identities of a service's healthy endpoints, in uid order, then its extra SANs, without
@@ -1124,12 +1347,16 @@ impl fmt::Display for OutboundRoute {
             } => write!(f, "HBONE to waypoint {waypoint} at {endpoint} for {authority}"),
             OutboundRoute::DoubleHbone {
                 gateway,
-                authority,
+                expected_endpoint,
+                service,
+                port,
                 network,
                 ..
             } => write!(
                 f,
-                "double HBONE through gateway {gateway} to {authority} in network {network:?}"
+                "double HBONE through gateway {gateway} for {}:{port} (chosen endpoint {expected_endpoint}) in network \
+                 {network:?}",
+                service.hostname
             ),
             OutboundRoute::Passthrough { dst, .. } => write!(f, "plain TCP to {dst}"),
             OutboundRoute::Refused { dst, reason } => write!(f, "refused {dst}: {reason}"),
@@ -1295,7 +1522,7 @@ services:
             OutboundRoute::DoubleHbone {
                 gateway: addr("10.1.0.100:15009"),
                 gateway_identities: vec![id("istio-system", "eastwest")],
-                authority: addr("10.1.0.2:8080"),
+                expected_endpoint: addr("10.1.0.2:8080"),
                 expected_identities: vec![id("default", "remote")],
                 service: key("default/remote.example"),
                 port: 80,
@@ -1305,7 +1532,7 @@ services:
         );
         assert_eq!(
             route.to_string(),
-            r#"double HBONE through gateway 10.1.0.100:15009 to 10.1.0.2:8080 in network "net-b""#
+            r#"double HBONE through gateway 10.1.0.100:15009 for remote.example:80 (chosen endpoint 10.1.0.2:8080) in network "net-b""#
         );
     }
 
@@ -1367,7 +1594,7 @@ services:
         let OutboundRoute::DoubleHbone {
             gateway,
             gateway_identities,
-            authority,
+            expected_endpoint,
             expected_identities,
             ..
         } = route(&state, "client", "10.9.0.5:80", 0)
@@ -1379,7 +1606,7 @@ services:
             gateway_identities,
             [id("istio-system", "ew-vip"), id("istio-system", "ew-extra")]
         );
-        assert_eq!(authority, addr("10.4.0.2:8080"));
+        assert_eq!(expected_endpoint, addr("10.4.0.2:8080"));
         assert_eq!(expected_identities, [id("default", "behind-vip")]);
     }
 
@@ -1399,5 +1626,262 @@ services:
         assert_eq!(gateway, addr("10.0.8.8:15099"));
         assert_eq!(gateway_identities, [id("istio-system", "ew-pods")]);
         assert_eq!(network, "net-f");
+    }
+
+    /// A service with endpoints in two networks behind gateways: who may answer behind a gateway.
+    const SPREAD: &str = r#"
+workloads:
+- name: client
+  serviceAccount: client
+  workloadIps: ["10.0.0.1"]
+  protocol: HBONE
+  network: net-a
+- uid: a-spread-b
+  name: spread-b
+  serviceAccount: spread-b
+  workloadIps: ["10.1.0.2"]
+  protocol: HBONE
+  network: net-b
+  networkGateway: {destination: "net-b/10.1.0.100"}
+  services: {"default/spread.example": {80: 8080}}
+- uid: b-spread-a
+  name: spread-a
+  serviceAccount: spread-a
+  workloadIps: ["10.1.0.3"]
+  protocol: HBONE
+  network: net-b
+  networkGateway: {destination: "net-b/10.1.0.100"}
+  services: {"default/spread.example": {80: 8080}}
+- uid: c-spread-a-again
+  name: spread-a-again
+  serviceAccount: spread-a
+  workloadIps: ["10.1.0.4"]
+  protocol: HBONE
+  network: net-b
+  networkGateway: {destination: "net-b/10.1.0.100"}
+  services: {"default/spread.example": {80: 8080}}
+- uid: d-sick
+  name: sick
+  serviceAccount: sick
+  workloadIps: ["10.1.0.5"]
+  protocol: HBONE
+  network: net-b
+  status: Unhealthy
+  networkGateway: {destination: "net-b/10.1.0.100"}
+  services: {"default/spread.example": {80: 8080}}
+- uid: e-far
+  name: far
+  serviceAccount: far
+  workloadIps: ["10.2.0.2"]
+  protocol: HBONE
+  network: net-c
+  networkGateway: {destination: "net-c/10.2.0.100"}
+  services: {"default/spread.example": {80: 8080}}
+- uid: f-no-port
+  name: no-port
+  serviceAccount: no-port
+  workloadIps: ["10.1.0.6"]
+  protocol: HBONE
+  network: net-b
+  networkGateway: {destination: "net-b/10.1.0.100"}
+  services: {"default/spread.example": {81: 8081}}
+- uid: g-other-gateway
+  name: other-gateway
+  serviceAccount: other-gateway
+  workloadIps: ["10.1.0.7"]
+  protocol: HBONE
+  network: net-b
+  networkGateway: {destination: "net-b/10.1.0.101"}
+  services: {"default/spread.example": {80: 8080}}
+- name: eastwest-b
+  namespace: istio-system
+  serviceAccount: eastwest
+  workloadIps: ["10.1.0.100"]
+  protocol: HBONE
+  network: net-b
+- name: eastwest-b2
+  namespace: istio-system
+  serviceAccount: eastwest2
+  workloadIps: ["10.1.0.101"]
+  protocol: HBONE
+  network: net-b
+- name: eastwest-c
+  namespace: istio-system
+  serviceAccount: eastwest
+  workloadIps: ["10.2.0.100"]
+  protocol: HBONE
+  network: net-c
+services:
+- hostname: spread.example
+  vips: ["net-a/10.9.0.7"]
+  subjectAltNames:
+  - "spiffe://cluster.local/ns/default/sa/spread-extra"
+  - "spiffe://cluster.local/ns/default/sa/spread-a"
+  ports: {80: 0}
+"#;
+
+    #[test]
+    fn the_inner_tls_accepts_every_endpoint_the_gateway_may_route_to() {
+        let state = State::new(LocalConfig::parse(SPREAD).unwrap());
+        let expected = |pick| {
+            let OutboundRoute::DoubleHbone {
+                expected_endpoint,
+                expected_identities,
+                service,
+                port,
+                ..
+            } = route(&state, "client", "10.9.0.7:80", pick)
+            else {
+                panic!("expected double HBONE");
+            };
+            assert_eq!((service, port), (key("default/spread.example"), 80));
+            (expected_endpoint, expected_identities)
+        };
+        // Eligible, in uid order: spread-b, spread-a, spread-a-again, far, other-gateway (sick is
+        // unhealthy, no-port does not serve 80 and the service's target port is a named one).
+        let behind_b = vec![
+            id("default", "spread-b"),
+            id("default", "spread-a"),
+            id("default", "spread-extra"),
+        ];
+        assert_eq!(expected(0), (addr("10.1.0.2:8080"), behind_b.clone()));
+        assert_eq!(expected(1), (addr("10.1.0.3:8080"), behind_b.clone()));
+        assert_eq!(expected(2), (addr("10.1.0.4:8080"), behind_b));
+        // Another network's endpoint: only it is behind its gateway.
+        assert_eq!(
+            expected(3),
+            (
+                addr("10.2.0.2:8080"),
+                vec![
+                    id("default", "far"),
+                    id("default", "spread-extra"),
+                    id("default", "spread-a")
+                ]
+            )
+        );
+        // The same network, another gateway: that gateway reaches only it.
+        assert_eq!(
+            expected(4).1,
+            [
+                id("default", "other-gateway"),
+                id("default", "spread-extra"),
+                id("default", "spread-a")
+            ]
+        );
+    }
+
+    /// A workload that is an endpoint of services of two namespaces sharing a hostname.
+    const INBOUND: &str = r#"
+workloads:
+- uid: server
+  name: server
+  namespace: shop
+  serviceAccount: server
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+  node: node-1
+  services:
+    "shop/cart.example": {80: 8080}
+    "other/cart.example": {80: 9080}
+    "shop/named.example": {}
+    "other/only-other.example": {80: 7070}
+- uid: elsewhere
+  name: elsewhere
+  namespace: shop
+  workloadIps: ["10.0.0.3"]
+  protocol: HBONE
+  node: node-2
+  services: {"shop/cart.example": {80: 8080}}
+services:
+- namespace: other
+  hostname: cart.example
+  ports: {80: 9080, 443: 9443}
+- namespace: shop
+  hostname: cart.example
+  ports: {80: 8080, 443: 8443}
+- namespace: shop
+  hostname: named.example
+  ports: {80: 0}
+- namespace: other
+  hostname: only-other.example
+  ports: {80: 7070}
+- namespace: shop
+  hostname: stranger.example
+  ports: {80: 80}
+"#;
+
+    #[test]
+    fn a_hostname_authority_resolves_to_the_local_workloads_target_port() {
+        let state = State::new(LocalConfig::parse(INBOUND).unwrap());
+        let proxy = LocalProxy::new().with_node("node-1");
+        let server: IpAddr = "10.0.0.2".parse().unwrap();
+        let target = |ip: IpAddr, host: &str, port| {
+            state
+                .inbound_service_target(&proxy, ip, host, port)
+                .map(|t| (t.dst, t.workload.uid.clone(), t.service.key()))
+        };
+        // The service of the workload's namespace, although another comes first, and the
+        // workload's own target port.
+        assert_eq!(
+            target(server, "cart.example", 80),
+            Ok((addr("10.0.0.2:8080"), "server".to_owned(), key("shop/cart.example")))
+        );
+        // The service's target port where the workload has none; case and a trailing dot ignored;
+        // an IPv4-mapped address as its IPv4 address.
+        assert_eq!(
+            target("::ffff:10.0.0.2".parse().unwrap(), "Cart.Example.", 443),
+            Ok((addr("10.0.0.2:8443"), "server".to_owned(), key("shop/cart.example")))
+        );
+        // Only another namespace's service with the hostname has the workload: that one.
+        assert_eq!(
+            target(server, "only-other.example", 80),
+            Ok((
+                addr("10.0.0.2:7070"),
+                "server".to_owned(),
+                key("other/only-other.example")
+            ))
+        );
+    }
+
+    #[test]
+    fn a_hostname_authority_without_a_local_endpoint_or_port_is_refused() {
+        let state = State::new(LocalConfig::parse(INBOUND).unwrap());
+        let proxy = LocalProxy::new().with_node("node-1");
+        let server: IpAddr = "10.0.0.2".parse().unwrap();
+        let refusal = |ip: IpAddr, host: &str, port| state.inbound_service_target(&proxy, ip, host, port).unwrap_err();
+
+        let not_member = refusal(server, "stranger.example", 80);
+        assert_eq!(
+            not_member,
+            ServiceTargetError::NotAnEndpoint {
+                hostname: "stranger.example".into(),
+                workload: "server".into(),
+            }
+        );
+        assert_eq!(
+            not_member.to_string(),
+            r#"workload server is not an endpoint of a service with the hostname "stranger.example""#
+        );
+        let unknown = refusal(server, "nowhere.example", 80);
+        assert_eq!(unknown.to_string(), r#"no service has the hostname "nowhere.example""#);
+
+        // A named target port (0) the workload does not map, and a port nobody declares.
+        for (host, port) in [("named.example", 80), ("cart.example", 81)] {
+            let error = refusal(server, host, port);
+            assert!(
+                matches!(&error, ServiceTargetError::NoTargetPort { port: p, workload, .. } if *p == port && workload == "server"),
+                "{error:?}"
+            );
+        }
+        assert_eq!(
+            refusal(server, "cart.example", 81).to_string(),
+            "service shop/cart.example has no target port for port 81 on workload server"
+        );
+
+        // A workload of another node, and an address no workload has.
+        for ip in ["10.0.0.3", "10.0.0.99"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(refusal(ip, "cart.example", 80), ServiceTargetError::NoWorkload { ip });
+        }
     }
 }

@@ -118,8 +118,12 @@ impl Proxy {
     }
 
     async fn open(&self, authority: SocketAddr) -> Result<Tunnel, u16> {
+        self.open_authority(Authority::SocketAddr(authority)).await
+    }
+
+    async fn open_authority(&self, authority: Authority) -> Result<Tunnel, u16> {
         let conn = self.connect().await;
-        conn.open(&ConnectRequest::new(Authority::SocketAddr(authority)))
+        conn.open(&ConnectRequest::new(authority))
             .await
             .map_err(|e| e.status().map_or(0, |s| s.as_u16()))
     }
@@ -225,6 +229,70 @@ async fn a_denied_client_gets_401() {
         .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
         .unwrap();
     assert!(opened.contains("response_flags=\"DENY\""), "{opened}");
+}
+
+/// The server workload on 127.0.0.1 as the endpoint of `echo.example`, whose port 80 is `port` on
+/// the workload; port 81 of the service targets the proxy's own HBONE port.
+fn service_config(port: u16, policies: &str) -> String {
+    format!(
+        r#"
+workloads:
+- name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+  services: {{"default/echo.example": {{80: {port}}}}}
+services:
+- hostname: echo.example
+  ports: {{80: 8080, 81: 15008}}
+- hostname: other.example
+  ports: {{80: {port}}}
+{policies}"#
+    )
+}
+
+#[tokio::test]
+async fn a_hostname_authority_reaches_the_workloads_target_port_for_the_service() {
+    let echo = echo_server().await;
+    let proxy = proxy("127.0.0.1", &service_config(echo.port(), "")).await;
+    let host = |name: &str, port| Authority::host(name, port).unwrap();
+
+    let mut tunnel = proxy.open_authority(host("echo.example", 80)).await.unwrap();
+    roundtrip(&mut tunnel, b"by hostname").await;
+    let text = proxy.metrics.render();
+    let opened = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .unwrap();
+    assert!(opened.contains(r#"destination_service="echo.example""#), "{opened}");
+
+    // A service the workload is no endpoint of, and a port the service lacks: 400.
+    assert_eq!(proxy.open_authority(host("other.example", 80)).await.unwrap_err(), 400);
+    assert_eq!(proxy.open_authority(host("echo.example", 83)).await.unwrap_err(), 400);
+    assert_eq!(
+        proxy.open_authority(host("nowhere.example", 80)).await.unwrap_err(),
+        400
+    );
+    // A target port that is one of the proxy's own: 503, as for an address.
+    assert_eq!(proxy.open_authority(host("echo.example", 81)).await.unwrap_err(), 503);
+}
+
+#[tokio::test]
+async fn a_policy_denies_a_hostname_authority_as_an_address() {
+    let echo = echo_server().await;
+    let policies = r#"policies:
+- name: deny-client
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: [!Exact cluster.local/ns/default/sa/client]
+"#;
+    let proxy = proxy("127.0.0.1", &service_config(echo.port(), policies)).await;
+    let by_name = proxy.open_authority(Authority::host("echo.example", 80).unwrap()).await;
+    assert_eq!(by_name.unwrap_err(), 401);
+    assert_eq!(proxy.open(echo).await.unwrap_err(), 401);
 }
 
 #[tokio::test]

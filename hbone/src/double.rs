@@ -1,8 +1,9 @@
 //! Double HBONE (multi-network): an inner HBONE connection, with its own mTLS to the final
 //! workload's identity, carried inside an outer tunnel to an east-west gateway.
 //!
-//! The gateway terminates only the outer CONNECT and splices the stream to the destination's
-//! HBONE port; it never sees inside the inner TLS. Each outer stream carries one inner connection
+//! The gateway terminates only the outer CONNECT and splices the stream to the HBONE port of the
+//! destination it chooses (for `<service hostname>:<port>`, as ztunnel sends it, any endpoint of
+//! the service behind it); it never sees inside the inner TLS. Each outer stream carries one inner connection
 //! with one inner stream; dropping the inner tunnel ends both.
 
 use std::sync::Arc;
@@ -13,9 +14,9 @@ use crate::client::{self, ConnectError, ConnectRequest, ConnectionDriver, Tunnel
 use crate::rt::{Executor, Timer};
 use crate::settings::Settings;
 
-/// Opens the inner tunnel through `outer`: mTLS with `inner_tls` (which expects the final
-/// workload's identity), HTTP/2, and a CONNECT for `request` (typically with
-/// `x-forwarded-network` in its metadata). The inner connection's driver goes to `executor`.
+/// Opens the inner tunnel through `outer`: mTLS with `inner_tls` (which expects the identities the
+/// final destination may present: every endpoint the gateway may route to), HTTP/2, and a CONNECT
+/// for `request` (typically with `x-forwarded-network` in its metadata). The inner connection's driver goes to `executor`.
 ///
 /// # Example
 ///

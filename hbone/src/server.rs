@@ -94,8 +94,9 @@ pub enum RefusalReason {
     /// The request has no `:authority` (refused by the library with 400).
     #[error("CONNECT without :authority")]
     MissingAuthority,
-    /// The authority is a host name, which the handler does not serve.
-    #[error("hostname authorities are not served yet: {0}")]
+    /// The authority is a host name, which the handler does not serve (a handler that forwards
+    /// only to addresses; a node proxy resolves a service hostname to a local workload instead).
+    #[error("hostname authorities are not served by this handler: {0}")]
     HostnameAuthority(Authority),
     /// The authority's IP is not the address the connection arrived on.
     #[error("authority IP {authority} is not the address the connection arrived on, {arrived_on}")]

@@ -3,13 +3,16 @@
 //! each CONNECT stream, without looking inside it, to the HBONE port of a workload of its network,
 //! where the inner tunnel (mTLS end to end with the destination) is terminated.
 //!
-//! A meshwire proxy cannot play this part: its inbound listener accepts only a CONNECT to the
-//! address the connection arrived on (HBONE.md: another address gets 400), and a CONNECT to
-//! `<service hostname>:<port>` gets 400 too.
+//! A meshwire proxy cannot play this part: its inbound listener delivers a CONNECT only to the
+//! workload at the address the connection arrived on, never to another host: an `ip:port` authority
+//! must be that address (HBONE.md: another one gets 400), and a `<service hostname>:<port>` one must
+//! name a service that workload is an endpoint of (else 400), which it resolves to the workload's
+//! target port.
 //!
 //! Where a stream goes: its authority looked up in the gateway's routes (`<service hostname>:<port>`,
-//! what ztunnel sends, to the HBONE address of an endpoint's proxy); an `ip:port` authority that is
-//! not routed goes to that address. Connections to the upstream are made from the gateway's own IP.
+//! what ztunnel sends, to the HBONE address of the proxy of one endpoint of the service, any one, as
+//! a real gateway chooses); an `ip:port` authority that is not routed goes to that address.
+//! Connections to the upstream are made from the gateway's own IP.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

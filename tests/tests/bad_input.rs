@@ -90,9 +90,15 @@ fn connects_with_a_wrong_authority_get_400_or_503() {
         // An IP other than the one the connection arrived on.
         let other_ip: SocketAddr = SocketAddr::new(lo(1), s.echo.addr().port());
         assert_eq!(status(client.open(inbound, other_ip)), 400);
-        // A host name.
-        let name = Authority::parse("echo.default.svc.cluster.local:80").unwrap();
-        assert_eq!(status(client.open_authority(inbound, name)), 400);
+        // A host name no service of the workload has, and a port its service lacks (its service's
+        // hostname and port are served: see multinetwork.rs).
+        for name in [
+            "nowhere.default.svc.cluster.local:80",
+            "echo.default.svc.cluster.local:81",
+        ] {
+            let name = Authority::parse(name).unwrap();
+            assert_eq!(status(client.open_authority(inbound, name)), 400);
+        }
         // One of the proxy's own ports: a loop.
         assert_eq!(status(client.open(inbound, inbound)), 503);
         let admin_port = SocketAddr::new(lo(2), s.server.ports().metrics.port());

@@ -433,7 +433,15 @@ impl XdsConfig {
     /// and services to put or remove, and all the policies when any changed. Applied with
     /// [`State::update`](crate::state::State::update) to the state of the previous call, it gives the
     /// state of [`XdsConfig::to_local_config`].
+    ///
+    /// When at least a quarter of the workloads and services changed (a first push, or a push that
+    /// touches every workload), the delta is [whole](Delta::whole): it names everything, and the
+    /// next state is built from it rather than patched, which costs less then.
     pub fn take_delta(&mut self) -> Delta {
+        let changed = self.changed_workloads.len() + self.changed_services.len();
+        if changed * 4 >= self.addresses.len() && changed > 0 {
+            return self.take_whole_delta();
+        }
         let mut delta = Delta::new();
         for name in std::mem::take(&mut self.changed_workloads) {
             match self.addresses.get(&name).map(|s| &s.address) {
@@ -445,6 +453,22 @@ impl XdsConfig {
             match self.addresses.get(&name).map(|s| &s.address) {
                 Some(Address::Service(s)) => delta.put_service(self.effective_service(&name, s)),
                 _ => delta.remove_service(key),
+            }
+        }
+        if std::mem::take(&mut self.policies_changed) {
+            delta.set_policies(self.policies.values().map(|p| p.policy().clone()).collect());
+        }
+        delta
+    }
+
+    fn take_whole_delta(&mut self) -> Delta {
+        self.changed_workloads.clear();
+        self.changed_services.clear();
+        let mut delta = Delta::whole();
+        for (name, stored) in &self.addresses {
+            match &stored.address {
+                Address::Workload(w) => delta.put_workload(self.effective_workload(name, w)),
+                Address::Service(s) => delta.put_service(self.effective_service(name, s)),
             }
         }
         if std::mem::take(&mut self.policies_changed) {

@@ -4,19 +4,25 @@
 //! An [`InboundHandler`] is made for every accepted HBONE connection and decides on each CONNECT
 //! stream of it, in this order (the statuses of `HBONE.md`):
 //!
-//! 1. the authority must be `ip:port`: a hostname gets 400;
-//! 2. its IP must be the address the connection arrived on: another one gets 400;
-//! 3. its port must not be one of the proxy's own ports (nor the port the connection arrived on):
-//!    such a request would loop back into the proxy and gets 503;
-//! 4. the IP must belong to a workload this proxy serves ([`State::inbound_workload`]): else 400;
-//! 5. the policies of the current snapshot must allow the peer: a denial gets 401 (dry-run outcomes
-//!    are logged, not enforced);
-//! 6. a TCP connection to the authority (`TCP_NODELAY` on) must succeed: else 503.
+//! 1. an `ip:port` authority's IP must be the address the connection arrived on: another one gets
+//!    400. A `<service hostname>:<port>` authority (the inner CONNECT of double HBONE, as ztunnel
+//!    sends it) is resolved instead ([`State::inbound_service_target`]): to the workload served at
+//!    the address the connection arrived on, which must be an endpoint of a service with that
+//!    hostname, and its target port for the port; else 400. The destination is then that address
+//!    and target port, and the access log's `dst.hbone_addr` the hostname and port, as ztunnel
+//!    logs it;
+//! 2. the destination port must not be one of the proxy's own ports (nor the port the connection
+//!    arrived on): such a request would loop back into the proxy and gets 503;
+//! 3. the IP must belong to a workload this proxy serves ([`State::inbound_workload`]): else 400;
+//! 4. the policies of the current snapshot must allow the peer: a denial gets 401 (dry-run outcomes
+//!    are logged, not enforced), for a hostname authority exactly as for the address it resolved
+//!    to;
+//! 5. a TCP connection to the destination (`TCP_NODELAY` on) must succeed: else 503.
 //!
 //! The accepted connection is registered in the [`ConnectionRegistry`], so that a later snapshot
 //! whose policies deny it closes it, and the upstream is returned as an [`InboundUpstream`].
 //!
-//! **Plaintext.** A connection redirected to the inbound plaintext listener goes through steps 3 to 6
+//! **Plaintext.** A connection redirected to the inbound plaintext listener goes through steps 2 to 5
 //! the same way ([`InboundHandler::open`]), with its original destination (`SO_ORIGINAL_DST`) as the
 //! authority and no peer identity: policies that require one refuse it, and its metrics say
 //! `connection_security_policy="unknown"`. [`InboundHandler::serve_plaintext`] serves such a
@@ -36,6 +42,7 @@
 //! counted and logged in `connect`; earlier refusals (400, loops) are only logged by the server.
 //!
 //! [`State::inbound_workload`]: crate::state::State::inbound_workload
+//! [`State::inbound_service_target`]: crate::state::State::inbound_service_target
 
 use std::fmt;
 use std::io;
@@ -57,12 +64,15 @@ use crate::rbac::{Connection, WorkloadRef};
 use crate::rt::Runtime;
 use crate::rt::socket::SocketOptions;
 use crate::rt::tokio::TokioRuntime;
-use crate::state::LocalProxy;
+use crate::state::{LocalProxy, ServiceTargetError};
 use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, Metrics, Reporter, ResponseFlags, SecurityPolicy,
 };
-use crate::watch::{CloseReason, CloseSignal, ConnectionAttrs, ConnectionGuard, ConnectionRegistry, Published};
+use crate::watch::{
+    CloseReason, CloseSignal, ConnectionAttrs, ConnectionGuard, ConnectionRegistry, Published, Snapshot,
+};
+use crate::xds::{Service, Workload};
 
 /// How long connecting to the destination workload may take before the stream is refused with 503.
 const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -166,7 +176,7 @@ impl<R: Runtime> InboundHandler<R> {
         refusal
     }
 
-    /// Steps 3 to 6 for a connection from the client to `dst`, with the identity the client proved
+    /// Steps 2 to 5 for a connection from the client to `dst`, with the identity the client proved
     /// (`None` for plaintext): refuses the proxy's own ports (503), a destination that is no served
     /// workload (400), a denial of the policies (401, counted and logged), a failed connect (503,
     /// counted and logged); else connects, registers the connection and returns its upstream.
@@ -180,6 +190,51 @@ impl<R: Runtime> InboundHandler<R> {
         let Some(workload) = snapshot.state.inbound_workload(&self.proxy, dst.ip()) else {
             return Err(Refusal::bad_request(RefusalReason::NoWorkload(dst.ip())));
         };
+        let hbone_addr = peer.is_some().then(|| dst.to_string());
+        self.admit(&snapshot, dst, workload, None, peer, hbone_addr).await
+    }
+
+    /// Step 1 for a `<hostname>:<port>` authority, then steps 2 to 5: resolves it to the workload
+    /// served at the address the connection arrived on and its target port for the service (400
+    /// when there is none), refuses the proxy's own ports (503), then goes on as
+    /// [`open`](Self::open) does for that address, with the service in the labels and the access
+    /// log, and `<hostname>:<port>` as the log's `dst.hbone_addr`.
+    async fn open_service(&self, hostname: &str, port: u16, peer: &SpiffeId) -> Result<InboundUpstream<R>, Refusal> {
+        let snapshot = self.published.load();
+        let target = snapshot
+            .state
+            .inbound_service_target(&self.proxy, self.arrived_on.ip(), hostname, port)
+            .map_err(|error| match error {
+                ServiceTargetError::NoWorkload { ip } => Refusal::bad_request(RefusalReason::NoWorkload(ip)),
+                other => Refusal::bad_request(format!("CONNECT to {hostname}:{port}: {other}")),
+            })?;
+        let dst = target.dst;
+        if self.proxy.ports.contains(&dst.port()) || dst.port() == self.arrived_on.port() {
+            return Err(Refusal::unavailable(RefusalReason::Loop(dst)));
+        }
+        let hbone_addr = Some(format!("{hostname}:{port}"));
+        self.admit(
+            &snapshot,
+            dst,
+            target.workload,
+            Some(target.service),
+            Some(peer),
+            hbone_addr,
+        )
+        .await
+    }
+
+    /// Steps 4 and 5 for a connection to `dst`, an address of `workload` (of `service`, when the
+    /// client named one): the policies, the connect, the registration, the upstream.
+    async fn admit(
+        &self,
+        snapshot: &Snapshot,
+        dst: SocketAddr,
+        workload: &Workload,
+        service: Option<&Service>,
+        peer: Option<&SpiffeId>,
+        hbone_addr: Option<String>,
+    ) -> Result<InboundUpstream<R>, Refusal> {
         let source = snapshot
             .state
             .workload_by_ip(&self.proxy.network, self.peer_addr.ip())
@@ -193,15 +248,14 @@ impl<R: Runtime> InboundHandler<R> {
         let labels = ConnectionLabels::new(Reporter::Destination, security)
             .with_source(source)
             .with_source_principal(peer)
-            .with_destination(Some(workload));
-        let entry = AccessLogEntry::from_labels(&labels, self.peer_addr, dst)
+            .with_destination(Some(workload))
+            .with_destination_service(service);
+        let mut entry = AccessLogEntry::from_labels(&labels, self.peer_addr, dst)
             .with_source_workload(source)
             .with_destination_workload(Some(workload));
-        let entry = if peer.is_some() {
-            entry.with_hbone_addr(dst)
-        } else {
-            entry
-        };
+        if let Some(target) = hbone_addr {
+            entry = entry.with_hbone_addr(target);
+        }
         let start = Instant::now();
 
         // Authorization, before the connection is counted as opened: a denied connection is opened
@@ -356,8 +410,12 @@ impl<R: Runtime> Handler for InboundHandler<R> {
     async fn connect(&self, request: &InboundRequest) -> Result<Connected<InboundUpstream<R>>, Refusal> {
         let dst = match &request.authority {
             Authority::SocketAddr(addr) => canonical(*addr),
-            other => {
-                return Err(Refusal::bad_request(RefusalReason::HostnameAuthority(other.clone())));
+            Authority::Host { name, port } => {
+                // Boxed: a rare path (double HBONE) whose state would otherwise enlarge every
+                // stream's future.
+                return Box::pin(self.open_service(name, *port, &request.peer))
+                    .await
+                    .map(Connected::from);
             }
         };
         if dst.ip() != self.arrived_on.ip() {

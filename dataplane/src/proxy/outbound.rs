@@ -350,8 +350,8 @@ pub fn outbound_labels(state: &State, source: &Workload, route: &OutboundRoute) 
 /// The access log entry of an outbound connection from `peer` to the original destination `dst`,
 /// routed by `route`, with `labels` from [`outbound_labels`]: `dst.addr` is the address the proxy
 /// connects to (the HBONE endpoint, the network gateway of double HBONE, or the passthrough
-/// destination), `dst.hbone_addr` the CONNECT target inside the tunnel (for double HBONE, the inner
-/// CONNECT's: the destination workload's address, as ztunnel logs the target and the gateway).
+/// destination), `dst.hbone_addr` the CONNECT target inside the tunnel (for double HBONE, the
+/// CONNECTs': `<service hostname>:<port>`, as ztunnel logs it beside the gateway).
 pub fn outbound_log_entry(
     state: &State,
     labels: &ConnectionLabels,
@@ -370,12 +370,17 @@ pub fn outbound_log_entry(
     match route {
         OutboundRoute::Hbone {
             authority, workload, ..
-        }
-        | OutboundRoute::DoubleHbone {
-            authority, workload, ..
         } => entry
             .with_destination_workload(state.workload_by_uid(workload))
             .with_hbone_addr(authority),
+        OutboundRoute::DoubleHbone {
+            service,
+            port,
+            workload,
+            ..
+        } => entry
+            .with_destination_workload(state.workload_by_uid(workload))
+            .with_hbone_addr(format_args!("{}:{port}", service.hostname)),
         OutboundRoute::Waypoint { authority, .. } => entry.with_hbone_addr(authority),
         OutboundRoute::Passthrough { workload, .. } => {
             entry.with_destination_workload(workload.as_deref().and_then(|uid| state.workload_by_uid(uid)))
@@ -862,7 +867,7 @@ where
             OutboundRoute::DoubleHbone {
                 gateway,
                 gateway_identities,
-                authority,
+                expected_endpoint,
                 expected_identities,
                 service,
                 port,
@@ -871,7 +876,7 @@ where
                 let legs = DoubleHbone {
                     gateway,
                     gateway_identities,
-                    authority,
+                    expected_endpoint,
                     expected_identities,
                     service,
                     port,
@@ -903,7 +908,7 @@ where
 struct DoubleHbone {
     gateway: SocketAddr,
     gateway_identities: Vec<SpiffeId>,
-    authority: SocketAddr,
+    expected_endpoint: SocketAddr,
     expected_identities: Vec<SpiffeId>,
     service: crate::xds::NamespacedHostname,
     port: u16,
@@ -917,15 +922,18 @@ where
     /// Opens a double-HBONE tunnel for the client at `peer` of `source`:
     ///
     /// 1. the inner connection's client TLS config (the source's certificate, accepting only the
-    ///    destination's identities), from the pool connector's source of configs, fetched first so
-    ///    that no stream is held open while a certificate is fetched;
+    ///    identities of the service's endpoints behind the gateway), from the pool connector's
+    ///    source of configs, fetched first so that no stream is held open while a certificate is
+    ///    fetched;
     /// 2. the outer stream, from the pool: mTLS to the gateway (accepting only its identities) and
     ///    a CONNECT to `<service hostname>:<service port>`, which is what ztunnel sends and what an
-    ///    east-west gateway routes on;
-    /// 3. inside it ([`double::connect`]): mTLS to the destination, HTTP/2, and a CONNECT to the
-    ///    destination workload's `<ip>:<target port>` with `forwarded` and `x-forwarded-network`
-    ///    (the source's network). Its driver runs on the pool's executor; dropping the returned
-    ///    tunnel ends the inner connection and then the outer stream.
+    ///    east-west gateway routes on, to any endpoint of the service in its network;
+    /// 3. inside it ([`double::connect`]): mTLS to that endpoint's node proxy, HTTP/2, and a
+    ///    CONNECT to `<service hostname>:<service port>` again (as ztunnel sends it: the endpoint's
+    ///    proxy resolves it to its workload's target port, whichever endpoint the gateway chose)
+    ///    with `forwarded` and `x-forwarded-network` (the source's network). Its driver runs on the
+    ///    pool's executor; dropping the returned tunnel ends the inner connection and then the outer
+    ///    stream.
     ///
     /// The outer connections are pooled like any HBONE connection (keyed by the source identity,
     /// the gateway's identities and address), so that tunnels to one gateway share them; the inner
@@ -941,7 +949,7 @@ where
         let DoubleHbone {
             gateway,
             gateway_identities,
-            authority,
+            expected_endpoint,
             expected_identities,
             service,
             port,
@@ -952,14 +960,16 @@ where
                 "double HBONE: this runtime's HBONE connector gives no client TLS configs",
             )));
         };
-        let inner_key = PoolKey::new(source_id.clone(), expected_identities, authority, None);
+        // Never pooled: the key only asks the source of configs for the right certificate and
+        // expected identities.
+        let inner_key = PoolKey::new(source_id.clone(), expected_identities, expected_endpoint, None);
         let inner_tls = tls.client_config(&inner_key).await?;
 
         let forwarded = Forwarded::new(peer).with_host(service.hostname.clone());
-        let outer_authority = Authority::host(&service.hostname, port)
+        let authority = Authority::host(&service.hostname, port)
             .map_err(|error| ConnectError::InvalidRequest(format!("service hostname {}: {error}", service.hostname)))?;
         let outer_request = ConnectRequest {
-            authority: outer_authority,
+            authority: authority.clone(),
             metadata: Metadata {
                 forwarded: Some(forwarded.clone()),
                 ..Metadata::default()
@@ -969,7 +979,7 @@ where
         let outer = self.pool.connect(&outer_key, &outer_request).await?;
 
         let inner_request = ConnectRequest {
-            authority: Authority::SocketAddr(authority),
+            authority,
             metadata: Metadata {
                 forwarded: Some(forwarded),
                 x_forwarded_network: (!source.network.is_empty()).then(|| source.network.clone()),
