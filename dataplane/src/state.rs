@@ -1,10 +1,11 @@
 //! An immutable snapshot of the mesh (workloads, services, policies) with the lookups and the outbound
 //! routing decision, as pure functions.
 //!
-//! A [`State`] is built once from a validated [`LocalConfig`] and then only read: share it as
-//! `Arc<State>` (an `ArcSwap<State>` when the configuration changes) so that data-path cores read it
-//! without waiting on the control plane. No method does IO, reads the clock or draws random numbers;
-//! the caller passes the proxy's own addresses and a number that picks among service endpoints.
+//! A [`State`] is built from a validated [`LocalConfig`] (or, push after push, from the previous
+//! state and a [`Delta`]) and then only read: share it as `Arc<State>` (an `ArcSwap<State>` when the
+//! configuration changes) so that data-path cores read it without waiting on the control plane. No
+//! method does IO, reads the clock or draws random numbers; the caller passes the proxy's own
+//! addresses and a number that picks among service endpoints.
 //!
 //! ```
 //! use std::net::SocketAddr;
@@ -351,6 +352,9 @@ pub struct State {
 /// slice on every connection.
 type Members = Arc<[Arc<Workload>]>;
 
+/// A change to a list of [`Members`]: the uid, and the new member (`None` removes it).
+type MemberChange<'a> = (&'a str, Option<Arc<Workload>>);
+
 /// What changed between two [`State`]s: workloads put (added or replaced, by uid) or removed,
 /// services put or removed (by key), and the policies when they changed (all of them).
 ///
@@ -500,8 +504,8 @@ impl State {
         };
         workloads.sort_by(|a, b| a.0.cmp(&b.0));
         // Membership changes, applied per list once all are known: key -> (uid, new member).
-        let mut endpoint_changes: HashMap<NamespacedHostname, Vec<(&str, Option<Arc<Workload>>)>> = HashMap::new();
-        let mut name_changes: HashMap<(String, String), Vec<(&str, Option<Arc<Workload>>)>> = HashMap::new();
+        let mut endpoint_changes: HashMap<NamespacedHostname, Vec<MemberChange<'_>>> = HashMap::new();
+        let mut name_changes: HashMap<(String, String), Vec<MemberChange<'_>>> = HashMap::new();
         for (uid, _) in &workloads {
             let Some(old) = next.workloads.remove(uid) else {
                 continue;
@@ -1265,7 +1269,7 @@ impl State {
 
 /// `members` after `changes`, in order: `(uid, None)` removes the member with that uid, `(uid,
 /// Some(workload))` puts `workload` in its place (ordered by uid). `None` when no member is left.
-fn patch_members(members: Option<&Members>, changes: Vec<(&str, Option<Arc<Workload>>)>) -> Option<Members> {
+fn patch_members(members: Option<&Members>, changes: Vec<MemberChange<'_>>) -> Option<Members> {
     let mut list: Vec<Arc<Workload>> = members.map(|m| m.to_vec()).unwrap_or_default();
     for (uid, member) in changes {
         let at = list.binary_search_by(|w| w.uid.as_str().cmp(uid));

@@ -1475,7 +1475,7 @@ mod incremental {
 
     /// Even uids are pods (they win a shared IP over the others).
     fn uid(n: u8) -> String {
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             format!("c1//Pod/ns/w{n}")
         } else {
             format!("c1//WorkloadEntry/ns/w{n}")

@@ -189,29 +189,51 @@ struct Seen {
 /// of the whole configuration holds, for everything seen so far.
 fn check_incremental(updated: &State, local: &LocalConfig, seen: &mut Seen) {
     for w in &local.workloads {
-        seen.ips.extend(w.workload_ips.iter().map(|ip| (w.network.clone(), *ip)));
+        seen.ips
+            .extend(w.workload_ips.iter().map(|ip| (w.network.clone(), *ip)));
         seen.names.insert((w.namespace().to_owned(), w.name.clone()));
         seen.keys.extend(w.services.keys().cloned());
     }
     for s in &local.services {
-        seen.vips.extend(s.vips.iter().map(|vip| (vip.network.clone(), vip.address)));
+        seen.vips
+            .extend(s.vips.iter().map(|vip| (vip.network.clone(), vip.address)));
         seen.keys.insert(s.key());
     }
     let rebuilt = State::new(local.clone());
-    assert!(updated.workloads().eq(rebuilt.workloads()), "the updated state's workloads differ");
-    assert!(updated.services().eq(rebuilt.services()), "the updated state's services differ");
+    assert!(
+        updated.workloads().eq(rebuilt.workloads()),
+        "the updated state's workloads differ"
+    );
+    assert!(
+        updated.services().eq(rebuilt.services()),
+        "the updated state's services differ"
+    );
     assert_eq!(updated.policies(), rebuilt.policies());
     for (network, ip) in &seen.ips {
-        assert_eq!(updated.workload_by_ip(network, *ip), rebuilt.workload_by_ip(network, *ip), "{network}/{ip}");
+        assert_eq!(
+            updated.workload_by_ip(network, *ip),
+            rebuilt.workload_by_ip(network, *ip),
+            "{network}/{ip}"
+        );
     }
     for (network, vip) in &seen.vips {
-        assert_eq!(updated.service_by_vip(network, *vip), rebuilt.service_by_vip(network, *vip), "{network}/{vip}");
+        assert_eq!(
+            updated.service_by_vip(network, *vip),
+            rebuilt.service_by_vip(network, *vip),
+            "{network}/{vip}"
+        );
     }
     for (namespace, name) in &seen.names {
-        assert_eq!(updated.workload_by_name(namespace, name), rebuilt.workload_by_name(namespace, name));
+        assert_eq!(
+            updated.workload_by_name(namespace, name),
+            rebuilt.workload_by_name(namespace, name)
+        );
     }
     for key in &seen.keys {
-        assert!(updated.workloads_of_service(key).eq(rebuilt.workloads_of_service(key)), "members of {key}");
+        assert!(
+            updated.workloads_of_service(key).eq(rebuilt.workloads_of_service(key)),
+            "members of {key}"
+        );
     }
 }
 
