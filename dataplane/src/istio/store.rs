@@ -100,6 +100,8 @@ enum Address {
 
 #[derive(Debug, Clone)]
 struct StoredAddress {
+    /// The resource name, shared by its address claims.
+    name: Arc<str>,
     address: Address,
     /// When it was last applied: the order that breaks ties between shared addresses.
     seq: u64,
@@ -158,10 +160,11 @@ pub struct XdsConfig {
     seq: u64,
     address_received: bool,
     authorization_received: bool,
-    /// (network, IP) -> the workloads claiming it, ranked as ztunnel ranks them: the last wins.
-    ip_claims: HashMap<(String, IpAddr), BTreeSet<IpRank>>,
-    /// (network, VIP) -> the services claiming it, by when they were applied: the last wins.
-    vip_claims: HashMap<(String, IpAddr), BTreeSet<(u64, String)>>,
+    /// Workload addresses: network -> IP -> the workloads claiming it, ranked as ztunnel ranks
+    /// them (the last holds it).
+    ip_claims: Claims,
+    /// Service VIPs: network -> VIP -> the services claiming it, by when they were applied.
+    vip_claims: Claims,
     /// What changed since the last [`XdsConfig::take_delta`]: workload uids and service keys whose
     /// version in force (after address resolution) may differ.
     changed_workloads: BTreeSet<String>,
@@ -169,9 +172,17 @@ pub struct XdsConfig {
     policies_changed: bool,
 }
 
-/// A workload's claim on an address: a pod first, then an HBONE workload, then the one applied
-/// last; the name breaks no real tie (sequence numbers are unique) but makes the order total.
-type IpRank = (bool, bool, u64, String);
+/// network -> address -> its claimants in ascending rank: the last holds the address. Nearly every
+/// address has one claimant.
+type Claims = HashMap<String, HashMap<IpAddr, Vec<Claim>>>;
+
+/// A claim on an address. Workloads rank a pod first, then an HBONE workload, then the one applied
+/// last; services, the one applied last. Sequence numbers are unique, so ranks never tie.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    rank: (bool, bool, u64),
+    name: Arc<str>,
+}
 
 /// A policy name as a valid key `<namespace>/<name>`: both parts non-empty, neither with a `/`.
 fn policy_key_parts(name: &str) -> Option<(&str, &str)> {
@@ -266,6 +277,7 @@ impl XdsConfig {
         }
         self.seq += 1;
         let stored = StoredAddress {
+            name: Arc::from(resource.name.as_str()),
             address,
             seq: self.seq,
             version: resource.version,
@@ -275,8 +287,8 @@ impl XdsConfig {
     }
 
     /// Puts `stored` under `name` (or removes the name), keeping the address claims and the record
-    /// of what changed: the name itself, and every workload or service that held or now holds one of
-    /// the addresses the old or new version claims.
+    /// of what changed: the name itself, and every workload or service that held one of the
+    /// addresses the old or new version claims and lost it, or gained it.
     fn replace_address(&mut self, name: &str, stored: Option<StoredAddress>) {
         let old = match stored {
             Some(stored) => {
@@ -285,87 +297,72 @@ impl XdsConfig {
             }
             None => self.addresses.remove(name),
         };
+        // The new claims first, then the old ones withdrawn: an address the name keeps never loses
+        // its entry in between.
+        let mut moved: Vec<Arc<str>> = Vec::new();
+        if let Some(new) = self.addresses.get(name).cloned() {
+            self.claim(&new, true, &mut moved);
+        }
         if let Some(old) = &old {
             self.mark(name, &old.address);
+            self.claim(old, false, &mut moved);
         }
-        let new = self.addresses.get(name).map(|s| (s.address.clone(), s.seq));
-        let old = old.map(|s| (s.address, s.seq));
-        let mut touched_ips: Vec<(String, IpAddr)> = Vec::new();
-        let mut touched_vips: Vec<(String, IpAddr)> = Vec::new();
-        for (address, _) in old.iter().chain(new.iter()) {
-            match address {
-                Address::Workload(w) if w.network_mode != NetworkMode::HostNetwork => {
-                    touched_ips.extend(w.workload_ips.iter().map(|ip| (w.network.clone(), *ip)));
-                }
-                Address::Workload(_) => {}
-                Address::Service(s) => touched_vips.extend(s.vips.iter().map(|v| (v.network.clone(), v.address))),
-            }
-        }
-        let before = self.holders(&touched_ips, &touched_vips);
-        if let Some((address, seq)) = &old {
-            self.claim(name, address, *seq, false);
-        }
-        if let Some((address, seq)) = &new {
-            self.claim(name, address, *seq, true);
-        }
-        let after = self.holders(&touched_ips, &touched_vips);
-        for holder in before.into_iter().chain(after) {
-            if let Some(stored) = self.addresses.get(&holder) {
+        for holder in moved {
+            if &*holder != name
+                && let Some(stored) = self.addresses.get(&*holder)
+            {
                 let address = stored.address.clone();
                 self.mark(&holder, &address);
             }
         }
     }
 
-    /// Adds (or withdraws) the claims of `address`, stored as `name` at `seq`.
-    fn claim(&mut self, name: &str, address: &Address, seq: u64, add: bool) {
-        match address {
-            Address::Workload(w) if w.network_mode != NetworkMode::HostNetwork => {
-                let rank: IpRank = (
-                    w.uid.contains("//Pod/"),
-                    w.protocol == Protocol::Hbone,
-                    seq,
-                    name.to_owned(),
-                );
-                for ip in &w.workload_ips {
-                    let key = (w.network.clone(), *ip);
-                    if add {
-                        self.ip_claims.entry(key).or_default().insert(rank.clone());
-                    } else if let Some(claims) = self.ip_claims.get_mut(&key) {
-                        claims.remove(&rank);
-                        if claims.is_empty() {
-                            self.ip_claims.remove(&key);
-                        }
-                    }
+    /// Adds (or withdraws) the claims of `stored`; pushes to `moved` the names that held or now hold
+    /// an address whose holder changed.
+    fn claim(&mut self, stored: &StoredAddress, add: bool, moved: &mut Vec<Arc<str>>) {
+        let (claims, rank, addresses): (&mut Claims, _, Vec<(&str, IpAddr)>) = match &stored.address {
+            Address::Workload(w) if w.network_mode != NetworkMode::HostNetwork => (
+                &mut self.ip_claims,
+                (w.uid.contains("//Pod/"), w.protocol == Protocol::Hbone, stored.seq),
+                w.workload_ips.iter().map(|ip| (w.network.as_str(), *ip)).collect(),
+            ),
+            Address::Workload(_) => return,
+            Address::Service(s) => (
+                &mut self.vip_claims,
+                (false, false, stored.seq),
+                s.vips.iter().map(|vip| (vip.network.as_str(), vip.address)).collect(),
+            ),
+        };
+        let claim = Claim {
+            rank,
+            name: Arc::clone(&stored.name),
+        };
+        for (network, ip) in addresses {
+            let by_ip = match claims.get_mut(network) {
+                Some(by_ip) => by_ip,
+                None => claims.entry(network.to_owned()).or_default(),
+            };
+            let claimants = by_ip.entry(ip).or_default();
+            let before = claimants.last().map(|c| Arc::clone(&c.name));
+            match (add, claimants.binary_search(&claim)) {
+                (true, Err(at)) => claimants.insert(at, claim.clone()),
+                (false, Ok(at)) => {
+                    claimants.remove(at);
+                }
+                _ => {}
+            }
+            let after = claimants.last().map(|c| Arc::clone(&c.name));
+            if claimants.is_empty() {
+                by_ip.remove(&ip);
+                if by_ip.is_empty() {
+                    claims.remove(network);
                 }
             }
-            Address::Workload(_) => {}
-            Address::Service(s) => {
-                for vip in &s.vips {
-                    let key = (vip.network.clone(), vip.address);
-                    let rank = (seq, name.to_owned());
-                    if add {
-                        self.vip_claims.entry(key).or_default().insert(rank);
-                    } else if let Some(claims) = self.vip_claims.get_mut(&key) {
-                        claims.remove(&rank);
-                        if claims.is_empty() {
-                            self.vip_claims.remove(&key);
-                        }
-                    }
-                }
+            if before != after {
+                moved.extend(before);
+                moved.extend(after);
             }
         }
-    }
-
-    /// The names holding these addresses now.
-    fn holders(&self, ips: &[(String, IpAddr)], vips: &[(String, IpAddr)]) -> BTreeSet<String> {
-        let ip_holders = ips
-            .iter()
-            .filter_map(|key| self.ip_claims.get(key)?.last().map(|rank| rank.3.clone()));
-        let vip_holders = vips
-            .iter()
-            .filter_map(|key| self.vip_claims.get(key)?.last().map(|rank| rank.1.clone()));
-        ip_holders.chain(vip_holders).collect()
     }
 
     /// Records that `name`, of the kind of `address`, changed.
@@ -382,18 +379,11 @@ impl XdsConfig {
 
     /// Whether `name` holds the address `(network, ip)` of a workload.
     fn holds_ip(&self, name: &str, network: &str, ip: IpAddr) -> bool {
-        // The key is owned: a borrowed (&str, IpAddr) cannot look up a (String, IpAddr) map.
-        self.ip_claims
-            .get(&(network.to_owned(), ip))
-            .and_then(BTreeSet::last)
-            .is_some_and(|rank| rank.3 == name)
+        holder(&self.ip_claims, network, ip).is_some_and(|holder| holder == name)
     }
 
     fn holds_vip(&self, name: &str, network: &str, ip: IpAddr) -> bool {
-        self.vip_claims
-            .get(&(network.to_owned(), ip))
-            .and_then(BTreeSet::last)
-            .is_some_and(|rank| rank.1 == name)
+        holder(&self.vip_claims, network, ip).is_some_and(|holder| holder == name)
     }
 
     /// The version in force of the workload stored as `name`: without the addresses another
@@ -596,6 +586,11 @@ impl XdsConfig {
             policies,
         }
     }
+}
+
+/// The name holding `(network, ip)` in `claims`.
+fn holder<'a>(claims: &'a Claims, network: &str, ip: IpAddr) -> Option<&'a str> {
+    claims.get(network)?.get(&ip)?.last().map(|claim| &*claim.name)
 }
 
 /// The fail-closed placeholder of the rejected policy resource `name`, whose content is `decoded`
