@@ -43,7 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Bound;
@@ -495,18 +495,12 @@ impl State {
         // Workloads: unindex the old version of each changed uid, then index the new ones, so that
         // an address or name that moves from one workload to another within the delta ends up with
         // its new holder whatever the order.
-        let mut workloads: Vec<(String, Option<Arc<Workload>>)> = {
-            let mut last: HashMap<String, Option<Arc<Workload>>> = HashMap::with_capacity(workloads.len());
-            for (uid, workload) in workloads {
-                last.insert(uid, workload);
-            }
-            last.into_iter().collect()
-        };
-        workloads.sort_by(|a, b| a.0.cmp(&b.0));
+        // By uid, the last entry of a uid kept.
+        let workloads: BTreeMap<String, Option<Arc<Workload>>> = workloads.into_iter().collect();
         // Membership changes, applied per list once all are known: key -> (uid, new member).
         let mut endpoint_changes: HashMap<NamespacedHostname, Vec<MemberChange<'_>>> = HashMap::new();
         let mut name_changes: HashMap<(String, String), Vec<MemberChange<'_>>> = HashMap::new();
-        for (uid, _) in &workloads {
+        for uid in workloads.keys() {
             let Some(old) = next.workloads.remove(uid) else {
                 continue;
             };
@@ -542,10 +536,7 @@ impl State {
             };
         }
         for ((namespace, name), changes) in name_changes {
-            let names = match next.workload_by_name.get_mut(&namespace) {
-                Some(names) => names,
-                None => next.workload_by_name.entry(namespace.clone()).or_default(),
-            };
+            let names = next.workload_by_name.entry(namespace.clone()).or_default();
             match patch_members(names.get(&name), changes) {
                 Some(members) => names.insert(name, members),
                 None => names.remove(&name),
@@ -556,15 +547,8 @@ impl State {
         }
 
         // Services, the same way.
-        let mut services: Vec<(NamespacedHostname, Option<Arc<Service>>)> = {
-            let mut last: HashMap<NamespacedHostname, Option<Arc<Service>>> = HashMap::with_capacity(services.len());
-            for (key, service) in services {
-                last.insert(key, service);
-            }
-            last.into_iter().collect()
-        };
-        services.sort_by(|a, b| a.0.cmp(&b.0));
-        for (key, _) in &services {
+        let services: BTreeMap<NamespacedHostname, Option<Arc<Service>>> = services.into_iter().collect();
+        for key in services.keys() {
             if let Some(old) = next.services.remove(key) {
                 next.unindex_vips(&old);
             }
@@ -582,14 +566,11 @@ impl State {
         if workload.network_mode == NetworkMode::HostNetwork || workload.workload_ips.is_empty() {
             return;
         }
-        // In place: the inner map is copied (path by path) only where the previous state shares it.
-        let by_ip = match self.workload_by_ip.get_mut(&workload.network) {
-            Some(by_ip) => by_ip,
-            None => self.workload_by_ip.entry(workload.network.clone()).or_default(),
-        };
-        for ip in &workload.workload_ips {
-            by_ip.entry(*ip).or_insert_with(|| Arc::clone(workload));
-        }
+        with_inner(&mut self.workload_by_ip, &workload.network, |by_ip| {
+            for ip in &workload.workload_ips {
+                by_ip.entry(*ip).or_insert_with(|| Arc::clone(workload));
+            }
+        });
     }
 
     fn unindex_addresses(&mut self, workload: &Workload) {
@@ -611,11 +592,9 @@ impl State {
 
     fn index_vips(&mut self, service: &Arc<Service>) {
         for vip in &service.vips {
-            let by_vip = match self.service_by_vip.get_mut(&vip.network) {
-                Some(by_vip) => by_vip,
-                None => self.service_by_vip.entry(vip.network.clone()).or_default(),
-            };
-            by_vip.entry(vip.address).or_insert_with(|| Arc::clone(service));
+            with_inner(&mut self.service_by_vip, &vip.network, |by_vip| {
+                by_vip.entry(vip.address).or_insert_with(|| Arc::clone(service));
+            });
         }
     }
 
@@ -649,28 +628,12 @@ impl State {
     /// The first workload by uid after `uid` (the first of all for `None`): a walk over the
     /// workloads that holds no borrow between steps.
     pub fn next_workload(&self, uid: Option<&str>) -> Option<&Workload> {
-        let next = match uid {
-            None => self.workloads.get_min().map(|(_, workload)| workload),
-            Some(uid) => self
-                .workloads
-                .range::<_, str>((Bound::Excluded(uid), Bound::Unbounded))
-                .next()
-                .map(|(_, workload)| workload),
-        };
-        next.map(|workload| &**workload)
+        first_after(&self.workloads, uid)
     }
 
     /// The first service by key after `key` (the first of all for `None`).
     pub fn next_service(&self, key: Option<&NamespacedHostname>) -> Option<&Service> {
-        let next = match key {
-            None => self.services.get_min().map(|(_, service)| service),
-            Some(key) => self
-                .services
-                .range::<_, NamespacedHostname>((Bound::Excluded(key), Bound::Unbounded))
-                .next()
-                .map(|(_, service)| service),
-        };
-        next.map(|service| &**service)
+        first_after(&self.services, key)
     }
 
     /// Every authorization policy, in configuration order.
@@ -1264,6 +1227,32 @@ impl State {
             remaining -= weight;
             false
         })
+    }
+}
+
+/// The first value of `map` whose key comes after `after` (the first of all for `None`).
+fn first_after<'a, K, Q, V>(map: &'a imbl::OrdMap<K, Arc<V>>, after: Option<&Q>) -> Option<&'a V>
+where
+    K: Ord + Clone + std::borrow::Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+    map.range::<_, Q>((lower, Bound::Unbounded))
+        .next()
+        .map(|(_, value)| &**value)
+}
+
+/// Runs `f` on the inner map of `outer` at `key`, created empty if missing, changed in place: the
+/// key is copied only when it is new, and the inner map (path by path) only where an older state
+/// shares it.
+fn with_inner<V: Clone>(
+    outer: &mut imbl::HashMap<String, imbl::HashMap<IpAddr, V>>,
+    key: &str,
+    f: impl FnOnce(&mut imbl::HashMap<IpAddr, V>),
+) {
+    match outer.get_mut(key) {
+        Some(inner) => f(inner),
+        None => f(outer.entry(key.to_owned()).or_default()),
     }
 }
 

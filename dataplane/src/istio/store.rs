@@ -390,33 +390,27 @@ impl XdsConfig {
     /// workload holds, and each address once. The stored workload itself when nothing is taken out.
     fn effective_workload(&self, name: &str, w: &Arc<Workload>) -> Arc<Workload> {
         let host = w.network_mode == NetworkMode::HostNetwork;
-        let mut seen = BTreeSet::new();
-        let keep = |ip: &IpAddr, seen: &mut BTreeSet<IpAddr>| {
-            seen.insert(*ip) && (host || self.holds_ip(name, &w.network, *ip))
-        };
-        let mut probe = BTreeSet::new();
-        if w.workload_ips.iter().all(|ip| keep(ip, &mut probe)) {
-            return Arc::clone(w);
+        match kept(&w.workload_ips, |ip| host || self.holds_ip(name, &w.network, *ip)) {
+            None => Arc::clone(w),
+            Some(workload_ips) => {
+                let mut workload = Workload::clone(w);
+                workload.workload_ips = workload_ips;
+                Arc::new(workload)
+            }
         }
-        let mut workload = Workload::clone(w);
-        workload.workload_ips.retain(|ip| keep(ip, &mut seen));
-        Arc::new(workload)
     }
 
     /// The version in force of the service stored as `name`: without the VIPs another service
     /// holds, and each VIP once.
     fn effective_service(&self, name: &str, s: &Arc<Service>) -> Arc<Service> {
-        let mut seen = BTreeSet::new();
-        let keep = |vip: &crate::xds::NetworkAddress, seen: &mut BTreeSet<crate::xds::NetworkAddress>| {
-            seen.insert(vip.clone()) && self.holds_vip(name, &vip.network, vip.address)
-        };
-        let mut probe = BTreeSet::new();
-        if s.vips.iter().all(|vip| keep(vip, &mut probe)) {
-            return Arc::clone(s);
+        match kept(&s.vips, |vip| self.holds_vip(name, &vip.network, vip.address)) {
+            None => Arc::clone(s),
+            Some(vips) => {
+                let mut service = Service::clone(s);
+                service.vips = vips;
+                Arc::new(service)
+            }
         }
-        let mut service = Service::clone(s);
-        service.vips.retain(|vip| keep(vip, &mut seen));
-        Arc::new(service)
     }
 
     /// What changed since the last call (since the store was made, for the first): the workloads
@@ -586,6 +580,24 @@ impl XdsConfig {
             policies,
         }
     }
+}
+
+/// The entries of `items` that `holds` keeps, each once; `None` when that is all of them as they are
+/// (the usual case, which allocates nothing). Resources list a handful of addresses: the repeat check
+/// scans the ones before.
+fn kept<T: PartialEq + Clone>(items: &[T], holds: impl Fn(&T) -> bool) -> Option<Vec<T>> {
+    let keep = |i: usize, item: &T| !items[..i].contains(item) && holds(item);
+    if items.iter().enumerate().all(|(i, item)| keep(i, item)) {
+        return None;
+    }
+    Some(
+        items
+            .iter()
+            .enumerate()
+            .filter(|(i, item)| keep(*i, item))
+            .map(|(_, item)| item.clone())
+            .collect(),
+    )
 }
 
 /// The name holding `(network, ip)` in `claims`.
