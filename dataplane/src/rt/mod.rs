@@ -4,6 +4,8 @@
 //! - [`socket`] (runtime-independent): [`socket::SocketOptions`], the [`socket::SocketFactory`]
 //!   trait and its [`socket::DefaultSocketFactory`], and [`socket::original_destination`]
 //!   (`SO_ORIGINAL_DST`).
+//! - [`netns`] (runtime-independent): [`netns::NetnsSocketFactory`], the factory of a pod in in-pod
+//!   mode (every socket made inside the pod's network namespace), and [`netns::Netns`].
 //! - [`Runtime`]: what the per-connection logic ([`Outbound`], [`InboundHandler`]) needs from a
 //!   runtime: its TCP stream type, a timer, the HBONE pool's executor and connector, connecting
 //!   through the socket factory, and the socket operations on a stream.
@@ -38,6 +40,7 @@ use self::socket::SocketOptions;
 
 pub mod connector;
 pub mod native;
+pub mod netns;
 pub mod socket;
 pub mod tokio;
 

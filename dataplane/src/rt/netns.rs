@@ -1,0 +1,174 @@
+//! Sockets made inside another network namespace: the [`SocketFactory`] of a pod in in-pod mode.
+//!
+//! In in-pod mode (istio-cni hands the proxy a file descriptor of each pod's network namespace)
+//! every socket that serves a pod is made inside that pod's namespace: its listeners (15001, 15006,
+//! 15008, 15053), and its upstream connections, so that they leave from the pod's own address and
+//! routes. A socket belongs to the namespace it was created in for its whole life, whichever thread
+//! uses it later, so only the creation needs the namespace: [`NetnsSocketFactory`] enters the pod's
+//! namespace on the calling thread (`setns(2)`), lets the inner factory make the socket, and returns
+//! the thread to the proxy's own namespace before anything else runs on it. Two `setns` calls per
+//! socket, as ztunnel does; no thread ever stays in a pod's namespace.
+//!
+//! Returning to the proxy's namespace cannot fail in practice (the proxy holds a descriptor of it
+//! and the capability it needed to leave). If it ever did, the thread would go on making other
+//! pods' sockets in this pod's namespace: the process aborts instead, after logging why.
+//!
+//! [`is_network_namespace`] tells a network namespace descriptor from any other descriptor (the
+//! in-pod protocol checks the descriptor istio-cni sends before using it).
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use socket2::Socket;
+
+use super::socket::{SocketFactory, SocketOptions, SourceTransparency};
+
+/// The path of the calling process's network namespace.
+pub const OWN_NETNS: &str = "/proc/self/ns/net";
+
+/// `NSFS_MAGIC`: the file system of namespace descriptors (`/proc/<pid>/ns/*` and their bind
+/// mounts, such as `/run/netns/<name>`).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Whether `fd` is a network namespace. A descriptor on the namespace file system is one when
+/// `/proc/self/fd/<fd>` links to `net:[<inode>]`; a bind-mounted namespace (`/run/netns/<name>`,
+/// what istio-cni opens) links to its path instead, and is checked by entering it with
+/// `setns(fd, CLONE_NEWNET)` on a thread of its own (the kernel refuses another kind of
+/// namespace), which needs `CAP_SYS_ADMIN` as using the namespace does. Anything else (a regular
+/// file, a socket) is not one.
+pub fn is_network_namespace(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let fs = rustix::fs::fstatfs(fd)?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    if i64::from(fs.f_type as i64) != NSFS_MAGIC {
+        return Ok(false);
+    }
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let link = link.to_string_lossy();
+    if link.starts_with("net:[") {
+        return Ok(true);
+    }
+    if link.ends_with(']') && link.contains(":[") {
+        return Ok(false); // another kind of namespace
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(
+                || match move_into_link_name_space(fd, Some(LinkNameSpaceType::Network)) {
+                    Ok(()) => Ok(true),
+                    Err(rustix::io::Errno::INVAL) => Ok(false),
+                    Err(e) => Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("checking the namespace type by entering it: {e}"),
+                    )),
+                },
+            )
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace check's thread failed")))
+    })
+}
+
+/// A network namespace held open by its descriptor, checked to be one.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    fd: Arc<OwnedFd>,
+}
+
+impl Netns {
+    /// The namespace `fd` refers to; an error naming the problem if it is not a network namespace.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        if !is_network_namespace(fd.as_fd())? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the file descriptor is not a network namespace",
+            ));
+        }
+        Ok(Netns { fd: Arc::new(fd) })
+    }
+
+    /// The namespace at `path` (`/proc/<pid>/ns/net`, `/run/netns/<name>`, [`OWN_NETNS`]).
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        let file =
+            File::open(path).map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+        Self::from_fd(OwnedFd::from(file)).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    /// The calling process's own network namespace.
+    pub fn own() -> io::Result<Self> {
+        Self::open(OWN_NETNS)
+    }
+
+    /// The namespace's inode: two descriptors of one namespace have the same.
+    pub fn inode(&self) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(self.fd.as_fd())?.st_ino)
+    }
+
+    /// Runs `f` on the calling thread inside this namespace, then moves the thread into `home`.
+    /// Entering fails with the error of `setns(2)` (and `f` does not run).
+    ///
+    /// # Aborts
+    ///
+    /// When the thread cannot return to `home` (see the module docs).
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
+        move_into_link_name_space(self.fd.as_fd(), Some(LinkNameSpaceType::Network)).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("entering a pod's network namespace: {e}"),
+            )
+        })?;
+        let result = f();
+        if let Err(e) = move_into_link_name_space(home.fd.as_fd(), Some(LinkNameSpaceType::Network)) {
+            tracing::error!(error = %e, "cannot return a thread to the proxy's network namespace: aborting, so that no other pod's socket is made in this pod's namespace");
+            std::process::abort();
+        }
+        Ok(result)
+    }
+}
+
+/// The [`SocketFactory`] of one pod: every socket made by `inner` inside the pod's network
+/// namespace, the calling thread back in the proxy's own namespace afterwards.
+#[derive(Debug, Clone)]
+pub struct NetnsSocketFactory<F> {
+    inner: F,
+    pod: Netns,
+    home: Netns,
+}
+
+impl<F: SocketFactory> NetnsSocketFactory<F> {
+    /// A factory making `inner`'s sockets in `pod`, returning threads to `home` (the proxy's own
+    /// namespace, [`Netns::own`], opened once at start).
+    pub fn new(inner: F, pod: Netns, home: Netns) -> Self {
+        NetnsSocketFactory { inner, pod, home }
+    }
+
+    /// The pod's namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.pod
+    }
+}
+
+impl<F: SocketFactory> SocketFactory for NetnsSocketFactory<F> {
+    fn listener(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        self.pod.run(&self.home, || self.inner.listener(addr, opts))?
+    }
+
+    fn stream(&self, peer: SocketAddr, local: Option<SocketAddr>, opts: &SocketOptions) -> io::Result<Socket> {
+        self.pod.run(&self.home, || self.inner.stream(peer, local, opts))?
+    }
+
+    fn stream_from(
+        &self,
+        peer: SocketAddr,
+        source: Option<IpAddr>,
+        opts: &SocketOptions,
+        transparency: SourceTransparency,
+    ) -> io::Result<Socket> {
+        self.pod
+            .run(&self.home, || self.inner.stream_from(peer, source, opts, transparency))?
+    }
+}
