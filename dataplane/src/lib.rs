@@ -7,6 +7,8 @@
 //!   admin), the proxy lifecycle both binaries share (listeners, accept loops, drain), and the
 //!   tokio binary.
 //! - [`config`]: the proxy's validated configuration, from flags and ztunnel's environment variables.
+//! - [`inpod`]: in-pod mode's bookkeeping of the pods istio-cni names (start, retry, drain,
+//!   reconcile after a snapshot, readiness), over a binary's [`inpod::PodStarter`].
 //! - [`istio`]: configuration from istiod (delta xDS workloads, services and policies), converted
 //!   into the local configuration's model.
 //! - [`xds`]: the local configuration file (ztunnel's `LOCAL_XDS_PATH` YAML: workloads, services,
@@ -25,6 +27,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod inpod;
 pub mod istio;
 pub mod proxy;
 pub mod rbac;
