@@ -29,7 +29,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use meshwire_dataplane::rt::native::{Native, PoolConnector, ProxyRuntime};
-use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketError, SocketOp, SocketTarget};
+use meshwire_dataplane::rt::netns::ProxySocketFactory;
+use meshwire_dataplane::rt::socket::{SocketError, SocketOp, SocketTarget};
 #[cfg(doc)]
 use meshwire_dataplane::rt::{Runtime, socket::SocketFactory};
 pub use meshwire_rt::glommio::{GlommioExecutor, GlommioSleep, GlommioTimer, UringStream};
@@ -111,7 +112,7 @@ impl Native for Glommio {
 
 /// The [`Runtime`] of the io_uring build: glommio streams, timers
 /// and tasks; sockets from the socket factory `F`.
-pub type GlommioRuntime<F = DefaultSocketFactory> = ProxyRuntime<Glommio, F>;
+pub type GlommioRuntime<F = ProxySocketFactory> = ProxyRuntime<Glommio, F>;
 
 /// The HBONE pool's connector on glommio (see [`PoolConnector`]).
-pub type GlommioConnector<S, F = DefaultSocketFactory> = PoolConnector<Glommio, S, F>;
+pub type GlommioConnector<S, F = ProxySocketFactory> = PoolConnector<Glommio, S, F>;

@@ -26,7 +26,8 @@ use socket2::Socket;
 
 use super::Runtime;
 use super::connector::{ClientTlsSource, ConnectorConfig, connect_key, pool_connect};
-use super::socket::{self, DefaultSocketFactory, SocketFactory, SocketOptions};
+use super::netns::ProxySocketFactory;
+use super::socket::{self, SocketFactory, SocketOptions};
 
 /// What a runtime does its own way, and all the proxy's [`Runtime`] needs from it besides the
 /// socket factory. Implemented on a marker type by each binary.
@@ -50,15 +51,15 @@ pub trait Native: 'static {
 
 /// The proxy's [`Runtime`] on the runtime `N`, connecting through the socket factory `F`. Its
 /// futures are `Send` exactly when `N`'s and `F` are.
-pub struct ProxyRuntime<N, F = DefaultSocketFactory> {
+pub struct ProxyRuntime<N, F = ProxySocketFactory> {
     factory: F,
     native: PhantomData<fn() -> N>,
 }
 
 impl<N> ProxyRuntime<N> {
-    /// The runtime connecting with the [`DefaultSocketFactory`].
+    /// The runtime connecting in the proxy's own network namespace ([`ProxySocketFactory::Host`]).
     pub fn new() -> Self {
-        Self::with_factory(DefaultSocketFactory)
+        Self::with_factory(ProxySocketFactory::Host)
     }
 }
 
@@ -137,7 +138,7 @@ impl<N: Native, F: SocketFactory + 'static> Runtime for ProxyRuntime<N, F> {
 /// destination, from its source IP if set (transparently when that IP is not local, per
 /// [`ConnectorConfig::transparency`]), with `TCP_NODELAY` on, through a [`SocketFactory`]; and the
 /// client TLS config for the key from `tls`, the piece the certificate manager provides.
-pub struct PoolConnector<N, S, F = DefaultSocketFactory> {
+pub struct PoolConnector<N, S, F = ProxySocketFactory> {
     tls: S,
     factory: F,
     config: ConnectorConfig,
@@ -145,9 +146,9 @@ pub struct PoolConnector<N, S, F = DefaultSocketFactory> {
 }
 
 impl<N, S> PoolConnector<N, S> {
-    /// A connector making sockets with the [`DefaultSocketFactory`].
+    /// A connector making sockets in the proxy's own network namespace ([`ProxySocketFactory::Host`]).
     pub fn new(tls: S, config: ConnectorConfig) -> Self {
-        Self::with_factory(tls, DefaultSocketFactory, config)
+        Self::with_factory(tls, ProxySocketFactory::Host, config)
     }
 }
 

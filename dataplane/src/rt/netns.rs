@@ -26,7 +26,7 @@ use std::sync::Arc;
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use socket2::Socket;
 
-use super::socket::{SocketFactory, SocketOptions, SourceTransparency};
+use super::socket::{DefaultSocketFactory, SocketFactory, SocketOptions, SourceTransparency};
 
 /// The path of the calling process's network namespace.
 pub const OWN_NETNS: &str = "/proc/self/ns/net";
@@ -170,5 +170,54 @@ impl<F: SocketFactory> SocketFactory for NetnsSocketFactory<F> {
     ) -> io::Result<Socket> {
         self.pod
             .run(&self.home, || self.inner.stream_from(peer, source, opts, transparency))?
+    }
+}
+
+/// The socket factory of the proxy's runtimes ([`ProxyRuntime`](super::native::ProxyRuntime) and
+/// the HBONE pool's [`PoolConnector`](super::native::PoolConnector) by default): the host's, every
+/// socket in the proxy's own network namespace, or a pod's in in-pod mode. One type for both, so
+/// that a pod's [`Worker`](crate::app::worker::Worker) is the same type as the node's.
+#[derive(Debug, Clone, Default)]
+pub enum ProxySocketFactory {
+    /// Sockets in the proxy's own network namespace ([`DefaultSocketFactory`]).
+    #[default]
+    Host,
+    /// Sockets in a pod's network namespace.
+    Pod(NetnsSocketFactory<DefaultSocketFactory>),
+}
+
+impl ProxySocketFactory {
+    /// The factory of the pod whose namespace is `pod`, threads returning to `home`.
+    pub fn pod(pod: Netns, home: Netns) -> Self {
+        ProxySocketFactory::Pod(NetnsSocketFactory::new(DefaultSocketFactory, pod, home))
+    }
+}
+
+impl SocketFactory for ProxySocketFactory {
+    fn listener(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        match self {
+            ProxySocketFactory::Host => DefaultSocketFactory.listener(addr, opts),
+            ProxySocketFactory::Pod(pod) => pod.listener(addr, opts),
+        }
+    }
+
+    fn stream(&self, peer: SocketAddr, local: Option<SocketAddr>, opts: &SocketOptions) -> io::Result<Socket> {
+        match self {
+            ProxySocketFactory::Host => DefaultSocketFactory.stream(peer, local, opts),
+            ProxySocketFactory::Pod(pod) => pod.stream(peer, local, opts),
+        }
+    }
+
+    fn stream_from(
+        &self,
+        peer: SocketAddr,
+        source: Option<IpAddr>,
+        opts: &SocketOptions,
+        transparency: SourceTransparency,
+    ) -> io::Result<Socket> {
+        match self {
+            ProxySocketFactory::Host => DefaultSocketFactory.stream_from(peer, source, opts, transparency),
+            ProxySocketFactory::Pod(pod) => pod.stream_from(peer, source, opts, transparency),
+        }
     }
 }

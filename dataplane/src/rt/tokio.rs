@@ -14,7 +14,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 pub use super::connector::{ClientTlsSource, ConnectorConfig};
 use super::native::{Native, PoolConnector, ProxyRuntime};
-use super::socket::{DefaultSocketFactory, SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget};
+use super::netns::ProxySocketFactory;
+use super::socket::{SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget};
 
 /// The tokio runtime as the proxy's [`Native`]: [`TcpStream`]s, [`TokioTimer`], [`TokioExecutor`],
 /// and [`connect`] for the factory's sockets.
@@ -37,10 +38,10 @@ impl Native for Tokio {
 /// [`TokioTimer`], [`TokioExecutor`] and [`TokioConnector`], connecting through the socket factory
 /// `F`. Its futures are `Send` (when `F` is `Sync`), as a multi-threaded tokio runtime needs to
 /// spawn them.
-pub type TokioRuntime<F = DefaultSocketFactory> = ProxyRuntime<Tokio, F>;
+pub type TokioRuntime<F = ProxySocketFactory> = ProxyRuntime<Tokio, F>;
 
 /// The HBONE pool's connector on tokio (see [`PoolConnector`]).
-pub type TokioConnector<S, F = DefaultSocketFactory> = PoolConnector<Tokio, S, F>;
+pub type TokioConnector<S, F = ProxySocketFactory> = PoolConnector<Tokio, S, F>;
 
 /// A tokio listener from a listening socket (as made by [`SocketFactory::listener`]). Must be
 /// called inside a runtime with IO enabled.
