@@ -538,3 +538,84 @@ async fn failed_dials_back_off_with_jitter_until_the_socket_appears() {
     let _conn = cni.next_connection().await;
     assert_eq!(status.state().consecutive_failures, 0);
 }
+
+/// Writes the seed corpus of the `zds_message` fuzz target (`fuzz/corpus/zds_message/`): byte 0 the
+/// descriptor count, byte 1 the flags (bit 0 MSG_TRUNC, bit 1 MSG_CTRUNC, bit 2 not a network
+/// namespace), then the datagram. Run with `--ignored write_fuzz_seeds`; the output is committed.
+#[test]
+#[ignore = "writes the fuzz seeds"]
+fn write_fuzz_seeds() {
+    use meshwire_control::proto::istio::workload::zds::{KeepWorkload, SnapshotSent};
+    use prost::Message;
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/zds_message");
+    std::fs::create_dir_all(&dir).unwrap();
+    let info = workload_info("productpage-v1-6b746f74dc-9stvq", "bookinfo", "bookinfo-productpage");
+    let uid = "0ae5c03d-5fb3-4eb9-9de8-2bd4b51606ba";
+    let add = add_request(uid, Some(info.clone())).encode_to_vec();
+    let keep = WorkloadRequest {
+        payload: Some(workload_request::Payload::Keep(KeepWorkload { uid: uid.into() })),
+    }
+    .encode_to_vec();
+    let del = WorkloadRequest {
+        payload: Some(workload_request::Payload::Del(DelWorkload { uid: uid.into() })),
+    }
+    .encode_to_vec();
+    let snapshot = WorkloadRequest {
+        payload: Some(workload_request::Payload::SnapshotSent(SnapshotSent {})),
+    }
+    .encode_to_vec();
+    // An AddWorkload of exactly `size` bytes (a uid of the length that makes it so).
+    let add_of = |size: usize| {
+        let bytes = (1..size)
+            .map(|n| add_request(&"u".repeat(n), Some(info.clone())).encode_to_vec())
+            .find(|b| b.len() == size)
+            .unwrap();
+        assert_eq!(bytes.len(), size);
+        bytes
+    };
+    let seeds: Vec<(&str, u8, u8, Vec<u8>)> = vec![
+        ("add", 1, 0, add.clone()),
+        ("add-without-info", 1, 0, add_request(uid, None).encode_to_vec()),
+        (
+            "add-empty-info",
+            1,
+            0,
+            add_request(uid, Some(Default::default())).encode_to_vec(),
+        ),
+        (
+            "add-empty-uid",
+            1,
+            0,
+            add_request("", Some(info.clone())).encode_to_vec(),
+        ),
+        ("add-no-fd", 0, 0, add.clone()),
+        ("add-two-fds", 2, 0, add.clone()),
+        ("add-not-netns", 1, 4, add.clone()),
+        ("add-1024-bytes", 1, 0, add_of(1024)),
+        ("add-1025-bytes", 1, 0, add_of(1025)),
+        ("add-msg-trunc", 1, 1, add.clone()),
+        ("add-msg-ctrunc", 1, 2, add.clone()),
+        ("keep", 0, 0, keep.clone()),
+        ("keep-with-fd", 1, 0, keep),
+        ("del", 0, 0, del.clone()),
+        ("del-with-fd", 1, 0, del),
+        ("snapshot-sent", 0, 0, snapshot.clone()),
+        ("snapshot-sent-with-fds", 3, 0, snapshot),
+        ("unknown-field", 0, 0, vec![0x20, 0x01]),
+        ("empty", 0, 0, Vec::new()),
+        (
+            "add-then-keep",
+            1,
+            0,
+            [
+                add_request(uid, None).encode_to_vec(),
+                vec![0x2a, 0x03, 0x0a, 0x01, b'k'],
+            ]
+            .concat(),
+        ),
+    ];
+    for (name, fds, flags, bytes) in seeds {
+        std::fs::write(dir.join(name), [&[fds, flags][..], &bytes].concat()).unwrap();
+    }
+}
