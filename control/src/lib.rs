@@ -27,6 +27,11 @@
 //!   `initial_resource_versions`, jittered backoff, readiness and termination counters);
 //! - [`ca`]: the Istio CA client (`CreateCertificate`).
 //!
+//! And the client of istio-cni:
+//! - [`zds`]: the in-pod protocol (ZDS) over istio-cni's Unix `SOCK_SEQPACKET` socket: hello,
+//!   datagrams with the pods' network namespaces (`SCM_RIGHTS`) checked by a pure parser, one Ack per
+//!   message from the caller's handler, the snapshot's named pods, reconnects with jittered backoff.
+//!
 //! ```
 //! use meshwire_control::proto::istio::workload::zds::{Ack, WorkloadResponse, workload_response::Payload};
 //! use prost::Message;
@@ -40,6 +45,7 @@ pub mod ads;
 pub mod ca;
 pub mod channel;
 pub mod node;
+pub mod zds;
 
 /// The generated messages and gRPC stubs, one module per protobuf package.
 pub mod proto {

@@ -6,6 +6,9 @@
 //! - [`socks5`]: a SOCKS5 client over any stream (and over a blocking socket);
 //! - [`measure`]: the benchmarks' harness: CPU time from `/proc`, summaries, the JSON file;
 //! - [`h2`]: HTTP/2 frames and HPACK written and read by hand, to talk to a server below h2;
+//! - [`istiod`]: a fake istiod (delta ADS and CA over real TLS), scripted by the test;
+//! - [`cni`]: a fake istio-cni (the in-pod protocol over a real `SOCK_SEQPACKET` socket), scripted by
+//!   the test;
 //! - [`upstream`]: the far side of a tunnel: a byte-counting reader, a handler that never reads;
 //! - `glommio` (feature `glommio`): the same servers on a glommio executor, and helpers that run
 //!   futures on executor threads.
@@ -14,6 +17,7 @@
 //! which fails the test that asked for it.
 #![allow(clippy::unwrap_used)]
 
+pub mod cni;
 pub mod data;
 #[cfg(feature = "glommio")]
 pub mod glommio;
