@@ -371,22 +371,47 @@ fn parse_add<F>(
     Ok(PodMessage::Add { uid, info, netns })
 }
 
-/// Tells whether `fd` is a network namespace: its `/proc/self/fd/<n>` link reads `net:[<inode>]`.
-/// `Err` says what it is instead (`uts:[..]`, a file path, `pipe:[..]`) or why that could not be
-/// read.
+/// `NSFS_MAGIC`: the file system of namespace descriptors (`/proc/<pid>/ns/*` and their bind
+/// mounts, such as `/var/run/netns/cni-<id>`, the path a CNI plugin is given for a pod).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Tells whether `fd` is a network namespace. A descriptor on the namespace file system is one when
+/// `/proc/self/fd/<n>` links to `net:[<inode>]`; a bind-mounted namespace (what a CNI plugin opens)
+/// links to its path instead, and is checked by entering it with `setns(fd, CLONE_NEWNET)` on a
+/// short-lived thread of its own (the kernel refuses another kind of namespace; this needs
+/// `CAP_SYS_ADMIN`, as serving the pod does). `Err` says what it is instead (`uts:[..]`, a file
+/// path, `pipe:[..]`) or why that could not be told.
 pub fn check_netns(fd: BorrowedFd<'_>) -> Result<(), String> {
     let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    match std::fs::read_link(&link) {
-        Ok(target) => {
-            let target = target.to_string_lossy();
-            if target.starts_with("net:[") {
-                Ok(())
-            } else {
-                Err(format!("it is {target}"))
-            }
-        }
-        Err(e) => Err(format!("cannot tell its type: readlink {link}: {e}")),
+    let target = match std::fs::read_link(&link) {
+        Ok(target) => target.to_string_lossy().into_owned(),
+        Err(e) => return Err(format!("cannot tell its type: readlink {link}: {e}")),
+    };
+    let on_nsfs = rustix::fs::fstatfs(fd)
+        .map_err(|e| format!("cannot tell its type: fstatfs: {e}"))?
+        .f_type;
+    #[allow(clippy::unnecessary_cast)]
+    if on_nsfs as i64 != NSFS_MAGIC {
+        return Err(format!("it is {target}"));
     }
+    if target.starts_with("net:[") {
+        return Ok(());
+    }
+    if target.ends_with(']') && target.contains(":[") {
+        return Err(format!("it is {target}"));
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                match rustix::thread::move_into_link_name_space(fd, Some(rustix::thread::LinkNameSpaceType::Network)) {
+                    Ok(()) => Ok(()),
+                    Err(rustix::io::Errno::INVAL) => Err(format!("it is a namespace of another kind ({target})")),
+                    Err(e) => Err(format!("cannot tell the type of namespace {target}: entering it: {e}")),
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err("cannot tell its type: the checking thread failed".to_owned()))
+    })
 }
 
 /// What the proxy is told, one event per message of istio-cni.

@@ -19,7 +19,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,45 +31,11 @@ use super::socket::{DefaultSocketFactory, SocketFactory, SocketOptions, SourceTr
 /// The path of the calling process's network namespace.
 pub const OWN_NETNS: &str = "/proc/self/ns/net";
 
-/// `NSFS_MAGIC`: the file system of namespace descriptors (`/proc/<pid>/ns/*` and their bind
-/// mounts, such as `/run/netns/<name>`).
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
-/// Whether `fd` is a network namespace. A descriptor on the namespace file system is one when
-/// `/proc/self/fd/<fd>` links to `net:[<inode>]`; a bind-mounted namespace (`/run/netns/<name>`,
-/// what istio-cni opens) links to its path instead, and is checked by entering it with
-/// `setns(fd, CLONE_NEWNET)` on a thread of its own (the kernel refuses another kind of
-/// namespace), which needs `CAP_SYS_ADMIN` as using the namespace does. Anything else (a regular
-/// file, a socket) is not one.
-pub fn is_network_namespace(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let fs = rustix::fs::fstatfs(fd)?;
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    if i64::from(fs.f_type as i64) != NSFS_MAGIC {
-        return Ok(false);
-    }
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    let link = link.to_string_lossy();
-    if link.starts_with("net:[") {
-        return Ok(true);
-    }
-    if link.ends_with(']') && link.contains(":[") {
-        return Ok(false); // another kind of namespace
-    }
-    std::thread::scope(|scope| {
-        scope
-            .spawn(
-                || match move_into_link_name_space(fd, Some(LinkNameSpaceType::Network)) {
-                    Ok(()) => Ok(true),
-                    Err(rustix::io::Errno::INVAL) => Ok(false),
-                    Err(e) => Err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("checking the namespace type by entering it: {e}"),
-                    )),
-                },
-            )
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the namespace check's thread failed")))
-    })
+/// Whether `fd` is a network namespace (a `/proc/<pid>/ns/net` file or a bind mount of one, such
+/// as `/run/netns/<name>`): [`meshwire_control::zds::check_netns`], which also says what it is
+/// instead.
+pub fn is_network_namespace(fd: BorrowedFd<'_>) -> bool {
+    meshwire_control::zds::check_netns(fd).is_ok()
 }
 
 /// A network namespace held open by its descriptor, checked to be one.
@@ -81,10 +47,10 @@ pub struct Netns {
 impl Netns {
     /// The namespace `fd` refers to; an error naming the problem if it is not a network namespace.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
-        if !is_network_namespace(fd.as_fd())? {
+        if let Err(reason) = meshwire_control::zds::check_netns(fd.as_fd()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "the file descriptor is not a network namespace",
+                format!("the file descriptor is not a network namespace: {reason}"),
             ));
         }
         Ok(Netns { fd: Arc::new(fd) })
