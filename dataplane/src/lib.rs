@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod dns;
 pub mod istio;
 pub mod proxy;
 pub mod rbac;
