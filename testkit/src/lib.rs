@@ -15,6 +15,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod data;
+pub mod dns;
 #[cfg(feature = "glommio")]
 pub mod glommio;
 pub mod h2;
