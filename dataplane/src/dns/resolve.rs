@@ -527,3 +527,179 @@ fn addresses(state: &State, client: Client<'_>, target: Target<'_>, record_type:
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Message;
+
+    use super::*;
+    use crate::xds::LocalConfig;
+
+    const MESH: &str = r#"
+workloads:
+- name: client
+  namespace: default
+  workloadIps: ["10.0.0.1"]
+- name: db-0
+  namespace: default
+  workloadIps: ["10.0.0.5", "fd00::5"]
+  services: {"default/db.default.svc.cluster.local": {5432: 5432}}
+- name: remote
+  namespace: default
+  network: net2
+  workloadIps: ["10.1.0.1"]
+services:
+- name: reviews
+  namespace: default
+  hostname: reviews.default.svc.cluster.local
+  vips: ["/10.96.0.1", "net2/10.97.0.1"]
+  ports: {80: 8080}
+- name: reviews
+  namespace: other
+  hostname: reviews.other.svc.cluster.local
+  vips: ["/10.96.0.2", "/fd00::2"]
+  ports: {80: 8080}
+- name: db
+  namespace: default
+  hostname: db.default.svc.cluster.local
+  ports: {5432: 5432}
+- name: wild
+  namespace: default
+  hostname: "*.example.com"
+  vips: ["/10.96.0.3"]
+  ports: {443: 443}
+"#;
+
+    fn state() -> State {
+        State::new(LocalConfig::parse(MESH).expect("valid mesh"))
+    }
+
+    fn query(name: &str, record_type: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(0x4242).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).expect("name"), record_type));
+        m.to_vec().expect("encodes")
+    }
+
+    /// The answer's records as `name data`, or `None` when forwarded.
+    fn ask(state: &State, client: &str, name: &str, record_type: RecordType) -> Option<Vec<String>> {
+        let config = ResolverConfig::new("cluster.local");
+        let index = NameIndex::new(state);
+        let workload = state.workload_by_name("default", client).expect("client");
+        let packet = query(name, record_type);
+        let decision = decide(&config, state, &index, Client::workload(workload), &packet, Transport::Udp)
+            .expect("a query");
+        match decision.outcome {
+            Outcome::Forward => None,
+            Outcome::Answer(answer) => {
+                let answer = Message::from_vec(&answer).expect("parses");
+                assert_eq!(answer.id(), 0x4242);
+                assert_eq!(answer.queries(), Message::from_vec(&packet).expect("parses").queries());
+                assert_eq!(answer.response_code(), ResponseCode::NoError);
+                Some(answer.answers().iter().map(|r| format!("{} {}", r.name(), r.data())).collect())
+            }
+        }
+    }
+
+    fn some(records: &[&str]) -> Option<Vec<String>> {
+        Some(records.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    #[test]
+    fn service_names_answer_with_the_vips_of_the_clients_network() {
+        let state = state();
+        let a = RecordType::A;
+        assert_eq!(
+            ask(&state, "client", "reviews.default.svc.cluster.local.", a),
+            some(&["reviews.default.svc.cluster.local. 10.96.0.1"])
+        );
+        // Short names: the client's namespace first.
+        assert_eq!(ask(&state, "client", "reviews.", a), some(&["reviews. 10.96.0.1"]));
+        assert_eq!(ask(&state, "client", "reviews.other.", a), some(&["reviews.other. 10.96.0.2"]));
+        assert_eq!(ask(&state, "client", "reviews.other.svc.", a), some(&["reviews.other.svc. 10.96.0.2"]));
+        // Another network's client gets that network's VIP.
+        assert_eq!(ask(&state, "remote", "reviews.default.", a), some(&["reviews.default. 10.97.0.1"]));
+        // Case does not matter; the answer keeps the query's.
+        assert_eq!(ask(&state, "client", "REVIEWS.Default.", a), some(&["REVIEWS.Default. 10.96.0.1"]));
+        // Wildcard hostnames.
+        assert_eq!(ask(&state, "client", "api.example.com.", a), some(&["api.example.com. 10.96.0.3"]));
+    }
+
+    #[test]
+    fn search_domains_give_a_cname_and_families_are_kept_apart() {
+        let state = state();
+        assert_eq!(
+            ask(&state, "client", "reviews.other.default.svc.cluster.local.", RecordType::A),
+            some(&[
+                "reviews.other.default.svc.cluster.local. reviews.other.",
+                "reviews.other. 10.96.0.2"
+            ])
+        );
+        // IPv4 only: the name exists, no AAAA record.
+        assert_eq!(ask(&state, "client", "reviews.", RecordType::AAAA), some(&[]));
+        assert_eq!(ask(&state, "client", "reviews.other.", RecordType::AAAA), some(&["reviews.other. fd00::2"]));
+    }
+
+    #[test]
+    fn headless_services_and_their_pods_answer_with_workload_addresses() {
+        let state = state();
+        assert_eq!(
+            ask(&state, "client", "db.default.svc.cluster.local.", RecordType::A),
+            some(&["db.default.svc.cluster.local. 10.0.0.5"])
+        );
+        assert_eq!(
+            ask(&state, "client", "db-0.db.default.svc.cluster.local.", RecordType::AAAA),
+            some(&["db-0.db.default.svc.cluster.local. fd00::5"])
+        );
+        assert_eq!(ask(&state, "client", "db-0.db.", RecordType::A), some(&["db-0.db. 10.0.0.5"]));
+    }
+
+    #[test]
+    fn everything_else_is_forwarded() {
+        let state = state();
+        assert_eq!(ask(&state, "client", "example.org.", RecordType::A), None);
+        assert_eq!(ask(&state, "client", "reviews.default.svc.cluster.local.", RecordType::SRV), None);
+        assert_eq!(ask(&state, "client", "reviews.default.svc.cluster.local.", RecordType::TXT), None);
+        // A service of another namespace is not reached by its short name.
+        assert_eq!(ask(&state, "client", "nothere.", RecordType::A), None);
+        // Another opcode.
+        let config = ResolverConfig::new("cluster.local");
+        let index = NameIndex::new(&state);
+        let mut update = query("reviews.default.svc.cluster.local.", RecordType::A);
+        update[2] = 5 << 3;
+        let client = Client { workload: None, network: "" };
+        let decision = decide(&config, &state, &index, client, &update, Transport::Udp).expect("a query");
+        assert_eq!(decision.outcome, Outcome::Forward);
+    }
+
+    #[test]
+    fn bad_packets_are_errors_and_limits_follow_edns() {
+        let state = state();
+        let config = ResolverConfig::new("cluster.local");
+        let index = NameIndex::new(&state);
+        let client = Client { workload: None, network: "" };
+        let run = |packet: &[u8], transport| decide(&config, &state, &index, client, packet, transport);
+        assert_eq!(run(&[1, 2, 3], Transport::Udp), Err(QueryError::TooShort { len: 3 }));
+        let mut response = query("a.", RecordType::A);
+        response[2] |= 0x80;
+        assert_eq!(run(&response, Transport::Udp), Err(QueryError::NotAQuery));
+        let mut cut = query("example.org.", RecordType::A);
+        cut.truncate(cut.len() - 2);
+        let error = run(&cut, Transport::Udp).expect_err("malformed");
+        assert!(matches!(error, QueryError::Malformed { id: 0x4242, .. }), "{error}");
+        let formerr = error.answer(&cut).expect("an answer");
+        assert_eq!(formerr[3] & 0x0f, wire::FORMERR);
+
+        let mut edns = Message::from_vec(&query("example.org.", RecordType::A)).expect("parses");
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        edns.set_edns(e);
+        let edns = edns.to_vec().expect("encodes");
+        assert_eq!(run(&edns, Transport::Udp).map(|d| d.limit), Ok(4096));
+        assert_eq!(run(&query("a.", RecordType::A), Transport::Udp).map(|d| d.limit), Ok(512));
+        assert_eq!(run(&query("a.", RecordType::A), Transport::Tcp).map(|d| d.limit), Ok(65_535));
+        // Unknown clients still get fully qualified names.
+        let decision = run(&query("reviews.default.svc.cluster.local.", RecordType::A), Transport::Udp);
+        assert!(matches!(decision.map(|d| d.outcome), Ok(Outcome::Answer(_))));
+    }
+}
