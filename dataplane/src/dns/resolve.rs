@@ -587,8 +587,15 @@ services:
         let index = NameIndex::new(state);
         let workload = state.workload_by_name("default", client).expect("client");
         let packet = query(name, record_type);
-        let decision = decide(&config, state, &index, Client::workload(workload), &packet, Transport::Udp)
-            .expect("a query");
+        let decision = decide(
+            &config,
+            state,
+            &index,
+            Client::workload(workload),
+            &packet,
+            Transport::Udp,
+        )
+        .expect("a query");
         match decision.outcome {
             Outcome::Forward => None,
             Outcome::Answer(answer) => {
@@ -596,7 +603,13 @@ services:
                 assert_eq!(answer.id(), 0x4242);
                 assert_eq!(answer.queries(), Message::from_vec(&packet).expect("parses").queries());
                 assert_eq!(answer.response_code(), ResponseCode::NoError);
-                Some(answer.answers().iter().map(|r| format!("{} {}", r.name(), r.data())).collect())
+                Some(
+                    answer
+                        .answers()
+                        .iter()
+                        .map(|r| format!("{} {}", r.name(), r.data()))
+                        .collect(),
+                )
             }
         }
     }
@@ -615,21 +628,41 @@ services:
         );
         // Short names: the client's namespace first.
         assert_eq!(ask(&state, "client", "reviews.", a), some(&["reviews. 10.96.0.1"]));
-        assert_eq!(ask(&state, "client", "reviews.other.", a), some(&["reviews.other. 10.96.0.2"]));
-        assert_eq!(ask(&state, "client", "reviews.other.svc.", a), some(&["reviews.other.svc. 10.96.0.2"]));
+        assert_eq!(
+            ask(&state, "client", "reviews.other.", a),
+            some(&["reviews.other. 10.96.0.2"])
+        );
+        assert_eq!(
+            ask(&state, "client", "reviews.other.svc.", a),
+            some(&["reviews.other.svc. 10.96.0.2"])
+        );
         // Another network's client gets that network's VIP.
-        assert_eq!(ask(&state, "remote", "reviews.default.", a), some(&["reviews.default. 10.97.0.1"]));
+        assert_eq!(
+            ask(&state, "remote", "reviews.default.", a),
+            some(&["reviews.default. 10.97.0.1"])
+        );
         // Case does not matter; the answer keeps the query's.
-        assert_eq!(ask(&state, "client", "REVIEWS.Default.", a), some(&["REVIEWS.Default. 10.96.0.1"]));
+        assert_eq!(
+            ask(&state, "client", "REVIEWS.Default.", a),
+            some(&["REVIEWS.Default. 10.96.0.1"])
+        );
         // Wildcard hostnames.
-        assert_eq!(ask(&state, "client", "api.example.com.", a), some(&["api.example.com. 10.96.0.3"]));
+        assert_eq!(
+            ask(&state, "client", "api.example.com.", a),
+            some(&["api.example.com. 10.96.0.3"])
+        );
     }
 
     #[test]
     fn search_domains_give_a_cname_and_families_are_kept_apart() {
         let state = state();
         assert_eq!(
-            ask(&state, "client", "reviews.other.default.svc.cluster.local.", RecordType::A),
+            ask(
+                &state,
+                "client",
+                "reviews.other.default.svc.cluster.local.",
+                RecordType::A
+            ),
             some(&[
                 "reviews.other.default.svc.cluster.local. reviews.other.",
                 "reviews.other. 10.96.0.2"
@@ -637,7 +670,10 @@ services:
         );
         // IPv4 only: the name exists, no AAAA record.
         assert_eq!(ask(&state, "client", "reviews.", RecordType::AAAA), some(&[]));
-        assert_eq!(ask(&state, "client", "reviews.other.", RecordType::AAAA), some(&["reviews.other. fd00::2"]));
+        assert_eq!(
+            ask(&state, "client", "reviews.other.", RecordType::AAAA),
+            some(&["reviews.other. fd00::2"])
+        );
     }
 
     #[test]
@@ -651,15 +687,24 @@ services:
             ask(&state, "client", "db-0.db.default.svc.cluster.local.", RecordType::AAAA),
             some(&["db-0.db.default.svc.cluster.local. fd00::5"])
         );
-        assert_eq!(ask(&state, "client", "db-0.db.", RecordType::A), some(&["db-0.db. 10.0.0.5"]));
+        assert_eq!(
+            ask(&state, "client", "db-0.db.", RecordType::A),
+            some(&["db-0.db. 10.0.0.5"])
+        );
     }
 
     #[test]
     fn everything_else_is_forwarded() {
         let state = state();
         assert_eq!(ask(&state, "client", "example.org.", RecordType::A), None);
-        assert_eq!(ask(&state, "client", "reviews.default.svc.cluster.local.", RecordType::SRV), None);
-        assert_eq!(ask(&state, "client", "reviews.default.svc.cluster.local.", RecordType::TXT), None);
+        assert_eq!(
+            ask(&state, "client", "reviews.default.svc.cluster.local.", RecordType::SRV),
+            None
+        );
+        assert_eq!(
+            ask(&state, "client", "reviews.default.svc.cluster.local.", RecordType::TXT),
+            None
+        );
         // A service of another namespace is not reached by its short name.
         assert_eq!(ask(&state, "client", "nothere.", RecordType::A), None);
         // Another opcode.
@@ -667,7 +712,10 @@ services:
         let index = NameIndex::new(&state);
         let mut update = query("reviews.default.svc.cluster.local.", RecordType::A);
         update[2] = 5 << 3;
-        let client = Client { workload: None, network: "" };
+        let client = Client {
+            workload: None,
+            network: "",
+        };
         let decision = decide(&config, &state, &index, client, &update, Transport::Udp).expect("a query");
         assert_eq!(decision.outcome, Outcome::Forward);
     }
@@ -677,7 +725,10 @@ services:
         let state = state();
         let config = ResolverConfig::new("cluster.local");
         let index = NameIndex::new(&state);
-        let client = Client { workload: None, network: "" };
+        let client = Client {
+            workload: None,
+            network: "",
+        };
         let run = |packet: &[u8], transport| decide(&config, &state, &index, client, packet, transport);
         assert_eq!(run(&[1, 2, 3], Transport::Udp), Err(QueryError::TooShort { len: 3 }));
         let mut response = query("a.", RecordType::A);
@@ -696,10 +747,19 @@ services:
         edns.set_edns(e);
         let edns = edns.to_vec().expect("encodes");
         assert_eq!(run(&edns, Transport::Udp).map(|d| d.limit), Ok(4096));
-        assert_eq!(run(&query("a.", RecordType::A), Transport::Udp).map(|d| d.limit), Ok(512));
-        assert_eq!(run(&query("a.", RecordType::A), Transport::Tcp).map(|d| d.limit), Ok(65_535));
+        assert_eq!(
+            run(&query("a.", RecordType::A), Transport::Udp).map(|d| d.limit),
+            Ok(512)
+        );
+        assert_eq!(
+            run(&query("a.", RecordType::A), Transport::Tcp).map(|d| d.limit),
+            Ok(65_535)
+        );
         // Unknown clients still get fully qualified names.
-        let decision = run(&query("reviews.default.svc.cluster.local.", RecordType::A), Transport::Udp);
+        let decision = run(
+            &query("reviews.default.svc.cluster.local.", RecordType::A),
+            Transport::Udp,
+        );
         assert!(matches!(decision.map(|d| d.outcome), Ok(Outcome::Answer(_))));
     }
 }
