@@ -89,7 +89,9 @@ fuzz_target!(|packet: &[u8]| {
                 Err(QueryError::TooShort { len }) => assert!(len < wire::HEADER_LEN && len == packet.len()),
                 Err(QueryError::NotAQuery) => assert_eq!(wire::is_response(packet), Some(true)),
                 Err(error @ QueryError::Malformed { .. }) => {
-                    let formerr = error.answer(packet).expect("a malformed query with a header is answered");
+                    let formerr = error
+                        .answer(packet)
+                        .expect("a malformed query with a header is answered");
                     assert_eq!(formerr[..2], packet[..2]);
                     assert_eq!(formerr[3] & 0x0f, wire::FORMERR);
                 }
