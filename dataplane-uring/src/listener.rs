@@ -42,3 +42,25 @@ fn into_glommio(fd: OwnedFd) -> glommio::net::TcpListener {
     // owner and is closed once, by the glommio listener.
     unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
 }
+
+/// The glommio UDP socket owning `socket` (a bound UDP socket), in blocking mode as glommio's own
+/// sockets are (glommio receives and sends through io_uring).
+pub fn udp(socket: socket2::Socket) -> io::Result<glommio::net::UdpSocket> {
+    socket.set_nonblocking(false)?;
+    Ok(udp_into_glommio(OwnedFd::from(socket)))
+}
+
+/// The glommio listener owning `socket` (a bound, listening TCP socket), in blocking mode.
+pub fn tcp(socket: socket2::Socket) -> io::Result<glommio::net::TcpListener> {
+    socket.set_nonblocking(false)?;
+    Ok(into_glommio(OwnedFd::from(socket)))
+}
+
+/// The glommio UDP socket owning `fd`, a bound UDP socket.
+#[allow(unsafe_code)]
+fn udp_into_glommio(fd: OwnedFd) -> glommio::net::UdpSocket {
+    // SAFETY: `fd` is an open, bound UDP socket owned by this function: `into_raw_fd` gives up that
+    // ownership and `from_raw_fd` takes it, so the descriptor has one owner and is closed once, by
+    // the glommio socket.
+    unsafe { glommio::net::UdpSocket::from_raw_fd(fd.into_raw_fd()) }
+}

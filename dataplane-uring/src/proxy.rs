@@ -41,8 +41,9 @@ use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
 use meshwire_dataplane::app::lifecycle::{self, Acceptor, Connection, Lifecycle, Phase, Starting};
 use meshwire_dataplane::app::{Drained, ProxyContext, StartError, Worker};
 use meshwire_dataplane::config::{Config, ConnectionBalance, Listener};
+use meshwire_dataplane::dns::{Clients, DnsContext};
 use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketOptions};
-use meshwire_dataplane::telemetry::metrics::{Metrics, listener_label};
+use meshwire_dataplane::telemetry::metrics::{DnsMetrics, Metrics, listener_label};
 use meshwire_dataplane::watch::ConnectionRegistry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -114,6 +115,8 @@ struct CoreSetup {
     metrics: Arc<Metrics>,
     registry: ConnectionRegistry,
     listeners: Vec<(Listener, SocketAddr)>,
+    /// The DNS proxy's address and context, when it is on.
+    dns: Option<(SocketAddr, Arc<DnsContext>, Clients)>,
     /// The round robin of each listener (same order as `listeners`), `None` for the kernel's hash.
     spread: Vec<Option<Arc<RoundRobin>>>,
     phase: watch::Receiver<Phase>,
@@ -172,6 +175,27 @@ impl UringProxy {
             ConnectionBalance::Hash => vec![None; data.len()],
         };
 
+        // The DNS proxy, when on: a UDP socket and a TCP listener on every core.
+        let dns_metrics = Arc::new(DnsMetrics::new());
+        let mut dns = match config.listeners.dns {
+            Some(addr) => {
+                let context = starting.plane().context();
+                match meshwire_dataplane::dns::context(
+                    &config,
+                    context.published().clone(),
+                    dns_metrics.clone(),
+                    context.upstream().clone(),
+                ) {
+                    Ok(dns) => Some((addr, Arc::new(dns), meshwire_dataplane::dns::clients(&config))),
+                    Err(error) => {
+                        starting.abandon();
+                        return Err(StartError::Dns(error).into());
+                    }
+                }
+            }
+            None => None,
+        };
+
         let accepted = Family::<AcceptLabels, Counter>::default();
         let mut extra = Registry::default();
         extra.register(
@@ -192,6 +216,7 @@ impl UringProxy {
                 metrics: metrics.clone(),
                 registry: registry.clone(),
                 listeners: data.clone(),
+                dns: dns.clone(),
                 spread: spread.clone(),
                 phase: starting.phase(),
                 bound: bound_tx,
@@ -210,7 +235,14 @@ impl UringProxy {
             }
             // The next core binds the addresses this one got (a port 0 is chosen once).
             match bound_rx.await {
-                Ok(Ok(bound)) => data = bound,
+                Ok(Ok(bound)) => {
+                    // The DNS proxy's address comes last; the next core binds it too.
+                    let (dns_bound, tcp): (Vec<_>, Vec<_>) = bound.into_iter().partition(|(l, _)| *l == Listener::Dns);
+                    if let (Some((addr, _, _)), Some((_, bound))) = (dns.as_mut(), dns_bound.first()) {
+                        *addr = *bound;
+                    }
+                    data = tcp;
+                }
                 Ok(Err(error)) => {
                     failure = Some(error);
                     break;
@@ -228,7 +260,10 @@ impl UringProxy {
             return Err(error);
         }
         tracing::info!(cores = cpus.len(), cpus = ?cpus, "serving on io_uring: one executor per core");
-        let handler = MetricsHandler::summing(metrics).with_registry(Arc::new(extra));
+        let handler = MetricsHandler::summing(metrics)
+            .with_registry(Arc::new(extra))
+            .with_dns(&dns_metrics);
+        data.extend(dns.map(|(addr, _, _)| (Listener::Dns, addr)));
         let lifecycle = match starting.serve(&config, data, handler, logging).await {
             Ok(lifecycle) => lifecycle,
             Err(error) => {
@@ -363,6 +398,7 @@ async fn run_core(setup: CoreSetup) {
         metrics,
         registry,
         listeners,
+        dns,
         spread,
         phase,
         bound,
@@ -397,7 +433,30 @@ async fn run_core(setup: CoreSetup) {
             }
         }
     }
+    // The DNS proxy: UDP and TCP on this core, with SO_REUSEPORT.
+    let dns = match dns {
+        Some((addr, context, clients)) => match lifecycle::bind_dns(addr) {
+            Ok(sockets) => {
+                addrs.push((Listener::Dns, sockets.addr));
+                Some((context, clients, sockets))
+            }
+            Err(error) => {
+                let _ = bound.send(Err(error.into()));
+                return;
+            }
+        },
+        None => None,
+    };
     let _ = bound.send(Ok(addrs));
+    if let Some((context, clients, sockets)) = dns {
+        glommio::spawn_local(lifecycle::serve_dns::<Glommio>(
+            context,
+            clients,
+            sockets,
+            phase.clone(),
+        ))
+        .detach();
+    }
 
     let connector = GlommioConnector::new(context.client_tls(), context.connector_config());
     let worker: Rc<CoreWorker> = Rc::new(Worker::new(

@@ -28,6 +28,7 @@ use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::time::Duration;
 
+use meshwire_dataplane::rt::datagram::Datagram;
 use meshwire_dataplane::rt::native::{Native, PoolConnector, ProxyRuntime};
 use meshwire_dataplane::rt::netns::ProxySocketFactory;
 use meshwire_dataplane::rt::socket::{SocketError, SocketOp, SocketTarget};
@@ -107,6 +108,31 @@ impl Native for Glommio {
 
     fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> impl Future<Output = io::Result<GlommioStream>> {
         connect(socket, peer, timeout)
+    }
+}
+
+impl Datagram for Glommio {
+    type Udp = glommio::net::UdpSocket;
+    type Listener = glommio::net::TcpListener;
+
+    fn udp(socket: Socket) -> io::Result<glommio::net::UdpSocket> {
+        crate::listener::udp(socket)
+    }
+
+    async fn recv_from(udp: &glommio::net::UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        udp.recv_from(buf).await.map_err(io::Error::from)
+    }
+
+    async fn send_to(udp: &glommio::net::UdpSocket, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        udp.send_to(buf, to).await.map_err(io::Error::from)
+    }
+
+    fn listener(socket: Socket) -> io::Result<glommio::net::TcpListener> {
+        crate::listener::tcp(socket)
+    }
+
+    async fn accept(listener: &glommio::net::TcpListener) -> io::Result<GlommioStream> {
+        Ok(UringStream::new(listener.accept().await?))
     }
 }
 

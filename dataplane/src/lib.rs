@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod dns;
 pub mod inpod;
 pub mod istio;
 pub mod proxy;

@@ -262,6 +262,19 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("MESHWIRE_DNS_ADDRESS", "10.0.0.1")], |c| {
             c.listeners.dns == Some(addr("10.0.0.1:15053"))
         }),
+        (vec![("MESHWIRE_DNS_RESOLV_CONF", "/run/resolv.conf")], |c| {
+            c.dns.resolv_conf == std::path::Path::new("/run/resolv.conf")
+        }),
+        (vec![("MESHWIRE_DNS_UPSTREAM_TIMEOUT", "750ms")], |c| {
+            c.dns.upstream_timeout == Duration::from_millis(750)
+        }),
+        (vec![("MESHWIRE_DNS_FORWARD_LIMIT", "8")], |c| c.dns.forward_limit == 8),
+        (vec![("MESHWIRE_DNS_TCP_CONNECTIONS", "3")], |c| {
+            c.dns.tcp_connections == 3
+        }),
+        (vec![("PREFERED_SERVICE_NAMESPACE", "istio-system")], |c| {
+            c.dns.preferred_namespace.as_deref() == Some("istio-system")
+        }),
         (vec![("ISTIO_META_DNS_PROXY_ADDR", "localhost:15054")], |c| {
             c.listeners.dns == Some(addr("127.0.0.1:15054"))
         }),

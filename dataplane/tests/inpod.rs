@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use meshwire_dataplane::config::WorkloadInfo;
@@ -19,6 +20,14 @@ use meshwire_dataplane::rt::netns::{Netns, NetnsSocketFactory};
 use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketFactory, SocketOptions};
 
 const PORT: u16 = 15006;
+
+/// The tests run one at a time: a process one test forks (`ip netns add`) holds a copy of another
+/// test's listeners until it execs, which would keep a closed listener reachable for a moment.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn can_make_namespaces(test: &str) -> bool {
     let root = Command::new("id")
@@ -72,6 +81,28 @@ impl Sandbox {
                 .is_ok()
             })
             .unwrap()
+    }
+
+    /// Waits (up to 5 s) until 127.0.0.1:`port` can be bound inside the sandbox.
+    fn wait_until_free(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let probe = NetnsSocketFactory::new(DefaultSocketFactory, self.netns(), Netns::own().unwrap()).listener(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                &SocketOptions {
+                    reuse_address: false,
+                    ..SocketOptions::default()
+                },
+            );
+            match probe {
+                Ok(_) => return,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("port {port} not free yet: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("port {port} still taken after 5 s: {e}"),
+            }
+        }
     }
 
     /// Binds 127.0.0.1:`port` inside the sandbox (to take the port).
@@ -137,6 +168,7 @@ fn named(uids: &[&str]) -> BTreeSet<String> {
 
 #[test]
 fn a_snapshot_of_pods_is_served_and_makes_the_proxy_ready() {
+    let _serial = serial();
     if !can_make_namespaces("a_snapshot_of_pods_is_served_and_makes_the_proxy_ready") {
         return;
     }
@@ -180,6 +212,7 @@ fn a_snapshot_of_pods_is_served_and_makes_the_proxy_ready() {
 
 #[test]
 fn a_pod_whose_port_is_taken_is_nacked_and_retried_until_it_starts() {
+    let _serial = serial();
     if !can_make_namespaces("a_pod_whose_port_is_taken_is_nacked_and_retried_until_it_starts") {
         return;
     }
@@ -213,8 +246,11 @@ fn a_pod_whose_port_is_taken_is_nacked_and_retried_until_it_starts() {
     // Keep of a pending pod is NACKed with the reason.
     assert!(pods.keep("uid-a").unwrap_err().contains("in use"));
 
-    // The port is freed: the next retry starts it and the proxy becomes ready.
+    // The port is freed: the next retry starts it and the proxy becomes ready. (A process another
+    // test forks at that moment holds a copy of the descriptor until it execs: wait until the port
+    // can be bound.)
     drop(squatter);
+    pod.wait_until_free(PORT);
     let tried = pods.retry_due(t1 + RETRY_INTERVAL);
     assert_eq!(tried, vec![("uid-a".to_owned(), Ok(()))]);
     assert!(pods.ready());
@@ -224,6 +260,7 @@ fn a_pod_whose_port_is_taken_is_nacked_and_retried_until_it_starts() {
 
 #[test]
 fn a_new_sessions_snapshot_drains_the_pods_it_does_not_name() {
+    let _serial = serial();
     if !can_make_namespaces("a_new_sessions_snapshot_drains_the_pods_it_does_not_name") {
         return;
     }
@@ -250,6 +287,7 @@ fn a_new_sessions_snapshot_drains_the_pods_it_does_not_name() {
 
 #[test]
 fn a_pod_added_again_in_a_new_sandbox_moves_there() {
+    let _serial = serial();
     if !can_make_namespaces("a_pod_added_again_in_a_new_sandbox_moves_there") {
         return;
     }

@@ -153,6 +153,33 @@ fn a_pods_sockets_live_in_its_namespace_and_the_thread_comes_back() {
     served.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"ping");
 
+    // A UDP socket (the DNS proxy's) is made in the pod's namespace too: it reaches a UDP socket
+    // bound on the pod's loopback, which the host's loopback does not have.
+    let any_udp = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let pod_udp: std::net::UdpSocket = factory.datagram(any_udp, &SocketOptions::default()).unwrap().into();
+    let pod_udp_addr = pod_udp.local_addr().unwrap();
+    let sender: std::net::UdpSocket = factory.datagram(any_udp, &SocketOptions::default()).unwrap().into();
+    assert_eq!(thread_netns_inode(), before);
+    sender.send_to(b"dns?", pod_udp_addr).unwrap();
+    pod_udp.set_nonblocking(false).unwrap();
+    pod_udp
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut datagram = [0u8; 8];
+    let (n, from) = pod_udp.recv_from(&mut datagram).unwrap();
+    assert_eq!(&datagram[..n], b"dns?");
+    assert_eq!(from, sender.local_addr().unwrap());
+    let host_udp = std::net::UdpSocket::bind(any_udp).unwrap();
+    host_udp.connect(pod_udp_addr).unwrap();
+    host_udp.send(b"x").unwrap();
+    pod_udp
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        pod_udp.recv_from(&mut datagram).is_err(),
+        "a host datagram reached the pod's socket"
+    );
+
     // Sockets outlive the namespace's descriptor in the factory, and threads never stay there.
     drop(factory);
     served.write_all(b"pong").unwrap();

@@ -19,6 +19,7 @@
 
 pub mod cni;
 pub mod data;
+pub mod dns;
 #[cfg(feature = "glommio")]
 pub mod glommio;
 pub mod h2;

@@ -104,6 +104,7 @@ impl Mesh {
             log_level: "info".to_owned(),
             netns: None,
             ports: None,
+            dns: None,
         }
     }
 }
@@ -130,9 +131,18 @@ pub struct ProxyBuilder {
     log_level: String,
     netns: Option<String>,
     ports: Option<Ports>,
+    /// The DNS proxy's address and `resolv.conf`, when it is on.
+    dns: Option<(SocketAddr, PathBuf)>,
 }
 
 impl ProxyBuilder {
+    /// Runs the DNS proxy on `addr` (UDP and TCP), forwarding to the resolvers of `resolv_conf`
+    /// (it is off otherwise).
+    pub fn dns(mut self, addr: SocketAddr, resolv_conf: &Path) -> Self {
+        self.dns = Some((addr, resolv_conf.to_path_buf()));
+        self
+    }
+
     /// Starts the proxy without the mesh's local configuration file (for a proxy that istiod
     /// configures: set `XDS_ADDRESS` and the rest with [`ProxyBuilder::env`]).
     pub fn without_local_config(mut self) -> Self {
@@ -296,7 +306,21 @@ impl ProxyBuilder {
             .args(["--readiness-port", &port(ports.readiness.port())])
             .args(["--admin-port", &port(ports.admin.port())])
             .args(["--metrics-port", &port(ports.metrics.port())])
-            .args(["--dns-proxy", "false"])
+            .args(match &self.dns {
+                Some((addr, resolv_conf)) => vec![
+                    "--dns-proxy".to_owned(),
+                    "true".to_owned(),
+                    "--dns-address".to_owned(),
+                    addr.ip().to_string(),
+                    "--dns-port".to_owned(),
+                    addr.port().to_string(),
+                    "--dns-resolv-conf".to_owned(),
+                    resolv_conf.display().to_string(),
+                    "--dns-upstream-timeout".to_owned(),
+                    "500ms".to_owned(),
+                ],
+                None => vec!["--dns-proxy".to_owned(), "false".to_owned()],
+            })
             .args(["--drain-deadline", &format!("{}ms", self.drain_deadline.as_millis())])
             .args(["--worker-threads", "2", "--log-level", &self.log_level])
             .args(&self.args);

@@ -285,6 +285,12 @@ impl MetricsHandler {
         self
     }
 
+    /// Adds the DNS proxy's metrics ([`DnsMetrics`](crate::telemetry::metrics::DnsMetrics)) to every
+    /// answer.
+    pub fn with_dns(self, dns: &crate::telemetry::metrics::DnsMetrics) -> Self {
+        self.with_refreshed(Arc::clone(dns.registry()), Arc::new(|| {}))
+    }
+
     /// Adds the metrics of `registry` to every answer.
     pub fn with_registry(mut self, registry: Arc<prometheus_client::registry::Registry>) -> Self {
         self.extra = Some(registry);

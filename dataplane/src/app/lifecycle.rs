@@ -159,7 +159,7 @@ impl<R: Acceptor> Connection<R> {
             Listener::Outbound => worker.serve_capture(stream, peer).await,
             Listener::Socks5 => worker.serve_socks5(stream, peer).await,
             // Not in `Listeners::data`, so never accepted here: the control listeners are served by
-            // the control plane, and the DNS proxy is not served yet.
+            // the control plane, the DNS proxy by its own server (`serve_dns`).
             Listener::Dns | Listener::Readiness | Listener::Admin | Listener::Metrics => {
                 tracing::error!(%listener, %peer, "connection on a listener that is not a data listener: closed");
             }
@@ -387,5 +387,73 @@ impl Lifecycle {
             Drained::DeadlineReached => tracing::warn!("drain deadline reached: closing remaining connections"),
         }
         outcome
+    }
+}
+
+/// The DNS proxy's sockets on one address: UDP and TCP on the same port.
+#[derive(Debug)]
+pub struct DnsSockets {
+    /// The UDP socket, bound.
+    pub udp: socket2::Socket,
+    /// The TCP socket, bound and listening.
+    pub tcp: socket2::Socket,
+    /// The address both are bound to (a port 0 chosen once, by the TCP socket).
+    pub addr: SocketAddr,
+}
+
+/// Binds the DNS proxy's TCP listener and UDP socket on `addr` with `SO_REUSEPORT` (as the data
+/// listeners are: an instance taking over shares them, a core of the io_uring build has its own),
+/// the UDP socket on the port the TCP one got.
+pub fn bind_dns(addr: SocketAddr) -> Result<DnsSockets, StartError> {
+    use crate::rt::socket::{DefaultSocketFactory, SocketFactory, SocketOptions};
+
+    let opts = SocketOptions {
+        reuse_port: true,
+        ..SocketOptions::default()
+    };
+    let fail = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            StartError::PortInUse {
+                listener: Listener::Dns,
+                addr,
+            }
+        } else {
+            StartError::Bind {
+                listener: Listener::Dns,
+                addr,
+                source,
+            }
+        }
+    };
+    let tcp = DefaultSocketFactory.listener(addr, &opts).map_err(fail)?;
+    let bound = socket::local_addr(&tcp).map_err(fail)?;
+    let udp = DefaultSocketFactory.datagram(bound, &opts).map_err(fail)?;
+    Ok(DnsSockets { udp, tcp, addr: bound })
+}
+
+/// Serves the DNS proxy on `sockets` with `context` for `clients` once `phase` is
+/// [`Phase::Serving`], until [`Phase::Draining`] (UDP clients ask again; nothing is drained).
+pub async fn serve_dns<N: crate::rt::datagram::Datagram>(
+    context: std::sync::Arc<crate::dns::DnsContext>,
+    clients: crate::dns::Clients,
+    sockets: DnsSockets,
+    phase: watch::Receiver<Phase>,
+) {
+    let started = phase.clone().wait_for(|p| *p != Phase::Starting).await.map(|p| *p);
+    if !matches!(started, Ok(Phase::Serving)) {
+        return;
+    }
+    let stop = reached(phase, Phase::Draining);
+    let served = crate::dns::serve::<N, _>(
+        context,
+        crate::rt::socket::DefaultSocketFactory,
+        clients,
+        sockets.udp,
+        sockets.tcp,
+        stop,
+    )
+    .await;
+    if let Err(error) = served {
+        tracing::error!(%error, addr = %sockets.addr, "cannot serve DNS");
     }
 }

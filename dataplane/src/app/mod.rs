@@ -27,6 +27,7 @@
 //! | inbound plaintext | 15006 | redirected inbound TCP: [`InboundHandler::serve_plaintext`] (policies without a peer identity) |
 //! | outbound capture | 15001 | redirected outbound TCP: [`Outbound::serve_capture`] |
 //! | SOCKS5 | 15080 | [`Outbound::serve_socks5`] (loopback only; can be turned off) |
+//! | DNS | 15053 (UDP and TCP) | [`crate::dns::serve`] (loopback by default; can be turned off) |
 //!
 //! | readiness | 15021 | `/healthz/ready`: 200 once listeners and configuration are there and, in dedicated mode, while the workload is in the configuration and its certificate is valid ([`crate::admin`]) |
 //! | admin | 15000 | `/config_dump`, `/logging`, `/quitquitquit` (loopback only) |
@@ -37,7 +38,7 @@
 //! first: a second instance started on the same ports fails naming the port, binding nothing. A
 //! hand-over (`--handover`, [`Config::handover`]) shares the data listeners at once and binds the
 //! control listeners once the draining instance releases them ([`ControlListeners`]). The DNS
-//! proxy is not served yet.
+//! proxy binds UDP and TCP with `SO_REUSEPORT` too.
 //!
 //! **Whose connections.** In dedicated mode every connection is the configured workload's: its
 //! certificate serves inbound HBONE, and outbound connections go out with its identity; the workload
@@ -68,8 +69,9 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, LogControl, MetricsHandler, Readiness};
 use crate::config::{Config, Listener};
+use crate::dns;
 use crate::rt::tokio::{Tokio, TokioConnector, TokioExecutor, TokioRuntime};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{DnsMetrics, Metrics};
 use crate::watch::ConnectionRegistry;
 
 pub mod cli;
@@ -78,7 +80,10 @@ pub mod lifecycle;
 pub mod plane;
 pub mod worker;
 
-pub use lifecycle::{ACCEPT_RETRY, Acceptor, Connection, Drained, Lifecycle, Phase, Starting, log_listeners, reached};
+pub use lifecycle::{
+    ACCEPT_RETRY, Acceptor, Connection, DnsSockets, Drained, Lifecycle, Phase, Starting, bind_dns, log_listeners,
+    reached, serve_dns,
+};
 pub use plane::{
     CONFIG_POLL_INTERVAL, Certificates, Control, ControlListeners, ControlPlane, Manager, ProxyContext, ProxyTls,
     StartError, bind_tokio, shutdown_signal,
@@ -136,7 +141,7 @@ impl Proxy {
         let metrics = Arc::new(Metrics::new());
         let connector = TokioConnector::new(context.client_tls(), context.connector_config());
         let worker = Arc::new(Worker::new(
-            context,
+            context.clone(),
             TokioRuntime::new(),
             connector,
             TokioExecutor::new(),
@@ -160,10 +165,54 @@ impl Proxy {
                 }
             }
         }
+        // The DNS proxy, when on: one UDP socket and one TCP listener, served by one task.
+        let dns_metrics = Arc::new(DnsMetrics::new());
+        let dns = match config.listeners.dns {
+            Some(addr) => {
+                let context = match dns::context(
+                    &config,
+                    context.published().clone(),
+                    dns_metrics.clone(),
+                    context.upstream().clone(),
+                ) {
+                    Ok(dns) => Arc::new(dns),
+                    Err(error) => {
+                        starting.abandon();
+                        return Err(StartError::Dns(error));
+                    }
+                };
+                let sockets = {
+                    let _data = data.enter();
+                    match bind_dns(addr) {
+                        Ok(sockets) => sockets,
+                        Err(error) => {
+                            starting.abandon();
+                            return Err(error);
+                        }
+                    }
+                };
+                bound.push((Listener::Dns, sockets.addr));
+                Some((context, sockets))
+            }
+            None => None,
+        };
+        if let Some((dns_context, sockets)) = dns {
+            data.spawn(serve_dns::<Tokio>(
+                dns_context,
+                dns::clients(&config),
+                sockets,
+                starting.phase(),
+            ));
+        }
         let worker = data.spawn(lifecycle::serve::<Tokio>(worker, sockets, starting.phase()));
         // Readiness, admin and metrics; the proxy is ready once this function returns.
         let lifecycle = starting
-            .serve(&config, bound, MetricsHandler::new(metrics), logging)
+            .serve(
+                &config,
+                bound,
+                MetricsHandler::new(metrics).with_dns(&dns_metrics),
+                logging,
+            )
             .await?;
         Ok(Proxy { lifecycle, worker })
     }

@@ -94,6 +94,9 @@ pub enum StartError {
         /// How long the hand-over waited.
         within: Duration,
     },
+    /// The DNS proxy's upstream resolvers cannot be read.
+    #[error("DNS proxy: {0}")]
+    Dns(#[from] crate::dns::ResolvConfError),
     /// A listener cannot be bound.
     #[error("cannot listen for {listener} on {addr}: {source}")]
     Bind {

@@ -2,11 +2,13 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use super::error::{Error, Origin};
 use super::options::Key::{Env, ProxyConfig};
 use super::options::{Found, H_LISTEN, Inputs, Kind, Opt, parse_found};
-use super::values::{parse_bool, parse_ip, parse_port};
+use super::values::{at_least_one, non_empty, parse_bool, parse_ip, parse_port, positive_duration};
 
 /// One of the proxy's listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -266,6 +268,47 @@ pub(super) const DNS_ADDRESS: Opt = Opt {
     help: "Address of the DNS proxy",
     ..Opt::new(H_LISTEN)
 };
+pub(super) const DNS_RESOLV_CONF: Opt = Opt {
+    flag: "--dns-resolv-conf",
+    value_name: "PATH",
+    keys: &[Env("MESHWIRE_DNS_RESOLV_CONF")],
+    default: Some("/etc/resolv.conf"),
+    help: "The resolv.conf naming the upstream resolvers the DNS proxy forwards to (and a dedicated proxy's \
+           search domains); a nameserver may be IP:PORT",
+    ..Opt::new(H_LISTEN)
+};
+pub(super) const DNS_UPSTREAM_TIMEOUT: Opt = Opt {
+    flag: "--dns-upstream-timeout",
+    value_name: "DURATION",
+    keys: &[Env("MESHWIRE_DNS_UPSTREAM_TIMEOUT")],
+    default: Some("2s"),
+    help: "How long the DNS proxy waits for an upstream resolver before it asks the next",
+    ..Opt::new(H_LISTEN)
+};
+pub(super) const DNS_FORWARD_LIMIT: Opt = Opt {
+    flag: "--dns-forward-limit",
+    value_name: "N",
+    keys: &[Env("MESHWIRE_DNS_FORWARD_LIMIT")],
+    default: Some("1024"),
+    help: "UDP queries the DNS proxy forwards at once (per core); past it a query gets SERVFAIL",
+    ..Opt::new(H_LISTEN)
+};
+pub(super) const DNS_TCP_CONNECTIONS: Opt = Opt {
+    flag: "--dns-tcp-connections",
+    value_name: "N",
+    keys: &[Env("MESHWIRE_DNS_TCP_CONNECTIONS")],
+    default: Some("256"),
+    help: "TCP connections the DNS proxy serves at once (per core); past it they wait to be accepted",
+    ..Opt::new(H_LISTEN)
+};
+pub(super) const DNS_PREFERRED_NAMESPACE: Opt = Opt {
+    flag: "--dns-preferred-namespace",
+    value_name: "NAMESPACE",
+    keys: &[Env("PREFERED_SERVICE_NAMESPACE")],
+    help: "The namespace whose service the DNS proxy answers with when several define a hostname and none is \
+           the client's",
+    ..Opt::new(H_LISTEN)
+};
 pub(super) const READINESS_PORT: Opt = Opt {
     flag: "--readiness-port",
     value_name: "PORT",
@@ -299,7 +342,33 @@ pub(super) const METRICS_PORT: Opt = Opt {
     ..Opt::new(H_LISTEN)
 };
 
+/// The DNS proxy's settings besides its address ([`Listeners::dns`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DnsOptions {
+    /// The `resolv.conf` of the upstream resolvers (`/etc/resolv.conf`).
+    pub resolv_conf: PathBuf,
+    /// How long an upstream is given before the next is asked (2 s).
+    pub upstream_timeout: Duration,
+    /// UDP queries forwarded at once, per core (1024).
+    pub forward_limit: usize,
+    /// TCP connections served at once, per core (256).
+    pub tcp_connections: usize,
+    /// ztunnel's `PREFERED_SERVICE_NAMESPACE`.
+    pub preferred_namespace: Option<String>,
+}
+
 impl Inputs<'_> {
+    pub(super) fn dns_options(&self) -> Result<DnsOptions, Error> {
+        Ok(DnsOptions {
+            resolv_conf: PathBuf::from(self.required(&DNS_RESOLV_CONF, non_empty)?.value),
+            upstream_timeout: self.required(&DNS_UPSTREAM_TIMEOUT, positive_duration)?.value,
+            forward_limit: self.required(&DNS_FORWARD_LIMIT, at_least_one)?.value,
+            tcp_connections: self.required(&DNS_TCP_CONNECTIONS, at_least_one)?.value,
+            preferred_namespace: self.get(&DNS_PREFERRED_NAMESPACE, non_empty)?.map(|f| f.value),
+        })
+    }
+
     pub(super) fn listeners(&self) -> Result<(Listeners, Vec<(Listener, Origin)>), Error> {
         let ipv6 = self.required(&IPV6, parse_bool)?.value;
         let wildcard = if ipv6 {

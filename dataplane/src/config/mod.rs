@@ -76,6 +76,11 @@
 //! | `--dns-proxy BOOL` | `ISTIO_META_DNS_CAPTURE`, `PROXY_CONFIG` `proxyMetadata.DNS_CAPTURE` | `true` |
 //! | `--dns-port` | `MESHWIRE_DNS_PORT`; `ISTIO_META_DNS_PROXY_ADDR` | 15053 |
 //! | `--dns-address` | `MESHWIRE_DNS_ADDRESS`; `ISTIO_META_DNS_PROXY_ADDR` | 127.0.0.1 |
+//! | `--dns-resolv-conf` | `MESHWIRE_DNS_RESOLV_CONF` | `/etc/resolv.conf` |
+//! | `--dns-upstream-timeout` | `MESHWIRE_DNS_UPSTREAM_TIMEOUT` | `2s` |
+//! | `--dns-forward-limit` | `MESHWIRE_DNS_FORWARD_LIMIT` | 1024 |
+//! | `--dns-tcp-connections` | `MESHWIRE_DNS_TCP_CONNECTIONS` | 256 |
+//! | `--dns-preferred-namespace` | `PREFERED_SERVICE_NAMESPACE` | none |
 //! | `--readiness-port` | `MESHWIRE_READINESS_PORT` | 15021 |
 //! | `--admin-port` | `MESHWIRE_ADMIN_PORT`, `PROXY_CONFIG` `proxyAdminPort` | 15000 |
 //! | `--admin-address` | `MESHWIRE_ADMIN_ADDRESS` | 127.0.0.1 |
@@ -182,7 +187,7 @@ pub use istio::{
     AuthToken, CA_HEADER_PREFIX, ControlPlane, DEFAULT_AUTH_TOKEN, DEFAULT_ROOT_CA, IstioConfig, META_JSON_PREFIX,
     META_PREFIX, Roots, XDS_HEADER_PREFIX, check_address,
 };
-pub use listeners::{Listener, Listeners};
+pub use listeners::{DnsOptions, Listener, Listeners};
 pub use mode::{LocalConfigSource, ProxyMode, WorkloadInfo};
 pub use runtime::{ConnectionBalance, LogFormat, PacketMark, XdsPriority};
 
@@ -199,7 +204,6 @@ pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
     "ENABLE_ORIG_SRC",
     "ENABLE_PROXY",
     "TRANSPARENT_NETWORK_POLICIES",
-    "PREFERED_SERVICE_NAMESPACE",
     "LOCALHOST_APP_TUNNEL",
     "KEEPALIVE_TIME",
     "KEEPALIVE_INTERVAL",
@@ -270,6 +274,8 @@ pub struct Config {
     pub instance_ip: Option<IpAddr>,
     /// The address of every listener.
     pub listeners: Listeners,
+    /// The DNS proxy's settings (its address is [`Listeners::dns`]).
+    pub dns: DnsOptions,
     /// The HBONE connection pool, with the HTTP/2 settings of every HBONE connection (see
     /// [`Config::http2`]).
     pub pool: PoolConfig,
@@ -492,6 +498,7 @@ impl Inputs<'_> {
             network: self.network()?,
             instance_ip: self.instance_ip()?,
             listeners,
+            dns: self.dns_options()?,
             pool: hbone.pool,
             buffers: hbone.buffers,
             drain_deadline: self.drain_deadline()?,

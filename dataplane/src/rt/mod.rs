@@ -9,6 +9,8 @@
 //! - [`Runtime`]: what the per-connection logic ([`Outbound`], [`InboundHandler`]) needs from a
 //!   runtime: its TCP stream type, a timer, the HBONE pool's executor and connector, connecting
 //!   through the socket factory, and the socket operations on a stream.
+//! - [`datagram`]: [`datagram::Datagram`], the UDP sockets and TCP listeners of a runtime, from
+//!   the factory's sockets: what the DNS proxy adds to the seam.
 //! - [`native`]: the [`Runtime`] ([`native::ProxyRuntime`]) and the HBONE pool connector
 //!   ([`native::PoolConnector`]) written once over [`native::Native`], what a runtime does its own
 //!   way (stream, timer, executor, connecting a socket, socket operations on a stream).
@@ -39,6 +41,7 @@ use self::connector::ClientTlsSource;
 use self::socket::SocketOptions;
 
 pub mod connector;
+pub mod datagram;
 pub mod native;
 pub mod netns;
 pub mod socket;

@@ -119,6 +119,10 @@ impl<F: SocketFactory> NetnsSocketFactory<F> {
 }
 
 impl<F: SocketFactory> SocketFactory for NetnsSocketFactory<F> {
+    fn datagram(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        self.pod.run(&self.home, || self.inner.datagram(addr, opts))?
+    }
+
     fn listener(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
         self.pod.run(&self.home, || self.inner.listener(addr, opts))?
     }
@@ -160,6 +164,13 @@ impl ProxySocketFactory {
 }
 
 impl SocketFactory for ProxySocketFactory {
+    fn datagram(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        match self {
+            ProxySocketFactory::Host => DefaultSocketFactory.datagram(addr, opts),
+            ProxySocketFactory::Pod(pod) => pod.datagram(addr, opts),
+        }
+    }
+
     fn listener(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
         match self {
             ProxySocketFactory::Host => DefaultSocketFactory.listener(addr, opts),

@@ -101,6 +101,13 @@ pub trait SocketFactory {
     /// applied, and bound to `local` if given (port 0 for any port).
     fn stream(&self, peer: SocketAddr, local: Option<SocketAddr>, opts: &SocketOptions) -> io::Result<Socket>;
 
+    /// A UDP socket bound to `addr` (port 0 for any), non-blocking, with the options of `opts` that
+    /// apply to UDP (reuse, transparency, mark, device, IPv6-only): the DNS proxy's sockets, its
+    /// listening ones and those it asks the upstream resolvers through.
+    fn datagram(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        bind_datagram(addr, opts)
+    }
+
     /// Like [`SocketFactory::stream`], bound to `source` (any port) if given, setting
     /// `IP_TRANSPARENT` as `transparency` says.
     fn stream_from(
@@ -139,6 +146,10 @@ pub trait SocketFactory {
 }
 
 impl<F: SocketFactory + ?Sized> SocketFactory for &F {
+    fn datagram(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        (**self).datagram(addr, opts)
+    }
+
     fn listener(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
         (**self).listener(addr, opts)
     }
@@ -149,6 +160,10 @@ impl<F: SocketFactory + ?Sized> SocketFactory for &F {
 }
 
 impl<F: SocketFactory + ?Sized> SocketFactory for Arc<F> {
+    fn datagram(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+        (**self).datagram(addr, opts)
+    }
+
     fn listener(&self, addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
         (**self).listener(addr, opts)
     }
@@ -195,12 +210,35 @@ impl SocketFactory for DefaultSocketFactory {
     }
 }
 
+/// A UDP socket bound to `addr`, non-blocking, with the options of `opts` that apply to UDP: what
+/// [`SocketFactory::datagram`] does by default.
+pub fn bind_datagram(addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
+    let target = SocketTarget::Listener(addr);
+    let socket = new_socket(addr, opts, &target, Type::DGRAM, Protocol::UDP)?;
+    socket
+        .bind(&SockAddr::from(addr))
+        .map_err(|e| SocketError::io(SocketOp::Bind, target, e))?;
+    Ok(socket)
+}
+
 /// A non-blocking TCP socket of `addr`'s family with `opts` applied (all but the backlog).
 fn new_tcp_socket(addr: SocketAddr, opts: &SocketOptions, target: &SocketTarget) -> io::Result<Socket> {
+    new_socket(addr, opts, target, Type::STREAM, Protocol::TCP)
+}
+
+/// A non-blocking socket of `addr`'s family and type `kind` with `opts` applied (all but the
+/// backlog; `TCP_NODELAY` and keep-alive on TCP sockets only).
+fn new_socket(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    target: &SocketTarget,
+    kind: Type,
+    protocol: Protocol,
+) -> io::Result<Socket> {
     let err = |op: SocketOp| move |e: io::Error| SocketError::io(op, target.clone(), e);
+    let tcp = protocol == Protocol::TCP;
     let domain = Domain::for_address(addr);
-    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
-        .map_err(err(SocketOp::Create))?;
+    let socket = Socket::new(domain, kind.nonblocking().cloexec(), Some(protocol)).map_err(err(SocketOp::Create))?;
     if addr.is_ipv6()
         && let Some(only) = opts.v6_only
     {
@@ -237,12 +275,12 @@ fn new_tcp_socket(addr: SocketAddr, opts: &SocketOptions, target: &SocketTarget)
             .bind_device(Some(device.as_bytes()))
             .map_err(err(SocketOp::Set(SocketOption::BindDevice)))?;
     }
-    if opts.nodelay {
+    if tcp && opts.nodelay {
         socket
             .set_tcp_nodelay(true)
             .map_err(err(SocketOp::Set(SocketOption::Nodelay)))?;
     }
-    if let Some(idle) = opts.keepalive {
+    if let Some(idle) = opts.keepalive.filter(|_| tcp) {
         let params = TcpKeepalive::new().with_time(idle).with_interval(idle);
         socket
             .set_tcp_keepalive(&params)

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 pub use meshwire_rt::{TokioExecutor, TokioTimer};
 use socket2::Socket;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 pub use super::connector::{ClientTlsSource, ConnectorConfig};
+use super::datagram::Datagram;
 use super::native::{Native, PoolConnector, ProxyRuntime};
 use super::netns::ProxySocketFactory;
 use super::socket::{SocketError, SocketFactory, SocketOp, SocketOptions, SocketTarget};
@@ -31,6 +32,32 @@ impl Native for Tokio {
 
     fn connect(socket: Socket, peer: SocketAddr, timeout: Duration) -> impl Future<Output = io::Result<TcpStream>> {
         connect(socket, peer, timeout)
+    }
+}
+
+impl Datagram for Tokio {
+    type Udp = UdpSocket;
+    type Listener = TcpListener;
+
+    fn udp(socket: Socket) -> io::Result<UdpSocket> {
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket.into())
+    }
+
+    fn recv_from(udp: &UdpSocket, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> {
+        udp.recv_from(buf)
+    }
+
+    fn send_to(udp: &UdpSocket, buf: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> {
+        udp.send_to(buf, to)
+    }
+
+    fn listener(socket: Socket) -> io::Result<TcpListener> {
+        into_listener(socket)
+    }
+
+    async fn accept(listener: &TcpListener) -> io::Result<TcpStream> {
+        listener.accept().await.map(|(stream, _)| stream)
     }
 }
 

@@ -57,7 +57,8 @@ use meshwire_identity::id::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::config::Listener;
 use crate::xds::{Service, Workload};
@@ -807,4 +808,153 @@ pub struct ConnectionSummary {
     pub sent: u64,
     /// The bytes read from the client (the request direction).
     pub received: u64,
+}
+
+/// The labels of the DNS proxy's metrics, ztunnel's: the query's type (`a`, `aaaa`, `srv`...), its
+/// transport (`udp`, `tcp`) and the client workload's canonical service and revision.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// The type of the query's question, lower case; `unknown` without a question.
+    pub request_query_type: LabelValue,
+    /// `udp` or `tcp`.
+    pub request_protocol: LabelValue,
+    /// The client workload's canonical service; `unknown` if the client is not known.
+    pub source_canonical_service: LabelValue,
+    /// The client workload's canonical revision; `unknown` if the client is not known.
+    pub source_canonical_revision: LabelValue,
+}
+
+impl DnsLabels {
+    /// The labels of a query of type `query_type` (such as `A`) over `protocol` from `source`.
+    pub fn new(query_type: Option<&str>, protocol: &str, source: Option<&Workload>) -> Self {
+        Self {
+            request_query_type: query_type.map(str::to_ascii_lowercase).into(),
+            request_protocol: protocol.into(),
+            source_canonical_service: source.map(|w| w.canonical_name.clone()).into(),
+            source_canonical_revision: source.map(|w| w.canonical_revision.clone()).into(),
+        }
+    }
+}
+
+/// The buckets of `istio_dns_upstream_request_duration_seconds`, in seconds: ztunnel's (which lists
+/// 0.005 before 0.001), in order.
+pub const DNS_DURATION_BUCKETS: [f64; 6] = [0.001, 0.005, 0.01, 0.1, 1.0, 5.0];
+
+/// The DNS proxy's metrics, with ztunnel's names and help texts, all with the labels [`DnsLabels`]:
+///
+/// | family | counts |
+/// |---|---|
+/// | `istio_dns_requests_total` | every query decided (answered here, forwarded, or refused as malformed) |
+/// | `istio_dns_upstream_requests_total` | queries forwarded to the upstream resolvers |
+/// | `istio_dns_upstream_failures_total` | forwarded queries no upstream answered (the client got `SERVFAIL`) |
+/// | `istio_dns_upstream_request_duration_seconds` | how long the upstream took, failures included (histogram) |
+///
+/// One for the whole process (its counters are atomic; every core of the io_uring build counts in
+/// it).
+///
+/// ```
+/// use std::time::Duration;
+/// use meshwire_dataplane::telemetry::metrics::{DnsLabels, DnsMetrics};
+///
+/// let dns = DnsMetrics::new();
+/// let labels = DnsLabels::new(Some("A"), "udp", None);
+/// dns.request(&labels);
+/// dns.forwarded(&labels, Duration::from_millis(3), true);
+/// assert_eq!(dns.requests(&labels), 1);
+/// assert!(dns.render().lines().any(|line| line
+///     == "istio_dns_upstream_requests_total{request_query_type=\"a\",request_protocol=\"udp\",\
+///         source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\"} 1"));
+/// ```
+#[derive(Debug)]
+pub struct DnsMetrics {
+    registry: Arc<Registry>,
+    requests: Family<DnsLabels, Counter>,
+    upstream_requests: Family<DnsLabels, Counter>,
+    upstream_failures: Family<DnsLabels, Counter>,
+    upstream_duration: Family<DnsLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn dns_histogram() -> Histogram {
+    Histogram::new(DNS_DURATION_BUCKETS)
+}
+
+impl DnsMetrics {
+    /// The four families, empty, in a registry of their own (prefix `istio_`).
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let upstream_requests = Family::default();
+        let upstream_failures = Family::default();
+        let upstream_duration: Family<DnsLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(dns_histogram);
+        let istio = registry.sub_registry_with_prefix(METRIC_PREFIX);
+        istio.register(
+            "dns_requests",
+            "Total number of DNS requests (unstable)",
+            Family::clone(&requests),
+        );
+        istio.register(
+            "dns_upstream_requests",
+            "Total number of DNS requests forwarded to upstream (unstable)",
+            Family::clone(&upstream_requests),
+        );
+        istio.register(
+            "dns_upstream_failures",
+            "Total number of DNS requests that failed to forward upstream (unstable)",
+            Family::clone(&upstream_failures),
+        );
+        istio.register_with_unit(
+            "dns_upstream_request_duration",
+            "Total time in seconds Istio takes to get DNS response from upstream (unstable)",
+            Unit::Seconds,
+            Family::clone(&upstream_duration),
+        );
+        Self {
+            registry: Arc::new(registry),
+            requests,
+            upstream_requests,
+            upstream_failures,
+            upstream_duration,
+        }
+    }
+
+    /// The registry holding the families (for the metrics endpoint).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Counts a query: `istio_dns_requests_total`.
+    pub fn request(&self, labels: &DnsLabels) {
+        self.requests.get_or_create(labels).inc();
+    }
+
+    /// Counts a forwarded query that took `took` and was answered (`answered`) or failed:
+    /// `istio_dns_upstream_requests_total`, `istio_dns_upstream_request_duration_seconds` and, on
+    /// failure, `istio_dns_upstream_failures_total`.
+    pub fn forwarded(&self, labels: &DnsLabels, took: std::time::Duration, answered: bool) {
+        self.upstream_requests.get_or_create(labels).inc();
+        self.upstream_duration.get_or_create(labels).observe(took.as_secs_f64());
+        if !answered {
+            self.upstream_failures.get_or_create(labels).inc();
+        }
+    }
+
+    /// How many queries with `labels` were counted.
+    pub fn requests(&self, labels: &DnsLabels) -> u64 {
+        self.requests.get(labels).map_or(0, |c| c.get())
+    }
+
+    /// The families in the OpenMetrics text format, ending with `# EOF`.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        let encoded = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
+        text
+    }
 }
