@@ -46,7 +46,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -794,6 +794,12 @@ pub enum CloseReason {
         /// The decision, as ztunnel words it: `denied: explicitly denied by: ns/name`.
         message: String,
     },
+    /// The pod the connection was for is no longer served (in-pod mode: istio-cni deleted it, or
+    /// left it out of a snapshot).
+    PodRemoved {
+        /// The pod's Kubernetes UID.
+        uid: String,
+    },
 }
 
 impl fmt::Display for CloseReason {
@@ -802,6 +808,7 @@ impl fmt::Display for CloseReason {
             CloseReason::PolicyDenied {
                 generation, message, ..
             } => write!(f, "configuration generation {generation}: {message}"),
+            CloseReason::PodRemoved { uid } => write!(f, "pod {uid} is no longer served"),
         }
     }
 }
@@ -959,6 +966,9 @@ const SHARDS: usize = 16;
 struct RegistryInner {
     next_id: AtomicU64,
     shards: [Mutex<HashMap<u64, Registered>>; SHARDS],
+    /// Registries made by [`ConnectionRegistry::child`], judged with this one; dropped ones are
+    /// pruned as they are found.
+    children: Mutex<Vec<Weak<RegistryInner>>>,
 }
 
 impl RegistryInner {
@@ -986,8 +996,48 @@ impl ConnectionRegistry {
             inner: Arc::new(RegistryInner {
                 next_id: AtomicU64::new(0),
                 shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+                children: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// A registry of its own (one pod's connections, in in-pod mode) whose connections this one's
+    /// [`reevaluate`](Self::reevaluate) judges too, and that [`close_all`](Self::close_all) can
+    /// close apart from the others. It lives as long as a clone of it does.
+    pub fn child(&self) -> ConnectionRegistry {
+        let child = ConnectionRegistry::new();
+        let mut children = lock(&self.inner.children);
+        children.retain(|c| c.strong_count() > 0);
+        children.push(Arc::downgrade(&child.inner));
+        child
+    }
+
+    /// Tells every connection registered here (and in its children) to close for `reason`;
+    /// returns how many were newly told.
+    pub fn close_all(&self, reason: &CloseReason) -> usize {
+        let mut closed = 0;
+        for shard in &self.inner.shards {
+            for registered in lock(shard).values() {
+                closed += usize::from(registered.signal.fire(reason.clone()));
+            }
+        }
+        closed
+            + self
+                .children()
+                .iter()
+                .map(|child| child.close_all(reason))
+                .sum::<usize>()
+    }
+
+    /// The live children.
+    fn children(&self) -> Vec<ConnectionRegistry> {
+        let mut children = lock(&self.inner.children);
+        children.retain(|c| c.strong_count() > 0);
+        children
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|inner| ConnectionRegistry { inner })
+            .collect()
     }
 
     /// Registers an established connection: the guard keeps it registered until dropped, the signal
@@ -1009,9 +1059,10 @@ impl ConnectionRegistry {
         (guard, CloseSignal { inner: signal })
     }
 
-    /// The number of registered connections.
+    /// The number of registered connections, its children's included.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|shard| lock(shard).len()).sum()
+        let own: usize = self.inner.shards.iter().map(|shard| lock(shard).len()).sum();
+        own + self.children().iter().map(ConnectionRegistry::len).sum::<usize>()
     }
 
     /// Whether no connection is registered.
@@ -1043,6 +1094,11 @@ impl ConnectionRegistry {
             }
         }
         closed
+            + self
+                .children()
+                .iter()
+                .map(|child| child.reevaluate(snapshot))
+                .sum::<usize>()
     }
 }
 

@@ -841,3 +841,45 @@ fn registration_from_many_threads() {
     drop(kept);
     assert!(registry.is_empty());
 }
+
+#[tokio::test]
+async fn a_pods_child_registry_is_judged_with_the_process_and_closed_on_its_own() {
+    let config = LocalConfig::parse(SHOP).unwrap();
+    let published = Published::new(Snapshot::new(config, 1, None, SystemTime::UNIX_EPOCH));
+    let registry = ConnectionRegistry::new();
+    let pod_a = registry.child();
+    let pod_b = registry.child();
+    let (_a_guard, mut a_conn) = pod_a.register(shop_conn(
+        "spiffe://cluster.local/ns/shop/sa/frontend",
+        "10.0.0.1:40010",
+    ));
+    let (_b_guard, mut b_conn) = pod_b.register(shop_conn("spiffe://cluster.local/ns/shop/sa/admin", "10.0.0.3:40011"));
+    let (_own_guard, mut own_conn) =
+        registry.register(shop_conn("spiffe://cluster.local/ns/shop/sa/admin", "10.0.0.3:40012"));
+    assert_eq!(registry.len(), 3);
+    assert_eq!(pod_a.len(), 1);
+
+    // A new DENY reaches the children's connections through the process's registry.
+    let snapshot = published.publish(
+        LocalConfig::parse(SHOP_DENY_FRONTEND).unwrap(),
+        None,
+        SystemTime::UNIX_EPOCH,
+    );
+    assert_eq!(registry.reevaluate(&snapshot), 1);
+    assert!(matches!(closes(&mut a_conn).await, CloseReason::PolicyDenied { .. }));
+
+    // Removing pod b closes its connections only.
+    let reason = CloseReason::PodRemoved {
+        uid: "uid-b".to_owned(),
+    };
+    assert_eq!(pod_b.close_all(&reason), 1);
+    assert_eq!(closes(&mut b_conn).await, reason);
+    assert_eq!(reason.to_string(), "pod uid-b is no longer served");
+    stays_open(&mut own_conn).await;
+    assert_eq!(pod_b.close_all(&reason), 0, "told once");
+
+    // A dropped child is forgotten by its parent.
+    drop(pod_b);
+    drop(_b_guard);
+    assert_eq!(registry.len(), 2);
+}
