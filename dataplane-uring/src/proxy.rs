@@ -69,6 +69,11 @@ pub enum Error {
     /// What stops either build (configuration, certificates, a listener that cannot be bound).
     #[error(transparent)]
     Start(#[from] StartError),
+    /// In-pod mode is not served by this build yet.
+    #[error(
+        "in-pod mode (INPOD_ENABLED, --inpod) is not served by ztunnel-uring yet; run `ztunnel` (the tokio build) for it"
+    )]
+    InpodUnsupported,
     /// io_uring cannot serve here.
     #[error("io_uring is unavailable: {0}; run `ztunnel` (the tokio build) instead")]
     Unavailable(#[from] Unavailable),
@@ -166,6 +171,9 @@ impl UringProxy {
     /// Call inside a tokio runtime (the control thread): the control plane and the readiness,
     /// admin and metrics listeners run on it.
     pub async fn start(config: Config, logging: Option<LogControl>, cpus: Vec<usize>) -> Result<UringProxy, Error> {
+        if config.inpod.is_some() {
+            return Err(Error::InpodUnsupported);
+        }
         let registries: Vec<ConnectionRegistry> = cpus.iter().map(|_| ConnectionRegistry::new()).collect();
         let metrics: Vec<Arc<Metrics>> = cpus.iter().map(|_| Arc::new(Metrics::new())).collect();
         let starting = Starting::begin(&config, &registries).await?;

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshwire_dataplane::config::{
-    AuthToken, CertificateSource, Config, ConnectionBalance, Error, Listener, LocalConfigSource, LogFormat, Origin,
-    PacketMark, ProxyMode, Roots, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo, XdsPriority,
+    AuthToken, CertificateSource, Config, ConnectionBalance, Error, InpodConfig, Listener, LocalConfigSource,
+    LogFormat, Origin, PacketMark, ProxyMode, Roots, UNSUPPORTED_ZTUNNEL_ENV, WorkloadInfo, XdsPriority,
 };
 use meshwire_dataplane::state::{DEFAULT_PROXY_PORTS, LocalProxy};
 use meshwire_hbone::Settings;
@@ -398,7 +398,32 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
             ],
             |c| c.listeners.admin.port() == 16000 && c.listeners.dns.is_some(),
         ),
-        (vec![("INPOD_UDS", "/x")], |c| c.ignored_env == vec!["INPOD_UDS"]),
+        (vec![("INPOD_ENABLED", "true")], |c| {
+            c.inpod
+                == Some(InpodConfig {
+                    socket: "/var/run/ztunnel/ztunnel.sock".into(),
+                    port_reuse: true,
+                })
+                && c.ignored_env.is_empty()
+        }),
+        (
+            vec![
+                ("INPOD_ENABLED", "true"),
+                ("INPOD_UDS", "/run/cni.sock"),
+                ("INPOD_PORT_REUSE", "false"),
+            ],
+            |c| {
+                c.inpod
+                    == Some(InpodConfig {
+                        socket: "/run/cni.sock".into(),
+                        port_reuse: false,
+                    })
+            },
+        ),
+        // Without INPOD_ENABLED the socket is not used.
+        (vec![("INPOD_UDS", "/x")], |c| {
+            c.inpod.is_none() && c.ignored_env.is_empty()
+        }),
         // istiod: xDS, then the CA at istiod's address unless told otherwise.
         (
             vec![
@@ -518,6 +543,24 @@ fn every_variable_in_help_is_tested() {
         let config = ok(&[], &[(name, "1")]);
         assert_eq!(config.ignored_env, vec![*name]);
     }
+}
+
+#[test]
+fn inpod_mode_needs_shared_mode() {
+    let e = err(
+        &[],
+        &[("INPOD_ENABLED", "true"), ("PROXY_WORKLOAD_INFO", "ns1/pod-1/sa1")],
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("INPOD_ENABLED") && text.contains("PROXY_WORKLOAD_INFO") && text.contains("shared mode"),
+        "{text}"
+    );
+    let e = err(&["--inpod", "--mode", "dedicated", "--workload", "a/b/c"], &[]);
+    assert!(e.to_string().contains("--inpod"), "{e}");
+    let e = err(&[], &[("INPOD_ENABLED", "maybe")]);
+    assert!(e.to_string().contains("INPOD_ENABLED"), "{e}");
+    assert!(ok(&[], &[]).inpod.is_none(), "off by default");
 }
 
 #[test]

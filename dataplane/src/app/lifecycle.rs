@@ -247,6 +247,21 @@ pub struct Starting {
     early_control: Option<ControlListeners>,
     data: Vec<(Listener, SocketAddr)>,
     phase: watch::Sender<Phase>,
+    /// Readiness checks of the binary's own (in-pod mode's), added before the proxy can be ready.
+    checks: Checks,
+}
+
+/// A readiness check: why the proxy is not ready, if it is not.
+pub type ReadinessCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The binary's readiness checks (not printable: their count is).
+#[derive(Default)]
+struct Checks(Vec<ReadinessCheck>);
+
+impl std::fmt::Debug for Checks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} readiness checks", self.0.len())
+    }
 }
 
 impl Starting {
@@ -271,6 +286,7 @@ impl Starting {
             early_control,
             data: config.listeners.data(),
             phase,
+            checks: Checks::default(),
         })
     }
 
@@ -282,6 +298,16 @@ impl Starting {
     /// The data listeners to bind ([`Listeners::data`](crate::config::Listeners::data)), in order.
     pub fn data(&self) -> &[(Listener, SocketAddr)] {
         &self.data
+    }
+
+    /// Adds a readiness check, in force before the proxy can first be ready.
+    pub fn readiness_check(&mut self, check: ReadinessCheck) {
+        self.checks.0.push(check);
+    }
+
+    /// Leaves out the data listeners of `listeners` (in-pod mode serves them in each pod instead).
+    pub fn without_data(&mut self, listeners: &[Listener]) {
+        self.data.retain(|(listener, _)| !listeners.contains(listener));
     }
 
     /// The phase, for a worker's [`serve`].
@@ -313,6 +339,7 @@ impl Starting {
             early_control,
             phase,
             data: _,
+            checks,
         } = self;
         listeners.extend(data);
         let _ = phase.send(Phase::Serving);
@@ -325,6 +352,9 @@ impl Starting {
             }
         };
         let (control, listeners_bound) = plane.serve_control(config, control_listeners, metrics, logging);
+        for check in checks.0 {
+            control.readiness().check(check);
+        }
         log_listeners(config, &listeners);
         listeners_bound.ready();
         Ok(Lifecycle {

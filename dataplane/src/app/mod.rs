@@ -62,6 +62,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -75,14 +76,15 @@ use crate::telemetry::metrics::{DnsMetrics, Metrics};
 use crate::watch::ConnectionRegistry;
 
 pub mod cli;
+pub mod inpod;
 pub mod istio;
 pub mod lifecycle;
 pub mod plane;
 pub mod worker;
 
 pub use lifecycle::{
-    ACCEPT_RETRY, Acceptor, Connection, DnsSockets, Drained, Lifecycle, Phase, Starting, bind_dns, log_listeners,
-    reached, serve_dns,
+    ACCEPT_RETRY, Acceptor, Connection, DnsSockets, Drained, Lifecycle, Phase, ReadinessCheck, Starting, bind_dns,
+    log_listeners, reached, serve_dns,
 };
 pub use plane::{
     CONFIG_POLL_INTERVAL, Certificates, Control, ControlListeners, ControlPlane, Manager, ProxyContext, ProxyTls,
@@ -95,6 +97,10 @@ pub use worker::Worker;
 pub struct Proxy {
     lifecycle: Lifecycle,
     worker: JoinHandle<()>,
+    /// In-pod mode, when on.
+    inpod: Option<inpod::Inpod>,
+    /// Every connection of the proxy (the pods' in children).
+    registry: ConnectionRegistry,
 }
 
 /// The worker of the tokio binary: one for the whole multi-thread runtime.
@@ -136,7 +142,10 @@ impl Proxy {
     /// multi-thread runtime for the data path.
     pub async fn start_on(config: Config, logging: Option<LogControl>, data: Handle) -> Result<Proxy, StartError> {
         let registry = ConnectionRegistry::new();
-        let starting = Starting::begin(&config, std::slice::from_ref(&registry)).await?;
+        let mut starting = Starting::begin(&config, std::slice::from_ref(&registry)).await?;
+        if config.inpod.is_some() {
+            starting.without_data(&inpod::POD_PORTS.map(|(listener, _)| listener));
+        }
         let context = starting.plane().context().clone();
         let metrics = Arc::new(Metrics::new());
         let connector = TokioConnector::new(context.client_tls(), context.connector_config());
@@ -146,7 +155,7 @@ impl Proxy {
             connector,
             TokioExecutor::new(),
             metrics.clone(),
-            registry,
+            registry.clone(),
         ));
 
         // Every data listener is bound before any is served, so that a port in use fails the start;
@@ -205,6 +214,30 @@ impl Proxy {
             ));
         }
         let worker = data.spawn(lifecycle::serve::<Tokio>(worker, sockets, starting.phase()));
+        // In-pod mode: istio-cni's pods, each served in its network namespace.
+        let inpod = match &config.inpod {
+            Some(inpod) => {
+                let pods = match inpod::TokioPods::new(
+                    context.clone(),
+                    metrics.clone(),
+                    registry.clone(),
+                    data.clone(),
+                    inpod,
+                    config.trust_domain.clone(),
+                    starting.phase(),
+                ) {
+                    Ok(pods) => pods,
+                    Err(error) => {
+                        starting.abandon();
+                        return Err(StartError::Inpod(error.to_string()));
+                    }
+                };
+                let inpod = inpod::Inpod::start(inpod, pods);
+                starting.readiness_check(Box::new(inpod.readiness_check()));
+                Some(inpod)
+            }
+            None => None,
+        };
         // Readiness, admin and metrics; the proxy is ready once this function returns.
         let lifecycle = starting
             .serve(
@@ -214,7 +247,12 @@ impl Proxy {
                 logging,
             )
             .await?;
-        Ok(Proxy { lifecycle, worker })
+        Ok(Proxy {
+            lifecycle,
+            worker,
+            inpod,
+            registry,
+        })
     }
 
     /// The listeners being served, with the addresses they are bound to.
@@ -236,9 +274,18 @@ impl Proxy {
     /// for every connection to end; then stops the background tasks and the control listeners
     /// (readiness answers 503 from the start of the drain): [`Lifecycle::drain`].
     pub async fn drain(self) -> Drained {
+        let registry = self.registry;
         let ended = async {
             let _ = self.worker.await;
+            // The pods' connections (they drain with the proxy's phase).
+            while !registry.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         };
-        self.lifecycle.drain(ended, async {}).await
+        let drained = self.lifecycle.drain(ended, async {}).await;
+        if let Some(inpod) = self.inpod {
+            inpod.stop();
+        }
+        drained
     }
 }

@@ -97,6 +97,9 @@ pub enum StartError {
     /// The DNS proxy's upstream resolvers cannot be read.
     #[error("DNS proxy: {0}")]
     Dns(#[from] crate::dns::ResolvConfError),
+    /// In-pod mode cannot start (the proxy's own network namespace cannot be opened).
+    #[error("in-pod mode: {0}")]
+    Inpod(String),
     /// A listener cannot be bound.
     #[error("cannot listen for {listener} on {addr}: {source}")]
     Bind {

@@ -41,6 +41,9 @@ pub struct Worker<R: Runtime> {
     /// When the next warning about running out of file descriptors may be logged, in milliseconds
     /// since `started`.
     fd_warning_at: AtomicU64,
+    /// `Some(port)` when the inbound plaintext listener (on `port`) receives its connections by
+    /// TPROXY (a pod's, in in-pod mode) rather than by REDIRECT.
+    transparent_plaintext: Option<u16>,
 }
 
 /// How often a worker logs that it is out of file descriptors at most (its accept loops retry
@@ -99,7 +102,15 @@ where
             outbound,
             started: Instant::now(),
             fd_warning_at: AtomicU64::new(0),
+            transparent_plaintext: None,
         }
+    }
+
+    /// The worker with its inbound plaintext listener (on `port`) receiving connections by TPROXY
+    /// (a pod's, in in-pod mode): their destination is their local address.
+    pub fn with_transparent_plaintext(mut self, port: u16) -> Self {
+        self.transparent_plaintext = Some(port);
+        self
     }
 
     /// The outbound path (SOCKS5 and capture listeners) and its HBONE pool.
@@ -229,7 +240,12 @@ where
             }
         };
         let handler = self.inbound_handler(arrived_on, peer);
-        match handler.serve_plaintext(tcp, self.context.serve_options().copy).await {
+        let copy = self.context.serve_options().copy;
+        let served = match self.transparent_plaintext {
+            Some(port) => handler.serve_transparent(tcp, port, copy).await,
+            None => handler.serve_plaintext(tcp, copy).await,
+        };
+        match served {
             Ok(copied) => tracing::debug!(%peer, ?copied, "inbound plaintext connection done"),
             Err(error) => tracing::warn!(%peer, %error, "inbound plaintext connection failed"),
         }

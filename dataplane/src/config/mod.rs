@@ -45,6 +45,9 @@
 //! | `--mode shared\|dedicated` | `PROXY_MODE` | `shared` (`dedicated` if a workload is given) |
 //! | `--workload NS/NAME/SA` | `PROXY_WORKLOAD_INFO` | none; required in dedicated mode |
 //! | `--node-name` | `NODE_NAME` | none (serve every node) |
+//! | `--inpod BOOL` | `INPOD_ENABLED` | `false` |
+//! | `--inpod-socket PATH` | `INPOD_UDS` | `/var/run/ztunnel/ztunnel.sock` |
+//! | `--inpod-port-reuse BOOL` | `INPOD_PORT_REUSE` | `true` |
 //! | `--instance-ip` | `INSTANCE_IP` | none |
 //! | `--cluster-id` | `ISTIO_META_CLUSTER_ID`, `CLUSTER_ID` | `Kubernetes` |
 //! | `--cluster-domain` | `CLUSTER_DOMAIN` | `cluster.local` |
@@ -188,7 +191,7 @@ pub use istio::{
     META_PREFIX, Roots, XDS_HEADER_PREFIX, check_address,
 };
 pub use listeners::{DnsOptions, Listener, Listeners};
-pub use mode::{LocalConfigSource, ProxyMode, WorkloadInfo};
+pub use mode::{InpodConfig, LocalConfigSource, ProxyMode, WorkloadInfo};
 pub use runtime::{ConnectionBalance, LogFormat, PacketMark, XdsPriority};
 
 use command::command;
@@ -198,9 +201,6 @@ use options::{Inputs, program_name};
 /// are listed in [`Config::ignored_env`].
 pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
     "XDS_ON_DEMAND",
-    "INPOD_ENABLED",
-    "INPOD_UDS",
-    "INPOD_PORT_REUSE",
     "ENABLE_ORIG_SRC",
     "ENABLE_PROXY",
     "TRANSPARENT_NETWORK_POLICIES",
@@ -253,6 +253,8 @@ pub fn reads_env(name: &str) -> bool {
 pub struct Config {
     /// Whom the proxy serves.
     pub mode: ProxyMode,
+    /// In-pod mode (shared mode only): `Some` when istio-cni hands the pods over.
+    pub inpod: Option<InpodConfig>,
     /// The local configuration file (workloads, services, policies), if any.
     pub local_config: Option<LocalConfigSource>,
     /// Where the proxy keeps state that must outlive a restart (the local CA).
@@ -470,6 +472,7 @@ impl Inputs<'_> {
     fn config(&self) -> Result<Config, Error> {
         let trust_domain = self.trust_domain()?;
         let mode = self.mode(&trust_domain)?;
+        let inpod = self.inpod(&mode)?;
         let state_dir = self.state_dir()?;
         let xds = self.xds()?;
         let local_config = self.local_config()?;
@@ -488,6 +491,7 @@ impl Inputs<'_> {
         let worker_threads = self.worker_threads()?;
         let config = Config {
             mode,
+            inpod,
             local_config,
             state_dir,
             certificates,

@@ -10,8 +10,8 @@ use meshwire_identity::id::{IstioIdentity, TrustDomain};
 
 use super::error::{Error, Origin};
 use super::options::Key::Env;
-use super::options::{Found, H_MODE, Inputs, Opt};
-use super::values::{non_empty, parse_ip};
+use super::options::{Found, H_MODE, Inputs, Kind, Opt};
+use super::values::{non_empty, parse_bool, parse_ip};
 
 /// Whom the proxy serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +158,44 @@ pub(super) const CLUSTER_DOMAIN: Opt = Opt {
     ..Opt::new(H_MODE)
 };
 
+/// In-pod mode: istio-cni hands the proxy each pod's network namespace over a Unix socket, and the
+/// proxy serves the pod's listeners inside it (see [`crate::inpod`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InpodConfig {
+    /// istio-cni's socket (`INPOD_UDS`).
+    pub socket: PathBuf,
+    /// `SO_REUSEPORT` on the pods' listeners (`INPOD_PORT_REUSE`), so that a new instance binds
+    /// beside this one during an upgrade.
+    pub port_reuse: bool,
+}
+
+pub(super) const INPOD: Opt = Opt {
+    flag: "--inpod",
+    value_name: "BOOL",
+    keys: &[Env("INPOD_ENABLED")],
+    default: Some("false"),
+    kind: Kind::Bool,
+    help: "In-pod mode: serve each pod inside its own network namespace, handed over by istio-cni",
+    ..Opt::new(H_MODE)
+};
+pub(super) const INPOD_SOCKET: Opt = Opt {
+    flag: "--inpod-socket",
+    value_name: "PATH",
+    keys: &[Env("INPOD_UDS")],
+    default: Some("/var/run/ztunnel/ztunnel.sock"),
+    help: "istio-cni's socket (in-pod mode)",
+    ..Opt::new(H_MODE)
+};
+pub(super) const INPOD_PORT_REUSE: Opt = Opt {
+    flag: "--inpod-port-reuse",
+    value_name: "BOOL",
+    keys: &[Env("INPOD_PORT_REUSE")],
+    default: Some("true"),
+    kind: Kind::Bool,
+    help: "SO_REUSEPORT on the pods' listeners, so that an upgraded proxy binds beside this one (in-pod mode)",
+    ..Opt::new(H_MODE)
+};
+
 pub(super) const NETWORK: Opt = Opt {
     flag: "--network",
     value_name: "NAME",
@@ -197,6 +235,28 @@ impl Inputs<'_> {
                 })
             }
         }
+    }
+
+    pub(super) fn inpod(&self, mode: &ProxyMode) -> Result<Option<InpodConfig>, Error> {
+        let enabled = self.required(&INPOD, parse_bool)?;
+        if !enabled.value {
+            return Ok(None);
+        }
+        if let ProxyMode::Dedicated { .. } = mode {
+            let mode_origin = self
+                .given(&WORKLOAD)
+                .or_else(|| self.given(&MODE))
+                .map_or(Origin::Flag(MODE.flag), |(_, origin)| origin);
+            return Err(Error::Conflict {
+                first: enabled.origin,
+                second: mode_origin,
+                reason: "in-pod mode serves the pods of a node: it needs shared mode",
+            });
+        }
+        Ok(Some(InpodConfig {
+            socket: self.required(&INPOD_SOCKET, |s| non_empty(s).map(PathBuf::from))?.value,
+            port_reuse: self.required(&INPOD_PORT_REUSE, parse_bool)?.value,
+        }))
     }
 
     pub(super) fn local_config(&self) -> Result<Option<LocalConfigSource>, Error> {

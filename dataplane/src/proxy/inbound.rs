@@ -58,7 +58,7 @@ use meshwire_hbone::server::{Connected, Handler, InboundRequest, Refusal, Refusa
 use meshwire_identity::id::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::{NotRedirected, canonical, check_redirect};
+use crate::proxy::{NotRedirected, canonical, check_redirect, check_transparent};
 
 use crate::rbac::{Connection, WorkloadRef};
 use crate::rt::Runtime;
@@ -334,7 +334,7 @@ impl<R: Runtime> InboundHandler<R> {
     /// local address, its peer address the client's.
     pub async fn serve_plaintext(
         &self,
-        mut client: R::Stream,
+        client: R::Stream,
         config: CopyConfig,
     ) -> Result<PlaintextCopied, PlaintextError> {
         let dst = check_redirect(
@@ -344,6 +344,34 @@ impl<R: Runtime> InboundHandler<R> {
             self.peer_addr,
             &self.proxy,
         );
+        self.serve_plaintext_to(client, dst, config).await
+    }
+
+    /// [`serve_plaintext`](Self::serve_plaintext) for a connection the listener received by TPROXY
+    /// (in-pod mode: istio-cni's rules): its destination is the address it arrived on
+    /// ([`check_transparent`]); `listener_port` is the listener's own port.
+    pub async fn serve_transparent(
+        &self,
+        client: R::Stream,
+        listener_port: u16,
+        config: CopyConfig,
+    ) -> Result<PlaintextCopied, PlaintextError> {
+        let dst = check_transparent(
+            "inbound plaintext",
+            self.arrived_on,
+            listener_port,
+            self.peer_addr,
+            &self.proxy,
+        );
+        self.serve_plaintext_to(client, dst, config).await
+    }
+
+    async fn serve_plaintext_to(
+        &self,
+        mut client: R::Stream,
+        dst: Result<SocketAddr, NotRedirected>,
+        config: CopyConfig,
+    ) -> Result<PlaintextCopied, PlaintextError> {
         let result = match dst {
             Ok(dst) => self.open(dst, None).await.map_err(PlaintextError::Refused),
             Err(error) => Err(PlaintextError::NotRedirected(error)),

@@ -85,6 +85,36 @@ pub fn check_redirect(
     Ok(dst)
 }
 
+/// The destination of a connection a listener received by TPROXY (in-pod mode's inbound
+/// plaintext listener): its local address, the one the client dialled. A connection to the
+/// listener's own port (`listener_port`) or to one of the proxy's own listeners was not sent by the
+/// redirection and is refused, as [`check_redirect`] refuses it.
+///
+/// ```
+/// use meshwire_dataplane::proxy::{NotRedirected, check_transparent};
+/// use meshwire_dataplane::state::LocalProxy;
+///
+/// let proxy = LocalProxy::default();
+/// let peer = "10.0.0.9:40000".parse()?;
+/// assert_eq!(check_transparent("inbound plaintext", "10.0.0.1:8080".parse()?, 15006, peer, &proxy).unwrap().port(), 8080);
+/// let direct = check_transparent("inbound plaintext", "10.0.0.1:15006".parse()?, 15006, peer, &proxy).unwrap_err();
+/// assert!(matches!(direct, NotRedirected::OwnListener { .. }));
+/// # Ok::<(), std::net::AddrParseError>(())
+/// ```
+pub fn check_transparent(
+    listener: &'static str,
+    local: SocketAddr,
+    listener_port: u16,
+    peer: SocketAddr,
+    proxy: &LocalProxy,
+) -> Result<SocketAddr, NotRedirected> {
+    let dst = canonical(local);
+    if dst.port() == listener_port || proxy.is_own(dst) {
+        return Err(NotRedirected::OwnListener { listener, peer, dst });
+    }
+    Ok(dst)
+}
+
 /// `addr` with an IPv4-mapped IPv6 address turned into IPv4 (as a dual-stack listener reports IPv4
 /// clients).
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
