@@ -4,8 +4,9 @@
 //! and takes SOCKS5; proxy B serves the workload `server` at 127.0.0.2 and receives HBONE on
 //! 127.0.0.2), a sink/echo server on 127.0.0.2 in this process, and measures the shapes of
 //! `PERFORMANCE.md` through each proxy binary and over a direct TCP connection in the same run:
-//! bulk, parallel flows, request/response, new connections, idle connections. Prints a table per
-//! shape; `--json FILE` writes every figure.
+//! bulk, parallel flows, request/response, new connections, idle connections; and the DNS proxy of
+//! one proxy per binary (queries answered locally and forwarded). Prints a table per shape;
+//! `--json FILE` writes every figure.
 //!
 //! ```text
 //! cargo build --release -p meshwire-dataplane -p meshwire-dataplane-uring -p meshwire-bench
@@ -20,6 +21,7 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 mod client;
+mod dns;
 mod istiod;
 mod load;
 mod plot;
@@ -99,6 +101,8 @@ enum Shape {
     Connections,
     /// 5. Idle connections: memory per connection.
     Idle,
+    /// 8. DNS proxy: UDP queries answered locally and forwarded.
+    Dns,
     /// 7. istiod's pushes of a 10,000-workload mesh applied (not in the default set: about a minute).
     Xds,
 }
@@ -121,6 +125,8 @@ struct Report {
     idle: Option<Vec<shapes::IdleRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     xds: Option<xds::XdsReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<Vec<dns::DnsRow>>,
     total_seconds: f64,
 }
 
@@ -227,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         connections: None,
         idle: None,
         xds: None,
+        dns: None,
         total_seconds: 0.0,
     };
     let tmp = tempfile::Builder::new()
@@ -279,6 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Shape::Rr => keep(&mut report.request_response, shapes::request_response(&bench).await?),
                 Shape::Connections => keep(&mut report.connections, shapes::connections(&bench).await?),
                 Shape::Idle => keep(&mut report.idle, shapes::idle(&bench).await?),
+                Shape::Dns => keep(&mut report.dns, dns::dns(&bench).await?),
                 Shape::Xds => {
                     let (xds, tables, verdict) = xds::xds(&bench).await?;
                     for table in tables {
@@ -340,6 +348,8 @@ fn plan(cli: &Cli) -> Plan {
             Some(_) => Some("idle"),
             None => None,
         },
+        dns_s: if quick { 0.5 } else { 2.0 },
+        dns_in_flight: 64,
     }
 }
 

@@ -466,3 +466,97 @@ async fn wait_listening(proc: &Proc, addrs: &[SocketAddr]) -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// One proxy process of a binary with its DNS proxy on (the dns shape): it serves the workload
+/// `client` (127.0.0.1) in dedicated mode from `config`, and answers DNS on 127.0.0.1, forwarding what it
+/// does not answer to the nameservers of `resolv_conf`.
+pub(crate) struct DnsProxy {
+    proc: Proc,
+    dns: SocketAddr,
+}
+
+impl DnsProxy {
+    /// Starts the proxy and waits until its DNS TCP listener accepts. A port taken between choosing
+    /// and binding makes it try again with new ports.
+    pub(crate) async fn start(
+        work: &Workdir,
+        binary: &Binary,
+        config: &Path,
+        resolv_conf: &Path,
+    ) -> anyhow::Result<DnsProxy> {
+        let mut last = None;
+        for attempt in 1..=START_ATTEMPTS {
+            match Self::try_start(work, binary, config, resolv_conf, attempt).await {
+                Ok(proxy) => return Ok(proxy),
+                Err(err) if format!("{err:#}").contains("cannot listen") && attempt < START_ATTEMPTS => {
+                    last = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("starting the DNS proxy of {} failed", binary.name)))
+    }
+
+    async fn try_start(
+        work: &Workdir,
+        binary: &Binary,
+        config: &Path,
+        resolv_conf: &Path,
+        attempt: usize,
+    ) -> anyhow::Result<DnsProxy> {
+        let ports = free_ports()?;
+        let p = ports.a;
+        // The DNS port was chosen free for TCP; its UDP socket may still find it taken (then the proxy
+        // exits and the error says so).
+        let dns = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.socks));
+        let mut cmd = Command::new(&binary.path);
+        cmd.env_clear()
+            .arg("--config")
+            .arg(config)
+            .arg("--state-dir")
+            .arg(&work.state)
+            .args(["--mode", "dedicated", "--workload", "default/client/client"])
+            .args(["--bind-address", "127.0.0.1"])
+            .args(["--inbound-port", &ports.inbound.to_string()])
+            .args(["--inbound-plaintext-port", &p[0].to_string()])
+            .args(["--outbound-port", &p[1].to_string()])
+            .args(["--readiness-port", &p[2].to_string()])
+            .args(["--admin-port", &p[3].to_string()])
+            .args(["--metrics-port", &p[4].to_string()])
+            .arg("--socks5=false")
+            .args(["--dns-proxy", "true", "--dns-address", "127.0.0.1"])
+            .args(["--dns-port", &dns.port().to_string()])
+            .arg("--dns-resolv-conf")
+            .arg(resolv_conf)
+            .args(["--dns-upstream-timeout", "1s"])
+            .args(["--worker-threads", "2"])
+            .args(["--drain-deadline", "1s", "--log-level", "warn"]);
+        let slug: String = binary
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let proc = spawn(cmd, "DNS", &work.dir.join(format!("{slug}-dns-{attempt}.log")), binary)?;
+        wait_listening(&proc, &[dns]).await?;
+        Ok(DnsProxy { proc, dns })
+    }
+
+    /// Its DNS address (UDP and TCP).
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.dns
+    }
+
+    /// CPU seconds the process used so far.
+    pub(crate) fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.check()?;
+        sys::cpu_seconds(self.proc.pid)
+    }
+
+    /// An error naming the proxy if it exited.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        match self.proc.exited() {
+            Some(why) => bail!("{why}"),
+            None => Ok(()),
+        }
+    }
+}

@@ -47,6 +47,10 @@ pub(crate) struct Plan {
     pub(crate) xds_rr_s: f64,
     /// `--xds-priority` of the xds shape's proxies; `None`: their default.
     pub(crate) xds_priority: Option<&'static str>,
+    /// Seconds of each run of the dns shape.
+    pub(crate) dns_s: f64,
+    /// DNS queries in flight in the dns shape (one per client socket).
+    pub(crate) dns_in_flight: usize,
 }
 
 fn secs(s: f64) -> Duration {
