@@ -128,6 +128,11 @@ pub struct DnsContext {
     metrics: Arc<DnsMetrics>,
     limits: DnsLimits,
     upstream_options: SocketOptions,
+    /// `upstream_options` without `SO_REUSEADDR` and `SO_REUSEPORT`, for the UDP sockets of
+    /// forwarded queries: with them, Linux may give two live UDP sockets bound to port 0 the same
+    /// port, and two queries in flight would share one address pair (one socket reads both
+    /// answers, the other query times out).
+    udp_upstream_options: SocketOptions,
     index: ArcSwapOption<Indexed>,
 }
 
@@ -159,6 +164,11 @@ impl DnsContext {
             published,
             metrics,
             limits,
+            udp_upstream_options: SocketOptions {
+                reuse_address: false,
+                reuse_port: false,
+                ..upstream_options.clone()
+            },
             upstream_options,
             index: ArcSwapOption::empty(),
         }
@@ -294,7 +304,7 @@ impl DnsContext {
             };
             let exchange = async {
                 let socket = factory
-                    .datagram(SocketAddr::new(any, 0), &self.upstream_options)
+                    .datagram(SocketAddr::new(any, 0), &self.udp_upstream_options)
                     .map_err(io)?;
                 socket.connect(&upstream.into()).map_err(io)?;
                 let udp = N::udp(socket).map_err(io)?;
