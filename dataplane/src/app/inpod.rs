@@ -18,7 +18,6 @@
 //! closed; the proxy's drain drains every pod. Readiness waits for istio-cni's snapshot and for
 //! every pod's listeners ([`Pods::not_ready`](crate::inpod::Pods::not_ready)).
 
-use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -41,15 +40,15 @@ use crate::rt::tokio::{Tokio, TokioConnector, TokioExecutor, TokioRuntime, into_
 use crate::telemetry::metrics::Metrics;
 use crate::watch::{CloseReason, ConnectionRegistry};
 
+/// The pods' inbound plaintext port (ztunnel's, fixed: istio-cni's rules name it).
+const PLAINTEXT_PORT: u16 = 15006;
+
 /// The ports of a pod's listeners (ztunnel's, fixed: istio-cni's rules name them).
 pub const POD_PORTS: [(crate::config::Listener, u16); 3] = [
     (crate::config::Listener::Outbound, 15001),
-    (crate::config::Listener::InboundPlaintext, 15006),
+    (crate::config::Listener::InboundPlaintext, PLAINTEXT_PORT),
     (crate::config::Listener::Inbound, 15008),
 ];
-
-/// The pods' inbound plaintext port.
-const PLAINTEXT_PORT: u16 = 15006;
 
 /// How often pods whose listeners could not start are tried again (the schedule itself is
 /// [`crate::inpod::RETRY_INTERVAL`]).
@@ -154,7 +153,8 @@ impl PodStarter for TokioPods {
             .with_transparent_plaintext(PLAINTEXT_PORT),
         );
         let (phase, pod_phase) = watch::channel(Phase::Serving);
-        // The pod follows the proxy's drain.
+        // The pod follows the proxy's drain, until the pod's own serving ends (its phase has no
+        // receiver left): a removed pod leaves no task behind.
         let mut process = self.phase.clone();
         let follower = phase.clone();
         self.data.spawn(async move {
@@ -169,8 +169,12 @@ impl PodStarter for TokioPods {
                         changed
                     });
                 }
-                if now == Phase::Abandoned || process.changed().await.is_err() || follower.is_closed() {
+                if now == Phase::Abandoned {
                     return;
+                }
+                tokio::select! {
+                    changed = process.changed() => if changed.is_err() { return },
+                    () = follower.closed() => return,
                 }
             }
         });
@@ -287,12 +291,6 @@ impl Inpod {
             }
             pods.lock().unwrap_or_else(PoisonError::into_inner).not_ready()
         }
-    }
-
-    /// The pods served, by uid.
-    pub fn served(&self) -> BTreeSet<String> {
-        let pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
-        pods.list().into_iter().filter(|p| p.running).map(|p| p.uid).collect()
     }
 
     /// Stops talking to istio-cni and stops every pod (their connections are closed).

@@ -275,10 +275,11 @@ impl Proxy {
     /// (readiness answers 503 from the start of the drain): [`Lifecycle::drain`].
     pub async fn drain(self) -> Drained {
         let registry = self.registry;
+        let pods = self.inpod.is_some();
         let ended = async {
             let _ = self.worker.await;
-            // The pods' connections (they drain with the proxy's phase).
-            while !registry.is_empty() {
+            // The pods' connections (they drain with the proxy's phase, on tasks of their own).
+            while pods && !registry.is_empty() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
