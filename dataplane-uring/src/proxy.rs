@@ -39,9 +39,10 @@ use std::sync::Arc;
 use glommio::{LocalExecutorBuilder, Placement};
 use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
 use meshwire_dataplane::app::lifecycle::{self, Acceptor, Connection, Lifecycle, Phase, Starting};
-use meshwire_dataplane::app::{Drained, ProxyContext, StartError, Worker};
+use meshwire_dataplane::app::{Drained, ProxyContext, StartError, Worker, inpod};
 use meshwire_dataplane::config::{Config, ConnectionBalance, Listener};
 use meshwire_dataplane::dns::{Clients, DnsContext};
+use meshwire_dataplane::rt::netns::ProxySocketFactory;
 use meshwire_dataplane::rt::socket::{DefaultSocketFactory, SocketOptions};
 use meshwire_dataplane::telemetry::metrics::{DnsMetrics, Metrics, listener_label};
 use meshwire_dataplane::watch::ConnectionRegistry;
@@ -69,11 +70,6 @@ pub enum Error {
     /// What stops either build (configuration, certificates, a listener that cannot be bound).
     #[error(transparent)]
     Start(#[from] StartError),
-    /// In-pod mode is not served by this build yet.
-    #[error(
-        "in-pod mode (INPOD_ENABLED, --inpod) is not served by ztunnel-uring yet; run `ztunnel` (the tokio build) for it"
-    )]
-    InpodUnsupported,
     /// io_uring cannot serve here.
     #[error("io_uring is unavailable: {0}; run `ztunnel` (the tokio build) instead")]
     Unavailable(#[from] Unavailable),
@@ -125,6 +121,8 @@ struct CoreSetup {
     /// The round robin of each listener (same order as `listeners`), `None` for the kernel's hash.
     spread: Vec<Option<Arc<RoundRobin>>>,
     phase: watch::Receiver<Phase>,
+    /// In-pod mode: this core's share of each pod istio-cni adds.
+    pods: Option<mpsc::UnboundedReceiver<CorePod>>,
     bound: oneshot::Sender<Result<Vec<(Listener, SocketAddr)>, Error>>,
     accepted: Family<AcceptLabels, Counter>,
     exit: ExitGuard,
@@ -164,6 +162,8 @@ pub struct UringProxy {
     cpus: Vec<usize>,
     exits: mpsc::UnboundedReceiver<usize>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// In-pod mode, when on.
+    inpod: Option<inpod::Inpod<CoreServers>>,
 }
 
 impl UringProxy {
@@ -171,22 +171,23 @@ impl UringProxy {
     /// Call inside a tokio runtime (the control thread): the control plane and the readiness,
     /// admin and metrics listeners run on it.
     pub async fn start(config: Config, logging: Option<LogControl>, cpus: Vec<usize>) -> Result<UringProxy, Error> {
-        if config.inpod.is_some() {
-            return Err(Error::InpodUnsupported);
-        }
         let registries: Vec<ConnectionRegistry> = cpus.iter().map(|_| ConnectionRegistry::new()).collect();
         let metrics: Vec<Arc<Metrics>> = cpus.iter().map(|_| Arc::new(Metrics::new())).collect();
-        let starting = Starting::begin(&config, &registries).await?;
+        let mut starting = Starting::begin(&config, &registries).await?;
+        if config.inpod.is_some() {
+            starting.without_data(&inpod::POD_PORTS.map(|(listener, _)| listener));
+        }
         let mut data = starting.data().to_vec();
         let spread = match config.connection_balance {
             ConnectionBalance::RoundRobin => round_robins(data.len(), cpus.len()),
             ConnectionBalance::Hash => vec![None; data.len()],
         };
 
-        // The DNS proxy, when on: a UDP socket and a TCP listener on every core.
+        // The DNS proxy, when on: a UDP socket and a TCP listener on every core (in in-pod mode,
+        // in every pod on every core instead).
         let dns_metrics = Arc::new(DnsMetrics::new());
-        let mut dns = match config.listeners.dns {
-            Some(addr) => {
+        let dns_context = match config.listeners.dns {
+            Some(_) => {
                 let context = starting.plane().context();
                 match meshwire_dataplane::dns::context(
                     &config,
@@ -194,7 +195,7 @@ impl UringProxy {
                     dns_metrics.clone(),
                     context.upstream().clone(),
                 ) {
-                    Ok(dns) => Some((addr, Arc::new(dns), meshwire_dataplane::dns::clients(&config))),
+                    Ok(dns) => Some(Arc::new(dns)),
                     Err(error) => {
                         starting.abandon();
                         return Err(StartError::Dns(error).into());
@@ -202,6 +203,12 @@ impl UringProxy {
                 }
             }
             None => None,
+        };
+        let mut dns = match (config.listeners.dns, &dns_context, &config.inpod) {
+            (Some(addr), Some(context), None) => {
+                Some((addr, context.clone(), meshwire_dataplane::dns::clients(&config)))
+            }
+            _ => None,
         };
 
         let accepted = Family::<AcceptLabels, Counter>::default();
@@ -213,10 +220,17 @@ impl UringProxy {
         );
 
         let (exits_tx, exits) = mpsc::unbounded_channel();
+        // In-pod mode: each core gets its share of every pod over a channel.
+        let mut pod_senders = Vec::new();
         let mut threads = Vec::new();
         let mut failure = None;
         for (core, (&cpu, (metrics, registry))) in cpus.iter().zip(metrics.iter().zip(&registries)).enumerate() {
             let (bound_tx, bound_rx) = oneshot::channel();
+            let pods = config.inpod.is_some().then(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                pod_senders.push(tx);
+                rx
+            });
             let setup = CoreSetup {
                 core,
                 cpu,
@@ -227,6 +241,7 @@ impl UringProxy {
                 dns: dns.clone(),
                 spread: spread.clone(),
                 phase: starting.phase(),
+                pods,
                 bound: bound_tx,
                 accepted: accepted.clone(),
                 exit: ExitGuard {
@@ -268,6 +283,30 @@ impl UringProxy {
             return Err(error);
         }
         tracing::info!(cores = cpus.len(), cpus = ?cpus, "serving on io_uring: one executor per core");
+        // In-pod mode: istio-cni's pods, each served in its network namespace on every core.
+        let inpod = match &config.inpod {
+            Some(inpod) => {
+                let setup = inpod::PodsSetup {
+                    context: starting.plane().context().clone(),
+                    registries: registries.clone(),
+                    config: config.clone(),
+                    dns: dns_context,
+                    phase: starting.phase(),
+                };
+                let pods = match inpod::RuntimePods::new(setup, CoreServers { cores: pod_senders }) {
+                    Ok(pods) => pods,
+                    Err(error) => {
+                        starting.abandon();
+                        join(threads).await;
+                        return Err(StartError::Inpod(error.to_string()).into());
+                    }
+                };
+                let inpod = inpod::Inpod::start(inpod, pods);
+                starting.readiness_check(Box::new(inpod.readiness_check()));
+                Some(inpod)
+            }
+            None => None,
+        };
         let handler = MetricsHandler::summing(metrics)
             .with_registry(Arc::new(extra))
             .with_dns(&dns_metrics);
@@ -284,6 +323,7 @@ impl UringProxy {
             cpus,
             exits,
             threads,
+            inpod,
         })
     }
 
@@ -325,10 +365,16 @@ impl UringProxy {
             lifecycle,
             mut exits,
             threads,
+            inpod,
             ..
         } = self;
+        // A core ends once its connections have, its pods' included.
         let all_ended = async { while exits.recv().await.is_some() {} };
-        lifecycle.drain(all_ended, join(threads)).await
+        let drained = lifecycle.drain(all_ended, join(threads)).await;
+        if let Some(inpod) = inpod {
+            inpod.stop();
+        }
+        drained
     }
 }
 
@@ -409,6 +455,7 @@ async fn run_core(setup: CoreSetup) {
         dns,
         spread,
         phase,
+        pods,
         bound,
         accepted,
         exit,
@@ -466,6 +513,21 @@ async fn run_core(setup: CoreSetup) {
         .detach();
     }
 
+    // In-pod mode: this core serves its share of each pod until the drain; it ends once the pods'
+    // connections on it have too.
+    let (pods_serving, mut pods_ended) = mpsc::channel::<()>(1);
+    if let Some(pods) = pods {
+        let core_pods = CorePods {
+            core,
+            context: context.clone(),
+            metrics: metrics.clone(),
+            accepted: accepted.clone(),
+            serving: pods_serving.clone(),
+        };
+        glommio::spawn_local(core_pods.run(pods, phase.clone())).detach();
+    }
+    drop(pods_serving);
+
     let connector = GlommioConnector::new(context.client_tls(), context.connector_config());
     let worker: Rc<CoreWorker> = Rc::new(Worker::new(
         context,
@@ -475,5 +537,153 @@ async fn run_core(setup: CoreSetup) {
         metrics,
         registry,
     ));
-    lifecycle::serve::<Glommio>(worker, sockets, phase).await;
+    lifecycle::serve::<Glommio>(worker, sockets, phase.clone()).await;
+    // Every pod served on this core holds a sender: `recv` returns `None` once they all ended.
+    let _ = futures_util::future::select(
+        std::pin::pin!(pods_ended.recv()),
+        std::pin::pin!(lifecycle::reached(phase, Phase::Abandoned)),
+    )
+    .await;
+}
+
+/// One core's share of a pod, sent by [`CoreServers`].
+pub struct CorePod {
+    uid: String,
+    factory: ProxySocketFactory,
+    core: inpod::PodCore,
+    dns: Option<(Arc<DnsContext>, Clients)>,
+    phase: watch::Receiver<Phase>,
+}
+
+/// The io_uring build's [`inpod::PodServers`]: each core gets its share of every pod (its own
+/// listeners in the pod's namespace, its own worker and pool) over a channel.
+#[derive(Debug)]
+pub struct CoreServers {
+    cores: Vec<mpsc::UnboundedSender<CorePod>>,
+}
+
+impl inpod::PodServers for CoreServers {
+    fn cores(&self) -> usize {
+        self.cores.len()
+    }
+
+    fn serve(&mut self, pod: inpod::PodServe) -> Result<(), String> {
+        let inpod::PodServe {
+            uid,
+            factory,
+            cores,
+            dns,
+            phase,
+        } = pod;
+        if cores.len() != self.cores.len() {
+            return Err(format!(
+                "{} cores, {} sets of pod listeners",
+                self.cores.len(),
+                cores.len()
+            ));
+        }
+        for (index, (sender, core)) in self.cores.iter().zip(cores).enumerate() {
+            let sent = sender.send(CorePod {
+                uid: uid.clone(),
+                factory: factory.clone(),
+                core,
+                dns: dns.clone(),
+                phase: phase.clone(),
+            });
+            if sent.is_err() {
+                return Err(format!("core {index} is not serving"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a core needs to serve its share of pods.
+struct CorePods {
+    core: usize,
+    context: Arc<ProxyContext>,
+    metrics: Arc<Metrics>,
+    accepted: Family<AcceptLabels, Counter>,
+    /// Held by each pod served on this core, so that the core waits for them to end.
+    serving: mpsc::Sender<()>,
+}
+
+impl CorePods {
+    /// Serves each pod received until the proxy drains.
+    async fn run(self, mut pods: mpsc::UnboundedReceiver<CorePod>, phase: watch::Receiver<Phase>) {
+        let mut draining = std::pin::pin!(lifecycle::reached(phase, Phase::Draining));
+        loop {
+            let next = std::pin::pin!(pods.recv());
+            match futures_util::future::select(draining.as_mut(), next).await {
+                futures_util::future::Either::Right((Some(pod), _)) => self.serve(pod),
+                _ => return,
+            }
+        }
+    }
+
+    /// Serves one pod's listeners on this core with a worker of its own (the pod's socket factory).
+    fn serve(&self, pod: CorePod) {
+        let CorePod {
+            uid,
+            factory,
+            core,
+            dns,
+            phase,
+        } = pod;
+        let inpod::PodCore {
+            listeners,
+            dns: dns_sockets,
+            registry,
+        } = core;
+        let mut sockets = Vec::new();
+        for (listener, socket) in listeners {
+            match crate::listener::tcp(socket) {
+                Ok(socket) => {
+                    let accepted = self
+                        .accepted
+                        .get_or_create(&AcceptLabels {
+                            core: self.core.to_string(),
+                            listener: listener_label(listener).to_owned(),
+                        })
+                        .clone();
+                    sockets.push((listener, CoreListener { socket, accepted }));
+                }
+                Err(error) => {
+                    tracing::error!(pod = %uid, core = self.core, %listener, %error, "cannot serve the pod's listener on this core");
+                }
+            }
+        }
+        let connector = GlommioConnector::with_factory(
+            self.context.client_tls(),
+            factory.clone(),
+            self.context.connector_config(),
+        );
+        let worker: Rc<CoreWorker> = Rc::new(
+            Worker::new(
+                self.context.clone(),
+                GlommioRuntime::with_factory(factory.clone()),
+                connector,
+                GlommioExecutor,
+                self.metrics.clone(),
+                registry,
+            )
+            .with_transparent_plaintext(inpod::PLAINTEXT_PORT),
+        );
+        if let (Some((context, clients)), Some(dns_sockets)) = (dns, dns_sockets) {
+            glommio::spawn_local(lifecycle::serve_dns_with::<Glommio, _>(
+                context,
+                factory,
+                clients,
+                dns_sockets,
+                phase.clone(),
+            ))
+            .detach();
+        }
+        let serving = self.serving.clone();
+        glommio::spawn_local(async move {
+            lifecycle::serve::<Glommio>(worker, sockets, phase).await;
+            drop(serving);
+        })
+        .detach();
+    }
 }

@@ -1,13 +1,17 @@
-//! In-pod mode end to end: a `ztunnel` process in the host's namespace is handed two pods by a fake
-//! istio-cni (a real `SOCK_SEQPACKET` server passing the pods' network namespaces), serves each
-//! pod's listeners inside the pod's namespace, and carries pod-to-pod traffic over HBONE with each
-//! pod's own identity, istio-cni's rules (`tests/scripts/istio-cni-inpod.sh`) capturing it.
+//! In-pod mode end to end, for both binaries: a proxy process in the host's namespace is handed
+//! two pods by a fake istio-cni (a real `SOCK_SEQPACKET` server passing the pods' network
+//! namespaces), serves each pod's listeners inside the pod's namespace, and carries pod-to-pod
+//! traffic over HBONE with each pod's own identity, istio-cni's rules
+//! (`tests/scripts/istio-cni-inpod.sh`) capturing it; each pod has its DNS proxy, answering mesh
+//! names as that pod's workload and forwarding the rest from inside the pod.
 //!
 //! ```text
-//!   namespace "a" (istio-cni's rules)          veth          namespace "b" (istio-cni's rules)
+//!   namespace "a" (istio-cni's rules, --dns)   veth          namespace "b" (istio-cni's rules)
 //!   10.79.0.1  pod a (sa a)           <------------------->  10.79.0.2  pod b (sa b), whoami :8080
+//!   upstream resolver 127.0.0.1:port
 //!
-//!   ztunnel (host namespace, node n1, INPOD_ENABLED): 15001/15006/15008 inside a and b
+//!   proxy (host namespace, node n1, INPOD_ENABLED): 15001/15006/15008 and 127.0.0.1:15053 inside
+//!   a and b
 //! ```
 //!
 //! Needs root and iptables (see `meshwire_tests::netns::available`).
@@ -19,7 +23,11 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hickory_proto::op::Message;
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
 use meshwire_testkit::cni::{FakeCni, add_request, workload_info};
+use meshwire_testkit::dns::{self, FakeDns};
 use meshwire_testkit::http;
 use meshwire_tests::binary::Binary;
 use meshwire_tests::mesh::{Mesh, Ports, repo_path};
@@ -34,7 +42,23 @@ fn mesh_yaml() -> String {
         r#"
 workloads:
 - {{uid: a, name: a, namespace: default, serviceAccount: a, workloadIps: ["{A_IP}"], protocol: HBONE, node: n1}}
-- {{uid: b, name: b, namespace: default, serviceAccount: b, workloadIps: ["{B_IP}"], protocol: HBONE, node: n1}}
+- uid: b
+  name: b
+  namespace: default
+  serviceAccount: b
+  workloadIps: ["{B_IP}"]
+  protocol: HBONE
+  node: n1
+  services:
+    "default/svc-b.default.svc.cluster.local":
+      80: 8080
+services:
+- name: svc-b
+  namespace: default
+  hostname: svc-b.default.svc.cluster.local
+  vips: ["/10.96.0.5"]
+  ports:
+    80: 8080
 "#
     )
 }
@@ -82,17 +106,65 @@ async fn eventually<T: Send + 'static>(what: &str, f: impl Fn() -> Option<T> + S
     panic!("{what}: not within 10 s");
 }
 
+/// An upstream resolver's answer: 192.0.2.1 for any A question.
+fn upstream_a(query: &[u8]) -> Option<Vec<u8>> {
+    let parsed = Message::from_vec(query).ok()?;
+    let name = parsed.queries().first()?.name().clone();
+    let record = Record::from_rdata(name, 60, RData::A(A(Ipv4Addr::new(192, 0, 2, 1))));
+    Some(dns::answer(query, vec![record]))
+}
+
+/// The answer records of a DNS exchange made over UDP from inside `pod` with `server`, as
+/// `name address` lines.
+fn ask(pod: &Netns, server: SocketAddr, id: u16, name: &'static str) -> Result<Vec<String>, String> {
+    let answer = pod.enter(move || {
+        // From the pod's own address when the server is not on loopback (a query captured by
+        // istio-cni's rule for port 53).
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        socket.send_to(&dns::query(id, name, RecordType::A, None), server)?;
+        let mut buf = vec![0; 65_535];
+        let (len, from) = socket.recv_from(&mut buf)?;
+        assert_eq!(from, server, "the answer comes from the address asked");
+        buf.truncate(len);
+        Ok::<_, std::io::Error>(buf)
+    });
+    let answer = answer.map_err(|e| format!("{name} from {server}: {e}"))?;
+    let message = dns::parse(&answer);
+    Ok(message
+        .answers()
+        .iter()
+        .map(|r| format!("{} {}", r.name(), r.data()))
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces() {
+async fn ztunnel_serves_pods_handed_over_by_istio_cni_in_their_namespaces() {
+    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_uring_serves_pods_handed_over_by_istio_cni_in_their_namespaces() {
+    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel_uring()).await;
+}
+
+async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Binary) {
     if !netns::available("pods_handed_over_by_istio_cni_are_served_in_their_namespaces") {
         return;
     }
-    let a = Arc::new(Netns::new("inpa"));
-    let b = Arc::new(Netns::new("inpb"));
+    let short = if binary == Binary::ztunnel() { "t" } else { "u" };
+    let a = Arc::new(Netns::new(&format!("inpa{short}")));
+    let b = Arc::new(Netns::new(&format!("inpb{short}")));
     a.connect(IpAddr::V4(A_IP), &b, IpAddr::V4(B_IP), 24);
-    script(&["up", "--netns", a.name()]);
+    script(&["up", "--netns", a.name(), "--dns"]);
     script(&["up", "--netns", b.name()]);
     b.whoami_server(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)));
+    // The upstream resolver, reachable from inside pod a only: forwarded queries leave from the pod.
+    let upstream = a.enter(|| FakeDns::start(upstream_a)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let resolv_conf = dir.path().join("resolv.conf");
+    std::fs::write(&resolv_conf, format!("nameserver {}\n", upstream.addr())).unwrap();
+    let pod_dns = SocketAddr::from((Ipv4Addr::LOCALHOST, 15053));
 
     let mesh = Mesh::new(&mesh_yaml());
     let mut cni = FakeCni::start();
@@ -100,8 +172,9 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces() {
     let socket = cni.path().to_str().unwrap().to_owned();
     let proxy = tokio::task::spawn_blocking({
         let builder = mesh
-            .proxy(&Binary::ztunnel(), host)
+            .proxy(&binary, host)
             .with_ports(Ports::free(host, 15008))
+            .dns(pod_dns, &resolv_conf)
             .arg("--node-name")
             .arg("n1")
             .env("INPOD_ENABLED", "true")
@@ -174,6 +247,41 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces() {
         assert_eq!(ports, [15001, 15006, 15008]);
     }
 
+    // Pod a's DNS proxy: a mesh name answered as pod a's workload (its namespace completes the
+    // short name), also when the query is captured by istio-cni's rule for port 53; another name
+    // forwarded from inside the pod to its upstream.
+    let dns_checks = tokio::task::spawn_blocking({
+        let a = a.clone();
+        move || {
+            [
+                ask(&a, pod_dns, 1, "svc-b.default.svc.cluster.local."),
+                ask(&a, pod_dns, 2, "svc-b."),
+                ask(&a, SocketAddr::from((B_IP, 53)), 3, "svc-b.default."),
+                ask(&a, pod_dns, 4, "forwarded.example."),
+            ]
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        dns_checks,
+        [
+            Ok(vec!["svc-b.default.svc.cluster.local. 10.96.0.5".to_owned()]),
+            Ok(vec!["svc-b. 10.96.0.5".to_owned()]),
+            Ok(vec!["svc-b.default. 10.96.0.5".to_owned()]),
+            Ok(vec!["forwarded.example. 192.0.2.1".to_owned()]),
+        ],
+        "{}",
+        proxy.log()
+    );
+    let forwarded: Vec<_> = upstream.received().into_iter().map(|r| r.transport).collect();
+    assert_eq!(forwarded, ["udp"], "only the name outside the mesh is forwarded");
+    // Nothing of the proxy listens on the host's 15053: in in-pod mode the DNS proxy is the pods'.
+    assert!(
+        std::net::UdpSocket::bind(pod_dns).is_ok(),
+        "the DNS proxy is bound on the host in in-pod mode"
+    );
+
     // istio-cni deletes pod b: its connections close, its listeners are gone.
     assert!(conn.del("uid-b").await);
     assert_eq!(conn.ack().await, "");
@@ -218,23 +326,4 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces() {
     .unwrap();
     assert_eq!(a_listening, [15001, 15006, 15008], "pod a is still served");
     drop(proxy);
-}
-
-#[test]
-fn ztunnel_uring_refuses_inpod_mode_naming_it() {
-    let mesh = Mesh::new(&mesh_yaml());
-    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (status, proxy) = mesh
-        .proxy(&Binary::ztunnel_uring(), host)
-        .env("INPOD_ENABLED", "true")
-        .env("INPOD_UDS", "/nonexistent/ztunnel.sock")
-        .spawn_to_exit(Duration::from_secs(20));
-    assert!(!status.success(), "{}", proxy.log());
-    assert!(
-        proxy
-            .log()
-            .contains("in-pod mode (INPOD_ENABLED, --inpod) is not served by ztunnel-uring yet"),
-        "{}",
-        proxy.log()
-    );
 }

@@ -1,17 +1,22 @@
-//! In-pod mode in the tokio binary: istio-cni's pods served inside their own network namespaces.
+//! In-pod mode, written once for both binaries: istio-cni's pods served inside their own network
+//! namespaces.
 //!
 //! The ZDS client ([`meshwire_control::zds`]) runs on the control thread; each pod istio-cni adds
-//! gets, through [`inpod::Pods`](crate::inpod::Pods) and [`TokioPods`] (its [`PodStarter`]):
+//! gets, through [`inpod::Pods`](crate::inpod::Pods) and [`RuntimePods`] (its [`PodStarter`]):
 //!
-//! - a [`Worker`] of its own whose sockets are made inside the pod's namespace
+//! - on each core (the tokio binary has one), the listeners 15001 (outbound capture), 15006
+//!   (inbound plaintext) and 15008 (inbound HBONE), bound in the pod's namespace on every address,
+//!   with `IP_TRANSPARENT` (istio-cni's rules send inbound traffic there with TPROXY) and
+//!   `SO_REUSEPORT` (`INPOD_PORT_REUSE`; always with more than one core), and the DNS proxy's UDP
+//!   and TCP sockets (`DNS_PROXY_ADDR`, 127.0.0.1:15053 by default) when it is on, answering as the
+//!   pod's workload;
+//! - on each core, a [`Worker`] of its own whose sockets are made inside the pod's namespace
 //!   ([`ProxySocketFactory::Pod`]): its HBONE pool connects from the pod, its upstream
-//!   connections leave from the pod;
-//! - the listeners 15001 (outbound capture), 15006 (inbound plaintext) and 15008 (inbound HBONE)
-//!   bound in the pod's namespace on every address, with `IP_TRANSPARENT` (istio-cni's rules send
-//!   inbound traffic there with TPROXY) and `SO_REUSEPORT` (`INPOD_PORT_REUSE`), served by the
-//!   accept loops every worker has ([`lifecycle::serve`]) on the data runtime;
-//! - a child of the process's [`ConnectionRegistry`], so that new policies re-check the pod's
-//!   connections and a removed pod's connections are closed at once;
+//!   connections and DNS queries leave from the pod; served by the accept loops every worker has
+//!   ([`lifecycle::serve`]). Where they run is the binary's [`PodServers`]: [`TokioServers`] on the
+//!   tokio data runtime; the io_uring build sends each core its share;
+//! - on each core, a child of the core's [`ConnectionRegistry`], so that new policies re-check the
+//!   pod's connections and a removed pod's connections are closed at once;
 //! - its workload's certificate fetched ahead of its first connection, when istio-cni names it.
 //!
 //! A pod removed (`DelWorkload`, or left out of a snapshot) stops accepting and has its connections
@@ -29,103 +34,220 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::lifecycle::{self, Phase};
+use super::lifecycle::{self, DnsSockets, Phase};
 use super::plane::ProxyContext;
 use super::worker::Worker;
-use crate::config::{InpodConfig, WorkloadInfo};
+use crate::config::{Config, InpodConfig, Listener, WorkloadInfo};
+use crate::dns::{Clients, DnsContext};
 use crate::inpod::{PodStarter, Pods};
 use crate::rt::netns::{Netns, ProxySocketFactory};
-use crate::rt::socket::SocketOptions;
+use crate::rt::socket::{SocketFactory, SocketOptions};
 use crate::rt::tokio::{Tokio, TokioConnector, TokioExecutor, TokioRuntime, into_listener};
 use crate::telemetry::metrics::Metrics;
 use crate::watch::{CloseReason, ConnectionRegistry};
 
 /// The pods' inbound plaintext port (ztunnel's, fixed: istio-cni's rules name it).
-const PLAINTEXT_PORT: u16 = 15006;
+pub const PLAINTEXT_PORT: u16 = 15006;
 
 /// The ports of a pod's listeners (ztunnel's, fixed: istio-cni's rules name them).
-pub const POD_PORTS: [(crate::config::Listener, u16); 3] = [
-    (crate::config::Listener::Outbound, 15001),
-    (crate::config::Listener::InboundPlaintext, PLAINTEXT_PORT),
-    (crate::config::Listener::Inbound, 15008),
+pub const POD_PORTS: [(Listener, u16); 3] = [
+    (Listener::Outbound, 15001),
+    (Listener::InboundPlaintext, PLAINTEXT_PORT),
+    (Listener::Inbound, 15008),
 ];
 
 /// How often pods whose listeners could not start are tried again (the schedule itself is
 /// [`crate::inpod::RETRY_INTERVAL`]).
 const RETRY_TICK: Duration = Duration::from_secs(1);
 
-/// Starts and stops pods on the tokio data runtime.
-pub struct TokioPods {
+/// One core's share of a pod (the tokio binary has one core): the pod's listeners bound for that
+/// core inside the pod's namespace, its DNS sockets, and the registry of the connections it
+/// accepts.
+#[derive(Debug)]
+pub struct PodCore {
+    /// The TCP listeners, bound and listening, in blocking or non-blocking mode (the runtime sets
+    /// the mode it needs).
+    pub listeners: Vec<(Listener, socket2::Socket)>,
+    /// The DNS proxy's sockets, when it is on.
+    pub dns: Option<DnsSockets>,
+    /// The registry of this core's connections of the pod (a child of the core's registry).
+    pub registry: ConnectionRegistry,
+}
+
+/// A pod to serve, bound and ready: what a binary's [`PodServers`] gets.
+pub struct PodServe {
+    /// The Kubernetes pod UID (for logs).
+    pub uid: String,
+    /// Makes the pod's sockets (upstream connections, HBONE pool, DNS upstreams) inside its
+    /// namespace.
+    pub factory: ProxySocketFactory,
+    /// One entry per core, in core order.
+    pub cores: Vec<PodCore>,
+    /// The DNS proxy's shared context and whose queries it answers (this pod's), when it is on.
+    pub dns: Option<(Arc<DnsContext>, Clients)>,
+    /// The pod's phase: it drains with the proxy, or alone when removed.
+    pub phase: watch::Receiver<Phase>,
+}
+
+impl std::fmt::Debug for PodServe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodServe")
+            .field("uid", &self.uid)
+            .field("cores", &self.cores.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a binary serves a pod's listeners: the tokio data runtime ([`TokioServers`]), or every
+/// core of the io_uring build. The rest (binding inside the pod's namespace, certificates, drain,
+/// removal) is [`RuntimePods`]'s, written once.
+pub trait PodServers: Send + 'static {
+    /// How many cores serve each pod: each gets its own socket of every pod listener
+    /// (`SO_REUSEPORT` when more than one).
+    fn cores(&self) -> usize;
+
+    /// Serves `pod` (a worker per core with the pod's socket factory, accepting on the core's
+    /// listeners until the pod's phase drains). `Err` says why it could not; what was sent to cores
+    /// already ends with the pod's phase.
+    fn serve(&mut self, pod: PodServe) -> Result<(), String>;
+}
+
+/// Starts and stops pods: binds each pod's listeners inside its namespace (one set per core),
+/// fetches its certificate ahead, and hands them to the binary's [`PodServers`].
+pub struct RuntimePods<S> {
     context: Arc<ProxyContext>,
-    metrics: Arc<Metrics>,
-    registry: ConnectionRegistry,
-    data: Handle,
+    /// The registry of each core: a pod's connections on a core are a child of it.
+    registries: Vec<ConnectionRegistry>,
+    servers: S,
     home: Netns,
     port_reuse: bool,
     trust_domain: TrustDomain,
+    /// The DNS proxy's address inside each pod, its context, and the network of its clients.
+    dns: Option<(SocketAddr, Arc<DnsContext>, String)>,
     /// The proxy's phase: a pod drains with the proxy.
     phase: watch::Receiver<Phase>,
+    /// The control thread's runtime, where each pod's phase follows the proxy's.
+    control: Handle,
 }
 
-/// A pod being served: its phase (drained on stop) and its connections.
+impl<S> std::fmt::Debug for RuntimePods<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimePods")
+            .field("cores", &self.registries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pod being served: its phase (drained on stop) and its connections on each core.
 pub struct RunningPod {
     phase: watch::Sender<Phase>,
-    registry: ConnectionRegistry,
+    registries: Vec<ConnectionRegistry>,
 }
 
 impl std::fmt::Debug for RunningPod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningPod")
-            .field("connections", &self.registry.len())
+            .field(
+                "connections",
+                &self.registries.iter().map(ConnectionRegistry::len).sum::<usize>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
-impl TokioPods {
-    /// Pods served on `data` with `context`, counted in `metrics`, their connections children of
-    /// `registry`, drained with `phase`.
-    pub fn new(
-        context: Arc<ProxyContext>,
-        metrics: Arc<Metrics>,
-        registry: ConnectionRegistry,
-        data: Handle,
-        inpod: &InpodConfig,
-        trust_domain: TrustDomain,
-        phase: watch::Receiver<Phase>,
-    ) -> std::io::Result<Self> {
-        Ok(TokioPods {
+/// What [`RuntimePods::new`] needs of the proxy.
+pub struct PodsSetup {
+    /// The proxy's context (certificates, configuration).
+    pub context: Arc<ProxyContext>,
+    /// The registry of each core (one for the tokio binary), in core order.
+    pub registries: Vec<ConnectionRegistry>,
+    /// `INPOD_PORT_REUSE`, the trust domain, the DNS proxy's address.
+    pub config: Config,
+    /// The DNS proxy's context, when it is on.
+    pub dns: Option<Arc<DnsContext>>,
+    /// The proxy's phase.
+    pub phase: watch::Receiver<Phase>,
+}
+
+impl<S: PodServers> RuntimePods<S> {
+    /// Pods served by `servers`. Call on the control thread's runtime.
+    pub fn new(setup: PodsSetup, servers: S) -> std::io::Result<Self> {
+        let PodsSetup {
             context,
-            metrics,
-            registry,
-            data,
-            home: Netns::own()?,
-            port_reuse: inpod.port_reuse,
-            trust_domain,
+            registries,
+            config,
+            dns,
             phase,
+        } = setup;
+        let port_reuse = config.inpod.as_ref().is_none_or(|inpod| inpod.port_reuse);
+        if !port_reuse && servers.cores() > 1 {
+            tracing::warn!(
+                cores = servers.cores(),
+                "INPOD_PORT_REUSE=false: each core still binds its own socket of every pod listener with SO_REUSEPORT"
+            );
+        }
+        let dns = match (config.listeners.dns, dns) {
+            (Some(addr), Some(context)) => Some((addr, context, config.network.clone())),
+            _ => None,
+        };
+        Ok(RuntimePods {
+            context,
+            registries,
+            servers,
+            home: Netns::own()?,
+            port_reuse,
+            trust_domain: config.trust_domain.clone(),
+            dns,
+            phase,
+            control: Handle::current(),
+        })
+    }
+
+    /// Binds one core's listeners inside the pod's namespace (through `factory`); its connections
+    /// will be in `registry`.
+    fn bind(
+        &self,
+        factory: &ProxySocketFactory,
+        reuse_port: bool,
+        registry: ConnectionRegistry,
+    ) -> Result<PodCore, String> {
+        let mut listeners = Vec::new();
+        for (listener, port) in POD_PORTS {
+            let opts = SocketOptions {
+                reuse_port,
+                transparent: listener != Listener::Outbound,
+                ..SocketOptions::default()
+            };
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            let socket = factory
+                .listener(addr, &opts)
+                .map_err(|e| format!("binding the pod's {listener} listener {addr}: {e}"))?;
+            listeners.push((listener, socket));
+        }
+        let dns = match &self.dns {
+            Some((addr, _, _)) => Some(
+                lifecycle::bind_dns_with(factory, *addr)
+                    .map_err(|e| format!("binding the pod's DNS proxy {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(PodCore {
+            listeners,
+            dns,
+            registry,
         })
     }
 }
 
-impl PodStarter for TokioPods {
+impl<S: PodServers> PodStarter for RuntimePods<S> {
     type Running = RunningPod;
 
     fn start(&mut self, uid: &str, info: Option<&WorkloadInfo>, netns: &Netns) -> Result<RunningPod, String> {
         let factory = ProxySocketFactory::pod(netns.clone(), self.home.clone());
-        let mut listeners = Vec::new();
-        {
-            let _data = self.data.enter();
-            for (listener, port) in POD_PORTS {
-                let opts = SocketOptions {
-                    reuse_port: self.port_reuse,
-                    transparent: listener != crate::config::Listener::Outbound,
-                    ..SocketOptions::default()
-                };
-                let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                let socket = crate::rt::socket::SocketFactory::listener(&factory, addr, &opts)
-                    .map_err(|e| format!("binding the pod's {listener} listener {addr}: {e}"))?;
-                let tcp = into_listener(socket).map_err(|e| format!("serving the pod's {listener} listener: {e}"))?;
-                listeners.push((listener, tcp));
-            }
+        let reuse_port = self.port_reuse || self.registries.len() > 1;
+        let mut cores = Vec::with_capacity(self.registries.len());
+        for registry in &self.registries {
+            cores.push(self.bind(&factory, reuse_port, registry.child())?);
         }
         if let Some(info) = info {
             match IstioIdentity::new(self.trust_domain.clone(), &info.namespace, &info.service_account) {
@@ -135,29 +257,33 @@ impl PodStarter for TokioPods {
                 }
             }
         }
-        let registry = self.registry.child();
-        let connector = TokioConnector::with_factory(
-            self.context.client_tls(),
-            factory.clone(),
-            self.context.connector_config(),
-        );
-        let worker = Arc::new(
-            Worker::new(
-                self.context.clone(),
-                TokioRuntime::with_factory(factory),
-                connector,
-                TokioExecutor::with_handle(self.data.clone()),
-                self.metrics.clone(),
-                registry.clone(),
-            )
-            .with_transparent_plaintext(PLAINTEXT_PORT),
-        );
+        let registries: Vec<ConnectionRegistry> = cores.iter().map(|core| core.registry.clone()).collect();
         let (phase, pod_phase) = watch::channel(Phase::Serving);
+        let dns = self.dns.as_ref().map(|(_, context, network)| {
+            let clients = match info {
+                Some(info) => Clients::Workload {
+                    namespace: info.namespace.clone(),
+                    name: info.name.clone(),
+                    network: network.clone(),
+                },
+                None => Clients::BySource {
+                    network: network.clone(),
+                },
+            };
+            (context.clone(), clients)
+        });
+        self.servers.serve(PodServe {
+            uid: uid.to_owned(),
+            factory,
+            cores,
+            dns,
+            phase: pod_phase,
+        })?;
         // The pod follows the proxy's drain, until the pod's own serving ends (its phase has no
         // receiver left): a removed pod leaves no task behind.
         let mut process = self.phase.clone();
         let follower = phase.clone();
-        self.data.spawn(async move {
+        self.control.spawn(async move {
             loop {
                 let now = *process.borrow_and_update();
                 if now >= Phase::Draining {
@@ -178,26 +304,104 @@ impl PodStarter for TokioPods {
                 }
             }
         });
-        self.data.spawn(lifecycle::serve::<Tokio>(worker, listeners, pod_phase));
-        tracing::info!(pod = uid, workload = ?info.map(ToString::to_string), "serving the pod in its network namespace");
-        Ok(RunningPod { phase, registry })
+        tracing::info!(pod = uid, workload = ?info.map(ToString::to_string), cores = registries.len(),
+            "serving the pod in its network namespace");
+        Ok(RunningPod { phase, registries })
     }
 
     fn stop(&mut self, uid: &str, running: RunningPod) {
-        let RunningPod { phase, registry } = running;
+        let RunningPod { phase, registries } = running;
         let _ = phase.send(Phase::Draining);
-        let closed = registry.close_all(&CloseReason::PodRemoved { uid: uid.to_owned() });
+        let reason = CloseReason::PodRemoved { uid: uid.to_owned() };
+        let closed: usize = registries.iter().map(|registry| registry.close_all(&reason)).sum();
         let _ = phase.send(Phase::Abandoned);
         tracing::info!(pod = uid, closed, "the pod is no longer served: its listeners closed");
     }
 }
 
-/// The ZDS handler: istio-cni's messages applied to the pods.
-struct Handler {
-    pods: Arc<Mutex<Pods<TokioPods>>>,
+/// The tokio binary's [`PodServers`]: every pod on the data runtime, one worker per pod.
+#[derive(Debug)]
+pub struct TokioServers {
+    context: Arc<ProxyContext>,
+    metrics: Arc<Metrics>,
+    data: Handle,
 }
 
-impl PodHandler for Handler {
+impl TokioServers {
+    /// Pods served on `data` with `context`, counted in `metrics`.
+    pub fn new(context: Arc<ProxyContext>, metrics: Arc<Metrics>, data: Handle) -> Self {
+        TokioServers { context, metrics, data }
+    }
+}
+
+impl PodServers for TokioServers {
+    fn cores(&self) -> usize {
+        1
+    }
+
+    fn serve(&mut self, pod: PodServe) -> Result<(), String> {
+        let PodServe {
+            uid: _,
+            factory,
+            cores,
+            dns,
+            phase,
+        } = pod;
+        let Some(PodCore {
+            listeners,
+            dns: dns_sockets,
+            registry,
+        }) = cores.into_iter().next()
+        else {
+            return Err("no listener bound for the pod".to_owned());
+        };
+        let listeners = {
+            let _data = self.data.enter();
+            listeners
+                .into_iter()
+                .map(|(listener, socket)| {
+                    into_listener(socket)
+                        .map(|tcp| (listener, tcp))
+                        .map_err(|e| format!("serving the pod's {listener} listener: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let connector = TokioConnector::with_factory(
+            self.context.client_tls(),
+            factory.clone(),
+            self.context.connector_config(),
+        );
+        let worker = Arc::new(
+            Worker::new(
+                self.context.clone(),
+                TokioRuntime::with_factory(factory.clone()),
+                connector,
+                TokioExecutor::with_handle(self.data.clone()),
+                self.metrics.clone(),
+                registry,
+            )
+            .with_transparent_plaintext(PLAINTEXT_PORT),
+        );
+        if let (Some((context, clients)), Some(sockets)) = (dns, dns_sockets) {
+            self.data.spawn(lifecycle::serve_dns_with::<Tokio, _>(
+                context,
+                factory,
+                clients,
+                sockets,
+                phase.clone(),
+            ));
+        }
+        self.data.spawn(lifecycle::serve::<Tokio>(worker, listeners, phase));
+        Ok(())
+    }
+}
+
+/// The ZDS handler: istio-cni's messages applied to the pods.
+struct Handler<S: PodServers> {
+    pods: Arc<Mutex<Pods<RuntimePods<S>>>>,
+}
+
+impl<S: PodServers> PodHandler for Handler<S> {
     fn session_started(&mut self, session: u64) {
         tracing::info!(session, "connected to istio-cni");
         self.pods
@@ -234,23 +438,25 @@ impl PodHandler for Handler {
 
 /// In-pod mode running: the ZDS client and the retries on the control runtime, the pods on the
 /// data runtime.
-#[derive(Debug)]
-pub struct Inpod {
-    pods: Arc<Mutex<Pods<TokioPods>>>,
+pub struct Inpod<S: PodServers> {
+    pods: Arc<Mutex<Pods<RuntimePods<S>>>>,
     tasks: Vec<JoinHandle<()>>,
     status: ZdsStatus,
 }
 
-impl std::fmt::Debug for TokioPods {
+impl<S: PodServers> std::fmt::Debug for Inpod<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokioPods").finish_non_exhaustive()
+        f.debug_struct("Inpod")
+            .field("pods", &self.pods)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 
-impl Inpod {
+impl<S: PodServers> Inpod<S> {
     /// Connects to istio-cni at `config.socket` (from the current tokio runtime: the control
     /// thread's) and serves the pods it names with `pods`.
-    pub fn start(config: &InpodConfig, pods: TokioPods) -> Inpod {
+    pub fn start(config: &InpodConfig, pods: RuntimePods<S>) -> Inpod<S> {
         let pods = Arc::new(Mutex::new(Pods::new(pods)));
         let mut client = ZdsClient::new(config.socket.clone(), TokioTimer);
         let status = client.status();

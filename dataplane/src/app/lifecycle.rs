@@ -64,8 +64,14 @@ pub fn log_listeners(config: &Config, listeners: &[(Listener, SocketAddr)]) {
         .filter(|(l, _)| !listeners.iter().any(|(bound, _)| bound == l))
         .map(|(l, a)| format!("{l} ({a})"))
         .collect();
-    if !skipped.is_empty() {
-        tracing::info!(not_served = %skipped.join(", "), "listeners not implemented yet, not bound");
+    if skipped.is_empty() {
+        return;
+    }
+    if config.inpod.is_some() {
+        tracing::info!(in_each_pod = %skipped.join(", "),
+            "in-pod mode: these listeners are bound inside each pod's network namespace, not on the node");
+    } else {
+        tracing::info!(not_served = %skipped.join(", "), "listeners not bound");
     }
 }
 
@@ -435,7 +441,15 @@ pub struct DnsSockets {
 /// listeners are: an instance taking over shares them, a core of the io_uring build has its own),
 /// the UDP socket on the port the TCP one got.
 pub fn bind_dns(addr: SocketAddr) -> Result<DnsSockets, StartError> {
-    use crate::rt::socket::{DefaultSocketFactory, SocketFactory, SocketOptions};
+    bind_dns_with(&crate::rt::socket::DefaultSocketFactory, addr)
+}
+
+/// [`bind_dns`] with the sockets made by `factory` (a pod's, inside its network namespace).
+pub fn bind_dns_with<F: crate::rt::socket::SocketFactory>(
+    factory: &F,
+    addr: SocketAddr,
+) -> Result<DnsSockets, StartError> {
+    use crate::rt::socket::SocketOptions;
 
     let opts = SocketOptions {
         reuse_port: true,
@@ -455,9 +469,9 @@ pub fn bind_dns(addr: SocketAddr) -> Result<DnsSockets, StartError> {
             }
         }
     };
-    let tcp = DefaultSocketFactory.listener(addr, &opts).map_err(fail)?;
+    let tcp = factory.listener(addr, &opts).map_err(fail)?;
     let bound = socket::local_addr(&tcp).map_err(fail)?;
-    let udp = DefaultSocketFactory.datagram(bound, &opts).map_err(fail)?;
+    let udp = factory.datagram(bound, &opts).map_err(fail)?;
     Ok(DnsSockets { udp, tcp, addr: bound })
 }
 
@@ -469,20 +483,31 @@ pub async fn serve_dns<N: crate::rt::datagram::Datagram>(
     sockets: DnsSockets,
     phase: watch::Receiver<Phase>,
 ) {
+    serve_dns_with::<N, _>(
+        context,
+        crate::rt::socket::DefaultSocketFactory,
+        clients,
+        sockets,
+        phase,
+    )
+    .await;
+}
+
+/// [`serve_dns`] with the upstream sockets made by `factory` (a pod's: its queries leave from the
+/// pod).
+pub async fn serve_dns_with<N: crate::rt::datagram::Datagram, F: crate::rt::socket::SocketFactory>(
+    context: std::sync::Arc<crate::dns::DnsContext>,
+    factory: F,
+    clients: crate::dns::Clients,
+    sockets: DnsSockets,
+    phase: watch::Receiver<Phase>,
+) {
     let started = phase.clone().wait_for(|p| *p != Phase::Starting).await.map(|p| *p);
     if !matches!(started, Ok(Phase::Serving)) {
         return;
     }
     let stop = reached(phase, Phase::Draining);
-    let served = crate::dns::serve::<N, _>(
-        context,
-        crate::rt::socket::DefaultSocketFactory,
-        clients,
-        sockets.udp,
-        sockets.tcp,
-        stop,
-    )
-    .await;
+    let served = crate::dns::serve::<N, _>(context, factory, clients, sockets.udp, sockets.tcp, stop).await;
     if let Err(error) = served {
         tracing::error!(%error, addr = %sockets.addr, "cannot serve DNS");
     }

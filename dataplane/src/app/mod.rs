@@ -98,7 +98,7 @@ pub struct Proxy {
     lifecycle: Lifecycle,
     worker: JoinHandle<()>,
     /// In-pod mode, when on.
-    inpod: Option<inpod::Inpod>,
+    inpod: Option<inpod::Inpod<inpod::TokioServers>>,
     /// Every connection of the proxy (the pods' in children).
     registry: ConnectionRegistry,
 }
@@ -174,40 +174,38 @@ impl Proxy {
                 }
             }
         }
-        // The DNS proxy, when on: one UDP socket and one TCP listener, served by one task.
+        // The DNS proxy, when on: one UDP socket and one TCP listener, served by one task; in
+        // in-pod mode, in each pod instead.
         let dns_metrics = Arc::new(DnsMetrics::new());
-        let dns = match config.listeners.dns {
-            Some(addr) => {
-                let context = match dns::context(
-                    &config,
-                    context.published().clone(),
-                    dns_metrics.clone(),
-                    context.upstream().clone(),
-                ) {
-                    Ok(dns) => Arc::new(dns),
-                    Err(error) => {
-                        starting.abandon();
-                        return Err(StartError::Dns(error));
-                    }
-                };
-                let sockets = {
-                    let _data = data.enter();
-                    match bind_dns(addr) {
-                        Ok(sockets) => sockets,
-                        Err(error) => {
-                            starting.abandon();
-                            return Err(error);
-                        }
-                    }
-                };
-                bound.push((Listener::Dns, sockets.addr));
-                Some((context, sockets))
-            }
+        let dns_context = match config.listeners.dns {
+            Some(_) => match dns::context(
+                &config,
+                context.published().clone(),
+                dns_metrics.clone(),
+                context.upstream().clone(),
+            ) {
+                Ok(dns) => Some(Arc::new(dns)),
+                Err(error) => {
+                    starting.abandon();
+                    return Err(StartError::Dns(error));
+                }
+            },
             None => None,
         };
-        if let Some((dns_context, sockets)) = dns {
+        if let (Some(addr), Some(dns_context), None) = (config.listeners.dns, &dns_context, &config.inpod) {
+            let sockets = {
+                let _data = data.enter();
+                match bind_dns(addr) {
+                    Ok(sockets) => sockets,
+                    Err(error) => {
+                        starting.abandon();
+                        return Err(error);
+                    }
+                }
+            };
+            bound.push((Listener::Dns, sockets.addr));
             data.spawn(serve_dns::<Tokio>(
-                dns_context,
+                dns_context.clone(),
                 dns::clients(&config),
                 sockets,
                 starting.phase(),
@@ -217,15 +215,15 @@ impl Proxy {
         // In-pod mode: istio-cni's pods, each served in its network namespace.
         let inpod = match &config.inpod {
             Some(inpod) => {
-                let pods = match inpod::TokioPods::new(
-                    context.clone(),
-                    metrics.clone(),
-                    registry.clone(),
-                    data.clone(),
-                    inpod,
-                    config.trust_domain.clone(),
-                    starting.phase(),
-                ) {
+                let setup = inpod::PodsSetup {
+                    context: context.clone(),
+                    registries: vec![registry.clone()],
+                    config: config.clone(),
+                    dns: dns_context,
+                    phase: starting.phase(),
+                };
+                let servers = inpod::TokioServers::new(context.clone(), metrics.clone(), data.clone());
+                let pods = match inpod::RuntimePods::new(setup, servers) {
                     Ok(pods) => pods,
                     Err(error) => {
                         starting.abandon();
