@@ -667,7 +667,8 @@ impl CorePods {
                 self.metrics.clone(),
                 registry,
             )
-            .with_transparent_plaintext(inpod::PLAINTEXT_PORT),
+            .with_transparent_plaintext(inpod::PLAINTEXT_PORT)
+            .with_original_source(self.context.original_source(true)),
         );
         if let (Some((context, clients)), Some(dns_sockets)) = (dns, dns_sockets) {
             glommio::spawn_local(lifecycle::serve_dns_with::<Glommio, _>(

@@ -406,6 +406,11 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
                 })
                 && c.ignored_env.is_empty()
         }),
+        (vec![("ENABLE_ORIG_SRC", "false")], |c| {
+            c.original_source == Some(false) && c.ignored_env.is_empty()
+        }),
+        (vec![("ENABLE_ORIG_SRC", "true")], |c| c.original_source == Some(true)),
+        (vec![("ENABLE_ORIG_SRC", "")], |c| c.original_source.is_none()),
         (
             vec![
                 ("INPOD_ENABLED", "true"),

@@ -140,19 +140,29 @@ fn ask(pod: &Netns, server: SocketAddr, id: u16, name: &'static str) -> Result<V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_serves_pods_handed_over_by_istio_cni_in_their_namespaces() {
-    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel()).await;
+    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_without_original_source_connects_to_pods_from_their_own_address() {
+    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel(), Some(false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_uring_serves_pods_handed_over_by_istio_cni_in_their_namespaces() {
-    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel_uring()).await;
+    pods_handed_over_by_istio_cni_are_served_in_their_namespaces(Binary::ztunnel_uring(), None).await;
 }
 
-async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Binary) {
+/// `original_source`: `ENABLE_ORIG_SRC`, or not set.
+async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Binary, original_source: Option<bool>) {
     if !netns::available("pods_handed_over_by_istio_cni_are_served_in_their_namespaces") {
         return;
     }
-    let short = if binary == Binary::ztunnel() { "t" } else { "u" };
+    let short = match (binary == Binary::ztunnel(), original_source) {
+        (true, None) => "t",
+        (true, Some(_)) => "o",
+        (false, _) => "u",
+    };
     let a = Arc::new(Netns::new(&format!("inpa{short}")));
     let b = Arc::new(Netns::new(&format!("inpb{short}")));
     a.connect(IpAddr::V4(A_IP), &b, IpAddr::V4(B_IP), 24);
@@ -179,6 +189,10 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
             .arg("n1")
             .env("INPOD_ENABLED", "true")
             .env("INPOD_UDS", &socket);
+        let builder = match original_source {
+            Some(on) => builder.env("ENABLE_ORIG_SRC", if on { "true" } else { "false" }),
+            None => builder,
+        };
         move || builder.spawn_until_log(&["in-pod mode"])
     })
     .await
@@ -232,12 +246,15 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     })
     .await
     .unwrap();
-    // The connection to the workload is made inside pod b, from b's own address (the client's
-    // address is not preserved yet; README, in-pod mode).
+    // The connection to the workload is made inside pod b from pod a's address (ENABLE_ORIG_SRC
+    // is on by default in in-pod mode; istio-cni's rules route the replies back to the proxy), or
+    // from pod b's own address with ENABLE_ORIG_SRC=false.
+    let source = if original_source == Some(false) { B_IP } else { A_IP };
     assert_eq!(
         seen.ip(),
-        IpAddr::V4(B_IP),
-        "the connection to the workload leaves from inside pod b"
+        IpAddr::V4(source),
+        "the workload sees its client's address\n{}",
+        proxy.log()
     );
 
     for pod in [a.clone(), b.clone()] {

@@ -380,7 +380,8 @@ impl PodServers for TokioServers {
                 self.metrics.clone(),
                 registry,
             )
-            .with_transparent_plaintext(PLAINTEXT_PORT),
+            .with_transparent_plaintext(PLAINTEXT_PORT)
+            .with_original_source(self.context.original_source(true)),
         );
         if let (Some((context, clients)), Some(sockets)) = (dns, dns_sockets) {
             self.data.spawn(lifecycle::serve_dns_with::<Tokio, _>(

@@ -211,6 +211,8 @@ pub struct ProxyContext {
     xds_apply: Option<istiod::ApplyView>,
     /// The Istio CA's address, when certificates come from it.
     istio_ca: Option<String>,
+    /// `ENABLE_ORIG_SRC`, when set.
+    original_source: Option<bool>,
 }
 
 impl std::fmt::Debug for ProxyContext {
@@ -263,6 +265,13 @@ impl ProxyContext {
     /// The options of the proxy's upstream connections (the packet mark).
     pub fn upstream(&self) -> &SocketOptions {
         &self.upstream
+    }
+
+    /// Whether connections to destination workloads leave from the client's address
+    /// (`ENABLE_ORIG_SRC`): as set, or when not set, for a pod's workers in in-pod mode (where
+    /// istio-cni's rules route the replies back to the proxy) and not for the node's.
+    pub fn original_source(&self, in_pod: bool) -> bool {
+        self.original_source.unwrap_or(in_pod)
     }
 
     /// The status of istiod's xDS stream, when istiod configures the proxy.
@@ -412,6 +421,7 @@ impl ControlPlane {
             xds: xds.as_ref().map(|x| x.status().clone()),
             xds_apply: xds.as_ref().map(Xds::apply_view),
             istio_ca,
+            original_source: config.original_source,
         });
         Ok(ControlPlane {
             context,

@@ -44,6 +44,8 @@ pub struct Worker<R: Runtime> {
     /// `Some(port)` when the inbound plaintext listener (on `port`) receives its connections by
     /// TPROXY (a pod's, in in-pod mode) rather than by REDIRECT.
     transparent_plaintext: Option<u16>,
+    /// Whether connections to destination workloads leave from the client's address.
+    original_source: bool,
 }
 
 /// How often a worker logs that it is out of file descriptors at most (its accept loops retry
@@ -73,6 +75,7 @@ where
         metrics: Arc<Metrics>,
         registry: ConnectionRegistry,
     ) -> Self {
+        let context_original_source = context.original_source(false);
         let pool = Pool::with_receive_budget(
             connector,
             executor,
@@ -103,7 +106,15 @@ where
             started: Instant::now(),
             fd_warning_at: AtomicU64::new(0),
             transparent_plaintext: None,
+            original_source: context_original_source,
         }
+    }
+
+    /// The worker connecting to destination workloads from the client's address, or not
+    /// ([`ProxyContext::original_source`]).
+    pub fn with_original_source(mut self, original_source: bool) -> Self {
+        self.original_source = original_source;
+        self
     }
 
     /// The worker with its inbound plaintext listener (on `port`) receiving connections by TPROXY
@@ -141,6 +152,7 @@ where
         )
         .with_peer_addr(peer)
         .with_socket_options(self.context.upstream().clone())
+        .with_original_source(self.original_source)
     }
 
     /// Serves an inbound HBONE connection from `peer`: mTLS with the certificate of the workload

@@ -72,6 +72,7 @@ pub(super) const OPTS: &[&Opt] = &[
     &runtime::LOG_FORMAT,
     &runtime::LOG_LEVEL,
     &runtime::PACKET_MARK,
+    &runtime::ORIGINAL_SOURCE,
     &runtime::CONNECTION_BALANCE,
     &runtime::XDS_PRIORITY,
 ];

@@ -105,6 +105,7 @@
 //! | `--log-format text\|json` | `LOG_FORMAT` | `text` |
 //! | `--log-level` | `RUST_LOG` | `info` |
 //! | `--packet-mark MARK\|none` | `PACKET_MARK` | `auto`: 0x539 where permitted |
+//! | `--original-source BOOL` | `ENABLE_ORIG_SRC` | on in in-pod mode, off otherwise |
 //! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `round-robin` (`ztunnel-uring` only) |
 //! | `--xds-priority idle\|normal` | `MESHWIRE_XDS_PRIORITY` | `idle` |
 //!
@@ -201,7 +202,6 @@ use options::{Inputs, program_name};
 /// are listed in [`Config::ignored_env`].
 pub const UNSUPPORTED_ZTUNNEL_ENV: &[&str] = &[
     "XDS_ON_DEMAND",
-    "ENABLE_ORIG_SRC",
     "ENABLE_PROXY",
     "TRANSPARENT_NETWORK_POLICIES",
     "LOCALHOST_APP_TUNNEL",
@@ -304,6 +304,10 @@ pub struct Config {
     pub log_level: String,
     /// The firewall mark of the proxy's own upstream connections.
     pub packet_mark: PacketMark,
+    /// Whether connections to destination workloads leave from the client's address
+    /// (`ENABLE_ORIG_SRC`); `None` when not set: see
+    /// [`ProxyContext::original_source`](crate::app::ProxyContext::original_source).
+    pub original_source: Option<bool>,
     /// How the io_uring build spreads new connections over its cores (the tokio build has one
     /// listening socket per port and ignores it).
     pub connection_balance: ConnectionBalance,
@@ -513,6 +517,7 @@ impl Inputs<'_> {
             log_format: self.log_format()?,
             log_level: self.log_level()?,
             packet_mark: self.packet_mark()?,
+            original_source: self.original_source()?,
             connection_balance: self.connection_balance()?,
             xds_priority: self.xds_priority()?,
             ignored_env: UNSUPPORTED_ZTUNNEL_ENV

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::error::{Error, Origin};
 use super::options::Key::{Env, ProxyConfig};
-use super::options::{H_RUN, Inputs, Opt, parse_found};
+use super::options::{H_RUN, Inputs, Kind, Opt, parse_found};
 use super::values::{at_least_one, non_empty, parse_duration, positive_duration};
 
 /// The firewall mark (`SO_MARK`) of the proxy's own upstream connections, which the redirection rules
@@ -198,6 +198,18 @@ pub(super) const PACKET_MARK: Opt = Opt {
     ..Opt::new(H_RUN)
 };
 
+pub(super) const ORIGINAL_SOURCE: Opt = Opt {
+    flag: "--original-source",
+    value_name: "BOOL",
+    keys: &[Env("ENABLE_ORIG_SRC")],
+    kind: Kind::Bool,
+    help: "Connect to destination workloads from the client's address (IP_TRANSPARENT, needs CAP_NET_ADMIN), \
+           so that they see who called; the replies must be routed back to the proxy (istio-cni's rules do, \
+           in a pod's namespace)",
+    default_note: Some("on in in-pod mode, off otherwise"),
+    ..Opt::new(H_RUN)
+};
+
 pub(super) const CONNECTION_BALANCE: Opt = Opt {
     flag: "--connection-balance",
     value_name: "hash|round-robin",
@@ -336,6 +348,12 @@ impl Inputs<'_> {
 
     pub(super) fn packet_mark(&self) -> Result<PacketMark, Error> {
         Ok(self.required(&PACKET_MARK, str::parse)?.value)
+    }
+
+    pub(super) fn original_source(&self) -> Result<Option<bool>, Error> {
+        Ok(self
+            .get(&ORIGINAL_SOURCE, super::values::parse_bool)?
+            .map(|found| found.value))
     }
 
     pub(super) fn connection_balance(&self) -> Result<ConnectionBalance, Error> {

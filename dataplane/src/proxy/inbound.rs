@@ -90,6 +90,8 @@ pub struct InboundHandler<R = TokioRuntime> {
     registry: ConnectionRegistry,
     log_format: LogFormat,
     socket: SocketOptions,
+    /// Whether connections to workloads leave from the client's address (`ENABLE_ORIG_SRC`).
+    original_source: bool,
 }
 
 impl InboundHandler {
@@ -140,7 +142,17 @@ impl<R: Runtime> InboundHandler<R> {
             registry,
             log_format,
             socket: SocketOptions::default(),
+            original_source: false,
         }
+    }
+
+    /// Connects to destination workloads from the client's address (the peer address, bound with
+    /// `IP_TRANSPARENT`), as ztunnel's `ENABLE_ORIG_SRC` does, instead of the proxy's own: the
+    /// workload sees who called it. The replies must come back to the proxy (istio-cni's rules
+    /// route them in a pod's namespace).
+    pub fn with_original_source(mut self, original_source: bool) -> Self {
+        self.original_source = original_source;
+        self
     }
 
     /// Changes the options of the connections to destination workloads (the packet mark, for one).
@@ -295,7 +307,12 @@ impl<R: Runtime> InboundHandler<R> {
         let recorder = self.metrics.open(labels);
 
         // Upstream.
-        let tcp = match self.runtime.connect(dst, &self.socket, UPSTREAM_CONNECT_TIMEOUT).await {
+        let source = (self.original_source && !self.peer_addr.ip().is_unspecified()).then_some(self.peer_addr.ip());
+        let tcp = match self
+            .runtime
+            .connect_from(dst, source, &self.socket, UPSTREAM_CONNECT_TIMEOUT)
+            .await
+        {
             Ok(tcp) => tcp,
             Err(e) => {
                 return Err(self.refuse(

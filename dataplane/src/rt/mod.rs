@@ -139,6 +139,20 @@ pub trait Runtime: 'static {
         timeout: Duration,
     ) -> impl Future<Output = io::Result<Self::Stream>>;
 
+    /// [`connect`](Self::connect) from the address `source` (any port), bound with `IP_TRANSPARENT`
+    /// (it is usually not the host's: the client's address kept on the connection to a workload,
+    /// `ENABLE_ORIG_SRC`). `None` is [`connect`](Self::connect). The default ignores `source`.
+    fn connect_from(
+        &self,
+        dst: SocketAddr,
+        source: Option<std::net::IpAddr>,
+        opts: &SocketOptions,
+        timeout: Duration,
+    ) -> impl Future<Output = io::Result<Self::Stream>> {
+        let _ = source;
+        self.connect(dst, opts, timeout)
+    }
+
     /// The stream's local address: for an accepted connection, the address it arrived on (the
     /// capture listeners compare it with the original destination; a SOCKS5 reply names it).
     fn local_addr(stream: &Self::Stream) -> io::Result<SocketAddr>;

@@ -117,6 +117,19 @@ impl<N: Native, F: SocketFactory + 'static> Runtime for ProxyRuntime<N, F> {
         N::connect(self.factory.stream(dst, None, opts)?, dst, timeout).await
     }
 
+    async fn connect_from(
+        &self,
+        dst: SocketAddr,
+        source: Option<std::net::IpAddr>,
+        opts: &SocketOptions,
+        timeout: Duration,
+    ) -> io::Result<N::Stream> {
+        let socket = self
+            .factory
+            .stream_from(dst, source, opts, socket::SourceTransparency::Always)?;
+        N::connect(socket, dst, timeout).await
+    }
+
     fn local_addr(stream: &N::Stream) -> io::Result<SocketAddr> {
         socket::local_addr(stream)
     }
