@@ -18,7 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -342,5 +342,120 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     .await
     .unwrap();
     assert_eq!(a_listening, [15001, 15006, 15008], "pod a is still served");
+    drop(proxy);
+}
+
+const A_IP6: Ipv6Addr = Ipv6Addr::new(0xfd79, 0, 0, 0, 0, 0, 0, 1);
+const B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd79, 0, 0, 0, 0, 0, 0, 2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_serves_dual_stack_pods_on_both_families() {
+    dual_stack_pods_are_served_on_both_families(Binary::ztunnel()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_uring_serves_dual_stack_pods_on_both_families() {
+    dual_stack_pods_are_served_on_both_families(Binary::ztunnel_uring()).await;
+}
+
+/// Pods with an IPv4 and an IPv6 address, istio-cni's rules for both families: the pods'
+/// listeners (on `[::]`, `IPV6_ENABLED` being on by default) capture and serve both, and the
+/// workload sees its client's address of the family used.
+async fn dual_stack_pods_are_served_on_both_families(binary: Binary) {
+    if !netns::available("dual_stack_pods_are_served_on_both_families") {
+        return;
+    }
+    let short = if binary == Binary::ztunnel() { "t" } else { "u" };
+    let a = Arc::new(Netns::new(&format!("inp6a{short}")));
+    let b = Arc::new(Netns::new(&format!("inp6b{short}")));
+    for pod in [&a, &b] {
+        // No duplicate address detection: the addresses are usable at once.
+        for conf in ["all", "default"] {
+            netns::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    pod.name(),
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{conf}.accept_dad=0"),
+                ],
+            );
+        }
+    }
+    a.connect(IpAddr::V4(A_IP), &b, IpAddr::V4(B_IP), 24);
+    a.connect(IpAddr::V6(A_IP6), &b, IpAddr::V6(B_IP6), 64);
+    script(&["up", "--netns", a.name(), "--ipv6"]);
+    script(&["up", "--netns", b.name(), "--ipv6"]);
+    b.whoami_server(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8080)));
+
+    let mesh = Mesh::new(&format!(
+        r#"
+workloads:
+- {{uid: a, name: a, namespace: default, serviceAccount: a, workloadIps: ["{A_IP}", "{A_IP6}"], protocol: HBONE, node: n1}}
+- {{uid: b, name: b, namespace: default, serviceAccount: b, workloadIps: ["{B_IP}", "{B_IP6}"], protocol: HBONE, node: n1}}
+"#
+    ));
+    let mut cni = FakeCni::start();
+    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let socket = cni.path().to_str().unwrap().to_owned();
+    let proxy = tokio::task::spawn_blocking({
+        let builder = mesh
+            .proxy(&binary, host)
+            .with_ports(Ports::free(host, 15008))
+            .arg("--node-name")
+            .arg("n1")
+            .env("INPOD_ENABLED", "true")
+            .env("INPOD_UDS", &socket);
+        move || builder.spawn_until_log(&["in-pod mode"])
+    })
+    .await
+    .unwrap();
+    let readiness = proxy.ports().readiness;
+    let conn = cni.next_connection().await;
+    for (uid, pod, sa) in [("uid-a", &a, "a"), ("uid-b", &b, "b")] {
+        let ns = std::fs::File::open(format!("/run/netns/{}", pod.name())).unwrap();
+        assert!(
+            conn.send(&add_request(uid, Some(workload_info(sa, "default", sa))), &[ns.as_fd()])
+                .await
+        );
+        assert_eq!(conn.ack().await, "", "{}", proxy.log());
+    }
+    assert!(conn.snapshot_sent().await);
+    assert_eq!(conn.ack().await, "");
+    eventually("ready after the snapshot", move || {
+        (ready(readiness).0 == 200).then_some(())
+    })
+    .await;
+
+    for (target, client) in [
+        (IpAddr::V6(B_IP6), IpAddr::V6(A_IP6)),
+        (IpAddr::V4(B_IP), IpAddr::V4(A_IP)),
+    ] {
+        let seen = tokio::task::spawn_blocking({
+            let a = a.clone();
+            move || {
+                let mut stream = a.connect_or_panic(SocketAddr::new(target, 8080));
+                net::whoami_peer(&mut stream)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            seen.map(|s| s.ip().to_canonical()).map_err(|e| e.to_string()),
+            Ok(client),
+            "to {target}\n{}",
+            proxy.log()
+        );
+    }
+    // Both went through the mesh: pod b's side logged each, with the pods' identities.
+    let lines = proxy.wait_access_lines("inbound", 2, Duration::from_secs(10));
+    let sources: Vec<_> = lines
+        .iter()
+        .filter(|line| line.get("src.identity").is_some_and(|id| id.ends_with("/sa/a")))
+        .filter_map(|line| line.get("src.addr").map(str::to_owned))
+        .collect();
+    assert_eq!(sources.len(), 2, "{lines:?}\n{}", proxy.log());
     drop(proxy);
 }

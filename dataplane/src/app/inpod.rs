@@ -5,8 +5,8 @@
 //! gets, through [`inpod::Pods`](crate::inpod::Pods) and [`RuntimePods`] (its [`PodStarter`]):
 //!
 //! - on each core (the tokio binary has one), the listeners 15001 (outbound capture), 15006
-//!   (inbound plaintext) and 15008 (inbound HBONE), bound in the pod's namespace on every address,
-//!   with `IP_TRANSPARENT` (istio-cni's rules send inbound traffic there with TPROXY) and
+//!   (inbound plaintext) and 15008 (inbound HBONE), bound in the pod's namespace on every address
+//!   (`[::]` for both families with `IPV6_ENABLED`, the default; `0.0.0.0` without), with `IP_TRANSPARENT` (istio-cni's rules send inbound traffic there with TPROXY) and
 //!   `SO_REUSEPORT` (`INPOD_PORT_REUSE`; always with more than one core), and the DNS proxy's UDP
 //!   and TCP sockets (`DNS_PROXY_ADDR`, 127.0.0.1:15053 by default) when it is on, answering as the
 //!   pod's workload;
@@ -23,7 +23,7 @@
 //! closed; the proxy's drain drains every pod. Readiness waits for istio-cni's snapshot and for
 //! every pod's listeners ([`Pods::not_ready`](crate::inpod::Pods::not_ready)).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,8 @@ pub struct RuntimePods<S> {
     trust_domain: TrustDomain,
     /// The DNS proxy's address inside each pod, its context, and the network of its clients.
     dns: Option<(SocketAddr, Arc<DnsContext>, String)>,
+    /// Whether the pods' listeners are bound on `[::]` (both families) rather than `0.0.0.0`.
+    ipv6: bool,
     /// The proxy's phase: a pod drains with the proxy.
     phase: watch::Receiver<Phase>,
     /// The control thread's runtime, where each pod's phase follows the proxy's.
@@ -198,6 +200,7 @@ impl<S: PodServers> RuntimePods<S> {
             port_reuse,
             trust_domain: config.trust_domain.clone(),
             dns,
+            ipv6: config.listeners.ipv6,
             phase,
             control: Handle::current(),
         })
@@ -216,12 +219,27 @@ impl<S: PodServers> RuntimePods<S> {
             let opts = SocketOptions {
                 reuse_port,
                 transparent: listener != Listener::Outbound,
+                v6_only: Some(false),
                 ..SocketOptions::default()
             };
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            let socket = factory
-                .listener(addr, &opts)
-                .map_err(|e| format!("binding the pod's {listener} listener {addr}: {e}"))?;
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            let fail =
+                |addr: SocketAddr, e: std::io::Error| format!("binding the pod's {listener} listener {addr}: {e}");
+            let socket = if self.ipv6 {
+                match factory.listener(v6, &opts) {
+                    Ok(socket) => socket,
+                    // A port in use is in use for both families.
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(fail(v6, e)),
+                    // No IPv6 in the pod's namespace: IPv4 only.
+                    Err(e) => {
+                        tracing::debug!(%listener, error = %e, "no IPv6 in the pod's namespace: listening on IPv4 only");
+                        factory.listener(v4, &opts).map_err(|e| fail(v4, e))?
+                    }
+                }
+            } else {
+                factory.listener(v4, &opts).map_err(|e| fail(v4, e))?
+            };
             listeners.push((listener, socket));
         }
         let dns = match &self.dns {

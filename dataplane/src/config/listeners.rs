@@ -113,6 +113,9 @@ pub struct Listeners {
     pub admin: SocketAddr,
     /// Prometheus metrics, `[::]:15020`.
     pub metrics: SocketAddr,
+    /// Whether the proxy listens on IPv6 too (`IPV6_ENABLED`): in in-pod mode, the pods' listeners
+    /// are bound on `[::]` (both families) rather than `0.0.0.0`.
+    pub ipv6: bool,
 }
 
 impl Listeners {
@@ -420,6 +423,7 @@ impl Inputs<'_> {
             readiness,
             admin,
             metrics,
+            ipv6,
         };
         Ok((listeners, origins))
     }
