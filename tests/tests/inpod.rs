@@ -457,5 +457,35 @@ workloads:
         .filter_map(|line| line.get("src.addr").map(str::to_owned))
         .collect();
     assert_eq!(sources.len(), 2, "{lines:?}\n{}", proxy.log());
+
+    // Pod a's HBONE pool keeps its tunnels to pod b (idle, for reuse) while a is served; istio-cni
+    // deletes pod a: its pool goes with it, and pod b sees the tunnels close.
+    let tunnels = |pod: Arc<Netns>| {
+        move || {
+            let out = netns::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    pod.name(),
+                    "ss",
+                    "-Htn",
+                    "state",
+                    "established",
+                    "( sport = :15008 )",
+                ],
+            );
+            String::from_utf8_lossy(&out.stdout).lines().count()
+        }
+    };
+    let before = tokio::task::spawn_blocking(tunnels(b.clone())).await.unwrap();
+    assert!(before >= 1, "no pooled tunnel from pod a to pod b");
+    assert!(conn.del("uid-a").await);
+    assert_eq!(conn.ack().await, "");
+    let check = tunnels(b.clone());
+    eventually("pod a's pooled tunnels closed after its DelWorkload", move || {
+        (check() == 0).then_some(())
+    })
+    .await;
     drop(proxy);
 }
