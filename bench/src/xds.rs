@@ -18,6 +18,7 @@
 //!    and go). `--xds-priority` sets the proxies' option of that name.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -477,6 +478,13 @@ pub(crate) struct ProxyRow {
     pub(crate) rr_in_one_push: Percentiles,
     pub(crate) rr_between_one_pushes: Percentiles,
     pub(crate) pushes_one: usize,
+    /// The control: the median length of a paced push's window (push to last ACK), and the
+    /// exchanges in flight while two threads at `SCHED_IDLE` spun that long each [`PACE`], and the
+    /// others: what idle-priority CPU use of a push's length costs the data path on this machine.
+    pub(crate) push_length_ms: f64,
+    pub(crate) rr_in_spin: Percentiles,
+    pub(crate) rr_between_spins: Percentiles,
+    pub(crate) spins: usize,
 }
 
 /// Everything the xds shape reports.
@@ -622,6 +630,51 @@ async fn push_forever(
     Ok(())
 }
 
+/// The control for the pushes' windows: `threads` threads at `SCHED_IDLE` that spin for `length`
+/// every [`PACE`] (as long as a push keeps the proxies' xDS threads busy, doing nothing else),
+/// until `stop`; records each spin's window. What the data path's latency does during those windows
+/// is what any idle-priority CPU use costs it on this machine, whatever the work.
+fn spin_idle(threads: usize, length: Duration, stop: &AtomicBool, windows: &Mutex<Vec<(Instant, Instant)>>) {
+    std::thread::scope(|scope| {
+        let mut spinners = Vec::new();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        for _ in 0..threads {
+            let done = done_tx.clone();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<Instant>();
+            spinners.push(go_tx);
+            scope.spawn(move || {
+                if let Err(error) = meshwire_dataplane::app::istio::set_idle_priority() {
+                    eprintln!("warning: the idle spinner stays at the default policy: {error}");
+                }
+                while let Ok(until) = go_rx.recv() {
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                    let _ = done.send(());
+                }
+            });
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let began = Instant::now();
+            for spinner in &spinners {
+                let _ = spinner.send(began + length);
+            }
+            for _ in 0..threads {
+                let _ = done_rx.recv();
+            }
+            windows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((began, Instant::now()));
+            let next = began + PACE;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        drop(spinners);
+    });
+}
+
 /// The exchanges of `timeline` in flight during one of `windows` (their request written before the
 /// window ended and their response read after it began), and the others.
 fn split_by_windows(timeline: &[(Instant, u64)], windows: &[(Instant, Instant)]) -> (Percentiles, Percentiles) {
@@ -696,12 +749,38 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             };
             let windows = windows.into_inner().unwrap_or_else(PoisonError::into_inner);
             let split = split_by_windows(&exchanges.timeline, &windows);
-            anyhow::Ok((Percentiles::of(&exchanges.latency), windows.len(), split))
+            anyhow::Ok((Percentiles::of(&exchanges.latency), windows.len(), split, windows))
         }
     };
-    let (rr_paced, pushes_paced, (rr_in_push, rr_between_pushes)) = during(PushKind::EveryWorkload, Some(PACE)).await?;
-    let (rr_during, pushes_during, _) = during(PushKind::EveryWorkload, None).await?;
-    let (_, pushes_one, (rr_in_one_push, rr_between_one_pushes)) = during(PushKind::OneWorkload, Some(PACE)).await?;
+    let (rr_paced, pushes_paced, (rr_in_push, rr_between_pushes), push_windows) =
+        during(PushKind::EveryWorkload, Some(PACE)).await?;
+    // The control: spinners at SCHED_IDLE (one per proxy of the pair) as long as those pushes.
+    let push_length = median(
+        push_windows
+            .iter()
+            .map(|(start, end)| end.duration_since(*start).as_secs_f64()),
+    )
+    .map_or(Duration::ZERO, Duration::from_secs_f64);
+    let (rr_in_spin, rr_between_spins, spins) = {
+        let stop = Arc::new(AtomicBool::new(false));
+        let windows = Arc::new(Mutex::new(Vec::new()));
+        let spinning = std::thread::Builder::new()
+            .name("idle-spinners".to_owned())
+            .spawn({
+                let (stop, windows) = (Arc::clone(&stop), Arc::clone(&windows));
+                move || spin_idle(2, push_length, &stop, &windows)
+            })
+            .context("starting the idle spinners")?;
+        let exchanges = rr("with idle-priority spinners").await;
+        stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || spinning.join()).await;
+        let exchanges = exchanges?;
+        let windows = windows.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let (in_spin, between) = split_by_windows(&exchanges.timeline, &windows);
+        (in_spin, between, windows.len())
+    };
+    let (rr_during, pushes_during, _, _) = during(PushKind::EveryWorkload, None).await?;
+    let (_, pushes_one, (rr_in_one_push, rr_between_one_pushes), _) = during(PushKind::OneWorkload, Some(PACE)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_end = PairRss::of(pair)?;
     // jemalloc's background threads give back what was freed more than its decay time ago (10 s).
@@ -732,6 +811,10 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         rr_in_one_push,
         rr_between_one_pushes,
         pushes_one,
+        push_length_ms: ms(push_length),
+        rr_in_spin,
+        rr_between_spins,
+        spins,
     })
 }
 
@@ -904,6 +987,12 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
                 row.pushes_one.to_string(),
             ),
             ("- during a push", &row.rr_in_one_push, "-".to_owned()),
+            (
+                "control: idle spinners as long as a push: between",
+                &row.rr_between_spins,
+                format!("{} x {:.0} ms", row.spins, row.push_length_ms),
+            ),
+            ("- during a spin", &row.rr_in_spin, "-".to_owned()),
         ] {
             t3.row(vec![
                 row.path.clone(),
@@ -946,10 +1035,11 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
         };
         let (ratio, word) = judge(&row.rr_between_pushes, &row.rr_in_push);
         let (one_ratio, one_word) = judge(&row.rr_between_one_pushes, &row.rr_in_one_push);
+        let spin_ratio = row.rr_in_spin.p99_us / row.rr_between_spins.p99_us.max(1.0);
         verdict.push_str(&format!(
             "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us between pushes -> {:.0} us during a push of every \
-             workload (x{:.2}: {word}; {:.0} us without pushes), {:.0} -> {:.0} us with one workload (x{:.2}: \
-             {one_word})",
+             workload (x{:.2}: {word}; {:.0} us without pushes; idle-priority spinners as long as a push, doing \
+             nothing else: x{:.2}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
             row.path,
             row.full_push.generation_ms,
             within(row.full_push.generation_ms <= BUDGET_APPLY_S * 1e3),
@@ -957,6 +1047,7 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             row.rr_in_push.p99_us,
             ratio,
             row.rr_before.p99_us,
+            spin_ratio,
             row.rr_between_one_pushes.p99_us,
             row.rr_in_one_push.p99_us,
             one_ratio,
