@@ -667,7 +667,7 @@ impl CorePods {
                 self.metrics.clone(),
                 registry,
             )
-            .with_transparent_plaintext(inpod::PLAINTEXT_PORT)
+            .for_pod(inpod::PLAINTEXT_PORT)
             .with_original_source(self.context.original_source(true)),
         );
         if let (Some((context, clients)), Some(dns_sockets)) = (dns, dns_sockets) {

@@ -956,7 +956,9 @@ impl ConnectionAttrs {
 }
 
 struct Registered {
-    attrs: ConnectionAttrs,
+    /// `None` for a connection no policy re-checks (a pod's outbound connection, closed with the
+    /// pod).
+    attrs: Option<ConnectionAttrs>,
     signal: Arc<SignalInner>,
 }
 
@@ -1043,6 +1045,17 @@ impl ConnectionRegistry {
     /// Registers an established connection: the guard keeps it registered until dropped, the signal
     /// completes when a new snapshot denies it.
     pub fn register(&self, attrs: ConnectionAttrs) -> (ConnectionGuard, CloseSignal) {
+        self.insert(Some(attrs))
+    }
+
+    /// Registers a connection that policies do not re-check (a pod's outbound connection: the
+    /// destination's proxy judges it), so that [`close_all`](Self::close_all) closes it and
+    /// [`len`](Self::len) counts it.
+    pub fn register_outbound(&self) -> (ConnectionGuard, CloseSignal) {
+        self.insert(None)
+    }
+
+    fn insert(&self, attrs: Option<ConnectionAttrs>) -> (ConnectionGuard, CloseSignal) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(SignalInner::default());
         lock(self.inner.shard(id)).insert(
@@ -1080,8 +1093,8 @@ impl ConnectionRegistry {
                 if registered.signal.reason.get().is_some() {
                     continue;
                 }
-                if let Some(reason) = registered.attrs.denied_by(snapshot) {
-                    let attrs = &registered.attrs;
+                let Some(attrs) = &registered.attrs else { continue };
+                if let Some(reason) = attrs.denied_by(snapshot) {
                     tracing::debug!(
                         connection = id,
                         src = %attrs.src,

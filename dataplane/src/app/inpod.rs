@@ -398,7 +398,7 @@ impl PodServers for TokioServers {
                 self.metrics.clone(),
                 registry,
             )
-            .with_transparent_plaintext(PLAINTEXT_PORT)
+            .for_pod(PLAINTEXT_PORT)
             .with_original_source(self.context.original_source(true)),
         );
         if let (Some((context, clients)), Some(sockets)) = (dns, dns_sockets) {

@@ -46,6 +46,9 @@ pub struct Worker<R: Runtime> {
     transparent_plaintext: Option<u16>,
     /// Whether connections to destination workloads leave from the client's address.
     original_source: bool,
+    /// Whether outbound connections (capture, SOCKS5) are registered too (a pod's worker: they
+    /// close with the pod, and the drain waits for them).
+    outbound_registered: bool,
 }
 
 /// How often a worker logs that it is out of file descriptors at most (its accept loops retry
@@ -107,20 +110,24 @@ where
             fd_warning_at: AtomicU64::new(0),
             transparent_plaintext: None,
             original_source: context_original_source,
+            outbound_registered: false,
         }
+    }
+
+    /// The worker of a pod in in-pod mode: its inbound plaintext listener (on `port`) receives its
+    /// connections by TPROXY (their destination is their local address), and its outbound
+    /// connections are registered, so that they close when the pod is removed and the drain waits
+    /// for them.
+    pub fn for_pod(mut self, port: u16) -> Self {
+        self.transparent_plaintext = Some(port);
+        self.outbound_registered = true;
+        self
     }
 
     /// The worker connecting to destination workloads from the client's address, or not
     /// ([`ProxyContext::original_source`]).
     pub fn with_original_source(mut self, original_source: bool) -> Self {
         self.original_source = original_source;
-        self
-    }
-
-    /// The worker with its inbound plaintext listener (on `port`) receiving connections by TPROXY
-    /// (a pod's, in in-pod mode): their destination is their local address.
-    pub fn with_transparent_plaintext(mut self, port: u16) -> Self {
-        self.transparent_plaintext = Some(port);
         self
     }
 
@@ -265,14 +272,33 @@ where
 
     /// Serves a redirected outbound connection from `peer`: [`Outbound::serve_capture`].
     pub async fn serve_capture(&self, tcp: R::Stream, peer: SocketAddr) {
-        let summary = self.outbound.serve_capture(tcp, peer).await;
+        let Some(summary) = self.closable(self.outbound.serve_capture(tcp, peer)).await else {
+            tracing::debug!(%peer, "outbound capture connection closed: its pod is no longer served");
+            return;
+        };
         tracing::debug!(%peer, ?summary, "outbound capture connection done");
     }
 
     /// Serves a SOCKS5 connection from `peer`: [`Outbound::serve_socks5`].
     pub async fn serve_socks5(&self, tcp: R::Stream, peer: SocketAddr) {
-        let summary = self.outbound.serve_socks5(tcp, peer).await;
+        let Some(summary) = self.closable(self.outbound.serve_socks5(tcp, peer)).await else {
+            tracing::debug!(%peer, "SOCKS5 connection closed: its pod is no longer served");
+            return;
+        };
         tracing::debug!(%peer, ?summary, "SOCKS5 connection done");
+    }
+
+    /// Runs an outbound connection's `serving`; for a pod's worker, registered until it ends, and
+    /// dropped (its sockets closed) with `None` if the registry closes it first.
+    async fn closable<T>(&self, serving: impl Future<Output = T>) -> Option<T> {
+        if !self.outbound_registered {
+            return Some(serving.await);
+        }
+        let (_guard, close) = self.registry.register_outbound();
+        match futures_util::future::select(std::pin::pin!(serving), close).await {
+            futures_util::future::Either::Left((done, _)) => Some(done),
+            futures_util::future::Either::Right(_) => None,
+        }
     }
 }
 
