@@ -9,6 +9,8 @@
 //! - [`policy`]: the scenario of the authorization tests, one workload under its namespace's policies;
 //! - [`net`]: blocking servers (echo, whoami), the SOCKS5 client, raw exchanges and checksums;
 //! - [`netns`]: network namespaces joined by veth pairs, for capture and multi-host scenarios;
+//! - [`inpod`]: in-pod mode without Kubernetes: pods (namespaces with istio-cni's rules) on a
+//!   bridge, node proxies in in-pod mode, istio-cni's messages for the testkit's fake istio-cni;
 //! - [`fixtures`]: the routing mesh, authorization value pools and SOCKS5 requests that the
 //!   dataplane's own tests and the fuzz targets share;
 //! - [`gateway`]: an east-west gateway (the outer tunnel of double HBONE) for multi-network scenarios;
@@ -23,6 +25,7 @@ pub mod binary;
 pub mod fixtures;
 pub mod gateway;
 pub mod hbone;
+pub mod inpod;
 pub mod istio;
 pub mod mesh;
 pub mod net;

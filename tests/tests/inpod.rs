@@ -28,9 +28,9 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use meshwire_testkit::cni::{FakeCni, add_request, workload_info};
 use meshwire_testkit::dns::{self, FakeDns};
-use meshwire_testkit::http;
 use meshwire_tests::binary::Binary;
-use meshwire_tests::mesh::{Mesh, Ports, repo_path};
+use meshwire_tests::inpod::{eventually, listening_ports, ready, script};
+use meshwire_tests::mesh::{Mesh, Ports};
 use meshwire_tests::net;
 use meshwire_tests::netns::{self, Netns};
 
@@ -61,49 +61,6 @@ services:
     80: 8080
 "#
     )
-}
-
-fn script(args: &[&str]) {
-    let path = repo_path("tests/scripts/istio-cni-inpod.sh");
-    netns::run(path.to_str().unwrap(), args);
-}
-
-fn ready(readiness: SocketAddr) -> (u16, String) {
-    match http::request_blocking(readiness, "GET", "/healthz/ready") {
-        Ok(answer) => (answer.status, answer.body),
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-/// Which of the pod listener ports accept a connection on the pod's loopback. A listener answers
-/// at once: the connection is made (and the proxy then refuses it, as it was not redirected: a
-/// reset may already be there when the connect returns). No listener: refused, or no answer
-/// (istio-cni's TPROXY rule for 15008 also takes loopback SYNs, and drops them when nothing
-/// listens), so a probe unanswered within a second counts as nothing listening.
-fn listening_ports(pod: &Netns) -> Vec<u16> {
-    [15001, 15006, 15008]
-        .into_iter()
-        .filter(|port| {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
-            match pod.enter(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))) {
-                Ok(_) => true,
-                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-            }
-        })
-        .collect()
-}
-
-/// Polls `f` on a blocking thread until it returns `Some`, up to 10 s.
-async fn eventually<T: Send + 'static>(what: &str, f: impl Fn() -> Option<T> + Send + Sync + 'static) -> T {
-    let f = std::sync::Arc::new(f);
-    for _ in 0..200 {
-        let g = f.clone();
-        if let Some(value) = tokio::task::spawn_blocking(move || g()).await.unwrap() {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within 10 s");
 }
 
 /// An upstream resolver's answer: 192.0.2.1 for any A question.
@@ -225,7 +182,7 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     assert_eq!(conn.ack().await, "", "{}", proxy.log());
     assert!(conn.snapshot_sent().await);
     assert_eq!(conn.ack().await, "");
-    eventually("ready after the snapshot", move || {
+    eventually("ready after the snapshot", Duration::from_secs(10), move || {
         (ready(readiness).0 == 200).then_some(())
     })
     .await;
@@ -424,7 +381,7 @@ workloads:
     }
     assert!(conn.snapshot_sent().await);
     assert_eq!(conn.ack().await, "");
-    eventually("ready after the snapshot", move || {
+    eventually("ready after the snapshot", Duration::from_secs(10), move || {
         (ready(readiness).0 == 200).then_some(())
     })
     .await;
@@ -483,9 +440,11 @@ workloads:
     assert!(conn.del("uid-a").await);
     assert_eq!(conn.ack().await, "");
     let check = tunnels(b.clone());
-    eventually("pod a's pooled tunnels closed after its DelWorkload", move || {
-        (check() == 0).then_some(())
-    })
+    eventually(
+        "pod a's pooled tunnels closed after its DelWorkload",
+        Duration::from_secs(10),
+        move || (check() == 0).then_some(()),
+    )
     .await;
     drop(proxy);
 }
