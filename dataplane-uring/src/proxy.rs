@@ -358,7 +358,7 @@ impl UringProxy {
 
     /// Stops accepting on every core, asks the HBONE connections to drain, and waits up to the
     /// drain deadline for every core's connections to end; then tells the cores to abandon what is
-    /// left, and stops the control plane and its listeners (readiness answers 503 from the start):
+    /// left, and stops the control plane and its listeners (readiness answers 500 from the start):
     /// [`Lifecycle::drain`].
     pub async fn drain(self) -> Drained {
         let UringProxy {

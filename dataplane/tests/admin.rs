@@ -1,4 +1,4 @@
-//! The control listeners over real sockets and real state: readiness turning from 503 to 200 as the
+//! The control listeners over real sockets and real state: readiness turning from 500 to 200 as the
 //! configuration is published and the certificate manager fetches a certificate from a local CA;
 //! `/config_dump` showing a loaded configuration and that certificate; `/logging` changing a real
 //! `tracing` filter and refusing an invalid one; `/quitquitquit` pulling the shutdown trigger; metrics
@@ -124,7 +124,7 @@ fn manager() -> Manager {
 // Readiness
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_are_there() {
+async fn readiness_is_500_naming_what_is_pending_until_config_and_certificate_are_there() {
     let readiness = Readiness::new();
     let published = Published::default();
     let manager = manager();
@@ -143,7 +143,7 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
     let server = Server::start("readiness", ReadinessHandler::new(readiness.clone())).await;
 
     let reply = get(server.addr, "/healthz/ready").await;
-    assert_eq!(reply.status, 503);
+    assert_eq!(reply.status, 500);
     assert_eq!(
         reply.body,
         format!("not ready, pending: listeners, local configuration, workload certificate {CART}\n")
@@ -151,7 +151,7 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
 
     listeners.ready();
     let reply = get(server.addr, "/healthz/ready").await;
-    assert_eq!(reply.status, 503);
+    assert_eq!(reply.status, 500);
     assert_eq!(
         reply.body,
         format!("not ready, pending: local configuration, workload certificate {CART}\n")
@@ -164,7 +164,7 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (
-            503,
+            500,
             format!("not ready, pending: workload certificate {CART}\n").as_str()
         )
     );
@@ -192,7 +192,7 @@ async fn readiness_is_503_naming_what_is_pending_until_config_and_certificate_ar
     // Draining: not ready any more.
     readiness.set_draining();
     let reply = get(server.addr, "/healthz/ready").await;
-    assert_eq!((reply.status, reply.body.as_str()), (503, "not ready, draining\n"));
+    assert_eq!((reply.status, reply.body.as_str()), (500, "not ready, draining\n"));
 
     server.stop().await;
     manager.shutdown();
@@ -486,28 +486,46 @@ fn enabled(target: &'static str) -> (bool, bool) {
 }
 
 #[tokio::test]
-async fn logging_shows_and_changes_the_filter_and_refuses_an_invalid_one() {
+async fn logging_shows_and_merges_into_the_filter_and_refuses_an_invalid_one() {
     let logging = reloadable("info");
     let handler = AdminHandler::new(Published::default(), Arc::new(manager()), ShutdownTrigger::new())
         .with_logging(logging.clone());
     let server = Server::start("admin", handler).await;
 
-    let reply = get(server.addr, "/logging").await;
+    // As ztunnel: POST without parameters lists the filter; other methods are 405.
+    let reply = post(server.addr, "/logging").await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (200, "current log level is info\n")
     );
+    let reply = get(server.addr, "/logging").await;
+    assert_eq!(reply.status, 405, "{reply:?}");
+    assert_eq!(reply.header("allow"), Some("POST"));
+    assert!(reply.body.starts_with("Invalid HTTP method\n"), "{}", reply.body);
     assert_eq!(enabled("meshwire"), (false, true));
 
-    // A per-target filter, percent-encoded as a client sends it.
+    // Per-target directives, percent-encoded as a client sends them, merged into the filter.
     let reply = post(server.addr, "/logging?level=meshwire%3Ddebug%2Ch2%3Dwarn").await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
-        (200, "current log level is meshwire=debug,h2=warn\n")
+        (200, "current log level is info,meshwire=debug,h2=warn\n")
     );
-    assert_eq!(logging.current(), "meshwire=debug,h2=warn");
     assert_eq!(enabled("meshwire"), (true, true), "the new filter is in force");
     assert_eq!(enabled("h2"), (false, false));
+    // `access=warn` quiets one target and leaves the others as they were.
+    let reply = post(server.addr, "/logging?level=access=warn").await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "current log level is info,meshwire=debug,h2=warn,access=warn\n")
+    );
+    assert_eq!(enabled("meshwire"), (true, true), "merging did not silence the rest");
+    // A directive for a target already named replaces it; a bare level replaces the default.
+    let reply = post(server.addr, "/logging?level=h2%3Dinfo%2Cwarn").await;
+    assert_eq!(
+        reply.body,
+        "current log level is warn,meshwire=debug,h2=info,access=warn\n"
+    );
+    assert_eq!(enabled("h2"), (false, true));
 
     // An invalid filter: 400 naming the problem; the old filter stays in force.
     let reply = post(server.addr, "/logging?level=meshwire=loud").await;
@@ -518,34 +536,33 @@ async fn logging_shows_and_changes_the_filter_and_refuses_an_invalid_one() {
         reply.body
     );
     assert!(reply.body.contains("expected one of"), "{}", reply.body);
-    assert!(reply.body.contains("stays meshwire=debug,h2=warn"), "{}", reply.body);
-    assert_eq!(logging.current(), "meshwire=debug,h2=warn");
-    assert_eq!(enabled("meshwire"), (true, true));
-    assert_eq!(
-        get(server.addr, "/logging").await.body,
-        "current log level is meshwire=debug,h2=warn\n"
+    assert!(
+        reply.body.contains("stays warn,meshwire=debug,h2=info,access=warn"),
+        "{}",
+        reply.body
     );
+    assert_eq!(logging.current(), "warn,meshwire=debug,h2=info,access=warn");
+    assert_eq!(enabled("meshwire"), (true, true));
 
     let reply = post(server.addr, "/logging?level=").await;
     assert_eq!(reply.status, 400);
     assert!(reply.body.contains("empty log filter"), "{}", reply.body);
 
-    // POST without parameters lists (as ztunnel); reset restores the initial filter.
-    assert_eq!(
-        post(server.addr, "/logging").await.body,
-        "current log level is meshwire=debug,h2=warn\n"
-    );
+    // reset restores the initial filter; reset with a level merges into the initial one.
     let reply = post(server.addr, "/logging?reset").await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (200, "current log level is info\n")
     );
     assert_eq!(enabled("meshwire"), (false, true));
+    let reply = post(server.addr, "/logging?reset&level=h2%3Ddebug").await;
+    assert_eq!(reply.body, "current log level is info,h2=debug\n");
+    assert_eq!(enabled("h2"), (true, true));
 
     let reply = request(server.addr, "PUT", "/logging?level=debug", &[]).await;
     assert_eq!(reply.status, 405);
-    assert_eq!(reply.header("allow"), Some("GET, HEAD, POST"));
-    assert_eq!(logging.current(), "info");
+    assert_eq!(reply.header("allow"), Some("POST"));
+    assert_eq!(logging.current(), "info,h2=debug");
     server.stop().await;
 }
 
@@ -553,7 +570,7 @@ async fn logging_shows_and_changes_the_filter_and_refuses_an_invalid_one() {
 async fn logging_without_a_handle_is_501() {
     let handler = AdminHandler::new(Published::default(), Arc::new(manager()), ShutdownTrigger::new());
     let server = Server::start("admin", handler).await;
-    assert_eq!(get(server.addr, "/logging").await.status, 501);
+    assert_eq!(post(server.addr, "/logging").await.status, 501);
     server.stop().await;
 }
 
@@ -727,7 +744,7 @@ fn handlers_answer_without_a_server() {
     let blocker = readiness.block("listeners");
     let handler = ReadinessHandler::new(readiness.clone());
     let request = http::Request::get("/healthz/ready").body(()).unwrap();
-    assert_eq!(handler.handle(&request).status(), 503);
+    assert_eq!(handler.handle(&request).status(), 500);
     drop(blocker);
     assert_eq!(handler.handle(&request).status(), 200);
 }

@@ -243,7 +243,7 @@ fn an_expired_certificate_makes_the_proxy_unready_until_a_fresh_one_is_written()
         while SystemTime::now() <= expires + Duration::from_secs(1) {
             thread::sleep(Duration::from_millis(100));
         }
-        let (_, body) = wait_readiness(&server, "not ready once expired", |status, _| status == 503);
+        let (_, body) = wait_readiness(&server, "not ready once expired", |status, _| status == 500);
         assert!(
             body.contains(&server_id().to_string()) && body.contains("expired"),
             "{binary}: {body}"
@@ -314,12 +314,12 @@ fn a_missing_dedicated_workload_keeps_the_proxy_unready_and_refusals_are_logged(
             .spawn_listening();
 
         let (_, body) = wait_readiness(&client, "not ready without its workload", |status, body| {
-            status == 503 && body.contains("default/client")
+            status == 500 && body.contains("default/client")
         });
         assert!(body.contains("workload"), "{binary}: {body}");
         // Stays so (not a start-up transient).
         thread::sleep(Duration::from_secs(2));
-        assert_eq!(readiness(&client).0, 503, "{binary}");
+        assert_eq!(readiness(&client).0, 500, "{binary}");
 
         // Every refusal is in the access log, as other refusals are.
         for _ in 0..3 {
@@ -413,7 +413,7 @@ fn a_failing_certificate_is_fetched_again_only_when_the_logged_back_off_says() {
         }
         // Not ready, naming the identity whose certificate is missing.
         let (status, body) = readiness(&client);
-        assert_eq!(status, 503, "{binary}: {body}");
+        assert_eq!(status, 500, "{binary}: {body}");
         assert!(body.contains(&client_id().to_string()), "{binary}: {body}");
     }
 }

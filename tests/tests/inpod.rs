@@ -171,7 +171,7 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     );
     assert_eq!(conn.ack().await, "", "{}", proxy.log());
     let (status, body) = tokio::task::spawn_blocking(move || ready(readiness)).await.unwrap();
-    assert_eq!(status, 503, "ready before the snapshot ended: {body}");
+    assert_eq!(status, 500, "ready before the snapshot ended: {body}");
     assert!(
         conn.send(
             &add_request("uid-b", Some(workload_info("b", "default", "b"))),

@@ -264,7 +264,7 @@ async fn reconcile_after_istio_cni_reconnect(binary: Binary) {
     assert_eq!(keep(&second, &a, &proxy).await, "", "KeepWorkload of a");
     // Until the new session's snapshot is in, the proxy is not ready.
     let (status, body) = blocking(move || ready(readiness)).await;
-    assert_eq!(status, 503, "ready before the new session's snapshot: {body}");
+    assert_eq!(status, 500, "ready before the new session's snapshot: {body}");
     assert!(body.contains("snapshot"), "{body}");
     assert_eq!(keep(&second, &b, &proxy).await, "", "KeepWorkload of b");
     assert_eq!(add(&second, &d, &proxy).await, "", "AddWorkload of d");
@@ -384,7 +384,7 @@ async fn a_removed_pods_outbound_connections_close_ztunnel_uring() {
 // 3. A pod whose port is taken.
 
 /// Something already listens on 15008 inside pod b (without `SO_REUSEPORT`) when istio-cni adds b:
-/// the Add is NACKed naming the port, readiness answers 503 naming the pod, none of b's listeners
+/// the Add is NACKed naming the port, readiness answers 500 naming the pod, none of b's listeners
 /// is left open; once the blocker is gone, the proxy's retry starts b, readiness answers 200, and
 /// a reaches b.
 async fn a_pod_whose_port_is_taken_is_nacked_and_retried(binary: Binary) {
@@ -408,7 +408,7 @@ async fn a_pod_whose_port_is_taken_is_nacked_and_retried(binary: Binary) {
 
     // Readiness names the pod and why.
     let (status, body) = blocking(move || ready(readiness)).await;
-    assert_eq!(status, 503, "ready with pod b down: {body}");
+    assert_eq!(status, 500, "ready with pod b down: {body}");
     assert!(body.contains(&b.uid) && body.contains("15008"), "{body}");
     // Nothing of b's failed start is left listening (15008 is the blocker's).
     let ns = b.ns.clone();
@@ -420,7 +420,7 @@ async fn a_pod_whose_port_is_taken_is_nacked_and_retried(binary: Binary) {
     // The retry runs and fails while the port is taken.
     wait_log(&proxy, &["cannot start the pod's listeners", &b.uid, "attempts=2"]).await;
     let (status, _) = blocking(move || ready(readiness)).await;
-    assert_eq!(status, 503, "ready with the port still taken");
+    assert_eq!(status, 500, "ready with the port still taken");
 
     // The blocker goes: a later retry starts b.
     drop(blocker);

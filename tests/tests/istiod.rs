@@ -284,7 +284,7 @@ fn a_proxy_given_a_wrong_root_for_istiod_is_not_ready_and_says_why() {
             answer.is_some()
         });
         let answer = answer.unwrap();
-        assert_eq!(answer.status, 503, "{}", proxy.describe());
+        assert_eq!(answer.status, 500, "{}", proxy.describe());
         let logged = proxy.wait_for_log(&[&mesh.istiod.address().to_string()], Duration::from_secs(20));
         assert!(logged.is_some(), "the log names istiod's address\n{}", proxy.describe());
         assert!(answer.body.contains("istiod"), "{}", answer.body);

@@ -160,7 +160,7 @@ fn a_proxy_with_certificates_from_files_joins_the_mesh() {
         );
         assert!(complaint.is_some(), "the mismatch is named\n{}", wrong.describe());
         let ready = http::request_blocking(wrong.ports().readiness, "GET", "/healthz/ready").unwrap();
-        assert_eq!(ready.status, 503, "not ready without its certificate: {}", ready.body);
+        assert_eq!(ready.status, 500, "not ready without its certificate: {}", ready.body);
         assert!(ready.body.contains("certificate"), "{}", ready.body);
     }
 }

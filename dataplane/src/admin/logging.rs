@@ -64,6 +64,11 @@ struct Inner {
 /// assert_eq!(logging.current(), "meshwire=debug,h2=warn");
 /// logging.reset()?;
 /// assert_eq!(logging.current(), "info");
+/// // Merged into the filter in force, as ztunnel's `/logging?level=` does: one target changed.
+/// logging.merge("access=warn")?;
+/// assert_eq!(logging.current(), "info,access=warn");
+/// logging.merge("debug,access=info")?;
+/// assert_eq!(logging.current(), "debug,access=info");
 /// # Ok::<(), meshwire_dataplane::admin::LogControlError>(())
 /// ```
 #[derive(Clone)]
@@ -122,6 +127,63 @@ impl LogControl {
         let initial = self.inner.initial.clone();
         self.set(&initial)
     }
+
+    /// Merges `directives` into the filter in force (ztunnel's `POST /logging?level=`): each
+    /// directive replaces the one of the same target (a bare level, the default one), the others
+    /// stay. `access=warn` quiets the access log and leaves everything else as it was. Invalid
+    /// directives change nothing.
+    pub fn merge(&self, directives: &str) -> Result<(), LogControlError> {
+        let merged = merge_directives(&self.current(), Self::validated(directives)?);
+        self.set(&merged)
+    }
+
+    /// [`LogControl::reset`], then `directives` merged into the initial filter (ztunnel's
+    /// `POST /logging?reset&level=`).
+    pub fn reset_and_merge(&self, directives: &str) -> Result<(), LogControlError> {
+        let merged = merge_directives(&self.inner.initial, Self::validated(directives)?);
+        self.set(&merged)
+    }
+
+    /// `directives`, trimmed, if they are a valid filter.
+    fn validated(directives: &str) -> Result<&str, LogControlError> {
+        let directives = directives.trim();
+        if directives.is_empty() {
+            return Err(LogControlError::Empty);
+        }
+        EnvFilter::builder()
+            .parse(directives)
+            .map_err(|e| LogControlError::Invalid {
+                filter: directives.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(directives)
+    }
+}
+
+/// `base` with `directives` merged in: a directive of `directives` replaces those of `base` for the
+/// same target (the text before `=`; a bare level is the default directive), kept in place of the
+/// first one replaced, or appended.
+fn merge_directives(base: &str, directives: &str) -> String {
+    fn target(directive: &str) -> &str {
+        directive.rsplit_once('=').map_or("", |(target, _)| target.trim())
+    }
+    let mut merged: Vec<&str> = base.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    for directive in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let key = target(directive);
+        match merged.iter().position(|d| target(d) == key) {
+            Some(first) => {
+                merged[first] = directive;
+                let mut index = 0;
+                merged.retain(|d| {
+                    let keep = index <= first || target(d) != key;
+                    index += 1;
+                    keep
+                });
+            }
+            None => merged.push(directive),
+        }
+    }
+    merged.join(",")
 }
 
 impl fmt::Debug for LogControl {

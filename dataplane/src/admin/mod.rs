@@ -3,12 +3,12 @@
 //!
 //! | listener | path | answers |
 //! |---|---|---|
-//! | readiness | `GET /healthz/ready` | `200 ready`, or `503` naming what is pending or that the proxy drains |
+//! | readiness | `GET /healthz/ready` | `200 ready`, or `500` naming what is pending or that the proxy drains |
 //! | metrics | `GET /metrics`, `GET /stats/prometheus` | the TCP [`Metrics`], `istio_build` and `meshwire_config_generation`, as OpenMetrics or Prometheus text by `Accept` |
 //! | admin | `GET /` | the list of admin endpoints |
 //! | admin | `GET /config_dump` | the current workloads, services, policies, configuration generation and certificates, as JSON |
-//! | admin | `GET /logging` | the current log filter |
-//! | admin | `POST /logging?level=<filter>` | replaces the log filter (`EnvFilter` syntax); `?reset` restores the initial one |
+//! | admin | `POST /logging` | the current log filter (other methods: 405, as ztunnel) |
+//! | admin | `POST /logging?level=<directives>` | merges directives into the log filter (`EnvFilter` syntax: `access=warn` changes that target only), as ztunnel; `?reset` restores the initial one first |
 //! | admin | `POST /quitquitquit` | starts the drain, as SIGTERM does |
 //!
 //! Unknown paths are 404, wrong methods 405 with an `Allow` header.
@@ -449,9 +449,11 @@ pub const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
     ("/quitquitquit", "POST: drain and exit, as on SIGTERM"),
 ];
 
-const LOGGING_USAGE: &str = "usage: GET /logging (the current filter)\n\
-    usage: POST /logging?level=<filter> (EnvFilter syntax: debug, meshwire=debug,h2=warn)\n\
-    usage: POST /logging?reset (the filter the process started with)\n";
+const LOGGING_USAGE: &str = "usage: POST /logging (the current filter)\n\
+    usage: POST /logging?level=<directives> (merged into the current filter; EnvFilter syntax: debug, access=warn, \
+    meshwire=debug,h2=warn)\n\
+    usage: POST /logging?reset (the filter the process started with)\n\
+    usage: POST /logging?reset&level=<directives> (merged into the filter the process started with)\n";
 
 /// The admin listener (15000, loopback): `/`, `/config_dump`, `/logging`, `/quitquitquit` (see the
 /// [module](self) table).
@@ -541,16 +543,14 @@ impl AdminHandler {
             server::text(StatusCode::OK, format!("current log level is {}\n", logging.current()))
         };
         match *request.method() {
-            Method::GET | Method::HEAD => current(logging),
             Method::POST => {
-                let result = if server::query_param(request, "reset").is_some() {
-                    logging.reset()
-                } else {
-                    match server::query_param(request, "level") {
-                        Some(level) => logging.set(&level),
-                        // ztunnel's POST without parameters lists the level.
-                        None => return current(logging),
-                    }
+                let reset = server::query_param(request, "reset").is_some();
+                let result = match (server::query_param(request, "level"), reset) {
+                    (Some(level), false) => logging.merge(&level),
+                    (Some(level), true) => logging.reset_and_merge(&level),
+                    (None, true) => logging.reset(),
+                    // ztunnel's POST without parameters lists the level.
+                    (None, false) => return current(logging),
                 };
                 match result {
                     Ok(()) => {
@@ -566,7 +566,17 @@ impl AdminHandler {
                     ),
                 }
             }
-            _ => server::method_not_allowed(request, &[Method::GET, Method::HEAD, Method::POST]),
+            // As ztunnel: only POST, which without parameters lists the level.
+            _ => {
+                let mut response = server::text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("Invalid HTTP method\n\n{LOGGING_USAGE}"),
+                );
+                response
+                    .headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+                response
+            }
         }
     }
 

@@ -165,8 +165,8 @@ impl fmt::Debug for ReadyBlocker {
 }
 
 /// The readiness listener (15021): `GET /healthz/ready` answers `200 ready` when the proxy is
-/// ready, else `503` naming what is pending (`not ready, pending: local configuration, workload
-/// certificate`) or that it is draining. Other paths are 404, other methods 405.
+/// ready, else `500` naming what is pending (`not ready, pending: local configuration, workload
+/// certificate`) or that it is draining, as ztunnel answers. Other paths are 404, other methods 405.
 #[derive(Debug, Clone)]
 pub struct ReadinessHandler {
     readiness: Readiness,
@@ -188,14 +188,14 @@ impl Handler for ReadinessHandler {
             return server::method_not_allowed(request, &[Method::GET, Method::HEAD]);
         }
         if self.readiness.is_draining() {
-            return server::text(StatusCode::SERVICE_UNAVAILABLE, "not ready, draining\n");
+            return server::text(StatusCode::INTERNAL_SERVER_ERROR, "not ready, draining\n");
         }
         let pending = self.readiness.pending();
         if pending.is_empty() {
             server::text(StatusCode::OK, "ready\n")
         } else {
             server::text(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 format!("not ready, pending: {}\n", pending.join(", ")),
             )
         }

@@ -23,7 +23,7 @@
 //! [`Connection::serve`] dispatches it by its listener with an exhaustive match: a new kind of
 //! [`Listener`] does not compile until it is served or named as not served here.
 //!
-//! **Drain.** [`Lifecycle::drain`] answers 503 on readiness, moves to [`Phase::Draining`] (the accept
+//! **Drain.** [`Lifecycle::drain`] answers 500 on readiness, moves to [`Phase::Draining`] (the accept
 //! loops stop, inbound HBONE connections get GOAWAY), waits up to the drain deadline for the
 //! connections to end, then moves to [`Phase::Abandoned`] (what is left is abandoned) and stops the
 //! control plane and its listeners.
@@ -404,7 +404,7 @@ impl Lifecycle {
     /// Stops accepting and asks the HBONE connections to drain ([`Phase::Draining`]), and waits up
     /// to the drain deadline for `ended` (every worker's connections ended); then abandons what is
     /// left ([`Phase::Abandoned`]), waits for `stopped` (the workers' threads, say), stops the
-    /// control plane and its listeners, and logs how the drain ended. Readiness answers 503 from
+    /// control plane and its listeners, and logs how the drain ended. Readiness answers 500 from
     /// the start.
     pub async fn drain(self, ended: impl Future<Output = ()>, stopped: impl Future<Output = ()>) -> Drained {
         tracing::info!(deadline = ?self.drain_deadline, "draining");

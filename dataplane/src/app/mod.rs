@@ -270,7 +270,7 @@ impl Proxy {
 
     /// Stops accepting, asks the HBONE connections to drain, and waits up to the drain deadline
     /// for every connection to end; then stops the background tasks and the control listeners
-    /// (readiness answers 503 from the start of the drain): [`Lifecycle::drain`].
+    /// (readiness answers 500 from the start of the drain): [`Lifecycle::drain`].
     pub async fn drain(self) -> Drained {
         let registry = self.registry;
         let pods = self.inpod.is_some();
