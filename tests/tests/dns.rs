@@ -1,11 +1,13 @@
 //! The DNS proxy of both binaries on real sockets: mesh names answered locally (service hostname,
 //! short names, search domains, AAAA of an IPv4 service), everything else forwarded to a fake
 //! upstream byte for byte (A, SRV, TXT, UPDATE), a large answer cut with TC over UDP and whole over
-//! TCP, SERVFAIL when the upstream is down, and the `istio_dns_*` metrics.
+//! TCP, SERVFAIL when the upstream is down, the `istio_dns_*` metrics, and tens of thousands of
+//! forwarded queries answered by one server.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, SRV, TXT};
@@ -317,6 +319,66 @@ fn servfail_when_the_upstream_is_down() {
             ),
             1,
             "{text}"
+        );
+    }
+}
+
+/// Forwarded queries sent one after the other on one client socket (so to one server: one core of
+/// `ztunnel-uring`): more than glommio's 16-bit task reference count holds, each query waking the
+/// server's task at least once.
+const MANY_FORWARDS: u16 = 40_000;
+
+#[test]
+fn forty_thousand_forwarded_queries_are_all_answered() {
+    // ztunnel-uring stopped answering after about 32,767 wake-ups of a core's DNS task: glommio kept
+    // a clone of the task's waker for every poll of the pending TCP accept (polled with the UDP loop
+    // in one task), until the task's reference count overflowed and its wake-up panicked.
+    let upstream = FakeDns::start(upstream_a).unwrap();
+    for binary in binary::all() {
+        let setup = start(&binary, upstream.addr());
+        let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        client.connect(setup.dns).unwrap();
+        // A bound on a stalled server, not a timing check: the answer of a live one takes far less.
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = vec![0; 65_535];
+        for i in 0..MANY_FORWARDS {
+            let id = i.wrapping_mul(7919);
+            let query = dns::query(id, &format!("host-{}.example.", i % 1000), RecordType::A, None);
+            client.send(&query).unwrap();
+            let len = client.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "{binary}: query {i} of {MANY_FORWARDS}: {e}\n{}",
+                    setup.proxy.describe()
+                )
+            });
+            let answer = dns::parse(&buf[..len]);
+            assert_eq!(answer.id(), id, "{binary}: query {i}");
+            assert_eq!(answer.response_code(), ResponseCode::NoError, "{binary}: query {i}");
+            assert_eq!(
+                records(&answer),
+                [format!("host-{}.example. 192.0.2.1", i % 1000)],
+                "{binary}: query {i}"
+            );
+        }
+        // The server still answers the other ways: over TCP, and locally.
+        let tcp =
+            dns::parse(&dns::tcp_exchange(setup.dns, &dns::query(1, "last.example.", RecordType::A, None)).unwrap());
+        assert_eq!(records(&tcp), ["last.example. 192.0.2.1"], "{binary}");
+        let local = dns::parse(&dns::udp_exchange(setup.dns, &dns::query(2, "server.", RecordType::A, None)).unwrap());
+        assert_eq!(records(&local), ["server. 10.96.0.10"], "{binary}");
+        let forwarded = u64::from(MANY_FORWARDS) + 1;
+        let text = setup
+            .proxy
+            .wait_metric("istio_dns_upstream_requests_total", &[], forwarded);
+        assert_eq!(
+            metric_sum(&text, "istio_dns_upstream_requests_total", &[]),
+            forwarded,
+            "{binary}"
+        );
+        assert_eq!(
+            metric_sum(&text, "istio_dns_upstream_failures_total", &[]),
+            0,
+            "{binary}"
         );
     }
 }

@@ -308,7 +308,13 @@ impl Source {
                 return Poll::Ready(result);
             }
 
-            self.add_waiter_many(cx.waker().clone());
+            // meshwire patch: the waker of this poll replaces the one kept, unless it wakes the
+            // same task (one future awaits a source: `Source` is not `Clone`). glommio 0.9.0
+            // pushed a clone on every poll, kept until the operation completed: a task that polls a
+            // pending operation again and again (a listener's accept beside other work in one
+            // task) piled up clones of its waker until the task's 16-bit reference count
+            // overflowed, the wake-up panicked, and the task was never scheduled again.
+            self.add_waiter_single(cx.waker());
             Poll::Pending
         })
         .await
