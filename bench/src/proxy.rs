@@ -279,6 +279,8 @@ impl Pair {
         let mut a = command();
         common(&mut a, "default/client/client", Ipv4Addr::LOCALHOST, ports.a);
         a.args([
+            "--socks5",
+            "true",
             "--socks5-address",
             "127.0.0.1",
             "--socks5-port",

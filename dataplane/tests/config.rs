@@ -68,20 +68,19 @@ fn defaults_are_ztunnels() {
     assert_eq!(l.inbound, addr("[::]:15008"));
     assert_eq!(l.inbound_plaintext, addr("[::]:15006"));
     assert_eq!(l.outbound, addr("[::]:15001"));
-    assert_eq!(l.socks5, Some(addr("127.0.0.1:15080")));
+    // SOCKS5 is off unless asked for, as in ztunnel.
+    assert_eq!(l.socks5, None);
     assert_eq!(l.dns, Some(addr("127.0.0.1:15053")));
     assert_eq!(l.readiness, addr("[::]:15021"));
     assert_eq!(l.admin, addr("127.0.0.1:15000"));
     assert_eq!(l.metrics, addr("[::]:15020"));
     for listener in Listener::ALL {
-        assert_eq!(
-            l.get(listener).map(|a| a.port()),
-            Some(listener.default_port()),
-            "{listener}"
-        );
+        let expected = (listener != Listener::Socks5).then(|| listener.default_port());
+        assert_eq!(l.get(listener).map(|a| a.port()), expected, "{listener}");
     }
     let ports: BTreeSet<u16> = l.ports().into_iter().collect();
-    assert_eq!(ports, DEFAULT_PROXY_PORTS.into_iter().collect::<BTreeSet<u16>>());
+    let defaults: BTreeSet<u16> = DEFAULT_PROXY_PORTS.into_iter().filter(|p| *p != 15080).collect();
+    assert_eq!(ports, defaults, "ztunnel's ports but SOCKS5's, off by default");
 
     assert_eq!(config.mode, ProxyMode::Shared { node: None });
     assert_eq!(config.local_config, None);
@@ -249,12 +248,17 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("UNSTABLE_ENABLE_SOCKS5", "false")], |c| {
             c.listeners.socks5.is_none() && !c.local_proxy().ports.contains(&15080)
         }),
-        (vec![("MESHWIRE_SOCKS5_PORT", "16080")], |c| {
-            c.listeners.socks5 == Some(addr("127.0.0.1:16080"))
+        (vec![("UNSTABLE_ENABLE_SOCKS5", "true")], |c| {
+            c.listeners.socks5 == Some(addr("127.0.0.1:15080")) && c.local_proxy().ports.contains(&15080)
         }),
-        (vec![("MESHWIRE_SOCKS5_ADDRESS", "::1")], |c| {
-            c.listeners.socks5 == Some(addr("[::1]:15080"))
-        }),
+        (
+            vec![("UNSTABLE_ENABLE_SOCKS5", "true"), ("MESHWIRE_SOCKS5_PORT", "16080")],
+            |c| c.listeners.socks5 == Some(addr("127.0.0.1:16080")),
+        ),
+        (
+            vec![("UNSTABLE_ENABLE_SOCKS5", "true"), ("MESHWIRE_SOCKS5_ADDRESS", "::1")],
+            |c| c.listeners.socks5 == Some(addr("[::1]:15080")),
+        ),
         (vec![("ISTIO_META_DNS_CAPTURE", "false")], |c| c.listeners.dns.is_none()),
         (vec![("MESHWIRE_DNS_PORT", "16053")], |c| {
             c.listeners.dns == Some(addr("127.0.0.1:16053"))
@@ -748,7 +752,7 @@ fn invalid_values_name_their_flag_or_variable_and_the_value() {
         ),
         (
             &["--admin-port", "16000"],
-            &[("MESHWIRE_SOCKS5_PORT", "16000")],
+            &[("UNSTABLE_ENABLE_SOCKS5", "true"), ("MESHWIRE_SOCKS5_PORT", "16000")],
             &["port 16000", "--admin-port", "MESHWIRE_SOCKS5_PORT"],
         ),
         (

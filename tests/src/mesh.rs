@@ -298,7 +298,14 @@ impl ProxyBuilder {
         };
         let port = |p: u16| p.to_string();
         cmd.args(["--bind-address", &self.ip.to_string()])
-            .args(["--socks5-address", "127.0.0.1", "--admin-address", "127.0.0.1"])
+            .args([
+                "--socks5",
+                "true",
+                "--socks5-address",
+                "127.0.0.1",
+                "--admin-address",
+                "127.0.0.1",
+            ])
             .args(["--inbound-port", &port(ports.inbound.port())])
             .args(["--inbound-plaintext-port", &port(ports.inbound_plaintext.port())])
             .args(["--outbound-port", &port(ports.outbound.port())])

@@ -225,9 +225,9 @@ pub(super) const SOCKS5: Opt = Opt {
     flag: "--socks5",
     value_name: "BOOL",
     keys: &[Env("UNSTABLE_ENABLE_SOCKS5")],
-    default: Some("true"),
+    default: Some("false"),
     kind: Kind::Bool,
-    help: "Run the outbound SOCKS5 listener",
+    help: "Run the outbound SOCKS5 listener (off by default, as in ztunnel)",
     ..Opt::new(H_LISTEN)
 };
 pub(super) const SOCKS5_PORT: Opt = Opt {

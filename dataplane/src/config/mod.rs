@@ -73,7 +73,7 @@
 //! | `--inbound-port` (HBONE) | `MESHWIRE_INBOUND_PORT` | 15008 |
 //! | `--inbound-plaintext-port` | `MESHWIRE_INBOUND_PLAINTEXT_PORT` | 15006 |
 //! | `--outbound-port` | `MESHWIRE_OUTBOUND_PORT` | 15001 |
-//! | `--socks5 BOOL` | `UNSTABLE_ENABLE_SOCKS5` | `true` |
+//! | `--socks5 BOOL` | `UNSTABLE_ENABLE_SOCKS5` | `false` |
 //! | `--socks5-port` | `MESHWIRE_SOCKS5_PORT` | 15080 |
 //! | `--socks5-address` | `MESHWIRE_SOCKS5_ADDRESS` | 127.0.0.1 |
 //! | `--dns-proxy BOOL` | `ISTIO_META_DNS_CAPTURE`, `PROXY_CONFIG` `proxyMetadata.DNS_CAPTURE` | `true` |
@@ -120,11 +120,12 @@
 //! `CA_HEADER_<NAME>` headers of every request to istiod (see [`IstioConfig`]). Durations are Go-style (`500ms`,
 //! `1m30s`, `1.5h`, units `ns` `us` `ms` `s` `m` `h` `d`) or a number of seconds.
 //!
-//! Differences from ztunnel: every port can be moved; the SOCKS5 listener is on unless
-//! `UNSTABLE_ENABLE_SOCKS5=false` (it listens on loopback only); without `XDS_ADDRESS` the proxy runs
+//! Differences from ztunnel: every port can be moved; the SOCKS5 listener (off unless
+//! `UNSTABLE_ENABLE_SOCKS5=true` or `--socks5 true`, as in ztunnel) listens on loopback only; without
+//! `XDS_ADDRESS` the proxy runs
 //! on its local configuration and its local CA (ztunnel defaults to istiod's address), so that a run
 //! outside a cluster needs no setup; certificates can also come from files. ztunnel variables
-//! meshwire does not implement (in-pod mode, keepalives) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
+//! meshwire does not implement (keepalives, on-demand xDS) are listed in [`UNSUPPORTED_ZTUNNEL_ENV`]; those
 //! that are set end up in [`Config::ignored_env`] for the binary to warn about.
 //!
 //! **Buffer budgets.** What the proxy holds for an HBONE peer that does not read is bounded by
