@@ -913,6 +913,36 @@ fn local_ca_refuses_a_root_of_another_trust_domain() {
     LocalCa::load_or_create(dir.path(), td(TD)).unwrap();
 }
 
+/// ztunnel's fixed test root (its `FAKE_CA=true`), an RSA root without a URI SAN, loads as the local
+/// CA's root when written into `ca.pem`: the SVIDs issued then verify against that root alone, as a
+/// ztunnel with `FAKE_CA=true` verifies them.
+#[test]
+fn local_ca_loads_ztunnels_test_root() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ztunnel-test-ca");
+    let root_pem = std::fs::read_to_string(fixtures.join("root-cert.pem")).unwrap();
+    let key_pem = std::fs::read_to_string(fixtures.join("ca-key.pem")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(CA_FILE), format!("{root_pem}{key_pem}")).unwrap();
+
+    let ca = LocalCa::load_or_create(dir.path(), td(TD)).unwrap();
+    let ztunnel_root = TrustBundle::from_pem(td(TD), root_pem.as_bytes()).unwrap();
+    assert_eq!(ca.bundle().roots(), ztunnel_root.roots());
+    let creds = ca.issue(&SpiffeId::new(ID).unwrap()).unwrap();
+    creds
+        .svid
+        .verify(&BundleSet::from(ztunnel_root), SystemTime::now())
+        .expect("meshwire's SVID verifies against ztunnel's test root");
+    // Another root does not verify it.
+    let other = LocalCa::ephemeral(td(TD)).unwrap();
+    assert!(creds.svid.verify(other.bundle_set(), SystemTime::now()).is_err());
+    // The published root is ztunnel's.
+    let published = std::fs::read(dir.path().join(ROOT_CERT_FILE)).unwrap();
+    assert_eq!(
+        TrustBundle::from_pem(td(TD), &published).unwrap().roots(),
+        ca.bundle().roots()
+    );
+}
+
 #[test]
 fn local_ca_refuses_a_corrupt_ca_file() {
     let foreign_key = p256().serialize_pem();

@@ -286,7 +286,14 @@ impl LocalCa {
                     expected: trust_domain,
                 });
             }
-            _ => return Err(corrupt("the root has no single URI SAN naming its trust domain".into())),
+            // A root without a URI SAN, as Istio's CA roots are (`O=cluster.local`): its trust
+            // domain is the one configured.
+            [] => {}
+            _ => {
+                return Err(corrupt(
+                    "the root names several URIs: at most one, its trust domain".into(),
+                ));
+            }
         }
         // The key must be the root's own.
         let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(key.serialize_der().into()))
