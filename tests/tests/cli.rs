@@ -182,15 +182,32 @@ fn invalid_flag_exits_2() {
 }
 
 #[test]
-fn version_names_the_binary() {
+fn version_names_the_binary_and_version_prints_ztunnels_build_info() {
     for binary in binary::all() {
-        for arg in ["--version", "version"] {
-            let output = binary.command().arg(arg).output().unwrap();
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(output.status.success(), "{binary} {arg}: {output:?}");
-            let first = stdout.split_whitespace().next().unwrap_or_default();
-            assert_eq!(first, binary.name(), "{binary} {arg}: {stdout}");
-            assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{binary} {arg}: {stdout}");
+        // `--version`: the binary, meshwire and the version.
+        let output = binary.command().arg("--version").output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{binary}: {output:?}");
+        let first = stdout.split_whitespace().next().unwrap_or_default();
+        assert_eq!(first, binary.name(), "{binary}: {stdout}");
+        assert!(
+            stdout.contains("meshwire") && stdout.contains(env!("CARGO_PKG_VERSION")),
+            "{stdout}"
+        );
+        // `version`: ztunnel's one line, for scripts that read it.
+        let output = binary.command().arg("version").output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{binary}: {output:?}");
+        assert!(
+            stdout.starts_with(&format!(
+                "version.BuildInfo{{Version:\"{}\", GitRevision:\"",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{binary}: {stdout}"
+        );
+        for field in ["RustVersion:\"", "BuildProfile:\"", "BuildStatus:\"", "GitTag:\""] {
+            assert!(stdout.contains(field), "{binary}: {stdout}");
         }
+        assert_eq!(stdout.lines().count(), 1, "{binary}: {stdout}");
     }
 }

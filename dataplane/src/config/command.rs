@@ -80,7 +80,7 @@ pub(super) const OPTS: &[&Opt] = &[
 /// The command line: every option in [`OPTS`], plus the positional words Istio passes.
 pub(super) fn command() -> Command {
     let cmd = Command::new("ztunnel")
-        .version(env!("CARGO_PKG_VERSION"))
+        .version(concat!(env!("CARGO_PKG_VERSION"), " (meshwire)"))
         .about("meshwire: a ztunnel-compatible node proxy")
         .long_about(
             "meshwire: a ztunnel-compatible node proxy.\n\nEvery flag can also be set through the environment \
@@ -91,7 +91,7 @@ pub(super) fn command() -> Command {
             Arg::new("command")
                 .value_name("COMMAND")
                 .value_parser(["proxy", "version"])
-                .help("proxy (the default) runs the proxy; version prints the version"),
+                .help("proxy (the default) runs the proxy; version prints ztunnel's build-info line"),
         )
         .arg(
             Arg::new("proxy-type")

@@ -329,6 +329,26 @@ impl Default for Config {
     }
 }
 
+/// The build, as ztunnel's `ztunnel version` prints it (`version.BuildInfo{Version:"..", ...}`):
+/// the crate's version, the git revision given at build time (`MESHWIRE_GIT_REVISION`, else
+/// `unknown`), the compiler's version and the build profile.
+///
+/// ```
+/// let info = meshwire_dataplane::config::build_info();
+/// assert!(info.starts_with(&format!("version.BuildInfo{{Version:\"{}\", GitRevision:\"", env!("CARGO_PKG_VERSION"))));
+/// ```
+pub fn build_info() -> String {
+    let revision = option_env!("MESHWIRE_GIT_REVISION").unwrap_or("unknown");
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    format!(
+        "version.BuildInfo{{Version:\"{version}\", GitRevision:\"{revision}\", RustVersion:\"{rust}\", \
+         BuildProfile:\"{profile}\", BuildStatus:\"{status}\", GitTag:\"{version}\"}}",
+        version = env!("CARGO_PKG_VERSION"),
+        rust = env!("MESHWIRE_RUSTC_VERSION"),
+        status = if revision == "unknown" { "Unknown" } else { "Clean" },
+    )
+}
+
 impl Config {
     /// Reads the configuration from an argument vector (program name first, as `std::env::args_os`
     /// gives it) and environment variables looked up through `env`, and validates it. Touches neither
@@ -368,9 +388,10 @@ impl Config {
                 message: err.render().to_string(),
             })?;
         if matches.get_one::<String>("command").map(String::as_str) == Some("version") {
+            // ztunnel's `version` line, for scripts that read it; `--version` names meshwire.
             return Err(Error::Cli {
                 kind: ErrorKind::DisplayVersion,
-                message: format!("{name} (meshwire) {}\n", env!("CARGO_PKG_VERSION")),
+                message: format!("{}\n", build_info()),
             });
         }
         Inputs::new(matches, env, names)?.config()
