@@ -211,3 +211,28 @@ fn version_names_the_binary_and_version_prints_ztunnels_build_info() {
         assert_eq!(stdout.lines().count(), 1, "{binary}: {stdout}");
     }
 }
+
+/// As ztunnel's `localhost:15000`: the admin listener answers on IPv6 loopback too, on the same
+/// port (where the host has IPv6 loopback).
+#[test]
+fn admin_answers_on_ipv6_loopback_too() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let mesh = example_mesh();
+    for binary in binary::all() {
+        let state = tempfile::tempdir().unwrap();
+        let proxy = example_proxy(&mesh, &binary, state.path());
+        let v4 = proxy.ports().admin;
+        let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, v4.port()));
+        let answer = http::request_blocking(v6, "POST", "/logging")
+            .unwrap_or_else(|e| panic!("{binary}: admin on {v6}: {e}\n{}", proxy.describe()));
+        assert_eq!(answer.status, 200, "{binary}: {}", answer.body);
+        assert!(
+            answer.body.starts_with("current log level is"),
+            "{binary}: {}",
+            answer.body
+        );
+    }
+}

@@ -517,6 +517,9 @@ pub struct ControlListeners {
     pub readiness: TcpListener,
     /// Admin (15000).
     pub admin: TcpListener,
+    /// Admin on `[::1]` as well, on the same port, when the admin address is IPv4 loopback and IPv6
+    /// is on (ztunnel's `localhost:15000`); `None` where the host has no IPv6 loopback.
+    pub admin_v6: Option<TcpListener>,
     /// Metrics (15020).
     pub metrics: TcpListener,
 }
@@ -526,9 +529,32 @@ impl ControlListeners {
     /// use fails with [`StartError::PortInUse`].
     pub fn bind(config: &Config, bound: &mut Vec<(Listener, SocketAddr)>) -> Result<Self, StartError> {
         let opts = SocketOptions::default();
+        let readiness = bind_with(Listener::Readiness, config.listeners.readiness, &opts, bound)?;
+        let admin = bind_with(Listener::Admin, config.listeners.admin, &opts, bound)?;
+        let admin_v6 = match admin.local_addr() {
+            Ok(SocketAddr::V4(v4)) if v4.ip().is_loopback() && config.listeners.ipv6 => {
+                let addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, v4.port()));
+                let opts = SocketOptions {
+                    v6_only: Some(true),
+                    ..SocketOptions::default()
+                };
+                match bind_listener(&DefaultSocketFactory, addr, &opts) {
+                    Ok(tcp) => {
+                        bound.push((Listener::Admin, addr));
+                        Some(tcp)
+                    }
+                    Err(error) => {
+                        tracing::info!(%addr, %error, "the admin listener is on IPv4 loopback only");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(ControlListeners {
-            readiness: bind_with(Listener::Readiness, config.listeners.readiness, &opts, bound)?,
-            admin: bind_with(Listener::Admin, config.listeners.admin, &opts, bound)?,
+            readiness,
+            admin,
+            admin_v6,
             metrics: bind_with(Listener::Metrics, config.listeners.metrics, &opts, bound)?,
         })
     }
@@ -674,7 +700,7 @@ impl Control {
                 ReadinessHandler::new(readiness.clone()),
                 &stop,
             ),
-            Self::serve("admin", bound.admin, admin, &stop),
+            Self::serve("admin", bound.admin, admin.clone(), &stop),
             Self::serve(
                 "metrics",
                 bound.metrics,
@@ -685,6 +711,10 @@ impl Control {
                 &stop,
             ),
         ];
+        let mut servers = servers;
+        if let Some(tcp) = bound.admin_v6 {
+            servers.push(Self::serve("admin", tcp, admin, &stop));
+        }
         let control = Control {
             readiness,
             trigger,
