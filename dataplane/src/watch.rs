@@ -58,7 +58,7 @@ use tokio::sync::watch;
 
 use crate::rbac::{Connection, PolicySet, WorkloadRef};
 use crate::state::State;
-use crate::xds::{ConfigError, LocalConfig, Workload};
+use crate::xds::{ConfigError, ConfigWarning, LOCATED_WARNINGS, LocalConfig, Workload};
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves its data consistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -316,7 +316,9 @@ impl Seen {
 /// An invalid change is logged (`tracing::warn!`, with the [`ConfigError`] naming the field and
 /// line), kept for [`ConfigWatcher::last_error`], and changes nothing: the current snapshot stays.
 /// So does an empty file ([`ConfigError::Empty`]), and a file that cannot be read (missing while it
-/// is being replaced).
+/// is being replaced). An applied content's unknown fields ([`ConfigWarning`]) are logged
+/// (`tracing::warn!`, naming the field and line, up to [`LOCATED_WARNINGS`] lines and a count of the
+/// rest) when it is applied, and so once per content of the file.
 ///
 /// With [`ConfigWatcher::with_registry`], every applied snapshot is also handed to
 /// [`ConnectionRegistry::reevaluate`], closing established connections the new policies deny; a
@@ -340,7 +342,8 @@ impl ConfigWatcher {
         let path = path.into();
         let notify = DirWatch::new(&path);
         let bytes = std::fs::read(&path).map_err(|err| read_error(&path, &err))?;
-        let config = LocalConfig::parse_file(&path, &bytes)?;
+        let (config, warnings) = LocalConfig::parse_file_with_warnings(&path, &bytes)?;
+        log_warnings(Some(&path), &warnings);
         let published = Published::new(Snapshot::new(config, 1, Some(path.clone()), SystemTime::now()));
         tracing::info!(path = %path.display(), generation = 1, "loaded the local configuration");
         let watcher = ConfigWatcher {
@@ -480,8 +483,10 @@ impl ConfigWatcher {
     /// Parses changed content and publishes it, or keeps the current snapshot and records why not.
     fn judge(&self, mut seen: MutexGuard<'_, Seen>, bytes: Vec<u8>, now: SystemTime) -> PollOutcome {
         let path = self.path.display();
-        match LocalConfig::parse_file(&self.path, &bytes) {
-            Ok(config) => {
+        match LocalConfig::parse_file_with_warnings(&self.path, &bytes) {
+            Ok((config, warnings)) => {
+                // Once per content applied: unchanged content is not parsed again.
+                log_warnings(Some(&self.path), &warnings);
                 let snapshot = self.published.publish(config, Some(self.path.clone()), now);
                 tracing::info!(
                     path = %path,
@@ -605,6 +610,21 @@ impl fmt::Debug for ConfigWatcher {
             .field("registries", &self.registries)
             .field("last_error", &self.last_error())
             .finish()
+    }
+}
+
+/// Logs the warnings of a local configuration being applied (unknown fields, ignored), one line
+/// each for the first [`LOCATED_WARNINGS`] and one line counting the rest, naming the file
+/// (`source`) when there is one.
+pub(crate) fn log_warnings(source: Option<&Path>, warnings: &[ConfigWarning]) {
+    let source = source
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|| "(inline)".to_owned());
+    for warning in warnings.iter().take(LOCATED_WARNINGS) {
+        tracing::warn!(path = %source, "local configuration: {warning}");
+    }
+    if let Some(rest) = warnings.len().checked_sub(LOCATED_WARNINGS).filter(|rest| *rest > 0) {
+        tracing::warn!(path = %source, "local configuration: {rest} more unknown fields, ignored and not listed");
     }
 }
 

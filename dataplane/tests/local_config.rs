@@ -14,63 +14,9 @@ use meshwire_dataplane::xds::{
 };
 use proptest::prelude::*;
 
-/// ztunnel's `examples/localhost.yaml`.
-const ZTUNNEL_LOCALHOST: &str = r#"# This shows an example local config for ztunnel that adds a workload for localhost.
-# This allows local testing by sending requests through the local ztunnel to other servers running on localhost.
-workloads:
-- uid: cluster1//v1/Pod/default/local
-  name: local
-  namespace: default
-  serviceAccount: default
-  workloadIps: ["127.0.0.1"]
-  protocol: HBONE
-  node: local
-  network: ""
-  services:
-    "default/example.com":
-      80: 8080
-    "default/example2.com":
-      80: 8080
-# Define another local address, but this one uses TCP. This allows testing HBONE and TCP with one config.
-- uid: cluster1//v1/Pod/default/local-tcp
-  name: local-tcp
-  namespace: default
-  serviceAccount: default
-  workloadIps: ["127.0.0.2"]
-  protocol: TCP
-  node: local
-  network: ""
-  services:
-    "default/example.com":
-      80: 8080
-    "default/example2.com":
-      80: 8080
-policies:
-  - action: Allow
-    rules:
-    - - - notDestinationPorts:
-          - 9999
-    name: deny-9999
-    namespace: default
-    scope: Namespace
-services:
-- name: local
-  namespace: default
-  hostname: example.com
-  vips:
-    - /127.10.0.1
-  ports:
-    80: 8080
-  subjectAltNames:
-   - spiffe://cluster.local/ns/default/sa/local
-- name: remote
-  namespace: default
-  hostname: example2.com
-  vips:
-    - remote/127.10.0.2
-  ports:
-    80: 8080
-"#;
+/// ztunnel's `examples/localhost.yaml`, as ztunnel ships it (more of ztunnel's format:
+/// `ztunnel_format.rs`).
+const ZTUNNEL_LOCALHOST: &str = include_str!("fixtures/ztunnel/localhost.yaml");
 
 const OUR_EXAMPLE: &str = include_str!("../examples/localhost.yaml");
 
@@ -378,10 +324,10 @@ fn each_malformed_value_names_its_field_and_line() {
             r#""net/not-an-ip" is not <network>/<ip>"#,
         ),
         (
-            "workloads:\n- name: a\n  serviceAcount: x\n",
-            "workloads[0].serviceAcount",
-            3,
-            "unknown field `serviceAcount`, expected one of",
+            "policies:\n- name: p\n  namespace: ns\n  scope: Global\n  action: Deny\n  rules:\n  - - - notPrincipal: []\n",
+            "policies[0].rules[0][0][0].notPrincipal",
+            7,
+            "unknown field `notPrincipal`, expected one of",
         ),
         ("workloads: 5\n", "workloads", 1, "invalid type: integer `5`"),
         (

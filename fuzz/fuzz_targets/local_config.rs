@@ -4,7 +4,9 @@
 //!
 //! Each input is a document. Checks:
 //!
-//! - parsing never panics, and gives the same answer twice;
+//! - parsing never panics, and gives the same answer twice; with its warnings
+//!   (`LocalConfig::parse_with_warnings`), the same answer, and warnings that each name a field
+//!   outside `policies` (where an unknown field is an error, not a warning);
 //! - an accepted document: its policies (the one part of the configuration with a serde
 //!   serialisation) written back to YAML parse back equal; indexing it (`State::new`, the
 //!   `PolicySet` of a snapshot) and the lookups of every workload and service do not panic and find
@@ -133,6 +135,19 @@ fuzz_target!(|data: &[u8]| {
     if let Some(result) = &parsed {
         let text = std::str::from_utf8(data).expect("checked above");
         assert_eq!(&LocalConfig::parse(text), result, "parsing is deterministic");
+        match (LocalConfig::parse_with_warnings(text), result) {
+            (Ok((config, warnings)), Ok(expected)) => {
+                assert_eq!(&config, expected);
+                for warning in &warnings {
+                    assert!(
+                        !warning.field.is_empty() && !warning.field.starts_with("policies"),
+                        "{warning}"
+                    );
+                }
+            }
+            (Err(err), Err(expected)) => assert_eq!(&err, expected),
+            (with_warnings, expected) => panic!("{with_warnings:?} differs from {expected:?}"),
+        }
         match result {
             Ok(config) => {
                 check_policies_round_trip(&config.policies);

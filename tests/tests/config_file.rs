@@ -3,7 +3,8 @@
 //! while the writer pauses half-way); a file truncated to empty, or an empty file renamed into
 //! place, is refused and the configuration in force stays; a file renamed into place applies. And
 //! `/config_dump` of 10,000 workloads is streamed: dumping it does not raise the proxy's memory by
-//! the size of the document.
+//! the size of the document. Files in ztunnel's format (its own `examples/localhost.yaml`, and one
+//! with fields nobody knows) start both binaries; unknown fields are logged once per content applied.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::Write;
@@ -336,5 +337,73 @@ fn dumping_ten_thousand_workloads_costs_bounded_memory() {
             grown < BOUND_KIB,
             "{binary}: {DUMPS} dumps raised VmRSS by {grown} KiB ({before} -> {after})"
         );
+    }
+}
+
+/// ztunnel's `examples/localhost.yaml`, as ztunnel ships it.
+const ZTUNNEL_LOCALHOST: &str = include_str!("../../dataplane/tests/fixtures/ztunnel/localhost.yaml");
+/// ztunnel's format with fields neither ztunnel nor meshwire knows.
+const ZTUNNEL_FUTURE_FIELDS: &str = include_str!("../../dataplane/tests/fixtures/ztunnel/future-fields.yaml");
+
+#[test]
+fn ztunnels_own_localhost_example_starts_both_binaries() {
+    for binary in binary::all() {
+        let mesh = Mesh::new(ZTUNNEL_LOCALHOST);
+        // Ready: `/healthz/ready` answers 200.
+        let proxy = mesh.proxy(&binary, lo(1)).spawn();
+        let reply = http::request_blocking(proxy.ports().admin, "GET", "/config_dump")
+            .unwrap_or_else(|e| panic!("/config_dump: {e}\n{}", proxy.describe()));
+        assert_eq!(reply.status, 200, "{binary}: {}", reply.body);
+        for held in [
+            "cluster1//v1/Pod/default/local",
+            "cluster1//v1/Pod/default/local-tcp",
+            "example2.com",
+            "deny-9999",
+        ] {
+            assert!(reply.body.contains(held), "{binary}: no {held} in\n{}", reply.body);
+        }
+        assert!(
+            proxy.log_lines(&["unknown field"]).is_empty(),
+            "{binary}:\n{}",
+            proxy.describe()
+        );
+    }
+}
+
+#[test]
+fn unknown_fields_are_logged_once_per_content_and_do_not_stop_the_proxy() {
+    let warnings = [
+        "apiVersion: unknown field, ignored (line 4, column 1)",
+        "workloads[0].serviceAcount: unknown field, ignored; did you mean `serviceAccount`? (line 9, column 3)",
+        "workloads[0].futureField: unknown field, ignored (line 13, column 3)",
+        "services[0].sessionAffinity: unknown field, ignored (line 27, column 3)",
+    ];
+    for binary in binary::all() {
+        let mesh = Mesh::new(ZTUNNEL_FUTURE_FIELDS);
+        let proxy = mesh.proxy(&binary, lo(1)).spawn();
+        let logged = |warning: &str| proxy.log_lines(&["WARN", warning]).len();
+        for warning in warnings {
+            assert_eq!(logged(warning), 1, "{binary}: {warning}\n{}", proxy.describe());
+        }
+        let generation = || {
+            let reply = http::request_blocking(proxy.ports().admin, "GET", "/config_dump")
+                .unwrap_or_else(|e| panic!("/config_dump: {e}\n{}", proxy.describe()));
+            generation_of(&reply.body)
+        };
+        assert_eq!(generation(), 1, "{binary}");
+        // The same content again is not applied, nor logged; a changed one is, with its warnings.
+        mesh.write_config(ZTUNNEL_FUTURE_FIELDS);
+        // Time for the watcher to look at it (were it to parse it again, it would log again).
+        std::thread::sleep(Duration::from_millis(500));
+        mesh.write_config(&format!("{ZTUNNEL_FUTURE_FIELDS}# changed\n"));
+        let deadline = Instant::now() + CHANGE_DEADLINE;
+        while generation() < 2 {
+            assert!(Instant::now() < deadline, "{binary}: not applied\n{}", proxy.describe());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(generation(), 2, "{binary}");
+        for warning in warnings {
+            assert_eq!(logged(warning), 2, "{binary}: {warning}\n{}", proxy.describe());
+        }
     }
 }

@@ -35,7 +35,7 @@ use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark, check_p
 use crate::rt::tokio::{TokioTimer, bind_listener};
 use crate::state::LocalProxy;
 use crate::telemetry::accesslog;
-use crate::watch::{ConfigWatcher, ConnectionRegistry, Published, Snapshot};
+use crate::watch::{ConfigWatcher, ConnectionRegistry, Published, Snapshot, log_warnings};
 use crate::xds::{ConfigError, LocalConfig};
 
 /// How often the local configuration file is polled for changes where inotify is unavailable (it is
@@ -329,7 +329,8 @@ impl ControlPlane {
                 published
             }
             Some(LocalConfigSource::Inline(yaml)) => {
-                let parsed = LocalConfig::parse(yaml)?;
+                let (parsed, warnings) = LocalConfig::parse_with_warnings(yaml)?;
+                log_warnings(None, &warnings);
                 Published::new(Snapshot::new(parsed, 1, None, SystemTime::now()))
             }
             None if config.istio.xds.is_some() => Published::default(),

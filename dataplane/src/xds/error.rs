@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use meshwire_identity::id::IdError;
 
 pub use super::locate::Location;
-use super::locate::{Seg, locate};
+use super::locate::{Seg, locate, locate_key};
 use super::{NamespacedHostname, NetworkAddress};
 
 /// ` (line L, column C)` when the location is known, else nothing.
@@ -43,8 +43,9 @@ pub enum ConfigError {
         /// The file.
         file: PathBuf,
     },
-    /// The document is not YAML, or a value does not fit its field: a wrong type, an unknown field, an
-    /// IP address, port, protocol, `<network>/<ip>` or `<namespace>/<hostname>` that does not parse.
+    /// The document is not YAML, or a value does not fit its field: a wrong type, an unknown field in
+    /// a policy, an IP address, port, protocol, `<network>/<ip>` or `<namespace>/<hostname>` that
+    /// does not parse.
     #[error("{field}: {message}{}", at(location))]
     Invalid {
         /// The field, such as `workloads[2].workloadIps[0]`.
@@ -174,6 +175,65 @@ impl ConfigError {
     }
 }
 
+/// Something in an accepted configuration that meshwire ignores and the operator may want to know
+/// about: a field that is neither meshwire's nor part of ztunnel's local configuration schema (a
+/// field of a newer ztunnel, or a typo).
+///
+/// One warning stands for every entry of the same list(s) with the same unknown field (a generator
+/// that writes a new field into each of 10,000 workloads gives one warning, not 10,000).
+/// `Display` reads `workloads[0].futureField: unknown field, ignored (line 5, column 3)`, with `; did
+/// you mean `serviceAccount`?` before the location when a known field of the same mapping is spelt
+/// almost alike, and `; the same in 9999 other entries` after it. See
+/// [`LocalConfig::parse_with_warnings`](super::LocalConfig::parse_with_warnings).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct ConfigWarning {
+    /// The unknown field where it first appears, such as `workloads[0].futureField`.
+    pub field: String,
+    /// A known field of the same mapping spelt almost alike, if there is one.
+    pub suggestion: Option<&'static str>,
+    /// Where the field's key is; found for the first
+    /// [`LOCATED_WARNINGS`](super::LOCATED_WARNINGS) warnings only (each costs a parse of the
+    /// document).
+    pub location: Option<Location>,
+    /// How many other entries have the same unknown field (`workloads[1].futureField`, ...).
+    pub others: usize,
+}
+
+impl ConfigWarning {
+    /// The warning about the unknown field at `path` of `yaml` (found in `others` more entries), with
+    /// its location if `locate`.
+    pub(super) fn unknown_field(
+        yaml: &str,
+        path: &[Seg],
+        suggestion: Option<&'static str>,
+        others: usize,
+        locate: bool,
+    ) -> Self {
+        Self {
+            field: field_name(path),
+            suggestion,
+            location: if locate { locate_key(yaml, path) } else { None },
+            others,
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: unknown field, ignored", self.field)?;
+        if let Some(known) = self.suggestion {
+            write!(f, "; did you mean `{known}`?")?;
+        }
+        f.write_str(&at(&self.location))?;
+        match self.others {
+            0 => Ok(()),
+            1 => f.write_str("; the same in 1 other entry"),
+            others => write!(f, "; the same in {others} other entries"),
+        }
+    }
+}
+
 /// A field path from keys and indexes: `field_path!["workloads", 2, "workloadIps", 0]`.
 macro_rules! field_path {
     ($($seg:expr),* $(,)?) => {
@@ -283,6 +343,14 @@ pub(super) fn from_serde(err: &serde_path_to_error::Error<serde_yaml_ng::Error>)
             message = rest.to_owned();
             break;
         }
+    }
+    if matches!(path.first(), Some(Seg::Key(top)) if top == "policies") && message.starts_with("unknown field") {
+        // Elsewhere an unknown field is a warning; in a policy it could be a condition that changes
+        // who is allowed, so guessing is not safe.
+        message.push_str(
+            "; a policy with a field meshwire does not know is refused rather than half applied (unknown \
+             fields are ignored with a warning outside `policies`)",
+        );
     }
     ConfigError::Invalid {
         field: field_name(&path),

@@ -2,7 +2,8 @@
 //!
 //! serde_yaml_ng records where a value starts only in the errors it returns, so the document is
 //! walked again along the path and a marker error is raised at the value: the parser stamps it with
-//! the value's position. Used only to place validation errors, after the document parsed once.
+//! the value's position. Used only to place validation errors and warnings, after the document parsed
+//! once.
 
 use std::fmt;
 
@@ -55,17 +56,29 @@ const FOUND: &str = "meshwire-locate: found the value";
 
 /// The location of the value at `path`, if the document has it.
 pub(super) fn locate(yaml: &str, path: &[Seg]) -> Option<Location> {
+    run(yaml, Seek { path, key: false })
+}
+
+/// The location of the key that ends `path` (a mapping key, not its value), if the document has it.
+pub(super) fn locate_key(yaml: &str, path: &[Seg]) -> Option<Location> {
+    match path.last() {
+        Some(Seg::Key(_)) => run(yaml, Seek { path, key: true }),
+        _ => locate(yaml, path),
+    }
+}
+
+fn run(yaml: &str, seek: Seek<'_>) -> Option<Location> {
     let deserializer = serde_yaml_ng::Deserializer::from_str(yaml);
-    let seek = Seek { path };
     match seek.deserialize(deserializer) {
         Err(err) if err.to_string().contains(FOUND) => err.location().map(|location| Location::from_yaml(&location)),
         _ => None,
     }
 }
 
-/// Walks to the value at `path` and fails there.
+/// Walks to the value at `path` (or, with `key`, to the key that ends it) and fails there.
 struct Seek<'p> {
     path: &'p [Seg],
+    key: bool,
 }
 
 impl Seek<'_> {
@@ -136,9 +149,19 @@ impl<'de> Visitor<'de> for Seek<'_> {
         let Seg::Key(want) = first else {
             return Ok(());
         };
+        if self.key && rest.is_empty() {
+            // Fails inside the key's own deserialization, so that the parser stamps the key's place.
+            while map.next_key_seed(KeyProbe(want))?.is_some() {
+                map.next_value::<IgnoredAny>()?;
+            }
+            return Ok(());
+        }
         while let Some(KeyText(key)) = map.next_key()? {
             if key.as_deref() == Some(want.as_str()) {
-                return map.next_value_seed(Seek { path: rest });
+                return map.next_value_seed(Seek {
+                    path: rest,
+                    key: self.key,
+                });
             }
             map.next_value::<IgnoredAny>()?;
         }
@@ -157,7 +180,70 @@ impl<'de> Visitor<'de> for Seek<'_> {
                 return Ok(());
             }
         }
-        seq.next_element_seed(Seek { path: rest }).map(|_| ())
+        seq.next_element_seed(Seek {
+            path: rest,
+            key: self.key,
+        })
+        .map(|_| ())
+    }
+}
+
+/// A mapping key that fails when it is `.0` (its text, as [`KeyText`] gives it).
+struct KeyProbe<'w>(&'w str);
+
+impl<'de> DeserializeSeed<'de> for KeyProbe<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyProbe<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<(), E> {
+        self.visit_str(&value.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<(), E> {
+        self.visit_str(&value.to_string())
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<(), E> {
+        self.visit_str(&value.to_string())
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<(), E> {
+        self.visit_str(&value.to_string())
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
+        if value == self.0 { Err(E::custom(FOUND)) } else { Ok(()) }
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        IgnoredAny.visit_enum(data).map(|_| ())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        IgnoredAny.visit_map(map).map(|_| ())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| ())
     }
 }
 

@@ -1,30 +1,86 @@
 //! The local configuration file: the YAML that ztunnel reads from `LOCAL_XDS_PATH`.
 //!
 //! A document has three lists, each optional: `workloads:`, `services:` and `policies:`. Every file
-//! ztunnel accepts is accepted here with the same meaning; meshwire is more forgiving about what may
-//! be left out:
+//! ztunnel accepts is accepted here with the same meaning (its own `examples/localhost.yaml` among
+//! them: `tests/fixtures/ztunnel/`); meshwire is more forgiving about what may be left out:
 //!
 //! | field | ztunnel | meshwire |
 //! |---|---|---|
 //! | `workloads[].namespace` | required | `default` |
 //! | `workloads[].serviceAccount` | `""` | `default` |
 //! | `workloads[].trustDomain` | `""` | `cluster.local` |
-//! | `workloads[].services` | required | empty |
+//! | `workloads[].workloadIps`, `services` | required | empty |
 //! | `workloads[].uid` | `""` | `<clusterId>//v1/Pod/<namespace>/<name>` |
 //! | `workloads[].protocol` | `HBONE` or `TCP` | the same, any case; `TCP` when left out |
+//! | `hboneMtlsPort` of a waypoint or gateway | required | 15008 |
+//! | `applicationTunnel.protocol` | required | `NONE` |
 //! | `services[].namespace` | required | `default` |
 //! | `services[].hostname` | required | `<name>.<namespace>.svc.cluster.local` |
 //! | `services[].ports`, `vips` | required | empty |
+//! | `policies[].rules`, `dryRun` | required | empty, `false` |
 //! | a field written `null` or left empty | often an error | the field's default |
 //!
-//! Fields are named as ztunnel names them (camelCase). A field neither knows is an error, so that a
-//! misspelt `serviceAcount` does not silently give the workload the `default` identity. ztunnel's
-//! `services[].endpoints`, `loadBalancer` and `ipFamilies` are accepted and not used: endpoints come
-//! from the workloads' `services`, and the choice among them is weighted by `capacity`. A port map
-//! entry without a target (`443:`) keeps its number. A service port 0 is an error, and so is a
-//! target port 0 in a workload's own port map; a service's target port 0 is a named port, which only
-//! the workloads' port maps resolve. A file of nothing but whitespace is an error
-//! ([`LocalConfig::parse_file`]): write `{}` for a configuration with nothing in it.
+//! # ztunnel's schema, and what meshwire does with each field
+//!
+//! Fields are named as ztunnel names them (camelCase): those of its `LocalConfig`, of its `Workload`
+//! (flattened into each entry of `workloads`, which adds the `services` port map), `Service` and
+//! `Authorization`. A gateway address (`waypoint`, `networkGateway`) is `{destination, hboneMtlsPort}`,
+//! the destination written `<network>/<ip>` or `<namespace>/<hostname>`.
+//!
+//! | field | type | meshwire |
+//! |---|---|---|
+//! | `workloads[].uid` | string | the workload's key |
+//! | `workloads[].name`, `namespace` | string | lookups by name; the namespace is part of the identity |
+//! | `workloads[].serviceAccount`, `trustDomain` | string | the identity (SPIFFE ID) |
+//! | `workloads[].workloadIps` | list of IPs | its addresses: inbound lookup, routing |
+//! | `workloads[].protocol` | `HBONE` or `TCP` | how it receives mesh traffic |
+//! | `workloads[].networkMode` | `Standard` or `HostNetwork` | a host-network workload is not looked up by IP |
+//! | `workloads[].node` | string | which node proxy serves it |
+//! | `workloads[].network` | string | its network (`""`: the default one) |
+//! | `workloads[].services` | map `<namespace>/<hostname>` to map port to target port | the services it is an endpoint of |
+//! | `workloads[].waypoint` | gateway address | traffic to it goes through the waypoint |
+//! | `workloads[].networkGateway` | gateway address | how other networks reach it (double HBONE) |
+//! | `workloads[].hostname` | string | resolved when it has no IP |
+//! | `workloads[].status` | `Healthy` or `Unhealthy` | an unhealthy workload is never chosen as an endpoint |
+//! | `workloads[].capacity` | integer (1) | its weight among a service's endpoints |
+//! | `workloads[].authorizationPolicies` | list of `<namespace>/<name>` | the policies that select it |
+//! | `workloads[].clusterId` | string (`Kubernetes`) | the default uid, telemetry |
+//! | `workloads[].workloadName`, `canonicalName`, `canonicalRevision` | string | telemetry |
+//! | `workloads[].workloadType` | string (`pod`) | kept (`/config_dump`), not used |
+//! | `workloads[].locality` | `{region, zone, subzone}` | kept (`/config_dump`), not used: no locality-aware choice |
+//! | `workloads[].nativeTunnel` | bool | kept (`/config_dump`), not used |
+//! | `workloads[].applicationTunnel` | `{protocol: NONE or PROXY, port}` | kept (`/config_dump`), not used: no PROXY header is sent |
+//! | `services[].name`, `namespace`, `hostname` | string | the service and its key, `<namespace>/<hostname>` |
+//! | `services[].vips` | list of `<network>/<ip>` | its VIPs |
+//! | `services[].ports` | map port to target port (0: a named port) | its ports |
+//! | `services[].subjectAltNames` | list of SPIFFE IDs | identities its endpoints may present besides their own |
+//! | `services[].waypoint` | gateway address | traffic to it goes through the waypoint |
+//! | `policies[]` | `name`, `namespace`, `scope`, `action`, `rules`, `dryRun` | enforced: see [`crate::rbac`] |
+//!
+//! Accepted with any value and ignored, as their istiod equivalents are ([`crate::istio::convert`]):
+//!
+//! - `services[].endpoints`: endpoints come from the workloads' `services`;
+//! - `services[].loadBalancer` (`routingPreferences`, `mode`, `healthPolicy`): endpoints are chosen
+//!   among the healthy ones, in the client's network first, weighted by `capacity`;
+//! - `services[].ipFamilies`: each VIP is answered in its own family;
+//! - `services[].canonical`: no service of a hostname is preferred over another;
+//! - `services[].cidrVips` (a newer ztunnel's): a VIP is one address;
+//! - `services[].weightedWaypoints`, `visibility`, `ingressUseWaypoint`, `extensions` (Istio's
+//!   workload API, which ztunnel's types may take on): only `waypoint` is followed;
+//! - `workloads[].extensions` (Istio's workload API): opaque configuration.
+//!
+//! # Unknown fields, bad values
+//!
+//! A field outside that schema (a newer ztunnel's, or a typo) is ignored with a [`ConfigWarning`]
+//! naming its path and line, and a known field of the same mapping spelt almost alike (one warning
+//! for the same field in every entry of a list: [`LocalConfig::parse_with_warnings`]); the
+//! configuration watcher logs them once per content it applies. In `policies` an unknown field is an error instead: it could be a condition that
+//! changes who is allowed. A known field whose value does not parse is an error (`protocol: HBOEN`
+//! never falls back to `TCP`). A port map entry without a target (`443:`) keeps its number. A
+//! service port 0 is an error, and so is a target port 0 in a workload's own port map; a service's
+//! target port 0 is a named port, which only the workloads' port maps resolve. A file of nothing but
+//! whitespace is an error ([`LocalConfig::parse_file`]): write `{}` for a configuration with nothing
+//! in it.
 //!
 //! Errors name the field and, where the document has it, the line:
 //!
@@ -73,7 +129,8 @@ mod error;
 mod locate;
 mod raw;
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
@@ -85,7 +142,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::rbac::Authorization;
 
-pub use error::{ConfigError, Location};
+pub use error::{ConfigError, ConfigWarning, Location};
 
 /// The namespace of a workload or service that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -99,6 +156,9 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 /// The HBONE port of a waypoint or gateway address that names none.
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
+/// How many of a configuration's warnings get a location (each costs a parse of the document), and
+/// how many the configuration watcher lists in its log before it only counts the rest.
+pub const LOCATED_WARNINGS: usize = 16;
 
 /// The whole local configuration: workloads, services and authorization policies.
 ///
@@ -119,15 +179,69 @@ impl LocalConfig {
     /// Parses and validates a local configuration document.
     ///
     /// Never panics; every error names the field (`workloads[2].workloadIps[0]`) and, when the
-    /// document has it, the line and column.
+    /// document has it, the line and column. Unknown fields are ignored; use
+    /// [`LocalConfig::parse_with_warnings`] to hear about them.
     pub fn parse(yaml: &str) -> Result<LocalConfig, ConfigError> {
-        let deserializer = serde_yaml_ng::Deserializer::from_str(yaml);
+        Self::parse_with_warnings(yaml).map(|(config, _)| config)
+    }
+
+    /// [`LocalConfig::parse`], with a warning for each unknown field: a field neither meshwire nor
+    /// ztunnel's local configuration knows, outside `policies` (where an unknown field is an error),
+    /// in document order. The same unknown field in several entries of a list is one warning
+    /// ([`ConfigWarning::others`]); the first [`LOCATED_WARNINGS`] warnings have their line and
+    /// column. The caller logs them: the configuration watcher does, once per content of the file it
+    /// applies.
+    ///
+    /// ```
+    /// use meshwire_dataplane::xds::LocalConfig;
+    ///
+    /// let yaml = "workloads:\n- name: a\n  serviceAcount: shop\n";
+    /// let (config, warnings) = LocalConfig::parse_with_warnings(yaml)?;
+    /// assert_eq!(config.workloads[0].service_account(), "default");
+    /// assert_eq!(
+    ///     warnings[0].to_string(),
+    ///     "workloads[0].serviceAcount: unknown field, ignored; did you mean `serviceAccount`? (line 3, column 3)"
+    /// );
+    /// # Ok::<(), meshwire_dataplane::xds::ConfigError>(())
+    /// ```
+    pub fn parse_with_warnings(yaml: &str) -> Result<(LocalConfig, Vec<ConfigWarning>), ConfigError> {
+        let mut unknown = Vec::new();
+        let mut collect = |path: serde_ignored::Path<'_>| unknown.extend(raw::unknown_field(&path));
+        let deserializer = serde_ignored::Deserializer::new(serde_yaml_ng::Deserializer::from_str(yaml), &mut collect);
         // An empty document (or `null`) is an empty configuration.
         let raw: Option<raw::RawConfig> =
             serde_path_to_error::deserialize(deserializer).map_err(|err| error::from_serde(&err))?;
-        raw.unwrap_or_default()
+        let config = raw
+            .unwrap_or_default()
             .validate()
-            .map_err(|invalid| invalid.locate(yaml))
+            .map_err(|invalid| invalid.locate(yaml))?;
+        // One warning per unknown field and place in the schema, whatever the list indexes.
+        let mut distinct: Vec<(Vec<locate::Seg>, usize)> = Vec::new();
+        let mut seen: HashMap<Vec<Option<&str>>, usize> = HashMap::new();
+        for path in &unknown {
+            let shape = path
+                .iter()
+                .map(|seg| match seg {
+                    locate::Seg::Key(key) => Some(key.as_str()),
+                    locate::Seg::Index(_) => None,
+                })
+                .collect();
+            match seen.entry(shape) {
+                Entry::Occupied(first) => distinct[*first.get()].1 += 1,
+                Entry::Vacant(slot) => {
+                    slot.insert(distinct.len());
+                    distinct.push((path.clone(), 0));
+                }
+            }
+        }
+        let warnings = distinct
+            .iter()
+            .enumerate()
+            .map(|(i, (path, others))| {
+                ConfigWarning::unknown_field(yaml, path, raw::suggestion(path), *others, i < LOCATED_WARNINGS)
+            })
+            .collect();
+        Ok((config, warnings))
     }
 
     /// Reads and parses a local configuration file, as [`LocalConfig::parse_file`] does.
@@ -149,6 +263,14 @@ impl LocalConfig {
     /// is being written, never as a way to say "no workloads" (write `{}` for that). Everything else
     /// is [`LocalConfig::parse`]'s.
     pub fn parse_file(file: &Path, bytes: &[u8]) -> Result<LocalConfig, ConfigError> {
+        Self::parse_file_with_warnings(file, bytes).map(|(config, _)| config)
+    }
+
+    /// [`LocalConfig::parse_file`], with the warnings of [`LocalConfig::parse_with_warnings`].
+    pub fn parse_file_with_warnings(
+        file: &Path,
+        bytes: &[u8],
+    ) -> Result<(LocalConfig, Vec<ConfigWarning>), ConfigError> {
         let yaml = std::str::from_utf8(bytes).map_err(|err| ConfigError::Read {
             file: file.to_owned(),
             kind: std::io::ErrorKind::InvalidData,
@@ -157,7 +279,7 @@ impl LocalConfig {
         if yaml.trim().is_empty() {
             return Err(ConfigError::Empty { file: file.to_owned() });
         }
-        Self::parse(yaml)
+        Self::parse_with_warnings(yaml)
     }
 }
 
@@ -470,7 +592,7 @@ string_serde!(GatewayDestination, "a string <network>/<ip> or <namespace>/<hostn
 
 /// A workload's locality, used for locality-aware load balancing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+#[serde(rename_all = "camelCase", default)]
 #[non_exhaustive]
 pub struct Locality {
     /// The region.

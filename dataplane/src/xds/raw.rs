@@ -1,5 +1,5 @@
 //! The document as written (serde structs with ztunnel's field names) and its validation into the
-//! model types.
+//! model types; which skipped values are unknown fields, and the known fields they may be a typo of.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use meshwire_identity::id::{IdError, IstioIdentity, parse_spiffe_id, parse_trust_domain};
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 
 use super::error::{Pending, field_name, field_path};
 use super::locate::Seg;
@@ -161,7 +161,6 @@ fn ports(map: BTreeMap<Port, Option<Port>>) -> BTreeMap<u16, u16> {
 #[derive(Deserialize)]
 #[serde(
     rename_all = "camelCase",
-    deny_unknown_fields,
     expecting = "a mapping with `workloads`, `services` and `policies`"
 )]
 #[derive(Default)]
@@ -175,7 +174,7 @@ pub(super) struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, expecting = "a workload (a mapping)")]
+#[serde(rename_all = "camelCase", expecting = "a workload (a mapping)")]
 struct RawWorkload {
     #[serde(default, deserialize_with = "nullable")]
     uid: String,
@@ -228,12 +227,14 @@ struct RawWorkload {
     locality: Locality,
     #[serde(default)]
     capacity: Option<u32>,
+    // Istio's workload API field, accepted and not used (istiod's are ignored too).
+    #[serde(default)]
+    extensions: Option<Unused>,
 }
 
 #[derive(Deserialize)]
 #[serde(
     rename_all = "camelCase",
-    deny_unknown_fields,
     expecting = "a gateway address (a mapping with `destination` and `hboneMtlsPort`)"
 )]
 struct RawGateway {
@@ -254,7 +255,6 @@ impl From<RawGateway> for GatewayAddress {
 #[derive(Deserialize)]
 #[serde(
     rename_all = "camelCase",
-    deny_unknown_fields,
     expecting = "an application tunnel (a mapping with `protocol` and `port`)"
 )]
 struct RawApplicationTunnel {
@@ -265,7 +265,7 @@ struct RawApplicationTunnel {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, expecting = "a service (a mapping)")]
+#[serde(rename_all = "camelCase", expecting = "a service (a mapping)")]
 struct RawService {
     #[serde(default, deserialize_with = "nullable")]
     name: String,
@@ -281,14 +281,175 @@ struct RawService {
     subject_alt_names: Vec<String>,
     #[serde(default)]
     waypoint: Option<RawGateway>,
-    // Accepted for compatibility with ztunnel's format and not used: endpoints come from the
-    // workloads' `services`, and load balancing is uniform (weighted by `capacity`).
+    // Accepted with any value for compatibility with ztunnel's format (and Istio's workload API),
+    // and not used; the module documentation says why for each.
     #[serde(default)]
-    endpoints: Option<IgnoredAny>,
+    endpoints: Option<Unused>,
     #[serde(default)]
-    load_balancer: Option<IgnoredAny>,
+    load_balancer: Option<Unused>,
     #[serde(default)]
-    ip_families: Option<IgnoredAny>,
+    ip_families: Option<Unused>,
+    #[serde(default)]
+    canonical: Option<Unused>,
+    #[serde(default)]
+    cidr_vips: Option<Unused>,
+    #[serde(default)]
+    weighted_waypoints: Option<Unused>,
+    #[serde(default)]
+    visibility: Option<Unused>,
+    #[serde(default)]
+    ingress_use_waypoint: Option<Unused>,
+    #[serde(default)]
+    extensions: Option<Unused>,
+}
+
+/// A field of ztunnel's schema (or Istio's workload API) that meshwire accepts with any value and does
+/// not use. Read as a whole value rather than skipped: skipped values are how unknown fields are
+/// found, and nothing inside this one is unknown.
+struct Unused;
+
+impl<'de> Deserialize<'de> for Unused {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_yaml_ng::Value::deserialize(deserializer).map(|_| Unused)
+    }
+}
+
+/// The path of an unknown field, from what `serde_ignored` reports as skipped; `None` for a skipped
+/// value that is not a mapping entry, and for anything under `policies`, whose types refuse unknown
+/// fields (what they skip on purpose, such as the `[]` of `!Presence []`, is not a field).
+pub(super) fn unknown_field(path: &serde_ignored::Path<'_>) -> Option<Vec<Seg>> {
+    fn push(path: &serde_ignored::Path<'_>, out: &mut Vec<Seg>) {
+        match path {
+            serde_ignored::Path::Root => {}
+            serde_ignored::Path::Seq { parent, index } => {
+                push(parent, out);
+                out.push(Seg::Index(*index));
+            }
+            serde_ignored::Path::Map { parent, key } => {
+                push(parent, out);
+                out.push(Seg::Key(key.clone()));
+            }
+            serde_ignored::Path::Some { parent }
+            | serde_ignored::Path::NewtypeStruct { parent }
+            | serde_ignored::Path::NewtypeVariant { parent } => push(parent, out),
+        }
+    }
+    if !matches!(path, serde_ignored::Path::Map { .. }) {
+        return None;
+    }
+    let mut segs = Vec::new();
+    push(path, &mut segs);
+    match segs.first() {
+        Some(Seg::Key(top)) if top == "policies" => None,
+        _ => Some(segs),
+    }
+}
+
+/// A known field of the mapping that holds the unknown field at `path`, spelt almost alike (the same
+/// but for case, `_` and `-`, or at most two edits away).
+pub(super) fn suggestion(path: &[Seg]) -> Option<&'static str> {
+    let (Some(Seg::Key(unknown)), parent) = (path.last(), &path[..path.len().saturating_sub(1)]) else {
+        return None;
+    };
+    fn key(seg: &Seg) -> Option<&str> {
+        match seg {
+            Seg::Key(key) => Some(key.as_str()),
+            Seg::Index(_) => None,
+        }
+    }
+    let known: &'static [&'static str] = match parent {
+        [] => fields_of::<RawConfig>(),
+        [top, Seg::Index(_)] if key(top) == Some("workloads") => fields_of::<RawWorkload>(),
+        [top, Seg::Index(_)] if key(top) == Some("services") => fields_of::<RawService>(),
+        [top, Seg::Index(_), field] => match (key(top), key(field)) {
+            (Some("workloads" | "services"), Some("waypoint")) | (Some("workloads"), Some("networkGateway")) => {
+                fields_of::<RawGateway>()
+            }
+            (Some("workloads"), Some("applicationTunnel")) => fields_of::<RawApplicationTunnel>(),
+            (Some("workloads"), Some("locality")) => fields_of::<Locality>(),
+            _ => &[],
+        },
+        _ => &[],
+    };
+    let plain = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let unknown = plain(unknown);
+    known
+        .iter()
+        .map(|candidate| (edits(&plain(candidate), &unknown), *candidate))
+        .filter(|(distance, _)| *distance <= 2 && *distance < unknown.chars().count())
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// The Levenshtein distance between `a` and `b` (in characters).
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// The field names (as the document writes them) of a struct with a derived `Deserialize`: serde
+/// hands them to `deserialize_struct`, where a probe deserializer catches them.
+fn fields_of<T: de::DeserializeOwned>() -> &'static [&'static str] {
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+
+    impl fmt::Display for Fields {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "fields {:?}", self.0)
+        }
+    }
+
+    impl std::error::Error for Fields {}
+
+    impl de::Error for Fields {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Fields(&[])
+        }
+    }
+
+    struct Probe;
+
+    impl<'de> Deserializer<'de> for Probe {
+        type Error = Fields;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+            unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    match T::deserialize(Probe) {
+        Err(Fields(fields)) => fields,
+        Ok(_) => &[],
+    }
 }
 
 /// The name of a field path, for an error that mentions a second place.
@@ -442,6 +603,9 @@ impl RawWorkload {
             .into_iter()
             .map(|(key, ports_of_key)| (key, ports(ports_of_key.unwrap_or_default())))
             .collect();
+        if self.extensions.is_some() {
+            tracing::debug!(workload = %uid, "accepted and not used: the extensions of a local workload");
+        }
         Ok(Workload {
             uid,
             name: self.name,
@@ -475,7 +639,26 @@ impl RawWorkload {
 }
 
 impl RawService {
+    /// The accepted-and-ignored fields this service gives.
+    fn ignored_fields(&self) -> Vec<&'static str> {
+        [
+            ("endpoints", self.endpoints.is_some()),
+            ("loadBalancer", self.load_balancer.is_some()),
+            ("ipFamilies", self.ip_families.is_some()),
+            ("canonical", self.canonical.is_some()),
+            ("cidrVips", self.cidr_vips.is_some()),
+            ("weightedWaypoints", self.weighted_waypoints.is_some()),
+            ("visibility", self.visibility.is_some()),
+            ("ingressUseWaypoint", self.ingress_use_waypoint.is_some()),
+            ("extensions", self.extensions.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+
     fn validate(self, i: usize) -> Result<Service, Pending> {
+        let ignored = self.ignored_fields();
         let namespace = or_default(self.namespace, DEFAULT_NAMESPACE);
         let hostname = if !self.hostname.is_empty() {
             self.hostname
@@ -509,8 +692,8 @@ impl RawService {
             subject_alt_names.push(id);
         }
         check_ports(&self.ports, field_path!["services", i, "ports"], false)?;
-        if self.endpoints.is_some() || self.load_balancer.is_some() || self.ip_families.is_some() {
-            tracing::debug!(service = %hostname, "ignoring endpoints, loadBalancer and ipFamilies of a local service");
+        if !ignored.is_empty() {
+            tracing::debug!(service = %hostname, fields = ?ignored, "accepted and not used: fields of a local service");
         }
         Ok(Service {
             name,
