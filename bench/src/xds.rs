@@ -608,23 +608,31 @@ enum PushKind {
 }
 
 /// Pushes every workload changed, again and again, each when both proxies have answered the one
-/// before (and, with `pace`, no sooner than `pace` after the one before started); records each
-/// push's window, from the push to the last ACK.
-async fn push_forever(
+/// before (and, with `pace`, no sooner than `pace` after the one before started), until `stop`;
+/// records each push's window, from the push to the last ACK. The first push is always made and
+/// waited for, so that a measurement shorter than a push (a loaded machine, a debug build) still
+/// has one push in it.
+async fn push_until(
     istiod: &Istiod,
     pushes: &Pushes,
     what: PushKind,
     windows: &Mutex<Vec<(Instant, Instant)>>,
     pace: Option<Duration>,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     for k in 0.. {
+        if k > 0 && stop.load(Ordering::Relaxed) {
+            break;
+        }
         let started = tokio::time::Instant::now();
         let (nonce, at) = istiod.push(ADDRESS, pushes.nth(what, k));
         let answers = istiod.answers(&nonce, 2, PUSH_TIMEOUT).await?;
         let end = answers.iter().map(|a| a.at).max().unwrap_or(at);
         windows.lock().unwrap_or_else(PoisonError::into_inner).push((at, end));
         if let Some(pace) = pace {
-            tokio::time::sleep_until(started + pace).await;
+            while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < started + pace {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
     Ok(())
@@ -740,13 +748,15 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         let istiod = &istiod;
         async move {
             let windows = Mutex::new(Vec::new());
-            let exchanges = tokio::select! {
-                during = rr("during the pushes") => during?,
-                failed = push_forever(istiod, pushes, what, &windows, pace) => {
-                    failed.with_context(|| format!("{label}: pushing during request/response"))?;
-                    bail!("{label}: the pushes stopped");
-                }
+            let stop = AtomicBool::new(false);
+            let measuring = async {
+                let exchanges = rr("during the pushes").await;
+                stop.store(true, Ordering::Relaxed);
+                exchanges
             };
+            let (exchanges, pushed) = tokio::join!(measuring, push_until(istiod, pushes, what, &windows, pace, &stop));
+            pushed.with_context(|| format!("{label}: pushing during request/response"))?;
+            let exchanges = exchanges?;
             let windows = windows.into_inner().unwrap_or_else(PoisonError::into_inner);
             let split = split_by_windows(&exchanges.timeline, &windows);
             anyhow::Ok((Percentiles::of(&exchanges.latency), windows.len(), split, windows))
