@@ -101,7 +101,7 @@ impl Server {
     /// How many log lines report an empty configuration file.
     fn empty_errors(&self) -> usize {
         self.proxy
-            .log_lines(&["ERROR", "is empty; keeping the current configuration"])
+            .log_lines(&["\terror\t", "is empty; keeping the current configuration"])
             .len()
     }
 
