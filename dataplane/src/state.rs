@@ -717,6 +717,53 @@ impl State {
             .filter(|workload| proxy.serves_node(&workload.node))
     }
 
+    /// The service an inbound connection to `workload` at `port` is reported under when the client
+    /// named none (its `destination_service` label and access log `dst.service`), as ztunnel guesses
+    /// it: the first service the workload is an endpoint of (in key order) with a port whose target
+    /// is `port`, the service's own target port or the workload's port for it (a named port).
+    ///
+    /// ```
+    /// use meshwire_dataplane::state::State;
+    /// use meshwire_dataplane::xds::LocalConfig;
+    ///
+    /// let state = State::new(LocalConfig::parse(
+    ///     r#"
+    /// workloads:
+    /// - name: db
+    ///   namespace: shop
+    ///   workloadIps: ["10.0.0.2"]
+    ///   protocol: HBONE
+    ///   services: {"shop/admin.shop.svc": {}, "shop/db.shop.svc": {5432: 15432}}
+    /// services:
+    /// - hostname: db.shop.svc
+    ///   namespace: shop
+    ///   ports: {5432: 0}
+    /// - hostname: admin.shop.svc
+    ///   namespace: shop
+    ///   ports: {80: 8080}
+    /// "#,
+    /// )?);
+    /// let db = state.workload_by_name("shop", "db").unwrap();
+    /// let guess = |port| state.inbound_service_guess(db, port).map(|s| s.hostname.as_str());
+    /// assert_eq!(guess(15432), Some("db.shop.svc")); // the workload's port for a named port
+    /// assert_eq!(guess(8080), Some("admin.shop.svc")); // the service's target port
+    /// assert_eq!(guess(5432), None); // a service port, not a target
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn inbound_service_guess(&self, workload: &Workload, port: u16) -> Option<&Service> {
+        workload
+            .services
+            .iter()
+            .filter_map(|(key, own)| Some((self.service_by_hostname(key)?, own)))
+            .find(|(service, own)| {
+                service
+                    .ports
+                    .iter()
+                    .any(|(service_port, target)| *target == port || own.get(service_port) == Some(&port))
+            })
+            .map(|(service, _)| service)
+    }
+
     /// Where an inbound CONNECT to `<hostname>:<port>` that arrived on `arrived_on` goes (the inner
     /// CONNECT of double HBONE names the service, not the workload): the workload this proxy serves
     /// at `arrived_on` ([`inbound_workload`](Self::inbound_workload)), the service with that hostname

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 use meshwire_dataplane::proxy::inbound::InboundHandler;
 use meshwire_dataplane::rt::tokio::TokioTimer;
 use meshwire_dataplane::state::LocalProxy;
-use meshwire_dataplane::telemetry::accesslog::LogFormat;
 use meshwire_dataplane::telemetry::metrics::Metrics;
 use meshwire_dataplane::watch::{ConnectionRegistry, Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
@@ -87,7 +86,6 @@ async fn proxy(ip: &str, yaml: &str) -> Proxy {
                 tcp.local_addr().unwrap(),
                 m.clone(),
                 r.clone(),
-                LogFormat::Text,
             )
             .with_peer_addr(peer);
             let tls_config = tls_config.clone();
@@ -363,7 +361,6 @@ fn plaintext_handler(yaml: &str) -> (InboundHandler, Published, Arc<Metrics>, Co
         "127.0.0.1:15006".parse().unwrap(),
         metrics.clone(),
         registry.clone(),
-        LogFormat::Text,
     )
     .with_peer_addr("127.0.0.9:40000".parse().unwrap());
     (handler, published, metrics, registry)

@@ -14,7 +14,6 @@ use meshwire_dataplane::proxy::outbound::{
 use meshwire_dataplane::rt::tokio::{ConnectorConfig, TokioConnector, TokioExecutor, TokioTimer};
 use meshwire_dataplane::socks5::Reply;
 use meshwire_dataplane::state::LocalProxy;
-use meshwire_dataplane::telemetry::accesslog::LogFormat;
 use meshwire_dataplane::telemetry::metrics::{Metrics, RefusalReason};
 use meshwire_dataplane::watch::{Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
@@ -180,7 +179,7 @@ services:
     let metrics = Arc::new(Metrics::new());
     let outbound = Arc::new(
         Outbound::new(published.clone(), proxy, source, pool(manager), CopyConfig::default())
-            .with_telemetry(metrics.clone(), LogFormat::Text),
+            .with_telemetry(metrics.clone()),
     );
     let (tx, summaries) = mpsc::unbounded_channel();
     let o = outbound.clone();
@@ -608,7 +607,7 @@ async fn per_connection_futures_stay_small() {
 async fn failed_socks5_handshakes_are_counted_as_refusals() {
     let metrics = Arc::new(Metrics::new());
     let outbound = bare_outbound()
-        .with_telemetry(metrics.clone(), LogFormat::Text)
+        .with_telemetry(metrics.clone())
         .with_handshake_timeout(Duration::from_secs(5));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -608,57 +608,60 @@ pub fn repo_path(relative: &str) -> PathBuf {
         .map_or_else(|| PathBuf::from(relative), |root| root.join(relative))
 }
 
-/// The fields of a text access-log line (`key=value` pairs, strings quoted as Rust's `Debug`).
+/// A text access-log line, in ztunnel's layout:
+/// `<time>\t<level>\taccess\t<message>\t<key=value fields>` (strings quoted as Rust's `Debug`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessLine {
+    time: String,
+    level: String,
+    message: String,
     fields: Vec<(String, String)>,
 }
 
 impl AccessLine {
-    /// Parses the `key=value` pairs of `line` from its first `src.addr=`; `None` when there is none.
+    /// Parses a log line of target `access`; `None` for any other line, or one that does not read
+    /// as five tab-separated columns whose last is `key=value` pairs.
     pub fn parse(line: &str) -> Option<AccessLine> {
-        let start = line.find("src.addr=")?;
-        let mut rest = &line[start..];
-        let mut fields = Vec::new();
-        while let Some((key, after)) = rest.split_once('=') {
-            let key = key.trim().to_owned();
-            let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
-                let mut value = String::new();
-                let mut chars = quoted.char_indices();
-                let mut end = quoted.len();
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some((_, escaped)) = chars.next() {
-                                value.push(match escaped {
-                                    'n' => '\n',
-                                    't' => '\t',
-                                    other => other,
-                                });
-                            }
-                        }
-                        '"' => {
-                            end = i + 1;
-                            break;
-                        }
-                        other => value.push(other),
-                    }
-                }
-                (value, &quoted[end.min(quoted.len())..])
-            } else {
-                let end = after.find(' ').unwrap_or(after.len());
-                (after[..end].to_owned(), &after[end..])
-            };
-            fields.push((key, value));
-            rest = next.trim_start();
-            if rest.is_empty() {
-                break;
-            }
+        let mut columns = line.trim_end_matches('\n').split('\t');
+        let (time, level, target, message, fields) = (
+            columns.next()?,
+            columns.next()?,
+            columns.next()?,
+            columns.next()?,
+            columns.next()?,
+        );
+        if target != "access" || columns.next().is_some() {
+            return None;
         }
-        Some(AccessLine { fields })
+        Some(AccessLine {
+            time: time.to_owned(),
+            level: level.to_owned(),
+            message: message.to_owned(),
+            fields: parse_fields(fields)?,
+        })
     }
 
-    /// The value of `key` (`src.identity`, `bytes_sent`).
+    /// The time stamp column (`2025-01-23T05:07:25.806642Z`).
+    pub fn time(&self) -> &str {
+        &self.time
+    }
+
+    /// The level column (`info`, `warn`, `error`).
+    pub fn level(&self) -> &str {
+        &self.level
+    }
+
+    /// The message column: `connection complete` or `connection failed`.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The fields' keys, in the order of the line.
+    pub fn keys(&self) -> Vec<&str> {
+        self.fields.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// The value of `key` (`src.identity`, `bytes_sent`), unquoted and unescaped.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
@@ -669,22 +672,87 @@ impl AccessLine {
     }
 }
 
+/// The `key=value` pairs of an access line's last column: quoted values unescaped as Rust's `Debug`
+/// escapes them (`\"`, `\\`, `\n`, `\u{2028}`, ...), bare ones up to the next space.
+fn parse_fields(column: &str) -> Option<Vec<(String, String)>> {
+    let mut fields = Vec::new();
+    let mut rest = column;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '"' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        'r' => value.push('\r'),
+                        't' => value.push('\t'),
+                        '0' => value.push('\0'),
+                        'u' => {
+                            chars.next().filter(|(_, c)| *c == '{')?;
+                            let hex: String = chars.by_ref().map(|(_, c)| c).take_while(|c| *c != '}').collect();
+                            value.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                        }
+                        other => value.push(other),
+                    },
+                    other => value.push(other),
+                }
+            }
+            (value, &quoted[end?..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (after[..end].to_owned(), &after[end..])
+        };
+        fields.push((key.to_owned(), value));
+        rest = next.strip_prefix(' ').unwrap_or(next);
+    }
+    Some(fields)
+}
+
 impl Proxy {
-    /// The access-log lines with `direction` (`inbound`/`outbound`) logged so far.
+    /// The access-log lines with `direction` (`inbound`/`outbound`) logged so far, `connection
+    /// complete` and `connection failed` alike.
     pub fn access_lines(&self, direction: &str) -> Vec<AccessLine> {
-        let needle = format!("direction=\"{direction}\"");
-        self.log()
-            .lines()
-            .filter(|l| l.contains(&needle))
-            .filter_map(AccessLine::parse)
+        self.all_access_lines()
+            .into_iter()
+            .filter(|l| l.get("direction") == Some(direction))
             .collect()
+    }
+
+    /// Every access-log line logged so far.
+    pub fn all_access_lines(&self) -> Vec<AccessLine> {
+        self.log().lines().filter_map(AccessLine::parse).collect()
     }
 
     /// Waits until at least `count` access-log lines with `direction` were logged; returns them all.
     pub fn wait_access_lines(&self, direction: &str, count: usize, within: Duration) -> Vec<AccessLine> {
+        self.wait_lines(direction, count, within, |_| true)
+    }
+
+    /// Waits until at least `count` `connection complete` lines with `direction` were logged (those of
+    /// connections that reached their destination, or failed once it was known); returns them all,
+    /// without the `connection failed` lines of connections refused before (a probe of the HBONE
+    /// port that never finishes its TLS handshake, say).
+    pub fn wait_complete_lines(&self, direction: &str, count: usize, within: Duration) -> Vec<AccessLine> {
+        self.wait_lines(direction, count, within, |line| line.message() == "connection complete")
+    }
+
+    fn wait_lines(
+        &self,
+        direction: &str,
+        count: usize,
+        within: Duration,
+        keep: impl Fn(&AccessLine) -> bool,
+    ) -> Vec<AccessLine> {
         let deadline = Instant::now() + within;
         loop {
-            let lines = self.access_lines(direction);
+            let lines: Vec<AccessLine> = self.access_lines(direction).into_iter().filter(&keep).collect();
             if lines.len() >= count || Instant::now() >= deadline {
                 return lines;
             }

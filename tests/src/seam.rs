@@ -23,7 +23,6 @@ use meshwire_dataplane::rt::Runtime;
 use meshwire_dataplane::rt::connector::ClientTlsSource;
 use meshwire_dataplane::rt::socket::SocketOptions;
 use meshwire_dataplane::state::LocalProxy;
-use meshwire_dataplane::telemetry::accesslog::LogFormat;
 use meshwire_dataplane::telemetry::metrics::Metrics;
 use meshwire_dataplane::watch::{ConnectionRegistry, Published, Snapshot};
 use meshwire_dataplane::xds::LocalConfig;
@@ -257,7 +256,6 @@ pub async fn proxy_logic_scenario<H: Host>(host: H) {
             arrived_on,
             m.clone(),
             r.clone(),
-            LogFormat::Text,
         )
         .with_peer_addr(peer);
         let (tls, timer) = (server_tls.clone(), t.clone());
@@ -286,7 +284,7 @@ pub async fn proxy_logic_scenario<H: Host>(host: H) {
     };
     let outbound = Rc::new(
         Outbound::with_runtime(runtime.clone(), published, proxy, source, pool, CopyConfig::default())
-            .with_telemetry(metrics, LogFormat::Text)
+            .with_telemetry(metrics)
             .with_handshake_timeout(Duration::from_millis(200)),
     );
     let (tx, mut summaries) = mpsc::unbounded_channel();

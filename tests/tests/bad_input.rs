@@ -150,7 +150,14 @@ fn clients_with_untrusted_certificates_are_refused() {
 
         assert!(
             s.server
-                .wait_for_log(&["inbound HBONE connection failed"], Duration::from_secs(5))
+                .wait_for_log(
+                    &[
+                        "\twarn\taccess\tconnection failed\t",
+                        "direction=\"inbound\"",
+                        "TLS handshake failed"
+                    ],
+                    Duration::from_secs(5)
+                )
                 .is_some(),
             "the refusal is logged\n{}",
             s.server.describe()

@@ -335,6 +335,12 @@ fn a_missing_dedicated_workload_keeps_the_proxy_unready_and_refusals_are_logged(
                 "{binary}: {line:?}"
             );
             assert!(line.get("src.addr").is_some(), "{binary}: {line:?}");
+            // Refused before any route, as ztunnel refuses a request it cannot build.
+            assert_eq!(
+                (line.level(), line.message()),
+                ("warn", "connection failed"),
+                "{line:?}"
+            );
             let error = line.get("error").unwrap_or_default();
             assert!(
                 error.contains("default/client") && error.contains("not in the local configuration"),

@@ -102,7 +102,7 @@ impl Server {
     /// How many log lines report an empty configuration file.
     fn empty_errors(&self) -> usize {
         self.proxy
-            .log_lines(&["ERROR", "is empty; keeping the current configuration"])
+            .log_lines(&["\terror\t", "is empty; keeping the current configuration"])
             .len()
     }
 
@@ -381,7 +381,7 @@ fn unknown_fields_are_logged_once_per_content_and_do_not_stop_the_proxy() {
     for binary in binary::all() {
         let mesh = Mesh::new(ZTUNNEL_FUTURE_FIELDS);
         let proxy = mesh.proxy(&binary, lo(1)).spawn();
-        let logged = |warning: &str| proxy.log_lines(&["WARN", warning]).len();
+        let logged = |warning: &str| proxy.log_lines(&["\twarn\t", warning]).len();
         for warning in warnings {
             assert_eq!(logged(warning), 1, "{binary}: {warning}\n{}", proxy.describe());
         }

@@ -274,7 +274,7 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     assert!(closed, "pod b's connection stayed open after its DelWorkload");
     // Each side logged the connection with the pods' own identities.
     for direction in ["outbound", "inbound"] {
-        let lines = proxy.wait_access_lines(direction, 1, Duration::from_secs(10));
+        let lines = proxy.wait_complete_lines(direction, 1, Duration::from_secs(10));
         assert!(
             lines
                 .first()
@@ -407,7 +407,7 @@ workloads:
         );
     }
     // Both went through the mesh: pod b's side logged each, with the pods' identities.
-    let lines = proxy.wait_access_lines("inbound", 2, Duration::from_secs(10));
+    let lines = proxy.wait_complete_lines("inbound", 2, Duration::from_secs(10));
     let sources: Vec<_> = lines
         .iter()
         .filter(|line| line.get("src.identity").is_some_and(|id| id.ends_with("/sa/a")))

@@ -279,9 +279,10 @@ fn a_service_on_another_network_is_reached_by_double_hbone_through_its_gateway()
             Some("echo.default.svc.cluster.local:80"),
             "{line:?}"
         );
+        // As ztunnel: `dst.addr` is the HBONE address the inner connection arrived on.
         assert_eq!(
             line.get("dst.addr"),
-            Some(mesh.echo.addr().to_string().as_str()),
+            Some(SocketAddr::new(lo(2), mesh.mesh.hbone_port()).to_string().as_str()),
             "{line:?}"
         );
         assert_eq!(line.get("dst.service"), Some(ECHO_HOST), "{line:?}");
@@ -386,7 +387,7 @@ fn the_gateway_may_route_the_service_to_any_of_its_endpoints() {
             );
             assert_eq!(
                 line.get("dst.addr"),
-                Some(echo2.addr().to_string().as_str()),
+                Some(SocketAddr::new(lo(3), mesh.mesh.hbone_port()).to_string().as_str()),
                 "{line:?}"
             );
             assert_eq!(line.get("dst.service"), Some(ECHO_HOST), "{line:?}");
@@ -430,7 +431,7 @@ fn an_inbound_connect_by_hostname_needs_a_service_the_workload_serves() {
         );
         assert_eq!(
             line.get("dst.addr"),
-            Some(mesh.echo.addr().to_string().as_str()),
+            Some(SocketAddr::new(lo(2), mesh.mesh.hbone_port()).to_string().as_str()),
             "{line:?}"
         );
 

@@ -9,6 +9,8 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::admin::{LogControl, ShutdownTrigger};
 use crate::config::{Config, Error as ConfigError, LogFormat};
+use crate::telemetry::accesslog;
+use crate::telemetry::layout::LogLayout;
 
 /// jemalloc, the allocator of both binaries (of every program linking this library with the
 /// `jemalloc` feature): large buffers freed and allocated again at a high rate (the data path's
@@ -59,8 +61,8 @@ pub fn load_config() -> Result<Config, ExitCode> {
 }
 
 /// Installs the `tracing` subscriber: the configured filter (`RUST_LOG` syntax), replaceable at runtime
-/// through the returned handle, and format, on stderr; then warns of the ztunnel variables that are
-/// set but not supported.
+/// through the returned handle, and format, in ztunnel's layout ([`LogLayout`]: tab-separated text or
+/// JSON), on stderr; then warns of the ztunnel variables that are set but not supported.
 pub fn init_logging(config: &Config) -> LogControl {
     let (filter, level) = match EnvFilter::try_new(&config.log_level) {
         Ok(filter) => (filter, config.log_level.clone()),
@@ -70,14 +72,16 @@ pub fn init_logging(config: &Config) -> LogControl {
         }
     };
     let (filter, handle) = reload::Layer::new(filter);
+    let layout = LogLayout::new(match config.log_format {
+        LogFormat::Json => accesslog::LogFormat::Json,
+        LogFormat::Text => accesslog::LogFormat::Text,
+    });
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let registry = Registry::default().with(filter);
-    match config.log_format {
-        LogFormat::Json => registry.with(fmt.json()).init(),
-        LogFormat::Text => registry.with(fmt).init(),
-    }
+        .with_ansi(false)
+        .event_format(layout)
+        .fmt_fields(layout);
+    Registry::default().with(filter).with(fmt).init();
     for name in &config.ignored_env {
         tracing::warn!(
             variable = name,

@@ -28,13 +28,12 @@ use tokio::task::JoinHandle;
 
 use super::istio::{self as istiod, IstioCaClient, Xds};
 use crate::admin::{self, AdminHandler, LogControl, MetricsHandler, Readiness, ReadinessHandler, ReadyBlocker};
-use crate::config::{self, CertificateSource, Config, Listener, LocalConfigSource, PacketMark, ProxyMode};
+use crate::config::{CertificateSource, Config, Listener, LocalConfigSource, PacketMark, ProxyMode};
 use crate::proxy::outbound::{CertManagerTls, SourceWorkload};
 use crate::rt::connector::ConnectorConfig;
 use crate::rt::socket::{DefaultSocketFactory, SocketOptions, check_mark, check_port_free};
 use crate::rt::tokio::{TokioTimer, bind_listener};
 use crate::state::LocalProxy;
-use crate::telemetry::accesslog;
 use crate::watch::{ConfigWatcher, ConnectionRegistry, Published, Snapshot, log_warnings};
 use crate::xds::{ConfigError, LocalConfig};
 
@@ -201,7 +200,6 @@ pub struct ProxyContext {
     dedicated: Option<SpiffeId>,
     source: SourceWorkload,
     serve_options: ServeOptions,
-    log_format: accesslog::LogFormat,
     /// Options of the proxy's upstream connections (the packet mark).
     upstream: SocketOptions,
     pool: PoolConfig,
@@ -255,11 +253,6 @@ impl ProxyContext {
     /// The options of inbound HBONE connections (HTTP/2 settings, copy buffers).
     pub fn serve_options(&self) -> &ServeOptions {
         &self.serve_options
-    }
-
-    /// The format of the access log lines.
-    pub fn log_format(&self) -> accesslog::LogFormat {
-        self.log_format
     }
 
     /// The options of the proxy's upstream connections (the packet mark).
@@ -399,10 +392,6 @@ impl ControlPlane {
             mark: packet_mark(config.packet_mark)?,
             ..SocketOptions::default()
         };
-        let log_format = match config.log_format {
-            config::LogFormat::Json => accesslog::LogFormat::Json,
-            config::LogFormat::Text => accesslog::LogFormat::Text,
-        };
         let context = Arc::new(ProxyContext {
             proxy: config.local_proxy(),
             published,
@@ -416,7 +405,6 @@ impl ControlPlane {
                 process_budget: Arc::new(BufferBudget::new(config.buffers.process)),
                 receive_budget: Arc::new(BufferBudget::new(config.buffers.receive)),
             },
-            log_format,
             upstream,
             pool: config.pool.clone(),
             xds: xds.as_ref().map(|x| x.status().clone()),
@@ -764,7 +752,7 @@ pub async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// The firewall mark of the proxy's upstream connections: see [`config::PacketMark`].
+/// The firewall mark of the proxy's upstream connections: see [`PacketMark`].
 fn packet_mark(setting: PacketMark) -> Result<Option<u32>, StartError> {
     let Some(mark) = setting.value() else {
         return Ok(None);

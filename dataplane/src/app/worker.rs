@@ -21,6 +21,7 @@ use crate::proxy::canonical;
 use crate::proxy::inbound::InboundHandler;
 use crate::proxy::outbound::Outbound;
 use crate::rt::Runtime;
+use crate::telemetry::accesslog::{self, Direction, FailedConnection};
 use crate::telemetry::metrics::{Metrics, RefusalReason};
 use crate::watch::ConnectionRegistry;
 
@@ -94,7 +95,7 @@ where
             pool,
             CopyConfig::default(),
         )
-        .with_telemetry(metrics.clone(), context.log_format())
+        .with_telemetry(metrics.clone())
         .with_socket_options(context.upstream().clone())
         .with_buffer_budget(
             context.serve_options().process_budget.clone(),
@@ -155,7 +156,6 @@ where
             arrived_on,
             self.metrics.clone(),
             self.registry.clone(),
-            self.context.log_format(),
         )
         .with_peer_addr(peer)
         .with_socket_options(self.context.upstream().clone())
@@ -184,7 +184,8 @@ where
                 {
                     Some(workload) => workload.spiffe_id().clone(),
                     None => {
-                        tracing::warn!(%peer, %arrived_on, "inbound HBONE connection to no served workload");
+                        // ztunnel's TLS handshake fails there (no certificate to present).
+                        refused_early(peer, arrived_on, server::RefusalReason::NoWorkload(arrived_on.ip()));
                         return;
                     }
                 }
@@ -193,7 +194,7 @@ where
         let tls = match self.context.manager().get(&id, Priority::Connection).await {
             Ok(handle) => handle.current().server_config().clone(),
             Err(error) => {
-                tracing::warn!(%peer, %id, %error, "no certificate for inbound HBONE connection");
+                refused_early(peer, arrived_on, format_args!("no certificate for {id}: {error}"));
                 return;
             }
         };
@@ -208,10 +209,13 @@ where
                     ServeError::HandshakeTimeout(_) => Some(RefusalReason::HandshakeTimeout),
                     _ => None,
                 };
-                if let Some(reason) = refusal {
-                    self.metrics.refused(Listener::Inbound, reason);
+                match refusal {
+                    Some(reason) => {
+                        self.metrics.refused(Listener::Inbound, reason);
+                        refused_early(peer, arrived_on, &error);
+                    }
+                    None => tracing::warn!(%peer, %error, "inbound HBONE connection failed"),
                 }
-                tracing::warn!(%peer, %error, "inbound HBONE connection failed");
             }
         }
     }
@@ -300,6 +304,13 @@ where
             futures_util::future::Either::Right(_) => None,
         }
     }
+}
+
+/// Logs an inbound HBONE connection from `peer` to `arrived_on` that ended before any CONNECT (its
+/// TLS handshake failed or did not finish, or there is no certificate to present) as ztunnel does:
+/// `connection failed` in the access log, with `dst.addr` the address it arrived on.
+fn refused_early(peer: SocketAddr, arrived_on: SocketAddr, error: impl std::fmt::Display) {
+    accesslog::emit_failed(&FailedConnection::new(Direction::Inbound, canonical(peer), arrived_on).with_error(error));
 }
 
 /// `ENFILE` on Linux: the system's table of open files is full.

@@ -39,7 +39,10 @@
 //! metrics and writes the access log line with the duration measured from the connect. This needs
 //! no lookup in [`Handler::finished`] and cannot leak an entry for a stream whose report never
 //! comes. Requests refused after the destination workload is known (401, failed connect) are
-//! counted and logged in `connect`; earlier refusals (400, loops) are only logged by the server.
+//! counted and logged (`connection complete` with an `error`) in `connect`; earlier refusals (400,
+//! loops) are logged as `connection failed` when the server reports them ([`Handler::finished`]).
+//! Over HBONE the access log's `dst.addr` is the address the connection arrived on (`<ip>:15008`)
+//! and `dst.hbone_addr` the CONNECT target, as ztunnel logs them.
 //!
 //! [`State::inbound_workload`]: crate::state::State::inbound_workload
 //! [`State::inbound_service_target`]: crate::state::State::inbound_service_target
@@ -65,7 +68,7 @@ use crate::rt::Runtime;
 use crate::rt::socket::SocketOptions;
 use crate::rt::tokio::TokioRuntime;
 use crate::state::{LocalProxy, ServiceTargetError};
-use crate::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
+use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, Metrics, Reporter, ResponseFlags, SecurityPolicy,
 };
@@ -88,7 +91,6 @@ pub struct InboundHandler<R = TokioRuntime> {
     peer_addr: SocketAddr,
     metrics: Arc<Metrics>,
     registry: ConnectionRegistry,
-    log_format: LogFormat,
     socket: SocketOptions,
     /// Whether connections to workloads leave from the client's address (`ENABLE_ORIG_SRC`).
     original_source: bool,
@@ -107,17 +109,8 @@ impl InboundHandler {
         arrived_on: SocketAddr,
         metrics: Arc<Metrics>,
         registry: ConnectionRegistry,
-        log_format: LogFormat,
     ) -> Self {
-        Self::with_runtime(
-            TokioRuntime::new(),
-            published,
-            proxy,
-            arrived_on,
-            metrics,
-            registry,
-            log_format,
-        )
+        Self::with_runtime(TokioRuntime::new(), published, proxy, arrived_on, metrics, registry)
     }
 }
 
@@ -130,7 +123,6 @@ impl<R: Runtime> InboundHandler<R> {
         arrived_on: SocketAddr,
         metrics: Arc<Metrics>,
         registry: ConnectionRegistry,
-        log_format: LogFormat,
     ) -> Self {
         Self {
             runtime,
@@ -140,7 +132,6 @@ impl<R: Runtime> InboundHandler<R> {
             peer_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             metrics,
             registry,
-            log_format,
             socket: SocketOptions::default(),
             original_source: false,
         }
@@ -184,7 +175,7 @@ impl<R: Runtime> InboundHandler<R> {
         let entry = entry
             .with_transfer(summary.sent, summary.received)
             .with_error(&refusal.reason);
-        accesslog::emit(&entry, self.log_format);
+        accesslog::emit(&entry);
         refusal
     }
 
@@ -203,7 +194,9 @@ impl<R: Runtime> InboundHandler<R> {
             return Err(Refusal::bad_request(RefusalReason::NoWorkload(dst.ip())));
         };
         let hbone_addr = peer.is_some().then(|| dst.to_string());
-        self.admit(&snapshot, dst, workload, None, peer, hbone_addr).await
+        // The client named no service: report the one ztunnel would guess (`dst.service`).
+        let service = snapshot.state.inbound_service_guess(workload, dst.port());
+        self.admit(&snapshot, dst, workload, service, peer, hbone_addr).await
     }
 
     /// Step 1 for a `<hostname>:<port>` authority, then steps 2 to 5: resolves it to the workload
@@ -262,7 +255,10 @@ impl<R: Runtime> InboundHandler<R> {
             .with_source_principal(peer)
             .with_destination(Some(workload))
             .with_destination_service(service);
-        let mut entry = AccessLogEntry::from_labels(&labels, self.peer_addr, dst)
+        // As ztunnel: over HBONE, `dst.addr` is the address the connection arrived on (`<ip>:15008`)
+        // and `dst.hbone_addr` the CONNECT target; in plaintext, the original destination.
+        let logged_dst = if peer.is_some() { self.arrived_on } else { dst };
+        let mut entry = AccessLogEntry::from_labels(&labels, self.peer_addr, logged_dst)
             .with_source_workload(source)
             .with_destination_workload(Some(workload));
         if let Some(target) = hbone_addr {
@@ -337,7 +333,6 @@ impl<R: Runtime> InboundHandler<R> {
             _guard: guard,
             start,
             entry: Some(entry),
-            log_format: self.log_format,
         })
     }
 
@@ -475,9 +470,18 @@ impl<R: Runtime> Handler for InboundHandler<R> {
         self.open(dst, Some(&request.peer)).await.map(Connected::from)
     }
 
-    /// Accepted streams are counted and logged when their [`InboundUpstream`] drops; this only
-    /// traces the report.
+    /// Accepted streams are counted and logged when their [`InboundUpstream`] drops, and those
+    /// refused by a policy or a failed connect in [`connect`](Handler::connect); this logs the
+    /// streams refused before (not a CONNECT, a bad authority, no such workload, a loop) as
+    /// `connection failed`, as ztunnel does, and traces every report.
     fn finished(&self, report: StreamReport) {
+        if let Some(reason) = &report.refusal
+            && !matches!(reason, RefusalReason::Denied(_) | RefusalReason::UpstreamConnect { .. })
+        {
+            accesslog::emit_failed(
+                &FailedConnection::new(Direction::Inbound, self.peer_addr, self.arrived_on).with_error(reason),
+            );
+        }
         tracing::debug!(
             peer = %report.peer,
             authority = ?report.authority.as_ref().map(ToString::to_string),
@@ -506,7 +510,6 @@ pub struct InboundUpstream<R: Runtime = TokioRuntime> {
     start: Instant,
     /// `Some` until dropped.
     entry: Option<AccessLogEntry>,
-    log_format: LogFormat,
 }
 
 impl<R: Runtime> fmt::Debug for InboundUpstream<R> {
@@ -636,6 +639,6 @@ impl<R: Runtime> Drop for InboundUpstream<R> {
         if let Some(reason) = closed {
             entry = entry.with_error(format!("connection closed by policy: {reason}"));
         }
-        accesslog::emit(&entry, self.log_format);
+        accesslog::emit(&entry);
     }
 }

@@ -73,7 +73,7 @@ use crate::rt::socket::SocketOptions;
 use crate::rt::tokio::{ClientTlsSource, TokioRuntime};
 use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
-use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, LogFormat};
+use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, LabelValue, Metrics, RefusalReason, Reporter, ResponseFlags, SecurityPolicy,
 };
@@ -402,19 +402,17 @@ pub struct OutboundRecord {
     start: Instant,
     flags: ResponseFlags,
     error: Option<String>,
-    log_format: LogFormat,
 }
 
 impl OutboundRecord {
     /// Counts the connection as opened in `metrics` with `labels`; `entry` is logged at the end.
-    pub fn open(metrics: &Metrics, labels: ConnectionLabels, entry: AccessLogEntry, log_format: LogFormat) -> Self {
+    pub fn open(metrics: &Metrics, labels: ConnectionLabels, entry: AccessLogEntry) -> Self {
         Self {
             recorder: Some(metrics.open(labels)),
             entry: Some(entry),
             start: Instant::now(),
             flags: ResponseFlags::None,
             error: None,
-            log_format,
         }
     }
 
@@ -445,7 +443,7 @@ impl Drop for OutboundRecord {
         if let Some(error) = self.error.take() {
             entry = entry.with_error(error);
         }
-        accesslog::emit(&entry, self.log_format);
+        accesslog::emit(&entry);
     }
 }
 
@@ -544,7 +542,6 @@ pub struct Outbound<S: ClientTlsSource, R: Runtime = TokioRuntime> {
     connect_timeout: Duration,
     socket: SocketOptions,
     metrics: Arc<Metrics>,
-    log_format: LogFormat,
     pick: AtomicU64,
     /// The budget HBONE tunnels hold the client's bytes within, and one tunnel's lease.
     budget: Option<(Arc<BufferBudget>, usize)>,
@@ -602,16 +599,14 @@ where
             connect_timeout: CONNECT_TIMEOUT,
             socket: SocketOptions::default(),
             metrics: Arc::new(Metrics::new()),
-            log_format: LogFormat::default(),
             pick: AtomicU64::new(0),
             budget: None,
         }
     }
 
-    /// Counts the connections in `metrics` and writes their access log lines in `log_format`.
-    pub fn with_telemetry(mut self, metrics: Arc<Metrics>, log_format: LogFormat) -> Self {
+    /// Counts the connections in `metrics` (the access log lines go to `tracing` whatever the metrics).
+    pub fn with_telemetry(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
-        self.log_format = log_format;
         self
     }
 
@@ -771,10 +766,10 @@ where
     ) -> Result<(), OutboundError> {
         summary.dst = Some(dst);
         let Some(source) = source else {
-            // Refused before any route: logged like every other refused connection.
+            // Refused before any route: `connection failed`, as ztunnel logs a request it could not
+            // build.
             let error = self.source.unknown(peer);
-            let entry = AccessLogEntry::new(Direction::Outbound, peer, dst).with_error(&error);
-            accesslog::emit(&entry, self.log_format);
+            accesslog::emit_failed(&FailedConnection::new(Direction::Outbound, peer, dst).with_error(&error));
             if downstream == Downstream::Socks5 {
                 reply(stream, summary, Reply::GeneralFailure).await?;
             }
@@ -787,7 +782,7 @@ where
         summary.route = Some(RouteKind::of(&route));
         let labels = outbound_labels(state, source, &route);
         let entry = outbound_log_entry(state, &labels, source, peer, dst, &route);
-        let mut record = OutboundRecord::open(&self.metrics, labels, entry, self.log_format);
+        let mut record = OutboundRecord::open(&self.metrics, labels, entry);
 
         let upstream = match self.open(peer, source, route).await {
             Ok(upstream) => upstream,

@@ -1,4 +1,14 @@
-//! The access log: one line per connection, when it ends, with ztunnel's fields.
+//! The access log: a line per connection, with ztunnel's messages, levels and fields.
+//!
+//! Lines are `tracing` events with target `access` (so `RUST_LOG` and `POST /logging?level=access=warn`
+//! choose which are written, as with ztunnel), written by the process's subscriber in its layout
+//! ([`crate::telemetry::layout`]: ztunnel's tab-separated text, or JSON). Three kinds, as ztunnel's:
+//!
+//! | kind | level | message | fields |
+//! |---|---|---|---|
+//! | a connection that ended ([`emit`]) | `info` | `connection complete` | all the known ones below |
+//! | one that failed once its destination was known ([`emit`] with an error) | `error` | `connection complete` | all the known ones, `error` last |
+//! | one refused before (a failed TLS handshake on 15008, a bad CONNECT, an unknown client: [`emit_failed`]) | `warn` | `connection failed` | `src.addr`, `dst.addr`, `direction`, `error` |
 //!
 //! The fields, in this order, and only those that are known (ztunnel leaves unknown fields out):
 //!
@@ -8,8 +18,8 @@
 //! | `src.workload` | the client's pod name, else its canonical service |
 //! | `src.namespace` | the client's namespace |
 //! | `src.identity` | the client's SPIFFE ID, on mTLS connections only |
-//! | `dst.addr` | the address the proxy connected to (the HBONE endpoint, port 15008, on HBONE) |
-//! | `dst.hbone_addr` | the CONNECT target inside the tunnel, on HBONE |
+//! | `dst.addr` | outbound, the address the proxy connected to (the HBONE endpoint `<ip>:15008`, the network gateway, or the passthrough destination); inbound, the address the connection arrived on (`<ip>:15008` for HBONE, the original destination for plaintext) |
+//! | `dst.hbone_addr` | the CONNECT target inside the tunnel (`<ip>:<port>`, or `<hostname>:<port>` for double HBONE), on HBONE |
 //! | `dst.service` | the hostname of the service the client addressed |
 //! | `dst.workload` | the server's pod name, else its canonical service |
 //! | `dst.namespace` | the server's namespace |
@@ -24,51 +34,65 @@
 //! direction. This is ztunnel's access log; its metrics count request and response bytes instead
 //! (see [`crate::telemetry::metrics`]), and [`AccessLogEntry::with_transfer`] turns one into the other.
 //!
-//! **Formats.** [`LogFormat::Text`] writes `key=value` pairs separated by spaces, as ztunnel's
-//! plain log does: strings quoted and escaped as Rust's `Debug` does (`"a \"b\"\n"`), addresses
-//! and numbers bare. [`LogFormat::Json`] writes one JSON object with the same keys, numbers as JSON
-//! numbers. Either way a value cannot break the line or forge a field: quotes, backslashes,
-//! newlines and every other control character are escaped.
+//! **Values.** In text, strings are quoted and escaped as Rust's `Debug` does (`"a \"b\"\n"`);
+//! addresses and numbers are bare (`dst.hbone_addr` too, unless it holds anything but address
+//! characters: then it is quoted). In JSON, numbers are JSON numbers and the rest strings. Either way a
+//! value cannot break the line or forge a field (see [`crate::telemetry::layout`]).
 //!
 //! ```
-//! use std::time::Duration;
-//! use meshwire_dataplane::telemetry::accesslog::{AccessLogEntry, Direction, LogFormat, format};
+//! use std::time::{Duration, SystemTime};
+//! use meshwire_dataplane::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection, LogFormat};
 //!
-//! let entry = AccessLogEntry::new(Direction::Inbound, "10.0.0.1:40000".parse()?, "10.0.0.2:8080".parse()?)
+//! let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_737_608_845_806_642);
+//! let entry = AccessLogEntry::new(Direction::Inbound, "10.0.0.1:40000".parse()?, "10.0.0.2:15008".parse()?)
+//!     .with_hbone_addr("10.0.0.2:8080")
 //!     .with_transfer(100, 10)
 //!     .with_duration(Duration::from_millis(12))
 //!     .with_error("connection reset by \"peer\"\n");
 //! assert_eq!(
-//!     format(&entry, LogFormat::Text),
-//!     r#"src.addr=10.0.0.1:40000 dst.addr=10.0.0.2:8080 direction="inbound" bytes_sent=100 bytes_recv=10 duration="12ms" error="connection reset by \"peer\"\n""#
+//!     accesslog::format(&entry, LogFormat::Text, at),
+//!     "2025-01-23T05:07:25.806642Z\terror\taccess\tconnection complete\t\
+//!      src.addr=10.0.0.1:40000 dst.addr=10.0.0.2:15008 dst.hbone_addr=10.0.0.2:8080 direction=\"inbound\" \
+//!      bytes_sent=100 bytes_recv=10 duration=\"12ms\" error=\"connection reset by \\\"peer\\\"\\n\""
 //! );
-//! let json: serde_json::Value = serde_json::from_str(&format(&entry, LogFormat::Json))?;
+//! let json: serde_json::Value = serde_json::from_str(&accesslog::format(&entry, LogFormat::Json, at))?;
+//! assert_eq!(json["scope"], "access");
 //! assert_eq!(json["bytes_sent"], 100);
 //! assert_eq!(json["error"], "connection reset by \"peer\"\n");
+//!
+//! let failed = FailedConnection::new(Direction::Inbound, "10.0.0.1:40001".parse()?, "10.0.0.2:15008".parse()?)
+//!     .with_error("TLS handshake failed: received corrupt message");
+//! assert_eq!(
+//!     accesslog::format_failed(&failed, LogFormat::Text, at),
+//!     "2025-01-23T05:07:25.806642Z\twarn\taccess\tconnection failed\t\
+//!      src.addr=10.0.0.1:40001 dst.addr=10.0.0.2:15008 direction=\"inbound\" \
+//!      error=\"TLS handshake failed: received corrupt message\""
+//! );
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
-
+use super::layout;
 use super::metrics::{ConnectionLabels, ConnectionSummary, LabelValue, Reporter, SecurityPolicy};
 use crate::xds::Workload;
 
 /// The `tracing` target access log lines are emitted with (ztunnel's).
 pub const TARGET: &str = "access";
 
-/// How an access log line is written.
+/// How the process's log lines, access log lines among them, are written (see
+/// [`crate::telemetry::layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum LogFormat {
-    /// `key=value` pairs, ztunnel's plain format. Parsed from `plain` or `text`.
+    /// ztunnel's plain format: tab-separated columns, the fields as `key=value` pairs. Parsed from
+    /// `plain` or `text`.
     #[default]
     Text,
-    /// A JSON object. Parsed from `json`.
+    /// A JSON object per line. Parsed from `json`.
     Json,
 }
 
@@ -264,164 +288,143 @@ impl AccessLogEntry {
     }
 }
 
-/// One access log line, without a line ending; see the [module documentation](self).
-///
-/// Pure and total: any entry, whatever its strings hold, gives one line (text) or one JSON object
-/// that parses (JSON).
-pub fn format(entry: &AccessLogEntry, format: LogFormat) -> String {
-    match format {
-        LogFormat::Text => format_text(entry),
-        LogFormat::Json => format_json(entry),
+/// A connection refused before its destination was known (ztunnel's early denials): a failed TLS
+/// handshake on the HBONE port, a CONNECT refused before any policy applied, an outbound connection
+/// from an unknown client. Logged by [`emit_failed`] as `connection failed`, at `warn`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FailedConnection {
+    /// `direction`.
+    pub direction: Direction,
+    /// `src.addr`: the client's address.
+    pub src_addr: SocketAddr,
+    /// `dst.addr`: inbound, the address the connection arrived on; outbound, its original destination.
+    pub dst_addr: SocketAddr,
+    /// `error`: why it was refused.
+    pub error: String,
+}
+
+impl FailedConnection {
+    /// A refused connection from `src_addr` to `dst_addr`, with an empty error until
+    /// [`with_error`](Self::with_error) gives it.
+    pub fn new(direction: Direction, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        Self {
+            direction,
+            src_addr,
+            dst_addr,
+            error: String::new(),
+        }
+    }
+
+    /// Sets why it was refused.
+    pub fn with_error(mut self, error: impl fmt::Display) -> Self {
+        self.error = error.to_string();
+        self
     }
 }
 
-/// Logs the entry's line through `tracing`, with target [`TARGET`] (`access`): at `INFO`, or at
-/// `ERROR` when the connection failed, as ztunnel does. Like ztunnel's, the event has no parent span.
-///
-/// The formatted line is the event's message, so the subscriber adds only its own prefix (time,
-/// level, target); with [`LogFormat::Json`], use a subscriber that writes messages as they are.
-pub fn emit(entry: &AccessLogEntry, log_format: LogFormat) {
-    let line = format(entry, log_format);
-    if entry.error.is_some() {
-        tracing::event!(target: TARGET, parent: None, tracing::Level::ERROR, "{line}");
-    } else {
-        tracing::event!(target: TARGET, parent: None, tracing::Level::INFO, "{line}");
-    }
+/// The event's message for a connection that ended, failed or not (ztunnel's).
+pub const COMPLETE: &str = "connection complete";
+/// The event's message for a connection refused before its destination was known (ztunnel's).
+pub const FAILED: &str = "connection failed";
+
+/// Whether `value` is made of address characters only (written bare, as ztunnel writes addresses).
+fn is_plain_address(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'_' | b'[' | b']' | b'%'))
 }
 
 fn duration_text(duration: Duration) -> String {
     format!("{}ms", duration.as_millis())
 }
 
-/// Writes ` key=value` pairs; the first without the leading space.
-struct TextLine(String);
-
-impl TextLine {
-    fn key(&mut self, key: &str) {
-        if !self.0.is_empty() {
-            self.0.push(' ');
-        }
-        self.0.push_str(key);
-        self.0.push('=');
-    }
-
-    /// A value written bare (addresses, numbers).
-    fn bare(&mut self, key: &str, value: impl fmt::Display) {
-        self.key(key);
-        let _ = write!(self.0, "{value}"); // writing into a String cannot fail
-    }
-
-    /// A string value, quoted and escaped as Rust's `Debug` does.
-    fn quoted(&mut self, key: &str, value: Option<&str>) {
-        if let Some(value) = value {
-            self.key(key);
-            let _ = write!(self.0, "{value:?}");
-        }
-    }
-
-    /// A value written bare when it is made of address characters only, else quoted.
-    fn address(&mut self, key: &str, value: Option<&str>) {
-        let Some(value) = value else { return };
-        let plain = !value.is_empty()
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'_' | b'[' | b']' | b'%'));
-        if plain {
-            self.bare(key, value);
-        } else {
-            self.quoted(key, Some(value));
-        }
-    }
-}
-
-fn format_text(entry: &AccessLogEntry) -> String {
-    let mut line = TextLine(String::with_capacity(256));
-    line.bare("src.addr", entry.src_addr);
-    line.quoted("src.workload", entry.src_workload.as_deref());
-    line.quoted("src.namespace", entry.src_namespace.as_deref());
-    line.quoted("src.identity", entry.src_identity.as_deref());
-    line.bare("dst.addr", entry.dst_addr);
-    line.address("dst.hbone_addr", entry.dst_hbone_addr.as_deref());
-    line.quoted("dst.service", entry.dst_service.as_deref());
-    line.quoted("dst.workload", entry.dst_workload.as_deref());
-    line.quoted("dst.namespace", entry.dst_namespace.as_deref());
-    line.quoted("dst.identity", entry.dst_identity.as_deref());
-    line.quoted("direction", Some(entry.direction.as_str()));
-    line.bare("bytes_sent", entry.bytes_sent);
-    line.bare("bytes_recv", entry.bytes_recv);
-    line.quoted("duration", Some(&duration_text(entry.duration)));
-    line.quoted("error", entry.error.as_deref());
-    line.0
-}
-
-/// The JSON form, keys in the text form's order.
-#[derive(Serialize)]
-struct JsonLine<'a> {
-    #[serde(rename = "src.addr")]
-    src_addr: String,
-    #[serde(rename = "src.workload", skip_serializing_if = "Option::is_none")]
-    src_workload: Option<&'a str>,
-    #[serde(rename = "src.namespace", skip_serializing_if = "Option::is_none")]
-    src_namespace: Option<&'a str>,
-    #[serde(rename = "src.identity", skip_serializing_if = "Option::is_none")]
-    src_identity: Option<&'a str>,
-    #[serde(rename = "dst.addr")]
-    dst_addr: String,
-    #[serde(rename = "dst.hbone_addr", skip_serializing_if = "Option::is_none")]
-    dst_hbone_addr: Option<&'a str>,
-    #[serde(rename = "dst.service", skip_serializing_if = "Option::is_none")]
-    dst_service: Option<&'a str>,
-    #[serde(rename = "dst.workload", skip_serializing_if = "Option::is_none")]
-    dst_workload: Option<&'a str>,
-    #[serde(rename = "dst.namespace", skip_serializing_if = "Option::is_none")]
-    dst_namespace: Option<&'a str>,
-    #[serde(rename = "dst.identity", skip_serializing_if = "Option::is_none")]
-    dst_identity: Option<&'a str>,
-    direction: &'static str,
-    bytes_sent: u64,
-    bytes_recv: u64,
-    duration: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-}
-
-fn format_json(entry: &AccessLogEntry) -> String {
-    let line = JsonLine {
-        src_addr: entry.src_addr.to_string(),
-        src_workload: entry.src_workload.as_deref(),
-        src_namespace: entry.src_namespace.as_deref(),
-        src_identity: entry.src_identity.as_deref(),
-        dst_addr: entry.dst_addr.to_string(),
-        dst_hbone_addr: entry.dst_hbone_addr.as_deref(),
-        dst_service: entry.dst_service.as_deref(),
-        dst_workload: entry.dst_workload.as_deref(),
-        dst_namespace: entry.dst_namespace.as_deref(),
-        dst_identity: entry.dst_identity.as_deref(),
-        direction: entry.direction.as_str(),
-        bytes_sent: entry.bytes_sent,
-        bytes_recv: entry.bytes_recv,
-        duration: duration_text(entry.duration),
-        error: entry.error.as_deref(),
+/// The `connection complete` event at `$level`, with the fields of `$entry` in ztunnel's order.
+macro_rules! complete_event {
+    ($level:expr, $entry:expr, $hbone_addr:expr, $duration:expr) => {
+        tracing::event!(
+            target: TARGET,
+            parent: None,
+            $level,
+            src.addr = %$entry.src_addr,
+            src.workload = $entry.src_workload.as_deref(),
+            src.namespace = $entry.src_namespace.as_deref(),
+            src.identity = $entry.src_identity.as_deref(),
+            dst.addr = %$entry.dst_addr,
+            dst.hbone_addr = $hbone_addr,
+            dst.service = $entry.dst_service.as_deref(),
+            dst.workload = $entry.dst_workload.as_deref(),
+            dst.namespace = $entry.dst_namespace.as_deref(),
+            dst.identity = $entry.dst_identity.as_deref(),
+            direction = $entry.direction.as_str(),
+            bytes_sent = $entry.bytes_sent,
+            bytes_recv = $entry.bytes_recv,
+            duration = $duration,
+            error = $entry.error.as_deref(),
+            "connection complete"
+        )
     };
-    // A struct of strings and numbers always serializes; the fallback is never taken.
-    let json = serde_json::to_string(&line).unwrap_or_else(|_| String::from("{}"));
-    // JSON escapes only the C0 controls; DEL, the C1 controls (NEL among them) and the Unicode line
-    // and paragraph separators stay raw, and some log readers take them for line breaks. They can
-    // only occur inside strings, where the `\u` escape stands for the same character.
-    if !json.chars().any(needs_json_escape) {
-        return json;
-    }
-    let mut escaped = String::with_capacity(json.len() + 16);
-    for c in json.chars() {
-        if needs_json_escape(c) {
-            let _ = write!(escaped, "\\u{:04x}", u32::from(c)); // writing into a String cannot fail
-        } else {
-            escaped.push(c);
-        }
-    }
-    escaped
 }
 
-fn needs_json_escape(c: char) -> bool {
-    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+/// Logs a connection that ended: `connection complete` at `INFO`, or at `ERROR` with its `error`
+/// when it failed, as ztunnel does; target [`TARGET`] (`access`), no parent span.
+pub fn emit(entry: &AccessLogEntry) {
+    let plain;
+    let quoted;
+    let hbone_addr: Option<&dyn tracing::Value> = match entry.dst_hbone_addr.as_deref() {
+        Some(addr) if is_plain_address(addr) => {
+            plain = tracing::field::display(addr);
+            Some(&plain)
+        }
+        Some(addr) => {
+            quoted = addr;
+            Some(&quoted)
+        }
+        None => None,
+    };
+    if entry.error.is_some() {
+        if tracing::enabled!(target: TARGET, tracing::Level::ERROR) {
+            let duration = duration_text(entry.duration);
+            complete_event!(tracing::Level::ERROR, entry, hbone_addr, duration.as_str());
+        }
+    } else if tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        let duration = duration_text(entry.duration);
+        complete_event!(tracing::Level::INFO, entry, hbone_addr, duration.as_str());
+    }
+}
+
+/// Logs a connection refused before its destination was known: `connection failed` at `WARN`, with
+/// `src.addr`, `dst.addr`, `direction` and `error`, as ztunnel does; target [`TARGET`], no parent span.
+pub fn emit_failed(failed: &FailedConnection) {
+    tracing::event!(
+        target: TARGET,
+        parent: None,
+        tracing::Level::WARN,
+        src.addr = %failed.src_addr,
+        dst.addr = %failed.dst_addr,
+        direction = failed.direction.as_str(),
+        error = failed.error.as_str(),
+        "connection failed"
+    );
+}
+
+/// The line [`emit`] writes for `entry` in `format`, timestamped `at`, without its line ending.
+///
+/// Pure and total: any entry, whatever its strings hold, gives one line (text) or one JSON object
+/// that parses (JSON).
+pub fn format(entry: &AccessLogEntry, format: LogFormat, at: SystemTime) -> String {
+    one_line(layout::render(format, at, || emit(entry)))
+}
+
+/// The line [`emit_failed`] writes for `failed` in `format`, timestamped `at`, without its line ending.
+pub fn format_failed(failed: &FailedConnection, format: LogFormat, at: SystemTime) -> String {
+    one_line(layout::render(format, at, || emit_failed(failed)))
+}
+
+fn one_line(mut rendered: String) -> String {
+    if rendered.ends_with('\n') {
+        rendered.pop();
+    }
+    rendered
 }

@@ -4,16 +4,17 @@
 //!   `istio_tcp_sent_bytes_total` and `istio_tcp_received_bytes_total`, with ztunnel's labels, so
 //!   that Kiali and existing dashboards work; a per-connection recorder cheap enough for the data
 //!   path; the OpenMetrics text for `/metrics` and `/stats/prometheus`.
-//! - [`accesslog`]: one line per connection when it ends, as `key=value` text or JSON.
+//! - [`accesslog`]: ztunnel's access log, a `tracing` event per connection (target `access`).
+//! - [`layout`]: ztunnel's log layout (tab-separated text, or JSON), for every line the process logs.
 //!
-//! Nothing here does IO, spawns or reads the clock: the data path passes durations in, and the
-//! caller decides where the rendered metrics and log lines go.
+//! Nothing here does IO or spawns, and only the log layout reads the clock (for its time stamps): the
+//! data path passes durations in, and the caller decides where the rendered metrics and log lines go.
 //!
 //! A connection's life, as the outbound proxy sees it:
 //!
 //! ```
 //! use std::time::Duration;
-//! use meshwire_dataplane::telemetry::accesslog::{self, AccessLogEntry, LogFormat};
+//! use meshwire_dataplane::telemetry::accesslog::{self, AccessLogEntry};
 //! use meshwire_dataplane::telemetry::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
 //! use meshwire_dataplane::xds::Workload;
 //!
@@ -38,9 +39,10 @@
 //!     .with_hbone_addr("10.0.0.2:8080")
 //!     .with_duration(Duration::from_millis(3));
 //! assert_eq!((entry.bytes_sent, entry.bytes_recv), (5, 7)); // the client's point of view
-//! accesslog::emit(&entry, LogFormat::Text);
+//! accesslog::emit(&entry); // `connection complete`, target `access`
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod accesslog;
+pub mod layout;
 pub mod metrics;
