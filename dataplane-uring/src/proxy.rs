@@ -186,23 +186,12 @@ impl UringProxy {
         // The DNS proxy, when on: a UDP socket and a TCP listener on every core (in in-pod mode,
         // in every pod on every core instead).
         let dns_metrics = Arc::new(DnsMetrics::new());
-        let dns_context = match config.listeners.dns {
-            Some(_) => {
-                let context = starting.plane().context();
-                match meshwire_dataplane::dns::context(
-                    &config,
-                    context.published().clone(),
-                    dns_metrics.clone(),
-                    context.upstream().clone(),
-                ) {
-                    Ok(dns) => Some(Arc::new(dns)),
-                    Err(error) => {
-                        starting.abandon();
-                        return Err(StartError::Dns(error).into());
-                    }
-                }
+        let dns_context = match starting.dns_context(&config, &dns_metrics) {
+            Ok(dns_context) => dns_context,
+            Err(error) => {
+                starting.abandon();
+                return Err(error.into());
             }
-            None => None,
         };
         let mut dns = match (config.listeners.dns, &dns_context, &config.inpod) {
             (Some(addr), Some(context), None) => {
@@ -284,28 +273,14 @@ impl UringProxy {
         }
         tracing::info!(cores = cpus.len(), cpus = ?cpus, "serving on io_uring: one executor per core");
         // In-pod mode: istio-cni's pods, each served in its network namespace on every core.
-        let inpod = match &config.inpod {
-            Some(inpod) => {
-                let setup = inpod::PodsSetup {
-                    context: starting.plane().context().clone(),
-                    registries: registries.clone(),
-                    config: config.clone(),
-                    dns: dns_context,
-                    phase: starting.phase(),
-                };
-                let pods = match inpod::RuntimePods::new(setup, CoreServers { cores: pod_senders }) {
-                    Ok(pods) => pods,
-                    Err(error) => {
-                        starting.abandon();
-                        join(threads).await;
-                        return Err(StartError::Inpod(error.to_string()).into());
-                    }
-                };
-                let inpod = inpod::Inpod::start(inpod, pods);
-                starting.readiness_check(Box::new(inpod.readiness_check()));
-                Some(inpod)
+        let servers = CoreServers { cores: pod_senders };
+        let inpod = match inpod::start(&mut starting, &config, registries.clone(), dns_context, servers) {
+            Ok(inpod) => inpod,
+            Err(error) => {
+                starting.abandon();
+                join(threads).await;
+                return Err(error.into());
             }
-            None => None,
         };
         let handler = MetricsHandler::summing(metrics)
             .with_registry(Arc::new(extra))

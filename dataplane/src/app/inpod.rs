@@ -34,8 +34,8 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::lifecycle::{self, DnsSockets, Phase};
-use super::plane::ProxyContext;
+use super::lifecycle::{self, DnsSockets, Phase, Starting};
+use super::plane::{ProxyContext, StartError};
 use super::worker::Worker;
 use crate::config::{Config, InpodConfig, Listener, WorkloadInfo};
 use crate::dns::{Clients, DnsContext};
@@ -413,6 +413,32 @@ impl PodServers for TokioServers {
         self.data.spawn(lifecycle::serve::<Tokio>(worker, listeners, phase));
         Ok(())
     }
+}
+
+/// Starts in-pod mode when `config` asks for it (on the control thread's runtime): the pods istio-cni
+/// names are served by `servers`, their connections children of `registries` (one per core), with
+/// the DNS proxy's context `dns`; readiness waits for istio-cni's snapshot and the pods' listeners.
+pub fn start<S: PodServers>(
+    starting: &mut Starting,
+    config: &Config,
+    registries: Vec<ConnectionRegistry>,
+    dns: Option<Arc<DnsContext>>,
+    servers: S,
+) -> Result<Option<Inpod<S>>, StartError> {
+    let Some(inpod) = &config.inpod else {
+        return Ok(None);
+    };
+    let setup = PodsSetup {
+        context: starting.plane().context().clone(),
+        registries,
+        config: config.clone(),
+        dns,
+        phase: starting.phase(),
+    };
+    let pods = RuntimePods::new(setup, servers).map_err(|error| StartError::Inpod(error.to_string()))?;
+    let inpod = Inpod::start(inpod, pods);
+    starting.readiness_check(Box::new(inpod.readiness_check()));
+    Ok(Some(inpod))
 }
 
 /// The ZDS handler: istio-cni's messages applied to the pods.

@@ -316,6 +316,27 @@ impl Starting {
         self.data.retain(|(listener, _)| !listeners.contains(listener));
     }
 
+    /// The DNS proxy's context when `config` turns it on: what every DNS server of the process
+    /// shares (the node's, or in in-pod mode every pod's), counting in `metrics`.
+    pub fn dns_context(
+        &self,
+        config: &Config,
+        metrics: &std::sync::Arc<crate::telemetry::metrics::DnsMetrics>,
+    ) -> Result<Option<std::sync::Arc<crate::dns::DnsContext>>, StartError> {
+        if config.listeners.dns.is_none() {
+            return Ok(None);
+        }
+        let context = self.plane.context();
+        crate::dns::context(
+            config,
+            context.published().clone(),
+            metrics.clone(),
+            context.upstream().clone(),
+        )
+        .map(|dns| Some(std::sync::Arc::new(dns)))
+        .map_err(StartError::Dns)
+    }
+
     /// The phase, for a worker's [`serve`].
     pub fn phase(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()

@@ -177,20 +177,12 @@ impl Proxy {
         // The DNS proxy, when on: one UDP socket and one TCP listener, served by one task; in
         // in-pod mode, in each pod instead.
         let dns_metrics = Arc::new(DnsMetrics::new());
-        let dns_context = match config.listeners.dns {
-            Some(_) => match dns::context(
-                &config,
-                context.published().clone(),
-                dns_metrics.clone(),
-                context.upstream().clone(),
-            ) {
-                Ok(dns) => Some(Arc::new(dns)),
-                Err(error) => {
-                    starting.abandon();
-                    return Err(StartError::Dns(error));
-                }
-            },
-            None => None,
+        let dns_context = match starting.dns_context(&config, &dns_metrics) {
+            Ok(dns_context) => dns_context,
+            Err(error) => {
+                starting.abandon();
+                return Err(error);
+            }
         };
         if let (Some(addr), Some(dns_context), None) = (config.listeners.dns, &dns_context, &config.inpod) {
             let sockets = {
@@ -213,28 +205,13 @@ impl Proxy {
         }
         let worker = data.spawn(lifecycle::serve::<Tokio>(worker, sockets, starting.phase()));
         // In-pod mode: istio-cni's pods, each served in its network namespace.
-        let inpod = match &config.inpod {
-            Some(inpod) => {
-                let setup = inpod::PodsSetup {
-                    context: context.clone(),
-                    registries: vec![registry.clone()],
-                    config: config.clone(),
-                    dns: dns_context,
-                    phase: starting.phase(),
-                };
-                let servers = inpod::TokioServers::new(context.clone(), metrics.clone(), data.clone());
-                let pods = match inpod::RuntimePods::new(setup, servers) {
-                    Ok(pods) => pods,
-                    Err(error) => {
-                        starting.abandon();
-                        return Err(StartError::Inpod(error.to_string()));
-                    }
-                };
-                let inpod = inpod::Inpod::start(inpod, pods);
-                starting.readiness_check(Box::new(inpod.readiness_check()));
-                Some(inpod)
+        let servers = inpod::TokioServers::new(context.clone(), metrics.clone(), data.clone());
+        let inpod = match inpod::start(&mut starting, &config, vec![registry.clone()], dns_context, servers) {
+            Ok(inpod) => inpod,
+            Err(error) => {
+                starting.abandon();
+                return Err(error);
             }
-            None => None,
         };
         // Readiness, admin and metrics; the proxy is ready once this function returns.
         let lifecycle = starting
