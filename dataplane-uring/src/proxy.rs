@@ -138,6 +138,12 @@ pub struct CoreListener {
     accepted: Counter,
 }
 
+impl std::os::fd::AsFd for CoreListener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
 impl Acceptor for Glommio {
     type Listener = CoreListener;
     type Shared = Rc<CoreWorker>;
@@ -147,6 +153,12 @@ impl Acceptor for Glommio {
         listener.accepted.inc();
         // glommio's accept does not say who the client is: the accept loop asks the stream.
         Ok((UringStream::new(stream), None))
+    }
+
+    fn adopt(stream: std::net::TcpStream) -> io::Result<GlommioStream> {
+        Ok(UringStream::new(glommio::net::TcpStream::from(
+            socket2_glommio::Socket::from(stream),
+        )))
     }
 
     fn spawn(connection: Connection<Self>) {

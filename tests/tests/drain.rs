@@ -198,3 +198,66 @@ fn a_second_instance_on_the_same_ports_takes_over_without_refusing_connections()
         );
     }
 }
+
+/// The connections the kernel queued on a listener and the proxy had not accepted yet when its
+/// drain began are served, not reset: with `SO_REUSEPORT` each listener of a port has a queue of
+/// its own, and closing one with connections in it resets them although the port stays served
+/// (by the io_uring build's other cores, or the next proxy of an upgrade). The client's proxy is
+/// stopped (SIGSTOP) while clients connect to its SOCKS5 listener, so their connections wait in
+/// its queue; it gets SIGTERM and is continued; every connection then gets through, and the
+/// proxy exits once they have ended.
+#[test]
+fn connections_queued_when_the_drain_begins_are_served() {
+    const QUEUED: usize = 24;
+    for a in binary::all() {
+        let Pair {
+            mut client,
+            server: _server,
+            echo,
+            ..
+        } = pair(&a, &a, Duration::from_secs(20));
+        let socks = client.ports().socks5;
+        let target = Socks5Target::Addr(echo.addr());
+        client.signal("STOP");
+        // The kernel completes the handshakes and queues the connections: nobody accepts them.
+        let queued: Vec<TcpStream> = (0..QUEUED)
+            .map(|i| TcpStream::connect(socks).unwrap_or_else(|e| panic!("{a}: connection {i} to {socks}: {e}")))
+            .collect();
+        client.signal("TERM");
+        client.signal("CONT");
+        let clients: Vec<_> = queued
+            .into_iter()
+            .enumerate()
+            .map(|(i, tcp)| {
+                let target = target.clone();
+                thread::spawn(move || {
+                    let stream = meshwire_testkit::socks5::connect_blocking(tcp, &target, net::IO_TIMEOUT)
+                        .map_err(|e| format!("connection {i}: SOCKS5: {e:?}"))?;
+                    match net::echo_exchange(stream, 4096) {
+                        Ok(echoed) if echoed.intact() => Ok(()),
+                        other => Err(format!("connection {i}: {other:?}")),
+                    }
+                })
+            })
+            .collect();
+        let failed: Vec<String> = clients.into_iter().filter_map(|c| c.join().unwrap().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{a}: {} of {QUEUED} connections queued at the drain failed: {failed:?}\n{}",
+            failed.len(),
+            client.describe()
+        );
+        let status = client.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{a}: the drained proxy exits 0\n{}",
+            client.describe()
+        );
+        assert!(
+            !client.log_lines(&["drained: every connection ended"]).is_empty(),
+            "{a}\n{}",
+            client.describe()
+        );
+    }
+}

@@ -24,7 +24,8 @@
 //! [`Listener`] does not compile until it is served or named as not served here.
 //!
 //! **Drain.** [`Lifecycle::drain`] answers 500 on readiness, moves to [`Phase::Draining`] (the accept
-//! loops stop, inbound HBONE connections get GOAWAY), waits up to the drain deadline for the
+//! loops accept what the kernel queued and shut their listeners down (`close_listener`); inbound
+//! HBONE connections get GOAWAY), waits up to the drain deadline for the
 //! connections to end, then moves to [`Phase::Abandoned`] (what is left is abandoned) and stops the
 //! control plane and its listeners.
 
@@ -32,7 +33,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::pin::pin;
+use std::os::fd::AsFd;
+use std::pin::{Pin, pin};
 use std::time::Duration;
 
 use futures_util::future::{Either, join_all, select};
@@ -107,8 +109,8 @@ pub enum Drained {
 /// [`Tokio`](crate::rt::tokio::Tokio)'s (here); the io_uring build implements it for its glommio
 /// marker. The workers run the proxy's [`ProxyRuntime`] over the same marker.
 pub trait Acceptor: Native + Sized {
-    /// A bound, listening socket of the runtime.
-    type Listener: 'static;
+    /// A bound, listening socket of the runtime (its descriptor for the drain's last accepts).
+    type Listener: AsFd + 'static;
 
     /// How the connection tasks of a worker share it: `Arc` on a multi-thread runtime, `Rc` on a
     /// core.
@@ -117,6 +119,10 @@ pub trait Acceptor: Native + Sized {
     /// Accepts a connection on `listener`: the stream, and the client's address when the accept
     /// learned it (when it did not, the accept loop asks the socket: [`socket::peer_addr`]).
     fn accept(listener: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, Option<SocketAddr>)>>;
+
+    /// A connection accepted on a listener's descriptor rather than through the runtime (the drain's
+    /// last accepts, [`socket::accept_queued`]), made a stream of the runtime.
+    fn adopt(stream: std::net::TcpStream) -> io::Result<Self::Stream>;
 
     /// Spawns the task of `connection` ([`Connection::serve`]) on this runtime (this core), detached.
     fn spawn(connection: Connection<Self>);
@@ -200,8 +206,13 @@ pub async fn serve<R: Acceptor>(
     let _ = select(pin!(ended.recv()), pin!(reached(phase, Phase::Abandoned))).await;
 }
 
+/// How long the drain waits for the accept that was pending when it began to end, once its
+/// listener is shut down (it ends at once: the bound is against a runtime that never says so).
+const PENDING_ACCEPT_GRACE: Duration = Duration::from_secs(1);
+
 /// Accepts connections on `socket` until [`Phase::Draining`], and spawns a [`Connection`] for each
-/// (with `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4).
+/// (with `TCP_NODELAY` on, and the peer address with IPv4-mapped addresses as IPv4); then closes
+/// the listener without resetting what the kernel queued on it ([`close_listener`]).
 async fn accept_loop<R: Acceptor>(
     listener: Listener,
     socket: R::Listener,
@@ -210,23 +221,12 @@ async fn accept_loop<R: Acceptor>(
     connections: mpsc::Sender<()>,
 ) {
     let timer = worker.runtime().timer();
-    let mut stop = pin!(reached(phase.clone(), Phase::Draining));
-    loop {
-        let accept = pin!(R::accept(&socket));
-        let (stream, peer) = match select(stop.as_mut(), accept).await {
-            Either::Left(_) => return,
-            Either::Right((Ok(accepted), _)) => accepted,
-            Either::Right((Err(error), _)) => {
-                worker.accept_failed(listener, &error);
-                timer.sleep_until(timer.now() + ACCEPT_RETRY).await;
-                continue;
-            }
-        };
+    let admit = |stream: R::Stream, peer: Option<SocketAddr>| {
         let peer = match peer.map_or_else(|| socket::peer_addr(&stream), Ok) {
             Ok(peer) => canonical(peer),
             Err(error) => {
                 tracing::debug!(%listener, %error, "accepted connection already gone");
-                continue;
+                return;
             }
         };
         if let Err(error) = socket::set_nodelay(&stream) {
@@ -240,6 +240,63 @@ async fn accept_loop<R: Acceptor>(
             phase: phase.clone(),
             guard: connections.clone(),
         });
+    };
+    let mut stop = pin!(reached(phase.clone(), Phase::Draining));
+    loop {
+        let mut accept = pin!(R::accept(&socket));
+        match select(stop.as_mut(), accept.as_mut()).await {
+            Either::Left(((), _)) => {
+                close_listener::<R>(listener, &socket, accept, &timer, admit).await;
+                return;
+            }
+            Either::Right((Ok((stream, peer)), _)) => admit(stream, peer),
+            Either::Right((Err(error), _)) => {
+                worker.accept_failed(listener, &error);
+                timer.sleep_until(timer.now() + ACCEPT_RETRY).await;
+            }
+        }
+    }
+}
+
+/// The end of a listener at the drain. Each listener of a port shared with `SO_REUSEPORT` (the
+/// cores of the io_uring build, the next proxy of an upgrade or a hand-over) has a queue of its
+/// own where the kernel puts the connections it gives it until they are accepted, and closing it
+/// resets those, although other listeners go on serving the port. So the connections already
+/// queued are accepted (served as the drain's last), then the listener is shut down, which takes
+/// it out of the group at once and ends the accept still pending on it (an io_uring accept holds
+/// the socket beyond its descriptor), and that accept's connection, if it got one, is served too.
+/// A connection the kernel queues between the last accept and the shutdown is still reset: the
+/// window is two system calls wide (`net.ipv4.tcp_migrate_req` closes it: README).
+async fn close_listener<R: Acceptor>(
+    listener: Listener,
+    socket: &R::Listener,
+    pending: Pin<&mut impl Future<Output = io::Result<(R::Stream, Option<SocketAddr>)>>>,
+    timer: &R::Timer,
+    admit: impl Fn(R::Stream, Option<SocketAddr>),
+) {
+    let mut queued = 0usize;
+    while let Some(accepted) = socket::accept_queued(socket) {
+        match accepted.and_then(|(stream, peer)| Ok((R::adopt(stream)?, peer))) {
+            Ok((stream, peer)) => {
+                queued += 1;
+                admit(stream, peer);
+            }
+            Err(error) => {
+                tracing::debug!(%listener, %error, "accepting the connections queued at the drain");
+                break;
+            }
+        }
+    }
+    if let Err(error) = socket::stop_listening(socket) {
+        tracing::debug!(%listener, %error, "shutting the listener down at the drain");
+    }
+    let deadline = timer.now() + PENDING_ACCEPT_GRACE;
+    if let Either::Left((Ok((stream, peer)), _)) = select(pending, pin!(timer.sleep_until(deadline))).await {
+        queued += 1;
+        admit(stream, peer);
+    }
+    if queued > 0 {
+        tracing::debug!(%listener, queued, "connections queued at the drain accepted");
     }
 }
 

@@ -115,6 +115,10 @@ impl Acceptor for Tokio {
         Ok((tcp, Some(peer)))
     }
 
+    fn adopt(stream: std::net::TcpStream) -> io::Result<TcpStream> {
+        TcpStream::from_std(stream)
+    }
+
     fn spawn(connection: Connection<Self>) {
         tokio::spawn(connection.serve());
     }

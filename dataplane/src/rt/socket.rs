@@ -351,6 +351,37 @@ pub fn reset_on_close<S: AsFd>(stream: &S) -> io::Result<()> {
     SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
+/// Accepts a connection the kernel already queued on `listener`, without waiting: `None` when none
+/// is queued. The listener is left in non-blocking mode and the stream is non-blocking, with
+/// close-on-exec. For the last accepts of a drain ([`stop_listening`] follows).
+pub fn accept_queued<S: AsFd>(listener: &S) -> Option<io::Result<(std::net::TcpStream, Option<SocketAddr>)>> {
+    let listener = SockRef::from(listener);
+    if let Err(error) = listener.set_nonblocking(true) {
+        return Some(Err(error));
+    }
+    loop {
+        return match listener.accept() {
+            Ok((stream, peer)) => Some(
+                stream
+                    .set_nonblocking(true)
+                    .map(|()| (std::net::TcpStream::from(stream), peer.as_socket())),
+            ),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(e)),
+        };
+    }
+}
+
+/// Stops `listener` listening at once (`shutdown`, which a listening socket takes as the end of
+/// listening): it leaves its `SO_REUSEPORT` group, so new connections go to the group's other
+/// sockets, even while something else (an io_uring accept in flight) still holds the socket, and an
+/// accept waiting on it ends with an error. Connections still queued on it are reset: take them
+/// first ([`accept_queued`]).
+pub fn stop_listening<S: AsFd>(listener: &S) -> io::Result<()> {
+    SockRef::from(listener).shutdown(std::net::Shutdown::Read)
+}
+
 /// The local address of a connected TCP stream: for an accepted connection, the address it
 /// arrived on.
 pub fn local_addr<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {

@@ -90,6 +90,21 @@ impl FromRawFd for TcpListener {
     }
 }
 
+// meshwire patch: the listener's descriptor, for what glommio has no call for (a non-blocking
+// accept of what is queued and a shutdown when a proxy drains).
+impl AsRawFd for TcpListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+}
+
+// meshwire patch: see `AsRawFd` above.
+impl std::os::fd::AsFd for TcpListener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
 impl TcpListener {
     /// Creates a TCP listener bound to the specified address.
     ///
