@@ -43,7 +43,9 @@ fn run(config: Config, logging: LogControl) -> anyhow::Result<ExitCode> {
     let runtime =
         cli::control_runtime().map_err(|e| anyhow::anyhow!("cannot start the control thread's runtime: {e}"))?;
     runtime.block_on(async {
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), executors = count, "starting");
+        // ztunnel's first line, which scripts read the version from.
+        tracing::info!("version: {}", meshwire_dataplane::config::BuildInfo::current());
+        tracing::info!(executors = count, "starting");
         let mut proxy = UringProxy::start(config, Some(logging), placement).await?;
         let code = tokio::select! {
             stop = cli::wait_for_shutdown(proxy.shutdown_trigger()) => {

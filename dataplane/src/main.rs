@@ -33,11 +33,9 @@ fn run(config: Config, logging: LogControl) -> anyhow::Result<ExitCode> {
     let control =
         cli::control_runtime().map_err(|e| anyhow::anyhow!("cannot start the control thread's runtime: {e}"))?;
     control.block_on(async {
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            worker_threads = config.worker_threads,
-            "starting"
-        );
+        // ztunnel's first line, which scripts read the version from.
+        tracing::info!("version: {}", meshwire_dataplane::config::BuildInfo::current());
+        tracing::info!(worker_threads = config.worker_threads, "starting");
         let proxy = Proxy::start_on(config, Some(logging), data.handle().clone()).await?;
         cli::wait_for_shutdown(proxy.shutdown_trigger()).await?;
         proxy.drain().await;

@@ -693,6 +693,14 @@ impl State {
             .map(|workload| &**workload)
     }
 
+    /// The `index`th of [`State::workloads_of_service`] (by uid), if there is one.
+    pub fn endpoint_of_service(&self, key: &NamespacedHostname, index: usize) -> Option<&Workload> {
+        self.endpoints
+            .get(key)
+            .and_then(|members| members.get(index))
+            .map(|workload| &**workload)
+    }
+
     /// The services a workload names that the configuration defines.
     pub fn services_of_workload<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Service> + 'a {
         workload.services.keys().filter_map(|key| self.service_by_hostname(key))

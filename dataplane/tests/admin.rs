@@ -209,6 +209,7 @@ fn certificate_pending_names_the_identity_and_what_is_wrong() {
         next_refresh: None,
         pending: false,
         last_error: last_error.map(str::to_owned),
+        current: None,
     };
     let pending = |s: Option<CertStatus>| admin::certificate_pending(&cart, s, now);
     // Not kept, or no fetch finished yet.
@@ -280,9 +281,9 @@ async fn config_dump_shows_the_snapshot_and_the_certificates_with_their_expiry()
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let dump = json(&reply);
 
-    assert_eq!(dump["config"]["generation"], 1);
-    assert_eq!(dump["config"]["source"], "/etc/ztunnel/local.yaml");
-    assert_eq!(dump["config"]["loadedAt"], "2025-06-15T15:06:40Z");
+    assert_eq!(dump["meshwire"]["config"]["generation"], 1);
+    assert_eq!(dump["meshwire"]["config"]["source"], "/etc/ztunnel/local.yaml");
+    assert_eq!(dump["meshwire"]["config"]["loadedAt"], "2025-06-15T15:06:40Z");
 
     let workloads = dump["workloads"].as_array().unwrap();
     assert_eq!(workloads.len(), 1);
@@ -310,20 +311,45 @@ async fn config_dump_shows_the_snapshot_and_the_certificates_with_their_expiry()
     let cert = &certificates[0];
     assert_eq!(cert["identity"], CART);
     assert_eq!(cert["state"], "Available");
-    assert_eq!(cert["expirationTime"], admin::rfc3339(not_after).as_str());
-    let left = cert["secondsToExpiry"].as_i64().unwrap();
+    // ztunnel's shape, as `istioctl ztunnel-config certificates` reads it: the chain (leaf first)
+    // and the roots, each with the base64 of its PEM, its decimal serial and its validity.
+    let chain = cert["certChain"].as_array().expect("certChain");
+    let roots = cert["rootCerts"].as_array().expect("rootCerts");
+    assert!(!chain.is_empty() && !roots.is_empty(), "{cert}");
+    for entry in chain.iter().chain(roots) {
+        use base64::Engine as _;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(entry["pem"].as_str().expect("pem"))
+            .expect("the pem is base64");
+        let pem = String::from_utf8(pem).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"), "{pem}");
+        let serial = entry["serialNumber"].as_str().unwrap();
+        assert!(
+            !serial.is_empty() && serial.chars().all(|c| c.is_ascii_digit()),
+            "{serial}"
+        );
+        assert!(
+            entry["validFrom"].as_str().unwrap() < entry["expirationTime"].as_str().unwrap(),
+            "{entry}"
+        );
+    }
+    assert_eq!(chain[0]["expirationTime"], admin::rfc3339(not_after).as_str());
+    assert_eq!(cert["meshwire"]["expirationTime"], admin::rfc3339(not_after).as_str());
+    let left = cert["meshwire"]["secondsToExpiry"].as_i64().unwrap();
     let expected = i64::try_from(not_after.duration_since(SystemTime::now()).unwrap().as_secs()).unwrap();
     assert!((expected - 5..=expected + 1).contains(&left), "{left} vs {expected}");
     // Refreshed at about half its lifetime: before it expires, after now.
-    let next = cert["nextRefresh"].as_str().expect("a refresh is scheduled");
+    let next = cert["meshwire"]["nextRefresh"]
+        .as_str()
+        .expect("a refresh is scheduled");
     assert!(next > admin::rfc3339(SystemTime::now()).as_str(), "{next}");
     assert!(next < admin::rfc3339(not_after).as_str(), "{next}");
-    assert_eq!(cert["lastError"], Value::Null);
+    assert_eq!(cert["meshwire"]["lastError"], Value::Null);
 
     // A new generation shows at once.
     published.publish(LocalConfig::default(), None, SystemTime::now());
     let dump = json(&get(server.addr, "/config_dump").await);
-    assert_eq!(dump["config"]["generation"], 2);
+    assert_eq!(dump["meshwire"]["config"]["generation"], 2);
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 0);
 
     server.stop().await;
@@ -389,8 +415,8 @@ fn the_streamed_config_dump_is_the_document_byte_for_byte_in_bounded_chunks() {
     let istio = serde_json::json!({ "xds": { "address": "istiod:15012", "connected": true } });
     let buffers = serde_json::json!({ "budget": 1 });
     let mut whole = admin::config_dump(&snapshot, &[], now, wall);
-    whole["istio"] = istio.clone();
-    whole["buffers"] = buffers.clone();
+    whole["meshwire"]["istio"] = istio.clone();
+    whole["meshwire"]["buffers"] = buffers.clone();
     let whole = serde_json::to_vec_pretty(&whole).unwrap();
     let streamed = admin::Body::Chunks(Box::new(
         admin::config_dump_chunks(snapshot, &[], now, wall)
@@ -432,12 +458,13 @@ async fn config_dump_before_any_configuration_and_certificate() {
     let handler = AdminHandler::new(Published::default(), Arc::new(manager.clone()), ShutdownTrigger::new());
     let server = Server::start("admin", handler).await;
     let dump = json(&get(server.addr, "/config_dump").await);
-    assert_eq!(dump["config"]["generation"], 0);
-    assert_eq!(dump["config"]["loadedAt"], Value::Null);
+    assert_eq!(dump["meshwire"]["config"]["generation"], 0);
+    assert_eq!(dump["meshwire"]["config"]["loadedAt"], Value::Null);
     assert_eq!(dump["workloads"], Value::Array(vec![]));
     assert_eq!(dump["certificates"][0]["state"], "Initializing");
-    assert_eq!(dump["certificates"][0]["expirationTime"], Value::Null);
-    assert_eq!(dump["certificates"][0]["pending"], true);
+    assert_eq!(dump["certificates"][0]["meshwire"]["expirationTime"], Value::Null);
+    assert_eq!(dump["certificates"][0]["meshwire"]["pending"], true);
+    assert_eq!(dump["certificates"][0]["certChain"], Value::Array(vec![]));
     server.stop().await;
 }
 
@@ -451,11 +478,12 @@ fn config_dump_says_expired_for_a_certificate_past_its_expiry() {
         next_refresh: None,
         pending: false,
         last_error: Some("the certificate expired".to_owned()),
+        current: None,
     };
     let snapshot = Snapshot::new(LocalConfig::parse(SHOP).unwrap(), 1, None, wall);
     let dump = admin::config_dump(&snapshot, &[status(wall - Duration::from_secs(30))], now, wall);
     assert_eq!(dump["certificates"][0]["state"], "Expired");
-    assert_eq!(dump["certificates"][0]["secondsToExpiry"], -30);
+    assert_eq!(dump["certificates"][0]["meshwire"]["secondsToExpiry"], -30);
     let dump = admin::config_dump(&snapshot, &[status(wall + Duration::from_secs(30))], now, wall);
     assert_eq!(dump["certificates"][0]["state"], "Available");
 }

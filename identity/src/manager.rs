@@ -242,6 +242,8 @@ pub struct CertStatus {
     pub pending: bool,
     /// The error of the last attempt, if it failed.
     pub last_error: Option<String>,
+    /// The certificate in service (its chain and trust bundles), if any.
+    pub current: Option<Arc<WorkloadCerts>>,
 }
 
 impl CertStatus {
@@ -503,6 +505,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
             next_refresh: e.refresh_key.map(|k| k.0),
             pending: e.queued.is_some() || (e.refresh_key.is_none() && e.slot.current().is_none()),
             last_error: e.last_error.as_ref().map(ToString::to_string),
+            current: e.slot.current(),
         }
     }
 

@@ -390,6 +390,31 @@ impl X509Svid {
     }
 }
 
+/// What an admin page shows of one certificate (ztunnel's `/config_dump` fields): its PEM, its
+/// serial number in decimal, and its validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// The certificate as one PEM block (LF line endings).
+    pub pem: String,
+    /// The serial number, in decimal.
+    pub serial: String,
+    /// The start of its validity.
+    pub not_before: SystemTime,
+    /// The end of its validity.
+    pub not_after: SystemTime,
+}
+
+/// The [`CertificateSummary`] of a DER certificate; `Err` names what could not be read.
+pub fn certificate_summary(der: &CertificateDer<'_>) -> Result<CertificateSummary, String> {
+    let facts = x509::facts(der).map_err(|e| e.0)?;
+    Ok(CertificateSummary {
+        pem: pem_block("CERTIFICATE", der),
+        serial: facts.serial,
+        not_before: facts.not_before,
+        not_after: facts.not_after,
+    })
+}
+
 fn pem_block(label: &str, der: &[u8]) -> String {
     pem::encode_config(
         &pem::Pem::new(label, der),

@@ -13,6 +13,8 @@ pub(crate) struct CertFacts {
     pub(crate) key_cert_sign: bool,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+    /// The serial number, in decimal.
+    pub(crate) serial: String,
 }
 
 /// Why a certificate could not be read.
@@ -62,5 +64,6 @@ pub(crate) fn facts(der: &[u8]) -> Result<CertFacts, ParseError> {
         key_cert_sign: ku.is_some_and(|ku| ku.value.key_cert_sign()),
         not_before: to_system_time(validity.not_before.timestamp()),
         not_after: to_system_time(validity.not_after.timestamp()),
+        serial: cert.tbs_certificate.serial.to_string(),
     })
 }

@@ -24,6 +24,8 @@ pub struct Response {
     pub headers: HeaderMap,
     /// The body, as text (invalid UTF-8 replaced).
     pub body: String,
+    /// The body as it came.
+    pub bytes: Vec<u8>,
 }
 
 impl Response {
@@ -85,6 +87,7 @@ async fn exchange(
         status: parts.status.as_u16(),
         headers: parts.headers,
         body: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
     })
 }
 

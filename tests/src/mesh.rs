@@ -335,18 +335,22 @@ impl ProxyBuilder {
             cmd.env(name, value);
         }
         let command_line = format!("{cmd:?}");
-        let mut child = cmd
+        // Logs go to stdout (as ztunnel's), errors that stop the start to stderr: one pipe takes
+        // both, in the order they were written.
+        let (mut output, writer) = std::io::pipe().expect("a pipe");
+        let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stdout(writer.try_clone().expect("a pipe"))
+            .stderr(writer)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.path().display()));
+        // The child holds the pipe's write ends now: ours went with `cmd`.
+        drop(cmd);
         let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
         let reader = thread::spawn(move || {
             let mut buf = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buf) {
+            while let Ok(n) = output.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
@@ -443,7 +447,7 @@ impl Proxy {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Everything it wrote to stderr so far (logs and access logs).
+    /// Everything it wrote to stdout and stderr so far (logs, access logs, errors).
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
@@ -531,7 +535,7 @@ impl Proxy {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
-                // The stderr thread collects the last lines until the end of the pipe.
+                // The output thread collects the last lines until the end of the pipe.
                 if let Some(reader) = self.log_reader.take() {
                     let _ = reader.join();
                 }
@@ -565,7 +569,7 @@ impl Proxy {
     fn wait_logged_listening(&mut self) -> Result<(), Exited> {
         let inbound = self.ports.inbound.to_string();
         self.poll(START_TIMEOUT, |proxy| {
-            if proxy.log_lines(&["listening", &inbound]).is_empty() {
+            if proxy.log_lines(&["listener established", &inbound]).is_empty() {
                 Err(format!("the proxy does not listen after {START_TIMEOUT:?}"))
             } else {
                 Ok(())

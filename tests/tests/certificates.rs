@@ -175,7 +175,7 @@ fn the_certificate_ttl_is_the_lifetime_of_the_served_certificate() {
 
         // /config_dump: the certificate in service expires within the TTL.
         let entry = wait_dumped_state(&server, &server_id(), "Available");
-        let left = entry["secondsToExpiry"].as_i64().unwrap();
+        let left = entry["meshwire"]["secondsToExpiry"].as_i64().unwrap();
         assert!(
             (1..=60).contains(&left),
             "{binary}: expires in {left} s with a TTL of 60 s: {entry}\n{}",
@@ -199,13 +199,13 @@ fn the_certificate_ttl_is_the_lifetime_of_the_served_certificate() {
 
         // Refreshed at half-life, not continuously, and never expired: over 40 s (two thirds of
         // the TTL), the certificate in service changes once or twice.
-        let mut seen = vec![entry["expirationTime"].clone()];
+        let mut seen = vec![entry["meshwire"]["expirationTime"].clone()];
         let until = Instant::now() + Duration::from_secs(40);
         while Instant::now() < until {
             let entry = dumped_certificate(&server, &server_id()).expect("certificate in the dump");
             assert_eq!(entry["state"], "Available", "{binary}: {entry}\n{}", server.describe());
-            if seen.last() != Some(&entry["expirationTime"]) {
-                seen.push(entry["expirationTime"].clone());
+            if seen.last() != Some(&entry["meshwire"]["expirationTime"]) {
+                seen.push(entry["meshwire"]["expirationTime"].clone());
             }
             thread::sleep(Duration::from_millis(250));
         }
@@ -249,13 +249,19 @@ fn an_expired_certificate_makes_the_proxy_unready_until_a_fresh_one_is_written()
             "{binary}: {body}"
         );
         let entry = wait_dumped_state(&server, &server_id(), "Expired");
-        assert!(entry["secondsToExpiry"].as_i64().unwrap() < 0, "{binary}: {entry}");
+        assert!(
+            entry["meshwire"]["secondsToExpiry"].as_i64().unwrap() < 0,
+            "{binary}: {entry}"
+        );
 
         // A fresh certificate written to the files restores both.
         files.write(&mesh.ca().issue(&server_id()).unwrap());
         wait_readiness(&server, "ready with a fresh certificate", |status, _| status == 200);
         let entry = wait_dumped_state(&server, &server_id(), "Available");
-        assert!(entry["secondsToExpiry"].as_i64().unwrap() > 3600, "{binary}: {entry}");
+        assert!(
+            entry["meshwire"]["secondsToExpiry"].as_i64().unwrap() > 3600,
+            "{binary}: {entry}"
+        );
         let (_, not_after) = presented_validity(&mesh, server.ports().inbound, &server_id());
         assert!(not_after > SystemTime::now() + Duration::from_secs(3600), "{binary}");
     }

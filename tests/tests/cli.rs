@@ -99,7 +99,7 @@ fn socks5_through_hbone_to_echo_is_counted_then_sigterm_drains() {
         proxy.signal("TERM");
         exits_0_after_draining(&mut proxy, &binary, "SIGTERM");
         // The connection went through the inbound HBONE listener, which logs it.
-        assert_logged(&proxy, &["listening", "direction=\"inbound\""]);
+        assert_logged(&proxy, &["listener established", "direction=\"inbound\""]);
     }
 }
 

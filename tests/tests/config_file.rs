@@ -127,7 +127,7 @@ impl Server {
     }
 }
 
-/// The `config.generation` of a `/config_dump` body (pretty JSON; the only `generation` key).
+/// The `meshwire.config.generation` of a `/config_dump` body (pretty JSON; the only `generation` key).
 fn generation_of(dump: &str) -> u64 {
     let at = dump.find("\"generation\": ").expect("a generation in the dump") + "\"generation\": ".len();
     let digits: String = dump[at..].chars().take_while(char::is_ascii_digit).collect();

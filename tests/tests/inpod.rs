@@ -186,6 +186,22 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
         (ready(readiness).0 == 200).then_some(())
     })
     .await;
+    // /config_dump's workloadState, as ztunnel's (what istioctl reads): both pods up, with their
+    // workload info.
+    let admin = proxy.ports().admin;
+    let dump = tokio::task::spawn_blocking(move || {
+        meshwire_testkit::http::request_blocking(admin, "GET", "/config_dump").unwrap()
+    })
+    .await
+    .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump.body).unwrap();
+    for (uid, name) in [("uid-a", "a"), ("uid-b", "b")] {
+        let pod = &dump["workloadState"][uid];
+        assert_eq!(pod["state"], "Up", "{uid}: {}", dump["workloadState"]);
+        assert_eq!(pod["info"]["name"], name, "{uid}: {pod}");
+        assert_eq!(pod["info"]["namespace"], "default", "{uid}: {pod}");
+        assert_eq!(pod["info"]["serviceAccount"], name, "{uid}: {pod}");
+    }
 
     // Pod a's connection to pod b: captured in a, carried over HBONE to b's 15008, delivered in b.
     let target = SocketAddr::from((B_IP, 8080));

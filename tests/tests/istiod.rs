@@ -150,10 +150,10 @@ fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
         // /config_dump: the workloads istiod sent and the stream's state; the terminations metric.
         let dump = config_dump(&server);
         assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(3), "{dump}");
-        assert_eq!(dump["istio"]["xds"]["connected"], true, "{dump}");
-        assert_eq!(dump["istio"]["xds"]["ready"], true, "{dump}");
+        assert_eq!(dump["meshwire"]["istio"]["xds"]["connected"], true, "{dump}");
+        assert_eq!(dump["meshwire"]["istio"]["xds"]["ready"], true, "{dump}");
         assert_eq!(
-            dump["istio"]["ca"]["address"],
+            dump["meshwire"]["istio"]["ca"]["address"],
             mesh.istiod.address().to_string(),
             "{dump}"
         );
@@ -167,7 +167,7 @@ fn two_proxies_of_each_binary_are_configured_and_certified_by_istiod() {
             (&client, "normal", measure::SCHED_OTHER),
         ] {
             let dump = config_dump(proxy);
-            let apply = &dump["istio"]["xds"]["apply"];
+            let apply = &dump["meshwire"]["istio"]["xds"]["apply"];
             assert_eq!(apply["priority"], priority, "{dump}");
             assert_eq!(apply["thread"], "ztunnel-xds", "{dump}");
             assert!(apply["lastPublished"]["tookMs"].is_number(), "{dump}");
@@ -319,8 +319,8 @@ fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_wa
         echo("while istiod is unreachable");
         assert!(ready(&client) && ready(&server), "readiness holds\n{}", logs());
         let dump = config_dump(&client);
-        assert_eq!(dump["istio"]["xds"]["connected"], false, "{dump}");
-        assert!(dump["istio"]["xds"]["lastError"].is_string(), "{dump}");
+        assert_eq!(dump["meshwire"]["istio"]["xds"]["connected"], false, "{dump}");
+        assert!(dump["meshwire"]["istio"]["xds"]["lastError"].is_string(), "{dump}");
 
         // istiod is back: each proxy resumes, naming the versions it holds; nothing unchanged is
         // sent again.

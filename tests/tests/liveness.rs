@@ -55,7 +55,7 @@ fn a_second_instance_on_the_same_ports_fails_at_start_naming_the_port() {
         let readiness = format!("cannot listen for readiness on {}", pair.server.ports().readiness);
         let second = second_server_fails(&pair, &b, true, &readiness, "port");
         assert!(
-            second.log_lines(&["listening"]).is_empty(),
+            second.log_lines(&["listener established"]).is_empty(),
             "{b}: nothing was served\n{}",
             second.describe()
         );

@@ -319,7 +319,7 @@ fn config_dump_buffers(proxy: &Proxy) -> serde_json::Value {
     let answer = http::request_blocking(proxy.ports().admin, "GET", "/config_dump").expect("/config_dump");
     assert_eq!(answer.status, 200, "{}", answer.body);
     let dump: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
-    dump["buffers"].clone()
+    dump["meshwire"]["buffers"].clone()
 }
 
 #[test]

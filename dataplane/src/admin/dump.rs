@@ -18,31 +18,91 @@ pub fn rfc3339(time: SystemTime) -> String {
 }
 
 /// The configuration dump of `snapshot` and `certificates`, as [`super::AdminHandler`] serves it on
-/// `/config_dump`:
+/// `/config_dump`, in ztunnel's shape (what `istioctl ztunnel-config` reads), meshwire's own
+/// sections under `meshwire`:
 ///
 /// ```json
-/// { "config": { "generation": 3, "source": "/etc/ztunnel/local.yaml", "loadedAt": "2025-01-31T12:00:00Z" },
-///   "workloads": [ { "uid": "...", "name": "...", "namespace": "...", "spiffeId": "...", ... } ],
-///   "services": [ { "name": "...", "namespace": "...", "hostname": "...", "vips": ["/10.0.0.1"], ... } ],
-///   "policies": [ { "name": "...", "namespace": "...", "scope": "...", "action": "...", "rules": [...] } ],
-///   "certificates": [ { "identity": "spiffe://...", "state": "Available", "expirationTime": "...", ... } ] }
+/// { "certificates": [ { "identity": "spiffe://...", "state": "Available",
+///                       "certChain": [ { "pem": "<base64 of the PEM>", "serialNumber": "...",
+///                                        "validFrom": "...", "expirationTime": "..." } ],
+///                       "rootCerts": [ ... ],
+///                       "meshwire": { "expirationTime": "...", "secondsToExpiry": 3600, ... } } ],
+///   "config": { ztunnel's configuration keys },
+///   "meshwire": { "config": { "generation": 3, "source": "/etc/ztunnel/local.yaml", "loadedAt": "..." },
+///                 "buffers": { ... }, "istio": { ... } },
+///   "policies": [ ... ], "services": [ ... ], "stagedServices": {},
+///   "staticConfig": { the local configuration file, or empty lists },
+///   "version": { "version": "...", "gitRevision": "...", ... },
+///   "workloadState": { in-pod mode: each pod served },
+///   "workloads": [ ... ] }
 /// ```
 ///
 /// `now` and `wall_now` (the same instant, monotonic and wall-clock) turn the certificates' next
-/// refresh into a wall-clock time.
+/// refresh into a wall-clock time. This is the dump without the optional sections (see
+/// [`ConfigDumpChunks`]'s builders).
 pub fn config_dump(snapshot: &Snapshot, certificates: &[CertStatus], now: Instant, wall_now: SystemTime) -> Value {
     let state = &snapshot.state;
     json!({
-        "config": {
-            "generation": snapshot.generation,
-            "source": snapshot.source.as_ref().map(|p| p.display().to_string()),
-            "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
-        },
-        "workloads": state.workloads().map(workload).collect::<Vec<_>>(),
-        "services": state.services().map(service).collect::<Vec<_>>(),
-        "policies": state.policies(),
         "certificates": certificates.iter().map(|c| certificate(c, now, wall_now)).collect::<Vec<_>>(),
+        "config": Value::Object(Map::new()),
+        "meshwire": { "config": generation(snapshot) },
+        "policies": state.policies(),
+        "services": state.services().map(|s| service(s, state)).collect::<Vec<_>>(),
+        "stagedServices": Value::Object(Map::new()),
+        "staticConfig": empty_static_config(),
+        "version": crate::config::BuildInfo::current(),
+        "workloads": state.workloads().map(workload).collect::<Vec<_>>(),
     })
+}
+
+/// The generation of the configuration in force, where it came from and when.
+fn generation(snapshot: &Snapshot) -> Value {
+    json!({
+        "generation": snapshot.generation,
+        "source": snapshot.source.as_ref().map(|p| p.display().to_string()),
+        "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
+    })
+}
+
+/// ztunnel's `staticConfig` when there is no local configuration: an empty one.
+pub fn empty_static_config() -> Value {
+    json!({ "workloads": [], "policies": [], "services": [] })
+}
+
+/// The largest local configuration file `/config_dump` shows as `staticConfig`: a larger one is
+/// left out (`meshwire.staticConfigOmitted` says why), since it is parsed whole for each dump,
+/// where the rest of the dump is streamed.
+pub const STATIC_CONFIG_LIMIT: u64 = 1024 * 1024;
+
+/// ztunnel's `staticConfig`: the local configuration as written (YAML read into JSON), when it is
+/// a file of at most [`STATIC_CONFIG_LIMIT`] bytes or inline; else the empty one and why.
+pub fn static_config(source: Option<&crate::config::LocalConfigSource>) -> (Value, Option<String>) {
+    use crate::config::LocalConfigSource;
+    let text = match source {
+        None => return (empty_static_config(), None),
+        Some(LocalConfigSource::Inline(yaml)) => yaml.clone(),
+        Some(LocalConfigSource::File(path)) => {
+            let read = std::fs::metadata(path).and_then(|meta| {
+                if meta.len() > STATIC_CONFIG_LIMIT {
+                    Err(std::io::Error::other(format!(
+                        "{} bytes, above the {STATIC_CONFIG_LIMIT} shown",
+                        meta.len()
+                    )))
+                } else {
+                    std::fs::read_to_string(path)
+                }
+            });
+            match read {
+                Ok(text) => text,
+                Err(error) => return (empty_static_config(), Some(format!("{}: {error}", path.display()))),
+            }
+        }
+    };
+    match serde_yaml_ng::from_str::<Value>(&text) {
+        Ok(Value::Null) => (empty_static_config(), None),
+        Ok(value) => (value, None),
+        Err(error) => (empty_static_config(), Some(format!("the local configuration: {error}"))),
+    }
 }
 
 /// The buffer budgets of HBONE tunnels and the bytes held now, as `/config_dump` shows them under
@@ -125,7 +185,33 @@ fn workload(w: &Workload) -> Value {
     })
 }
 
-fn service(s: &Service) -> Value {
+/// A service as ztunnel dumps it, with its `endpoints` (by workload uid: the workloads that name it,
+/// and their port maps for it). [`ConfigDumpChunks`] streams the endpoints one at a time.
+fn service(s: &Service, state: &crate::state::State) -> Value {
+    let key = s.key();
+    let endpoints = state
+        .workloads_of_service(&key)
+        .map(|w| (w.uid.clone(), endpoint(w, &key)))
+        .collect::<Map<_, _>>();
+    let mut value = service_fields(s);
+    if let Value::Object(fields) = &mut value {
+        fields.insert("endpoints".to_owned(), Value::Object(endpoints));
+    }
+    value
+}
+
+/// One endpoint of the service `key`: the workload, and its port map for the service.
+fn endpoint(w: &Workload, key: &crate::xds::NamespacedHostname) -> Value {
+    let ports = w
+        .services
+        .get(key)
+        .map(port_map)
+        .unwrap_or_else(|| Value::Object(Map::new()));
+    json!({ "workloadUid": w.uid, "service": key.to_string(), "port": ports })
+}
+
+/// A service's fields but its endpoints.
+fn service_fields(s: &Service) -> Value {
     json!({
         "name": s.name,
         "namespace": s.namespace,
@@ -137,9 +223,26 @@ fn service(s: &Service) -> Value {
     })
 }
 
-/// ztunnel's certificate states: `Available` (a valid certificate is in service), `Expired` (the
-/// certificate in service expired and no new one came), `Initializing` (the first fetch is under
-/// way), `Unavailable: <error>` (the last fetch failed and none is in service).
+/// One certificate as ztunnel dumps it: the PEM (base64 of the PEM text, as ztunnel writes it),
+/// the serial number in decimal, the validity in RFC 3339.
+fn cert_dump(der: &rustls_pki_types::CertificateDer<'_>) -> Value {
+    use base64::Engine as _;
+    match meshwire_identity::svid::certificate_summary(der) {
+        Ok(summary) => json!({
+            "pem": base64::engine::general_purpose::STANDARD.encode(summary.pem),
+            "serialNumber": summary.serial,
+            "validFrom": rfc3339(summary.not_before),
+            "expirationTime": rfc3339(summary.not_after),
+        }),
+        Err(error) => json!({ "pem": format!("<unreadable certificate: {error}>") }),
+    }
+}
+
+/// ztunnel's certificate entry: `identity`, `state` (`Available`: a valid certificate is in
+/// service; `Initializing`: the first fetch is under way; `Unavailable: <error>`: the last fetch
+/// failed and none is in service; meshwire adds `Expired`: the certificate in service expired and
+/// no new one came), `certChain` (leaf first) and `rootCerts`; meshwire's own facts under
+/// `meshwire` (expiry, next refresh, a fetch pending, the last error).
 fn certificate(status: &CertStatus, now: Instant, wall_now: SystemTime) -> Value {
     let state = match (&status.not_after, &status.last_error) {
         (Some(_), _) if status.is_expired(wall_now) => "Expired".to_owned(),
@@ -154,32 +257,50 @@ fn certificate(status: &CertStatus, now: Instant, wall_now: SystemTime) -> Value
         };
         rfc3339(wall)
     });
+    let (chain, roots) = match &status.current {
+        Some(current) => (
+            current.svid().chain().iter().map(cert_dump).collect::<Vec<_>>(),
+            current
+                .bundles()
+                .iter()
+                .flat_map(|bundle| bundle.roots().iter().map(cert_dump))
+                .collect::<Vec<_>>(),
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
     json!({
         "identity": status.id.to_string(),
         "state": state,
-        "expirationTime": status.not_after.map(rfc3339),
-        "secondsToExpiry": status.not_after.map(|t| match t.duration_since(wall_now) {
-            Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
-            Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
-        }),
-        "nextRefresh": next_refresh,
-        "pending": status.pending,
-        "lastError": status.last_error,
+        "certChain": chain,
+        "rootCerts": roots,
+        "meshwire": {
+            "expirationTime": status.not_after.map(rfc3339),
+            "secondsToExpiry": status.not_after.map(|t| match t.duration_since(wall_now) {
+                Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+            }),
+            "nextRefresh": next_refresh,
+            "pending": status.pending,
+            "lastError": status.last_error,
+        },
     })
 }
 
 /// How many bytes of the dump [`ConfigDumpChunks`] gathers before it hands a chunk over.
 pub const DUMP_CHUNK: usize = 32 * 1024;
 
-/// Which part of the dump comes next.
+/// Which part of the dump comes next (in the order of the keys, as `serde_json` sorts them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
-    Buffers,
     Certificates,
     Config,
-    Istio,
+    Meshwire,
     Policies,
     Services,
+    StagedServices,
+    StaticConfig,
+    Version,
+    WorkloadState,
     Workloads,
     End,
 }
@@ -187,15 +308,21 @@ enum Part {
 /// The configuration dump of [`config_dump`], serialised piece by piece: each `Iterator::next` gathers
 /// one chunk of about [`DUMP_CHUNK`] bytes, the serialisation of whole workloads, services, policies
 /// or certificates. The chunks together are byte for byte `serde_json::to_vec_pretty` of
-/// [`config_dump`] (the same keys in the same order), but a dump of any size costs a chunk and one
-/// item at a time, not the whole document: the admin listener writes each chunk to the connection
-/// before it asks for the next.
+/// [`config_dump`] with the same sections (the same keys in the same order), but a dump of any size
+/// costs a chunk and one item at a time, not the whole document: the admin listener writes each
+/// chunk to the connection before it asks for the next.
 pub struct ConfigDumpChunks {
     snapshot: std::sync::Arc<Snapshot>,
-    /// The `buffers` section ([`buffers_dump`]), when the dump has one.
+    /// `meshwire.buffers` ([`buffers_dump`]), when the dump has it.
     buffers: Option<Value>,
-    /// The `istio` section (istiod's xDS and CA), when the proxy is configured by istiod.
+    /// `meshwire.istio` (istiod's xDS and CA), when the proxy is configured by istiod.
     istio: Option<Value>,
+    /// ztunnel's `config` ([`crate::config::ztunnel_config`]).
+    config: Option<Value>,
+    /// ztunnel's `staticConfig`, and why it is empty when it was left out.
+    static_config: Option<(Value, Option<String>)>,
+    /// ztunnel's `workloadState` (in-pod mode).
+    workload_state: Option<Value>,
     certificates: Vec<Value>,
     part: Part,
     /// Whether the document's opening brace was written.
@@ -208,6 +335,17 @@ pub struct ConfigDumpChunks {
     after_service: Option<crate::xds::NamespacedHostname>,
     /// Serialises one item (kept to reuse its allocation).
     item: Vec<u8>,
+    /// The service being written, whose endpoints are streamed one at a time.
+    open_service: Option<OpenService>,
+}
+
+/// A service of the dump whose `endpoints` (its first key) are being written.
+struct OpenService {
+    key: crate::xds::NamespacedHostname,
+    /// The next endpoint, by position in the service's endpoints (ordered by uid).
+    next: usize,
+    /// What follows the endpoints: the service's other fields and its closing brace.
+    tail: Vec<u8>,
 }
 
 impl std::fmt::Debug for ConfigDumpChunks {
@@ -231,6 +369,9 @@ pub fn config_dump_chunks(
         snapshot,
         buffers: None,
         istio: None,
+        config: None,
+        static_config: None,
+        workload_state: None,
         certificates: certificates.iter().map(|c| certificate(c, now, wall_now)).collect(),
         part: Part::Certificates,
         opened: false,
@@ -238,23 +379,55 @@ pub fn config_dump_chunks(
         after_workload: None,
         after_service: None,
         item: Vec::new(),
+        open_service: None,
     }
 }
 
 impl ConfigDumpChunks {
-    /// The dump with a `buffers` section (the first key, as `serde_json` orders keys), as
-    /// [`buffers_dump`] makes it.
+    /// The dump with `meshwire.buffers`, as [`buffers_dump`] makes it.
     pub fn with_buffers(mut self, buffers: Value) -> Self {
         self.buffers = Some(buffers);
-        self.part = Part::Buffers;
         self
     }
 
-    /// The dump with an `istio` section (between `config` and `policies`, as `serde_json` orders
-    /// keys): the state of istiod's xDS stream and CA.
+    /// The dump with `meshwire.istio`: the state of istiod's xDS stream and CA.
     pub fn with_istio(mut self, istio: Value) -> Self {
         self.istio = Some(istio);
         self
+    }
+
+    /// The dump with ztunnel's `config` ([`crate::config::ztunnel_config`]); else `{}`.
+    pub fn with_config(mut self, config: Value) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The dump with ztunnel's `staticConfig` as [`static_config`] reads it; else the empty one.
+    pub fn with_static_config(mut self, static_config: (Value, Option<String>)) -> Self {
+        self.static_config = Some(static_config);
+        self
+    }
+
+    /// The dump with ztunnel's `workloadState` (in-pod mode: the pods served).
+    pub fn with_workload_state(mut self, state: Value) -> Self {
+        self.workload_state = Some(state);
+        self
+    }
+
+    /// The `meshwire` section: the configuration's generation, and what the builders added.
+    fn meshwire(&mut self) -> Value {
+        let mut section = Map::new();
+        section.insert("config".to_owned(), generation(&self.snapshot));
+        if let Some(buffers) = self.buffers.take() {
+            section.insert("buffers".to_owned(), buffers);
+        }
+        if let Some(istio) = self.istio.take() {
+            section.insert("istio".to_owned(), istio);
+        }
+        if let Some((_, Some(why))) = &self.static_config {
+            section.insert("staticConfigOmitted".to_owned(), Value::from(why.as_str()));
+        }
+        Value::Object(section)
     }
 
     /// Appends `value`, pretty-printed as `serde_json` does at `indent` spaces deep, to `out`.
@@ -284,28 +457,26 @@ impl ConfigDumpChunks {
                 .policies()
                 .get(index)
                 .map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
-            Part::Services => {
-                let next = state.next_service(self.after_service.as_ref())?;
-                self.after_service = Some(next.key());
-                Some(service(next))
-            }
             Part::Workloads => {
                 let next = state.next_workload(self.after_workload.as_deref())?;
                 self.after_workload = Some(next.uid.clone());
                 Some(workload(next))
             }
-            Part::Buffers | Part::Config | Part::Istio | Part::End => None,
+            _ => None,
         }
     }
 
     fn key(part: Part) -> &'static [u8] {
         match part {
-            Part::Buffers => b"  \"buffers\": ",
             Part::Certificates => b"  \"certificates\": ",
             Part::Config => b"  \"config\": ",
-            Part::Istio => b"  \"istio\": ",
+            Part::Meshwire => b"  \"meshwire\": ",
             Part::Policies => b"  \"policies\": ",
             Part::Services => b"  \"services\": ",
+            Part::StagedServices => b"  \"stagedServices\": ",
+            Part::StaticConfig => b"  \"staticConfig\": ",
+            Part::Version => b"  \"version\": ",
+            Part::WorkloadState => b"  \"workloadState\": ",
             Part::Workloads => b"  \"workloads\": ",
             Part::End => b"",
         }
@@ -313,13 +484,80 @@ impl ConfigDumpChunks {
 
     fn next_part(&self, part: Part) -> Part {
         match part {
-            Part::Buffers => Part::Certificates,
             Part::Certificates => Part::Config,
-            Part::Config if self.istio.is_some() => Part::Istio,
-            Part::Config | Part::Istio => Part::Policies,
+            Part::Config => Part::Meshwire,
+            Part::Meshwire => Part::Policies,
             Part::Policies => Part::Services,
-            Part::Services => Part::Workloads,
+            Part::Services => Part::StagedServices,
+            Part::StagedServices => Part::StaticConfig,
+            Part::StaticConfig => Part::Version,
+            Part::Version if self.workload_state.is_some() => Part::WorkloadState,
+            Part::Version | Part::WorkloadState => Part::Workloads,
             Part::Workloads | Part::End => Part::End,
+        }
+    }
+
+    /// The value of a part that is one value rather than an array, `None` for an array part.
+    fn single(&mut self, part: Part) -> Option<Value> {
+        Some(match part {
+            Part::Config => self.config.take().unwrap_or_else(|| Value::Object(Map::new())),
+            Part::Meshwire => self.meshwire(),
+            Part::StagedServices => Value::Object(Map::new()),
+            Part::StaticConfig => match self.static_config.take() {
+                Some((value, _)) => value,
+                None => empty_static_config(),
+            },
+            Part::Version => serde_json::to_value(crate::config::BuildInfo::current()).unwrap_or(Value::Null),
+            Part::WorkloadState => self.workload_state.take().unwrap_or(Value::Null),
+            Part::Certificates | Part::Policies | Part::Services | Part::Workloads | Part::End => return None,
+        })
+    }
+
+    /// One piece of the `services` part: a service's head and the key of its endpoints, one
+    /// endpoint, the end of its endpoints with the rest of the service, or the end of the part.
+    /// Written as `serde_json` pretty-prints [`service`] (`endpoints` is its first key).
+    fn service_step(&mut self, out: &mut Vec<u8>) {
+        let snapshot = std::sync::Arc::clone(&self.snapshot);
+        let state = &snapshot.state;
+        if let Some(mut open) = self.open_service.take() {
+            match state.endpoint_of_service(&open.key, open.next) {
+                Some(w) => {
+                    out.extend_from_slice(if open.next == 0 { b"{\n        " } else { b",\n        " });
+                    out.extend_from_slice(serde_json::to_string(&w.uid).unwrap_or_default().as_bytes());
+                    out.extend_from_slice(b": ");
+                    self.pretty(&endpoint(w, &open.key), b"        ", out);
+                    open.next += 1;
+                    self.open_service = Some(open);
+                }
+                None => {
+                    out.extend_from_slice(if open.next == 0 { b"{}" } else { b"\n      }" });
+                    out.extend_from_slice(&open.tail);
+                    self.index += 1;
+                }
+            }
+            return;
+        }
+        match state.next_service(self.after_service.as_ref()) {
+            Some(next) => {
+                self.after_service = Some(next.key());
+                out.extend_from_slice(if self.index == 0 { b"[\n    " } else { b",\n    " });
+                out.extend_from_slice(b"{\n      \"endpoints\": ");
+                let mut fields = Vec::new();
+                self.pretty(&service_fields(next), b"    ", &mut fields);
+                // `{\n      "hostname": ..\n    }` without its opening brace, after a comma.
+                let mut tail = b",\n      ".to_vec();
+                tail.extend_from_slice(fields.get(b"{\n      ".len()..).unwrap_or_default());
+                self.open_service = Some(OpenService {
+                    key: next.key(),
+                    next: 0,
+                    tail,
+                });
+            }
+            None => {
+                out.extend_from_slice(if self.index == 0 { b"[]" } else { b"\n  ]" });
+                self.index = 0;
+                self.part = self.next_part(Part::Services);
+            }
         }
     }
 
@@ -330,7 +568,7 @@ impl ConfigDumpChunks {
         if part == Part::End {
             return false;
         }
-        if self.index == 0 {
+        if self.index == 0 && self.open_service.is_none() {
             out.extend_from_slice(if std::mem::replace(&mut self.opened, true) {
                 b",\n"
             } else {
@@ -338,27 +576,16 @@ impl ConfigDumpChunks {
             });
             out.extend_from_slice(Self::key(part));
         }
-        if part == Part::Buffers {
-            let buffers = self.buffers.take().unwrap_or(Value::Null);
-            self.pretty(&buffers, b"  ", out);
+        if let Some(value) = self.single(part) {
+            self.pretty(&value, b"  ", out);
             self.part = self.next_part(part);
+            if self.part == Part::End {
+                out.extend_from_slice(b"\n}");
+            }
             return true;
         }
-        if part == Part::Istio {
-            let istio = self.istio.take().unwrap_or(Value::Null);
-            self.pretty(&istio, b"  ", out);
-            self.part = self.next_part(part);
-            return true;
-        }
-        if part == Part::Config {
-            let snapshot = &self.snapshot;
-            let config = json!({
-                "generation": snapshot.generation,
-                "source": snapshot.source.as_ref().map(|p| p.display().to_string()),
-                "loadedAt": (snapshot.generation > 0).then(|| rfc3339(snapshot.loaded_at)),
-            });
-            self.pretty(&config, b"  ", out);
-            self.part = self.next_part(part);
+        if part == Part::Services {
+            self.service_step(out);
             return true;
         }
         match self.array_item(part, self.index) {

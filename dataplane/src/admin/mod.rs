@@ -10,6 +10,7 @@
 //! | admin | `POST /logging` | the current log filter (other methods: 405, as ztunnel) |
 //! | admin | `POST /logging?level=<directives>` | merges directives into the log filter (`EnvFilter` syntax: `access=warn` changes that target only), as ztunnel; `?reset` restores the initial one first |
 //! | admin | `POST /quitquitquit` | starts the drain, as SIGTERM does |
+//! | admin | `GET /debug/pprof/profile` | a CPU profile of the process in the pprof format, sampled for 10 s or `?seconds=N` ([`profile`]) |
 //!
 //! Unknown paths are 404, wrong methods 405 with an `Allow` header.
 //!
@@ -44,6 +45,7 @@
 
 mod dump;
 mod logging;
+pub mod profile;
 mod readiness;
 mod server;
 
@@ -63,12 +65,15 @@ use tokio::sync::watch;
 use crate::telemetry::metrics::{self, Metrics};
 use crate::watch::Published;
 
-pub use dump::{ConfigDumpChunks, DUMP_CHUNK, buffers_dump, config_dump, config_dump_chunks, rfc3339};
+pub use dump::{
+    ConfigDumpChunks, DUMP_CHUNK, STATIC_CONFIG_LIMIT, buffers_dump, config_dump, config_dump_chunks,
+    empty_static_config, rfc3339, static_config,
+};
 pub use logging::{LogControl, LogControlError};
 pub use readiness::{READY_PATH, Readiness, ReadinessHandler, ReadyBlocker};
 pub use server::{
-    Body, HEADER_READ_TIMEOUT, Handler, SHUTDOWN_GRACE, method_not_allowed, not_found, query_param, response, serve,
-    text,
+    Body, HEADER_READ_TIMEOUT, Handler, LaterResponse, SHUTDOWN_GRACE, method_not_allowed, not_found, query_param,
+    response, serve, text,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -447,6 +452,10 @@ pub const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
         "GET: the current log filter; POST ?level=<filter>: change it (EnvFilter syntax, e.g. debug or meshwire=debug,h2=warn); POST ?reset: restore the initial one",
     ),
     ("/quitquitquit", "POST: drain and exit, as on SIGTERM"),
+    (
+        "/debug/pprof/profile",
+        "GET: a CPU profile of the process (pprof format), sampled for 10 s or ?seconds=N",
+    ),
 ];
 
 const LOGGING_USAGE: &str = "usage: POST /logging (the current filter)\n\
@@ -465,9 +474,12 @@ pub struct AdminHandler {
     logging: Option<LogControl>,
     buffers: Option<meshwire_hbone::server::ServeOptions>,
     istio: Option<IstioDump>,
+    /// ztunnel's `config` section, and the local configuration for `staticConfig`.
+    ztunnel: Option<(serde_json::Value, Option<crate::config::LocalConfigSource>)>,
+    workload_state: Option<Arc<std::sync::OnceLock<IstioDump>>>,
 }
 
-/// What renders the `istio` section of `/config_dump`, at each request.
+/// What renders a section of `/config_dump` at each request (`meshwire.istio`, `workloadState`).
 pub type IstioDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl AdminHandler {
@@ -482,7 +494,23 @@ impl AdminHandler {
             logging: None,
             buffers: None,
             istio: None,
+            ztunnel: None,
+            workload_state: None,
         }
+    }
+
+    /// Adds ztunnel's `config` (`config` in ztunnel's names, [`crate::config::ztunnel_config`]) and
+    /// `staticConfig` (the local configuration file, read at each request) to `/config_dump`.
+    pub fn with_config(mut self, config: &crate::config::Config) -> Self {
+        self.ztunnel = Some((crate::config::ztunnel_config(config), config.local_config.clone()));
+        self
+    }
+
+    /// Adds ztunnel's `workloadState` to `/config_dump` (in-pod mode: the pods served), rendered
+    /// at each request by what `state` holds by then (nothing while it is empty).
+    pub fn with_workload_state(mut self, state: Arc<std::sync::OnceLock<IstioDump>>) -> Self {
+        self.workload_state = Some(state);
+        self
     }
 
     /// Adds an `istio` section to `/config_dump`, rendered by `istio` at each request (the state of
@@ -524,6 +552,14 @@ impl AdminHandler {
         }
         if let Some(istio) = &self.istio {
             chunks = chunks.with_istio(istio());
+        }
+        if let Some((config, local)) = &self.ztunnel {
+            chunks = chunks
+                .with_config(config.clone())
+                .with_static_config(static_config(local.as_ref()));
+        }
+        if let Some(state) = self.workload_state.as_ref().and_then(|slot| slot.get()) {
+            chunks = chunks.with_workload_state(state());
         }
         let mut response = Response::new(Body::Chunks(Box::new(chunks)));
         response
@@ -595,9 +631,38 @@ impl Handler for AdminHandler {
         self.respond(request).map(Body::collect)
     }
 
+    fn respond_later(&self, request: &Request<()>) -> Option<server::LaterResponse> {
+        if request.uri().path() != "/debug/pprof/profile" || !server::is_read(request) {
+            return None;
+        }
+        let duration = match profile::requested_seconds(server::query_param(request, "seconds").as_deref()) {
+            Ok(duration) => duration,
+            Err(error) => {
+                let answer = server::text(StatusCode::BAD_REQUEST, format!("{error}\n")).map(Body::from);
+                return Some(Box::pin(std::future::ready(answer)));
+            }
+        };
+        Some(Box::pin(async move {
+            tracing::info!(
+                seconds = duration.as_secs(),
+                "CPU profile asked for on /debug/pprof/profile"
+            );
+            match profile::cpu_profile(duration).await {
+                Ok(bytes) => {
+                    let mut response = Response::new(Body::from(Bytes::from(bytes)));
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream"));
+                    response
+                }
+                Err(error) => server::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).map(Body::from),
+            }
+        }))
+    }
+
     fn respond(&self, request: &Request<()>) -> Response<Body> {
         let whole = match request.uri().path() {
-            "/" | "/config_dump" if !server::is_read(request) => {
+            "/" | "/config_dump" | "/debug/pprof/profile" if !server::is_read(request) => {
                 server::method_not_allowed(request, &[Method::GET, Method::HEAD])
             }
             "/" => self.index(),

@@ -20,6 +20,8 @@ type Check = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 struct State {
     next: u64,
     pending: BTreeMap<u64, String>,
+    /// When each pending task was registered (for the log line when it completes).
+    since: BTreeMap<u64, std::time::Instant>,
     checks: Vec<Check>,
     draining: bool,
 }
@@ -80,6 +82,7 @@ impl Readiness {
         state.next += 1;
         let id = state.next;
         state.pending.insert(id, task.into());
+        state.since.insert(id, std::time::Instant::now());
         ReadyBlocker {
             readiness: self.clone(),
             id,
@@ -153,8 +156,24 @@ impl ReadyBlocker {
 }
 
 impl Drop for ReadyBlocker {
+    /// Logs the task's completion as ztunnel does (`Task '..' complete (..), still awaiting N
+    /// tasks`, or `.., marking server ready` for the last one; target `readiness`).
     fn drop(&mut self) {
-        self.readiness.state().pending.remove(&self.id);
+        let (task, since, left) = {
+            let mut state = self.readiness.state();
+            let task = state.pending.remove(&self.id);
+            let since = state.since.remove(&self.id);
+            (task, since, state.pending.len())
+        };
+        let (Some(task), Some(since)) = (task, since) else {
+            return;
+        };
+        let took = since.elapsed();
+        if left == 0 {
+            tracing::info!(target: "readiness", "Task '{task}' complete ({took:?}), marking server ready");
+        } else {
+            tracing::info!(target: "readiness", "Task '{task}' complete ({took:?}), still awaiting {left} tasks");
+        }
     }
 }
 

@@ -37,7 +37,17 @@ pub trait Handler: Send + Sync + 'static {
     fn respond(&self, request: &Request<()>) -> Response<Body> {
         self.handle(request).map(Body::from)
     }
+
+    /// The response to `request` when it takes time to make (a profile samples for seconds):
+    /// [`serve`] awaits it, on the connection's task, instead of calling [`Handler::respond`].
+    /// `None` (the default) for a request answered at once.
+    fn respond_later(&self, _request: &Request<()>) -> Option<LaterResponse> {
+        None
+    }
 }
+
+/// A response [`Handler::respond_later`] makes asynchronously.
+pub type LaterResponse = std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
 impl<H: Handler + ?Sized> Handler for Arc<H> {
     fn handle(&self, request: &Request<()>) -> Response<Bytes> {
@@ -46,6 +56,10 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
 
     fn respond(&self, request: &Request<()>) -> Response<Body> {
         (**self).respond(request)
+    }
+
+    fn respond_later(&self, request: &Request<()>) -> Option<LaterResponse> {
+        (**self).respond_later(request)
     }
 }
 
@@ -147,8 +161,12 @@ pub async fn serve<H: Handler>(
         connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let (parts, _body) = request.into_parts();
-                let response = handler.respond(&Request::from_parts(parts, ()));
-                std::future::ready(Ok::<_, Infallible>(response))
+                let request = Request::from_parts(parts, ());
+                let response: LaterResponse = match handler.respond_later(&request) {
+                    Some(later) => later,
+                    None => Box::pin(std::future::ready(handler.respond(&request))),
+                };
+                async move { Ok::<_, Infallible>(response.await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())

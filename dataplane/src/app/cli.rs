@@ -62,7 +62,7 @@ pub fn load_config() -> Result<Config, ExitCode> {
 
 /// Installs the `tracing` subscriber: the configured filter (`RUST_LOG` syntax), replaceable at runtime
 /// through the returned handle, and format, in ztunnel's layout ([`LogLayout`]: tab-separated text or
-/// JSON), on stderr; then warns of the ztunnel variables that are set but not supported.
+/// JSON), on stdout as ztunnel writes them (errors that stop the start go to stderr); then warns of the ztunnel variables that are set but not supported.
 pub fn init_logging(config: &Config) -> LogControl {
     let (filter, level) = match EnvFilter::try_new(&config.log_level) {
         Ok(filter) => (filter, config.log_level.clone()),
@@ -77,7 +77,7 @@ pub fn init_logging(config: &Config) -> LogControl {
         LogFormat::Text => accesslog::LogFormat::Text,
     });
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stdout)
         .with_ansi(false)
         .event_format(layout)
         .fmt_fields(layout);

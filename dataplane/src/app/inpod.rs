@@ -438,6 +438,7 @@ pub fn start<S: PodServers>(
     let pods = RuntimePods::new(setup, servers).map_err(|error| StartError::Inpod(error.to_string()))?;
     let inpod = Inpod::start(inpod, pods);
     starting.readiness_check(Box::new(inpod.readiness_check()));
+    starting.plane().set_workload_state(inpod.workload_state());
     Ok(Some(inpod))
 }
 
@@ -542,6 +543,42 @@ impl<S: PodServers> Inpod<S> {
             }
             pods.lock().unwrap_or_else(PoisonError::into_inner).not_ready()
         }
+    }
+
+    /// What renders `/config_dump`'s `workloadState` as ztunnel does: each pod by uid, its `state`
+    /// (`Up` when its listeners are up, `Pending` while they are not) and its `info` (name,
+    /// namespace, service account, when istio-cni gave them); meshwire adds, for a pending pod, why
+    /// its last start failed and how many starts failed (`meshwire`).
+    pub fn workload_state(&self) -> crate::admin::IstioDump {
+        let pods = self.pods.clone();
+        Arc::new(move || {
+            let list = pods.lock().unwrap_or_else(PoisonError::into_inner).list();
+            let state = list
+                .into_iter()
+                .map(|pod| {
+                    let mut entry = serde_json::Map::new();
+                    if let Some(info) = &pod.info {
+                        entry.insert(
+                            "info".to_owned(),
+                            serde_json::json!({
+                                "name": info.name,
+                                "namespace": info.namespace,
+                                "serviceAccount": info.service_account,
+                            }),
+                        );
+                    }
+                    entry.insert("state".to_owned(), (if pod.running { "Up" } else { "Pending" }).into());
+                    if let Some(error) = pod.error {
+                        entry.insert(
+                            "meshwire".to_owned(),
+                            serde_json::json!({ "error": error, "failedAttempts": pod.failed_attempts }),
+                        );
+                    }
+                    (pod.uid, serde_json::Value::Object(entry))
+                })
+                .collect::<serde_json::Map<_, _>>();
+            serde_json::Value::Object(state)
+        })
     }
 
     /// Stops talking to istio-cni and stops every pod (their connections are closed).

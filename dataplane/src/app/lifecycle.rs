@@ -55,10 +55,33 @@ use crate::watch::ConnectionRegistry;
 /// next.
 pub const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// Logs the listeners bound, and those of `config` that are not served.
+/// ztunnel's name for a listener in its `listener established` line (`component`).
+fn component(listener: Listener) -> &'static str {
+    match listener {
+        Listener::Inbound => "inbound",
+        Listener::InboundPlaintext => "inbound plaintext",
+        Listener::Outbound => "outbound",
+        Listener::Socks5 => "socks5",
+        Listener::Dns => "dns",
+        Listener::Readiness => "readiness",
+        Listener::Admin => "admin",
+        Listener::Metrics => "stats",
+    }
+}
+
+/// Logs the listeners bound, as ztunnel does (`listener established address=.. component=..`, and
+/// for the data listeners whether they keep the client's address, `transparent`), and those of
+/// `config` that are not served.
 pub fn log_listeners(config: &Config, listeners: &[(Listener, SocketAddr)]) {
+    let transparent = config.original_source.unwrap_or(false);
     for (listener, addr) in listeners {
-        tracing::info!(%listener, %addr, "listening");
+        let component = component(*listener);
+        match listener {
+            Listener::Inbound | Listener::InboundPlaintext | Listener::Outbound => {
+                tracing::info!(address = %addr, component, transparent, "listener established");
+            }
+            _ => tracing::info!(address = %addr, component, "listener established"),
+        }
     }
     let skipped: Vec<String> = config
         .listeners

@@ -294,11 +294,23 @@ impl ProxyContext {
 /// The control plane: the context every connection reads, and the tasks that keep it current
 /// (the configuration watcher, the certificate manager's driver) on the tokio runtime it was
 /// started in.
-#[derive(Debug)]
 pub struct ControlPlane {
     context: Arc<ProxyContext>,
     background: Vec<JoinHandle<()>>,
     xds: Option<Xds>,
+    /// What renders `/config_dump`'s `workloadState`, set by in-pod mode once it starts.
+    workload_state: Arc<std::sync::OnceLock<admin::IstioDump>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("context", &self.context)
+            .field("background", &self.background)
+            .field("xds", &self.xds)
+            .field("workload_state", &self.workload_state.get().is_some())
+            .finish()
+    }
 }
 
 impl ControlPlane {
@@ -416,12 +428,19 @@ impl ControlPlane {
             context,
             background,
             xds,
+            workload_state: Arc::default(),
         })
     }
 
     /// The context connections read.
     pub fn context(&self) -> &Arc<ProxyContext> {
         &self.context
+    }
+
+    /// Makes `/config_dump` show `workloadState`, rendered by `state` at each request (in-pod
+    /// mode: the pods it serves). Set once; a second call is ignored.
+    pub fn set_workload_state(&self, state: admin::IstioDump) {
+        let _ = self.workload_state.set(state);
     }
 
     /// Serves readiness, admin and metrics on their bound listeners (on the current tokio
@@ -437,7 +456,14 @@ impl ControlPlane {
         metrics: MetricsHandler,
         logging: Option<LogControl>,
     ) -> (Control, ReadyBlocker) {
-        Control::start(config, &self.context, metrics, logging, listeners)
+        Control::start(
+            config,
+            &self.context,
+            metrics,
+            logging,
+            listeners,
+            self.workload_state.clone(),
+        )
     }
 
     /// Stops the configuration watcher and the certificate manager.
@@ -624,6 +650,7 @@ impl Control {
         metrics: MetricsHandler,
         logging: Option<LogControl>,
         bound: ControlListeners,
+        workload_state: Arc<std::sync::OnceLock<admin::IstioDump>>,
     ) -> (Control, ReadyBlocker) {
         let readiness = Readiness::new();
         let listeners_bound = readiness.block("listeners");
@@ -665,7 +692,10 @@ impl Control {
         if let Some(logging) = logging {
             admin = admin.with_logging(logging);
         }
-        admin = admin.with_buffers(context.serve_options.clone());
+        admin = admin
+            .with_buffers(context.serve_options.clone())
+            .with_config(config)
+            .with_workload_state(workload_state);
         let mut metrics = metrics;
         if let Some(status) = &context.xds {
             admin = admin.with_istio(istiod::dump(

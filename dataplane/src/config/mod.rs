@@ -184,6 +184,7 @@ mod mode;
 mod options;
 mod runtime;
 mod values;
+mod ztunnel_view;
 
 pub use error::{Error, Origin};
 pub use hbone::BufferLimits;
@@ -195,6 +196,7 @@ pub use istio::{
 pub use listeners::{DnsOptions, Listener, Listeners};
 pub use mode::{InpodConfig, LocalConfigSource, ProxyMode, WorkloadInfo};
 pub use runtime::{ConnectionBalance, LogFormat, PacketMark, XdsPriority};
+pub use ztunnel_view::ztunnel_config;
 
 use command::command;
 use options::{Inputs, program_name};
@@ -329,24 +331,61 @@ impl Default for Config {
     }
 }
 
-/// The build, as ztunnel's `ztunnel version` prints it (`version.BuildInfo{Version:"..", ...}`):
-/// the crate's version, the git revision given at build time (`MESHWIRE_GIT_REVISION`, else
+/// The build, as ztunnel describes it: `ztunnel version` prints its [`Display`](std::fmt::Display)
+/// (`version.BuildInfo{Version:"..", ...}`), `/config_dump` shows it under `version` (camelCase
+/// keys): the crate's version, the git revision given at build time (`MESHWIRE_GIT_REVISION`, else
 /// `unknown`), the compiler's version and the build profile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildInfo {
+    /// The crate's version.
+    pub version: String,
+    /// The git revision given at build time, or `unknown`.
+    pub git_revision: String,
+    /// The compiler's version.
+    pub rust_version: String,
+    /// `debug` or `release`.
+    pub build_profile: String,
+    /// `Clean` with a known revision, else `Unknown`.
+    pub build_status: String,
+    /// The version again (meshwire's tags are its versions).
+    pub git_tag: String,
+}
+
+impl BuildInfo {
+    /// This build's.
+    pub fn current() -> Self {
+        let revision = option_env!("MESHWIRE_GIT_REVISION").unwrap_or("unknown");
+        BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            git_revision: revision.to_owned(),
+            rust_version: env!("MESHWIRE_RUSTC_VERSION").to_owned(),
+            build_profile: if cfg!(debug_assertions) { "debug" } else { "release" }.to_owned(),
+            build_status: if revision == "unknown" { "Unknown" } else { "Clean" }.to_owned(),
+            git_tag: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for BuildInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "version.BuildInfo{{Version:\"{}\", GitRevision:\"{}\", RustVersion:\"{}\", \
+             BuildProfile:\"{}\", BuildStatus:\"{}\", GitTag:\"{}\"}}",
+            self.version, self.git_revision, self.rust_version, self.build_profile, self.build_status, self.git_tag
+        )
+    }
+}
+
+/// [`BuildInfo::current`] as `ztunnel version` prints it.
 ///
 /// ```
 /// let info = meshwire_dataplane::config::build_info();
 /// assert!(info.starts_with(&format!("version.BuildInfo{{Version:\"{}\", GitRevision:\"", env!("CARGO_PKG_VERSION"))));
 /// ```
 pub fn build_info() -> String {
-    let revision = option_env!("MESHWIRE_GIT_REVISION").unwrap_or("unknown");
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    format!(
-        "version.BuildInfo{{Version:\"{version}\", GitRevision:\"{revision}\", RustVersion:\"{rust}\", \
-         BuildProfile:\"{profile}\", BuildStatus:\"{status}\", GitTag:\"{version}\"}}",
-        version = env!("CARGO_PKG_VERSION"),
-        rust = env!("MESHWIRE_RUSTC_VERSION"),
-        status = if revision == "unknown" { "Unknown" } else { "Clean" },
-    )
+    BuildInfo::current().to_string()
 }
 
 impl Config {

@@ -275,6 +275,12 @@ pub fn decide(
     if !local {
         return Ok(forward);
     }
+    if wire::first_question_compressed(packet) {
+        return Err(QueryError::Malformed {
+            id,
+            reason: "the question's name holds a compression pointer (into the header or itself)".to_owned(),
+        });
+    }
     let requested = normalize(&query.name().to_lowercase().to_ascii());
     let Some((target, alias)) = find(config, state, index, client, &requested) else {
         return Ok(forward);
@@ -740,6 +746,14 @@ services:
         assert!(matches!(error, QueryError::Malformed { id: 0x4242, .. }), "{error}");
         let formerr = error.answer(&cut).expect("an answer");
         assert_eq!(formerr[3] & 0x0f, wire::FORMERR);
+        // A question whose name ends in a pointer (here into the header, read as the root): found
+        // by the fuzz target; refused rather than answered with another question.
+        let mut pointed = query("api.example.com.", RecordType::A);
+        let end = pointed.len() - 5;
+        assert_eq!(pointed[end], 0, "the name's end");
+        pointed.splice(end..=end, [0xc0, 0x00]);
+        let error = run(&pointed, Transport::Udp).expect_err("a compressed question");
+        assert!(matches!(error, QueryError::Malformed { id: 0x4242, .. }), "{error}");
 
         let mut edns = Message::from_vec(&query("example.org.", RecordType::A)).expect("parses");
         let mut e = Edns::new();

@@ -74,6 +74,21 @@ pub fn question_end(packet: &[u8]) -> Option<usize> {
     Some(at)
 }
 
+/// Whether the name of the first question of `packet` holds a compression pointer. In a query's
+/// first question a pointer can only point into the header or back into the name itself: a client
+/// never writes one, and an answer would not repeat its question byte for byte.
+pub fn first_question_compressed(packet: &[u8]) -> bool {
+    let mut at = HEADER_LEN;
+    while let Some(&len) = packet.get(at) {
+        match len & 0xc0 {
+            0x00 if len == 0 => return false,
+            0x00 => at += 1 + usize::from(len),
+            _ => return true,
+        }
+    }
+    false
+}
+
 /// `answer` cut to at most `limit` bytes (at least [`HEADER_LEN`]), unchanged if it fits. A cut
 /// answer keeps its header and question, drops every record and has `TC` set, so that the client
 /// asks again over TCP (RFC 2181 9: a partial set of records is never given).

@@ -264,6 +264,7 @@ impl<R: Runtime> InboundHandler<R> {
         if let Some(target) = hbone_addr {
             entry = entry.with_hbone_addr(target);
         }
+        accesslog::emit_opened(&entry);
         let start = Instant::now();
 
         // Authorization, before the connection is counted as opened: a denied connection is opened

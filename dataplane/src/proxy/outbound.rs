@@ -407,6 +407,7 @@ pub struct OutboundRecord {
 impl OutboundRecord {
     /// Counts the connection as opened in `metrics` with `labels`; `entry` is logged at the end.
     pub fn open(metrics: &Metrics, labels: ConnectionLabels, entry: AccessLogEntry) -> Self {
+        accesslog::emit_opened(&entry);
         Self {
             recorder: Some(metrics.open(labels)),
             entry: Some(entry),
