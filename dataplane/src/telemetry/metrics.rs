@@ -461,9 +461,10 @@ pub struct LocalityLabels {
 }
 
 /// A label set written only when present: `None` writes no label at all (where a [`LabelValue`]
-/// writes `unknown`), as ztunnel's `OptionallyEncode`.
+/// writes `unknown`), as ztunnel's `OptionallyEncode`. Boxed: absent, it costs a pointer in every
+/// connection's labels (and in the futures holding them).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct OptionalLabels<T>(pub Option<T>);
+pub struct OptionalLabels<T>(pub Option<Box<T>>);
 
 impl<T: EncodeLabelSet> EncodeLabelSet for OptionalLabels<T> {
     fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>) -> fmt::Result {
@@ -498,7 +499,7 @@ impl ConnectionLabels {
             self.source_app = w.canonical_name.as_str().into();
             self.source_version = w.canonical_revision.as_str().into();
             self.source_cluster = w.cluster_id.as_str().into();
-            let locality = self.locality.0.get_or_insert_with(LocalityLabels::default);
+            let locality = self.locality.0.get_or_insert_with(Box::default);
             locality.source_region = w.locality.region.as_str().into();
             locality.source_zone = w.locality.zone.as_str().into();
         }
@@ -527,7 +528,7 @@ impl ConnectionLabels {
             self.destination_app = w.canonical_name.as_str().into();
             self.destination_version = w.canonical_revision.as_str().into();
             self.destination_cluster = w.cluster_id.as_str().into();
-            let locality = self.locality.0.get_or_insert_with(LocalityLabels::default);
+            let locality = self.locality.0.get_or_insert_with(Box::default);
             locality.destination_region = w.locality.region.as_str().into();
             locality.destination_zone = w.locality.zone.as_str().into();
         }
@@ -553,7 +554,8 @@ impl ConnectionLabels {
     }
 }
 
-/// The four TCP counter families and the refusal counter, registered in a registry of their own.
+/// The four TCP counter families, the refusal counter and the open sockets gauge, registered in a
+/// registry of their own.
 ///
 /// No global state: create one per proxy, share it as `Arc<Metrics>`, and serve [`Metrics::render`]
 /// on `/metrics` and `/stats/prometheus`. Other components may register their metrics in the same
@@ -566,8 +568,8 @@ pub struct Metrics {
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
     refused: Family<RefusalLabels, Counter>,
-    /// The gauges of `istio_tcp_sockets_open{reporter}`, `source` then `destination` (the family
-    /// itself is only read through the registry).
+    /// The gauges of `istio_tcp_sockets_open{reporter}`, `source` then `destination` (written by
+    /// a [`SocketsCollector`] in the registry).
     socket_gauges: [Gauge; 2],
     /// The label sets in use, so that [`Metrics::sum`] can read the families back.
     seen: Arc<Mutex<LabelSets>>,
@@ -580,6 +582,31 @@ pub struct Metrics {
 pub struct SocketLabels {
     /// `reporter`.
     pub reporter: Reporter,
+}
+
+/// Writes `istio_tcp_sockets_open` with its two series in a fixed order (`source`, then
+/// `destination`), where a family would write them in its hash map's order.
+#[derive(Debug)]
+struct SocketsCollector {
+    gauges: [Gauge; 2],
+}
+
+impl prometheus_client::collector::Collector for SocketsCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>) -> fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+
+        let mut family = encoder.encode_descriptor(
+            "tcp_sockets_open",
+            // The full stop the registry appends to the help of the metrics registered in it.
+            "The number of TCP sockets the proxy's listeners accepted that are still open.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (reporter, gauge) in [Reporter::Source, Reporter::Destination].into_iter().zip(&self.gauges) {
+            gauge.encode(family.encode_family(&SocketLabels { reporter })?)?;
+        }
+        Ok(())
+    }
 }
 
 /// A socket accepted by a data listener, counted in `istio_tcp_sockets_open` until this guard is
@@ -651,15 +678,11 @@ impl Metrics {
             "The total number of TCP connections refused before they were routed, by listener and reason",
             Family::clone(&refused),
         );
-        let sockets: Family<SocketLabels, Gauge> = Family::default();
-        istio.register(
-            "tcp_sockets_open",
-            "The number of TCP sockets the proxy's listeners accepted that are still open",
-            Family::clone(&sockets),
-        );
         // Both gauges exist from the start (at 0): a dashboard's query finds them before any traffic.
-        let socket_gauges = [Reporter::Source, Reporter::Destination]
-            .map(|reporter| sockets.get_or_create_owned(&SocketLabels { reporter }));
+        let socket_gauges = [Gauge::default(), Gauge::default()];
+        istio.register_collector(Box::new(SocketsCollector {
+            gauges: socket_gauges.clone(),
+        }));
         Self {
             registry,
             opened,
