@@ -344,7 +344,8 @@ fn renders_exact_openmetrics_lines() {
         r#"destination_canonical_revision="v2\"\\\nx",destination_workload_namespace="bookinfo","#,
         r#"destination_principal="spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews","#,
         r#"destination_app="reviews",destination_version="v2\"\\\nx",destination_cluster="cluster-east","#,
-        r#"request_protocol="tcp",response_flags="-",connection_security_policy="mutual_tls"}"#,
+        r#"request_protocol="tcp",response_flags="-",connection_security_policy="mutual_tls","#,
+        r#"source_region="unknown",source_zone="unknown",destination_region="unknown",destination_zone="unknown"}"#,
     );
     let expected = [
         "# HELP istio_tcp_connections_opened The total number of TCP connections opened.".to_owned(),
@@ -361,6 +362,11 @@ fn renders_exact_openmetrics_lines() {
             .to_owned(),
         "# TYPE istio_tcp_sent_bytes counter".to_owned(),
         format!("istio_tcp_sent_bytes_total{labels} 4200"),
+        "# HELP istio_tcp_sockets_open The number of TCP sockets the proxy's listeners accepted that are still open."
+            .to_owned(),
+        "# TYPE istio_tcp_sockets_open gauge".to_owned(),
+        "istio_tcp_sockets_open{reporter=\"source\"} 0".to_owned(),
+        "istio_tcp_sockets_open{reporter=\"destination\"} 0".to_owned(),
         "# EOF".to_owned(),
     ];
     assert_eq!(metrics.render().lines().collect::<Vec<_>>(), expected);
@@ -369,7 +375,7 @@ fn renders_exact_openmetrics_lines() {
     let text = metrics.render();
     let sample = samples(&text).into_iter().next().unwrap();
     assert_eq!(sample.labels["destination_canonical_revision"], "v2\"\\\nx");
-    assert_eq!(sample.labels.len(), 23);
+    assert_eq!(sample.labels.len(), 27);
 }
 
 #[test]
@@ -958,10 +964,11 @@ proptest! {
         let metrics = Metrics::new();
         let _ = metrics.open(outbound_labels(&mesh)).finish(ResponseFlags::None);
         let text = metrics.render();
-        // One line per sample, whatever the value holds, and the value reads back.
-        prop_assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 4);
+        // One line per sample, whatever the value holds (four counters, two socket gauges), and the
+        // value reads back.
+        prop_assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 6);
         let expected = if value.is_empty() { "unknown".to_owned() } else { value };
-        for sample in samples(&text) {
+        for sample in samples(&text).into_iter().filter(|s| s.labels.contains_key("source_app")) {
             prop_assert_eq!(&sample.labels["source_canonical_service"], &expected);
             prop_assert_eq!(&sample.labels["source_app"], &expected);
         }

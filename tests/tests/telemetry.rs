@@ -3,17 +3,20 @@
 //! and one access-log line per connection with its byte counts. The access log is ztunnel's: its
 //! layout in text and JSON, `connection complete` and `connection failed` (an inbound TLS handshake
 //! that fails included), inbound `dst.addr` the HBONE address, and `/logging?level=access=warn`
-//! quieting it alone.
+//! quieting it alone. ztunnel's other metrics: `istio_tcp_sockets_open` back to its value once a
+//! connection closes (refused ones included), the process's metrics, the locality labels, and every
+//! metric and label of Istio's ztunnel dashboard on the page (`tests/fixtures/ztunnel-dashboard-queries.txt`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use hickory_proto::rr::RecordType;
 use meshwire_identity::id::TrustDomain;
 use meshwire_identity::source::local_ca::LocalCa;
 use meshwire_testkit::http;
-use meshwire_tests::binary;
+use meshwire_tests::binary::{self, Binary};
 use meshwire_tests::hbone::{HboneClient, spiffe};
 use meshwire_tests::mesh::{AccessLine, Proxy, metric_sum as sum};
 use meshwire_tests::net;
@@ -465,6 +468,482 @@ fn logging_access_warn_quiets_complete_lines_only() {
             pair.client.wait_access_lines("outbound", 2, WITHIN).len(),
             2,
             "{binary}"
+        );
+    }
+}
+
+/// The value of the sample of `metric` whose labels contain every one of `labels`, when there is
+/// exactly one such sample.
+fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    match values[..] {
+        [value] => Some(value),
+        _ => None,
+    }
+}
+
+/// Scrapes `proxy` until its `istio_tcp_sockets_open` for `reporter` is `expected`; returns the
+/// last value seen (also after 10 s without).
+fn wait_sockets(proxy: &Proxy, reporter: &str, expected: f64) -> Option<f64> {
+    let labels = [format!("reporter=\"{reporter}\"")];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let deadline = std::time::Instant::now() + WITHIN;
+    loop {
+        let seen = sample(&proxy.metrics(), "istio_tcp_sockets_open", &labels);
+        if seen == Some(expected) || std::time::Instant::now() >= deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sockets_open_rises_with_an_open_connection_and_returns_after_it_closes() {
+    for binary in binary::all() {
+        let pair = Pair::start(&binary, &binary);
+        let (client, server) = (&pair.client, &pair.server);
+        // A first connection sets up the pooled HBONE connection between the proxies; once it is
+        // closed, the client's proxy has no accepted socket open.
+        assert!(net::echo_exchange(pair.socks5_to_echo(), 100).unwrap().intact());
+        assert_eq!(
+            wait_sockets(client, "source", 0.0),
+            Some(0.0),
+            "{binary}\n{}",
+            pair.logs()
+        );
+
+        // Outbound: a SOCKS5 connection held open counts on the client's proxy, as `source`.
+        let mut held = pair.socks5_to_echo();
+        held.write_all(b"ping").unwrap();
+        let mut echoed = [0u8; 4];
+        held.read_exact(&mut echoed).unwrap();
+        assert_eq!(
+            wait_sockets(client, "source", 1.0),
+            Some(1.0),
+            "{binary}\n{}",
+            client.metrics()
+        );
+        drop(held);
+        assert_eq!(
+            wait_sockets(client, "source", 0.0),
+            Some(0.0),
+            "{binary}\n{}",
+            client.metrics()
+        );
+
+        // Inbound: a tunnel of its own to the server's HBONE port counts there, as `destination`,
+        // until it is closed. The pooled HBONE connections from the client's proxy count too (one
+        // per core that served a connection, in the io_uring build): measured once they are up.
+        let server_before = sample(
+            &server.metrics(),
+            "istio_tcp_sockets_open",
+            &["reporter=\"destination\""],
+        )
+        .unwrap_or_else(|| panic!("{binary}: no gauge\n{}", server.metrics()));
+        assert!(
+            server_before >= 1.0,
+            "{binary}: the pooled connection\n{}",
+            server.metrics()
+        );
+        let mesh_client = HboneClient::new(
+            pair.mesh.ca(),
+            &spiffe("default", "client"),
+            &[spiffe("default", "server")],
+        );
+        let tunnel = mesh_client.open(server.ports().inbound, pair.echo.addr()).unwrap();
+        assert_eq!(
+            wait_sockets(server, "destination", server_before + 1.0),
+            Some(server_before + 1.0),
+            "{binary}\n{}",
+            server.metrics()
+        );
+        // The tunnel's connection lives until the stream and the client are both gone.
+        drop((tunnel, mesh_client));
+        assert_eq!(
+            wait_sockets(server, "destination", server_before),
+            Some(server_before),
+            "{binary}\n{}",
+            server.metrics()
+        );
+
+        // Error paths: a failed TLS handshake on the HBONE port, a failed SOCKS5 handshake; each
+        // counted while open, and no longer once refused.
+        plaintext_to(server.ports().inbound);
+        let mut garbage = TcpStream::connect(client.ports().socks5).unwrap();
+        garbage.set_read_timeout(Some(WITHIN)).unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let _ = garbage.read_to_end(&mut Vec::new());
+        assert_eq!(
+            wait_sockets(server, "destination", server_before),
+            Some(server_before),
+            "{binary}\n{}",
+            server.metrics()
+        );
+        assert_eq!(
+            wait_sockets(client, "source", 0.0),
+            Some(0.0),
+            "{binary}\n{}",
+            client.metrics()
+        );
+    }
+}
+
+#[test]
+fn process_metrics_are_on_the_page_with_sane_values() {
+    for binary in binary::all() {
+        let pair = Pair::start(&binary, &binary);
+        let text = pair.server.metrics();
+        let value = |name: &str| {
+            sample(&text, name, &[]).unwrap_or_else(|| panic!("{binary}: no single {name} sample\n{text}"))
+        };
+        let (open, max) = (value("process_open_fds"), value("process_max_fds"));
+        // A running proxy holds its listeners' sockets at least.
+        assert!(open >= 4.0 && open <= max, "{binary}: {open} open of {max}");
+        assert!(value("process_threads") >= 1.0, "{binary}");
+        assert!(value("process_resident_memory_bytes") > 0.0, "{binary}");
+        assert!(
+            value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"),
+            "{binary}"
+        );
+        assert!(value("process_cpu_seconds_total") >= 0.0, "{binary}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let started = value("process_start_time_seconds");
+        assert!(started > 1.0e9 && started <= now + 1.0, "{binary}: {started}");
+        // Holding more sockets open raises the count the proxy reports.
+        let held: Vec<TcpStream> = (0..20)
+            .map(|_| TcpStream::connect(pair.server.ports().inbound).unwrap())
+            .collect();
+        let deadline = std::time::Instant::now() + WITHIN;
+        let mut now_open = open;
+        while now_open < open + 20.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            now_open = sample(&pair.server.metrics(), "process_open_fds", &[]).unwrap_or(0.0);
+        }
+        assert!(
+            now_open >= open + 20.0,
+            "{binary}: {open} then {now_open} with 20 more connections"
+        );
+        drop(held);
+        // The tokio binary also reports its data runtime, as ztunnel.
+        if binary.name() == "ztunnel" {
+            assert!(value("tokio_num_workers") >= 1.0, "{binary}\n{text}");
+        }
+    }
+}
+
+/// The pair scenario, with `locality` added to the client workload (a region only) and the server
+/// workload (region and zone).
+fn pair_with_locality(binary: &Binary) -> Pair {
+    let echo = net::EchoServer::start(net::lo(2));
+    let yaml = meshwire_tests::pair::config(echo.addr().port(), "")
+        .replacen(
+            "    node: node-a\n",
+            "    node: node-a\n    locality: {region: eu-west}\n",
+            1,
+        )
+        .replacen(
+            "    node: node-b\n",
+            "    node: node-b\n    locality: {region: us-east, zone: us-east-1b, subzone: rack-7}\n",
+            1,
+        );
+    assert_eq!(
+        yaml.matches("locality").count(),
+        2,
+        "the pair's configuration changed: {yaml}"
+    );
+    let mesh = meshwire_tests::mesh::Mesh::new(&yaml);
+    let server = meshwire_tests::pair::server_proxy(&mesh, binary).spawn();
+    let client = mesh
+        .proxy(binary, net::lo(1))
+        .dedicated("default/client/client")
+        .spawn();
+    Pair {
+        mesh,
+        client,
+        server,
+        echo,
+    }
+}
+
+#[test]
+fn locality_labels_carry_the_workloads_region_and_zone() {
+    for binary in binary::all() {
+        let pair = pair_with_locality(&binary);
+        assert!(net::echo_exchange(pair.socks5_to_echo(), 100).unwrap().intact());
+        // ztunnel's order: the four locality labels last; a zone not configured is `unknown`.
+        let locality = r#"connection_security_policy="mutual_tls",source_region="eu-west",source_zone="unknown",destination_region="us-east",destination_zone="us-east-1b"}"#;
+        for (proxy, reporter) in [(&pair.server, "destination"), (&pair.client, "source")] {
+            let reporter = format!("reporter=\"{reporter}\"");
+            let text = proxy.wait_metric("istio_tcp_connections_closed_total", &[&reporter], 1);
+            for metric in [
+                "istio_tcp_connections_opened_total",
+                "istio_tcp_connections_closed_total",
+                "istio_tcp_received_bytes_total",
+                "istio_tcp_sent_bytes_total",
+            ] {
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("{metric}{{{reporter},")))
+                    .collect();
+                assert!(!lines.is_empty(), "{binary}: no {metric}\n{text}");
+                assert!(
+                    lines.iter().all(|l| l.contains(locality)),
+                    "{binary}: {metric} without the locality labels {locality}\n{lines:#?}"
+                );
+            }
+        }
+    }
+}
+
+/// The labels Prometheus attaches to every series of a scrape target (from the pod, by the scrape
+/// configuration's relabelling): the dashboard selects and groups by them, no proxy writes them.
+const TARGET_LABELS: [&str; 4] = ["pod", "container", "cluster", "app"];
+
+/// The dashboard's metrics that do not come from the proxy: cAdvisor's (the kubelet's) per
+/// container memory and CPU, as for ztunnel.
+const CADVISOR_METRICS: [&str; 2] = [
+    "container_memory_working_set_bytes",
+    "container_cpu_usage_seconds_total",
+];
+
+/// PromQL's words that are not metric names: the functions and keywords the dashboard uses.
+const PROMQL_WORDS: [&str; 6] = ["sum", "by", "rate", "irate", "without", "on"];
+
+/// The metric names of `expr` and, for each expression, the label names it uses (in selectors and
+/// in `by (...)`). A small PromQL reader, enough for the dashboard's expressions: identifiers,
+/// `{label op "value"}` selectors, `by (labels)`, `[range]` and `$variables`.
+fn promql_names(expr: &str) -> (Vec<String>, Vec<String>) {
+    let (mut metrics, mut labels) = (Vec::new(), Vec::new());
+    let chars: Vec<char> = expr.chars().collect();
+    let (mut i, mut in_selector, mut in_by, mut last_word) = (0, false, false, String::new());
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
+        }
+        if c == '[' {
+            while i < chars.len() && chars[i] != ']' {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        if c == '$' {
+            i += 1;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            if in_selector || in_by {
+                labels.push(word.clone());
+            } else if !PROMQL_WORDS.contains(&word.as_str()) {
+                metrics.push(word.clone());
+            }
+            last_word = word;
+            continue;
+        }
+        match c {
+            '{' => in_selector = true,
+            '}' => in_selector = false,
+            '(' if last_word == "by" => in_by = true,
+            ')' if in_by => in_by = false,
+            _ => {}
+        }
+        if !c.is_whitespace() {
+            last_word.clear();
+        }
+        i += 1;
+    }
+    (metrics, labels)
+}
+
+/// The dashboard's expressions (the fixture's non-comment lines).
+fn dashboard_queries() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/ztunnel-dashboard-queries.txt");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every (metric, labels) pair of the dashboard the proxy must serve: the metric with the labels its
+/// expression uses, less the target labels; cAdvisor's metrics left out.
+fn dashboard_needs() -> Vec<(String, Vec<String>)> {
+    let mut needs = Vec::new();
+    let (mut seen_target, mut seen_cadvisor) = (Vec::new(), Vec::new());
+    for expr in dashboard_queries() {
+        let (metrics, labels) = promql_names(&expr);
+        assert!(!metrics.is_empty(), "no metric read in {expr}");
+        seen_target.extend(labels.iter().filter(|l| TARGET_LABELS.contains(&l.as_str())).cloned());
+        let labels: Vec<String> = labels
+            .into_iter()
+            .filter(|l| !TARGET_LABELS.contains(&l.as_str()))
+            .collect();
+        for metric in metrics {
+            if CADVISOR_METRICS.contains(&metric.as_str()) {
+                seen_cadvisor.push(metric);
+            } else {
+                needs.push((metric, labels.clone()));
+            }
+        }
+    }
+    // The lists of names left out hold only names the dashboard uses.
+    for name in TARGET_LABELS {
+        assert!(seen_target.iter().any(|l| l == name), "{name} is not in the dashboard");
+    }
+    for name in CADVISOR_METRICS {
+        assert!(
+            seen_cadvisor.iter().any(|m| m == name),
+            "{name} is not in the dashboard"
+        );
+    }
+    needs
+}
+
+/// The metric names of `needs` without a sample line on the metrics `page`, and the labels
+/// missing from every sample line of their metric.
+fn missing(page: &str, needs: &[(String, Vec<String>)]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (metric, labels) in needs {
+        let samples: Vec<&str> = page
+            .lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+            .collect();
+        if samples.is_empty() {
+            missing.push(metric.clone());
+        }
+        for label in labels {
+            if !samples
+                .iter()
+                .any(|l| l.contains(&format!("{{{label}=\"")) || l.contains(&format!(",{label}=\"")))
+            {
+                missing.push(format!("{metric} label {label}"));
+            }
+        }
+    }
+    missing
+}
+
+#[test]
+fn the_dashboard_fixture_reads_as_expected() {
+    let needs = dashboard_needs();
+    let names: Vec<&str> = needs.iter().map(|(m, _)| m.as_str()).collect();
+    for name in [
+        "istio_build",
+        "istio_tcp_connections_opened_total",
+        "istio_dns_requests_total",
+        "process_open_fds",
+        "istio_tcp_sockets_open",
+        "istio_xds_connection_terminations_total",
+        "workload_manager_pending_proxy_count",
+    ] {
+        assert!(names.contains(&name), "{name} not read from the fixture: {names:?}");
+    }
+    let build = needs.iter().find(|(m, _)| m == "istio_build").unwrap();
+    assert_eq!(build.1, ["component", "tag"]);
+    let (metrics, labels) = promql_names(r#"sum by (pod) (rate(a_total{x=~"y.*", z!="}"}[$__rate_interval])) - b"#);
+    assert_eq!(
+        (metrics, labels),
+        (
+            vec!["a_total".to_owned(), "b".to_owned()],
+            vec!["pod".to_owned(), "x".to_owned(), "z".to_owned()]
+        )
+    );
+}
+
+#[test]
+fn every_metric_and_label_of_istios_ztunnel_dashboard_is_on_the_metrics_page() {
+    let needs = dashboard_needs();
+    let (inpod, dedicated): (Vec<_>, Vec<_>) = needs
+        .into_iter()
+        .partition(|(metric, _)| metric.starts_with("workload_manager_"));
+    assert!(!inpod.is_empty());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for binary in binary::all() {
+        // Dedicated proxies configured by istiod (for the xDS metrics), traffic through them and a
+        // DNS query: every metric but the in-pod workload manager's.
+        let echo = net::EchoServer::start(net::lo(2));
+        let yaml = meshwire_tests::pair::config(echo.addr().port(), "");
+        let config = meshwire_dataplane::xds::LocalConfig::parse(&yaml).unwrap();
+        let mesh = meshwire_tests::mesh::Mesh::new(&yaml);
+        let istiod = meshwire_tests::istio::Istiod::start(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let resolv_conf = dir.path().join("resolv.conf");
+        std::fs::write(&resolv_conf, "nameserver 127.0.0.1:9\n").unwrap();
+        let dns = SocketAddr::new(net::lo(1), net::free_ports(1)[0]);
+        let istio_proxy = |ip, pod: &str| {
+            let mut builder = mesh.proxy(&binary, ip).without_local_config();
+            for (name, value) in istiod.env(pod, ip) {
+                builder = builder.env(&name, &value);
+            }
+            builder
+        };
+        let server = istio_proxy(net::lo(2), "ztunnel-b")
+            .dedicated("default/server/server")
+            .spawn();
+        let client = istio_proxy(net::lo(1), "ztunnel-a")
+            .dedicated("default/client/client")
+            .dns(dns, &resolv_conf)
+            .spawn();
+        let stream = net::socks5_connect(client.ports().socks5, &net::Socks5Target::Addr(echo.addr()))
+            .unwrap_or_else(|e| panic!("{binary}: {e:?}\n{}", client.describe()));
+        assert!(net::echo_exchange(stream, 1000).unwrap().intact());
+        let query = meshwire_testkit::dns::query(1, "echo.default.svc.cluster.local.", RecordType::A, None);
+        meshwire_testkit::dns::udp_exchange(dns, &query).unwrap_or_else(|e| panic!("{binary}: {e}"));
+        let page = client.wait_metric("istio_tcp_connections_closed_total", &["reporter=\"source\""], 1);
+        let page = format!("{page}\n{}", client.wait_metric("istio_dns_requests_total", &[], 1));
+        let missing_here = missing(&page, &dedicated);
+        assert!(missing_here.is_empty(), "{binary}: missing {missing_here:?}\n{page}");
+        drop((client, server));
+
+        // A node proxy in in-pod mode (istio-cni's socket; no pod is needed): the workload manager's.
+        let page = runtime.block_on(async {
+            let cni = meshwire_testkit::cni::FakeCni::start();
+            let proxy =
+                meshwire_tests::inpod::start(meshwire_tests::inpod::inpod_proxy(&mesh, &binary, "node-a", cni.path()))
+                    .await;
+            let page = meshwire_tests::inpod::blocking(move || {
+                let page = proxy.metrics();
+                drop(proxy);
+                page
+            })
+            .await;
+            drop(cni);
+            page
+        });
+        let missing_here = missing(&page, &inpod);
+        assert!(
+            missing_here.is_empty(),
+            "{binary} in-pod: missing {missing_here:?}\n{page}"
+        );
+        assert_eq!(
+            sample(&page, "workload_manager_active_proxy_count", &[]),
+            Some(0.0),
+            "{page}"
         );
     }
 }

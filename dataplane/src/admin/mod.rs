@@ -4,7 +4,7 @@
 //! | listener | path | answers |
 //! |---|---|---|
 //! | readiness | `GET /healthz/ready` | `200 ready`, or `500` naming what is pending or that the proxy drains |
-//! | metrics | `GET /metrics`, `GET /stats/prometheus` | the TCP [`Metrics`], `istio_build` and `meshwire_config_generation`, as OpenMetrics or Prometheus text by `Accept` |
+//! | metrics | `GET /metrics`, `GET /stats/prometheus` | the TCP [`Metrics`], the process's metrics, `istio_build` and `meshwire_config_generation`, as OpenMetrics or Prometheus text by `Accept` |
 //! | admin | `GET /` | the list of admin endpoints |
 //! | admin | `GET /config_dump` | the current workloads, services, policies, configuration generation and certificates, as JSON |
 //! | admin | `POST /logging` | the current log filter (other methods: 405, as ztunnel) |
@@ -207,8 +207,10 @@ pub async fn config_loaded(published: &Published) {
 // Metrics
 
 /// The metrics listener (15020): `GET /metrics` and `GET /stats/prometheus` answer the metrics of
-/// [`Metrics`] (the text of [`Metrics::render`]), with the content type [`metrics::content_type`]
-/// chooses from the `Accept` headers. Other paths are 404, other methods 405.
+/// [`Metrics`] (the text of [`Metrics::render`]) and the process's
+/// ([`process`](crate::telemetry::process): `process_open_fds`, `process_max_fds`, ...), with the
+/// content type [`metrics::content_type`] chooses from the `Accept` headers. Other paths are 404,
+/// other methods 405.
 ///
 /// With [`MetricsHandler::with_config`], two gauges are added: `istio_build{component="ztunnel",tag=<version>} 1`
 /// (as ztunnel reports its build) and `meshwire_config_generation`, the generation of the
@@ -228,6 +230,8 @@ pub struct MetricsHandler {
     extra: Option<Arc<prometheus_client::registry::Registry>>,
     /// Metrics brought up to date at each scrape (istiod's xDS stream).
     refreshed: Vec<Refreshed>,
+    /// The process's metrics ([`ProcessCollector`](crate::telemetry::process::ProcessCollector)).
+    process: Arc<prometheus_client::registry::Registry>,
 }
 
 /// A registry whose metrics `refresh` brings up to date before each scrape encodes them.
@@ -270,13 +274,22 @@ impl MetricsHandler {
     /// The endpoint of a proxy that counts in several [`Metrics`] (one per core): each scrape
     /// answers their sum ([`Metrics::sum`]).
     pub fn summing(parts: Vec<Arc<Metrics>>) -> Self {
+        let mut process = prometheus_client::registry::Registry::default();
+        process.register_collector(Box::new(crate::telemetry::process::ProcessCollector));
         Self {
             metrics: parts.into(),
             proxy: None,
             buffers: None,
             extra: None,
             refreshed: Vec::new(),
+            process: Arc::new(process),
         }
+    }
+
+    /// Adds the metrics of `registry` to every answer, as they are at each scrape (collectors
+    /// included); several may be added.
+    pub fn with_static(self, registry: Arc<prometheus_client::registry::Registry>) -> Self {
+        self.with_refreshed(registry, Arc::new(|| {}))
     }
 
     /// Adds the metrics of `registry`, which `refresh` brings up to date before each scrape (for
@@ -418,6 +431,7 @@ impl MetricsHandler {
             (refreshed.refresh)();
             encoded = encoded.and_then(|()| encode_registry(&mut text, &refreshed.registry));
         }
+        encoded = encoded.and_then(|()| encode_registry(&mut text, &self.process));
         let encoded = encoded.and_then(|()| encode_eof(&mut text));
         debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
         text

@@ -581,6 +581,36 @@ impl<S: PodServers> Inpod<S> {
         })
     }
 
+    /// ztunnel's workload manager gauges, read from the pods at each scrape:
+    /// `workload_manager_active_proxy_count` (pods served) and
+    /// `workload_manager_pending_proxy_count` (pods whose listeners wait for a retry), for
+    /// [`MetricsHandler::with_refreshed`](crate::admin::MetricsHandler::with_refreshed).
+    pub fn metrics(&self) -> (Arc<prometheus_client::registry::Registry>, Arc<dyn Fn() + Send + Sync>) {
+        use prometheus_client::metrics::gauge::Gauge;
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let manager = registry.sub_registry_with_prefix("workload_manager");
+        let (active, pending) = (Gauge::<i64>::default(), Gauge::<i64>::default());
+        // ztunnel's names and help texts.
+        manager.register(
+            "active_proxy_count",
+            "The total number current workloads with active proxies (unstable)",
+            active.clone(),
+        );
+        manager.register(
+            "pending_proxy_count",
+            "The total number current workloads with pending proxies (unstable)",
+            pending.clone(),
+        );
+        let pods = self.pods.clone();
+        let refresh = move || {
+            let pods = pods.lock().unwrap_or_else(PoisonError::into_inner);
+            active.set(i64::try_from(pods.running()).unwrap_or(i64::MAX));
+            pending.set(i64::try_from(pods.pending()).unwrap_or(i64::MAX));
+        };
+        (Arc::new(registry), Arc::new(refresh))
+    }
+
     /// Stops talking to istio-cni and stops every pod (their connections are closed).
     pub fn stop(self) {
         for task in &self.tasks {

@@ -19,7 +19,8 @@
 //!
 //! **Serving.** Every accept loop retries [`ACCEPT_RETRY`] after a failed accept (after
 //! [`Worker::accept_failed`]), turns `TCP_NODELAY` on, takes the peer address with IPv4-mapped
-//! addresses as IPv4 ([`canonical`]), and spawns a [`Connection`] holding a guard the drain waits on;
+//! addresses as IPv4 ([`canonical`]), and spawns a [`Connection`] holding a guard the drain waits on
+//! and one counting the socket in `istio_tcp_sockets_open` ([`socket_reporter`]) until it ends;
 //! [`Connection::serve`] dispatches it by its listener with an exhaustive match: a new kind of
 //! [`Listener`] does not compile until it is served or named as not served here.
 //!
@@ -49,6 +50,7 @@ use crate::proxy::canonical;
 use crate::rt::Runtime;
 use crate::rt::native::{Native, ProxyRuntime};
 use crate::rt::socket;
+use crate::telemetry::metrics::{OpenSocket, Reporter};
 use crate::watch::ConnectionRegistry;
 
 /// How long an accept loop waits after a failed accept (out of descriptors, for one) before the
@@ -160,6 +162,19 @@ pub struct Connection<R: Acceptor> {
     phase: watch::Receiver<Phase>,
     /// Held until the connection ends: the drain waits for every guard to be gone.
     guard: mpsc::Sender<()>,
+    /// Held until the connection ends: counts it in `istio_tcp_sockets_open` meanwhile.
+    socket: Option<OpenSocket>,
+}
+
+/// The `reporter` an accepted socket of `listener` is counted under in `istio_tcp_sockets_open`:
+/// `destination` on the inbound listeners, `source` on the outbound ones (ztunnel's); `None` for the
+/// listeners that are not data listeners.
+pub fn socket_reporter(listener: Listener) -> Option<Reporter> {
+    match listener {
+        Listener::Inbound | Listener::InboundPlaintext => Some(Reporter::Destination),
+        Listener::Outbound | Listener::Socks5 => Some(Reporter::Source),
+        Listener::Dns | Listener::Readiness | Listener::Admin | Listener::Metrics => None,
+    }
 }
 
 impl<R: Acceptor> std::fmt::Debug for Connection<R> {
@@ -182,8 +197,10 @@ impl<R: Acceptor> Connection<R> {
             peer,
             phase,
             guard,
+            socket,
         } = self;
         let _guard = guard;
+        let _socket = socket;
         match listener {
             Listener::Inbound => {
                 worker
@@ -245,6 +262,8 @@ async fn accept_loop<R: Acceptor>(
 ) {
     let timer = worker.runtime().timer();
     let admit = |stream: R::Stream, peer: Option<SocketAddr>| {
+        // Counted from the accept on, so that every way the connection ends counts it closed.
+        let socket = socket_reporter(listener).map(|reporter| worker.metrics().socket_opened(reporter));
         let peer = match peer.map_or_else(|| socket::peer_addr(&stream), Ok) {
             Ok(peer) => canonical(peer),
             Err(error) => {
@@ -262,6 +281,7 @@ async fn accept_loop<R: Acceptor>(
             peer,
             phase: phase.clone(),
             guard: connections.clone(),
+            socket,
         });
     };
     let mut stop = pin!(reached(phase.clone(), Phase::Draining));

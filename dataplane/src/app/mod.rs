@@ -73,6 +73,7 @@ use crate::config::{Config, Listener};
 use crate::dns;
 use crate::rt::tokio::{Tokio, TokioConnector, TokioExecutor, TokioRuntime};
 use crate::telemetry::metrics::{DnsMetrics, Metrics};
+use crate::telemetry::runtime::TokioRuntimeCollector;
 use crate::watch::ConnectionRegistry;
 
 pub mod cli;
@@ -122,6 +123,13 @@ impl Acceptor for Tokio {
     fn spawn(connection: Connection<Self>) {
         tokio::spawn(connection.serve());
     }
+}
+
+/// The registry of the data runtime's metrics ([`TokioRuntimeCollector`]).
+fn tokio_metrics(data: &Handle) -> Arc<prometheus_client::registry::Registry> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(TokioRuntimeCollector::new(data)));
+    Arc::new(registry)
 }
 
 impl Proxy {
@@ -218,14 +226,14 @@ impl Proxy {
             }
         };
         // Readiness, admin and metrics; the proxy is ready once this function returns.
-        let lifecycle = starting
-            .serve(
-                &config,
-                bound,
-                MetricsHandler::new(metrics).with_dns(&dns_metrics),
-                logging,
-            )
-            .await?;
+        let mut handler = MetricsHandler::new(metrics)
+            .with_dns(&dns_metrics)
+            .with_static(tokio_metrics(&data));
+        if let Some(inpod) = &inpod {
+            let (registry, refresh) = inpod.metrics();
+            handler = handler.with_refreshed(registry, refresh);
+        }
+        let lifecycle = starting.serve(&config, bound, handler, logging).await?;
         Ok(Proxy {
             lifecycle,
             worker,

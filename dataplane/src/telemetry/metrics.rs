@@ -15,6 +15,15 @@
 //! |---|---|
 //! | `istio_tcp_connections_refused_total{listener,reason}` | connections refused before they were routed, so that the four families above never see them ([`Metrics::refused`]): a failed TLS or SOCKS5 handshake, a handshake that timed out, a connection left in the listen queue because the process is out of file descriptors |
 //!
+//! and a gauge, ztunnel's, with the labels [`SocketLabels`]:
+//!
+//! | family | counts |
+//! |---|---|
+//! | `istio_tcp_sockets_open{reporter}` | sockets the data listeners accepted that are still open ([`Metrics::socket_opened`]): `source` for the outbound listeners (capture, SOCKS5), `destination` for the inbound ones (HBONE, plaintext) |
+//!
+//! **Locality.** [`ConnectionLabels`] ends with ztunnel's `source_region`, `source_zone`,
+//! `destination_region` and `destination_zone`, from the workloads' `locality`.
+//!
 //! **Byte directions.** Istio defines `received` as the bytes "received during request" and `sent` as
 //! the bytes "sent during response", and ztunnel counts them that way for both reporters: whatever
 //! the proxy reads from its downstream side (the client, or the client's tunnel) and writes upstream
@@ -57,6 +66,7 @@ use meshwire_identity::id::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -425,6 +435,44 @@ pub struct ConnectionLabels {
     pub response_flags: ResponseFlags,
     /// `connection_security_policy`: `mutual_tls` on HBONE, else `unknown`.
     pub connection_security_policy: SecurityPolicy,
+
+    /// `source_region`, `source_zone`, `destination_region`, `destination_zone`: the workloads'
+    /// localities, last, as ztunnel writes them. Like ztunnel, the four labels are written once a
+    /// source or destination workload is known ([`with_source`](Self::with_source),
+    /// [`with_destination`](Self::with_destination)), each `unknown` when its workload or its
+    /// locality field is not known; a connection with neither workload known has none of them.
+    #[prometheus(flatten)]
+    pub locality: OptionalLabels<LocalityLabels>,
+}
+
+/// The locality labels of Istio's TCP metrics (ztunnel's `LocalityLabels`): the region and zone of
+/// the client's and of the server's workload, each `unknown` when not known.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, EncodeLabelSet)]
+#[non_exhaustive]
+pub struct LocalityLabels {
+    /// `source_region`: the client workload's region.
+    pub source_region: LabelValue,
+    /// `source_zone`: the client workload's zone.
+    pub source_zone: LabelValue,
+    /// `destination_region`: the server workload's region.
+    pub destination_region: LabelValue,
+    /// `destination_zone`: the server workload's zone.
+    pub destination_zone: LabelValue,
+}
+
+/// A label set written only when present: `None` writes no label at all (where a [`LabelValue`]
+/// writes `unknown`), as ztunnel's `OptionallyEncode`. Boxed: absent, it costs a pointer in every
+/// connection's labels (and in the futures holding them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct OptionalLabels<T>(pub Option<Box<T>>);
+
+impl<T: EncodeLabelSet> EncodeLabelSet for OptionalLabels<T> {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(labels) => labels.encode(encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 impl ConnectionLabels {
@@ -440,7 +488,8 @@ impl ConnectionLabels {
 
     /// Sets the `source_*` labels from the client's workload, except `source_principal`: like
     /// ztunnel, only an identity proven over mTLS is reported as the principal (see
-    /// [`with_source_principal`](Self::with_source_principal)). `None` leaves them as they are.
+    /// [`with_source_principal`](Self::with_source_principal)), and `source_region` and
+    /// `source_zone` from its locality. `None` leaves them as they are.
     pub fn with_source(mut self, source: Option<&Workload>) -> Self {
         if let Some(w) = source {
             self.source_workload = w.workload_name.as_str().into();
@@ -450,6 +499,9 @@ impl ConnectionLabels {
             self.source_app = w.canonical_name.as_str().into();
             self.source_version = w.canonical_revision.as_str().into();
             self.source_cluster = w.cluster_id.as_str().into();
+            let locality = self.locality.0.get_or_insert_with(Box::default);
+            locality.source_region = w.locality.region.as_str().into();
+            locality.source_zone = w.locality.zone.as_str().into();
         }
         self
     }
@@ -464,7 +516,8 @@ impl ConnectionLabels {
     }
 
     /// Sets the `destination_*` workload labels, `destination_principal` included, from the server's
-    /// workload. `None` leaves them as they are.
+    /// workload, and `destination_region` and `destination_zone` from its locality. `None` leaves
+    /// them as they are.
     pub fn with_destination(mut self, destination: Option<&Workload>) -> Self {
         if let Some(w) = destination {
             self.destination_workload = w.workload_name.as_str().into();
@@ -475,6 +528,9 @@ impl ConnectionLabels {
             self.destination_app = w.canonical_name.as_str().into();
             self.destination_version = w.canonical_revision.as_str().into();
             self.destination_cluster = w.cluster_id.as_str().into();
+            let locality = self.locality.0.get_or_insert_with(Box::default);
+            locality.destination_region = w.locality.region.as_str().into();
+            locality.destination_zone = w.locality.zone.as_str().into();
         }
         self
     }
@@ -498,7 +554,8 @@ impl ConnectionLabels {
     }
 }
 
-/// The four TCP counter families and the refusal counter, registered in a registry of their own.
+/// The four TCP counter families, the refusal counter and the open sockets gauge, registered in a
+/// registry of their own.
 ///
 /// No global state: create one per proxy, share it as `Arc<Metrics>`, and serve [`Metrics::render`]
 /// on `/metrics` and `/stats/prometheus`. Other components may register their metrics in the same
@@ -511,8 +568,60 @@ pub struct Metrics {
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
     refused: Family<RefusalLabels, Counter>,
+    /// The gauges of `istio_tcp_sockets_open{reporter}`, `source` then `destination` (written by
+    /// a [`SocketsCollector`] in the registry).
+    socket_gauges: [Gauge; 2],
     /// The label sets in use, so that [`Metrics::sum`] can read the families back.
     seen: Arc<Mutex<LabelSets>>,
+}
+
+/// The labels of `istio_tcp_sockets_open`: the reporter, `source` for the sockets accepted by the
+/// outbound listeners (capture and SOCKS5), `destination` for those of the inbound listeners (HBONE
+/// and plaintext), as ztunnel labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SocketLabels {
+    /// `reporter`.
+    pub reporter: Reporter,
+}
+
+/// Writes `istio_tcp_sockets_open` with its two series in a fixed order (`source`, then
+/// `destination`), where a family would write them in its hash map's order.
+#[derive(Debug)]
+struct SocketsCollector {
+    gauges: [Gauge; 2],
+}
+
+impl prometheus_client::collector::Collector for SocketsCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>) -> fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+
+        let mut family = encoder.encode_descriptor(
+            "tcp_sockets_open",
+            // The full stop the registry appends to the help of the metrics registered in it.
+            "The number of TCP sockets the proxy's listeners accepted that are still open.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (reporter, gauge) in [Reporter::Source, Reporter::Destination].into_iter().zip(&self.gauges) {
+            gauge.encode(family.encode_family(&SocketLabels { reporter })?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A socket accepted by a data listener, counted in `istio_tcp_sockets_open` until this guard is
+/// dropped (whatever ends the connection: its end, an error, a refusal, the drain abandoning it).
+/// Created by [`Metrics::socket_opened`].
+#[derive(Debug)]
+#[must_use = "dropping the guard counts the socket as closed at once"]
+pub struct OpenSocket {
+    gauge: Gauge,
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// The label sets a [`Metrics`] has counters for: those of connections opened (the opened, sent
@@ -569,6 +678,11 @@ impl Metrics {
             "The total number of TCP connections refused before they were routed, by listener and reason",
             Family::clone(&refused),
         );
+        // Both gauges exist from the start (at 0): a dashboard's query finds them before any traffic.
+        let socket_gauges = [Gauge::default(), Gauge::default()];
+        istio.register_collector(Box::new(SocketsCollector {
+            gauges: socket_gauges.clone(),
+        }));
         Self {
             registry,
             opened,
@@ -576,8 +690,41 @@ impl Metrics {
             sent,
             received,
             refused,
+            socket_gauges,
             seen: Arc::default(),
         }
+    }
+
+    fn socket_gauge(&self, reporter: Reporter) -> &Gauge {
+        match reporter {
+            Reporter::Source => &self.socket_gauges[0],
+            Reporter::Destination => &self.socket_gauges[1],
+        }
+    }
+
+    /// Counts a socket accepted by a data listener as open in `istio_tcp_sockets_open{reporter}`
+    /// until the returned guard is dropped: one relaxed atomic addition each way, no lookup.
+    ///
+    /// ```
+    /// use meshwire_dataplane::telemetry::metrics::{Metrics, Reporter};
+    ///
+    /// let metrics = Metrics::new();
+    /// let socket = metrics.socket_opened(Reporter::Destination);
+    /// assert_eq!(metrics.sockets_open(Reporter::Destination), 1);
+    /// assert!(metrics.render().lines().any(|l| l == "istio_tcp_sockets_open{reporter=\"destination\"} 1"));
+    /// drop(socket);
+    /// assert_eq!(metrics.sockets_open(Reporter::Destination), 0);
+    /// assert!(metrics.render().lines().any(|l| l == "istio_tcp_sockets_open{reporter=\"source\"} 0"));
+    /// ```
+    pub fn socket_opened(&self, reporter: Reporter) -> OpenSocket {
+        let gauge = self.socket_gauge(reporter).clone();
+        gauge.inc();
+        OpenSocket { gauge }
+    }
+
+    /// How many sockets accepted for `reporter` are open now.
+    pub fn sockets_open(&self, reporter: Reporter) -> i64 {
+        self.socket_gauge(reporter).get()
     }
 
     /// Counts a connection refused by `listener` before it was routed, for `reason`:
@@ -606,8 +753,8 @@ impl Metrics {
 
     /// The sum of `parts`: one [`Metrics`] whose four families hold, for every label set, the sum of
     /// the parts' counters. This is how a proxy that counts on every core separately (the io_uring
-    /// build: no counter shared between cores) answers a scrape. Only the four connection families
-    /// and the refusal counter are summed, not metrics registered through
+    /// build: no counter shared between cores) answers a scrape. Only the four connection families,
+    /// the refusal counter and the open sockets gauge are summed, not metrics registered through
     /// [`registry_mut`](Self::registry_mut).
     ///
     /// ```
@@ -660,6 +807,9 @@ impl Metrics {
                 if let Some(counter) = part.closed.get(labels) {
                     total.closed.get_or_create(labels).inc_by(counter.get());
                 }
+            }
+            for reporter in [Reporter::Source, Reporter::Destination] {
+                total.socket_gauge(reporter).inc_by(part.sockets_open(reporter));
             }
             for listener in Listener::ALL {
                 for reason in RefusalReason::ALL {

@@ -4,10 +4,13 @@
 //!   `istio_tcp_sent_bytes_total` and `istio_tcp_received_bytes_total`, with ztunnel's labels, so
 //!   that Kiali and existing dashboards work; a per-connection recorder cheap enough for the data
 //!   path; the OpenMetrics text for `/metrics` and `/stats/prometheus`.
+//! - [`process`]: the process's own metrics (`process_open_fds`, `process_max_fds`, CPU, memory,
+//!   threads), read from `/proc/self` at each scrape.
+//! - [`runtime`]: the tokio data runtime's metrics (`tokio_num_workers`, ...), ztunnel's.
 //! - [`accesslog`]: ztunnel's access log, a `tracing` event per connection (target `access`).
 //! - [`layout`]: ztunnel's log layout (tab-separated text, or JSON), for every line the process logs.
 //!
-//! Nothing here does IO or spawns, and only the log layout reads the clock (for its time stamps): the
+//! Nothing here spawns, only [`process`] reads files (`/proc`, when scraped), and only the log layout reads the clock (for its time stamps): the
 //! data path passes durations in, and the caller decides where the rendered metrics and log lines go.
 //!
 //! A connection's life, as the outbound proxy sees it:
@@ -46,3 +49,5 @@
 pub mod accesslog;
 pub mod layout;
 pub mod metrics;
+pub mod process;
+pub mod runtime;
