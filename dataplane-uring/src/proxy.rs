@@ -35,6 +35,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 use meshwire_dataplane::admin::{self, LogControl, MetricsHandler, Readiness};
@@ -62,6 +63,66 @@ pub const IO_MEMORY: usize = 256 * 1024;
 
 /// The name of the per-core accept counter: `meshwire_core_connections_accepted_total{core,listener}`.
 pub const ACCEPTED_METRIC: &str = "meshwire_core_connections_accepted";
+
+/// How often each core copies its executor's counters into the metrics (`meshwire_core_busy_seconds`,
+/// `meshwire_core_tasks_executed`, `meshwire_core_scheduler_runs`).
+pub const EXECUTOR_STATS_PERIOD: Duration = Duration::from_secs(1);
+
+/// The io_uring build's runtime metrics, one series per core (glommio's executor counters, as
+/// the tokio build exports tokio's): time spent running tasks, tasks run, scheduler runs.
+#[derive(Debug, Clone, Default)]
+struct CoreRuntimeMetrics {
+    busy: Family<CoreLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    tasks: Family<CoreLabel, Counter>,
+    scheduler_runs: Family<CoreLabel, Counter>,
+}
+
+/// The label of a per-core runtime metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CoreLabel {
+    core: String,
+}
+
+impl CoreRuntimeMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "meshwire_core_busy_seconds",
+            "Time each core's executor spent running tasks (glommio's executor runtime)",
+            self.busy.clone(),
+        );
+        registry.register(
+            "meshwire_core_tasks_executed",
+            "Tasks each core's executor ran",
+            self.tasks.clone(),
+        );
+        registry.register(
+            "meshwire_core_scheduler_runs",
+            "Times each core's scheduler picked a task queue to run",
+            self.scheduler_runs.clone(),
+        );
+    }
+
+    /// Copies this core's executor counters into the metrics every [`EXECUTOR_STATS_PERIOD`] (as
+    /// increments since the last copy), for as long as the core runs.
+    async fn follow(self, core: usize) {
+        let label = CoreLabel { core: core.to_string() };
+        let (busy, tasks, runs) = (
+            self.busy.get_or_create(&label).clone(),
+            self.tasks.get_or_create(&label).clone(),
+            self.scheduler_runs.get_or_create(&label).clone(),
+        );
+        let mut last = (Duration::ZERO, 0u64, 0u64);
+        loop {
+            let stats = glommio::executor().executor_stats();
+            let now = (stats.executor_runtime(), stats.tasks_executed(), stats.scheduler_runs());
+            busy.inc_by(now.0.saturating_sub(last.0).as_secs_f64());
+            tasks.inc_by(now.1.saturating_sub(last.1));
+            runs.inc_by(now.2.saturating_sub(last.2));
+            last = now;
+            glommio::timer::sleep(EXECUTOR_STATS_PERIOD).await;
+        }
+    }
+}
 
 /// Why the io_uring proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +186,7 @@ struct CoreSetup {
     pods: Option<mpsc::UnboundedReceiver<CorePod>>,
     bound: oneshot::Sender<Result<Vec<(Listener, SocketAddr)>, Error>>,
     accepted: Family<AcceptLabels, Counter>,
+    runtime: CoreRuntimeMetrics,
     exit: ExitGuard,
 }
 
@@ -219,6 +281,8 @@ impl UringProxy {
             "Connections accepted by each core (executor) of the io_uring build, by listener",
             accepted.clone(),
         );
+        let runtime = CoreRuntimeMetrics::default();
+        runtime.register(&mut extra);
 
         let (exits_tx, exits) = mpsc::unbounded_channel();
         // In-pod mode: each core gets its share of every pod over a channel.
@@ -245,6 +309,7 @@ impl UringProxy {
                 pods,
                 bound: bound_tx,
                 accepted: accepted.clone(),
+                runtime: runtime.clone(),
                 exit: ExitGuard {
                     core,
                     exits: exits_tx.clone(),
@@ -449,9 +514,11 @@ async fn run_core(setup: CoreSetup) {
         pods,
         bound,
         accepted,
+        runtime,
         exit,
     } = setup;
     let _exit = exit;
+    glommio::spawn_local(runtime.follow(core)).detach();
     let mut sockets = Vec::new();
     let mut addrs = Vec::new();
     // SO_REUSEPORT: every core has its own socket on the same port.

@@ -30,7 +30,7 @@ use meshwire_testkit::cni::{FakeCni, add_request, workload_info};
 use meshwire_testkit::dns::{self, FakeDns};
 use meshwire_tests::binary::Binary;
 use meshwire_tests::inpod::{eventually, listening_ports, ready, script};
-use meshwire_tests::mesh::{Mesh, Ports};
+use meshwire_tests::mesh::{Mesh, Ports, metric_sum};
 use meshwire_tests::net;
 use meshwire_tests::netns::{self, Netns};
 
@@ -288,6 +288,32 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     .await
     .unwrap();
     assert!(closed, "pod b's connection stayed open after its DelWorkload");
+    // ztunnel's workload manager metrics: two pods started, one stopped, one served.
+    let metrics = proxy.ports().metrics;
+    let page = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let page = meshwire_testkit::http::request_blocking(metrics, "GET", "/metrics")
+                .unwrap()
+                .body;
+            if metric_sum(&page, "workload_manager_proxies_stopped_total", &[]) == 1
+                || std::time::Instant::now() >= deadline
+            {
+                return page;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    for (metric, expected) in [
+        ("workload_manager_proxies_started_total", 2),
+        ("workload_manager_proxies_stopped_total", 1),
+        ("workload_manager_active_proxy_count", 1),
+        ("workload_manager_pending_proxy_count", 0),
+    ] {
+        assert_eq!(metric_sum(&page, metric, &[]), expected, "{metric}\n{page}");
+    }
     // Each side logged the connection with the pods' own identities.
     for direction in ["outbound", "inbound"] {
         let lines = proxy.wait_complete_lines(direction, 1, Duration::from_secs(10));

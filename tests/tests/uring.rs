@@ -218,3 +218,37 @@ fn memlock_below_what_glommio_needs_stops_the_start_with_its_cause() {
     // Nothing was started: no listener, no CA.
     assert!(!state.path().join("ca").exists(), "{stderr}");
 }
+
+/// The io_uring build's runtime metrics, one series per core (glommio's executor counters, as the
+/// tokio build exports tokio's): after traffic every core has run tasks, and spent time doing so.
+#[test]
+fn every_core_reports_its_executors_counters() {
+    let uring = Binary::ztunnel_uring();
+    let pair = Pair::start(&uring, &uring);
+    for _ in 0..20 {
+        let stream = pair.socks5(net::Socks5Target::Addr(pair.echo.addr()));
+        assert!(net::echo_exchange(stream, 64 * 1024).unwrap().intact());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = pair.client.metrics();
+        let per_core = |metric: &str, core: usize| metric_sum(&page, metric, &[&format!("core=\"{core}\"")]);
+        let busy_series = page
+            .lines()
+            .filter(|l| l.starts_with("meshwire_core_busy_seconds_total{"))
+            .count();
+        let counted = (0..CORES).all(|core| {
+            per_core("meshwire_core_tasks_executed_total", core) > 0
+                && per_core("meshwire_core_scheduler_runs_total", core) > 0
+        });
+        if counted && busy_series == CORES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cores' executor counters after traffic:\n{page}\n{}",
+            pair.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use meshwire_control::zds::{PodEvent, PodHandler, ZdsClient, ZdsStatus};
 use meshwire_identity::id::{IstioIdentity, TrustDomain};
 use meshwire_rt::tokio::TokioTimer;
+use prometheus_client::metrics::counter::Counter;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -130,6 +131,9 @@ pub struct RuntimePods<S> {
     phase: watch::Receiver<Phase>,
     /// The control thread's runtime, where each pod's phase follows the proxy's.
     control: Handle,
+    /// Pods whose listeners started, and pods stopped (ztunnel's `workload_manager_proxies_*`).
+    started: Counter,
+    stopped: Counter,
 }
 
 impl<S> std::fmt::Debug for RuntimePods<S> {
@@ -203,6 +207,8 @@ impl<S: PodServers> RuntimePods<S> {
             ipv6: config.listeners.ipv6,
             phase,
             control: Handle::current(),
+            started: Counter::default(),
+            stopped: Counter::default(),
         })
     }
 
@@ -324,10 +330,12 @@ impl<S: PodServers> PodStarter for RuntimePods<S> {
         });
         tracing::info!(pod = uid, workload = ?info.map(ToString::to_string), cores = registries.len(),
             "serving the pod in its network namespace");
+        self.started.inc();
         Ok(RunningPod { phase, registries })
     }
 
     fn stop(&mut self, uid: &str, running: RunningPod) {
+        self.stopped.inc();
         let RunningPod { phase, registries } = running;
         let _ = phase.send(Phase::Draining);
         let reason = CloseReason::PodRemoved { uid: uid.to_owned() };
@@ -583,7 +591,8 @@ impl<S: PodServers> Inpod<S> {
 
     /// ztunnel's workload manager gauges, read from the pods at each scrape:
     /// `workload_manager_active_proxy_count` (pods served) and
-    /// `workload_manager_pending_proxy_count` (pods whose listeners wait for a retry), for
+    /// `workload_manager_pending_proxy_count` (pods whose listeners wait for a retry), and the
+    /// counters `workload_manager_proxies_started_total` and `workload_manager_proxies_stopped_total`, for
     /// [`MetricsHandler::with_refreshed`](crate::admin::MetricsHandler::with_refreshed).
     pub fn metrics(&self) -> (Arc<prometheus_client::registry::Registry>, Arc<dyn Fn() + Send + Sync>) {
         use prometheus_client::metrics::gauge::Gauge;
@@ -601,6 +610,20 @@ impl<S: PodServers> Inpod<S> {
             "pending_proxy_count",
             "The total number current workloads with pending proxies (unstable)",
             pending.clone(),
+        );
+        let (started, stopped) = {
+            let pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
+            (pods.starter().started.clone(), pods.starter().stopped.clone())
+        };
+        manager.register(
+            "proxies_started",
+            "The total number of proxies that were started (unstable)",
+            started,
+        );
+        manager.register(
+            "proxies_stopped",
+            "The total number of proxies that were stopped (unstable)",
+            stopped,
         );
         let pods = self.pods.clone();
         let refresh = move || {
