@@ -4,8 +4,11 @@
 //! keys and, for workloads, services, policies, certificates and in-pod workload state, the fields
 //! `istioctl ztunnel-config` decodes (`tests/fixtures/istioctl-config-dump-fields.txt`, from
 //! istioctl's `ZtunnelDump` types); the admin answers (`/logging`, unknown paths, readiness) and the
-//! CPU profile (`/debug/pprof/profile`, pprof's protobuf) are ztunnel's; an access log line has
-//! ztunnel's layout and field order.
+//! CPU profile (`/debug/pprof/profile`, pprof's protobuf) are ztunnel's; the startup lines scripts
+//! read are ztunnel's; the access log lines (`connection complete` both ways, `connection failed`,
+//! `connection opened`) have the layout, fields, order and quoting of ztunnel's lines in
+//! `tests/fixtures/ztunnel-access-log.txt`. Metric names and labels against Istio's ztunnel
+//! dashboard are checked in `telemetry.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -79,6 +82,72 @@ policies:
     rules:
       - - - principals: [{ Exact: "cluster.local/ns/default/sa/client" }]
 "#;
+
+/// Checks `line` against the fixture's line with `message` and `direction`: the same columns, and
+/// the fields in its order, quoted as it quotes them (meshwire leaves out what it does not know, as
+/// ztunnel does; the addresses, the direction and, for a complete connection, the bytes and
+/// duration are always there).
+fn same_layout(line: &str, message: &str, direction: &str) {
+    let fixture = ztunnel_lines()
+        .into_iter()
+        .find(|l| l.contains(message) && l.contains(&format!("direction=\"{direction}\"")))
+        .unwrap();
+    let columns: Vec<&str> = line.split('\t').collect();
+    let expected: Vec<&str> = fixture.split('\t').collect();
+    assert_eq!(columns.len(), 5, "{line}");
+    assert_eq!(columns[1..4], expected[1..4], "{line}");
+    let ours = fields(columns[4]);
+    let theirs = fields(expected[4]);
+    let keys: Vec<&str> = ours.iter().map(|(k, _)| *k).collect();
+    let order: Vec<&str> = theirs.iter().map(|(k, _)| *k).filter(|k| keys.contains(k)).collect();
+    assert_eq!(keys, order, "fields out of ztunnel's order or unknown to it: {line}");
+    for (key, quoted) in &ours {
+        let (_, theirs_quoted) = theirs.iter().find(|(k, _)| k == key).unwrap();
+        assert_eq!(quoted, theirs_quoted, "{key} quoted differently: {line}");
+    }
+    let mut required = vec!["src.addr", "dst.addr", "direction"];
+    if message == "connection complete" {
+        required.extend(["src.identity", "dst.identity", "bytes_sent", "bytes_recv", "duration"]);
+    } else {
+        required.push("error");
+    }
+    for key in required {
+        assert!(keys.contains(&key), "no {key}: {line}");
+    }
+}
+
+/// The lines of `tests/fixtures/ztunnel-access-log.txt`.
+fn ztunnel_lines() -> Vec<String> {
+    std::fs::read_to_string(repo_path("tests/fixtures/ztunnel-access-log.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The fields of an access log line's last column: each key, and whether its value is quoted.
+fn fields(column: &str) -> Vec<(&str, bool)> {
+    let mut out = Vec::new();
+    let mut rest = column;
+    while let Some((key, after)) = rest.split_once('=') {
+        let key = key.trim_start();
+        if let Some(quoted) = after.strip_prefix('"') {
+            // A quoted value ends at the first unescaped quote.
+            let mut end = 0;
+            let bytes = quoted.as_bytes();
+            while end < bytes.len() && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\')) {
+                end += 1;
+            }
+            out.push((key, true));
+            rest = quoted.get(end + 1..).unwrap_or("");
+        } else {
+            out.push((key, false));
+            rest = after.split_once(' ').map_or("", |(_, r)| r);
+        }
+    }
+    out
+}
 
 #[test]
 fn config_dump_has_ztunnels_shape_for_istioctl() {
@@ -299,48 +368,30 @@ fn access_log_lines_have_ztunnels_layout() {
     for binary in binary::all() {
         let pair = Pair::start_with(&binary, &binary, "", |builder| builder.log_level("info,access=debug"));
         exchange(&pair, 1000);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let line = loop {
-            let log = pair.server.log();
-            if let Some(line) = log.lines().find(|l| l.contains("\taccess\tconnection complete\t")) {
-                break line.to_owned();
+        let wait_line = |proxy: &meshwire_tests::mesh::Proxy, needle: &str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(line) = proxy.log().lines().find(|l| l.contains(needle)) {
+                    return line.to_owned();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{binary}: no {needle:?} line\n{}",
+                    pair.logs()
+                );
+                std::thread::sleep(Duration::from_millis(50));
             }
-            assert!(Instant::now() < deadline, "{binary}: no access line\n{}", pair.logs());
-            std::thread::sleep(Duration::from_millis(50));
         };
-        // <timestamp>\tinfo\taccess\tconnection complete\t<fields>, fields in ztunnel's order.
-        let columns: Vec<&str> = line.split('\t').collect();
-        assert_eq!(
-            columns[1..4],
-            ["info", "access", "connection complete"],
-            "{binary}: {line}"
-        );
-        let keys: Vec<&str> = columns[4]
-            .split(' ')
-            .filter_map(|field| field.split_once('=').map(|(key, _)| key))
-            .collect();
-        let order = [
-            "src.addr",
-            "src.workload",
-            "src.namespace",
-            "src.identity",
-            "dst.addr",
-            "dst.hbone_addr",
-            "dst.service",
-            "dst.workload",
-            "dst.namespace",
-            "dst.identity",
-            "direction",
-            "bytes_sent",
-            "bytes_recv",
-            "duration",
-        ];
-        let expected: Vec<&str> = order.iter().copied().filter(|key| keys.contains(key)).collect();
-        assert_eq!(keys, expected, "{binary}: {line}");
-        assert!(
-            keys.contains(&"src.addr") && keys.contains(&"direction"),
-            "{binary}: {line}"
-        );
+        let line = wait_line(&pair.server, "\taccess\tconnection complete\t");
+        same_layout(&line, "connection complete", "inbound");
+        let outbound = wait_line(&pair.client, "\taccess\tconnection complete\t");
+        same_layout(&outbound, "connection complete", "outbound");
+        // A plaintext client on the HBONE port: ztunnel's `connection failed`.
+        let mut plain = std::net::TcpStream::connect(pair.server.ports().inbound).unwrap();
+        plain.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let _ = plain.read(&mut [0u8; 64]);
+        let failed = wait_line(&pair.server, "\taccess\tconnection failed\t");
+        same_layout(&failed, "connection failed", "inbound");
         // At `debug`, ztunnel's `connection opened` comes first, with the fields known then.
         let log = pair.server.log();
         let opened = log
