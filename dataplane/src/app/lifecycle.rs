@@ -229,7 +229,11 @@ pub async fn serve<R: Acceptor>(
     phase: watch::Receiver<Phase>,
 ) {
     let started = phase.clone().wait_for(|p| *p != Phase::Starting).await.map(|p| *p);
-    if !matches!(started, Ok(Phase::Serving)) {
+    // A worker that first sees the drain (its thread did not run between the start and the drain,
+    // as when the process was stopped) still runs its accept loops: they end at once, taking what the
+    // kernel queued on the listeners meanwhile ([`close_listener`]), rather than dropping the
+    // listeners with those connections in them.
+    if !matches!(started, Ok(Phase::Serving | Phase::Draining)) {
         return;
     }
     // Idle HBONE connections are released after the pool's idle timeout.
