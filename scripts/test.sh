@@ -45,6 +45,9 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== rustdoc: no broken or redundant links"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 echo "== loom model checks (identity: fetch de-duplication and certificate swap)"
 cargo test --locked -p meshwire-identity --features loom --lib loom
 

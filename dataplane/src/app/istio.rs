@@ -3,7 +3,7 @@
 //! plane's tokio runtime, in both binaries.
 //!
 //! Each push istiod sends goes through [`XdsConfig`] (decode, convert, keep by name) into the same
-//! [`LocalConfig`] the local file gives, and from there into the same published [`Snapshot`]: one
+//! [`LocalConfig`](crate::xds::LocalConfig) the local file gives, and from there into the same published [`Snapshot`]: one
 //! conversion target, so routing and policy are those of the file path. Nothing is published before
 //! both types (`Address` and `Authorization`) have sent their first push, so that no workload is
 //! ever served without its policies. Each publication re-checks the established connections (a

@@ -14,7 +14,7 @@
 //! Both binaries serve it on [`Listeners::dns`](crate::config::Listeners::dns) when it is on
 //! (`--dns-proxy`, ztunnel's `ISTIO_META_DNS_CAPTURE` / `proxyMetadata.DNS_CAPTURE`, on by
 //! default), with [`context`] built from the [`Config`]; its metrics are
-//! [`DnsMetrics`](crate::telemetry::metrics::DnsMetrics).
+//! [`DnsMetrics`].
 
 use std::sync::Arc;
 
