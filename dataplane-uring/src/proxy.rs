@@ -359,13 +359,12 @@ impl UringProxy {
                 return Err(error.into());
             }
         };
-        let mut handler = MetricsHandler::summing(metrics)
-            .with_registry(Arc::new(extra))
-            .with_dns(&dns_metrics);
-        if let Some(inpod) = &inpod {
-            let (registry, refresh) = inpod.metrics();
-            handler = handler.with_refreshed(registry, refresh);
-        }
+        let handler = inpod::Inpod::add_metrics(
+            inpod.as_ref(),
+            MetricsHandler::summing(metrics)
+                .with_registry(Arc::new(extra))
+                .with_dns(&dns_metrics),
+        );
         data.extend(dns.map(|(addr, _, _)| (Listener::Dns, addr)));
         let lifecycle = match starting.serve(&config, data, handler, logging).await {
             Ok(lifecycle) => lifecycle,

@@ -19,9 +19,8 @@ type Check = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 #[derive(Default)]
 struct State {
     next: u64,
-    pending: BTreeMap<u64, String>,
-    /// When each pending task was registered (for the log line when it completes).
-    since: BTreeMap<u64, std::time::Instant>,
+    /// Each pending task's name, and when it was registered (for the log line when it completes).
+    pending: BTreeMap<u64, (String, std::time::Instant)>,
     checks: Vec<Check>,
     draining: bool,
 }
@@ -81,8 +80,7 @@ impl Readiness {
         let mut state = self.state();
         state.next += 1;
         let id = state.next;
-        state.pending.insert(id, task.into());
-        state.since.insert(id, std::time::Instant::now());
+        state.pending.insert(id, (task.into(), std::time::Instant::now()));
         ReadyBlocker {
             readiness: self.clone(),
             id,
@@ -99,7 +97,7 @@ impl Readiness {
     pub fn pending(&self) -> Vec<String> {
         let (mut pending, checks) = {
             let state = self.state();
-            let pending: Vec<String> = state.pending.values().cloned().collect();
+            let pending: Vec<String> = state.pending.values().map(|(task, _)| task.clone()).collect();
             (pending, state.checks.clone())
         };
         // Evaluated without the lock: a check reads other state.
@@ -150,7 +148,7 @@ impl ReadyBlocker {
             .state()
             .pending
             .get(&self.id)
-            .cloned()
+            .map(|(task, _)| task.clone())
             .unwrap_or_default()
     }
 }
@@ -159,13 +157,12 @@ impl Drop for ReadyBlocker {
     /// Logs the task's completion as ztunnel does (`Task '..' complete (..), still awaiting N
     /// tasks`, or `.., marking server ready` for the last one; target `readiness`).
     fn drop(&mut self) {
-        let (task, since, left) = {
+        let (removed, left) = {
             let mut state = self.readiness.state();
-            let task = state.pending.remove(&self.id);
-            let since = state.since.remove(&self.id);
-            (task, since, state.pending.len())
+            let removed = state.pending.remove(&self.id);
+            (removed, state.pending.len())
         };
-        let (Some(task), Some(since)) = (task, since) else {
+        let Some((task, since)) = removed else {
             return;
         };
         let took = since.elapsed();

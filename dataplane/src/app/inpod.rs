@@ -634,6 +634,20 @@ impl<S: PodServers> Inpod<S> {
         (Arc::new(registry), Arc::new(refresh))
     }
 
+    /// `handler` with in-pod mode's metrics ([`Inpod::metrics`]) when in-pod mode is on.
+    pub fn add_metrics(
+        inpod: Option<&Inpod<S>>,
+        handler: crate::admin::MetricsHandler,
+    ) -> crate::admin::MetricsHandler {
+        match inpod {
+            Some(inpod) => {
+                let (registry, refresh) = inpod.metrics();
+                handler.with_refreshed(registry, refresh)
+            }
+            None => handler,
+        }
+    }
+
     /// Stops talking to istio-cni and stops every pod (their connections are closed).
     pub fn stop(self) {
         for task in &self.tasks {

@@ -226,13 +226,12 @@ impl Proxy {
             }
         };
         // Readiness, admin and metrics; the proxy is ready once this function returns.
-        let mut handler = MetricsHandler::new(metrics)
-            .with_dns(&dns_metrics)
-            .with_static(tokio_metrics(&data));
-        if let Some(inpod) = &inpod {
-            let (registry, refresh) = inpod.metrics();
-            handler = handler.with_refreshed(registry, refresh);
-        }
+        let handler = inpod::Inpod::add_metrics(
+            inpod.as_ref(),
+            MetricsHandler::new(metrics)
+                .with_dns(&dns_metrics)
+                .with_static(tokio_metrics(&data)),
+        );
         let lifecycle = starting.serve(&config, bound, handler, logging).await?;
         Ok(Proxy {
             lifecycle,

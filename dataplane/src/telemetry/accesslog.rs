@@ -344,6 +344,27 @@ fn duration_text(duration: Duration) -> String {
     format!("{}ms", duration.as_millis())
 }
 
+/// Binds `$value` to `$entry`'s `dst.hbone_addr` as a field value: bare when it is made of address
+/// characters only (as ztunnel writes addresses), else a string (quoted and escaped by the layout).
+/// A macro, since the value borrows locals of the caller's scope.
+macro_rules! hbone_addr_value {
+    ($entry:expr => $value:ident) => {
+        let plain;
+        let quoted;
+        let $value: Option<&dyn tracing::Value> = match $entry.dst_hbone_addr.as_deref() {
+            Some(addr) if is_plain_address(addr) => {
+                plain = tracing::field::display(addr);
+                Some(&plain)
+            }
+            Some(addr) => {
+                quoted = addr;
+                Some(&quoted)
+            }
+            None => None,
+        };
+    };
+}
+
 /// The `connection complete` event at `$level`, with the fields of `$entry` in ztunnel's order.
 macro_rules! complete_event {
     ($level:expr, $entry:expr, $hbone_addr:expr, $duration:expr) => {
@@ -374,19 +395,7 @@ macro_rules! complete_event {
 /// Logs a connection that ended: `connection complete` at `INFO`, or at `ERROR` with its `error`
 /// when it failed, as ztunnel does; target [`TARGET`] (`access`), no parent span.
 pub fn emit(entry: &AccessLogEntry) {
-    let plain;
-    let quoted;
-    let hbone_addr: Option<&dyn tracing::Value> = match entry.dst_hbone_addr.as_deref() {
-        Some(addr) if is_plain_address(addr) => {
-            plain = tracing::field::display(addr);
-            Some(&plain)
-        }
-        Some(addr) => {
-            quoted = addr;
-            Some(&quoted)
-        }
-        None => None,
-    };
+    hbone_addr_value!(entry => hbone_addr);
     if entry.error.is_some() {
         if tracing::enabled!(target: TARGET, tracing::Level::ERROR) {
             let duration = duration_text(entry.duration);
@@ -405,19 +414,7 @@ pub fn emit_opened(entry: &AccessLogEntry) {
     if !tracing::enabled!(target: TARGET, tracing::Level::DEBUG) {
         return;
     }
-    let plain;
-    let quoted;
-    let hbone_addr: Option<&dyn tracing::Value> = match entry.dst_hbone_addr.as_deref() {
-        Some(addr) if is_plain_address(addr) => {
-            plain = tracing::field::display(addr);
-            Some(&plain)
-        }
-        Some(addr) => {
-            quoted = addr;
-            Some(&quoted)
-        }
-        None => None,
-    };
+    hbone_addr_value!(entry => hbone_addr);
     tracing::event!(
         target: TARGET,
         parent: None,
