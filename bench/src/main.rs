@@ -73,6 +73,10 @@ struct Cli {
     /// at the default policy). Default: the proxies' default (idle).
     #[arg(long, value_name = "idle|normal", value_parser = ["idle", "normal"])]
     xds_priority: Option<String>,
+    /// `--xds-cpu-share` of the xds shape's proxies (the share of one CPU a push takes while it is
+    /// applied; 1: at once). Default: the proxies' default.
+    #[arg(long, value_name = "SHARE")]
+    xds_cpu_share: Option<f64>,
     /// Connections opened with a full mTLS handshake each, per run. Default 300 (30 with --quick).
     #[arg(long, value_name = "N")]
     handshake_connections: Option<usize>,
@@ -342,12 +346,13 @@ fn plan(cli: &Cli) -> Plan {
         handshake_connections: cli.handshake_connections.unwrap_or(if quick { 30 } else { 300 }).max(1),
         idle_connections: cli.idle_connections.unwrap_or(if quick { 300 } else { 10_000 }).max(1),
         xds_workloads: cli.xds_workloads.unwrap_or(if quick { 1000 } else { 10_000 }).max(1),
-        xds_rr_s: if quick { 1.0 } else { 5.0 },
+        xds_rr_s: if quick { 1.0 } else { 10.0 },
         xds_priority: match cli.xds_priority.as_deref() {
             Some("normal") => Some("normal"),
             Some(_) => Some("idle"),
             None => None,
         },
+        xds_cpu_share: cli.xds_cpu_share,
         dns_s: if quick { 0.5 } else { 2.0 },
         dns_in_flight: 64,
     }

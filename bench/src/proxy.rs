@@ -67,6 +67,8 @@ pub(crate) struct PairOptions {
     pub(crate) max_streams: Option<usize>,
     /// `--xds-priority` of both proxies (`idle` or `normal`), if not their default.
     pub(crate) xds_priority: Option<&'static str>,
+    /// `--xds-cpu-share` of both proxies, if not their default.
+    pub(crate) xds_cpu_share: Option<f64>,
 }
 
 impl Default for PairOptions {
@@ -76,6 +78,7 @@ impl Default for PairOptions {
             cpus: None,
             max_streams: None,
             xds_priority: None,
+            xds_cpu_share: None,
         }
     }
 }
@@ -263,6 +266,9 @@ impl Pair {
                 .args(["--drain-deadline", "1s", "--log-level", "warn"]);
             if let Some(priority) = options.xds_priority {
                 cmd.args(["--xds-priority", priority]);
+            }
+            if let Some(share) = options.xds_cpu_share {
+                cmd.args(["--xds-cpu-share", &share.to_string()]);
             }
         };
 

@@ -47,6 +47,8 @@ pub(crate) struct Plan {
     pub(crate) xds_rr_s: f64,
     /// `--xds-priority` of the xds shape's proxies; `None`: their default.
     pub(crate) xds_priority: Option<&'static str>,
+    /// `--xds-cpu-share` of the xds shape's proxies; `None`: their default.
+    pub(crate) xds_cpu_share: Option<f64>,
     /// Seconds of each run of the dns shape.
     pub(crate) dns_s: f64,
     /// DNS queries in flight in the dns shape (one per client socket).

@@ -15,7 +15,7 @@
 //!    second (the exchanges in flight from a push to its last ACK against those between pushes of
 //!    the same run, so that the machine's noise is the same for both), with pushes back to back,
 //!    and with a push of one workload changed each second (the usual push of a mesh whose pods come
-//!    and go). `--xds-priority` sets the proxies' option of that name.
+//!    and go). `--xds-priority` and `--xds-cpu-share` set the proxies' options of those names.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
 use meshwire_control::proto::envoy::service::discovery::v3::Resource;
 use meshwire_dataplane::istio::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, XdsConfig};
 use meshwire_dataplane::rbac::PolicySet;
@@ -470,6 +471,9 @@ pub(crate) struct ProxyRow {
     pub(crate) rr_in_push: Percentiles,
     /// ... and the others, between pushes (the same run: the same machine noise) ...
     pub(crate) rr_between_pushes: Percentiles,
+    /// ... and every exchange with no push in flight: those between pushes and those of the run
+    /// without pushes (the baseline the exchanges during a push are judged against) ...
+    pub(crate) rr_quiet: Percentiles,
     /// ... and while such pushes follow each other (each as soon as both proxies ACKed the one before).
     pub(crate) rr_during: Percentiles,
     pub(crate) pushes_during: usize,
@@ -685,14 +689,14 @@ fn spin_idle(threads: usize, length: Duration, stop: &AtomicBool, windows: &Mute
 
 /// The exchanges of `timeline` in flight during one of `windows` (their request written before the
 /// window ended and their response read after it began), and the others.
-fn split_by_windows(timeline: &[(Instant, u64)], windows: &[(Instant, Instant)]) -> (Percentiles, Percentiles) {
+fn split_by_windows(timeline: &[(Instant, u64)], windows: &[(Instant, Instant)]) -> (Histogram<u64>, Histogram<u64>) {
     let (mut during, mut between) = (load::histogram(), load::histogram());
     for &(sent, took) in timeline {
         let answered = sent + Duration::from_nanos(took);
         let in_flight = windows.iter().any(|&(start, end)| sent <= end && answered >= start);
         if in_flight { &mut during } else { &mut between }.saturating_record(took);
     }
-    (Percentiles::of(&during), Percentiles::of(&between))
+    (during, between)
 }
 
 /// Parts 2 and 3 for one binary.
@@ -706,6 +710,7 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
     let server = bench.server.addr();
     let options = PairOptions {
         xds_priority: plan.xds_priority,
+        xds_cpu_share: plan.xds_cpu_share,
         ..PairOptions::default()
     };
     let pair = Pair::start_configured(&bench.work, binary, options, &label, server, Some(&istiod))
@@ -758,12 +763,26 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             pushed.with_context(|| format!("{label}: pushing during request/response"))?;
             let exchanges = exchanges?;
             let windows = windows.into_inner().unwrap_or_else(PoisonError::into_inner);
-            let split = split_by_windows(&exchanges.timeline, &windows);
-            anyhow::Ok((Percentiles::of(&exchanges.latency), windows.len(), split, windows))
+            let (during, between) = split_by_windows(&exchanges.timeline, &windows);
+            anyhow::Ok((
+                Percentiles::of(&exchanges.latency),
+                windows.len(),
+                (during, between),
+                windows,
+            ))
         }
     };
-    let (rr_paced, pushes_paced, (rr_in_push, rr_between_pushes), push_windows) =
+    let (rr_paced, pushes_paced, (in_push, between_pushes), push_windows) =
         during(PushKind::EveryWorkload, Some(PACE)).await?;
+    let mut quiet = before.latency.clone();
+    quiet
+        .add(&between_pushes)
+        .context("merging the exchanges without a push in flight")?;
+    let (rr_in_push, rr_between_pushes, rr_quiet) = (
+        Percentiles::of(&in_push),
+        Percentiles::of(&between_pushes),
+        Percentiles::of(&quiet),
+    );
     // The control: spinners at SCHED_IDLE (one per proxy of the pair) as long as those pushes.
     let push_length = median(
         push_windows
@@ -787,10 +806,11 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         let exchanges = exchanges?;
         let windows = windows.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let (in_spin, between) = split_by_windows(&exchanges.timeline, &windows);
-        (in_spin, between, windows.len())
+        (Percentiles::of(&in_spin), Percentiles::of(&between), windows.len())
     };
     let (rr_during, pushes_during, _, _) = during(PushKind::EveryWorkload, None).await?;
-    let (_, pushes_one, (rr_in_one_push, rr_between_one_pushes), _) = during(PushKind::OneWorkload, Some(PACE)).await?;
+    let (_, pushes_one, (in_one_push, between_one_pushes), _) = during(PushKind::OneWorkload, Some(PACE)).await?;
+    let (rr_in_one_push, rr_between_one_pushes) = (Percentiles::of(&in_one_push), Percentiles::of(&between_one_pushes));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_end = PairRss::of(pair)?;
     // jemalloc's background threads give back what was freed more than its decay time ago (10 s).
@@ -816,6 +836,7 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         pushes_paced,
         rr_in_push,
         rr_between_pushes,
+        rr_quiet,
         rr_during,
         pushes_during,
         rr_in_one_push,
@@ -976,11 +997,13 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             "7c. 1 KiB request/response through the pair at {}/s for {} s: without pushes, with a push of every \
              workload changed each {} s (all exchanges; those between pushes; those in flight from a push to its \
              last ACK), with such pushes back to back, and with a push of one workload changed each second (latency \
-             in us; the proxies' --xds-priority: {})",
+             in us; the proxies' --xds-priority: {}, --xds-cpu-share: {})",
             plan.rr_rate,
             plan.xds_rr_s,
             PACE.as_secs_f64(),
-            plan.xds_priority.unwrap_or("idle, the default")
+            plan.xds_priority.unwrap_or("idle, the default"),
+            plan.xds_cpu_share
+                .map_or_else(|| "the default".to_owned(), |s| s.to_string())
         ),
         &["path", "when", "pushes", "p50", "p90", "p99", "p99.9", "max"],
     );
@@ -990,6 +1013,11 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             ("pushes paced", &row.rr_paced, row.pushes_paced.to_string()),
             ("- between pushes", &row.rr_between_pushes, "-".to_owned()),
             ("- during a push", &row.rr_in_push, "-".to_owned()),
+            (
+                "- no push in flight: between + no pushes",
+                &row.rr_quiet,
+                "-".to_owned(),
+            ),
             ("pushes back to back", &row.rr_during, row.pushes_during.to_string()),
             (
                 "1 workload each 1 s: between",
@@ -1043,19 +1071,20 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             };
             (ratio, word)
         };
-        let (ratio, word) = judge(&row.rr_between_pushes, &row.rr_in_push);
+        let (ratio, word) = judge(&row.rr_quiet, &row.rr_in_push);
         let (one_ratio, one_word) = judge(&row.rr_between_one_pushes, &row.rr_in_one_push);
         let spin_ratio = row.rr_in_spin.p99_us / row.rr_between_spins.p99_us.max(1.0);
         verdict.push_str(&format!(
-            "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us between pushes -> {:.0} us during a push of every \
-             workload (x{:.2}: {word}; {:.0} us without pushes; idle-priority spinners as long as a push, doing \
-             nothing else: x{:.2}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
+            "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us with no push in flight -> {:.0} us during a push of \
+             every workload (x{:.2}: {word}; {:.0} us between pushes, {:.0} us without pushes; idle-priority spinners \
+             as long as a push, doing nothing else: x{:.2}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
             row.path,
             row.full_push.generation_ms,
             within(row.full_push.generation_ms <= BUDGET_APPLY_S * 1e3),
-            row.rr_between_pushes.p99_us,
+            row.rr_quiet.p99_us,
             row.rr_in_push.p99_us,
             ratio,
+            row.rr_between_pushes.p99_us,
             row.rr_before.p99_us,
             spin_ratio,
             row.rr_between_one_pushes.p99_us,

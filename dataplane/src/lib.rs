@@ -11,6 +11,8 @@
 //!   reconcile after a snapshot, readiness), over a binary's [`inpod::PodStarter`].
 //! - [`istio`]: configuration from istiod (delta xDS workloads, services and policies), converted
 //!   into the local configuration's model.
+//! - `pace`: the xDS thread's long work run in slices with rests, so that a large push leaves the
+//!   CPUs idle most of the time.
 //! - [`xds`]: the local configuration file (ztunnel's `LOCAL_XDS_PATH` YAML: workloads, services,
 //!   policies), parsed forgivingly with errors naming the field and line.
 //! - [`state`]: an immutable snapshot of workloads, services and policies with the lookups routing
@@ -30,6 +32,7 @@ pub mod config;
 pub mod dns;
 pub mod inpod;
 pub mod istio;
+mod pace;
 pub mod proxy;
 pub mod rbac;
 pub mod rt;

@@ -51,6 +51,7 @@ use std::sync::Arc;
 
 use meshwire_identity::id::{IstioIdentity, SpiffeId};
 
+use crate::pace;
 use crate::rbac::Authorization;
 use crate::xds::{
     DEFAULT_HBONE_PORT, GatewayAddress, GatewayDestination, HealthStatus, LocalConfig, NamespacedHostname, NetworkMode,
@@ -501,6 +502,7 @@ impl State {
         let mut endpoint_changes: HashMap<NamespacedHostname, Vec<MemberChange<'_>>> = HashMap::new();
         let mut name_changes: HashMap<(String, String), Vec<MemberChange<'_>>> = HashMap::new();
         for uid in workloads.keys() {
+            pace::point();
             let Some(old) = next.workloads.remove(uid) else {
                 continue;
             };
@@ -514,6 +516,7 @@ impl State {
                 .push((uid, None));
         }
         for (uid, workload) in &workloads {
+            pace::point();
             let Some(workload) = workload else { continue };
             next.workloads.insert(uid.clone(), Arc::clone(workload));
             next.index_addresses(workload);
@@ -529,6 +532,7 @@ impl State {
                 .push((uid, Some(Arc::clone(workload))));
         }
         for (key, changes) in endpoint_changes {
+            pace::point();
             let members = patch_members(next.endpoints.get(&key), changes);
             match members {
                 Some(members) => next.endpoints.insert(key, members),
@@ -536,6 +540,7 @@ impl State {
             };
         }
         for ((namespace, name), changes) in name_changes {
+            pace::point();
             let names = next.workload_by_name.entry(namespace.clone()).or_default();
             match patch_members(names.get(&name), changes) {
                 Some(members) => names.insert(name, members),
@@ -549,17 +554,48 @@ impl State {
         // Services, the same way.
         let services: BTreeMap<NamespacedHostname, Option<Arc<Service>>> = services.into_iter().collect();
         for key in services.keys() {
+            pace::point();
             if let Some(old) = next.services.remove(key) {
                 next.unindex_vips(&old);
             }
         }
         for (key, service) in services {
+            pace::point();
             if let Some(service) = service {
                 next.index_vips(&service);
                 next.services.insert(key, service);
             }
         }
         next
+    }
+
+    /// Frees the state entry by entry, with a pace point (`crate::pace`) between entries: the
+    /// indexes first, which only hold references, then the workloads and services, whose last
+    /// references they may be. Meant for a state that shares nothing with another (replaced by one
+    /// built afresh): the nodes a map shares with another state are copied as they are taken apart.
+    pub(crate) fn dismantle(self) {
+        let State {
+            workloads,
+            services,
+            policies,
+            workload_by_ip,
+            workload_by_name,
+            service_by_vip,
+            endpoints,
+        } = self;
+        for (_, by_ip) in workload_by_ip {
+            pace::drop_each(by_ip);
+        }
+        for (_, by_name) in workload_by_name {
+            pace::drop_each(by_name);
+        }
+        for (_, by_vip) in service_by_vip {
+            pace::drop_each(by_vip);
+        }
+        pace::drop_each(endpoints);
+        pace::drop_each(workloads);
+        pace::drop_each(services);
+        drop(policies);
     }
 
     fn index_addresses(&mut self, workload: &Arc<Workload>) {
@@ -1931,5 +1967,28 @@ services:
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(refusal(ip, "cart.example", 80), ServiceTargetError::NoWorkload { ip });
         }
+    }
+
+    #[test]
+    fn a_dismantled_state_frees_its_workloads_and_services_and_a_state_sharing_with_it_keeps_them() {
+        let state = State::new(LocalConfig::parse(MESH).unwrap());
+        let workloads: Vec<std::sync::Weak<Workload>> = state.workloads.values().map(Arc::downgrade).collect();
+        let services: Vec<std::sync::Weak<Service>> = state.services.values().map(Arc::downgrade).collect();
+        let count = workloads.len();
+        assert!(count > 4 && !services.is_empty());
+        // A state that shares every part with it (a clone, or one patched from it) is untouched.
+        let sharing = state.clone();
+        state.dismantle();
+        assert_eq!(sharing.workloads().len(), count);
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            sharing.workload_by_ip("net-a", ip).map(|w| w.name.as_str()),
+            Some("local-server")
+        );
+        assert!(workloads.iter().all(|w| w.upgrade().is_some()));
+        // The last holder dismantled, everything is freed.
+        sharing.dismantle();
+        assert!(workloads.iter().all(|w| w.upgrade().is_none()));
+        assert!(services.iter().all(|s| s.upgrade().is_none()));
     }
 }

@@ -108,6 +108,7 @@ fn defaults_are_ztunnels() {
     assert_eq!(config.packet_mark, PacketMark::Auto);
     assert_eq!(config.connection_balance, ConnectionBalance::RoundRobin);
     assert_eq!(config.xds_priority, XdsPriority::Idle);
+    assert_eq!(config.xds_cpu_share.get(), 1.0);
     assert_eq!(config.packet_mark.value(), Some(0x539));
     assert!(config.ignored_env.is_empty());
     assert_eq!(config.validate(), Ok(()));
@@ -493,6 +494,12 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("MESHWIRE_XDS_PRIORITY", "IDLE")], |c| {
             c.xds_priority == XdsPriority::Idle
         }),
+        (vec![("MESHWIRE_XDS_CPU_SHARE", "0.25")], |c| {
+            c.xds_cpu_share.get() == 0.25
+        }),
+        (vec![("MESHWIRE_XDS_CPU_SHARE", " 0.05 ")], |c| {
+            c.xds_cpu_share.get() == 0.05
+        }),
         (vec![("MESHWIRE_HANDOVER", "45s")], |c| {
             c.handover == Some(Duration::from_secs(45))
         }),
@@ -734,6 +741,16 @@ fn invalid_values_name_their_flag_or_variable_and_the_value() {
             &[],
             &[("MESHWIRE_XDS_PRIORITY", "realtime")],
             &["MESHWIRE_XDS_PRIORITY", "realtime", "expected idle or normal"],
+        ),
+        (
+            &[],
+            &[("MESHWIRE_XDS_CPU_SHARE", "0")],
+            &["MESHWIRE_XDS_CPU_SHARE", "0 is not between 0.05 and 1"],
+        ),
+        (
+            &["--xds-cpu-share", "half"],
+            &[],
+            &["--xds-cpu-share", "half", "expected a share of one CPU"],
         ),
         (
             &[],

@@ -372,3 +372,86 @@ fn while_istiod_is_gone_the_last_state_serves_and_the_stream_resumes_where_it_wa
         );
     }
 }
+
+/// `n` workloads of another node (HBONE, one address each), as a local configuration has them.
+fn bulk_workloads(n: usize) -> Vec<meshwire_dataplane::xds::Workload> {
+    use std::fmt::Write as _;
+    let mut yaml = String::from("workloads:\n");
+    for i in 0..n {
+        let _ = write!(
+            yaml,
+            "  - uid: Kubernetes//Pod/bulk/pod-{i}\n    name: pod-{i}\n    namespace: bulk\n    serviceAccount: sa-{}\n    \
+             workloadIps: [\"10.200.{}.{}\"]\n    protocol: HBONE\n    node: another-node\n",
+            i % 50,
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    LocalConfig::parse(&yaml).unwrap().workloads
+}
+
+/// `meshwire.istio.xds.apply` of `/config_dump`.
+fn apply_view(proxy: &Proxy) -> Value {
+    config_dump(proxy)["meshwire"]["istio"]["xds"]["apply"].clone()
+}
+
+#[test]
+fn a_large_push_to_a_serving_proxy_told_to_pace_is_applied_in_slices_with_rests() {
+    for b in binary::all() {
+        let mesh = IstioPair::new();
+        // The server is told to pace pushes to a quarter of one CPU; the client applies them at
+        // once, as by default.
+        let server = mesh
+            .proxy(&b, lo(2), "ztunnel-b")
+            .dedicated("default/server/server")
+            .env("MESHWIRE_XDS_CPU_SHARE", "0.25")
+            .spawn_listening();
+        let client = mesh
+            .proxy(&b, lo(1), "ztunnel-a")
+            .dedicated("default/client/client")
+            .spawn_listening();
+        let logs = || format!("{}\n{}", client.describe(), server.describe());
+        wait_until_or(
+            Duration::from_secs(20),
+            "both proxies ready",
+            || ready(&client) && ready(&server),
+            logs,
+        );
+        // The first push is applied at once, whatever the share: nothing is served before it.
+        let first = apply_view(&server);
+        assert_eq!(first["cpuShare"], 0.25, "{first}");
+        assert_eq!(first["lastPublished"]["restedMs"], 0.0, "{first}");
+        assert_eq!(apply_view(&client)["cpuShare"], 1.0);
+
+        // A push of 3,000 workloads once serving: the server rests between slices of its work.
+        let acked = mesh.istiod.answers().len();
+        let mut bigger = mesh.config.clone();
+        bigger.workloads.extend(bulk_workloads(3000));
+        mesh.istiod.serve(&bigger);
+        let answers = mesh
+            .istiod
+            .wait_answers(Duration::from_secs(60), |a| a.len() >= acked + 2);
+        assert!(answers.iter().all(|(_, nack)| nack.is_none()), "{answers:?}");
+        wait_until_or(
+            Duration::from_secs(10),
+            "both proxies hold the pushed workloads",
+            || {
+                [&client, &server]
+                    .iter()
+                    .all(|p| config_dump(p)["workloads"].as_array().map(Vec::len) == Some(3003))
+            },
+            logs,
+        );
+        let paced = apply_view(&server);
+        let rested = paced["lastPublished"]["restedMs"].as_f64().unwrap();
+        let took = paced["lastPublished"]["tookMs"].as_f64().unwrap();
+        assert!(rested > 0.0 && rested < took, "{paced}\n{}", logs());
+        let at_once = apply_view(&client);
+        assert_eq!(at_once["lastPublished"]["restedMs"], 0.0, "{at_once}");
+
+        // The data path carries traffic as before.
+        let stream = net::socks5_connect(client.ports().socks5, &Socks5Target::Addr(mesh.echo.addr()))
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()));
+        assert!(net::echo_exchange(stream, 16 * 1024).unwrap().intact(), "{}", logs());
+    }
+}

@@ -36,6 +36,7 @@ use super::plane::{Manager, StartError};
 use crate::admin::{IstioDump, rfc3339};
 use crate::config::{self, AuthToken, Config, ControlPlane, ProxyMode, Roots, XdsPriority};
 use crate::istio::XdsConfig;
+use crate::pace;
 use crate::rbac::PolicySet;
 use crate::rt::tokio::TokioTimer;
 use crate::state::{LocalProxy, State};
@@ -139,6 +140,8 @@ struct Handler {
     retired: Retired,
     /// A state from istiod was published.
     served: bool,
+    /// The share of one CPU a push takes once the proxy serves (`--xds-cpu-share`).
+    cpu_share: f64,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -162,7 +165,10 @@ enum Event {
         removed: usize,
         rejected: usize,
         generation: u64,
+        /// From the push's arrival to its publication, rests included.
         took: Duration,
+        /// How long the push rested, paced to its share of one CPU.
+        rested: Duration,
         /// The identities of the workloads this proxy serves on its node (`None` for a proxy
         /// without a node name, which fetches on first use only).
         local_identities: Option<BTreeSet<SpiffeId>>,
@@ -181,26 +187,52 @@ pub const XDS_THREAD: &str = "ztunnel-xds";
 
 /// Replaced snapshots, kept until no connection reads them any more and then freed on the xDS
 /// thread. A snapshot of a large mesh takes milliseconds to free; without this, the data-path thread
-/// that happens to drop the last reference would pay for it in the middle of a connection. (Only
-/// the xDS thread touches the list: the handler and the periodic sweep.)
+/// that happens to drop the last reference would pay for it in the middle of a connection. A state
+/// that shares nothing with the states after it (they were built afresh) is freed entry by entry
+/// within the push's pace (`crate::pace`). (Only the xDS thread touches the list: the handler and
+/// the periodic sweep.)
 #[derive(Clone, Default)]
-struct Retired(Arc<std::sync::Mutex<Vec<Arc<Snapshot>>>>);
+struct Retired(Arc<std::sync::Mutex<Vec<RetiredSnapshot>>>);
+
+struct RetiredSnapshot {
+    snapshot: Arc<Snapshot>,
+    /// Its state shares no part with a later one: freeing it frees all of it.
+    alone: bool,
+}
 
 impl Retired {
-    fn retire(&self, snapshot: Arc<Snapshot>) {
-        let mut retired = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        retired.push(snapshot);
-        Self::sweep_locked(&mut retired);
+    /// Keeps `snapshot` until no connection reads it; `alone` when the state that replaced it was
+    /// built afresh.
+    fn retire(&self, snapshot: Arc<Snapshot>, alone: bool) {
+        self.lock().push(RetiredSnapshot { snapshot, alone });
+        self.sweep();
     }
 
     /// Frees the snapshots only this list still holds.
     fn sweep(&self) {
-        let mut retired = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Self::sweep_locked(&mut retired);
+        let unread: Vec<RetiredSnapshot> = self
+            .lock()
+            .extract_if(.., |r| Arc::strong_count(&r.snapshot) == 1)
+            .collect();
+        for retired in unread {
+            retired.free();
+        }
     }
 
-    fn sweep_locked(retired: &mut Vec<Arc<Snapshot>>) {
-        retired.retain(|snapshot| Arc::strong_count(snapshot) > 1);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RetiredSnapshot>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl RetiredSnapshot {
+    fn free(self) {
+        let RetiredSnapshot { snapshot, alone } = self;
+        if alone
+            && let Ok(snapshot) = Arc::try_unwrap(snapshot)
+            && let Ok(state) = Arc::try_unwrap(snapshot.state)
+        {
+            state.dismantle();
+        }
     }
 }
 
@@ -213,6 +245,15 @@ impl Handler {
 
 impl XdsHandler for Handler {
     fn apply(&mut self, type_url: &str, resources: Vec<Resource>, removed: Vec<String>) -> Vec<Rejected> {
+        // The first push is applied at once: nothing is served before it, and readiness waits for it.
+        let share = if self.served { self.cpu_share } else { 1.0 };
+        pace::paced(share, || self.apply_paced(type_url, resources, removed)).0
+    }
+}
+
+impl Handler {
+    /// [`XdsHandler::apply`], within the pace of the push.
+    fn apply_paced(&mut self, type_url: &str, resources: Vec<Resource>, removed: Vec<String>) -> Vec<Rejected> {
         let started = Instant::now();
         let (changed, gone) = (resources.len(), removed.len());
         let rejected = self.store.apply(type_url, resources, removed);
@@ -237,6 +278,8 @@ impl XdsHandler for Handler {
             self.served = true;
             let previous = self.published.load();
             let delta = self.store.take_delta();
+            // Built afresh, the next state shares nothing with the previous one.
+            let afresh = delta.is_whole();
             if let Some(policies) = delta.policies() {
                 self.policies = Arc::new(PolicySet::new(policies.iter().cloned()));
             }
@@ -247,7 +290,7 @@ impl XdsHandler for Handler {
                 None,
                 SystemTime::now(),
             );
-            self.retired.retire(previous);
+            self.retired.retire(previous, afresh);
             let local_identities = self.proxy.node.is_some().then(|| {
                 snapshot
                     .state
@@ -264,6 +307,7 @@ impl XdsHandler for Handler {
                 rejected: count,
                 generation: snapshot.generation,
                 took,
+                rested: pace::rests().total,
                 local_identities,
             });
         } else {
@@ -306,9 +350,10 @@ impl Follower {
                 rejected,
                 generation,
                 took,
+                rested,
                 local_identities,
             } => {
-                self.stats.record(took);
+                self.stats.record(took, rested);
                 // The current state: a newer one may have been published meanwhile.
                 let snapshot = self.published.load();
                 let closed: usize = self.registries.iter().map(|r| r.reevaluate(&snapshot)).sum();
@@ -321,6 +366,7 @@ impl Follower {
                     rejected,
                     generation,
                     took_ms = took.as_millis(),
+                    rested_ms = rested.as_millis(),
                     closed,
                     "applied a push from istiod"
                 );
@@ -352,14 +398,15 @@ impl Follower {
 
 /// How long the last push took to apply (for `/config_dump`); written and read on the control thread.
 #[derive(Debug, Clone, Default)]
-struct ApplyStats(Arc<std::sync::Mutex<Option<(SystemTime, Duration)>>>);
+struct ApplyStats(Arc<std::sync::Mutex<Option<(SystemTime, Duration, Duration)>>>);
 
 impl ApplyStats {
-    fn record(&self, took: Duration) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((SystemTime::now(), took));
+    /// The last push: when it was published, how long it took, how long of that it rested.
+    fn record(&self, took: Duration, rested: Duration) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((SystemTime::now(), took, rested));
     }
 
-    fn last(&self) -> Option<(SystemTime, Duration)> {
+    fn last(&self) -> Option<(SystemTime, Duration, Duration)> {
         *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -423,6 +470,7 @@ pub struct Xds {
     follower: JoinHandle<()>,
     stats: ApplyStats,
     priority: XdsPriority,
+    cpu_share: f64,
 }
 
 impl Xds {
@@ -451,9 +499,11 @@ impl Xds {
             proxy: config.local_proxy(),
             retired: Retired::default(),
             served: false,
+            cpu_share: config.xds_cpu_share.get(),
             events,
         };
         let retired = handler.retired.clone();
+        let cpu_share = config.xds_cpu_share.get();
         let (stop, stopped) = oneshot::channel();
         spawn_thread(XDS_THREAD, config.xds_priority, stopped, move || async move {
             let mut sweep = tokio::time::interval(RETIRED_SWEEP);
@@ -463,7 +513,9 @@ impl Xds {
             loop {
                 tokio::select! {
                     _ = &mut run => return,
-                    _ = sweep.tick() => retired.sweep(),
+                    _ = sweep.tick() => {
+                        pace::paced(cpu_share, || retired.sweep());
+                    }
                 }
             }
         })
@@ -490,6 +542,7 @@ impl Xds {
             follower,
             stats,
             priority: config.xds_priority,
+            cpu_share: config.xds_cpu_share.get(),
         })
     }
 
@@ -503,6 +556,7 @@ impl Xds {
         ApplyView {
             stats: self.stats.clone(),
             priority: self.priority,
+            cpu_share: self.cpu_share,
         }
     }
 
@@ -554,6 +608,7 @@ pub(crate) fn not_ready(status: &AdsStatus) -> Option<String> {
 pub(crate) struct ApplyView {
     stats: ApplyStats,
     priority: XdsPriority,
+    cpu_share: f64,
 }
 
 impl ApplyView {
@@ -562,9 +617,11 @@ impl ApplyView {
         json!({
             "thread": XDS_THREAD,
             "priority": self.priority.as_str(),
-            "lastPublished": self.stats.last().map(|(at, took)| json!({
+            "cpuShare": self.cpu_share,
+            "lastPublished": self.stats.last().map(|(at, took, rested)| json!({
                 "at": rfc3339(at),
                 "tookMs": ms(took),
+                "restedMs": ms(rested),
             })),
         })
     }
@@ -647,7 +704,7 @@ mod tests {
         let retired = Retired::default();
         let read_by_a_connection = Arc::new(Snapshot::empty());
         let weak = Arc::downgrade(&read_by_a_connection);
-        retired.retire(Arc::clone(&read_by_a_connection));
+        retired.retire(Arc::clone(&read_by_a_connection), true);
         retired.sweep();
         assert!(weak.upgrade().is_some(), "still read: kept");
         // The connection ends: its reference goes, the snapshot is not freed there...

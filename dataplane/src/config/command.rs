@@ -75,6 +75,7 @@ pub(super) const OPTS: &[&Opt] = &[
     &runtime::ORIGINAL_SOURCE,
     &runtime::CONNECTION_BALANCE,
     &runtime::XDS_PRIORITY,
+    &runtime::XDS_CPU_SHARE,
 ];
 
 /// The command line: every option in [`OPTS`], plus the positional words Istio passes.

@@ -108,6 +108,7 @@
 //! | `--original-source BOOL` | `ENABLE_ORIG_SRC` | on in in-pod mode, off otherwise |
 //! | `--connection-balance hash\|round-robin` | `MESHWIRE_CONNECTION_BALANCE` | `round-robin` (`ztunnel-uring` only) |
 //! | `--xds-priority idle\|normal` | `MESHWIRE_XDS_PRIORITY` | `idle` |
+//! | `--xds-cpu-share SHARE` | `MESHWIRE_XDS_CPU_SHARE` | `1`: at once |
 //!
 //! As in ztunnel: `PROXY_CONFIG` is Istio's ProxyConfig as YAML or JSON, of which `proxyAdminPort`,
 //! `statsPort`, `concurrency` and `proxyMetadata` (`DNS_CAPTURE`, `DNS_PROXY_ADDR`) are read;
@@ -195,7 +196,7 @@ pub use istio::{
 };
 pub use listeners::{DnsOptions, Listener, Listeners};
 pub use mode::{InpodConfig, LocalConfigSource, ProxyMode, WorkloadInfo};
-pub use runtime::{ConnectionBalance, LogFormat, PacketMark, XdsPriority};
+pub use runtime::{ConnectionBalance, LogFormat, PacketMark, XdsCpuShare, XdsPriority};
 pub use ztunnel_view::ztunnel_config;
 
 use command::command;
@@ -316,6 +317,8 @@ pub struct Config {
     pub connection_balance: ConnectionBalance,
     /// The scheduling priority of the thread that applies istiod's pushes.
     pub xds_priority: XdsPriority,
+    /// The share of one CPU a push may take while it is applied (see [`XdsCpuShare`]).
+    pub xds_cpu_share: XdsCpuShare,
     /// ztunnel variables that were set but that meshwire does not implement (from
     /// [`UNSUPPORTED_ZTUNNEL_ENV`]), for the binary to warn about.
     pub ignored_env: Vec<&'static str>,
@@ -581,6 +584,7 @@ impl Inputs<'_> {
             original_source: self.original_source()?,
             connection_balance: self.connection_balance()?,
             xds_priority: self.xds_priority()?,
+            xds_cpu_share: self.xds_cpu_share()?,
             ignored_env: UNSUPPORTED_ZTUNNEL_ENV
                 .iter()
                 .copied()

@@ -273,9 +273,67 @@ pub(super) const XDS_PRIORITY: Opt = Opt {
     ..Opt::new(H_RUN)
 };
 
+/// The share of one CPU the thread that applies istiod's pushes may take while it applies one, once
+/// the proxy serves. Below 1, a large push runs in slices of 1 ms of the thread's CPU time with
+/// rests between them, so that the CPU halts the rest of the time; 1 (the default) applies a push
+/// at once. The first push is never paced. Pacing keeps a storm of large pushes from keeping a CPU
+/// busy, at the cost of slower convergence and more CPU per push (see README).
+///
+/// ```
+/// use meshwire_dataplane::config::XdsCpuShare;
+/// assert_eq!("0.25".parse::<XdsCpuShare>().map(XdsCpuShare::get), Ok(0.25));
+/// assert_eq!("1".parse::<XdsCpuShare>().map(XdsCpuShare::get), Ok(1.0));
+/// assert!("0".parse::<XdsCpuShare>().is_err());
+/// assert!("1.5".parse::<XdsCpuShare>().is_err());
+/// assert!("a quarter".parse::<XdsCpuShare>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct XdsCpuShare(f64);
+
+impl XdsCpuShare {
+    /// The smallest share accepted: a push applies at most 20 times slower than at once.
+    pub const MIN: f64 = 0.05;
+
+    /// The share, in [`XdsCpuShare::MIN`, 1].
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl FromStr for XdsCpuShare {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let share: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("expected a share of one CPU between {} and 1, such as 0.25", Self::MIN))?;
+        if !(Self::MIN..=1.0).contains(&share) {
+            return Err(format!("{share} is not between {} and 1", Self::MIN));
+        }
+        Ok(XdsCpuShare(share))
+    }
+}
+
+pub(super) const XDS_CPU_SHARE: Opt = Opt {
+    flag: "--xds-cpu-share",
+    value_name: "SHARE",
+    keys: &[Env("MESHWIRE_XDS_CPU_SHARE")],
+    default: Some("1"),
+    help: "Share of one CPU the thread that applies istiod's pushes takes while it applies one, once the proxy \
+           serves (0.05 to 1): below 1, a large push runs in slices of 1 ms with rests between them, so that a \
+           storm of pushes leaves the CPU idle most of the time (slower to apply, more CPU per push); 1 applies a \
+           push at once",
+    ..Opt::new(H_RUN)
+};
+
 impl Inputs<'_> {
     pub(super) fn xds_priority(&self) -> Result<XdsPriority, Error> {
         Ok(self.required(&XDS_PRIORITY, str::parse)?.value)
+    }
+
+    pub(super) fn xds_cpu_share(&self) -> Result<XdsCpuShare, Error> {
+        Ok(self.required(&XDS_CPU_SHARE, str::parse)?.value)
     }
 
     pub(super) fn drain_deadline(&self) -> Result<Duration, Error> {

@@ -59,6 +59,7 @@ use meshwire_control::proto::istio::workload as pw;
 use prost::Message;
 
 use super::convert;
+use crate::pace;
 use crate::rbac::{Authorization, RbacAction, RbacScope};
 use crate::state::Delta;
 use crate::xds::{LocalConfig, NamespacedHostname, NetworkMode, Protocol, Service, Workload};
@@ -222,10 +223,14 @@ impl XdsConfig {
                 self.address_received = true;
                 for name in &removed {
                     self.replace_address(name, None);
+                    pace::point();
                 }
                 resources
                     .into_iter()
-                    .filter_map(|resource| self.apply_address(resource).err())
+                    .filter_map(|resource| {
+                        pace::point();
+                        self.apply_address(resource).err()
+                    })
                     .collect()
             }
             AUTHORIZATION_TYPE_URL => {
@@ -236,7 +241,10 @@ impl XdsConfig {
                 }
                 resources
                     .into_iter()
-                    .filter_map(|resource| self.apply_policy(resource).err())
+                    .filter_map(|resource| {
+                        pace::point();
+                        self.apply_policy(resource).err()
+                    })
                     .collect()
             }
             other => resources
@@ -428,12 +436,14 @@ impl XdsConfig {
         }
         let mut delta = Delta::new();
         for name in std::mem::take(&mut self.changed_workloads) {
+            pace::point();
             match self.addresses.get(&name).map(|s| &s.address) {
                 Some(Address::Workload(w)) => delta.put_workload(self.effective_workload(&name, w)),
                 _ => delta.remove_workload(name),
             }
         }
         for (name, key) in std::mem::take(&mut self.changed_services) {
+            pace::point();
             match self.addresses.get(&name).map(|s| &s.address) {
                 Some(Address::Service(s)) => delta.put_service(self.effective_service(&name, s)),
                 _ => delta.remove_service(key),
@@ -450,6 +460,7 @@ impl XdsConfig {
         self.changed_services.clear();
         let mut delta = Delta::whole();
         for (name, stored) in &self.addresses {
+            pace::point();
             match &stored.address {
                 Address::Workload(w) => delta.put_workload(self.effective_workload(name, w)),
                 Address::Service(s) => delta.put_service(self.effective_service(name, s)),
