@@ -19,11 +19,13 @@ use meshwire_testkit::istiod::{FakeIstiod, StreamHandle};
 use meshwire_tests::istio::{ADDRESS, AUTHORIZATION, Named, Resources};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-/// One push: its type, nonce and resources (added or changed).
+/// One push: its type, nonce and resources (added or changed), and the stream it is for (`None`:
+/// every stream).
 struct Push {
     type_url: String,
     nonce: String,
     resources: Arc<Vec<Resource>>,
+    to: Option<u64>,
 }
 
 /// An ACK or NACK.
@@ -42,6 +44,8 @@ pub(crate) struct Answer {
 struct Served {
     answers: Vec<Answer>,
     nonce: u64,
+    /// The streams being served, by number (in the order they came).
+    live: std::collections::BTreeSet<u64>,
 }
 
 /// What a new subscription gets: per type URL, every resource by name, and the pushes since, merged
@@ -136,6 +140,7 @@ impl Istiod {
         let served = Arc::new(Mutex::new(Served {
             answers: Vec::new(),
             nonce: 0,
+            live: std::collections::BTreeSet::new(),
         }));
         let (pushes, mut queued) = mpsc::unbounded_channel::<Push>();
         let (started, fake) = oneshot::channel();
@@ -163,9 +168,14 @@ impl Istiod {
                     let (f, b) = (Arc::clone(&fake), broadcast.clone());
                     let (served, k) = (Arc::clone(&s), Arc::clone(&kept));
                     tokio::spawn(async move {
-                        loop {
+                        for id in 0.. {
                             let stream = f.next_stream().await;
-                            tokio::spawn(serve(stream, Arc::clone(&served), Arc::clone(&k), b.subscribe()));
+                            lock(&served).live.insert(id);
+                            let (served, k, pushes) = (Arc::clone(&served), Arc::clone(&k), b.subscribe());
+                            tokio::spawn(async move {
+                                serve(id, stream, &served, &k, pushes).await;
+                                lock(&served).live.remove(&id);
+                            });
                         }
                     });
                     // Pushes are kept for the streams to come and handed to every stream here, on
@@ -209,6 +219,16 @@ impl Istiod {
     /// Sends `resources` of `type_url` (added or changed) to every stream and keeps them for the
     /// streams to come (on istiod's thread). Returns the push's nonce and when it was handed over.
     pub(crate) fn push(&self, type_url: &str, resources: Arc<Vec<Resource>>) -> (String, Instant) {
+        self.push_to(type_url, resources, None)
+    }
+
+    /// The numbers of the streams being served.
+    pub(crate) fn streams(&self) -> Vec<u64> {
+        lock(&self.served).live.iter().copied().collect()
+    }
+
+    /// [`Istiod::push`] to the stream numbered `to` only (`None`: to every stream).
+    pub(crate) fn push_to(&self, type_url: &str, resources: Arc<Vec<Resource>>, to: Option<u64>) -> (String, Instant) {
         let nonce = {
             let mut served = lock(&self.served);
             served.nonce += 1;
@@ -219,6 +239,7 @@ impl Istiod {
             type_url: type_url.to_owned(),
             nonce: nonce.clone(),
             resources,
+            to,
         });
         (nonce, at)
     }
@@ -263,18 +284,20 @@ fn response(type_url: &str, nonce: &str, resources: Vec<Resource>) -> DeltaDisco
 /// Serves one stream: everything of each type it subscribes to, then every push; records its
 /// answers.
 async fn serve(
+    id: u64,
     mut stream: StreamHandle,
-    served: Arc<Mutex<Served>>,
-    kept: Kept,
+    served: &Mutex<Served>,
+    kept: &Kept,
     mut pushes: broadcast::Receiver<Arc<Push>>,
 ) {
     loop {
         tokio::select! {
             request = stream.recv() => {
                 let Some(request) = request else { return };
-                on_request(&stream, &served, &kept, request);
+                on_request(&stream, served, kept, request);
             }
             push = pushes.recv() => match push {
+                Ok(push) if push.to.is_some_and(|to| to != id) => {}
                 Ok(push) => {
                     let response = response_paced(&push).await;
                     stream.send(response);

@@ -474,6 +474,12 @@ pub(crate) struct ProxyRow {
     /// ... and every exchange with no push in flight: those between pushes and those of the run
     /// without pushes (the baseline the exchanges during a push are judged against) ...
     pub(crate) rr_quiet: Percentiles,
+    /// ... and the same with each push sent to one proxy and, once it answered, to the other (each
+    /// proxy's node has CPUs of its own in a real mesh; here both share the machine's): during such
+    /// a push, and with no push in flight ...
+    pub(crate) pushes_apart: usize,
+    pub(crate) rr_in_push_apart: Percentiles,
+    pub(crate) rr_quiet_apart: Percentiles,
     /// ... and while such pushes follow each other (each as soon as both proxies ACKed the one before).
     pub(crate) rr_during: Percentiles,
     pub(crate) pushes_during: usize,
@@ -622,6 +628,7 @@ async fn push_until(
     what: PushKind,
     windows: &Mutex<Vec<(Instant, Instant)>>,
     pace: Option<Duration>,
+    one_at_a_time: bool,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     for k in 0.. {
@@ -629,10 +636,26 @@ async fn push_until(
             break;
         }
         let started = tokio::time::Instant::now();
-        let (nonce, at) = istiod.push(ADDRESS, pushes.nth(what, k));
-        let answers = istiod.answers(&nonce, 2, PUSH_TIMEOUT).await?;
-        let end = answers.iter().map(|a| a.at).max().unwrap_or(at);
-        windows.lock().unwrap_or_else(PoisonError::into_inner).push((at, end));
+        let window = if one_at_a_time {
+            // To one proxy, and once it answered to the other, as if each had a node of its own.
+            let streams = istiod.streams();
+            if streams.len() != 2 {
+                bail!("istiod serves {} streams, not the pair's 2", streams.len());
+            }
+            let mut window: Option<(Instant, Instant)> = None;
+            for stream in streams {
+                let (nonce, at) = istiod.push_to(ADDRESS, pushes.nth(what, k), Some(stream));
+                let answers = istiod.answers(&nonce, 1, PUSH_TIMEOUT).await?;
+                let end = answers.iter().map(|a| a.at).max().unwrap_or(at);
+                window = Some((window.map_or(at, |(start, _)| start), end));
+            }
+            window
+        } else {
+            let (nonce, at) = istiod.push(ADDRESS, pushes.nth(what, k));
+            let answers = istiod.answers(&nonce, 2, PUSH_TIMEOUT).await?;
+            Some((at, answers.iter().map(|a| a.at).max().unwrap_or(at)))
+        };
+        windows.lock().unwrap_or_else(PoisonError::into_inner).extend(window);
         if let Some(pace) = pace {
             while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < started + pace {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -749,7 +772,7 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             .with_context(|| format!("{label}: request/response {what}"))
     };
     let before = rr("before the pushes").await?;
-    let during = |what: PushKind, pace: Option<Duration>| {
+    let during = |what: PushKind, pace: Option<Duration>, one_at_a_time: bool| {
         let istiod = &istiod;
         async move {
             let windows = Mutex::new(Vec::new());
@@ -759,7 +782,10 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
                 stop.store(true, Ordering::Relaxed);
                 exchanges
             };
-            let (exchanges, pushed) = tokio::join!(measuring, push_until(istiod, pushes, what, &windows, pace, &stop));
+            let (exchanges, pushed) = tokio::join!(
+                measuring,
+                push_until(istiod, pushes, what, &windows, pace, one_at_a_time, &stop)
+            );
             pushed.with_context(|| format!("{label}: pushing during request/response"))?;
             let exchanges = exchanges?;
             let windows = windows.into_inner().unwrap_or_else(PoisonError::into_inner);
@@ -772,17 +798,23 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             ))
         }
     };
+    let quiet = |between: &Histogram<u64>| -> anyhow::Result<Percentiles> {
+        let mut quiet = before.latency.clone();
+        quiet
+            .add(between)
+            .context("merging the exchanges without a push in flight")?;
+        Ok(Percentiles::of(&quiet))
+    };
     let (rr_paced, pushes_paced, (in_push, between_pushes), push_windows) =
-        during(PushKind::EveryWorkload, Some(PACE)).await?;
-    let mut quiet = before.latency.clone();
-    quiet
-        .add(&between_pushes)
-        .context("merging the exchanges without a push in flight")?;
+        during(PushKind::EveryWorkload, Some(PACE), false).await?;
     let (rr_in_push, rr_between_pushes, rr_quiet) = (
         Percentiles::of(&in_push),
         Percentiles::of(&between_pushes),
-        Percentiles::of(&quiet),
+        quiet(&between_pushes)?,
     );
+    let (_, pushes_apart, (in_push_apart, between_apart), _) =
+        during(PushKind::EveryWorkload, Some(PACE), true).await?;
+    let (rr_in_push_apart, rr_quiet_apart) = (Percentiles::of(&in_push_apart), quiet(&between_apart)?);
     // The control: spinners at SCHED_IDLE (one per proxy of the pair) as long as those pushes.
     let push_length = median(
         push_windows
@@ -808,8 +840,9 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         let (in_spin, between) = split_by_windows(&exchanges.timeline, &windows);
         (Percentiles::of(&in_spin), Percentiles::of(&between), windows.len())
     };
-    let (rr_during, pushes_during, _, _) = during(PushKind::EveryWorkload, None).await?;
-    let (_, pushes_one, (in_one_push, between_one_pushes), _) = during(PushKind::OneWorkload, Some(PACE)).await?;
+    let (rr_during, pushes_during, _, _) = during(PushKind::EveryWorkload, None, false).await?;
+    let (_, pushes_one, (in_one_push, between_one_pushes), _) =
+        during(PushKind::OneWorkload, Some(PACE), false).await?;
     let (rr_in_one_push, rr_between_one_pushes) = (Percentiles::of(&in_one_push), Percentiles::of(&between_one_pushes));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_end = PairRss::of(pair)?;
@@ -837,6 +870,9 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         rr_in_push,
         rr_between_pushes,
         rr_quiet,
+        pushes_apart,
+        rr_in_push_apart,
+        rr_quiet_apart,
         rr_during,
         pushes_during,
         rr_in_one_push,
@@ -1018,6 +1054,16 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
                 &row.rr_quiet,
                 "-".to_owned(),
             ),
+            (
+                "one proxy at a time: during a push",
+                &row.rr_in_push_apart,
+                row.pushes_apart.to_string(),
+            ),
+            (
+                "- no push in flight: between + no pushes",
+                &row.rr_quiet_apart,
+                "-".to_owned(),
+            ),
             ("pushes back to back", &row.rr_during, row.pushes_during.to_string()),
             (
                 "1 workload each 1 s: between",
@@ -1072,12 +1118,14 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             (ratio, word)
         };
         let (ratio, word) = judge(&row.rr_quiet, &row.rr_in_push);
+        let (apart_ratio, apart_word) = judge(&row.rr_quiet_apart, &row.rr_in_push_apart);
         let (one_ratio, one_word) = judge(&row.rr_between_one_pushes, &row.rr_in_one_push);
         let spin_ratio = row.rr_in_spin.p99_us / row.rr_between_spins.p99_us.max(1.0);
         verdict.push_str(&format!(
             "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us with no push in flight -> {:.0} us during a push of \
-             every workload (x{:.2}: {word}; {:.0} us between pushes, {:.0} us without pushes; idle-priority spinners \
-             as long as a push, doing nothing else: x{:.2}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
+             every workload to both proxies at once (x{:.2}: {word}; {:.0} us between pushes, {:.0} us without pushes; \
+             idle-priority spinners as long as a push, doing nothing else: x{:.2}), {:.0} -> {:.0} us to one proxy at a \
+             time (x{:.2}: {apart_word}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
             row.path,
             row.full_push.generation_ms,
             within(row.full_push.generation_ms <= BUDGET_APPLY_S * 1e3),
@@ -1087,6 +1135,9 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             row.rr_between_pushes.p99_us,
             row.rr_before.p99_us,
             spin_ratio,
+            row.rr_quiet_apart.p99_us,
+            row.rr_in_push_apart.p99_us,
+            apart_ratio,
             row.rr_between_one_pushes.p99_us,
             row.rr_in_one_push.p99_us,
             one_ratio,

@@ -299,7 +299,12 @@ fn quick_xds_run_reports_pushes_in_process_and_through_each_binary() {
         }
         positive(&row["rss_after"]["a_mb"], "RSS");
         positive(&row["rr_before"]["p99_us"], "p99 before");
-        for (rr, pushes) in [("rr_paced", "pushes_paced"), ("rr_during", "pushes_during")] {
+        positive(&row["rr_quiet"]["p99_us"], "p99 with no push in flight");
+        for (rr, pushes) in [
+            ("rr_paced", "pushes_paced"),
+            ("rr_during", "pushes_during"),
+            ("rr_in_push_apart", "pushes_apart"),
+        ] {
             positive(&row[rr]["p99_us"], rr);
             assert!(row[pushes].as_u64().unwrap() >= 1, "{row}");
         }
