@@ -87,8 +87,7 @@ fn thread_cpu() -> Duration {
 /// Runs `work` on this thread paced to `share` of one CPU (a share of 1 or more runs it at once),
 /// and says how it rested. Within a paced work, a nested one runs in the outer one's pace.
 pub(crate) fn paced<R>(share: f64, work: impl FnOnce() -> R) -> (R, Rests) {
-    let nested = ACTIVE.with(|active| active.borrow().is_some());
-    if nested || share >= 1.0 || share.is_nan() {
+    if active() || share >= 1.0 || share.is_nan() {
         return (work(), Rests::default());
     }
     ACTIVE.with(|active| {
@@ -110,6 +109,11 @@ pub(crate) fn paced<R>(share: f64, work: impl FnOnce() -> R) -> (R, Rests) {
     let rests = rests();
     drop(clear);
     (result, rests)
+}
+
+/// Whether a paced work runs on this thread (within [`paced`] at a share below one CPU).
+pub(crate) fn active() -> bool {
+    ACTIVE.with(|active| active.borrow().is_some())
 }
 
 /// How the paced work running on this thread rested so far (nothing outside [`paced`]).

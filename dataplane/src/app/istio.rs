@@ -225,9 +225,12 @@ impl Retired {
 }
 
 impl RetiredSnapshot {
+    /// Drops the snapshot; when the thread is paced and the state is alone, takes it apart in the
+    /// pace (unpaced, a plain drop costs less).
     fn free(self) {
         let RetiredSnapshot { snapshot, alone } = self;
         if alone
+            && pace::active()
             && let Ok(snapshot) = Arc::try_unwrap(snapshot)
             && let Ok(state) = Arc::try_unwrap(snapshot.state)
         {
