@@ -18,6 +18,9 @@ pub(crate) enum Route {
     Direct,
     /// SOCKS5 CONNECT through proxy A at this address (then HBONE to proxy B).
     Socks5(SocketAddr),
+    /// A plain TCP connection to the forwarder A at this address, which goes on to the server
+    /// through the forwarder B.
+    Forward(SocketAddr),
 }
 
 /// Runs `fut` with [`IO_TIMEOUT`]; `what` names the step in the error.
@@ -37,6 +40,11 @@ pub(crate) async fn open(route: Route, target: SocketAddr) -> anyhow::Result<Tcp
     match route {
         Route::Direct => {
             let tcp = timed("connecting to the server", TcpStream::connect(target)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(tcp)
+        }
+        Route::Forward(forwarder) => {
+            let tcp = timed("connecting to the forwarder A", TcpStream::connect(forwarder)).await?;
             tcp.set_nodelay(true)?;
             Ok(tcp)
         }

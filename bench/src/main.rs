@@ -8,9 +8,16 @@
 //! one proxy per binary (queries answered locally and forwarded). Prints a table per shape;
 //! `--json FILE` writes every figure.
 //!
+//! With `--topology veth` the two nodes are two network namespaces joined by a veth pair (client
+//! node: this process and proxy A; server node: proxy B and the server's sockets), as two nodes of a
+//! cluster. The floor references are measured in the same run: a plain userspace forwarder pair
+//! (shapes 1, 3 and 4, as a path of its own) and ring's AES-GCM; shapes 1 and 3 print each proxy's
+//! figures as ratios to them.
+//!
 //! ```text
 //! cargo build --release -p meshwire-dataplane -p meshwire-dataplane-uring -p meshwire-bench
 //! target/release/meshwire-bench --json bench.json --svg parallel.svg
+//! target/release/meshwire-bench --topology veth --only bulk,rr,connections,idle
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -22,8 +29,10 @@ use serde::Serialize;
 
 mod client;
 mod dns;
+mod floor;
 mod istiod;
 mod load;
+mod nodes;
 mod plot;
 mod proxy;
 mod report;
@@ -53,6 +62,10 @@ struct Cli {
     /// Draw shape 2 (parallel flows, 1 and 2 cores) as an SVG plot in this file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+    /// Where the two nodes of each pair are: on this host's loopback, or in two network namespaces
+    /// joined by a veth pair (needs root; the dns and xds shapes run on loopback only).
+    #[arg(long, value_enum, default_value = "loopback")]
+    topology: nodes::Topology,
     /// Run only these shapes (repeatable or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Shape>,
@@ -117,6 +130,9 @@ struct Report {
     machine: Machine,
     plan: Plan,
     binaries: Vec<BinaryJson>,
+    /// The floor references' AES-GCM cost (measured with shapes 1 and 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aes: Option<floor::Aes>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bulk: Option<Vec<shapes::BulkRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,8 +179,18 @@ const CAVEAT: &str = "The bench process (clients and server, tokio, one thread p
                       of one run.";
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(floor::FORWARD_FLAG) {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return match floor::forward(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("meshwire-bench forwarder: error: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if std::env::args().nth(1).as_deref() == Some(server::SERVE_FLAG) {
-        return match server::serve_until_stdin_closes() {
+        return match server::serve_until_stdin_closes(std::env::args().nth(2).as_deref()) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("meshwire-bench server: error: {err:#}");
@@ -183,17 +209,24 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let binaries = binaries(&cli)?;
-    let plan = plan(&cli);
+    let veth = cli.topology == nodes::Topology::Veth;
     let shapes: Vec<Shape> = if cli.only.is_empty() {
         Shape::value_variants()
             .iter()
             .copied()
-            .filter(|s| *s != Shape::Xds)
+            .filter(|s| *s != Shape::Xds && !(veth && *s == Shape::Dns))
             .collect()
     } else {
         cli.only.clone()
     };
+    if veth && let Some(shape) = shapes.iter().find(|s| matches!(s, Shape::Dns | Shape::Xds)) {
+        bail!("--topology veth: the {shape:?} shape runs on loopback only");
+    }
+    let binaries = binaries(&cli)?;
+    let plan = plan(&cli);
+    // Before any thread starts: with veth, this thread moves into the client node, and every thread
+    // started after it is there too.
+    let _nodes = nodes::Nodes::set_up(cli.topology).context("setting up the nodes (--topology)")?;
     // The clients' ends of every idle connection live in this process (the server's in a child of
     // its own); the proxies, each holding one end of each too, inherit the limit.
     let needed = if shapes.contains(&Shape::Idle) {
@@ -209,6 +242,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     for b in &binaries {
         println!("binary {}: {}", b.name, b.path.display());
     }
+    println!(
+        "nodes: {}",
+        match cli.topology {
+            nodes::Topology::Loopback => "loopback (client 127.0.0.1, server 127.0.0.2)".to_owned(),
+            nodes::Topology::Veth => format!(
+                "two network namespaces joined by a veth pair (client {}, server {})",
+                nodes::client_ip(),
+                nodes::server_ip()
+            ),
+        }
+    );
+    // The floor references: AES-GCM here, the forwarder pair with the proxies' pairs below.
+    let floor = shapes
+        .iter()
+        .any(|s| matches!(s, Shape::Bulk | Shape::Rr | Shape::Connections));
+    let aes = if floor {
+        let aes = floor::aes(if cli.quick { 0.1 } else { 1.0 })?;
+        println!(
+            "floor: AES-256-GCM (ring) on one core: seal {:.2} GB/s, open {:.2} GB/s: {:.3} CPU-s/GB to encrypt \
+             and decrypt each byte once; the forwarder pair (no TLS, no HTTP/2, 2 workers) is measured as the \
+             path `{}`",
+            aes.seal_gb_per_s,
+            aes.open_gb_per_s,
+            aes.cpu_s_per_gb,
+            floor::FORWARDER
+        );
+        Some(aes)
+    } else {
+        None
+    };
     println!();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -238,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         idle: None,
         xds: None,
         dns: None,
+        aes,
         total_seconds: 0.0,
     };
     let tmp = tempfile::Builder::new()
@@ -246,16 +310,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("creating a temporary directory")?;
     runtime.block_on(async {
         let work = Workdir::create(tmp.path())?;
-        let server = server::Server::start()?;
+        let server = server::Server::start(nodes::server_ip())?;
         let mut pairs = Vec::new();
-        if shapes
-            .iter()
-            .any(|s| matches!(s, Shape::Bulk | Shape::Rr | Shape::Connections))
-        {
+        let mut forwarder = None;
+        if floor {
             for binary in &binaries {
                 let label = format!("{} default", binary.name);
                 pairs.push(Pair::start(&work, binary, PairOptions::default(), &label, server.addr()).await?);
             }
+            let binary = Binary::forwarder()?;
+            let label = format!("{} default", binary.name);
+            forwarder = Some(Pair::start(&work, &binary, PairOptions::default(), &label, server.addr()).await?);
         }
         let bench = Bench {
             server,
@@ -263,6 +328,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             binaries: binaries.clone(),
             plan,
             pairs,
+            forwarder,
+            aes,
         };
         for shape in &shapes {
             let table = match shape {
@@ -326,6 +393,7 @@ fn keep<T>(slot: &mut Option<T>, (rows, table): (T, Table)) -> Table {
 fn plan(cli: &Cli) -> Plan {
     let quick = cli.quick;
     Plan {
+        topology: cli.topology,
         repeat: cli.repeat.unwrap_or(if quick { 1 } else { 3 }).max(1),
         bulk_s: if quick { 0.5 } else { 4.0 },
         parallel_s: cli
@@ -372,9 +440,13 @@ fn binaries(cli: &Cli) -> anyhow::Result<Vec<Binary>> {
         if list.iter().any(|b: &Binary| b.name == name) {
             bail!("--binary {spec:?}: the name {name} is given twice");
         }
+        if name == floor::FORWARDER {
+            bail!("--binary {spec:?}: the name {name} is the floor reference's");
+        }
         list.push(Binary {
             name: name.to_owned(),
             path: PathBuf::from(path),
+            kind: proxy::Kind::Proxy,
         });
     }
     if let Some(path) = &cli.ztunnel {
@@ -386,6 +458,7 @@ fn binaries(cli: &Cli) -> anyhow::Result<Vec<Binary>> {
             Binary {
                 name: "ztunnel".to_owned(),
                 path: path.clone(),
+                kind: proxy::Kind::Proxy,
             },
         );
     } else if list.is_empty() {
@@ -394,12 +467,14 @@ fn binaries(cli: &Cli) -> anyhow::Result<Vec<Binary>> {
         list.push(Binary {
             name: "ztunnel".to_owned(),
             path: dir.join("ztunnel"),
+            kind: proxy::Kind::Proxy,
         });
         let uring = dir.join("ztunnel-uring");
         if uring.is_file() {
             list.push(Binary {
                 name: "ztunnel-uring".to_owned(),
                 path: uring,
+                kind: proxy::Kind::Proxy,
             });
         } else {
             println!(

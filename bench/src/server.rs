@@ -10,7 +10,7 @@
 //! Payloads are not checksummed: counts are checked end to end instead.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,6 @@ pub(crate) const HEADER_LEN: usize = 24;
 pub(crate) const CHUNK: usize = 256 * 1024;
 /// How long the server waits for a header or for any one read or write.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The address the destination workload lives at (served by proxy B).
-pub(crate) const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 /// What a connection asks the server to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,15 +94,26 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Binds `127.0.0.2:0` and serves in the background of the current runtime.
-    pub(crate) fn start() -> anyhow::Result<Server> {
-        let socket = TcpSocket::new_v4().context("creating the server socket")?;
+    /// Binds `<server_ip>:0` (127.0.0.2, or with veth the server node's address, in its namespace)
+    /// and serves in the background of the current runtime.
+    pub(crate) fn start(server_ip: std::net::Ipv4Addr) -> anyhow::Result<Server> {
+        // The socket is made on the server node: it stays there.
+        let socket = crate::nodes::on_server_thread(|| {
+            let fd = rustix::net::socket_with(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+                None,
+            )?;
+            Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
+        })
+        .context("creating the server socket")?;
         socket
             .set_reuseaddr(true)
             .context("SO_REUSEADDR on the server socket")?;
         socket
-            .bind(SocketAddr::new(SERVER_IP.into(), 0))
-            .with_context(|| format!("binding the destination server on {SERVER_IP}:0 (is 127.0.0.0/8 on lo?)"))?;
+            .bind(SocketAddr::new(server_ip.into(), 0))
+            .with_context(|| format!("binding the destination server on {server_ip}:0 (is 127.0.0.0/8 on lo?)"))?;
         let listener = socket.listen(8192).context("listening on the server socket")?;
         let addr = listener.local_addr().context("server address")?;
         let server = Server {
@@ -212,14 +220,19 @@ pub(crate) fn pattern(len: usize) -> Vec<u8> {
 pub(crate) const SERVE_FLAG: &str = "--serve-internal";
 
 /// Runs the server in this process until standard input closes (the parent bench went away): prints
-/// `listening <addr>` on standard output once it accepts. Used by [`ServerProcess`].
-pub(crate) fn serve_until_stdin_closes() -> anyhow::Result<()> {
+/// `listening <addr>` on standard output once it accepts. Used by [`ServerProcess`], which starts it
+/// on the server node with the address to listen on as its argument.
+pub(crate) fn serve_until_stdin_closes(server_ip: Option<&str>) -> anyhow::Result<()> {
+    let server_ip = match server_ip {
+        Some(ip) => ip.parse().with_context(|| format!("server address {ip:?}"))?,
+        None => crate::nodes::server_ip(),
+    };
     use std::io::{Read, Write};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let server = runtime.block_on(async { Server::start() })?;
+    let server = runtime.block_on(async { Server::start(server_ip) })?;
     let mut out = std::io::stdout();
     writeln!(out, "listening {}", server.addr())?;
     out.flush()?;
@@ -241,10 +254,12 @@ impl ServerProcess {
     /// Starts it and waits (up to 10 s) for its address.
     pub(crate) async fn start() -> anyhow::Result<ServerProcess> {
         use std::io::BufRead;
-        use std::process::{Command, Stdio};
+        use std::process::Stdio;
         let exe = std::env::current_exe().context("locating the bench executable")?;
-        let mut child = Command::new(&exe)
+        let mut command = crate::nodes::server_command(&exe);
+        let mut child = command
             .arg(SERVE_FLAG)
+            .arg(crate::nodes::server_ip().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -257,7 +272,7 @@ impl ServerProcess {
         });
         let mut process = ServerProcess {
             child,
-            addr: SocketAddr::from((SERVER_IP, 0)),
+            addr: SocketAddr::from((crate::nodes::server_ip(), 0)),
         };
         let line = match tokio::time::timeout(Duration::from_secs(10), read).await {
             Ok(Ok(Ok(line))) => line,
@@ -276,6 +291,11 @@ impl ServerProcess {
     /// Its address.
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -8,6 +8,7 @@ use meshwire_testkit::measure::median;
 use serde::Serialize;
 
 use crate::client::Route;
+use crate::floor::{Aes, FORWARDER};
 use crate::load::{self, Direction};
 use crate::proxy::{Binary, Pair, PairOptions, Workdir};
 use crate::report::{Percentiles, Table, fmt};
@@ -17,6 +18,8 @@ use crate::sys;
 /// Durations and sizes of one run.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Plan {
+    /// Where the two nodes of each pair are.
+    pub(crate) topology: crate::nodes::Topology,
     /// Runs of each measurement (interleaved); medians are reported.
     pub(crate) repeat: usize,
     /// Seconds of each one-flow bulk run.
@@ -67,6 +70,10 @@ pub(crate) struct Bench {
     pub(crate) plan: Plan,
     /// One pair per binary with the default settings (2 workers, pooled), for shapes 1, 3 and 4.
     pub(crate) pairs: Vec<Pair>,
+    /// The floor references' forwarder pair (2 workers), for shapes 1, 3 and 4.
+    pub(crate) forwarder: Option<Pair>,
+    /// The floor references' AES-GCM cost, measured at the start.
+    pub(crate) aes: Option<Aes>,
 }
 
 /// A way to the server: direct, or through a pair of one binary.
@@ -133,7 +140,17 @@ impl Bench {
             name: &b.name,
             pair: Some(p),
         }));
+        cases.extend(self.forwarder.iter().map(|p| Case {
+            name: FORWARDER,
+            pair: Some(p),
+        }));
         cases
+    }
+
+    /// The floor of a TLS proxy pair's CPU per GB: the forwarder pair's, measured alike, plus AES
+    /// both ways; `None` without them.
+    fn floor_cpu_s_per_gb(&self, forwarder: Option<f64>) -> Option<f64> {
+        Some(forwarder? + self.aes?.cpu_s_per_gb)
     }
 }
 
@@ -171,61 +188,102 @@ impl BulkRun {
 pub(crate) struct BulkRow {
     pub(crate) path: String,
     pub(crate) direction: &'static str,
+    /// Parallel flows (1 or 4), each on a connection of its own.
+    pub(crate) flows: usize,
     pub(crate) median_gbps: f64,
     pub(crate) median_cpu_s_per_gb: Option<f64>,
+    /// The CPU per GB over the floor of the same run (the forwarder pair's for the same flows and
+    /// direction, plus AES-GCM both ways); `None` for direct and the forwarder.
+    pub(crate) cpu_over_floor: Option<f64>,
     pub(crate) runs: Vec<BulkRun>,
 }
 
-/// Shape 1: one flow each way, Gbit/s and proxy CPU-seconds per GB.
+/// Shape 1: one flow and four flows each way, Gbit/s and proxy CPU-seconds per GB, the latter also
+/// as a ratio to the floor.
 pub(crate) async fn bulk(bench: &Bench) -> anyhow::Result<(Vec<BulkRow>, Table)> {
     let cases = bench.cases();
     let duration = secs(bench.plan.bulk_s);
     let directions = [Direction::Upload, Direction::Download];
-    let mut runs: Vec<Vec<BulkRun>> = vec![Vec::new(); cases.len() * directions.len()];
+    let flow_counts = [1, 4];
+    // Runs by (flows, direction, case).
+    let slot = |f: usize, d: usize, c: usize| (f * directions.len() + d) * cases.len() + c;
+    let mut runs: Vec<Vec<BulkRun>> = vec![Vec::new(); flow_counts.len() * directions.len() * cases.len()];
     for _ in 0..bench.plan.repeat {
-        for (d, direction) in directions.iter().enumerate() {
-            for (c, case) in cases.iter().enumerate() {
-                let (moved, cost) = measured(
-                    case.pair,
-                    duration + Duration::from_secs(60),
-                    load::bulk(case.route(), &bench.server, *direction, 1, duration),
-                )
-                .await
-                .with_context(|| context_of(case, &format!("bulk {}", direction.name())))?;
-                runs[d * cases.len() + c].push(BulkRun::new(moved, cost));
+        for (f, flows) in flow_counts.iter().enumerate() {
+            for (d, direction) in directions.iter().enumerate() {
+                for (c, case) in cases.iter().enumerate() {
+                    let (moved, cost) = measured(
+                        case.pair,
+                        duration + Duration::from_secs(60),
+                        load::bulk(case.route(), &bench.server, *direction, *flows, duration),
+                    )
+                    .await
+                    .with_context(|| context_of(case, &format!("bulk {}, {flows} flows", direction.name())))?;
+                    runs[slot(f, d, c)].push(BulkRun::new(moved, cost));
+                }
             }
         }
     }
     let mut rows = Vec::new();
     let mut table = Table::new(
         format!(
-            "1. Bulk, one flow ({} s, median of {})",
-            bench.plan.bulk_s, bench.plan.repeat
+            "1. Bulk, one flow and four ({} s, median of {}; x floor: CPU-s/GB over the forwarder pair's plus \
+             AES-GCM both ways{})",
+            bench.plan.bulk_s,
+            bench.plan.repeat,
+            bench
+                .aes
+                .map(|a| format!(" ({:.3} CPU-s/GB)", a.cpu_s_per_gb))
+                .unwrap_or_default()
         ),
-        &["path", "direction", "Gbit/s", "proxy CPU-s/GB", "Gbit/s of each run"],
+        &[
+            "path",
+            "flows",
+            "direction",
+            "Gbit/s",
+            "proxy CPU-s/GB",
+            "x floor",
+            "Gbit/s of each run",
+        ],
     );
-    for (d, direction) in directions.iter().enumerate() {
-        for (c, case) in cases.iter().enumerate() {
-            let runs = std::mem::take(&mut runs[d * cases.len() + c]);
-            let row = BulkRow {
-                path: case.name.to_owned(),
-                direction: direction.name(),
-                median_gbps: median(runs.iter().map(|r| r.gbps)).unwrap_or(0.0),
-                median_cpu_s_per_gb: median(runs.iter().filter_map(|r| r.cpu_s_per_gb)),
-                runs,
-            };
-            table.row(vec![
-                row.path.clone(),
-                row.direction.to_owned(),
-                format!("{:.2}", row.median_gbps),
-                fmt(row.median_cpu_s_per_gb, 3),
-                row.runs
-                    .iter()
-                    .map(|r| format!("{:.2}", r.gbps))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ]);
-            rows.push(row);
+    for (f, flows) in flow_counts.iter().enumerate() {
+        for (d, direction) in directions.iter().enumerate() {
+            let forwarder = cases
+                .iter()
+                .position(|c| c.name == FORWARDER)
+                .and_then(|c| median(runs[slot(f, d, c)].iter().filter_map(|r| r.cpu_s_per_gb)));
+            let floor = bench.floor_cpu_s_per_gb(forwarder);
+            for (c, case) in cases.iter().enumerate() {
+                let runs = std::mem::take(&mut runs[slot(f, d, c)]);
+                let median_cpu_s_per_gb = median(runs.iter().filter_map(|r| r.cpu_s_per_gb));
+                let row = BulkRow {
+                    path: case.name.to_owned(),
+                    direction: direction.name(),
+                    flows: *flows,
+                    median_gbps: median(runs.iter().map(|r| r.gbps)).unwrap_or(0.0),
+                    median_cpu_s_per_gb,
+                    cpu_over_floor: match (case.name, median_cpu_s_per_gb, floor) {
+                        (FORWARDER, ..) => None,
+                        (_, Some(cpu), Some(floor)) => Some(cpu / floor),
+                        _ => None,
+                    },
+                    runs,
+                };
+                table.row(vec![
+                    row.path.clone(),
+                    flows.to_string(),
+                    row.direction.to_owned(),
+                    format!("{:.2}", row.median_gbps),
+                    fmt(row.median_cpu_s_per_gb, 3),
+                    fmt(row.cpu_over_floor, 2),
+                    row.runs
+                        .iter()
+                        .map(|r| format!("{:.2}", r.gbps))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ]);
+                rows.push(row);
+            }
         }
     }
     Ok((rows, table))
@@ -473,6 +531,11 @@ pub(crate) struct RrRow {
     pub(crate) latency: Percentiles,
     /// Median latency minus the direct connection's, same mode; `None` for direct.
     pub(crate) added: Option<Percentiles>,
+    /// Added p50 and p99 over the forwarder pair's added p50 and p99, same mode; `None` for direct
+    /// and the forwarder.
+    pub(crate) added_over_forwarder: Option<(f64, f64)>,
+    /// CPU per request over the forwarder pair's; `None` for direct and the forwarder.
+    pub(crate) cpu_over_forwarder: Option<f64>,
     pub(crate) median_cpu_ms_per_1000: Option<f64>,
     /// Proxy CPU as a percentage of one core during the run.
     pub(crate) median_core_percent: Option<f64>,
@@ -541,10 +604,22 @@ pub(crate) async fn request_response(bench: &Bench) -> anyhow::Result<(Vec<RrRow
             "added p99.9",
             "CPU-ms/1000 req",
             "% of a core",
+            "x fwd: added p50, p99, CPU",
         ],
     );
+    let forwarder = cases.iter().position(|c| c.name == FORWARDER);
     for (m, mode) in modes.iter().enumerate() {
         let mut direct: Option<Percentiles> = None;
+        // The forwarder's added latency and CPU per request, for the ratios.
+        let reference = forwarder.and_then(|f| {
+            let direct = cases.iter().position(|c| c.pair.is_none())?;
+            let of = |c: usize| {
+                Percentiles::median_of(&runs[m * cases.len() + c].iter().map(|r| r.latency).collect::<Vec<_>>())
+            };
+            let added = of(f).minus(&of(direct));
+            let cpu = median(runs[m * cases.len() + f].iter().filter_map(|r| r.cpu_ms_per_1000))?;
+            Some((added, cpu))
+        });
         for (c, case) in cases.iter().enumerate() {
             let runs = std::mem::take(&mut runs[m * cases.len() + c]);
             let latency = Percentiles::median_of(&runs.iter().map(|r| r.latency).collect::<Vec<_>>());
@@ -555,13 +630,24 @@ pub(crate) async fn request_response(bench: &Bench) -> anyhow::Result<(Vec<RrRow
             if case.pair.is_none() {
                 direct = Some(latency);
             }
+            let median_cpu_ms_per_1000 = median(runs.iter().filter_map(|r| r.cpu_ms_per_1000));
+            let ratios = match (case.name, added, reference) {
+                (FORWARDER, ..) => None,
+                (_, Some(added), Some((base, cpu))) => Some((
+                    (added.p50_us / base.p50_us, added.p99_us / base.p99_us),
+                    median_cpu_ms_per_1000.map(|c| c / cpu),
+                )),
+                _ => None,
+            };
             let row = RrRow {
                 path: case.name.to_owned(),
                 mode,
                 median_requests_per_s: median(runs.iter().map(|r| r.requests_per_s)).unwrap_or(0.0),
                 latency,
                 added,
-                median_cpu_ms_per_1000: median(runs.iter().filter_map(|r| r.cpu_ms_per_1000)),
+                added_over_forwarder: ratios.map(|r| r.0),
+                cpu_over_forwarder: ratios.and_then(|r| r.1),
+                median_cpu_ms_per_1000,
                 median_core_percent: median(
                     runs.iter()
                         .filter_map(|r| r.cost.proxy_cpu_s.map(|c| c / r.seconds * 100.0)),
@@ -587,6 +673,10 @@ pub(crate) async fn request_response(bench: &Bench) -> anyhow::Result<(Vec<RrRow
                 fmt(a(|p| p.p999_us), 0),
                 fmt(row.median_cpu_ms_per_1000, 1),
                 fmt(row.median_core_percent, 1),
+                match row.added_over_forwarder {
+                    Some((p50, p99)) => format!("{p50:.2}, {p99:.2}, {}", fmt(row.cpu_over_forwarder, 2)),
+                    None => "-".to_owned(),
+                },
             ]);
             rows.push(row);
         }
@@ -657,7 +747,11 @@ pub(crate) async fn connections(bench: &Bench) -> anyhow::Result<(Vec<ConnRow>, 
             )
             .await
             .with_context(|| context_of(case, "new connections over the pooled tunnel"))?;
-            let hbone = case.pair.map(Pair::hbone_connections).transpose()?;
+            let hbone = match case.name {
+                // The forwarder has no tunnel.
+                FORWARDER => None,
+                _ => case.pair.map(Pair::hbone_connections).transpose()?,
+            };
             pooled[c].push(run(&opened, cost, hbone));
         }
         for (b, binary) in bench.binaries.iter().enumerate() {
@@ -746,7 +840,12 @@ pub(crate) async fn connections(bench: &Bench) -> anyhow::Result<(Vec<ConnRow>, 
         rows.push(row);
     };
     for (case, runs) in cases.iter().zip(pooled) {
-        push(case.name, if case.pair.is_some() { "pooled" } else { "direct" }, runs);
+        let kind = match (case.name, case.pair) {
+            (FORWARDER, _) => "plain",
+            (_, Some(_)) => "pooled",
+            (_, None) => "direct",
+        };
+        push(case.name, kind, runs);
     }
     for (binary, runs) in bench.binaries.iter().zip(handshake) {
         push(&binary.name, "handshake", runs);
@@ -801,6 +900,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
     // needs to hold only one end per process.
     let server_process = ServerProcess::start().await?;
     let server = server_process.addr();
+    let server_pid = server_process.pid();
     let std::net::SocketAddr::V4(server_v4) = server else {
         bail!("the server is not on IPv4");
     };
@@ -849,11 +949,11 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         drop(held);
         // Wait until B closed every connection to the server, then a little more.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while sys::established_to(server_v4)? > 0 {
+        while sys::established_to(server_pid, server_v4)? > 0 {
             if Instant::now() > deadline {
                 bail!(
                     "{} connections to the server still open 30 s after the clients closed theirs via {}",
-                    sys::established_to(server_v4)?,
+                    sys::established_to(server_pid, server_v4)?,
                     binary.name
                 );
             }

@@ -32,9 +32,11 @@ pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Established TCP connections whose local end is `local` (the accepted side of a listener), from
-/// `/proc/net/tcp`.
-pub(crate) fn established_to(local: SocketAddrV4) -> anyhow::Result<usize> {
-    let table = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
+/// `/proc/<pid>/net/tcp` (the connections of the network namespace of process `pid`).
+pub(crate) fn established_to(pid: u32, local: SocketAddrV4) -> anyhow::Result<usize> {
+    // The table of the process's own network namespace (the server node's, with veth).
+    let path = format!("/proc/{pid}/net/tcp");
+    let table = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Addresses are `HEXIP:HEXPORT`, the IP in the kernel's (little-endian) byte order.
     let want = format!("{:08X}:{:04X}", u32::from_le_bytes(local.ip().octets()), local.port());
     Ok(table
@@ -258,6 +260,6 @@ mod tests {
         let _a = std::net::TcpStream::connect(addr).unwrap();
         let _b = std::net::TcpStream::connect(addr).unwrap();
         let _accepted = (listener.accept().unwrap(), listener.accept().unwrap());
-        assert_eq!(established_to(addr).unwrap(), 2);
+        assert_eq!(established_to(std::process::id(), addr).unwrap(), 2);
     }
 }

@@ -60,6 +60,79 @@ fn check_bulk_runs(row: &Value, what: &str, proxied: bool) {
     }
 }
 
+/// Shape 1 in `report`: every path (direct, `binaries`, the forwarder), direction and flow count
+/// with positive figures and equal counts; the binaries' CPU per GB over the floor is positive and
+/// is their CPU over the forwarder's plus AES's; AES was measured.
+fn check_bulk_with_floor(report: &Value, binaries: &[&str]) {
+    let aes = positive(&report["aes"]["cpu_s_per_gb"], "AES CPU-s/GB");
+    positive(&report["aes"]["seal_gb_per_s"], "AES seal GB/s");
+    positive(&report["aes"]["open_gb_per_s"], "AES open GB/s");
+    let bulk = rows(report, "bulk");
+    let paths: Vec<&str> = ["direct", "forwarder"].iter().chain(binaries).copied().collect();
+    for flows in [1, 4] {
+        for direction in ["upload", "download"] {
+            let of = |path: &str| {
+                bulk.iter()
+                    .find(|r| r["path"] == path && r["direction"] == direction && r["flows"] == flows)
+                    .unwrap_or_else(|| panic!("no bulk row {path} {direction} {flows} flows"))
+            };
+            for path in &paths {
+                let row = of(path);
+                positive(&row["median_gbps"], "bulk Gbit/s");
+                if *path != "direct" {
+                    positive(&row["median_cpu_s_per_gb"], "bulk CPU-s/GB");
+                }
+                check_bulk_runs(row, &format!("bulk {path} {direction} {flows}"), *path != "direct");
+            }
+            let forwarder = positive(&of("forwarder")["median_cpu_s_per_gb"], "forwarder CPU-s/GB");
+            assert!(of("forwarder")["cpu_over_floor"].is_null());
+            for path in binaries {
+                let row = of(path);
+                let over = positive(&row["cpu_over_floor"], "CPU over the floor");
+                let cpu = positive(&row["median_cpu_s_per_gb"], "bulk CPU-s/GB");
+                assert!(
+                    (over - cpu / (forwarder + aes)).abs() < 1e-9,
+                    "{path}: {over} is not {cpu} / ({forwarder} + {aes})"
+                );
+            }
+        }
+    }
+}
+
+/// Shape 3 in `report`: both modes for direct, the forwarder and `binaries`, with latency, added
+/// latency and CPU; each binary's ratios to the forwarder are its figures over the forwarder's.
+fn check_rr_with_forwarder(report: &Value, binaries: &[&str]) {
+    let rr = rows(report, "request_response");
+    for mode in ["fixed", "closed"] {
+        let forwarder = row(rr, "request/response", "forwarder", "mode", mode);
+        for path in ["direct", "forwarder"].iter().chain(binaries) {
+            let row = row(rr, "request/response", path, "mode", mode);
+            positive(&row["median_requests_per_s"], "requests/s");
+            for p in ["p50_us", "p90_us", "p99_us", "p999_us"] {
+                positive(&row["latency"][p], p);
+            }
+            if *path != "direct" {
+                positive(&row["median_cpu_ms_per_1000"], "CPU per 1000 requests");
+                assert!(row["added"]["p50_us"].is_number(), "no added latency: {row}");
+            }
+            if binaries.contains(path) {
+                let cpu = row["median_cpu_ms_per_1000"].as_f64().unwrap();
+                let base = forwarder["median_cpu_ms_per_1000"].as_f64().unwrap();
+                let ratio = row["cpu_over_forwarder"].as_f64().unwrap();
+                assert!(
+                    (ratio - cpu / base).abs() < 1e-9,
+                    "{path} {mode}: CPU ratio {ratio}, not {cpu} / {base}"
+                );
+                let added = row["added_over_forwarder"].as_array().unwrap();
+                let p50 = row["added"]["p50_us"].as_f64().unwrap() / forwarder["added"]["p50_us"].as_f64().unwrap();
+                assert!((added[0].as_f64().unwrap() - p50).abs() < 1e-9, "{path} {mode}: {row}");
+            } else {
+                assert!(row["added_over_forwarder"].is_null() && row["cpu_over_forwarder"].is_null());
+            }
+        }
+    }
+}
+
 #[test]
 fn quick_run_reports_every_shape_with_positive_figures() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,18 +171,10 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     }
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
 
-    // 1. Bulk: direct and ztunnel, both directions.
-    let bulk = rows(&report, "bulk");
-    for path in ["direct", "ztunnel", "ztunnel-uring"] {
-        for direction in ["upload", "download"] {
-            let row = row(bulk, "bulk", path, "direction", direction);
-            positive(&row["median_gbps"], "bulk Gbit/s");
-            if path != "direct" {
-                positive(&row["median_cpu_s_per_gb"], "bulk CPU-s/GB");
-            }
-            check_bulk_runs(row, &format!("bulk {path} {direction}"), path != "direct");
-        }
-    }
+    // 1. Bulk: direct, both binaries and the forwarder, both directions, 1 and 4 flows; each
+    // binary's CPU over the floor.
+    check_bulk_with_floor(&report, &["ztunnel", "ztunnel-uring"]);
+    assert_eq!(report["plan"]["topology"], "loopback");
 
     // 2. Parallel: every flow count, direct and both tunnel kinds with 1 and 2 cores, ratios, for
     // both binaries; the plot has a curve per binary, tunnel kind and core count.
@@ -171,21 +236,10 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     );
     assert!(plot.contains("ztunnel-uring, 2 cores"), "{plot}");
 
-    // 3. Request/response: both modes, latency, added latency and CPU for ztunnel.
+    // 3. Request/response: both modes, latency, added latency and CPU, and their ratios to the
+    // forwarder's.
+    check_rr_with_forwarder(&report, &["ztunnel", "ztunnel-uring"]);
     let rr = rows(&report, "request_response");
-    for mode in ["fixed", "closed"] {
-        for path in ["direct", "ztunnel", "ztunnel-uring"] {
-            let row = row(rr, "request/response", path, "mode", mode);
-            positive(&row["median_requests_per_s"], "requests/s");
-            for p in ["p50_us", "p90_us", "p99_us", "p999_us"] {
-                positive(&row["latency"][p], p);
-            }
-            if path != "direct" {
-                positive(&row["median_cpu_ms_per_1000"], "CPU per 1000 requests");
-                assert!(row["added"]["p50_us"].is_number(), "no added latency: {row}");
-            }
-        }
-    }
     let fixed = row(rr, "request/response", "ztunnel", "mode", "fixed");
     let rate = positive(&fixed["median_requests_per_s"], "fixed rate");
     assert!(
@@ -362,4 +416,53 @@ fn a_proxy_that_exits_ends_the_bench_naming_it() {
         err.contains("Address in use"),
         "the proxy's own message is not shown: {err}"
     );
+}
+
+/// The veth topology: the nodes are two network namespaces made for the run and removed after it,
+/// the floor references are measured there too, and the proxies and the forwarder carry the same
+/// shapes between them.
+#[test]
+fn quick_veth_run_measures_between_two_namespaces_with_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_meshwire-bench"))
+        .args(["--quick", "--topology", "veth", "--only", "bulk,rr"])
+        .arg("--binary")
+        .arg(format!("ztunnel={}", proxy("ztunnel").display()))
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("two network namespaces joined by a veth pair (client 10.201.0.1, server 10.201.0.2)"),
+        "{stdout}"
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["plan"]["topology"], "veth");
+    check_bulk_with_floor(&report, &["ztunnel"]);
+    check_rr_with_forwarder(&report, &["ztunnel"]);
+    // The run's namespaces are gone with it.
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    for ns in [format!("mwb-client-{pid}"), format!("mwb-server-{pid}")] {
+        assert!(!namespaces.contains(&ns), "{ns} is left after the run: {namespaces}");
+    }
+}
+
+#[test]
+fn the_dns_and_xds_shapes_are_refused_with_veth() {
+    for shape in ["dns", "xds"] {
+        let err = bench_fails(&["--quick", "--topology", "veth", "--only", shape]);
+        assert!(
+            err.contains("--topology veth") && err.contains("loopback only"),
+            "{err}"
+        );
+    }
 }
