@@ -413,6 +413,7 @@ fn plan(cli: &Cli) -> Plan {
         churn_concurrency: 4,
         handshake_connections: cli.handshake_connections.unwrap_or(if quick { 30 } else { 300 }).max(1),
         idle_connections: cli.idle_connections.unwrap_or(if quick { 300 } else { 10_000 }).max(1),
+        idle_settle_s: if quick { 2.0 } else { 10.0 },
         xds_workloads: cli.xds_workloads.unwrap_or(if quick { 1000 } else { 10_000 }).max(1),
         xds_rr_s: if quick { 1.0 } else { 10.0 },
         xds_priority: match cli.xds_priority.as_deref() {

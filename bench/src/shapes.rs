@@ -44,6 +44,9 @@ pub(crate) struct Plan {
     pub(crate) handshake_connections: usize,
     /// Idle connections held open.
     pub(crate) idle_connections: usize,
+    /// Seconds after the idle connections closed at which memory is read again (the goal: back
+    /// within 10 % of idle by then).
+    pub(crate) idle_settle_s: f64,
     /// Workloads of the xds shape's mesh.
     pub(crate) xds_workloads: usize,
     /// Seconds of each request/response run of the xds shape (before and during pushes).
@@ -887,8 +890,12 @@ pub(crate) struct IdleRow {
     pub(crate) rss_before: Rss,
     /// With every connection open and idle.
     pub(crate) rss_held: Rss,
-    /// After they all closed.
+    /// 1 s after they all closed.
     pub(crate) rss_after: Rss,
+    /// [`Plan::idle_settle_s`] after they all closed.
+    pub(crate) rss_settled: Rss,
+    /// `rss_settled` over `rss_before`, both proxies together (1.0: all memory back).
+    pub(crate) settled_over_idle: f64,
     /// (held - before) / connections, both proxies together.
     pub(crate) bytes_per_connection: f64,
 }
@@ -908,7 +915,8 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
     let mut table = Table::new(
         format!(
             "5. {n} idle connections through a fresh pair (2 workers, pooled): resident memory of both proxies, \
-             MiB as total (A + B)"
+             MiB as total (A + B); later: {} s after the last connection closed",
+            bench.plan.idle_settle_s.max(1.0)
         ),
         &[
             "path",
@@ -916,10 +924,13 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
             "RSS before",
             "RSS held",
             "bytes/conn",
-            "RSS after close",
+            "RSS 1 s after close",
+            "RSS later",
+            "later / before",
             "open s",
         ],
     );
+    let settle = Duration::from_secs_f64(bench.plan.idle_settle_s.max(1.0));
     for binary in &bench.binaries {
         let pair = Pair::start(
             &bench.work,
@@ -961,6 +972,8 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_after = Rss::of(&pair)?;
+        tokio::time::sleep(settle - Duration::from_secs(1)).await;
+        let rss_settled = Rss::of(&pair)?;
         let row = IdleRow {
             path: binary.name.clone(),
             connections: n,
@@ -969,6 +982,8 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
             rss_before,
             rss_held,
             rss_after,
+            rss_settled,
+            settled_over_idle: rss_settled.total_kib as f64 / rss_before.total_kib.max(1) as f64,
             bytes_per_connection: (rss_held.total_kib as f64 - rss_before.total_kib as f64) * 1024.0 / n as f64,
         };
         let mib = |r: &Rss| format!("{:.1} ({:.1} + {:.1})", mb(r.total_kib), mb(r.a_kib), mb(r.b_kib));
@@ -979,6 +994,8 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
             mib(&row.rss_held),
             format!("{:.0}", row.bytes_per_connection),
             mib(&row.rss_after),
+            mib(&row.rss_settled),
+            format!("{:.2}", row.settled_over_idle),
             format!("{:.1}", row.open_seconds),
         ]);
         rows.push(row);

@@ -275,10 +275,16 @@ fn quick_run_reports_every_shape_with_positive_figures() {
     assert_eq!(idle.len(), 2, "one idle row per binary");
     for row in idle {
         assert_eq!(row["connections"], 300);
-        for key in ["rss_before", "rss_held", "rss_after"] {
+        for key in ["rss_before", "rss_held", "rss_after", "rss_settled"] {
             positive(&row[key]["a_kib"], key);
             positive(&row[key]["b_kib"], key);
         }
+        let ratio = positive(&row["settled_over_idle"], "RSS later over before");
+        let (later, before) = (
+            row["rss_settled"]["total_kib"].as_f64().unwrap(),
+            row["rss_before"]["total_kib"].as_f64().unwrap(),
+        );
+        assert!((ratio - later / before).abs() < 1e-9, "{row}");
         positive(&row["bytes_per_connection"], "bytes per idle connection");
     }
 
