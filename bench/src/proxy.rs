@@ -184,10 +184,8 @@ pub(crate) struct Pair {
     pub(crate) label: String,
     a: Proc,
     b: Proc,
-    /// A's entry: its SOCKS5 listener, or the forwarder's listener.
-    socks: SocketAddr,
-    /// Whether it is the forwarder pair (entered without SOCKS5).
-    forwarder: bool,
+    /// The way in: A's SOCKS5 listener, or the forwarder A's listener.
+    route: Route,
     inbound: SocketAddrV4,
     /// The metrics listeners of A and B.
     metrics: [SocketAddr; 2],
@@ -328,7 +326,7 @@ impl Pair {
             let inbound = SocketAddrV4::new(server_ip, ports.inbound);
             let entry = SocketAddr::from((Ipv4Addr::LOCALHOST, ports.socks));
             let forwarder = |listen: SocketAddr, to: SocketAddr, role: &'static str, side: &str| {
-                let mut cmd = command(side == "b");
+                let mut cmd = command(role.starts_with('B'));
                 cmd.arg(FORWARD_FLAG)
                     .arg(listen.to_string())
                     .arg(to.to_string())
@@ -344,19 +342,8 @@ impl Pair {
             wait_listening(&b, &[SocketAddr::V4(inbound)]).await?;
             let a = forwarder(entry, SocketAddr::V4(inbound), "A (client)", "a")?;
             wait_listening(&a, &[entry]).await?;
-            let pair = Pair {
-                label: label.to_owned(),
-                a,
-                b,
-                socks: entry,
-                forwarder: true,
-                inbound,
-                metrics: [entry, SocketAddr::V4(inbound)],
-            };
-            pair.guard(load::open_echoed(pair.route(), server))
-                .await
-                .with_context(|| format!("first connection through the pair {label}"))?;
-            return Ok(pair);
+            let metrics = [entry, SocketAddr::V4(inbound)];
+            return Self::started(label, (a, b), Route::Forward(entry), inbound, metrics, server).await;
         }
         let common = |cmd: &mut Command, workload: &str, bind: Ipv4Addr, p: [u16; 5]| {
             cmd.env_clear();
@@ -430,17 +417,30 @@ impl Pair {
             wait_ready(&b, SocketAddr::from((server_ip, ports.b[2]))).await?;
         }
 
+        let metrics = [
+            SocketAddr::from((client_ip, ports.a[4])),
+            SocketAddr::from((server_ip, ports.b[4])),
+        ];
+        Self::started(label, (a, b), Route::Socks5(socks), inbound, metrics, server).await
+    }
+
+    /// The pair of `a` and `b` once both accept, after one echo through both (which also gets both
+    /// workload certificates issued).
+    async fn started(
+        label: &str,
+        (a, b): (Proc, Proc),
+        route: Route,
+        inbound: SocketAddrV4,
+        metrics: [SocketAddr; 2],
+        server: SocketAddr,
+    ) -> anyhow::Result<Pair> {
         let pair = Pair {
             label: label.to_owned(),
             a,
             b,
-            socks,
-            forwarder: false,
+            route,
             inbound,
-            metrics: [
-                SocketAddr::from((client_ip, ports.a[4])),
-                SocketAddr::from((server_ip, ports.b[4])),
-            ],
+            metrics,
         };
         pair.guard(load::open_echoed(pair.route(), server))
             .await
@@ -450,11 +450,7 @@ impl Pair {
 
     /// The route into the pair: proxy A's SOCKS5 listener, or the forwarder A's listener.
     pub(crate) fn route(&self) -> Route {
-        if self.forwarder {
-            Route::Forward(self.socks)
-        } else {
-            Route::Socks5(self.socks)
-        }
+        self.route
     }
 
     /// CPU seconds used so far by both proxies together.
