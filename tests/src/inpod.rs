@@ -28,7 +28,7 @@ use meshwire_testkit::cni::{CniConnection, add_request, workload_info};
 use meshwire_testkit::http;
 
 use crate::binary::Binary;
-use crate::mesh::{Mesh, Ports, Proxy, ProxyBuilder, repo_path};
+use crate::mesh::{Mesh, Proxy, ProxyBuilder, repo_path};
 use crate::net;
 use crate::netns::{self, Netns};
 
@@ -254,7 +254,7 @@ pub fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 pub fn inpod_proxy(mesh: &Mesh, binary: &Binary, node: &str, socket: &Path) -> ProxyBuilder {
     let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     mesh.proxy(binary, host)
-        .with_ports(Ports::free(host, 15008))
+        .hbone_port(15008)
         .arg("--node-name")
         .arg(node)
         .env("INPOD_ENABLED", "true")

@@ -163,6 +163,13 @@ impl ProxyBuilder {
         self
     }
 
+    /// Listens for inbound HBONE on `port` (in-pod mode's 15008, say); the other ports are still
+    /// fresh free ones, picked again if another process takes one before the proxy binds it.
+    pub fn hbone_port(mut self, port: u16) -> Self {
+        self.hbone_port = port;
+        self
+    }
+
     /// Listens on these addresses instead of fresh ones (a second instance on the ports of a first:
     /// it fails at start, unless it takes over with `--handover`).
     pub fn same_ports_as(mut self, other: &Proxy) -> Self {

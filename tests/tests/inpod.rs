@@ -30,7 +30,7 @@ use meshwire_testkit::cni::{FakeCni, add_request, workload_info};
 use meshwire_testkit::dns::{self, FakeDns};
 use meshwire_tests::binary::Binary;
 use meshwire_tests::inpod::{eventually, listening_ports, ready, script};
-use meshwire_tests::mesh::{Mesh, Ports, metric_sum};
+use meshwire_tests::mesh::{Mesh, metric_sum};
 use meshwire_tests::net;
 use meshwire_tests::netns::{self, Netns};
 
@@ -140,7 +140,7 @@ async fn pods_handed_over_by_istio_cni_are_served_in_their_namespaces(binary: Bi
     let proxy = tokio::task::spawn_blocking({
         let builder = mesh
             .proxy(&binary, host)
-            .with_ports(Ports::free(host, 15008))
+            .hbone_port(15008)
             .dns(pod_dns, &resolv_conf)
             .arg("--node-name")
             .arg("n1")
@@ -402,7 +402,7 @@ workloads:
     let proxy = tokio::task::spawn_blocking({
         let builder = mesh
             .proxy(&binary, host)
-            .with_ports(Ports::free(host, 15008))
+            .hbone_port(15008)
             .arg("--node-name")
             .arg("n1")
             .env("INPOD_ENABLED", "true")
