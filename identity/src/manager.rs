@@ -61,6 +61,7 @@ use crate::id::SpiffeId;
 use crate::slot::{Begin, Slot};
 use crate::source::{CertSource, Credentials, SourceError};
 use crate::svid::{SvidError, X509Svid};
+use crate::sync::Current;
 use crate::time::Timer;
 use crate::tls::{self, TlsError, TrustDomains};
 
@@ -314,6 +315,10 @@ struct Shared<S, T> {
     timer: T,
     config: ManagerConfig,
     state: Mutex<State>,
+    /// Every entry's slot by identity, a copy of `state.entries`' slots replaced whenever an entry
+    /// comes or goes (under the state's lock): [`CertManager::get`] finds a certificate in service
+    /// without taking the lock, once per inbound HBONE connection and per pooled handshake.
+    slots: Current<HashMap<SpiffeId, Arc<CertSlot>>>,
     shutdown: AtomicBool,
 }
 
@@ -353,6 +358,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                     driver: None,
                 }),
                 config,
+                slots: Current::empty(),
                 shutdown: AtomicBool::new(false),
             }),
         }
@@ -388,6 +394,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                     last_error: None,
                 },
             );
+            self.index_slots(&st);
         }
         let entry = &st.entries[id];
         // Backing off after a failure, with no valid certificate: the scheduled retry is the next
@@ -416,6 +423,9 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
     /// The certificate of `id`, fetched first if there is none in service (or it expired). While a
     /// failed fetch is backing off and no valid certificate is in service, the last error, at once.
     pub async fn get(&self, id: &SpiffeId, priority: Priority) -> Result<CertHandle, CertError> {
+        if let Some(handle) = self.in_service(id) {
+            return Ok(handle);
+        }
         let (slot, begin) = self.begin(id, priority)?;
         let seen = match begin {
             Begin::Ready(_) => return Ok(CertHandle { id: id.clone(), slot }),
@@ -436,6 +446,28 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
                 }
             }
         }
+    }
+
+    /// The handle of `id` when its certificate is in service and valid, read without the state's
+    /// lock: what [`CertManager::begin`] answers as `Ready` in that case, the common one.
+    fn in_service(&self, id: &SpiffeId) -> Option<CertHandle> {
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            return None;
+        }
+        let slots = self.shared.slots.load()?;
+        let slot = slots.get(id)?;
+        let now = self.shared.timer.now();
+        slot.current().filter(|c| c.expires_at > now)?;
+        Some(CertHandle {
+            id: id.clone(),
+            slot: slot.clone(),
+        })
+    }
+
+    /// Publishes the slots of `st`'s entries for [`CertManager::in_service`].
+    fn index_slots(&self, st: &State) {
+        let slots = st.entries.iter().map(|(id, e)| (id.clone(), e.slot.clone())).collect();
+        self.shared.slots.store(Arc::new(slots));
     }
 
     /// Starts fetching the certificate of `id` ahead of need, unless it is in service or coming (or
@@ -460,6 +492,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
     pub fn forget(&self, id: &SpiffeId) {
         let mut st = self.state();
         if let Some(entry) = st.entries.remove(id) {
+            self.index_slots(&st);
             if let Some(q) = entry.queued {
                 st.queue.remove(&q);
             }
@@ -477,6 +510,7 @@ impl<S: CertSource, T: Timer> CertManager<S, T> {
         for (_, entry) in st.entries.drain() {
             entry.slot.close(CertError::Shutdown);
         }
+        self.index_slots(&st);
         st.queue.clear();
         st.timers.clear();
         if let Some(w) = st.driver.take() {

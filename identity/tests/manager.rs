@@ -426,6 +426,46 @@ async fn forget_ends_waits_and_refreshes() {
     manager.shutdown();
 }
 
+/// A certificate in service is handed out as it is (no fetch, and no wait on the manager's
+/// lock), but never once its identity was forgotten, once it expired, or after shutdown.
+#[tokio::test(start_paused = true)]
+async fn a_certificate_in_service_is_handed_out_until_forgotten_expired_or_shut_down() {
+    let timer = TestTimer::new();
+    let lifetime = Duration::from_secs(600);
+    let (manager, source) = start(ScriptedSource::new(timer.clone(), lifetime), ManagerConfig::default());
+    let hana = id("hana");
+    let first = manager.get(&hana, Priority::Connection).await.unwrap();
+    for _ in 0..3 {
+        let again = manager.get(&hana, Priority::Connection).await.unwrap();
+        assert!(again.current().svid().same_chain(first.current().svid()));
+    }
+    assert_eq!(source.fetch_count(), 1, "a certificate in service is not fetched again");
+
+    // Forgotten: the next get fetches a new certificate rather than handing out the old slot.
+    manager.forget(&hana);
+    let after = manager.get(&hana, Priority::Connection).await.unwrap();
+    assert_eq!(source.fetch_count(), 2);
+    assert!(!after.current().svid().same_chain(first.current().svid()));
+
+    // Expired, the CA failing since: the expired certificate is not handed out.
+    source.fail.store(true, Ordering::SeqCst);
+    let expiry = after.current().svid().not_after();
+    while timer.system_now() <= expiry {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    settle().await;
+    let err = manager.get(&hana, Priority::Connection).await.unwrap_err();
+    assert!(!matches!(err, CertError::Shutdown), "{err}");
+
+    // In service again, then shut down: no certificate is handed out any more.
+    source.fail.store(false, Ordering::SeqCst);
+    let ivan = id("ivan");
+    manager.get(&ivan, Priority::Connection).await.unwrap();
+    manager.shutdown();
+    let err = manager.get(&ivan, Priority::Connection).await.unwrap_err();
+    assert!(matches!(err, CertError::Shutdown), "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_certificate_for_another_identity_is_refused() {
     let timer = TestTimer::new();
