@@ -463,7 +463,8 @@ pub(crate) struct ProxyRow {
     pub(crate) rss_settled: PairRss,
     /// 1 KiB request/response at the fixed rate: without pushes, ...
     pub(crate) rr_before: Percentiles,
-    /// ... while a push of every workload changed starts every [`PACE`] ...
+    /// ... while a push of every workload changed starts every [`PACE`] (the runs of `rounds`
+    /// pooled, as are the figures below up to the one-at-a-time ones) ...
     pub(crate) rr_paced: Percentiles,
     pub(crate) pushes_paced: usize,
     /// ... of which the exchanges in flight while a push was being applied (from the push to the
@@ -495,6 +496,24 @@ pub(crate) struct ProxyRow {
     pub(crate) rr_in_spin: Percentiles,
     pub(crate) rr_between_spins: Percentiles,
     pub(crate) spins: usize,
+    /// Each round of paced pushes and of the control that followed it: the p99 of the exchanges in
+    /// flight during a push (a spin) over that of the others of the same run.
+    pub(crate) rounds: Vec<Round>,
+}
+
+/// One round of paced pushes and the control after it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Round {
+    pub(crate) push_ratio: f64,
+    pub(crate) spin_ratio: f64,
+}
+
+/// The p99 of `during` over that of `between` (0 when no exchange was in flight during a window).
+fn ratio(during: &Histogram<u64>, between: &Histogram<u64>) -> f64 {
+    if during.is_empty() {
+        return 0.0;
+    }
+    during.value_at_quantile(0.99) as f64 / (between.value_at_quantile(0.99) as f64).max(1.0)
 }
 
 /// Everything the xds shape reports.
@@ -508,16 +527,7 @@ pub(crate) struct XdsReport {
 
 /// `meshwire_config_generation` of the proxy whose metrics listener is `addr`.
 async fn generation(addr: SocketAddr) -> anyhow::Result<u64> {
-    let answer = meshwire_testkit::http::request(addr, "GET", "/metrics", &[])
-        .await
-        .with_context(|| format!("scraping {addr}"))?;
-    answer
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("meshwire_config_generation "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .with_context(|| format!("no meshwire_config_generation in the metrics of {addr}"))
+    crate::proxy::metric(addr, "meshwire_config_generation").await
 }
 
 /// When the generation at `addr` reached `target` (scraped every 2 ms).
@@ -790,12 +800,7 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             let exchanges = exchanges?;
             let windows = windows.into_inner().unwrap_or_else(PoisonError::into_inner);
             let (during, between) = split_by_windows(&exchanges.timeline, &windows);
-            anyhow::Ok((
-                Percentiles::of(&exchanges.latency),
-                windows.len(),
-                (during, between),
-                windows,
-            ))
+            anyhow::Ok((exchanges.latency, windows.len(), (during, between), windows))
         }
     };
     let quiet = |between: &Histogram<u64>| -> anyhow::Result<Percentiles> {
@@ -805,42 +810,72 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
             .context("merging the exchanges without a push in flight")?;
         Ok(Percentiles::of(&quiet))
     };
-    let (rr_paced, pushes_paced, (in_push, between_pushes), push_windows) =
-        during(PushKind::EveryWorkload, Some(PACE), false).await?;
+    // Paced pushes of every workload and the control, spinners at SCHED_IDLE (one per proxy of the
+    // pair) as long as those pushes, in alternation `plan.repeat` times: one run's p99 of the few
+    // exchanges in flight during pushes moves with the machine's noise, the median of the rounds'
+    // ratios less so. The exchanges of all rounds are pooled for the table.
+    let mut paced = load::histogram();
+    let (mut in_push, mut between_pushes) = (load::histogram(), load::histogram());
+    let (mut in_spin, mut between_spins) = (load::histogram(), load::histogram());
+    let (mut pushes_paced, mut spins, mut push_lengths) = (0, 0, Vec::new());
+    let mut rounds = Vec::new();
+    for _ in 0..plan.repeat.max(1) {
+        let (all, pushed, (in_round, between_round), push_windows) =
+            during(PushKind::EveryWorkload, Some(PACE), false).await?;
+        paced.add(&all).context("pooling the rounds' exchanges")?;
+        pushes_paced += pushed;
+        let push_length = median(
+            push_windows
+                .iter()
+                .map(|(start, end)| end.duration_since(*start).as_secs_f64()),
+        )
+        .map_or(Duration::ZERO, Duration::from_secs_f64);
+        push_lengths.push(push_length.as_secs_f64());
+        let (in_spin_round, between_spin_round, spun) = {
+            let stop = Arc::new(AtomicBool::new(false));
+            let windows = Arc::new(Mutex::new(Vec::new()));
+            let spinning = std::thread::Builder::new()
+                .name("idle-spinners".to_owned())
+                .spawn({
+                    let (stop, windows) = (Arc::clone(&stop), Arc::clone(&windows));
+                    move || spin_idle(2, push_length, &stop, &windows)
+                })
+                .context("starting the idle spinners")?;
+            let exchanges = rr("with idle-priority spinners").await;
+            stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || spinning.join()).await;
+            let exchanges = exchanges?;
+            let windows = windows.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let (during, between) = split_by_windows(&exchanges.timeline, &windows);
+            (during, between, windows.len())
+        };
+        spins += spun;
+        rounds.push(Round {
+            push_ratio: ratio(&in_round, &between_round),
+            spin_ratio: ratio(&in_spin_round, &between_spin_round),
+        });
+        for (pool, add) in [
+            (&mut in_push, &in_round),
+            (&mut between_pushes, &between_round),
+            (&mut in_spin, &in_spin_round),
+            (&mut between_spins, &between_spin_round),
+        ] {
+            pool.add(add).context("pooling the rounds' exchanges")?;
+        }
+    }
+    let rr_paced = Percentiles::of(&paced);
     let (rr_in_push, rr_between_pushes, rr_quiet) = (
         Percentiles::of(&in_push),
         Percentiles::of(&between_pushes),
         quiet(&between_pushes)?,
     );
+    let (rr_in_spin, rr_between_spins) = (Percentiles::of(&in_spin), Percentiles::of(&between_spins));
+    let push_length = Duration::from_secs_f64(median(push_lengths.iter().copied()).unwrap_or(0.0));
     let (_, pushes_apart, (in_push_apart, between_apart), _) =
         during(PushKind::EveryWorkload, Some(PACE), true).await?;
     let (rr_in_push_apart, rr_quiet_apart) = (Percentiles::of(&in_push_apart), quiet(&between_apart)?);
-    // The control: spinners at SCHED_IDLE (one per proxy of the pair) as long as those pushes.
-    let push_length = median(
-        push_windows
-            .iter()
-            .map(|(start, end)| end.duration_since(*start).as_secs_f64()),
-    )
-    .map_or(Duration::ZERO, Duration::from_secs_f64);
-    let (rr_in_spin, rr_between_spins, spins) = {
-        let stop = Arc::new(AtomicBool::new(false));
-        let windows = Arc::new(Mutex::new(Vec::new()));
-        let spinning = std::thread::Builder::new()
-            .name("idle-spinners".to_owned())
-            .spawn({
-                let (stop, windows) = (Arc::clone(&stop), Arc::clone(&windows));
-                move || spin_idle(2, push_length, &stop, &windows)
-            })
-            .context("starting the idle spinners")?;
-        let exchanges = rr("with idle-priority spinners").await;
-        stop.store(true, Ordering::Relaxed);
-        let _ = tokio::task::spawn_blocking(move || spinning.join()).await;
-        let exchanges = exchanges?;
-        let windows = windows.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let (in_spin, between) = split_by_windows(&exchanges.timeline, &windows);
-        (Percentiles::of(&in_spin), Percentiles::of(&between), windows.len())
-    };
-    let (rr_during, pushes_during, _, _) = during(PushKind::EveryWorkload, None, false).await?;
+    let (back_to_back, pushes_during, _, _) = during(PushKind::EveryWorkload, None, false).await?;
+    let rr_during = Percentiles::of(&back_to_back);
     let (_, pushes_one, (in_one_push, between_one_pushes), _) =
         during(PushKind::OneWorkload, Some(PACE), false).await?;
     let (rr_in_one_push, rr_between_one_pushes) = (Percentiles::of(&in_one_push), Percentiles::of(&between_one_pushes));
@@ -882,6 +917,7 @@ async fn through_proxies(bench: &Bench, binary: &crate::proxy::Binary, pushes: &
         rr_in_spin,
         rr_between_spins,
         spins,
+        rounds,
     })
 }
 
@@ -1031,12 +1067,14 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
     let mut t3 = Table::new(
         format!(
             "7c. 1 KiB request/response through the pair at {}/s for {} s: without pushes, with a push of every \
-             workload changed each {} s (all exchanges; those between pushes; those in flight from a push to its \
-             last ACK), with such pushes back to back, and with a push of one workload changed each second (latency \
+             workload changed each {} s in {} runs, each followed by the control, idle-priority spinners as long \
+             as a push (all exchanges; those between pushes; those in flight from a push to its last ACK; the runs \
+             pooled), with such pushes back to back, and with a push of one workload changed each second (latency \
              in us; the proxies' --xds-priority: {}, --xds-cpu-share: {})",
             plan.rr_rate,
             plan.xds_rr_s,
             PACE.as_secs_f64(),
+            plan.repeat.max(1),
             plan.xds_priority.unwrap_or("idle, the default"),
             plan.xds_cpu_share
                 .map_or_else(|| "the default".to_owned(), |s| s.to_string())
@@ -1117,24 +1155,37 @@ pub(crate) async fn xds(bench: &Bench) -> anyhow::Result<(XdsReport, Vec<Table>,
             };
             (ratio, word)
         };
-        let (ratio, word) = judge(&row.rr_quiet, &row.rr_in_push);
         let (apart_ratio, apart_word) = judge(&row.rr_quiet_apart, &row.rr_in_push_apart);
         let (one_ratio, one_word) = judge(&row.rr_between_one_pushes, &row.rr_in_one_push);
-        let spin_ratio = row.rr_in_spin.p99_us / row.rr_between_spins.p99_us.max(1.0);
+        let push_ratio = median(row.rounds.iter().map(|r| r.push_ratio)).unwrap_or(0.0);
+        let spin_ratio = median(row.rounds.iter().map(|r| r.spin_ratio)).unwrap_or(0.0);
+        let each = row
+            .rounds
+            .iter()
+            .map(|r| format!("x{:.2}/x{:.2}", r.push_ratio, r.spin_ratio))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let word = if row.rr_in_push.max_us == 0.0 {
+            "no exchange was in flight during a push".to_owned()
+        } else if push_ratio <= P99_JUMP {
+            "no jump".to_owned()
+        } else if push_ratio <= spin_ratio {
+            format!("over x{P99_JUMP}, but no more than the control: the machine's")
+        } else {
+            format!("JUMP, over x{P99_JUMP} and over the control")
+        };
         verdict.push_str(&format!(
-            "; {}: push -> generation {:.0} ms ({}), p99 {:.0} us with no push in flight -> {:.0} us during a push of \
-             every workload to both proxies at once (x{:.2}: {word}; {:.0} us between pushes, {:.0} us without pushes; \
-             idle-priority spinners as long as a push, doing nothing else: x{:.2}), {:.0} -> {:.0} us to one proxy at a \
-             time (x{:.2}: {apart_word}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
+            "; {}: push -> generation {:.0} ms ({}); p99 during a push of every workload to both proxies over the p99 \
+             between pushes, median of {} rounds x{push_ratio:.2}, idle-priority spinners as long as a push, doing \
+             nothing else (the control) x{spin_ratio:.2}: {word} (each round, push/control: {each}; pooled: {:.0} us \
+             with no push in flight -> {:.0} us during a push); {:.0} -> {:.0} us to one proxy at a time (x{:.2}: \
+             {apart_word}), {:.0} -> {:.0} us with one workload (x{:.2}: {one_word})",
             row.path,
             row.full_push.generation_ms,
             within(row.full_push.generation_ms <= BUDGET_APPLY_S * 1e3),
+            row.rounds.len(),
             row.rr_quiet.p99_us,
             row.rr_in_push.p99_us,
-            ratio,
-            row.rr_between_pushes.p99_us,
-            row.rr_before.p99_us,
-            spin_ratio,
             row.rr_quiet_apart.p99_us,
             row.rr_in_push_apart.p99_us,
             apart_ratio,
