@@ -173,6 +173,21 @@ impl Drop for Proc {
     }
 }
 
+/// The value of the sample `series` (a metric name, with its labels if any) on the metrics listener
+/// `addr`.
+pub(crate) async fn metric(addr: SocketAddr, series: &str) -> anyhow::Result<u64> {
+    let answer = meshwire_testkit::http::request(addr, "GET", "/metrics", &[])
+        .await
+        .with_context(|| format!("scraping {addr}"))?;
+    answer
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .with_context(|| format!("no {series} in the metrics of {addr}"))
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -468,6 +483,19 @@ impl Pair {
     /// The metrics listeners of A and of B.
     pub(crate) fn metrics(&self) -> [SocketAddr; 2] {
         self.metrics
+    }
+
+    /// The bytes the allocator counts as held by the program (`meshwire_allocator_bytes{state="allocated"}`)
+    /// in A and in B; `None` for binaries that do not export it (the forwarder, another proxy).
+    pub(crate) async fn allocated(&self) -> Option<(u64, u64)> {
+        const ALLOCATED: &str = "meshwire_allocator_bytes{state=\"allocated\"}";
+        let read = |addr| async move {
+            tokio::time::timeout(Duration::from_secs(5), metric(addr, ALLOCATED))
+                .await
+                .ok()?
+                .ok()
+        };
+        Some((read(self.metrics[0]).await?, read(self.metrics[1]).await?))
     }
 
     /// HBONE connections B holds (established TCP connections on its inbound listener).

@@ -896,6 +896,12 @@ pub(crate) struct IdleRow {
     pub(crate) rss_settled: Rss,
     /// `rss_settled` over `rss_before`, both proxies together (1.0: all memory back).
     pub(crate) settled_over_idle: f64,
+    /// What the allocator counts as held by both proxies (bytes), before, held and settled (when
+    /// the binaries export `meshwire_allocator_bytes`): memory still in use, as against pages the
+    /// allocator has not given back.
+    pub(crate) allocated_before: Option<u64>,
+    pub(crate) allocated_held: Option<u64>,
+    pub(crate) allocated_settled: Option<u64>,
     /// (held - before) / connections, both proxies together.
     pub(crate) bytes_per_connection: f64,
 }
@@ -927,6 +933,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
             "RSS 1 s after close",
             "RSS later",
             "later / before",
+            "allocated: before / held / later",
             "open s",
         ],
     );
@@ -942,6 +949,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_before = Rss::of(&pair)?;
+        let allocated_before = pair.allocated().await.map(|(a, b)| a + b);
         let started = Instant::now();
         let held = pair
             .guard(async {
@@ -956,6 +964,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         let open_seconds = started.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_held = Rss::of(&pair)?;
+        let allocated_held = pair.allocated().await.map(|(a, b)| a + b);
         let hbone_connections = pair.hbone_connections()?;
         drop(held);
         // Wait until B closed every connection to the server, then a little more.
@@ -974,6 +983,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         let rss_after = Rss::of(&pair)?;
         tokio::time::sleep(settle - Duration::from_secs(1)).await;
         let rss_settled = Rss::of(&pair)?;
+        let allocated_settled = pair.allocated().await.map(|(a, b)| a + b);
         let row = IdleRow {
             path: binary.name.clone(),
             connections: n,
@@ -984,6 +994,9 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
             rss_after,
             rss_settled,
             settled_over_idle: rss_settled.total_kib as f64 / rss_before.total_kib.max(1) as f64,
+            allocated_before,
+            allocated_held,
+            allocated_settled,
             bytes_per_connection: (rss_held.total_kib as f64 - rss_before.total_kib as f64) * 1024.0 / n as f64,
         };
         let mib = |r: &Rss| format!("{:.1} ({:.1} + {:.1})", mb(r.total_kib), mb(r.a_kib), mb(r.b_kib));
@@ -996,6 +1009,15 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
             mib(&row.rss_after),
             mib(&row.rss_settled),
             format!("{:.2}", row.settled_over_idle),
+            match (row.allocated_before, row.allocated_held, row.allocated_settled) {
+                (Some(before), Some(held), Some(settled)) => format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    before as f64 / 1048576.0,
+                    held as f64 / 1048576.0,
+                    settled as f64 / 1048576.0
+                ),
+                _ => "-".to_owned(),
+            },
             format!("{:.1}", row.open_seconds),
         ]);
         rows.push(row);

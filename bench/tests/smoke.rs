@@ -286,6 +286,10 @@ fn quick_run_reports_every_shape_with_positive_figures() {
         );
         assert!((ratio - later / before).abs() < 1e-9, "{row}");
         positive(&row["bytes_per_connection"], "bytes per idle connection");
+        // Both binaries export what the allocator holds; 300 connections held take more than none.
+        let held = positive(&row["allocated_held"], "allocated with the connections held");
+        assert!(held > positive(&row["allocated_before"], "allocated before"), "{row}");
+        positive(&row["allocated_settled"], "allocated later");
     }
 
     // 8. DNS: both kinds through both binaries, every answer correct (id, NOERROR, a record).
@@ -367,6 +371,18 @@ fn quick_xds_run_reports_pushes_in_process_and_through_each_binary() {
         ] {
             positive(&row[rr]["p99_us"], rr);
             assert!(row[pushes].as_u64().unwrap() >= 1, "{row}");
+        }
+        // One round of paced pushes and of the control with --quick, each judged.
+        let rounds = row["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 1, "{row}");
+        assert!(row["spins"].as_u64().unwrap() >= 1, "{row}");
+        for round in rounds {
+            for ratio in ["push_ratio", "spin_ratio"] {
+                assert!(
+                    round[ratio].as_f64().is_some_and(|r| r >= 0.0 && r.is_finite()),
+                    "{round}"
+                );
+            }
         }
     }
 }

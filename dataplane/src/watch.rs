@@ -1165,6 +1165,46 @@ impl fmt::Debug for ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        lock(self.registry.shard(self.id)).remove(&self.id);
+        let mut shard = lock(self.registry.shard(self.id));
+        shard.remove(&self.id);
+        // A map keeps its capacity: after a burst of connections, give back most of it (halving
+        // at a quarter full, so that a steady count does not rebuild the map again and again).
+        if shard.capacity() > SHARD_KEPT_CAPACITY && shard.len() < shard.capacity() / 4 {
+            let keep = (shard.len() * 2).max(SHARD_KEPT_CAPACITY);
+            shard.shrink_to(keep);
+        }
+    }
+}
+
+/// The capacity a registry shard keeps however few connections it holds.
+const SHARD_KEPT_CAPACITY: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacity(registry: &ConnectionRegistry) -> usize {
+        registry.inner.shards.iter().map(|shard| lock(shard).capacity()).sum()
+    }
+
+    /// After a burst of connections, the registry gives back the room it grew for them.
+    #[test]
+    fn the_registry_shrinks_after_a_burst() {
+        let registry = ConnectionRegistry::new();
+        let idle = capacity(&registry);
+        let mut burst: Vec<_> = (0..20_000).map(|_| registry.register_outbound()).collect();
+        assert_eq!(registry.len(), 20_000);
+        let grown = capacity(&registry);
+        assert!(grown >= 20_000, "{grown}");
+        let kept: Vec<_> = burst.drain(..10).collect();
+        drop(burst);
+        assert_eq!(registry.len(), 10);
+        let after = capacity(&registry);
+        assert!(
+            after <= idle + SHARDS * SHARD_KEPT_CAPACITY * 2,
+            "capacity {after} after the burst (it grew to {grown})"
+        );
+        drop(kept);
+        assert!(registry.is_empty());
     }
 }

@@ -333,6 +333,9 @@ fn env_cases() -> Vec<(Vec<(&'static str, &'static str)>, Check)> {
         (vec![("POOL_UNUSED_RELEASE_TIMEOUT", "30s")], |c| {
             c.pool.idle_timeout == Duration::from_secs(30)
         }),
+        (vec![("MESHWIRE_POOL_SURPLUS_RELEASE_TIMEOUT", "2s")], |c| {
+            c.pool.surplus_idle_timeout == Duration::from_secs(2) && c.pool.idle_timeout == Duration::from_secs(300)
+        }),
         (vec![("ZTUNNEL_WORKER_THREADS", "4")], |c| c.worker_threads == 4),
         (
             vec![("ZTUNNEL_WORKER_THREADS", "50%"), ("ZTUNNEL_CPU_LIMIT", "8")],

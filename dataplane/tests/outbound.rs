@@ -572,8 +572,9 @@ async fn shared_source_is_the_workload_with_the_client_address() {
 }
 
 /// A proxy holds one of these futures per connection: their size is memory per connection. Measured
-/// at 4160-4368 bytes on x86_64 (the SOCKS5 handshake, routing and copy states side by side); the
-/// ceiling keeps them from growing unnoticed.
+/// at 2912-3120 bytes on x86_64 (debug build; 4376-4584 before the opening of the upstream was boxed
+/// and the route and labels were scoped out of the copy phase); the ceiling keeps them from growing
+/// unnoticed.
 #[tokio::test]
 async fn per_connection_futures_stay_small() {
     let outbound = bare_outbound();
@@ -597,7 +598,7 @@ async fn per_connection_futures_stay_small() {
         println!("{name}: {size} bytes");
     }
     for (name, size) in sizes {
-        assert!(size <= 4608, "the {name} future is {size} bytes");
+        assert!(size <= 3328, "the {name} future is {size} bytes");
     }
 }
 

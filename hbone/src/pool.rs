@@ -7,7 +7,9 @@
 //! full. Exactly one handshake per key is in flight: concurrent requests wait for it instead of
 //! opening a storm of duplicate connections, and a failed handshake is reported to all of them.
 //! Connections are retired when they close (GOAWAY, error, unanswered PINGs) and released after
-//! [`PoolConfig::idle_timeout`] without streams, by [`Pool::maintain`].
+//! [`PoolConfig::idle_timeout`] without streams, by [`Pool::maintain`]; a key's surplus
+//! connections (those a burst of streams opened, beyond the one kept warm) go sooner, after
+//! [`PoolConfig::surplus_idle_timeout`], since each holds what its busiest moment needed.
 //!
 //! A CONNECT not answered within [`PoolConfig::response_timeout`] has its connection probed: a
 //! PING goes out at once, new streams avoid the connection until it is answered, and if it is not
@@ -93,6 +95,11 @@ pub struct PoolConfig {
     pub max_streams_per_connection: usize,
     /// How long a connection without streams is kept (default 5 minutes).
     pub idle_timeout: Duration,
+    /// How long a connection without streams is kept while another connection of its key stays
+    /// open (default 5 s): the connections a burst of streams opened beyond the first go soon after
+    /// the burst, and their memory with them (an HTTP/2 connection keeps the stream table of its
+    /// busiest moment). At least one connection per key is kept for [`idle_timeout`](Self::idle_timeout).
+    pub surplus_idle_timeout: Duration,
     /// How long a CONNECT waits for its answer on a pooled connection before the connection is
     /// probed with a PING (default 3 s). A probed connection takes no new streams until the PING is
     /// answered; the CONNECT keeps waiting (a peer may take its time to reach the destination).
@@ -111,6 +118,7 @@ impl Default for PoolConfig {
         Self {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(300),
+            surplus_idle_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(3),
             probe_timeout: Duration::from_secs(2),
             settings: Settings::default(),
@@ -490,32 +498,40 @@ where
         })
     }
 
-    /// Releases connections idle for longer than the idle timeout and forgets closed ones; returns
-    /// how many connections remain.
+    /// Releases connections idle for longer than the idle timeout, and those idle for longer than
+    /// the surplus idle timeout while another connection of their key stays; forgets closed ones;
+    /// returns how many connections remain.
     pub fn release_idle(&self) -> usize {
         let now = self.inner.timer.now();
-        let idle = self.inner.config.idle_timeout;
+        let (idle, surplus) = (self.inner.config.idle_timeout, self.inner.config.surplus_idle_timeout);
         let mut keys = self.keys();
         keys.retain(|_, entry| {
-            entry.conns.retain_mut(|c| {
-                if c.closed.load(Ordering::Acquire) {
-                    return false;
-                }
+            entry.conns.retain(|c| !c.closed.load(Ordering::Acquire));
+            // Newest first: while another connection stays, one idle past the surplus timeout goes,
+            // so that the oldest (the one new streams try first) is the one kept warm.
+            let mut remaining = entry.conns.len();
+            for i in (0..entry.conns.len()).rev() {
+                let c = &mut entry.conns[i];
                 if c.active.load(Ordering::Acquire) > 0 {
                     c.idle_since = None;
-                    return true;
+                    continue;
                 }
-                let since = *c.idle_since.get_or_insert(now);
-                now.duration_since(since) < idle
-            });
+                let idle_for = now.duration_since(*c.idle_since.get_or_insert(now));
+                if idle_for >= idle || (idle_for >= surplus && remaining > 1) {
+                    entry.conns.swap_remove(i);
+                    remaining -= 1;
+                }
+            }
             !entry.conns.is_empty() || entry.connecting.is_some()
         });
         keys.values().map(|e| e.conns.len()).sum()
     }
 
-    /// Runs [`Pool::release_idle`] periodically (every quarter of the idle timeout), forever. Spawn it.
+    /// Runs [`Pool::release_idle`] periodically (every quarter of the shorter idle timeout),
+    /// forever. Spawn it.
     pub async fn maintain(&self) {
-        let period = (self.inner.config.idle_timeout / 4).max(Duration::from_millis(10));
+        let config = &self.inner.config;
+        let period = (config.idle_timeout.min(config.surplus_idle_timeout) / 4).max(Duration::from_millis(10));
         loop {
             self.inner.timer.sleep_until(self.inner.timer.now() + period).await;
             self.release_idle();

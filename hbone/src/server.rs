@@ -727,7 +727,6 @@ async fn handle_stream<H: Handler>(
     copy_config: CopyConfig,
     (budgets, lease): (Budgets<'_>, usize),
 ) -> StreamReport {
-    let (parts, body) = request.into_parts();
     let mut report = StreamReport {
         peer: peer.clone(),
         authority: None,
@@ -743,59 +742,69 @@ async fn handle_stream<H: Handler>(
         report.status = refusal.status;
         report.refusal = Some(refusal.reason);
     };
-    if parts.method != Method::CONNECT {
-        refuse(
-            &mut report,
-            &mut respond,
-            Refusal::bad_request(RefusalReason::NotConnect(parts.method.clone())),
-        );
-        return report;
-    }
-    let authority = match parts.uri.authority().map(|a| Authority::parse(a.as_str())) {
-        Some(Ok(a)) => a,
-        Some(Err(e)) => {
-            refuse(&mut report, &mut respond, Refusal::bad_request(e));
-            return report;
-        }
-        None => {
+    // The request and the state of connecting the upstream (boxed) live in this block only, and
+    // its outcome in the `match` only: a stream does not keep them (nor the request's headers)
+    // while it carries bytes. (Bound with a `let` first, the outcome would keep its room in the
+    // future for the stream's life.)
+    #[allow(clippy::blocks_in_conditions)]
+    let (
+        Connected {
+            mut upstream,
+            response_headers,
+        },
+        body,
+    ) = match {
+        let (parts, body) = request.into_parts();
+        if parts.method != Method::CONNECT {
             refuse(
                 &mut report,
                 &mut respond,
-                Refusal::bad_request(RefusalReason::MissingAuthority),
+                Refusal::bad_request(RefusalReason::NotConnect(parts.method.clone())),
             );
             return report;
         }
-    };
-    report.authority = Some(authority.clone());
-    let (metadata, header_errors) = Metadata::from_headers(&parts.headers);
-    for e in header_errors {
-        tracing::debug!(%peer, error = %e, "ignored a malformed metadata header");
-    }
-    let request = InboundRequest {
-        peer: peer.clone(),
-        authority,
-        metadata,
-        headers: parts.headers,
-    };
-
-    // Connect the upstream, unless the client gives up first.
-    let gave_up = poll_fn(|cx| respond.poll_reset(cx));
-    let decided = match select(pin!(handler.connect(&request)), pin!(gave_up)).await {
-        Either::Left((decided, _)) => decided,
-        Either::Right((reason, _)) => {
-            report.error = Some(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("client reset the stream while connecting: {reason:?}"),
-            ));
-            return report;
+        let authority = match parts.uri.authority().map(|a| Authority::parse(a.as_str())) {
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                refuse(&mut report, &mut respond, Refusal::bad_request(e));
+                return report;
+            }
+            None => {
+                refuse(
+                    &mut report,
+                    &mut respond,
+                    Refusal::bad_request(RefusalReason::MissingAuthority),
+                );
+                return report;
+            }
+        };
+        report.authority = Some(authority.clone());
+        let (metadata, header_errors) = Metadata::from_headers(&parts.headers);
+        for e in header_errors {
+            tracing::debug!(%peer, error = %e, "ignored a malformed metadata header");
         }
-    };
-    let Connected {
-        mut upstream,
-        response_headers,
-    } = match decided {
-        Ok(connected) => connected,
-        Err(refusal) => {
+        let request = InboundRequest {
+            peer: peer.clone(),
+            authority,
+            metadata,
+            headers: parts.headers,
+        };
+
+        // Connect the upstream, unless the client gives up first.
+        let gave_up = poll_fn(|cx| respond.poll_reset(cx));
+        match select(Box::pin(handler.connect(&request)), pin!(gave_up)).await {
+            Either::Left((decided, _)) => (decided, body),
+            Either::Right((reason, _)) => {
+                report.error = Some(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    format!("client reset the stream while connecting: {reason:?}"),
+                ));
+                return report;
+            }
+        }
+    } {
+        (Ok(connected), body) => (connected, body),
+        (Err(refusal), _) => {
             refuse(&mut report, &mut respond, refusal);
             return report;
         }
@@ -826,4 +835,42 @@ async fn handle_stream<H: Handler>(
     report.from_upstream = outcome.b_to_a;
     report.error = outcome.error;
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handler whose `connect` holds a large state while it runs.
+    struct Slow;
+
+    impl Handler for Slow {
+        type Upstream = tokio::io::DuplexStream;
+
+        async fn connect(&self, _request: &InboundRequest) -> Result<Connected<Self::Upstream>, Refusal> {
+            let state = [7u8; 8192];
+            std::future::ready(()).await;
+            let (upstream, _) = tokio::io::duplex(std::hint::black_box(&state).len());
+            Ok(upstream.into())
+        }
+    }
+
+    /// The signature of [`handle_stream`] for `H`, returning `Fut`.
+    type HandleStream<'a, H, Fut> =
+        fn(&'a H, &'a SpiffeId, Request<h2::RecvStream>, SendResponse<Bytes>, CopyConfig, (Budgets<'a>, usize)) -> Fut;
+
+    fn future_size<'a, H: 'a, Fut>(_: HandleStream<'a, H, Fut>) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A server holds one of these per stream for the stream's life: its size is memory per
+    /// stream. The handler's `connect` state and the request are not part of it (boxed, and dropped
+    /// once connected), whatever the handler's connect holds: measured at 1384 bytes on x86_64
+    /// (debug build, a duplex upstream); it was 4736 bytes with the proxy's handler (release).
+    #[test]
+    fn a_streams_future_does_not_hold_the_handlers_connect_state() {
+        let size = future_size(handle_stream::<Slow>);
+        println!("handle_stream: {size} bytes");
+        assert!(size <= 1536, "the per-stream future is {size} bytes");
+    }
 }

@@ -255,6 +255,52 @@ async fn idle_connections_are_released_after_the_idle_timeout() {
     assert_eq!(pool.handshakes(), 2);
 }
 
+/// A burst of streams opens several connections to one peer; once it is over, all but one go
+/// after the surplus idle timeout (and the peer sees them close), and the last one stays for the
+/// idle timeout.
+#[tokio::test]
+async fn a_bursts_surplus_connections_go_soon_after_it_and_one_stays_warm() {
+    let pki = Pki::new();
+    let server = hbone_server(&pki, ServeOptions::default()).await;
+    let echo = echo_server().await;
+    let config = PoolConfig {
+        max_streams_per_connection: 2,
+        ..PoolConfig::default()
+    };
+    let (pool, timer) = pool(&pki, config.clone());
+    let k = key(server.addr);
+    let mut tunnels = open_many(&pool, &k, echo, 6).await;
+    assert_eq!(pool.connections(&k), 3, "a burst of 6 streams, 2 per connection");
+
+    // One stream stays: its connection is kept whatever the timeouts, the two idle ones go.
+    let kept = tunnels.remove(0);
+    drop(tunnels);
+    assert_eq!(pool.release_idle(), 3, "idle from now on");
+    timer.jump(config.surplus_idle_timeout - Duration::from_millis(1));
+    assert_eq!(pool.release_idle(), 3, "not yet idle for the surplus timeout");
+    timer.jump(Duration::from_millis(2));
+    assert_eq!(pool.release_idle(), 1, "the surplus idle connections released");
+    timeout(LIMIT, async {
+        while server.open_connections() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the peer sees the released connections close");
+
+    // The last connection, idle, stays for the idle timeout and carries the next stream.
+    drop(kept);
+    assert_eq!(pool.release_idle(), 1, "idle from now on");
+    timer.jump(config.surplus_idle_timeout * 10);
+    assert_eq!(pool.release_idle(), 1, "the last connection of a key is kept warm");
+    let _t = pool.connect(&k, &to(echo)).await.unwrap();
+    assert_eq!(pool.handshakes(), 3, "no handshake for the next stream");
+    drop(_t);
+    assert_eq!(pool.release_idle(), 1);
+    timer.jump(config.idle_timeout + Duration::from_secs(1));
+    assert_eq!(pool.release_idle(), 0, "released after the idle timeout");
+}
+
 #[tokio::test]
 async fn a_draining_peer_retires_the_connection() {
     let pki = Pki::new();

@@ -108,6 +108,15 @@ pub struct HboneServer {
     pub shutdown: watch::Sender<bool>,
     /// The errors of connections that failed.
     pub errors: Arc<Mutex<Vec<String>>>,
+    /// HBONE connections accepted and not yet ended.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HboneServer {
+    /// The HBONE connections it accepted that have not ended yet.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// An HBONE server presenting the [`Pki`]'s server identity.
@@ -122,7 +131,8 @@ pub async fn hbone_server_with(tls_config: Arc<rustls::ServerConfig>, options: S
     let handler = Arc::new(LoopbackHandler::default());
     let (shutdown, rx) = watch::channel(false);
     let errors = Arc::new(Mutex::new(Vec::new()));
-    let (h, errs) = (handler.clone(), errors.clone());
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (h, errs, count) = (handler.clone(), errors.clone(), open.clone());
     tokio::spawn(async move {
         loop {
             let mut rx = rx.clone();
@@ -133,10 +143,13 @@ pub async fn hbone_server_with(tls_config: Arc<rustls::ServerConfig>, options: S
                 return;
             };
             let (tls_config, options, h, errs) = (tls_config.clone(), options.clone(), h.clone(), errs.clone());
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let count = count.clone();
             tokio::spawn(async move {
                 if let Err(e) = server::serve(tcp, tls_config, &options, &*h, &TokioTimer, stop).await {
                     errs.lock().await.push(format!("{peer}: {e}"));
                 }
+                count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
@@ -145,6 +158,7 @@ pub async fn hbone_server_with(tls_config: Arc<rustls::ServerConfig>, options: S
         handler,
         shutdown,
         errors,
+        open,
     }
 }
 

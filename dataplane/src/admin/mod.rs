@@ -276,6 +276,7 @@ impl MetricsHandler {
     pub fn summing(parts: Vec<Arc<Metrics>>) -> Self {
         let mut process = prometheus_client::registry::Registry::default();
         process.register_collector(Box::new(crate::telemetry::process::ProcessCollector));
+        process.register_collector(Box::new(crate::telemetry::process::AllocatorCollector));
         Self {
             metrics: parts.into(),
             proxy: None,

@@ -116,14 +116,72 @@ pub async fn wait_for_shutdown(trigger: ShutdownTrigger) -> std::io::Result<()> 
     Ok(())
 }
 
+/// How long jemalloc keeps pages freed and unused before giving them back to the kernel, in
+/// milliseconds (its own default is 10 s): the memory of a burst of connections returns within a
+/// few seconds of their end. Pages reused sooner, as under load, are not affected.
+pub const ALLOCATOR_DECAY_MS: isize = 1000;
+
 /// Lets jemalloc (the binaries' allocator) give freed memory back to the kernel on its own: its
-/// background threads purge the pages freed more than about ten seconds ago (jemalloc's
-/// `dirty_decay_ms`), so the memory of connections that closed returns even when nothing is
-/// allocated afterwards (without them, jemalloc purges only on its allocation path). Call once, at
-/// the start of `main`; without the `jemalloc` feature it does nothing.
+/// background threads purge the pages left unused for [`ALLOCATOR_DECAY_MS`] (`dirty_decay_ms`;
+/// purged for good at once, `muzzy_decay_ms` 0), so the memory of connections that closed
+/// returns even when nothing is allocated afterwards (without them, jemalloc purges only on its
+/// allocation path). jemalloc's own configuration (`_RJEM_MALLOC_CONF`), when set, is left as it
+/// is. Call once, at the start of `main`; without the `jemalloc` feature it does nothing.
 pub fn return_freed_memory() {
     #[cfg(feature = "jemalloc")]
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(error = %e, "cannot start jemalloc's background threads: freed memory returns to the kernel only as memory is allocated again");
+    {
+        use tikv_jemalloc_ctl::{Access, AsName};
+
+        if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+            tracing::warn!(error = %e, "cannot start jemalloc's background threads: freed memory returns to the kernel only as memory is allocated again");
+        }
+        if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
+            return;
+        }
+        // The default of arenas made later, then every arena made already (those not made yet
+        // answer an error).
+        let mut names = vec![
+            ("arenas.muzzy_decay_ms\0".to_owned(), 0),
+            ("arenas.dirty_decay_ms\0".to_owned(), ALLOCATOR_DECAY_MS),
+        ];
+        let arenas = tikv_jemalloc_ctl::arenas::narenas::read().unwrap_or(0);
+        for i in 0..arenas {
+            names.push((format!("arena.{i}.muzzy_decay_ms\0"), 0));
+            names.push((format!("arena.{i}.dirty_decay_ms\0"), ALLOCATOR_DECAY_MS));
+        }
+        for (name, value) in &names {
+            let key = name.as_str().name();
+            if Access::<isize>::read(key).is_ok()
+                && let Err(e) = Access::<isize>::write(key, *value)
+            {
+                tracing::warn!(error = %e, setting = name.trim_end_matches('\0'), "cannot set how soon jemalloc returns freed memory");
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "jemalloc"))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tikv_jemalloc_ctl::{Access, AsName};
+
+    /// The allocator of the binaries gives back pages a second after they are left unused, in
+    /// arenas made before and after the setting, unless jemalloc's own configuration is set.
+    #[test]
+    fn freed_memory_returns_within_the_decay_time() {
+        let read = |name: &str| Access::<isize>::read(name.name());
+        if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
+            return;
+        }
+        super::return_freed_memory();
+        assert_eq!(read("arenas.dirty_decay_ms\0").unwrap(), super::ALLOCATOR_DECAY_MS);
+        assert_eq!(read("arenas.muzzy_decay_ms\0").unwrap(), 0);
+        assert_eq!(read("arena.0.dirty_decay_ms\0").unwrap(), super::ALLOCATOR_DECAY_MS);
+        assert_eq!(read("arena.0.muzzy_decay_ms\0").unwrap(), 0);
+        assert!(tikv_jemalloc_ctl::background_thread::read().unwrap());
+        // An arena made afterwards takes the new default.
+        let made = Access::<u32>::read("arenas.create\0".name()).unwrap();
+        let name = format!("arena.{made}.dirty_decay_ms\0");
+        assert_eq!(read(&name).unwrap(), super::ALLOCATOR_DECAY_MS);
     }
 }

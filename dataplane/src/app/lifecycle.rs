@@ -201,15 +201,16 @@ impl<R: Acceptor> Connection<R> {
         } = self;
         let _guard = guard;
         let _socket = socket;
+        // Each kind's future boxed: a connection holds the state of its own kind only, not that of
+        // the largest kind (the task would otherwise be as large as the largest, for every
+        // connection).
         match listener {
             Listener::Inbound => {
-                worker
-                    .serve_inbound_hbone(stream, peer, reached(phase, Phase::Draining))
-                    .await;
+                Box::pin(worker.serve_inbound_hbone(stream, peer, reached(phase, Phase::Draining))).await;
             }
-            Listener::InboundPlaintext => worker.serve_inbound_plaintext(stream, peer).await,
-            Listener::Outbound => worker.serve_capture(stream, peer).await,
-            Listener::Socks5 => worker.serve_socks5(stream, peer).await,
+            Listener::InboundPlaintext => Box::pin(worker.serve_inbound_plaintext(stream, peer)).await,
+            Listener::Outbound => Box::pin(worker.serve_capture(stream, peer)).await,
+            Listener::Socks5 => Box::pin(worker.serve_socks5(stream, peer)).await,
             // Not in `Listeners::data`, so never accepted here: the control listeners are served by
             // the control plane, the DNS proxy by its own server (`serve_dns`).
             Listener::Dns | Listener::Readiness | Listener::Admin | Listener::Metrics => {

@@ -23,7 +23,7 @@ use crate::proxy::outbound::Outbound;
 use crate::rt::Runtime;
 use crate::telemetry::accesslog::{self, Direction, FailedConnection};
 use crate::telemetry::metrics::{Metrics, RefusalReason};
-use crate::watch::ConnectionRegistry;
+use crate::watch::{CloseSignal, ConnectionGuard, ConnectionRegistry};
 
 /// The outbound path of a [`Worker`] on the runtime `R`.
 pub type WorkerOutbound<R> = Outbound<ProxyTls, R>;
@@ -294,15 +294,47 @@ where
 
     /// Runs an outbound connection's `serving`; for a pod's worker, registered until it ends, and
     /// dropped (its sockets closed) with `None` if the registry closes it first.
-    async fn closable<T>(&self, serving: impl Future<Output = T>) -> Option<T> {
-        if !self.outbound_registered {
-            return Some(serving.await);
+    ///
+    /// Not an `async fn`: one would keep `serving` twice, as its argument and as the future it
+    /// awaits, doubling what every connection holds.
+    fn closable<F: Future>(&self, serving: F) -> Closable<F> {
+        closable(self.outbound_registered.then_some(&self.registry), serving)
+    }
+}
+
+/// `serving`, registered in `registry` (if any) until it ends, and ended early with `None` if the
+/// registry closes it first.
+fn closable<F: Future>(registry: Option<&ConnectionRegistry>, serving: F) -> Closable<F> {
+    Closable {
+        serving,
+        close: registry.map(ConnectionRegistry::register_outbound),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Worker::closable`]'s future: `serving`, ended early with `None` when the registry closes
+    /// the connection (the guard keeps it registered meanwhile).
+    struct Closable<F> {
+        #[pin]
+        serving: F,
+        close: Option<(ConnectionGuard, CloseSignal)>,
+    }
+}
+
+impl<F: Future> Future for Closable<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(done) = this.serving.poll(cx) {
+            return std::task::Poll::Ready(Some(done));
         }
-        let (_guard, close) = self.registry.register_outbound();
-        match futures_util::future::select(std::pin::pin!(serving), close).await {
-            futures_util::future::Either::Left((done, _)) => Some(done),
-            futures_util::future::Either::Right(_) => None,
+        if let Some((_, close)) = this.close
+            && std::pin::Pin::new(close).poll(cx).is_ready()
+        {
+            return std::task::Poll::Ready(None);
         }
+        std::task::Poll::Pending
     }
 }
 
@@ -330,4 +362,48 @@ const EMFILE: i32 = 24;
 /// ```
 pub fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(EMFILE | ENFILE))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::watch::CloseReason;
+
+    /// A connection with a large state while it runs.
+    async fn large() -> usize {
+        let state = [7u8; 4096];
+        std::future::ready(()).await;
+        std::hint::black_box(&state).len()
+    }
+
+    /// Every outbound connection of a pod's worker runs in [`closable`]: it holds the connection's
+    /// future once (an `async fn` would hold it twice, as its argument and as what it awaits),
+    /// ends with it, and ends early, dropping it, when the registry closes the connection.
+    #[tokio::test]
+    async fn a_closable_connection_holds_its_future_once_and_ends_when_closed() {
+        let registry = ConnectionRegistry::new();
+        let size = std::mem::size_of_val(&large());
+        let wrapped = closable(Some(&registry), large());
+        assert!(
+            std::mem::size_of_val(&wrapped) <= size + 64,
+            "{} bytes around a {size}-byte future",
+            std::mem::size_of_val(&wrapped)
+        );
+        assert_eq!(registry.len(), 1, "registered while it runs");
+        assert_eq!(wrapped.await, Some(4096));
+        assert!(registry.is_empty(), "unregistered once it ended");
+
+        let waiting = closable(Some(&registry), std::future::pending::<()>());
+        assert_eq!(
+            registry.close_all(&CloseReason::PodRemoved {
+                uid: "pod-1".to_owned()
+            }),
+            1
+        );
+        assert_eq!(waiting.await, None, "closed by the registry");
+        assert!(registry.is_empty());
+
+        assert_eq!(closable(None, large()).await, Some(4096), "without a registry");
+    }
 }

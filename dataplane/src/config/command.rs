@@ -64,6 +64,7 @@ pub(super) const OPTS: &[&Opt] = &[
     &hbone::HBONE_RECEIVE_BUDGET,
     &hbone::POOL_MAX_STREAMS,
     &hbone::POOL_UNUSED_RELEASE_TIMEOUT,
+    &hbone::POOL_SURPLUS_RELEASE_TIMEOUT,
     &hbone::POOL_RESPONSE_TIMEOUT,
     &hbone::POOL_PROBE_TIMEOUT,
     &runtime::WORKER_THREADS,

@@ -117,6 +117,15 @@ pub(super) const POOL_UNUSED_RELEASE_TIMEOUT: Opt = Opt {
     help: "How long a pooled connection without streams is kept",
     ..Opt::new(H_HBONE)
 };
+pub(super) const POOL_SURPLUS_RELEASE_TIMEOUT: Opt = Opt {
+    flag: "--pool-surplus-release-timeout",
+    value_name: "DURATION",
+    keys: &[Env("MESHWIRE_POOL_SURPLUS_RELEASE_TIMEOUT")],
+    default: Some("5s"),
+    help: "How long a pooled connection without streams is kept while another connection to the same peer stays \
+           (the connections a burst opened, and their memory, go soon after it)",
+    ..Opt::new(H_HBONE)
+};
 
 /// What the HBONE options set, and where the values checked together came from.
 pub(super) struct Hbone {
@@ -159,6 +168,7 @@ impl Inputs<'_> {
         let pool = PoolConfig {
             max_streams_per_connection: self.required(&POOL_MAX_STREAMS, at_least_one)?.value,
             idle_timeout: self.required(&POOL_UNUSED_RELEASE_TIMEOUT, parse_duration)?.value,
+            surplus_idle_timeout: self.required(&POOL_SURPLUS_RELEASE_TIMEOUT, parse_duration)?.value,
             response_timeout: self.required(&POOL_RESPONSE_TIMEOUT, positive_duration)?.value,
             probe_timeout: self.required(&POOL_PROBE_TIMEOUT, positive_duration)?.value,
             settings,

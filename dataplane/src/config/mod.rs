@@ -97,6 +97,7 @@
 //! | `--hbone-receive-budget` | `MESHWIRE_HBONE_RECEIVE_BUDGET` | 1073741824 |
 //! | `--pool-max-streams-per-connection` | `POOL_MAX_STREAMS_PER_CONNECTION` | 100 |
 //! | `--pool-unused-release-timeout` | `POOL_UNUSED_RELEASE_TIMEOUT` | `5m` |
+//! | `--pool-surplus-release-timeout` | `MESHWIRE_POOL_SURPLUS_RELEASE_TIMEOUT` | `5s` |
 //! | `--pool-response-timeout` | `MESHWIRE_POOL_RESPONSE_TIMEOUT` | `3s` |
 //! | `--pool-probe-timeout` | `MESHWIRE_POOL_PROBE_TIMEOUT` | `2s` |
 //! | `--worker-threads N\|N%` | `ZTUNNEL_WORKER_THREADS`, `PROXY_CONFIG` `concurrency` | 2 (`ztunnel-uring`: one per CPU) |

@@ -778,14 +778,21 @@ where
         };
         summary.source = Some(source.spiffe_id().clone());
 
-        let pick = self.pick.fetch_add(1, Ordering::Relaxed);
-        let route = state.route_outbound(&self.proxy, source, dst, pick);
-        summary.route = Some(RouteKind::of(&route));
-        let labels = outbound_labels(state, source, &route);
-        let entry = outbound_log_entry(state, &labels, source, peer, dst, &route);
-        let mut record = OutboundRecord::open(&self.metrics, labels, entry);
+        // In a block that ends before the first await, so that the route and the labels, moved
+        // into the record and the opening, take no room in this future; the opening (a pooled
+        // CONNECT or a TCP connect) is boxed, so that its state is not kept for the rest of the
+        // connection's life, which it would size otherwise.
+        let (mut record, opening) = {
+            let pick = self.pick.fetch_add(1, Ordering::Relaxed);
+            let route = state.route_outbound(&self.proxy, source, dst, pick);
+            summary.route = Some(RouteKind::of(&route));
+            let labels = outbound_labels(state, source, &route);
+            let entry = outbound_log_entry(state, &labels, source, peer, dst, &route);
+            let record = OutboundRecord::open(&self.metrics, labels, entry);
+            (record, Box::pin(self.open(peer, source, route)))
+        };
 
-        let upstream = match self.open(peer, source, route).await {
+        let upstream = match opening.await {
             Ok(upstream) => upstream,
             Err((error, refusal)) => {
                 record.fail(Some(ResponseFlags::ConnectionFailure), &error);

@@ -11,6 +11,11 @@
 //! | `process_start_time_seconds` | gauge | when the process started, in seconds since the Unix epoch |
 //! | `process_threads` | gauge | threads of the process |
 //!
+//! With the `jemalloc` feature (the binaries' allocator), [`AllocatorCollector`] adds
+//! `meshwire_allocator_bytes{state}`: jemalloc's own figures (`allocated`: bytes the program holds;
+//! `active`: the pages of those allocations; `resident`, `mapped`, `retained`, `metadata`), which
+//! tell memory a proxy still holds from pages the allocator has not given back yet.
+//!
 //! The first two are ztunnel's (its `ProcessMetrics` collector exports only them); the others have
 //! the names and meanings of the Prometheus client libraries' process collectors (Go's, which
 //! istiod's and istio-cni's pages carry), so that the usual alerts (`process_open_fds /
@@ -249,5 +254,51 @@ mod tests {
         // Seconds since the epoch (not ticks since boot), and not in the future (the boot time is
         // whole seconds: a second of slack).
         assert!(started > 1.0e9 && started <= now + 1.0, "{started} vs {now}");
+    }
+}
+
+/// The collector of `meshwire_allocator_bytes{state}` (see the [module](self) documentation):
+/// jemalloc's statistics, refreshed at each scrape. Without the `jemalloc` feature it adds nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllocatorCollector;
+
+impl Collector for AllocatorCollector {
+    #[cfg(feature = "jemalloc")]
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        use prometheus_client::metrics::family::Family;
+        use tikv_jemalloc_ctl::{Access, AsName, epoch};
+
+        // The statistics are a snapshot taken when the epoch advances; leave them out if it cannot.
+        if epoch::advance().is_err() {
+            return Ok(());
+        }
+        let read = |name: &'static str| Access::<usize>::read(name.name());
+        let family = Family::<Vec<(&'static str, &'static str)>, prometheus_client::metrics::gauge::Gauge>::default();
+        let figures: [(&str, tikv_jemalloc_ctl::Result<usize>); 6] = [
+            ("allocated", read("stats.allocated\0")),
+            ("active", read("stats.active\0")),
+            ("resident", read("stats.resident\0")),
+            ("mapped", read("stats.mapped\0")),
+            ("retained", read("stats.retained\0")),
+            ("metadata", read("stats.metadata\0")),
+        ];
+        for (state, value) in figures {
+            if let Ok(value) = value {
+                family
+                    .get_or_create(&vec![("state", state)])
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
+        family.encode(encoder.encode_descriptor(
+            "meshwire_allocator_bytes",
+            "Memory as the allocator (jemalloc) counts it, by state: allocated (held by the program), active, resident, mapped, retained, metadata",
+            None,
+            family.metric_type(),
+        )?)
+    }
+
+    #[cfg(not(feature = "jemalloc"))]
+    fn encode(&self, _encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        Ok(())
     }
 }
