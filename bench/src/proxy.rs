@@ -486,8 +486,8 @@ impl Pair {
     }
 
     /// The bytes the allocator counts as held by the program (`meshwire_allocator_bytes{state="allocated"}`)
-    /// in A and in B; `None` for binaries that do not export it (the forwarder, another proxy).
-    pub(crate) async fn allocated(&self) -> Option<(u64, u64)> {
+    /// in A and B together; `None` for binaries that do not export it (the forwarder, another proxy).
+    pub(crate) async fn allocated(&self) -> Option<u64> {
         const ALLOCATED: &str = "meshwire_allocator_bytes{state=\"allocated\"}";
         let read = |addr| async move {
             tokio::time::timeout(Duration::from_secs(5), metric(addr, ALLOCATED))
@@ -495,7 +495,7 @@ impl Pair {
                 .ok()?
                 .ok()
         };
-        Some((read(self.metrics[0]).await?, read(self.metrics[1]).await?))
+        Some(read(self.metrics[0]).await? + read(self.metrics[1]).await?)
     }
 
     /// HBONE connections B holds (established TCP connections on its inbound listener).

@@ -949,7 +949,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_before = Rss::of(&pair)?;
-        let allocated_before = pair.allocated().await.map(|(a, b)| a + b);
+        let allocated_before = pair.allocated().await;
         let started = Instant::now();
         let held = pair
             .guard(async {
@@ -964,7 +964,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         let open_seconds = started.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_held = Rss::of(&pair)?;
-        let allocated_held = pair.allocated().await.map(|(a, b)| a + b);
+        let allocated_held = pair.allocated().await;
         let hbone_connections = pair.hbone_connections()?;
         drop(held);
         // Wait until B closed every connection to the server, then a little more.
@@ -983,7 +983,7 @@ pub(crate) async fn idle(bench: &Bench) -> anyhow::Result<(Vec<IdleRow>, Table)>
         let rss_after = Rss::of(&pair)?;
         tokio::time::sleep(settle - Duration::from_secs(1)).await;
         let rss_settled = Rss::of(&pair)?;
-        let allocated_settled = pair.allocated().await.map(|(a, b)| a + b);
+        let allocated_settled = pair.allocated().await;
         let row = IdleRow {
             path: binary.name.clone(),
             connections: n,

@@ -266,21 +266,20 @@ impl Collector for AllocatorCollector {
     #[cfg(feature = "jemalloc")]
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         use prometheus_client::metrics::family::Family;
-        use tikv_jemalloc_ctl::{Access, AsName, epoch};
+        use tikv_jemalloc_ctl::{epoch, stats};
 
         // The statistics are a snapshot taken when the epoch advances; leave them out if it cannot.
         if epoch::advance().is_err() {
             return Ok(());
         }
-        let read = |name: &'static str| Access::<usize>::read(name.name());
         let family = Family::<Vec<(&'static str, &'static str)>, prometheus_client::metrics::gauge::Gauge>::default();
         let figures: [(&str, tikv_jemalloc_ctl::Result<usize>); 6] = [
-            ("allocated", read("stats.allocated\0")),
-            ("active", read("stats.active\0")),
-            ("resident", read("stats.resident\0")),
-            ("mapped", read("stats.mapped\0")),
-            ("retained", read("stats.retained\0")),
-            ("metadata", read("stats.metadata\0")),
+            ("allocated", stats::allocated::read()),
+            ("active", stats::active::read()),
+            ("resident", stats::resident::read()),
+            ("mapped", stats::mapped::read()),
+            ("retained", stats::retained::read()),
+            ("metadata", stats::metadata::read()),
         ];
         for (state, value) in figures {
             if let Ok(value) = value {
