@@ -613,14 +613,15 @@ where
     };
     let lease = options.stream_lease();
     let limit = options.settings.handshake_timeout();
-    let (mut conn, peer, mut window) = with_timeout(timer, limit, handshake)
+    let (conn, peer, mut window) = with_timeout(timer, limit, handshake)
         .await
         .ok_or(ServeError::HandshakeTimeout(limit))??;
+    // `None` once the connection ended: dropped then, so that HTTP/2 fails every stream still open.
+    let mut conn = Some(conn);
 
     let mut streams = FuturesUnordered::new();
     let mut shutdown = pin!(shutdown);
     let mut draining = false;
-    let mut accepting = true;
     let mut count = 0u64;
     let mut failure: Option<h2::Error> = None;
     let copy_config = options.copy;
@@ -629,21 +630,23 @@ where
         loop {
             if !draining && shutdown.as_mut().poll(cx).is_ready() {
                 tracing::debug!(peer = %peer_ref, open_streams = streams.len(), "draining HBONE connection");
-                conn.graceful_shutdown();
+                if let Some(conn) = conn.as_mut() {
+                    conn.graceful_shutdown();
+                }
                 draining = true;
             }
             let mut progressed = false;
-            if accepting {
-                match conn.poll_accept(cx) {
+            if let Some(live) = conn.as_mut() {
+                match live.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
                         count += 1;
                         // A connection set up when the receive budget was short grows its windows
                         // once the budget has room again.
                         if let Some(grown) = window.top_up(&options.settings) {
-                            conn.set_target_window_size(grown.connection_window());
+                            live.set_target_window_size(grown.connection_window());
                             // Refused while an earlier SETTINGS change waits for its ACK: the stream
                             // windows then stay as they were (still within the connection window).
-                            if let Err(e) = conn.set_initial_window_size(grown.stream_window()) {
+                            if let Err(e) = live.set_initial_window_size(grown.stream_window()) {
                                 tracing::debug!(peer = %peer_ref, error = %e, "stream windows not grown");
                             }
                         }
@@ -658,22 +661,28 @@ where
                         progressed = true;
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        // The connection is over; streams still open finish (or fail) on their own.
-                        accepting = false;
                         if is_clean_end(&e, streams.is_empty()) {
                             tracing::debug!(peer = %peer_ref, error = %e, "HBONE connection ended");
                         } else {
                             failure = Some(e);
                         }
+                        // The connection is over. Dropping it fails every stream still open: an
+                        // error HTTP/2 met while flushing (a reset peer) reaches no stream
+                        // otherwise, and a stream waiting to send would wait for good.
+                        conn = None;
+                        progressed = true;
                     }
-                    Poll::Ready(None) => accepting = false,
+                    Poll::Ready(None) => {
+                        conn = None;
+                        progressed = true;
+                    }
                     Poll::Pending => {}
                 }
             }
             while let Poll::Ready(Some(report)) = streams.poll_next_unpin(cx) {
                 handler.finished(report);
             }
-            if !accepting && streams.is_empty() {
+            if conn.is_none() && streams.is_empty() {
                 return Poll::Ready(match failure.take() {
                     Some(source) => Err(ServeError::Http2 {
                         peer: peer_ref.clone(),
@@ -688,8 +697,7 @@ where
         }
     })
     .await;
-    // The connection's buffers go, then its window goes back to the budget.
-    drop(conn);
+    // The connection (and its buffers) went when it ended; now its window goes back to the budget.
     drop(window);
     result?;
     Ok(ServeSummary {
