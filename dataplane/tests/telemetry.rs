@@ -191,6 +191,41 @@ fn label_values_follow_ztunnel() {
     assert_eq!(Reporter::Destination.to_string(), "destination");
 }
 
+/// Connections opened with equal labels hold one shared copy of them (a connection's labels and
+/// their strings are about 1 kB); a close with other flags counts under those flags and leaves the
+/// shared copy as it was.
+#[test]
+fn connections_with_equal_labels_share_one_copy() {
+    let mesh = mesh();
+    let metrics = Metrics::new();
+    let a = metrics.open(outbound_labels(&mesh));
+    let b = metrics.open(outbound_labels(&mesh));
+    let other = metrics.open(inbound_labels(&mesh));
+    let held = std::mem::size_of_val(&a);
+    println!(
+        "a connection's metrics: {held} bytes; its labels: {} bytes",
+        size_of::<ConnectionLabels>()
+    );
+    assert!(held <= 96, "a connection's metrics hold {held} bytes");
+    assert!(std::ptr::eq(a.labels(), b.labels()), "one copy for equal labels");
+    assert!(!std::ptr::eq(a.labels(), other.labels()));
+    assert_eq!(*a.labels(), outbound_labels(&mesh));
+
+    let failed = a.finish(ResponseFlags::ConnectionFailure);
+    assert_eq!(failed.labels.response_flags, ResponseFlags::ConnectionFailure);
+    assert_eq!(*b.labels(), outbound_labels(&mesh), "the shared copy keeps its flags");
+    let done = b.finish(ResponseFlags::None);
+    assert_eq!(*done.labels, outbound_labels(&mesh));
+    drop(other);
+
+    let text = metrics.render();
+    let source = [("reporter", "source"), ("response_flags", "CONNECT")];
+    assert_eq!(value(&text, "istio_tcp_connections_closed_total", &source), 1);
+    let source = [("reporter", "source"), ("response_flags", "-")];
+    assert_eq!(value(&text, "istio_tcp_connections_closed_total", &source), 1);
+    assert_eq!(value(&text, "istio_tcp_connections_opened_total", &source), 2);
+}
+
 #[test]
 fn counters_and_byte_totals_per_label_set() {
     let mesh = mesh();
@@ -236,7 +271,7 @@ fn counters_and_byte_totals_per_label_set() {
 
     let summary = out_a.finish(ResponseFlags::None);
     assert_eq!((summary.received, summary.sent), (2101, 50_000));
-    assert_eq!(summary.labels, outbound_labels(&mesh));
+    assert_eq!(*summary.labels, outbound_labels(&mesh));
     drop((out_b, inbound, plain));
 
     let text = metrics.render();

@@ -60,7 +60,7 @@
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use meshwire_identity::id::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -573,6 +573,9 @@ pub struct Metrics {
     socket_gauges: [Gauge; 2],
     /// The label sets in use, so that [`Metrics::sum`] can read the families back.
     seen: Arc<Mutex<LabelSets>>,
+    /// One copy of each label set connections were opened with, which every open connection with
+    /// those labels shares (rather than holding about 1 kB of labels and their strings each).
+    shared: RwLock<HashSet<Arc<ConnectionLabels>>>,
 }
 
 /// The labels of `istio_tcp_sockets_open`: the reporter, `source` for the sockets accepted by the
@@ -692,6 +695,7 @@ impl Metrics {
             refused,
             socket_gauges,
             seen: Arc::default(),
+            shared: RwLock::default(),
         }
     }
 
@@ -841,9 +845,10 @@ impl Metrics {
     ///
     /// This is the only place, besides the close, where a counter is looked up by its labels.
     pub fn open(&self, labels: ConnectionLabels) -> ConnectionMetrics {
+        let labels = self.share(labels);
         // Recorded before the counters exist, so that a counter is never missed by `sum`.
         if self.opened.get(&labels).is_none() {
-            lock(&self.seen).opened.insert(labels.clone());
+            lock(&self.seen).opened.insert(ConnectionLabels::clone(&labels));
         }
         self.opened.get_or_create(&labels).inc();
         ConnectionMetrics {
@@ -851,11 +856,27 @@ impl Metrics {
             received_counter: self.received.get_or_create_owned(&labels),
             closed: Family::clone(&self.closed),
             seen: Arc::clone(&self.seen),
+            flags: labels.response_flags,
             labels,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             finished: false,
         }
+    }
+
+    /// The shared copy of `labels`: the one connections opened with them before use, or `labels`,
+    /// now shared. A read lock when the labels were seen before (a connection's usual case).
+    fn share(&self, labels: ConnectionLabels) -> Arc<ConnectionLabels> {
+        if let Some(shared) = self.shared.read().unwrap_or_else(PoisonError::into_inner).get(&labels) {
+            return Arc::clone(shared);
+        }
+        let mut sets = self.shared.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(shared) = sets.get(&labels) {
+            return Arc::clone(shared);
+        }
+        let shared = Arc::new(labels);
+        sets.insert(Arc::clone(&shared));
+        shared
     }
 
     /// Every registered metric in the OpenMetrics text format (which Prometheus also reads), ending
@@ -877,7 +898,10 @@ impl Metrics {
 #[derive(Debug)]
 #[must_use = "dropping the recorder counts the connection as closed at once"]
 pub struct ConnectionMetrics {
-    labels: ConnectionLabels,
+    /// The labels it was opened with, shared with the other connections opened with them.
+    labels: Arc<ConnectionLabels>,
+    /// The `response_flags` to count the close with.
+    flags: ResponseFlags,
     closed: Family<ConnectionLabels, Counter>,
     seen: Arc<Mutex<LabelSets>>,
     sent_counter: Counter,
@@ -921,23 +945,37 @@ impl ConnectionMetrics {
     /// Counts the connection as closed, with `flags` as its `response_flags` (the opened and byte
     /// counters keep the flags the connection was opened with), and returns its totals.
     pub fn finish(mut self, flags: ResponseFlags) -> ConnectionSummary {
-        self.labels.response_flags = flags;
+        self.flags = flags;
         self.close();
         ConnectionSummary {
-            labels: std::mem::take(&mut self.labels),
+            labels: self.closed_labels(),
             sent: self.sent(),
             received: self.received(),
         }
     }
 
-    fn close(&mut self) {
-        if !self.finished {
-            self.finished = true;
-            if self.closed.get(&self.labels).is_none() {
-                lock(&self.seen).closed.insert(self.labels.clone());
-            }
-            self.closed.get_or_create(&self.labels).inc();
+    /// The labels to count the close with: those it was opened with (shared), unless the flags
+    /// changed (a copy, made for a failed connection only).
+    fn closed_labels(&self) -> Arc<ConnectionLabels> {
+        if self.flags == self.labels.response_flags {
+            Arc::clone(&self.labels)
+        } else {
+            let mut labels = ConnectionLabels::clone(&self.labels);
+            labels.response_flags = self.flags;
+            Arc::new(labels)
         }
+    }
+
+    fn close(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let labels = self.closed_labels();
+        if self.closed.get(&labels).is_none() {
+            lock(&self.seen).closed.insert(ConnectionLabels::clone(&labels));
+        }
+        self.closed.get_or_create(&labels).inc();
     }
 }
 
@@ -952,8 +990,9 @@ impl Drop for ConnectionMetrics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConnectionSummary {
-    /// Its labels, with the final `response_flags`.
-    pub labels: ConnectionLabels,
+    /// Its labels, with the final `response_flags` (shared with the connections opened with the
+    /// same labels).
+    pub labels: Arc<ConnectionLabels>,
     /// The bytes written toward the client (the response direction).
     pub sent: u64,
     /// The bytes read from the client (the request direction).
