@@ -68,7 +68,7 @@ use crate::rt::Runtime;
 use crate::rt::socket::SocketOptions;
 use crate::rt::tokio::TokioRuntime;
 use crate::state::{LocalProxy, ServiceTargetError};
-use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection};
+use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection, HeldEntry};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, Metrics, Reporter, ResponseFlags, SecurityPolicy,
 };
@@ -333,7 +333,7 @@ impl<R: Runtime> InboundHandler<R> {
             recorder: Some(recorder),
             _guard: guard,
             start,
-            entry: Some(entry),
+            entry: Some(self.metrics.hold_entry(entry)),
         })
     }
 
@@ -510,7 +510,7 @@ pub struct InboundUpstream<R: Runtime = TokioRuntime> {
     _guard: ConnectionGuard,
     start: Instant,
     /// `Some` until dropped.
-    entry: Option<AccessLogEntry>,
+    entry: Option<HeldEntry>,
 }
 
 impl<R: Runtime> fmt::Debug for InboundUpstream<R> {
@@ -635,6 +635,7 @@ impl<R: Runtime> Drop for InboundUpstream<R> {
         };
         let summary = recorder.finish(flags);
         let mut entry = entry
+            .into_entry()
             .with_transfer(summary.sent, summary.received)
             .with_duration(self.start.elapsed());
         if let Some(reason) = closed {

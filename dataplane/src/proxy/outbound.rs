@@ -73,7 +73,7 @@ use crate::rt::socket::SocketOptions;
 use crate::rt::tokio::{ClientTlsSource, TokioRuntime};
 use crate::socks5::{self, Reply, Socks5Error, Target};
 use crate::state::{LocalProxy, OutboundRoute, Refusal, State};
-use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection};
+use crate::telemetry::accesslog::{self, AccessLogEntry, Direction, FailedConnection, HeldEntry};
 use crate::telemetry::metrics::{
     ConnectionLabels, ConnectionMetrics, LabelValue, Metrics, RefusalReason, Reporter, ResponseFlags, SecurityPolicy,
 };
@@ -398,7 +398,7 @@ pub struct OutboundRecord {
     /// `Some` until dropped.
     recorder: Option<ConnectionMetrics>,
     /// `Some` until dropped.
-    entry: Option<AccessLogEntry>,
+    entry: Option<HeldEntry>,
     start: Instant,
     flags: ResponseFlags,
     error: Option<String>,
@@ -410,7 +410,7 @@ impl OutboundRecord {
         accesslog::emit_opened(&entry);
         Self {
             recorder: Some(metrics.open(labels)),
-            entry: Some(entry),
+            entry: Some(metrics.hold_entry(entry)),
             start: Instant::now(),
             flags: ResponseFlags::None,
             error: None,
@@ -439,6 +439,7 @@ impl Drop for OutboundRecord {
         };
         let summary = recorder.finish(self.flags);
         let mut entry = entry
+            .into_entry()
             .with_transfer(summary.sent, summary.received)
             .with_duration(self.start.elapsed());
         if let Some(error) = self.error.take() {

@@ -73,8 +73,9 @@
 //! ```
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::layout;
@@ -156,7 +157,7 @@ impl fmt::Display for Direction {
 }
 
 /// One connection's access log line, as data. `None` fields are left out of the line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct AccessLogEntry {
     /// `src.addr`: the client's address.
@@ -189,6 +190,58 @@ pub struct AccessLogEntry {
     pub duration: Duration,
     /// `error`: why the connection failed, if it did.
     pub error: Option<String>,
+}
+
+/// An access log entry held while its connection lives, for the line written when it ends: its
+/// names and identities (the same for every connection between two workloads) in one copy that
+/// those connections share, its addresses and CONNECT target its own. Made by
+/// [`Metrics::hold_entry`](super::metrics::Metrics::hold_entry).
+///
+/// ```
+/// use meshwire_dataplane::telemetry::accesslog::{AccessLogEntry, Direction};
+/// use meshwire_dataplane::telemetry::metrics::Metrics;
+///
+/// let metrics = Metrics::new();
+/// let entry = AccessLogEntry::new(Direction::Inbound, "10.0.0.1:40000".parse()?, "10.0.0.2:15008".parse()?)
+///     .with_hbone_addr("10.0.0.2:8080");
+/// let held = metrics.hold_entry(entry.clone());
+/// assert_eq!(held.into_entry(), entry);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct HeldEntry {
+    /// The entry without its addresses and CONNECT target.
+    names: Arc<AccessLogEntry>,
+    src_addr: SocketAddr,
+    dst_addr: SocketAddr,
+    dst_hbone_addr: Option<String>,
+}
+
+/// What a [`HeldEntry`]'s shared part has for its addresses.
+const NO_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+
+impl HeldEntry {
+    /// `entry` held, its names shared through `share`.
+    pub(crate) fn new(mut entry: AccessLogEntry, share: impl FnOnce(AccessLogEntry) -> Arc<AccessLogEntry>) -> Self {
+        let src_addr = std::mem::replace(&mut entry.src_addr, NO_ADDR);
+        let dst_addr = std::mem::replace(&mut entry.dst_addr, NO_ADDR);
+        let dst_hbone_addr = entry.dst_hbone_addr.take();
+        Self {
+            names: share(entry),
+            src_addr,
+            dst_addr,
+            dst_hbone_addr,
+        }
+    }
+
+    /// The whole entry again (its names copied out of the shared part).
+    pub fn into_entry(self) -> AccessLogEntry {
+        let mut entry = Arc::unwrap_or_clone(self.names);
+        entry.src_addr = self.src_addr;
+        entry.dst_addr = self.dst_addr;
+        entry.dst_hbone_addr = self.dst_hbone_addr;
+        entry
+    }
 }
 
 impl AccessLogEntry {
@@ -467,4 +520,49 @@ fn one_line(mut rendered: String) -> String {
         rendered.pop();
     }
     rendered
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    /// Entries held for connections between the same workloads share their names; each keeps its
+    /// own addresses and CONNECT target, and gives back the whole entry.
+    #[test]
+    fn held_entries_share_their_names_and_keep_their_addresses() {
+        let metrics = Metrics::new();
+        let entry = |port: u16, target: &str| {
+            AccessLogEntry::new(
+                Direction::Inbound,
+                SocketAddr::from(([10, 0, 0, 1], port)),
+                "10.0.0.2:15008".parse().unwrap(),
+            )
+            .with_hbone_addr(target)
+            .with_identities(
+                Some("spiffe://cluster.local/ns/shop/sa/cart"),
+                Some("spiffe://cluster.local/ns/shop/sa/db"),
+            )
+        };
+        // Test-only: the identities, as `from_labels` sets them.
+        trait WithIdentities {
+            fn with_identities(self, src: Option<&str>, dst: Option<&str>) -> Self;
+        }
+        impl WithIdentities for AccessLogEntry {
+            fn with_identities(mut self, src: Option<&str>, dst: Option<&str>) -> Self {
+                self.src_identity = src.map(str::to_owned);
+                self.dst_identity = dst.map(str::to_owned);
+                self
+            }
+        }
+        let (a, b) = (entry(40000, "10.0.0.2:5432"), entry(40001, "10.0.0.2:5433"));
+        let held_a = metrics.hold_entry(a.clone());
+        let held_b = metrics.hold_entry(b.clone());
+        assert!(Arc::ptr_eq(&held_a.names, &held_b.names), "one copy of the names");
+        let other = metrics.hold_entry(entry(40002, "10.0.0.2:5432").with_identities(None, None));
+        assert!(!Arc::ptr_eq(&held_a.names, &other.names));
+        assert_eq!(held_a.into_entry(), a);
+        assert_eq!(held_b.into_entry(), b);
+    }
 }

@@ -60,7 +60,7 @@
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use meshwire_identity::id::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -70,6 +70,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::accesslog::{AccessLogEntry, HeldEntry};
+use super::shared::Shared;
 use crate::config::Listener;
 use crate::xds::{Service, Workload};
 
@@ -573,9 +575,11 @@ pub struct Metrics {
     socket_gauges: [Gauge; 2],
     /// The label sets in use, so that [`Metrics::sum`] can read the families back.
     seen: Arc<Mutex<LabelSets>>,
-    /// One copy of each label set connections were opened with, which every open connection with
-    /// those labels shares (rather than holding about 1 kB of labels and their strings each).
-    shared: RwLock<HashSet<Arc<ConnectionLabels>>>,
+    /// One copy of each label set open connections were opened with, which they share (rather
+    /// than holding about 1 kB of labels and their strings each).
+    labels: Shared<ConnectionLabels>,
+    /// The same for the names of their access log lines.
+    entries: Shared<AccessLogEntry>,
 }
 
 /// The labels of `istio_tcp_sockets_open`: the reporter, `source` for the sockets accepted by the
@@ -695,7 +699,8 @@ impl Metrics {
             refused,
             socket_gauges,
             seen: Arc::default(),
-            shared: RwLock::default(),
+            labels: Shared::default(),
+            entries: Shared::default(),
         }
     }
 
@@ -845,7 +850,7 @@ impl Metrics {
     ///
     /// This is the only place, besides the close, where a counter is looked up by its labels.
     pub fn open(&self, labels: ConnectionLabels) -> ConnectionMetrics {
-        let labels = self.share(labels);
+        let labels = self.labels.share(labels);
         // Recorded before the counters exist, so that a counter is never missed by `sum`.
         if self.opened.get(&labels).is_none() {
             lock(&self.seen).opened.insert(ConnectionLabels::clone(&labels));
@@ -864,19 +869,10 @@ impl Metrics {
         }
     }
 
-    /// The shared copy of `labels`: the one connections opened with them before use, or `labels`,
-    /// now shared. A read lock when the labels were seen before (a connection's usual case).
-    fn share(&self, labels: ConnectionLabels) -> Arc<ConnectionLabels> {
-        if let Some(shared) = self.shared.read().unwrap_or_else(PoisonError::into_inner).get(&labels) {
-            return Arc::clone(shared);
-        }
-        let mut sets = self.shared.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(shared) = sets.get(&labels) {
-            return Arc::clone(shared);
-        }
-        let shared = Arc::new(labels);
-        sets.insert(Arc::clone(&shared));
-        shared
+    /// `entry`, to be held until its connection ends: its names shared with the connections
+    /// between the same workloads (see [`HeldEntry`]).
+    pub fn hold_entry(&self, entry: AccessLogEntry) -> HeldEntry {
+        HeldEntry::new(entry, |names| self.entries.share(names))
     }
 
     /// Every registered metric in the OpenMetrics text format (which Prometheus also reads), ending

@@ -51,3 +51,4 @@ pub mod layout;
 pub mod metrics;
 pub mod process;
 pub mod runtime;
+pub mod shared;
