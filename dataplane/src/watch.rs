@@ -58,6 +58,7 @@ use tokio::sync::watch;
 
 use crate::rbac::{Connection, PolicySet, WorkloadRef};
 use crate::state::State;
+use crate::telemetry::shared::Shared;
 use crate::xds::{ConfigError, ConfigWarning, LOCATED_WARNINGS, LocalConfig, Workload};
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves its data consistent.
@@ -901,7 +902,7 @@ impl Future for CloseSignal {
 
 /// The authorization attributes of an established connection: what [`PolicySet::evaluate`] needs to
 /// judge it again.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConnectionAttrs {
     /// The destination workload's uid. When set and the new snapshot still has the workload, its
     /// namespace and policy keys are taken from there (a change may select new policies for it);
@@ -950,8 +951,9 @@ impl ConnectionAttrs {
         }
     }
 
-    /// Judges the connection against `snapshot`'s policies; `Some` with the reason if denied.
-    fn denied_by(&self, snapshot: &Snapshot) -> Option<CloseReason> {
+    /// Judges the connection from `src` against `snapshot`'s policies; `Some` with the reason if
+    /// denied.
+    fn denied_by(&self, src: SocketAddr, snapshot: &Snapshot) -> Option<CloseReason> {
         let workload = self
             .workload_uid
             .as_deref()
@@ -962,7 +964,7 @@ impl ConnectionAttrs {
         };
         let conn = Connection {
             src_identity: self.src_identity.as_ref(),
-            src: self.src,
+            src,
             dst: self.dst,
         };
         let verdict = snapshot.policies.evaluate(&workload, &conn);
@@ -977,8 +979,9 @@ impl ConnectionAttrs {
 
 struct Registered {
     /// `None` for a connection no policy re-checks (a pod's outbound connection, closed with the
-    /// pod).
-    attrs: Option<ConnectionAttrs>,
+    /// pod); else its attributes but the source address (shared by the connections from one peer
+    /// to one destination, see [`RegistryInner::attrs`]) and its source address.
+    attrs: Option<(Arc<ConnectionAttrs>, SocketAddr)>,
     signal: Arc<SignalInner>,
 }
 
@@ -987,6 +990,9 @@ const SHARDS: usize = 16;
 
 struct RegistryInner {
     next_id: AtomicU64,
+    /// The attributes of registered connections without their source address (their `src` is
+    /// unspecified), one copy for each peer and destination.
+    attrs: Shared<ConnectionAttrs>,
     shards: [Mutex<HashMap<u64, Registered>>; SHARDS],
     /// Registries made by [`ConnectionRegistry::child`], judged with this one; dropped ones are
     /// pruned as they are found.
@@ -1017,6 +1023,7 @@ impl ConnectionRegistry {
         Self {
             inner: Arc::new(RegistryInner {
                 next_id: AtomicU64::new(0),
+                attrs: Shared::default(),
                 shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
                 children: Mutex::new(Vec::new()),
             }),
@@ -1076,6 +1083,10 @@ impl ConnectionRegistry {
     }
 
     fn insert(&self, attrs: Option<ConnectionAttrs>) -> (ConnectionGuard, CloseSignal) {
+        let attrs = attrs.map(|mut attrs| {
+            let src = std::mem::replace(&mut attrs.src, SocketAddr::from(([0, 0, 0, 0], 0)));
+            (self.inner.attrs.share(attrs), src)
+        });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(SignalInner::default());
         lock(self.inner.shard(id)).insert(
@@ -1113,11 +1124,13 @@ impl ConnectionRegistry {
                 if registered.signal.reason.get().is_some() {
                     continue;
                 }
-                let Some(attrs) = &registered.attrs else { continue };
-                if let Some(reason) = attrs.denied_by(snapshot) {
+                let Some((attrs, src)) = &registered.attrs else {
+                    continue;
+                };
+                if let Some(reason) = attrs.denied_by(*src, snapshot) {
                     tracing::debug!(
                         connection = id,
-                        src = %attrs.src,
+                        src = %src,
                         dst = %attrs.dst,
                         %reason,
                         "closing a connection"

@@ -728,6 +728,39 @@ async fn a_new_deny_policy_closes_exactly_the_connections_it_matches() {
     stays_open(&mut admin).await;
 }
 
+/// Connections from one peer identity to one destination share their registered attributes but
+/// keep their own source addresses: a policy on source addresses closes exactly the one it matches.
+#[tokio::test]
+async fn a_policy_on_source_addresses_closes_only_the_matching_connection_of_a_peer() {
+    const DENY_SOURCE: &str = concat!(
+        shop!(),
+        r#"policies:
+- name: deny-one-source
+  namespace: shop
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - sourceIps: [10.0.0.7/32]
+"#
+    );
+    let (_dir, path) = config_file(SHOP);
+    let registry = ConnectionRegistry::new();
+    let (watcher, published) = ConfigWatcher::start(&path).unwrap();
+    let watcher = watcher.with_registry(registry.clone());
+    let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+    let (_a_guard, mut a) = registry.register(shop_conn(frontend, "10.0.0.1:40000"));
+    let (_b_guard, mut b) = registry.register(shop_conn(frontend, "10.0.0.7:40000"));
+    let (_c_guard, mut c) = registry.register(shop_conn(frontend, "10.0.0.1:40001"));
+
+    write(&path, DENY_SOURCE);
+    assert_eq!(applied(watcher.poll_once()), 2);
+    let reason = closes(&mut b).await;
+    assert!(reason.to_string().contains("shop/deny-one-source"), "{reason}");
+    stays_open(&mut a).await;
+    stays_open(&mut c).await;
+    assert_eq!(registry.reevaluate(&published.load()), 0);
+}
+
 #[tokio::test]
 async fn a_policy_newly_selecting_the_workload_is_seen_through_its_uid() {
     let config = LocalConfig::parse(SHOP).unwrap();

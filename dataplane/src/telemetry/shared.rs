@@ -1,7 +1,8 @@
-//! One shared copy of each value many connections hold alike: a connection's metric labels and the
-//! names of its access log line are the same for every connection between two workloads, and held
-//! for the connection's life, so that each connection keeps a pointer rather than its own copy
-//! (about 1 kB of labels and strings each).
+//! One shared copy of each value many connections hold alike: a connection's metric labels, the
+//! names of its access log line and the authorization attributes the connection registry keeps are
+//! the same for every connection between two workloads, and held for the connection's life, so
+//! that each connection keeps a pointer rather than its own copy (about 1.5 kB of values and
+//! strings each).
 //!
 //! A value is looked up under a read lock (the usual case, a value seen before); a new one is added
 //! under the write lock, which also sweeps out, whenever the set has doubled since the last sweep,
