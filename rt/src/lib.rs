@@ -24,8 +24,6 @@
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::future::{Either, select};
-
 #[cfg(feature = "glommio")]
 pub mod glommio;
 #[cfg(feature = "tokio")]
@@ -98,7 +96,10 @@ pub trait Executor<F: Future<Output = ()>> {
 
 /// Runs `fut` with a deadline `limit` from now on `timer`: its output, or `None` when the deadline
 /// passed first (then `fut` is dropped). The runtime-independent counterpart of
-/// `tokio::time::timeout`.
+/// `tokio::time::timeout`; the deadline counts from this call.
+///
+/// A combinator, not an `async fn`: one would hold `fut` twice, as its argument and as the future
+/// it polls, so the [`Timeout`] future is `fut` and the sleep, once each.
 ///
 /// ```
 /// use std::time::{Duration, Instant, SystemTime};
@@ -116,12 +117,39 @@ pub trait Executor<F: Future<Output = ()>> {
 /// // A future that is ready still gets its output in; one that is not runs out of time.
 /// assert_eq!(timeout(&Late, Duration::from_secs(1), async { 7 }).await, Some(7));
 /// assert_eq!(timeout(&Late, Duration::from_secs(1), std::future::pending::<()>()).await, None);
+/// // The timeout adds the sleep to the future, and little else.
+/// let large = async { std::future::ready([0u8; 4096]).await };
+/// let size = std::mem::size_of_val(&large);
+/// assert!(std::mem::size_of_val(&timeout(&Late, Duration::from_secs(1), large)) <= size + 16);
 /// # });
 /// ```
-pub async fn timeout<T: Timer, F: Future>(timer: &T, limit: Duration, fut: F) -> Option<F::Output> {
-    let sleep = timer.sleep_until(timer.now() + limit);
-    match select(std::pin::pin!(fut), std::pin::pin!(sleep)).await {
-        Either::Left((out, _)) => Some(out),
-        Either::Right(_) => None,
+pub fn timeout<T: Timer, F: Future>(timer: &T, limit: Duration, fut: F) -> Timeout<F, T::Sleep> {
+    Timeout {
+        fut,
+        sleep: timer.sleep_until(timer.now() + limit),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`timeout`]: `fut`'s output, or `None` once the sleep ended first.
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Timeout<F, S> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: S,
+    }
+}
+
+impl<F: Future, S: Future<Output = ()>> Future for Timeout<F, S> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(out) = this.fut.poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        this.sleep.poll(cx).map(|()| None)
     }
 }
