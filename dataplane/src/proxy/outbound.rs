@@ -1029,18 +1029,22 @@ struct Copied {
 
 /// Copies between the client and the upstream until both directions ended; a tunnel within
 /// `budget` (and its lease size) if there is one.
-async fn copy_between<D, T>(
-    client: &mut D,
+///
+/// Not an `async fn`: one would keep `upstream` as its argument, again as the local matched on and
+/// a third time as the variant bound out of it, for the connection's life. Each variant's future
+/// holds its own upstream once.
+fn copy_between<'a, D, T>(
+    client: &'a mut D,
     upstream: Upstream<T>,
     config: CopyConfig,
-    budget: Option<(&BufferBudget, usize)>,
-) -> Copied
+    budget: Option<(&'a BufferBudget, usize)>,
+) -> impl Future<Output = Copied> + 'a
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + 'a,
 {
     match upstream {
-        Upstream::Tunnel(mut tunnel) => {
+        Upstream::Tunnel(mut tunnel) => futures_util::future::Either::Left(async move {
             let CopyOutcome { a_to_b, b_to_a, error } = match budget {
                 Some((budget, lease)) => tunnel.splice_within(client, config, budget, lease).await,
                 None => tunnel.splice(client, config).await,
@@ -1050,15 +1054,15 @@ where
                 to_client: a_to_b,
                 error,
             }
-        }
-        Upstream::Tcp(mut tcp) => {
+        }),
+        Upstream::Tcp(mut tcp) => futures_util::future::Either::Right(async move {
             let CopyOutcome { a_to_b, b_to_a, error } = copy::bidirectional(client, &mut tcp, config).await;
             Copied {
                 to_upstream: a_to_b,
                 to_client: b_to_a,
                 error,
             }
-        }
+        }),
     }
 }
 
