@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 
 use meshwire_dataplane::admin::LogControl;
-use meshwire_dataplane::app::{Proxy, cli};
+use meshwire_dataplane::app::{Proxy, cli, thread_cache};
 use meshwire_dataplane::config::Config;
 
 fn main() -> ExitCode {
@@ -27,6 +27,7 @@ fn run(config: Config, logging: LogControl) -> anyhow::Result<ExitCode> {
     let data = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .thread_name("ztunnel-worker")
+        .on_thread_park(thread_cache::on_park)
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))?;

@@ -96,6 +96,7 @@ pub fn init_logging(config: &Config) -> LogControl {
 pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .thread_name("ztunnel-control")
+        .on_thread_park(super::thread_cache::on_park)
         .enable_all()
         .build()
 }

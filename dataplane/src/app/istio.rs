@@ -431,7 +431,11 @@ where
         {
             tracing::warn!(%error, "applying istiod's pushes competes with the data path");
         }
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .on_thread_park(super::thread_cache::on_park)
+            .enable_all()
+            .build()
+        {
             Ok(runtime) => runtime,
             Err(error) => {
                 tracing::error!(%error, "cannot start the xDS thread's runtime: istiod's pushes are not applied");
@@ -442,6 +446,8 @@ where
             tokio::select! {
                 () = task() => {}
                 _ = stop => {}
+                // The thread gives back its allocator cache once a push is applied.
+                () = super::thread_cache::keep_released(crate::rt::tokio::TokioTimer) => {}
             }
         });
     })

@@ -43,6 +43,7 @@ use meshwire_hbone::rt::Timer;
 use tokio::sync::{mpsc, watch};
 
 use super::plane::{Control, ControlListeners, ControlPlane, StartError};
+use super::thread_cache;
 use super::worker::Worker;
 use crate::admin::{self, LogControl, MetricsHandler, Readiness};
 use crate::config::{Config, Listener};
@@ -239,14 +240,17 @@ pub async fn serve<R: Acceptor>(
     }
     // Idle HBONE connections are released after the pool's idle timeout.
     let pool = worker.outbound().pool().clone();
+    let timer = worker.runtime().timer();
     let (connections, mut ended) = mpsc::channel::<()>(1);
     let loops = join_all(listeners.into_iter().map(|(listener, socket)| {
         accept_loop::<R>(listener, socket, worker.clone(), phase.clone(), connections.clone())
     }));
     drop(connections);
     drop(worker);
-    // The accept loops end at the drain; the maintenance does not end by itself.
-    let _ = select(pin!(loops), pin!(pool.maintain())).await;
+    // The accept loops end at the drain; the maintenance does not end by itself. Meanwhile the
+    // thread gives back its allocator cache once it goes quiet.
+    let (maintain, release) = (pin!(pool.maintain()), pin!(thread_cache::keep_released(timer)));
+    let _ = select(pin!(loops), select(maintain, release)).await;
     // Every connection task holds a sender: `recv` returns `None` once they all ended.
     let _ = select(pin!(ended.recv()), pin!(reached(phase, Phase::Abandoned))).await;
 }

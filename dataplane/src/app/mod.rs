@@ -8,6 +8,7 @@
 //! - [`lifecycle`]: what both binaries do around the workers, written once: the data listener
 //!   set, the start sequence, the accept loops and the dispatch by listener kind, readiness, and
 //!   the drain; a binary supplies its runtime's [`Acceptor`].
+//! - [`thread_cache`]: each thread gives its allocator cache back once it has gone quiet.
 //! - [`Proxy`] (here): the tokio binary `ztunnel`, one worker on a multi-thread runtime (the
 //!   control plane on a runtime of its own with [`Proxy::start_on`]), and the tokio [`Acceptor`].
 //!
@@ -81,6 +82,7 @@ pub mod inpod;
 pub mod istio;
 pub mod lifecycle;
 pub mod plane;
+pub mod thread_cache;
 pub mod worker;
 
 pub use lifecycle::{

@@ -320,6 +320,8 @@ impl ControlPlane {
     /// a tokio runtime with IO and time enabled: the watcher and the manager run on it.
     pub async fn start(config: &Config, registries: &[ConnectionRegistry]) -> Result<ControlPlane, StartError> {
         let mut background = Vec::new();
+        // The control thread gives back its allocator cache once it goes quiet.
+        background.push(tokio::spawn(super::thread_cache::keep_released(TokioTimer)));
 
         // The local configuration, watched when it is a file.
         let published = match &config.local_config {
