@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use meshwire_hbone::copy::CopyConfig;
 use meshwire_hbone::pool::Pool;
 use meshwire_hbone::server::{self, ServeError};
@@ -275,21 +276,24 @@ where
     }
 
     /// Serves a redirected outbound connection from `peer`: [`Outbound::serve_capture`].
-    pub async fn serve_capture(&self, tcp: R::Stream, peer: SocketAddr) {
-        let Some(summary) = self.closable(self.outbound.serve_capture(tcp, peer)).await else {
-            tracing::debug!(%peer, "outbound capture connection closed: its pod is no longer served");
-            return;
-        };
-        tracing::debug!(%peer, ?summary, "outbound capture connection done");
+    ///
+    /// Not an `async fn` (nor is [`serve_socks5`](Self::serve_socks5)): one would keep the stream
+    /// and the peer as its arguments beside the future that took them, for the connection's life.
+    pub fn serve_capture(&self, tcp: R::Stream, peer: SocketAddr) -> impl Future<Output = ()> + '_ {
+        self.closable(self.outbound.serve_capture(tcp, peer))
+            .map(move |summary| match summary {
+                Some(summary) => tracing::debug!(%peer, ?summary, "outbound capture connection done"),
+                None => tracing::debug!(%peer, "outbound capture connection closed: its pod is no longer served"),
+            })
     }
 
     /// Serves a SOCKS5 connection from `peer`: [`Outbound::serve_socks5`].
-    pub async fn serve_socks5(&self, tcp: R::Stream, peer: SocketAddr) {
-        let Some(summary) = self.closable(self.outbound.serve_socks5(tcp, peer)).await else {
-            tracing::debug!(%peer, "SOCKS5 connection closed: its pod is no longer served");
-            return;
-        };
-        tracing::debug!(%peer, ?summary, "SOCKS5 connection done");
+    pub fn serve_socks5(&self, tcp: R::Stream, peer: SocketAddr) -> impl Future<Output = ()> + '_ {
+        self.closable(self.outbound.serve_socks5(tcp, peer))
+            .map(move |summary| match summary {
+                Some(summary) => tracing::debug!(%peer, ?summary, "SOCKS5 connection done"),
+                None => tracing::debug!(%peer, "SOCKS5 connection closed: its pod is no longer served"),
+            })
     }
 
     /// Runs an outbound connection's `serving`; for a pod's worker, registered until it ends, and

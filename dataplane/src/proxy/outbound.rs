@@ -532,6 +532,13 @@ enum Upstream<T> {
     Tcp(T),
 }
 
+/// An outbound connection whose upstream is open (and whose SOCKS5 client was told so): what its
+/// copy needs.
+struct Established<T> {
+    record: OutboundRecord,
+    upstream: Upstream<T>,
+}
+
 /// The outbound proxy: the shared path of the SOCKS5 and capture listeners, on the runtime `R`.
 pub struct Outbound<S: ClientTlsSource, R: Runtime = TokioRuntime> {
     runtime: R,
@@ -651,37 +658,48 @@ where
 
     /// Serves one SOCKS5 connection from `peer`: handshake, route, connect, reply, copy until both
     /// directions ended. Failures are logged and returned in the summary.
-    pub async fn serve_socks5(&self, mut stream: R::Stream, peer: SocketAddr) -> OutboundSummary {
+    ///
+    /// In two phases, so that a connection holds the state of its copy only: the handshake, the
+    /// route and the opening of the upstream (boxed, given back once the upstream is open), then
+    /// the copy ([`copy`](Self::copy)). Not an `async fn`, which would keep its arguments twice
+    /// (as passed, and as the locals they are moved into).
+    pub fn serve_socks5(&self, mut stream: R::Stream, peer: SocketAddr) -> impl Future<Output = OutboundSummary> + '_ {
         let peer = canonical(peer);
-        let mut summary = OutboundSummary::default();
-        if let Err(error) = self.socks5(&mut stream, peer, &mut summary).await {
-            tracing::warn!(
-                %peer,
-                target = ?summary.target.as_ref().map(ToString::to_string),
-                route = ?summary.route,
-                %error,
-                "outbound SOCKS5 connection failed"
-            );
-            summary.error = Some(error);
+        async move {
+            let mut summary = OutboundSummary::default();
+            let established = Box::pin(self.socks5(&mut stream, peer, &mut summary)).await;
+            if let Err(error) = self.copy(&mut stream, established, &mut summary).await {
+                tracing::warn!(
+                    %peer,
+                    target = ?summary.target.as_ref().map(ToString::to_string),
+                    route = ?summary.route,
+                    %error,
+                    "outbound SOCKS5 connection failed"
+                );
+                summary.error = Some(error);
+            }
+            summary
         }
-        summary
     }
 
     /// Serves one connection redirected to the outbound capture listener from `peer`: its original
     /// destination from `SO_ORIGINAL_DST` ([`check_redirect`] refuses a connection that was not
     /// redirected), then [`serve_redirected`](Self::serve_redirected).
-    pub async fn serve_capture(&self, stream: R::Stream, peer: SocketAddr) -> OutboundSummary {
+    ///
+    /// Not an `async fn`: one would keep the stream and the peer beside the future it hands them to.
+    pub fn serve_capture(&self, stream: R::Stream, peer: SocketAddr) -> impl Future<Output = OutboundSummary> + '_ {
+        use futures_util::future::Either;
         let peer = canonical(peer);
         let local = R::local_addr(&stream).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         match check_redirect("outbound", R::original_destination(&stream), local, peer, &self.proxy) {
-            Ok(dst) => self.serve_redirected(stream, peer, dst).await,
+            Ok(dst) => Either::Left(self.serve_redirected(stream, peer, dst)),
             Err(error) => {
                 tracing::warn!(%peer, %error, "outbound capture connection refused");
                 reset::<R>(&stream);
-                OutboundSummary {
+                Either::Right(std::future::ready(OutboundSummary {
                     error: Some(error.into()),
                     ..OutboundSummary::default()
-                }
+                }))
             }
         }
     }
@@ -690,28 +708,39 @@ where
     /// listener learnt it): route, connect, copy until both directions ended. The client is told
     /// nothing; a refusal, a failed connect or a failed copy closes its connection with a reset. Failures are
     /// logged and returned in the summary.
-    pub async fn serve_redirected(&self, mut stream: R::Stream, peer: SocketAddr, dst: SocketAddr) -> OutboundSummary {
+    ///
+    /// In two phases, as [`serve_socks5`](Self::serve_socks5), and not an `async fn` either.
+    pub fn serve_redirected(
+        &self,
+        mut stream: R::Stream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> impl Future<Output = OutboundSummary> + '_ {
         let peer = canonical(peer);
-        let mut summary = OutboundSummary::default();
-        let snapshot = self.published.load();
-        let source = self.source.resolve(&snapshot.state, &self.proxy.network, peer);
-        let result = self
-            .carry(
-                &mut stream,
-                peer,
-                source,
-                &snapshot.state,
-                dst,
-                Downstream::Redirected,
-                &mut summary,
-            )
+        async move {
+            let mut summary = OutboundSummary::default();
+            let established = Box::pin(async {
+                let snapshot = self.published.load();
+                let source = self.source.resolve(&snapshot.state, &self.proxy.network, peer);
+                self.establish(
+                    &mut stream,
+                    peer,
+                    source,
+                    &snapshot.state,
+                    dst,
+                    Downstream::Redirected,
+                    &mut summary,
+                )
+                .await
+            })
             .await;
-        if let Err(error) = result {
-            tracing::warn!(%peer, %dst, route = ?summary.route, %error, "outbound connection failed");
-            reset::<R>(&stream);
-            summary.error = Some(error);
+            if let Err(error) = self.copy(&mut stream, established, &mut summary).await {
+                tracing::warn!(%peer, %dst, route = ?summary.route, %error, "outbound connection failed");
+                reset::<R>(&stream);
+                summary.error = Some(error);
+            }
+            summary
         }
-        summary
     }
 
     async fn socks5(
@@ -719,7 +748,7 @@ where
         stream: &mut R::Stream,
         peer: SocketAddr,
         summary: &mut OutboundSummary,
-    ) -> Result<(), OutboundError> {
+    ) -> Result<Established<R::Stream>, OutboundError> {
         let timer = self.runtime.timer();
         let request = match timeout(&timer, self.handshake_timeout, socks5::accept(stream)).await {
             Some(Ok(request)) => request,
@@ -749,14 +778,14 @@ where
                 }
             }
         };
-        self.carry(stream, peer, source, state, dst, Downstream::Socks5, summary)
+        self.establish(stream, peer, source, state, dst, Downstream::Socks5, summary)
             .await
     }
 
-    /// The path both listeners share: route the connection of `source` at `peer` to `dst`, open
-    /// the upstream, tell a SOCKS5 client how it went, copy, and record it all.
+    /// The path both listeners share, up to the copy: route the connection of `source` at `peer`
+    /// to `dst`, open the upstream, tell a SOCKS5 client how it went, and record it all.
     #[allow(clippy::too_many_arguments)]
-    async fn carry(
+    async fn establish(
         &self,
         stream: &mut R::Stream,
         peer: SocketAddr,
@@ -765,7 +794,7 @@ where
         dst: SocketAddr,
         downstream: Downstream,
         summary: &mut OutboundSummary,
-    ) -> Result<(), OutboundError> {
+    ) -> Result<Established<R::Stream>, OutboundError> {
         summary.dst = Some(dst);
         let Some(source) = source else {
             // Refused before any route: `connection failed`, as ztunnel logs a request it could not
@@ -811,19 +840,44 @@ where
             }
         }
 
-        let mut client = MeteredStream::new(stream, record.metrics());
+        Ok(Established { record, upstream })
+    }
+
+    /// Copies between the client and the upstream of an established connection until both
+    /// directions ended, counting the bytes into its record; on a failed copy, resets the client.
+    /// A connection that was not established ends at once with its error.
+    ///
+    /// Not an `async fn`: one would keep `established` as its argument and again as the parts
+    /// bound out of it, for the connection's life. Each upstream kind's future holds the record
+    /// and the upstream once.
+    fn copy<'a>(
+        &'a self,
+        stream: &'a mut R::Stream,
+        established: Result<Established<R::Stream>, OutboundError>,
+        summary: &'a mut OutboundSummary,
+    ) -> impl Future<Output = Result<(), OutboundError>> + 'a {
+        use futures_util::future::Either;
+        let Established { mut record, upstream } = match established {
+            Ok(established) => established,
+            Err(error) => return Either::Right(std::future::ready(Err(error))),
+        };
+        let config = self.copy;
         let budget = self.budget.as_ref().map(|(budget, lease)| (&**budget, *lease));
-        let outcome = copy_between(&mut client, upstream, self.copy, budget).await;
-        summary.sent = outcome.to_upstream;
-        summary.received = outcome.to_client;
-        if let Some(error) = outcome.error {
-            // The connection did not end cleanly (the upstream or the tunnel was reset, say): the
-            // client must not see a clean end of stream, which would pass for a complete response.
-            reset::<R>(stream);
-            record.fail(None, &error);
-            return Err(OutboundError::Copy(error));
-        }
-        Ok(())
+        Either::Left(match upstream {
+            Upstream::Tunnel(mut tunnel) => Either::Left(async move {
+                let mut client = MeteredStream::new(&mut *stream, record.metrics());
+                let CopyOutcome { a_to_b, b_to_a, error } = match budget {
+                    Some((budget, lease)) => tunnel.splice_within(&mut client, config, budget, lease).await,
+                    None => tunnel.splice(&mut client, config).await,
+                };
+                copied::<R>(stream, &mut record, summary, b_to_a, a_to_b, error)
+            }),
+            Upstream::Tcp(mut tcp) => Either::Right(async move {
+                let mut client = MeteredStream::new(&mut *stream, record.metrics());
+                let CopyOutcome { a_to_b, b_to_a, error } = copy::bidirectional(&mut client, &mut tcp, config).await;
+                copied::<R>(stream, &mut record, summary, a_to_b, b_to_a, error)
+            }),
+        })
     }
 
     /// Opens the upstream `route` names; on failure, the error and the SOCKS5 reply that fits it.
@@ -1020,49 +1074,27 @@ impl RouteKind {
     }
 }
 
-/// Bytes copied each way, and the first error.
-struct Copied {
+/// What ends a copy: the bytes sent to the upstream and to the client in the summary; a failed
+/// copy recorded, and the client reset.
+fn copied<R: Runtime>(
+    stream: &R::Stream,
+    record: &mut OutboundRecord,
+    summary: &mut OutboundSummary,
     to_upstream: u64,
     to_client: u64,
     error: Option<io::Error>,
-}
-
-/// Copies between the client and the upstream until both directions ended; a tunnel within
-/// `budget` (and its lease size) if there is one.
-///
-/// Not an `async fn`: one would keep `upstream` as its argument, again as the local matched on and
-/// a third time as the variant bound out of it, for the connection's life. Each variant's future
-/// holds its own upstream once.
-fn copy_between<'a, D, T>(
-    client: &'a mut D,
-    upstream: Upstream<T>,
-    config: CopyConfig,
-    budget: Option<(&'a BufferBudget, usize)>,
-) -> impl Future<Output = Copied> + 'a
-where
-    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    T: AsyncRead + AsyncWrite + Unpin + 'a,
-{
-    match upstream {
-        Upstream::Tunnel(mut tunnel) => futures_util::future::Either::Left(async move {
-            let CopyOutcome { a_to_b, b_to_a, error } = match budget {
-                Some((budget, lease)) => tunnel.splice_within(client, config, budget, lease).await,
-                None => tunnel.splice(client, config).await,
-            };
-            Copied {
-                to_upstream: b_to_a,
-                to_client: a_to_b,
-                error,
-            }
-        }),
-        Upstream::Tcp(mut tcp) => futures_util::future::Either::Right(async move {
-            let CopyOutcome { a_to_b, b_to_a, error } = copy::bidirectional(client, &mut tcp, config).await;
-            Copied {
-                to_upstream: a_to_b,
-                to_client: b_to_a,
-                error,
-            }
-        }),
+) -> Result<(), OutboundError> {
+    summary.sent = to_upstream;
+    summary.received = to_client;
+    match error {
+        Some(error) => {
+            // The connection did not end cleanly (the upstream or the tunnel was reset, say): the
+            // client must not see a clean end of stream, which would pass for a complete response.
+            reset::<R>(stream);
+            record.fail(None, &error);
+            Err(OutboundError::Copy(error))
+        }
+        None => Ok(()),
     }
 }
 
