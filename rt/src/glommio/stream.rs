@@ -27,7 +27,7 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use futures_util::io::{AsyncRead as FuturesRead, AsyncWrite as FuturesWrite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -104,12 +104,16 @@ pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
 #[derive(Debug)]
 pub struct UringStream {
     inner: glommio::net::TcpStream,
+    /// The last read waited: glommio holds a poll of the socket, and until the poll answered, a
+    /// read straight from the socket would fail (`EAGAIN`) for a system call's cost (a task that
+    /// copies both ways is polled for either way's progress).
+    waiting: bool,
 }
 
 impl UringStream {
     /// The stream over `inner`.
     pub fn new(inner: glommio::net::TcpStream) -> Self {
-        Self { inner }
+        Self { inner, waiting: false }
     }
 
     /// The glommio stream.
@@ -156,13 +160,21 @@ impl AsyncRead for UringStream {
         if initialized > 0 {
             // Initialised space (a TLS record buffer): straight from the socket.
             let dst = buf.initialize_unfilled_to(initialized);
-            let n = ready!(Pin::new(&mut this.inner).poll_read(cx, dst))?;
-            buf.advance(n);
+            let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, dst) else {
+                this.waiting = true;
+                return Poll::Pending;
+            };
+            this.waiting = false;
+            buf.advance(read?);
             return Poll::Ready(Ok(()));
         }
-        match recv_uninit(&this.inner, buf) {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            done => return Poll::Ready(done),
+        // While a read waits, glommio answers (it reads once its poll said readable, and only
+        // takes the waker before), without a failed read here first.
+        if !this.waiting {
+            match recv_uninit(&this.inner, buf) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
         }
         // Nothing to read: glommio arms its poll (it tries once more first, hence the staging).
         READ_STAGING.with(|staging| {
@@ -171,7 +183,12 @@ impl AsyncRead for UringStream {
                 staging.resize(STAGING, 0);
             }
             let len = buf.remaining().min(STAGING);
-            let n = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut staging[..len]))?;
+            let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, &mut staging[..len]) else {
+                this.waiting = true;
+                return Poll::Pending;
+            };
+            this.waiting = false;
+            let n = read?;
             buf.put_slice(&staging[..n]);
             Poll::Ready(Ok(()))
         })
