@@ -661,7 +661,7 @@ where
     ///
     /// In two phases, so that a connection holds the state of its copy only: the handshake, the
     /// route and the opening of the upstream (boxed, given back once the upstream is open), then
-    /// the copy ([`copy`](Self::copy)). Not an `async fn`, which would keep its arguments twice
+    /// the copy. Not an `async fn`, which would keep its arguments twice
     /// (as passed, and as the locals they are moved into).
     pub fn serve_socks5(&self, mut stream: R::Stream, peer: SocketAddr) -> impl Future<Output = OutboundSummary> + '_ {
         let peer = canonical(peer);
