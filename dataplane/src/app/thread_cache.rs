@@ -79,7 +79,7 @@ mod imp {
         }
     }
 
-    pub(super) fn release_if_due(now: Instant, force: bool) -> bool {
+    pub(super) fn release_if_due(now: Instant) -> bool {
         let mut state = STATE.get().unwrap_or_else(|| State {
             counters: counters(),
             last: None,
@@ -91,7 +91,7 @@ mod imp {
         let since = activity(counters);
         let due = match state.last {
             None => true,
-            Some((at, after)) => since != after && (force || now.saturating_duration_since(at) >= RELEASE_PERIOD),
+            Some((at, after)) => since != after && now.saturating_duration_since(at) >= RELEASE_PERIOD,
         };
         let released = due && flush();
         if released {
@@ -106,23 +106,13 @@ mod imp {
 /// anything since it last did so and that was at least [`RELEASE_PERIOD`] before `now` (or never).
 /// Returns whether it did. Cheap when not due: a thread-local read and a comparison.
 pub fn release_if_due(now: Instant) -> bool {
-    release_when(now, false)
-}
-
-/// Gives the calling thread's allocator cache back now if the thread allocated or freed anything
-/// since it last did so. Returns whether it did.
-pub fn release(now: Instant) -> bool {
-    release_when(now, true)
-}
-
-fn release_when(now: Instant, force: bool) -> bool {
     #[cfg(feature = "jemalloc")]
     {
-        imp::release_if_due(now, force)
+        imp::release_if_due(now)
     }
     #[cfg(not(feature = "jemalloc"))]
     {
-        let _ = (now, force);
+        let _ = now;
         false
     }
 }
@@ -150,7 +140,7 @@ mod tests {
 
     use tikv_jemalloc_ctl::{Access, AsName, epoch};
 
-    use super::{RELEASE_PERIOD, release, release_if_due};
+    use super::{RELEASE_PERIOD, release_if_due};
 
     /// A thread that freed large buffers holds some in its cache; a release gives them back, and
     /// the next release is due only a period later and only if the thread used the allocator
@@ -167,8 +157,8 @@ mod tests {
                 Access::<usize>::read(stat.as_str().name()).unwrap()
             };
             let start = Instant::now();
-            // The first call releases whatever there is and sets the baseline.
-            release(start);
+            // The first call is always due: it releases whatever there is and sets the baseline.
+            release_if_due(start);
             const SIZE: usize = 24 * 1024;
             let buffers: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8; SIZE]).collect();
             drop(std::hint::black_box(buffers));
